@@ -1,0 +1,25 @@
+"""Shared fixtures: a temporary run store per test and a clean Panel state for UI tests."""
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """An empty RunStore in a temporary directory (also exported as WORKBENCH_HOME)."""
+    import workbench as wb
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    return wb.RunStore(tmp_path / "home")
+
+
+@pytest.fixture(autouse=True)
+def _reset_panel_state():
+    yield
+    import sys
+
+    if "panel" in sys.modules:
+        sys.modules["panel"].state.reset()

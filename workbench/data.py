@@ -1,0 +1,320 @@
+"""Offline datasets behind one type, :class:`Dataset`.
+
+``load(name, **options)`` builds a dataset deterministically from its options (a
+``seed`` among them) without touching the network or any global RNG:
+
+- ``digits``: scikit-learn's bundled 8x8 digits (1797), standardised with train statistics.
+- ``mnist1d``: MNIST-1D generated locally by the ``mnist1d`` package (4000 train / 1000 val).
+- ``khop``: k-hop pointer chasing; the answer needs ``hops`` sequential look-ups.
+- ``modadd``: ``a + b mod p`` (the grokking task of Power et al. 2022).
+- ``text``: character-level language modelling of a user's file or a built-in corpus.
+
+Vector datasets hold ``x (N, d_in) float32`` and ``y (N,) int64``. Sequence datasets hold
+``x (N, T) int64`` tokens and ``y (N, T) int64`` targets, ``IGNORE = -100`` where a position
+is not scored (khop and modadd score only the answer position).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Dataset", "load", "names", "options_spec", "IGNORE", "grammar_corpus"]
+
+IGNORE = -100
+
+
+@dataclass
+class Dataset:
+    name: str
+    kind: str                   # "vector" or "sequence"
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    n_classes: int              # classes (vector) or vocabulary size (sequence)
+    description: str
+    vocab: list[str] | None = None      # token strings (sequence datasets)
+    options: dict = field(default_factory=dict)  # the options it was built with
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_classes
+
+    @property
+    def d_in(self) -> int:
+        """Input features (vector data) or sequence length (sequence data)."""
+        return self.x_train.shape[1]
+
+    @property
+    def seq_len(self) -> int:
+        return self.x_train.shape[1]
+
+    def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of ``"train"`` or ``"val"``."""
+        if split == "train":
+            return self.x_train, self.y_train
+        if split == "val":
+            return self.x_val, self.y_val
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+
+    def spec(self) -> dict:
+        """What :func:`load` needs to rebuild this dataset (stored with runs)."""
+        return {"name": self.name, **self.options}
+
+    def decode(self, tokens) -> str:
+        """Token ids -> text (sequence datasets)."""
+        if self.vocab is None:
+            raise ValueError(f"dataset {self.name!r} has no vocabulary")
+        return "".join(self.vocab[int(t)] if int(t) >= 0 else "" for t in tokens)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Text -> token ids; characters outside the vocabulary raise ``ValueError``."""
+        if self.vocab is None:
+            raise ValueError(f"dataset {self.name!r} has no vocabulary")
+        index = {t: i for i, t in enumerate(self.vocab)}
+        unknown = sorted({c for c in text if c not in index})
+        if unknown:
+            raise ValueError(f"text: characters not in the vocabulary: {unknown[:10]}")
+        return torch.tensor([index[c] for c in text], dtype=torch.long)
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, kind={self.kind!r}, train={tuple(self.x_train.shape)}, "
+                f"val={tuple(self.x_val.shape)}, classes={self.n_classes})")
+
+
+# ----------------------------------------------------------------------------- options
+
+# name -> {option: (default, type, low, high)}; None bounds are open.
+_SPECS: dict[str, dict[str, tuple]] = {
+    "digits": {"seed": (0, int, 0, None), "val_fraction": (0.2, float, 0.05, 0.5)},
+    "mnist1d": {"seed": (42, int, 0, None), "num_samples": (5000, int, 100, 100_000)},
+    "khop": {"hops": (2, int, 1, 8), "nodes": (12, int, 2, 52), "length": (0, int, 0, 52),
+             "n_train": (20000, int, 10, 1_000_000), "n_val": (2000, int, 10, 100_000), "seed": (0, int, 0, None)},
+    "modadd": {"p": (97, int, 2, 1000), "train_fraction": (0.5, float, 0.01, 0.99), "seed": (0, int, 0, None)},
+    "text": {"path": (None, str, None, None), "context": (64, int, 2, 4096), "val_fraction": (0.1, float, 0.01, 0.5),
+             "vocab": (None, str, None, None), "corpus_chars": (200_000, int, 1000, 10_000_000), "seed": (0, int, 0, None)},
+}
+
+
+def names() -> list[str]:
+    return list(_SPECS)
+
+
+def options_spec(name: str) -> dict[str, tuple]:
+    """``{option: (default, type, low, high)}`` for a dataset (used to build widgets)."""
+    _check_name(name)
+    return dict(_SPECS[name])
+
+
+def _check_name(name: str) -> None:
+    if name not in _SPECS:
+        raise ValueError(f"dataset must be one of {names()}, got {name!r}")
+
+
+def _resolve_options(name: str, options: dict) -> dict:
+    spec = _SPECS[name]
+    unknown = set(options) - set(spec)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for dataset {name!r}; allowed: {sorted(spec)}")
+    out = {}
+    for key, (default, typ, lo, hi) in spec.items():
+        value = options.get(key, default)
+        if value is None:
+            out[key] = None
+            continue
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if typ is str and isinstance(value, Path):
+            value = str(value)
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise ValueError(f"{name}.{key} must be of type {typ.__name__}, got {value!r}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            rng = f"[{lo}, {'inf' if hi is None else hi}]"
+            raise ValueError(f"{name}.{key} must be in {rng}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def load(name: str, **options) -> Dataset:
+    """Build dataset ``name`` offline; see :func:`options_spec` for each one's options and ranges."""
+    _check_name(name)
+    opts = _resolve_options(name, options)
+    return _LOADERS[name](**opts)
+
+
+# ----------------------------------------------------------------------------- vector data
+
+
+def _standardise(x_train: np.ndarray, x_val: np.ndarray):
+    mu = x_train.mean(0, keepdims=True)
+    sd = x_train.std(0, keepdims=True)
+    sd[sd < 1e-8] = 1.0
+    return (x_train - mu) / sd, (x_val - mu) / sd
+
+
+def _vector(name, xtr, ytr, xva, yva, n_classes, description, options) -> Dataset:
+    return Dataset(name, "vector", torch.tensor(xtr, dtype=torch.float32), torch.tensor(ytr, dtype=torch.long),
+                   torch.tensor(xva, dtype=torch.float32), torch.tensor(yva, dtype=torch.long),
+                   n_classes, description, None, options)
+
+
+def _digits(seed: int, val_fraction: float) -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    xtr, xva, ytr, yva = train_test_split(X, y, test_size=val_fraction, random_state=seed, stratify=y)
+    xtr, xva = _standardise(xtr, xva)
+    return _vector("digits", xtr, ytr, xva, yva, 10,
+                   f"scikit-learn digits: {len(ytr)} train / {len(yva)} val, 8x8 images (64 features), 10 classes",
+                   {"seed": seed, "val_fraction": val_fraction})
+
+
+def _mnist1d(seed: int, num_samples: int) -> Dataset:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.seed, args.num_samples = seed, num_samples
+    state = np.random.get_state()  # make_dataset reseeds numpy's global RNG; give it back
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    xtr, xva = _standardise(d["x"].astype(np.float64), d["x_test"].astype(np.float64))
+    return _vector("mnist1d", xtr, d["y"], xva, d["y_test"], 10,
+                   f"MNIST-1D (Greydanus 2020): {len(d['y'])} train / {len(d['y_test'])} val, 40 features, 10 classes",
+                   {"seed": seed, "num_samples": num_samples})
+
+
+# ----------------------------------------------------------------------------- sequence data
+
+_NODE_SYMBOLS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _khop(hops: int, nodes: int, length: int, n_train: int, n_val: int, seed: int) -> Dataset:
+    """k-hop pointer chasing.
+
+    Each sequence lists ``length`` edges ``a -> f(a)`` (shuffled), then ``|``, a query
+    node ``q`` and ``?``; the target at the last position is ``f^hops(q)``. The sources
+    are ``length`` distinct nodes and every target is one of them, so chains never leave
+    the listed edges. ``length = 0`` means ``length = nodes``.
+    Tokens: node symbols, ``|``, ``?``. Sequence length ``2 * length + 3``.
+    """
+    length = length or nodes
+    if length > nodes:
+        raise ValueError(f"khop.length must be in [1, nodes={nodes}], got {length}")
+    vocab = list(_NODE_SYMBOLS[:nodes]) + ["|", "?"]
+    sep, qm = nodes, nodes + 1
+    g = torch.Generator().manual_seed(seed)
+    n = n_train + n_val
+    src = torch.argsort(torch.rand(n, nodes, generator=g), dim=1)[:, :length]           # (n, L) distinct sources
+    tgt_idx = torch.randint(0, length, (n, length), generator=g)                          # f(src[i]) = src[tgt_idx[i]]
+    tgt = torch.gather(src, 1, tgt_idx)
+    q_idx = torch.randint(0, length, (n,), generator=g)
+    cur = q_idx.clone()
+    for _ in range(hops):
+        cur = torch.gather(tgt_idx, 1, cur[:, None])[:, 0]
+    answer = torch.gather(src, 1, cur[:, None])[:, 0]
+    query = torch.gather(src, 1, q_idx[:, None])[:, 0]
+    order = torch.argsort(torch.rand(n, length, generator=g), dim=1)                      # shuffle edge order
+    edges = torch.stack([torch.gather(src, 1, order), torch.gather(tgt, 1, order)], dim=2).reshape(n, 2 * length)
+    x = torch.cat([edges, torch.full((n, 1), sep), query[:, None], torch.full((n, 1), qm)], dim=1)
+    y = torch.full_like(x, IGNORE)
+    y[:, -1] = answer
+    return Dataset("khop", "sequence", x[:n_train], y[:n_train], x[n_train:], y[n_train:], len(vocab),
+                   f"{hops}-hop pointer chasing over {length} edges of {nodes} nodes: "
+                   f"{n_train} train / {n_val} val sequences of length {x.shape[1]}",
+                   vocab, {"hops": hops, "nodes": nodes, "length": length, "n_train": n_train, "n_val": n_val, "seed": seed})
+
+
+def _modadd(p: int, train_fraction: float, seed: int) -> Dataset:
+    """All ``p*p`` sequences ``a + b =`` with target ``(a + b) mod p`` at the last position."""
+    vocab = [str(i) for i in range(p)] + ["+", "="]
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    a, b = a.reshape(-1), b.reshape(-1)
+    x = torch.stack([a, torch.full_like(a, p), b, torch.full_like(a, p + 1)], dim=1)
+    y = torch.full_like(x, IGNORE)
+    y[:, -1] = (a + b) % p
+    perm = torch.randperm(p * p, generator=torch.Generator().manual_seed(seed))
+    n_train = max(1, min(p * p - 1, round(train_fraction * p * p)))
+    tr, va = perm[:n_train], perm[n_train:]
+    return Dataset("modadd", "sequence", x[tr], y[tr], x[va], y[va], len(vocab),
+                   f"a + b mod {p}: {len(tr)} train / {len(va)} val equations ({train_fraction:.0%} train)",
+                   vocab, {"p": p, "train_fraction": train_fraction, "seed": seed})
+
+
+_SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the small bird", "a tired farmer", "the teacher",
+             "our neighbour", "the red fox", "a young girl", "the baker", "the captain"]
+_VERBS = ["sees", "finds", "likes", "follows", "helps", "watches", "paints", "remembers", "calls", "greets"]
+_OBJECTS = ["the river", "a green apple", "the quiet house", "the moon", "a broken chair", "the market",
+            "an open window", "the long road", "a warm loaf", "the garden", "a paper boat", "the hill"]
+_ADVERBS = ["slowly", "today", "again", "at noon", "in the rain", "every morning", "without a word", "at last"]
+_JOINS = [", and then", ", but", " because", " while", ", so"]
+
+
+def grammar_corpus(n_chars: int = 200_000, seed: int = 0) -> str:
+    """A deterministic English-like corpus from a small grammar (Python's ``random.Random``).
+
+    Offline default for the ``text`` dataset: the same on every machine for a given seed.
+    """
+    rng = random.Random(seed)
+    parts, size = [], 0
+    while size < n_chars:
+        clause = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
+        if rng.random() < 0.5:
+            clause += " " + rng.choice(_ADVERBS)
+        if rng.random() < 0.3:
+            clause += f"{rng.choice(_JOINS)} {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
+        sentence = clause[0].upper() + clause[1:] + rng.choice([".", ".", ".", "!", "?"])
+        sentence += "\n" if rng.random() < 0.2 else " "
+        parts.append(sentence)
+        size += len(sentence)
+    return "".join(parts)[:n_chars]
+
+
+def _text(path, context: int, val_fraction: float, vocab, corpus_chars: int, seed: int) -> Dataset:
+    """Character-level next-token prediction; windows of ``context + 1`` characters, stride ``context``.
+
+    The first ``1 - val_fraction`` of the text trains, the rest validates. ``vocab`` fixes
+    the alphabet (e.g. to share one substrate between specialists); by default it is the
+    sorted set of the text's characters.
+    """
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"text.path: no such file {str(p)!r}")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"text.path: {str(p)!r} is not UTF-8 text ({e.reason})") from None
+        source = p.name
+    else:
+        text, source = grammar_corpus(corpus_chars, seed), "built-in grammar corpus"
+    chars = sorted(set(text)) if vocab is None else list(dict.fromkeys(vocab))
+    index = {c: i for i, c in enumerate(chars)}
+    unknown = sorted(set(text) - set(index))
+    if unknown:
+        raise ValueError(f"text.vocab: {len(unknown)} characters of the text are missing from it, e.g. {unknown[:5]}")
+    ids = torch.tensor([index[c] for c in text], dtype=torch.long)
+    n_val_chars = int(len(ids) * val_fraction)
+    if len(ids) - n_val_chars < context + 1 or n_val_chars < context + 1:
+        raise ValueError(f"text: {len(ids)} characters is too short for context {context} "
+                         f"(need at least {2 * (context + 1)} with val_fraction {val_fraction})")
+
+    def windows(t: torch.Tensor):
+        w = t.unfold(0, context + 1, context)  # (N, context + 1)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    xtr, ytr = windows(ids[: len(ids) - n_val_chars])
+    xva, yva = windows(ids[len(ids) - n_val_chars:])
+    return Dataset("text", "sequence", xtr, ytr, xva, yva, len(chars),
+                   f"characters of {source}: {len(ids):,} chars, vocabulary {len(chars)}, context {context}",
+                   chars, {"path": path, "context": context, "val_fraction": val_fraction, "vocab": vocab,
+                           "corpus_chars": corpus_chars, "seed": seed})
+
+
+_LOADERS = {"digits": _digits, "mnist1d": _mnist1d, "khop": _khop, "modadd": _modadd, "text": _text}
