@@ -7,7 +7,8 @@
 - ``mnist1d``: MNIST-1D generated locally by the ``mnist1d`` package (4000 train / 1000 val).
 - ``khop``: k-hop pointer chasing; the answer needs ``hops`` sequential look-ups.
 - ``modadd``: ``a + b mod p`` (the grokking task of Power et al. 2022).
-- ``text``: character-level language modelling of a user's file or a built-in corpus.
+- ``text``: character-level language modelling of a user's file or a built-in corpus
+  (``corpus="grammar"``, ``"arithmetic"`` or ``"code"``).
 
 Vector datasets hold ``x (N, d_in) float32`` and ``y (N,) int64``. Sequence datasets hold
 ``x (N, T) int64`` tokens and ``y (N, T) int64`` targets, ``IGNORE = -100`` where a position
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "load", "names", "options_spec", "IGNORE", "grammar_corpus"]
+__all__ = ["Dataset", "load", "names", "options_spec", "IGNORE", "grammar_corpus", "CORPORA"]
 
 IGNORE = -100
 
@@ -96,7 +97,8 @@ _SPECS: dict[str, dict[str, tuple]] = {
              "n_train": (20000, int, 10, 1_000_000), "n_val": (2000, int, 10, 100_000), "seed": (0, int, 0, None)},
     "modadd": {"p": (97, int, 2, 1000), "train_fraction": (0.5, float, 0.01, 0.99), "seed": (0, int, 0, None)},
     "text": {"path": (None, str, None, None), "context": (64, int, 2, 4096), "val_fraction": (0.1, float, 0.01, 0.5),
-             "vocab": (None, str, None, None), "corpus_chars": (200_000, int, 1000, 10_000_000), "seed": (0, int, 0, None)},
+             "vocab": (None, str, None, None), "corpus_chars": (200_000, int, 1000, 10_000_000), "seed": (0, int, 0, None),
+             "corpus": ("grammar", str, None, None)},
 }
 
 
@@ -276,13 +278,64 @@ def grammar_corpus(n_chars: int = 200_000, seed: int = 0) -> str:
     return "".join(parts)[:n_chars]
 
 
-def _text(path, context: int, val_fraction: float, vocab, corpus_chars: int, seed: int) -> Dataset:
+def arithmetic_corpus(n_chars: int = 200_000, seed: int = 0) -> str:
+    """Deterministic lines of integer arithmetic such as ``37+45=82``, ``61-8=53``, ``7*9=63``.
+
+    Operands below 100 for ``+``/``-`` (results never negative), below 13 for ``*``.
+    """
+    rng = random.Random(seed)
+    parts, size = [], 0
+    while size < n_chars:
+        op = rng.choice("++-*")
+        if op == "*":
+            a, b = rng.randrange(13), rng.randrange(13)
+            line = f"{a}*{b}={a * b}\n"
+        else:
+            a, b = rng.randrange(100), rng.randrange(100)
+            if op == "-" and b > a:
+                a, b = b, a
+            line = f"{a}{op}{b}={a + b if op == '+' else a - b}\n"
+        parts.append(line)
+        size += len(line)
+    return "".join(parts)[:n_chars]
+
+
+_FUNCS = ["add", "scale", "mix", "clip", "step", "shift", "count", "blend"]
+_VARS = ["x", "y", "n", "k", "total", "value", "item", "size"]
+
+
+def code_corpus(n_chars: int = 200_000, seed: int = 0) -> str:
+    """Deterministic Python-like functions (assignments, ``if``, ``for`` loops, ``return``)."""
+    rng = random.Random(seed)
+    parts, size = [], 0
+    while size < n_chars:
+        a, b, c = rng.sample(_VARS, 3)
+        lines = [f"def {rng.choice(_FUNCS)}({a}, {b}):", f"    {c} = {a} {rng.choice('+-*')} {b}"]
+        if rng.random() < 0.5:
+            lines += [f"    if {c} > {rng.randrange(2, 20)}:", f"        {c} = {c} - {rng.randrange(1, 10)}"]
+        if rng.random() < 0.5:
+            lines += [f"    for i in range({rng.randrange(2, 10)}):", f"        {c} = {c} + i"]
+        lines += [f"    return {c}", "", ""]
+        chunk = "\n".join(lines)
+        parts.append(chunk)
+        size += len(chunk)
+    return "".join(parts)[:n_chars]
+
+
+CORPORA = {"grammar": grammar_corpus, "arithmetic": arithmetic_corpus, "code": code_corpus}
+
+
+def _text(path, context: int, val_fraction: float, vocab, corpus_chars: int, seed: int,
+          corpus: str = "grammar") -> Dataset:
     """Character-level next-token prediction; windows of ``context + 1`` characters, stride ``context``.
 
     The first ``1 - val_fraction`` of the text trains, the rest validates. ``vocab`` fixes
     the alphabet (e.g. to share one substrate between specialists); by default it is the
-    sorted set of the text's characters.
+    sorted set of the text's characters. Without ``path``, ``corpus`` names the built-in
+    text (:data:`CORPORA`: ``"grammar"``, ``"arithmetic"``, ``"code"``); with ``path`` it is unused.
     """
+    if corpus not in CORPORA:
+        raise ValueError(f"text.corpus must be one of {sorted(CORPORA)}, got {corpus!r}")
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -293,7 +346,7 @@ def _text(path, context: int, val_fraction: float, vocab, corpus_chars: int, see
             raise ValueError(f"text.path: {str(p)!r} is not UTF-8 text ({e.reason})") from None
         source = p.name
     else:
-        text, source = grammar_corpus(corpus_chars, seed), "built-in grammar corpus"
+        text, source = CORPORA[corpus](corpus_chars, seed), f"built-in {corpus} corpus"
     chars = sorted(set(text)) if vocab is None else list(dict.fromkeys(vocab))
     index = {c: i for i, c in enumerate(chars)}
     unknown = sorted(set(text) - set(index))
@@ -314,7 +367,7 @@ def _text(path, context: int, val_fraction: float, vocab, corpus_chars: int, see
     return Dataset("text", "sequence", xtr, ytr, xva, yva, len(chars),
                    f"characters of {source}: {len(ids):,} chars, vocabulary {len(chars)}, context {context}",
                    chars, {"path": path, "context": context, "val_fraction": val_fraction, "vocab": vocab,
-                           "corpus_chars": corpus_chars, "seed": seed})
+                           "corpus_chars": corpus_chars, "seed": seed, "corpus": corpus})
 
 
 _LOADERS = {"digits": _digits, "mnist1d": _mnist1d, "khop": _khop, "modadd": _modadd, "text": _text}
