@@ -1,0 +1,498 @@
+"""Compose specialists trained over one frozen substrate: logit mixtures and weight-space merges.
+
+Growing Transformers (Bochkov 2025) trains specialists on different corpora over the same
+frozen, deterministic embedding table and merges them by averaging their output logits,
+with no architectural change. This module provides that merge and the weight-space merges
+that need a shared initialisation (specialists fine-tuned from one base), and one table that
+says whether a merge beats its parts without forgetting:
+
+>>> import workbench as wb
+>>> domains = wb.compose.shared_text(["grammar", "arithmetic"], context=32, corpus_chars=20_000)
+>>> cfg = wb.models.config_for(domains["grammar"], d_model=64, embedding="frozen-random")
+>>> base = wb.models.build(cfg)
+>>> runs = wb.compose.train_specialists(base, domains, wb.TrainConfig(steps=100))
+>>> members = {name: run.model for name, run in runs.items()}
+>>> merges = {"mixture": wb.compose.LogitMixture(list(members.values())),
+...           "TIES": wb.compose.ties(base, list(members.values()), density=0.2)}
+>>> table = wb.compose.evaluate(members, merges, domains)       # tidy: model, role, domain, metric, value
+
+Logit mixtures (:class:`LogitMixture`) need only a shared vocabulary and substrate; weight-space
+merges (:func:`linear`, :func:`task_arithmetic`, :func:`ties`, :func:`lines`) also need the same
+architecture and a shared parent ``base``: a task vector is ``theta_i - theta_base``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from typing import Iterable, Mapping, Sequence
+
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import data as _data
+from .training import TrainConfig, evaluate as _evaluate_one, loss_and_correct, train
+
+__all__ = ["SubstrateError", "check_substrate", "shared_text", "concat", "train_specialists", "LogitMixture",
+           "task_vectors", "linear", "task_arithmetic", "ties", "lines", "merge", "MERGES", "evaluate", "summary"]
+
+
+class SubstrateError(ValueError):
+    """Models cannot be composed: different vocabularies, substrates or architectures."""
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _out_size(model: nn.Module) -> int:
+    cfg = model.config
+    return cfg.vocab_size if hasattr(cfg, "vocab_size") else cfg.n_classes
+
+
+def check_substrate(models: Sequence[nn.Module]) -> None:
+    """Raise :class:`SubstrateError` unless all models share one vocabulary and one substrate.
+
+    Checked: the model family; the output size (vocabulary or classes); the token strings when
+    configs list them; the embedding kind (``"glyph"``, ``"frozen-random"`` or ``"trainable"``);
+    and, for frozen embeddings, that the embedding tables are equal element for element.
+    """
+    models = list(models)
+    if not models:
+        raise SubstrateError("no models given")
+    families = [getattr(m.config, "family", type(m).__name__) for m in models]
+    if len(set(families)) > 1:
+        raise SubstrateError(f"members belong to different model families: {families}")
+    sizes = [_out_size(m) for m in models]
+    if len(set(sizes)) > 1:
+        raise SubstrateError(f"members have different vocabularies: output sizes {sizes}; "
+                             "build every specialist's data with one shared vocabulary (see shared_text)")
+    vocabs = [getattr(m.config, "vocab", None) for m in models]
+    listed = [v for v in vocabs if v is not None]
+    for i, v in enumerate(listed[1:], 1):
+        if list(v) != list(listed[0]):
+            j = next(k for k, (a, b) in enumerate(zip(listed[0], v)) if a != b)
+            raise SubstrateError(f"members have different vocabularies: token {j} is {listed[0][j]!r} in one "
+                                 f"and {v[j]!r} in another")
+    kinds = [getattr(m.config, "embedding", None) for m in models]
+    if len(set(kinds)) > 1:
+        raise SubstrateError(f"members use different substrates (embedding kinds {kinds}); "
+                             "train specialists over one frozen substrate")
+    if kinds[0] in ("glyph", "frozen-random"):
+        ref = models[0].tok_embed.weight.detach().cpu()
+        for i, m in enumerate(models[1:], 1):
+            other = m.tok_embed.weight.detach().cpu()
+            if other.shape != ref.shape:
+                raise SubstrateError(f"members use different substrates: embedding table of member {i} has shape "
+                                     f"{tuple(other.shape)}, member 0 {tuple(ref.shape)}")
+            if not torch.equal(other, ref):
+                diff = float((other - ref).abs().max())
+                raise SubstrateError(f"members use different substrates: the frozen {kinds[0]} embedding of member "
+                                     f"{i} differs from member 0's (max |difference| {diff:.3g}); build them with "
+                                     "the same vocabulary, d_model, font and seed")
+
+
+def _check_mergeable(base: nn.Module, models: Sequence[nn.Module]) -> None:
+    """Same substrate, same architecture (config fields other than ``seed``) and the same tensors."""
+    check_substrate([base, *models])
+    base_cfg = dataclasses.asdict(base.config)
+    for i, m in enumerate(models):
+        cfg = dataclasses.asdict(m.config)
+        differ = sorted(k for k in base_cfg if k != "seed" and base_cfg[k] != cfg.get(k))
+        if differ:
+            raise SubstrateError(f"weight-space merges need one architecture: model {i} differs from the base in "
+                                 f"{differ}")
+        a, b = base.state_dict(), m.state_dict()
+        if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
+            raise SubstrateError(f"weight-space merges need one architecture: model {i}'s tensors differ from the base's")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def shared_text(corpora: Iterable[str] = ("grammar", "arithmetic"), **options) -> dict[str, _data.Dataset]:
+    """``{corpus: Dataset}`` of built-in text corpora over one shared vocabulary (sorted union of characters).
+
+    ``options`` are passed to ``data.load("text", ...)`` for every corpus (``context``,
+    ``corpus_chars``, ``seed``, ...). With one vocabulary, models built from any of the datasets
+    (``models.config_for``) share token ids and, with a frozen embedding, one substrate.
+    """
+    corpora = list(corpora)
+    if not corpora:
+        raise ValueError("shared_text needs at least one corpus")
+    if "vocab" in options or "path" in options:
+        raise ValueError("shared_text builds the vocabulary itself; do not pass vocab or path")
+    chars: set[str] = set()
+    for c in corpora:
+        chars |= set(_data.load("text", corpus=c, **options).vocab)
+    vocab = "".join(sorted(chars))
+    return {c: _data.load("text", corpus=c, vocab=vocab, **options) for c in corpora}
+
+
+def concat(datasets: Mapping[str, _data.Dataset] | Sequence[_data.Dataset], name: str = "mixture") -> _data.Dataset:
+    """One dataset holding every part's train and validation examples (same vocabulary and length).
+
+    Used to train a shared base before specialising, and as a calibration set for gates.
+    Its ``spec()`` lists the parts' specs under ``parts``.
+    """
+    parts = list(datasets.values()) if isinstance(datasets, Mapping) else list(datasets)
+    if not parts:
+        raise ValueError("concat needs at least one dataset")
+    first = parts[0]
+    for d in parts[1:]:
+        if d.kind != first.kind or d.n_classes != first.n_classes or d.vocab != first.vocab:
+            raise SubstrateError("concat: datasets must share kind and vocabulary")
+        if d.x_train.shape[1:] != first.x_train.shape[1:]:
+            raise ValueError(f"concat: example shapes differ ({tuple(d.x_train.shape[1:])} vs "
+                             f"{tuple(first.x_train.shape[1:])})")
+    cat = lambda attr: torch.cat([getattr(d, attr) for d in parts])  # noqa: E731
+    return _data.Dataset(name, first.kind, cat("x_train"), cat("y_train"), cat("x_val"), cat("y_val"),
+                         first.n_classes, f"concatenation of {len(parts)} datasets: " + "; ".join(
+                             d.description for d in parts), first.vocab, {"parts": [d.spec() for d in parts]})
+
+
+def train_specialists(base: nn.Module, datasets: Mapping[str, _data.Dataset], config: TrainConfig | None = None,
+                      callbacks=(), parent: str | None = None, group: str | None = None) -> dict:
+    """Fine-tune one copy of ``base`` per dataset: ``{name: Run}``, all from one initialisation.
+
+    ``run.meta`` records ``role="specialist"``, the ``domain``, the ``parent`` run id and the
+    ``group`` (if given), so weight-space merges can find their base in the store.
+    """
+    runs = {}
+    for name, ds in datasets.items():
+        run = train(copy.deepcopy(base), ds, config, callbacks=callbacks, name=f"specialist-{name}")
+        run.meta = {"role": "specialist", "domain": name, "parent": parent, "group": group}
+        runs[name] = run
+    return runs
+
+
+# ----------------------------------------------------------------------------- logit mixture
+
+
+def _member_forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features, logits)``: the same computation as ``model(x)``, hook points included."""
+    h = model.embed(x)
+    for block in model.blocks:
+        h = block(h)
+    feats = model.features(model.final_norm(h))
+    return feats, model.readout(feats)
+
+
+class LogitMixture(nn.Module):
+    """A model whose logits are a weighted mean of its members' logits (the Growing Transformers merge).
+
+    ``LogitMixture(models, weights=None, mode="logits")``: ``weights`` (one per member, normalised
+    to sum 1) default to equal. ``mode="logits"`` averages logits (Bochkov 2025);
+    ``mode="probs"`` returns ``log(sum_k w_k softmax(logits_k))``, the log-probabilities of a
+    mixture of the members' distributions. :meth:`fit_gate` replaces the fixed weights by
+    per-token weights ``softmax(W [f_1; ...; f_K] + b)`` computed from the members' final features
+    ``f_k`` at each position (so the mixture stays causal), fitted on a small calibration set.
+
+    Input and output are those of a member (tokens ``(B, T)`` -> logits ``(B, T, V)``), so
+    ``wb.evaluate`` and :mod:`workbench.sampling` take a mixture like any model. It has no single
+    residual stream: residual-stream tools apply to ``mixture.members[k]`` (each member's hook
+    points still fire inside the mixture's forward pass). ``config`` is the first member's with
+    the smallest member context.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], weights: Sequence[float] | None = None, mode: str = "logits"):
+        super().__init__()
+        models = list(models)
+        check_substrate(models)
+        if mode not in ("logits", "probs"):
+            raise ValueError(f"mode must be one of ['logits', 'probs'], got {mode!r}")
+        w = torch.full((len(models),), 1.0 / len(models)) if weights is None else \
+            torch.as_tensor(weights, dtype=torch.float32).flatten()
+        if len(w) != len(models) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be {len(models)} non-negative numbers with a positive sum, got {weights!r}")
+        self.members = nn.ModuleList(models)
+        self.register_buffer("weights", w / w.sum())
+        self.mode = mode
+        self.gate: nn.Linear | None = None
+        cfg = models[0].config
+        if hasattr(cfg, "context"):
+            cfg = dataclasses.replace(cfg, context=min(m.config.context for m in models))
+        self.config = cfg
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.device
+
+    def _parts(self, x: torch.Tensor):
+        feats, logits = zip(*(_member_forward(m, x) for m in self.members))
+        return feats, torch.stack(logits, dim=-2)  # (..., K, V)
+
+    def _weights(self, feats) -> torch.Tensor:
+        if self.gate is None:
+            return self.weights  # (K,)
+        return torch.softmax(self.gate(torch.cat(feats, dim=-1)), dim=-1)  # (..., K)
+
+    def _combine(self, logits: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.mode == "logits":
+            return (w.unsqueeze(-1) * logits).sum(-2)
+        logw = torch.log(w.clamp_min(1e-30)).unsqueeze(-1)
+        return torch.logsumexp(F.log_softmax(logits, dim=-1) + logw, dim=-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats, logits = self._parts(x)
+        return self._combine(logits, self._weights(feats))
+
+    @torch.no_grad()
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Each member's logits stacked on a new first axis: ``(K, *x.shape, V)``."""
+        return self._parts(x)[1].movedim(-2, 0)
+
+    @torch.no_grad()
+    def mixture_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight of each member at each position: ``(*x.shape, K)`` (constant without a gate)."""
+        feats, logits = self._parts(x)
+        return self._weights(feats).expand(*logits.shape[:-1])
+
+    def fit_gate(self, calibration, steps: int = 200, lr: float = 1e-2, batch_size: int = 64,
+                 max_examples: int = 512, seed: int = 0) -> "LogitMixture":
+        """Fit per-token gating weights on a calibration set; the members stay frozen. Returns ``self``.
+
+        ``calibration``: a Dataset, or several (a list or ``{name: Dataset}``), whose training
+        splits (first ``max_examples`` of each) are pooled. The gate starts at the fixed weights
+        (zero matrix, bias ``log w``) and minimises the mixture's cross-entropy with AdamW.
+        """
+        if isinstance(calibration, _data.Dataset):
+            calibration = [calibration]
+        parts = list(calibration.values()) if isinstance(calibration, Mapping) else list(calibration)
+        x = torch.cat([d.x_train[:max_examples] for d in parts])
+        y = torch.cat([d.y_train[:max_examples] for d in parts])
+        device = self.device
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():  # members are frozen: compute their outputs once
+            feats, logits = [], []
+            for i in range(0, len(x), 256):
+                f, lg = self._parts(x[i:i + 256].to(device))
+                feats.append(torch.cat(f, dim=-1))
+                logits.append(lg)
+            feats, logits = torch.cat(feats), torch.cat(logits)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            gate = nn.Linear(feats.shape[-1], len(self.members)).to(device)
+        with torch.no_grad():
+            gate.weight.zero_()
+            gate.bias.copy_(torch.log(self.weights.clamp_min(1e-30)))
+        opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=0.0)
+        with torch.enable_grad():
+            for _ in range(steps):
+                idx = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=gen).to(device)
+                w = torch.softmax(gate(feats[idx]), dim=-1)
+                loss, _, _ = loss_and_correct(self._combine(logits[idx], w), y[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        for p in gate.parameters():
+            p.requires_grad_(False)
+        self.gate = gate
+        self.train(was_training)
+        return self
+
+
+# ----------------------------------------------------------------------------- weight-space merges
+
+
+def _float_keys(model: nn.Module) -> list[str]:
+    return [k for k, v in model.state_dict().items() if v.is_floating_point()]
+
+
+def task_vectors(base: nn.Module, models: Sequence[nn.Module]) -> list[dict[str, torch.Tensor]]:
+    """``theta_i - theta_base`` per model, as ``{name: tensor}`` over the tensors fine-tuning changed.
+
+    Tensors no model changed (the frozen substrate among them) are left out, so sparsity
+    settings such as TIES' ``density`` count only what training moved.
+    """
+    _check_mergeable(base, models)
+    b = base.state_dict()
+    sds = [m.state_dict() for m in models]
+    keys = [k for k in _float_keys(base) if any(not torch.equal(sd[k], b[k]) for sd in sds)]
+    return [{k: (sd[k] - b[k]).detach().float() for k in keys} for sd in sds]
+
+
+def _apply(base: nn.Module, vector: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``base`` with ``vector`` added to its tensors."""
+    merged = copy.deepcopy(base)
+    state = merged.state_dict()
+    with torch.no_grad():
+        for k, v in vector.items():
+            state[k].add_(v.to(state[k].dtype))
+    merged.eval()
+    return merged
+
+
+def linear(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
+           base: nn.Module | None = None) -> nn.Module:
+    """Weighted average of the models' weights (a model soup); equal weights by default.
+
+    Meaningful only for models that share an initialisation. With ``base`` the result equals
+    ``task_arithmetic(base, models, scale=1/K)`` for equal weights.
+    """
+    models = list(models)
+    _check_mergeable(base if base is not None else models[0], models)
+    w = [1.0 / len(models)] * len(models) if weights is None else [float(v) for v in weights]
+    if len(w) != len(models) or abs(sum(w)) < 1e-12:
+        raise ValueError(f"weights must be {len(models)} numbers with a non-zero sum, got {weights!r}")
+    w = [v / sum(w) for v in w]
+    merged = copy.deepcopy(models[0])
+    state = merged.state_dict()
+    sds = [m.state_dict() for m in models]
+    with torch.no_grad():
+        for k in _float_keys(merged):
+            state[k].copy_(sum(wi * sd[k].float() for wi, sd in zip(w, sds)).to(state[k].dtype))
+    merged.eval()
+    return merged
+
+
+def task_arithmetic(base: nn.Module, models: Sequence[nn.Module], scale: float = 1.0) -> nn.Module:
+    """``theta_base + scale * sum_i tau_i`` (Ilharco et al. 2023); ``scale`` is usually tuned on validation data."""
+    taus = task_vectors(base, models)
+    return _apply(base, {k: scale * sum(t[k] for t in taus) for k in (taus[0] if taus else {})})
+
+
+def _ties_vector(taus: list[dict[str, torch.Tensor]], density: float) -> dict[str, torch.Tensor]:
+    if not taus or not taus[0]:
+        return {}
+    keys = list(taus[0])
+    flat = torch.stack([torch.cat([t[k].flatten() for k in keys]) for t in taus])  # (K, N)
+    # 1. trim: keep each task vector's top-density fraction of entries by magnitude (over all its entries)
+    n_keep = max(1, int(round(density * flat.shape[1])))
+    if n_keep < flat.shape[1]:
+        thresh = flat.abs().kthvalue(flat.shape[1] - n_keep + 1, dim=1, keepdim=True).values  # (K, 1)
+        flat = torch.where(flat.abs() >= thresh, flat, torch.zeros_like(flat))
+    # 2. elect: the sign of the summed mass per entry (ties at zero take the overall majority sign)
+    elected = torch.sign(flat.sum(0))
+    majority = 1.0 if elected.sum() >= 0 else -1.0
+    elected = torch.where(elected == 0, torch.full_like(elected, majority), elected)
+    # 3. disjoint merge: mean over the entries that agree with the elected sign (zeros do not count)
+    agree = (torch.sign(flat) == elected) & (flat != 0)
+    merged = (flat * agree).sum(0) / agree.sum(0).clamp_min(1)
+    out, i = {}, 0
+    for k in keys:
+        n = taus[0][k].numel()
+        out[k] = merged[i:i + n].view_as(taus[0][k])
+        i += n
+    return out
+
+
+def ties(base: nn.Module, models: Sequence[nn.Module], density: float = 0.2, scale: float = 1.0) -> nn.Module:
+    """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint merge; ``theta_base + scale * tau_TIES``.
+
+    Trim keeps the ``density`` fraction of largest-magnitude entries of each task vector (over
+    the whole vector, as in the authors' code), elect takes the sign of each entry's summed
+    trimmed values, and the merge averages only the entries that agree with it.
+    """
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    return _apply(base, {k: scale * v for k, v in _ties_vector(task_vectors(base, models), density).items()})
+
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def lines(base: nn.Module, models: Sequence[nn.Module], alpha: float | None = None, beta: float = 0.5,
+          merged: str = "task_arithmetic", density: float = 0.2) -> nn.Module:
+    """LiNeS (Wang et al. 2024): scale the merged task vector by depth, ``theta_base + lambda(l) tau``.
+
+    ``lambda(l) = alpha + beta * l / (L - 1)`` for block ``l`` of ``L`` (0-based); tensors outside
+    the blocks (embeddings, final norm, readout) get ``alpha``. ``tau`` is the sum of task vectors
+    (``merged="task_arithmetic"``) or the TIES vector (``merged="ties"``, with ``density``).
+    ``alpha=None`` uses the authors' multi-task rule ``alpha = (|sum_i tau_i|_1 / |tau|_1) / K``
+    (``1/K`` for task arithmetic). ``alpha=1, beta=0`` is task arithmetic with scale 1. With one
+    model, ``beta = 1 - alpha`` is the single-task edit that keeps shallow layers near the base.
+    """
+    taus = task_vectors(base, models)
+    if merged == "task_arithmetic":
+        tau = {k: sum(t[k] for t in taus) for k in (taus[0] if taus else {})}
+    elif merged == "ties":
+        tau = _ties_vector(taus, density)
+    else:
+        raise ValueError(f"merged must be one of ['task_arithmetic', 'ties'], got {merged!r}")
+    if alpha is None:
+        summed = sum(float(sum(t[k] for t in taus).abs().sum()) for k in tau)
+        norm = sum(float(v.abs().sum()) for v in tau.values())
+        alpha = (summed / norm) / len(taus) if norm > 0 else 1.0 / max(len(taus), 1)
+    n_blocks = len(base.blocks)
+
+    def lam(key: str) -> float:
+        m = _BLOCK.search(key)
+        return alpha if m is None else alpha + beta * int(m.group(1)) / max(n_blocks - 1, 1)
+
+    return _apply(base, {k: lam(k) * v for k, v in tau.items()})
+
+
+MERGES = {
+    "linear": lambda base, models, **kw: linear(models, base=base, **kw),
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "lines": lines,
+}
+
+
+def merge(method: str, base: nn.Module, models: Sequence[nn.Module], **options) -> nn.Module:
+    """One entry point for the weight-space merges: ``method`` in :data:`MERGES`."""
+    if method not in MERGES:
+        raise ValueError(f"method must be one of {sorted(MERGES)}, got {method!r}")
+    return MERGES[method](base, list(models), **options)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _named(models) -> dict[str, nn.Module]:
+    if models is None:
+        return {}
+    if isinstance(models, Mapping):
+        return dict(models)
+    return {f"model {i}": m for i, m in enumerate(models)}
+
+
+def evaluate(members, merges=None, datasets=None, split: str = "val", max_examples: int = 0,
+             references=None) -> pd.DataFrame:
+    """Loss and accuracy of every specialist and every merge on every domain, one tidy table.
+
+    ``members`` and ``merges``: ``{name: model}`` (or lists, named ``model i``); ``datasets``:
+    ``{domain: Dataset}``; ``references`` (optional, e.g. the shared base) are listed with role
+    ``"reference"``. Columns: ``model, role ("specialist"/"merge"/"reference"), domain, metric
+    ("loss"/"acc"), value``. See :func:`summary` for the verdict per model.
+    """
+    if not datasets:
+        raise ValueError("evaluate needs at least one dataset")
+    datasets = _named(datasets) if not isinstance(datasets, Mapping) else dict(datasets)
+    rows = []
+    groups = (("specialist", _named(members)), ("merge", _named(merges)), ("reference", _named(references)))
+    for role, group in groups:
+        for name, model in group.items():
+            for domain, ds in datasets.items():
+                for metric, value in _evaluate_one(model, ds, split, max_examples).items():
+                    rows.append({"model": name, "role": role, "domain": domain, "metric": metric, "value": value})
+    return pd.DataFrame(rows, columns=["model", "role", "domain", "metric", "value"])
+
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per model: mean loss and accuracy over domains, and the verdict against the specialists.
+
+    ``worst_gap``: the largest excess loss over the best specialist on any one domain (forgetting
+    shows as a large gap); ``beats_parts``: the mean loss is below every specialist's mean loss.
+    """
+    loss = table[table["metric"] == "loss"].pivot_table(index="model", columns="domain", values="value", sort=False)
+    acc = table[table["metric"] == "acc"].pivot_table(index="model", columns="domain", values="value", sort=False)
+    roles = table.drop_duplicates("model").set_index("model")["role"]
+    specialists = [m for m in loss.index if roles[m] == "specialist"]
+    best = loss.loc[specialists].min() if specialists else loss.min()
+    best_mean = loss.loc[specialists].mean(axis=1).min() if specialists else float("nan")
+    out = pd.DataFrame({
+        "model": loss.index, "role": [roles[m] for m in loss.index],
+        "mean_loss": loss.mean(axis=1).values, "mean_acc": acc.loc[loss.index].mean(axis=1).values,
+        "worst_gap": (loss - best).max(axis=1).values,
+    })
+    out["beats_parts"] = out["mean_loss"] < best_mean
+    return out.reset_index(drop=True)
