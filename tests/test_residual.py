@@ -1,0 +1,250 @@
+"""Residual-stream tools checked against independent computations (plain forward hooks, manual forwards)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import workbench as wb
+from workbench import residual as R
+
+
+def _transformer(norm="pre", n_layers=3, tie=False, seed=0):
+    cfg = wb.models.TransformerConfig(vocab_size=19, context=12, d_model=32, n_layers=n_layers, n_heads=4, d_mlp=64,
+                                      norm=norm, tie_embeddings=tie, seed=seed)
+    return wb.models.build(cfg).eval()
+
+
+def _mlp(norm="pre", n_layers=3):
+    return wb.models.build(wb.models.MLPConfig(d_in=10, n_classes=5, d_model=24, n_layers=n_layers, d_hidden=32,
+                                               norm=norm)).eval()
+
+
+def _tokens(B=5, T=12, V=19, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _all_hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _independent_layer_contributions(model, x):
+    """||y - x|| / ||x|| and cos(y - x, x) per block from hooks on the block modules themselves."""
+    ins, outs = {}, {}
+    handles = []
+    for i, b in enumerate(model.blocks):
+        def hook(module, args, out, i=i):
+            ins[i], outs[i] = args[0], out
+        handles.append(b.register_forward_hook(hook))
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    res = {}
+    for i in ins:
+        xi, d = ins[i], outs[i] - ins[i]
+        rel = torch.linalg.vector_norm(d, dim=-1) / torch.linalg.vector_norm(xi, dim=-1)
+        cos = F.cosine_similarity(d, xi, dim=-1)
+        res[i] = (rel.mean().item(), cos.mean().item())
+    return res
+
+
+@pytest.mark.parametrize("make,x", [(lambda: _transformer("pre"), _tokens()), (lambda: _transformer("peri"), _tokens()),
+                                    (lambda: _mlp("pre"), torch.randn(7, 10)), (lambda: _mlp("none"), torch.randn(7, 10))])
+def test_whole_layer_contributions_match_plain_forward_hooks(make, x):
+    model = make()
+    df = R.contributions(model, x)
+    ref = _independent_layer_contributions(model, x)
+    layer = df[df.sublayer == "layer"].set_index("layer")
+    assert sorted(layer.index) == sorted(ref)
+    for i, (rel, cos) in ref.items():
+        assert layer.loc[i, "rel_norm"] == pytest.approx(rel, rel=1e-5, abs=1e-6)
+        assert layer.loc[i, "cosine"] == pytest.approx(cos, rel=1e-5, abs=1e-6)
+
+
+def test_attention_and_mlp_contributions_match_module_outputs():
+    model, x = _transformer("pre"), _tokens()
+    got = R.contributions(model, x).set_index(["layer", "sublayer"])
+    for i, b in enumerate(model.blocks):
+        store = {}
+        hs = [b.register_forward_pre_hook(lambda m, a: store.__setitem__("x", a[0])),
+              b.attn.register_forward_hook(lambda m, a, o: store.__setitem__("a", o)),
+              b.mlp.register_forward_hook(lambda m, a, o: store.__setitem__("m", o))]
+        with torch.no_grad():
+            model(x)
+        for h in hs:
+            h.remove()
+        xa = store["x"] + store["a"]
+        n = lambda t: torch.linalg.vector_norm(t, dim=-1)  # noqa: E731
+        assert got.loc[(i, "attn"), "rel_norm"] == pytest.approx((n(store["a"]) / n(store["x"])).mean().item(), rel=1e-5)
+        assert got.loc[(i, "mlp"), "rel_norm"] == pytest.approx((n(store["m"]) / n(xa)).mean().item(), rel=1e-5)
+        assert got.loc[(i, "mlp"), "cosine"] == pytest.approx(
+            F.cosine_similarity(store["m"], xa, dim=-1).mean().item(), rel=1e-4, abs=1e-6)
+
+
+def test_per_position_and_mask_average_consistently():
+    model, x = _transformer(), _tokens()
+    overall = R.contributions(model, x)
+    per_pos = R.contributions(model, x, per_position=True)
+    assert set(per_pos.position) == set(range(x.shape[1]))
+    mean_of_positions = per_pos.groupby(["layer", "sublayer"], sort=False)[["rel_norm", "cosine"]].mean().reset_index()
+    assert overall[["rel_norm", "cosine"]].to_numpy() == pytest.approx(mean_of_positions[["rel_norm", "cosine"]].to_numpy(),
+                                                                        rel=1e-6)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[:, -1] = True  # only the last position (as for k-hop answers)
+    last = R.contributions(model, x, mask=mask)
+    at_last = per_pos[per_pos.position == x.shape[1] - 1].reset_index(drop=True)
+    assert last[["rel_norm", "cosine"]].to_numpy() == pytest.approx(at_last[["rel_norm", "cosine"]].to_numpy(), rel=1e-6)
+    chunked = R.contributions(model, x, batch_size=2)
+    assert chunked[["rel_norm", "cosine"]].to_numpy() == pytest.approx(overall[["rel_norm", "cosine"]].to_numpy(), rel=1e-6)
+
+
+@pytest.mark.parametrize("make,x,per_head", [
+    (lambda: _transformer("pre"), _tokens(), False), (lambda: _transformer("pre"), _tokens(), True),
+    (lambda: _transformer("peri"), _tokens(), False), (lambda: _transformer("pre", tie=True), _tokens(), True),
+    (lambda: _mlp("pre"), torch.randn(6, 10), False), (lambda: _transformer("pre", n_layers=0), _tokens(), False)])
+def test_decomposition_is_complete(make, x, per_head):
+    model = make()
+    dec = R.decompose(model, x, per_head=per_head)
+    # the final residual, computed independently: the input of the final norm
+    store = {}
+    h = model.final_norm.register_forward_pre_hook(lambda m, a: store.__setitem__("r", a[0]))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    final = store["r"] if store["r"].dim() == 3 else store["r"][:, None]
+    torch.testing.assert_close(dec.final, final)
+    torch.testing.assert_close(dec.total(), final, atol=1e-5, rtol=1e-5)
+    n_blocks = len(model.blocks)
+    if isinstance(model, wb.models.Transformer):
+        per_layer = (model.config.n_heads + 2) if per_head else 2
+        assert len(dec) == 2 + n_blocks * per_layer
+    else:
+        assert dec.labels == ["embed"] + [f"L{i}.block" for i in range(n_blocks)]
+    assert len(dec.norms()) == len(dec)
+
+
+def test_per_head_decomposition_refuses_peri_ln():
+    with pytest.raises(ValueError, match="pre-LN"):
+        R.decompose(_transformer("peri"), _tokens(), per_head=True)
+
+
+def test_logit_attribution_sums_to_the_logit():
+    model, x = _transformer("pre"), _tokens()
+    with torch.no_grad():
+        logits = model(x)
+    for target in (None, 3):
+        df = R.logit_attribution(model, x, target=target, per_head=True)
+        tgt = logits.argmax(-1) if target is None else torch.full(x.shape, target)
+        total = df.groupby(["batch", "position"]).attribution.sum().to_numpy().reshape(x.shape)
+        torch.testing.assert_close(torch.tensor(total, dtype=torch.float32), logits.gather(-1, tgt[..., None])[..., 0],
+                                   atol=1e-4, rtol=1e-4)
+    mlp, xv = _mlp("pre"), torch.randn(4, 10)
+    df = R.logit_attribution(mlp, xv)
+    assert df.attribution.groupby(df.batch).sum().to_numpy() == pytest.approx(mlp(xv).max(-1).values.detach().numpy(),
+                                                                               abs=1e-4)
+
+
+def test_zero_initialised_new_layer_contributes_exactly_zero():
+    growth = pytest.importorskip("workbench.growth")
+    for model, x in ((_transformer("pre"), _tokens()), (_transformer("peri"), _tokens()), (_mlp("pre"), torch.randn(6, 10))):
+        with torch.no_grad():
+            before = model(x)
+        growth.add_layer(model, init="zero")
+        model.eval()
+        new = len(model.blocks) - 1
+        df = R.contributions(model, x)
+        rows = df[df.layer == new]
+        assert (rows.rel_norm == 0.0).all() and (rows.cosine == 0.0).all()
+        assert (df[df.layer < new].rel_norm > 0).all()
+        skip = R.skip_effects(model, x)
+        out = skip.output.set_index("skipped")
+        assert out.loc[new, "kl"] == pytest.approx(0.0, abs=1e-7) and out.loc[new, "top1_changed"] == 0.0
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), before)
+
+
+def test_lens_at_the_last_layer_is_the_model_output():
+    model, x = _transformer("pre"), _tokens()
+    lens = R.logit_lens(model, x)
+    assert list(lens.layer) == list(range(len(model.blocks) + 1))
+    last = lens.iloc[-1]
+    assert last.kl_to_final == pytest.approx(0.0, abs=1e-7) and last.top1_agree == 1.0
+    with torch.no_grad():
+        logits = model(x)
+    y = R.next_token_targets(x)
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+    assert last.loss == pytest.approx(expected.item(), rel=1e-5)
+    # lens at layer l = readout(final_norm(resid entering block l)), computed by hand
+    with R.record(model, names="blocks.1.resid_pre") as cache, torch.no_grad():
+        model(x)
+        manual = model.readout(model.final_norm(cache["blocks.1.resid_pre"])).log_softmax(-1)
+        final = logits.log_softmax(-1)
+    kl = (final.exp() * (final - manual)).sum(-1).mean()
+    assert lens.loc[1, "kl_to_final"] == pytest.approx(kl.item(), rel=1e-4)
+    per_pos = R.logit_lens(model, x, per_position=True)
+    assert per_pos.loss[(per_pos.position == x.shape[1] - 1)].isna().all()  # no next token there
+
+
+def test_skip_effects_match_a_manual_forward_without_the_layer():
+    model, x = _transformer("pre", n_layers=4), _tokens()
+    res = R.skip_effects(model, x)
+    assert set(zip(res.heatmap.skipped, res.heatmap.affected)) == {(s, a) for s in range(4) for a in range(s + 1, 4)}
+
+    def run(skip=None):
+        h, d = model.embed(x), []
+        for i, b in enumerate(model.blocks):
+            out = h if i == skip else b(h)
+            d.append(out - h)
+            h = out
+        return d, model.unembed(h)
+
+    with torch.no_grad():
+        d, logits = run()
+        d1, logits1 = run(skip=1)
+    expect = (torch.linalg.vector_norm(d[3] - d1[3], dim=-1) / torch.linalg.vector_norm(d[3], dim=-1)).mean()
+    got = res.heatmap.set_index(["skipped", "affected"]).loc[(1, 3), "effect"]
+    assert got == pytest.approx(expect.item(), rel=1e-5)
+    p, q = logits.log_softmax(-1), logits1.log_softmax(-1)
+    assert res.output.set_index("skipped").loc[1, "kl"] == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(),
+                                                                         rel=1e-4)
+    assert res.matrix().shape == (4, 4)
+    assert _all_hooks(model) == 0
+
+
+def test_record_subsets_and_unknown_names():
+    model, x = _transformer(), _tokens()
+    with R.record(model, names=["blocks.*.resid_post", "embed_out"], layers=[0, 2]) as cache:
+        model(x)
+    assert set(cache) == {"embed_out", "blocks.0.resid_post", "blocks.2.resid_post"}
+    assert not cache["embed_out"].requires_grad
+    assert cache.stack("resid_post").shape == (2, *x.shape, 32)
+    with R.record(model) as cache:
+        model(x)
+    assert set(cache) == set(R.sites(model))
+    with pytest.raises(ValueError, match="no hook site"):
+        with R.record(model, names="blocks.*.nonsense"):
+            pass
+    assert _all_hooks(model) == 0
+
+
+def test_hooks_are_removed_after_an_exception_inside_record():
+    model, x = _transformer(), _tokens()
+    with pytest.raises(RuntimeError, match="boom"):
+        with R.record(model) as cache:
+            model(x)
+            assert _all_hooks(model) > 0
+            raise RuntimeError("boom")
+    assert _all_hooks(model) == 0
+    assert len(cache) > 0
+    with pytest.raises(ValueError, match="context"):  # an error inside the forward itself
+        with R.record(model):
+            model(torch.full((1, 100), 0))  # longer than the context
+    assert _all_hooks(model) == 0
+
+
+def test_functions_restore_training_mode_and_refuse_foreign_models():
+    model, x = _transformer(), _tokens()
+    model.train()
+    R.contributions(model, x)
+    assert model.training
+    with pytest.raises(TypeError, match="GPT2LMHeadModel"):
+        R.contributions(torch.nn.Linear(3, 3), torch.randn(2, 3))

@@ -1,0 +1,692 @@
+"""What each layer writes into the residual stream.
+
+Every function takes a model and an input batch and works on both model families of
+:mod:`workbench.models` and on a Hugging Face ``GPT2LMHeadModel`` (through the adapter in
+:mod:`workbench.interop`, which maps GPT-2's modules onto the same hook names):
+
+==========================  ==================================================================
+:func:`record`              context manager caching hook-point activations (detached)
+:func:`contributions`       relative contribution norm and cosine per layer and sublayer
+:func:`decompose`           the final residual as a sum of labelled components
+:func:`logit_attribution`   direct logit attribution of each component to a target token
+:func:`logit_lens`          per layer: KL to the final distribution, top-1 agreement, loss
+:func:`skip_effects`        skipped x affected layer heat-map and output change per skip
+==========================  ==================================================================
+
+Hook names follow :mod:`workbench.models` (TransformerLens style): ``embed_out``,
+``pos_embed_out``, ``blocks.{l}.resid_pre``, ``blocks.{l}.attn_out``, ``blocks.{l}.resid_mid``,
+``blocks.{l}.mlp_out``, ``blocks.{l}.resid_post`` (``blocks.{l}.block_out`` in residual MLPs),
+``features`` (final-norm output), plus ``blocks.{l}.attn.z``: the per-head attention outputs
+``(B, T, H, D)`` entering the output projection (used for per-head decompositions).
+
+Definitions (Csordas et al. 2025, "Do Language Models Use Their Depth Efficiently?"), per
+token and then averaged over tokens, with ``x_l`` the residual entering layer ``l``, ``a_l``
+its attention output, ``m_l`` its MLP output and ``y_l`` the residual leaving it:
+
+- attention: ``||a_l|| / ||x_l||`` and ``cos(a_l, x_l)``
+- MLP: ``||m_l|| / ||x_l + a_l||`` and ``cos(m_l, x_l + a_l)``
+- whole layer: ``||y_l - x_l|| / ||x_l||`` and ``cos(y_l - x_l, x_l)``
+
+Norm denominators are clamped at ``EPS = 1e-6``. All functions run in eval mode without
+gradients (the model's mode is restored afterwards) on the model's own device.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import models as _models
+
+__all__ = ["EPS", "ActivationCache", "Decomposition", "SkipEffects", "adapter", "sites", "record",
+           "contributions", "decompose", "logit_attribution", "logit_lens", "skip_effects", "next_token_targets"]
+
+EPS = 1e-6
+IGNORE = -100
+
+
+# ============================================================================ adapters
+
+
+class Adapter:
+    """Uniform view of a residual model: hook sites, forward, unembedding, layer skipping.
+
+    Subclasses: :class:`NativeAdapter` (workbench models) and
+    :class:`workbench.interop.GPT2Adapter` (Hugging Face GPT-2).
+    """
+
+    model: nn.Module
+    family: str          # "transformer" or "mlp"
+    n_layers: int
+    n_heads: int = 0
+
+    def site_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def add_hook(self, name: str, fn: Callable[[torch.Tensor], None]):
+        """Call ``fn(activation)`` whenever site ``name`` is computed; returns a removable handle."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, T, V)`` (sequence) or ``(B, K)`` (vector)."""
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def readout(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unembedding ``(V, C)`` weight and optional ``(V,)`` bias."""
+        raise NotImplementedError
+
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        w, b = self.readout()
+        return F.linear(self.final_norm()(resid), w, b)
+
+    def block(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def head_projection(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-head output maps ``(H, D, C)`` and bias ``(C,)`` of layer ``layer``'s attention,
+        so that ``attn_out = einsum('bthd,hdc->btc', z, W) + bias``."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @contextlib.contextmanager
+    def skip(self, layer: int) -> Iterator[None]:
+        """Replace block ``layer`` by the identity for the duration of the context."""
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer must be in [0, {self.n_layers - 1}], got {layer}")
+
+        def identity(module, args, kwargs, output):
+            h = args[0] if args else kwargs["hidden_states"]
+            return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+        handle = self.block(layer).register_forward_hook(identity, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+class NativeAdapter(Adapter):
+    """Workbench models: hook sites are the :class:`~workbench.models.HookPoint` modules."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.family = model.config.family
+        self.n_layers = len(model.blocks)
+        self.n_heads = getattr(model.config, "n_heads", 0)
+        self._points = {n: m for n, m in model.named_modules() if isinstance(m, _models.HookPoint)}
+        if self.family == "transformer":
+            for i, b in enumerate(model.blocks):
+                self._points[f"blocks.{i}.attn.z"] = b.attn.proj
+
+    def site_names(self) -> list[str]:
+        return list(self._points)
+
+    def add_hook(self, name, fn):
+        module = self._points[name]
+        if name.endswith(".attn.z"):
+            H = self.n_heads
+
+            def pre(mod, args):
+                z = args[0]
+                fn(z.view(*z.shape[:-1], H, z.shape[-1] // H))
+            return module.register_forward_pre_hook(pre)
+        return module.register_forward_hook(lambda mod, args, out: fn(out))
+
+    def forward(self, x):
+        return self.model(x)
+
+    def final_norm(self):
+        return self.model.final_norm
+
+    def readout(self):
+        r = self.model.readout
+        return r.weight, r.bias
+
+    def unembed(self, resid):
+        return self.model.readout(self.model.final_norm(resid))
+
+    def block(self, layer):
+        return self.model.blocks[layer]
+
+    def head_projection(self, layer):
+        block = self.model.blocks[layer]
+        if not isinstance(block.ln1_post, nn.Identity):
+            raise ValueError("a per-head decomposition needs a pre-LN model: Peri-LN normalises the attention "
+                             "output, which is then not a sum of per-head terms")
+        proj, s = block.attn.proj, float(block.residual_scale)
+        C, H = proj.weight.shape[0], self.n_heads
+        w = proj.weight.view(C, H, C // H).permute(1, 2, 0) * s  # (H, D, C)
+        return w, None if proj.bias is None else proj.bias * s
+
+
+def adapter(model: nn.Module) -> Adapter:
+    """The :class:`Adapter` for a workbench model or a Hugging Face GPT-2 model."""
+    if isinstance(model, Adapter):
+        return model
+    if isinstance(model, (_models.Transformer, _models.ResidualMLP)):
+        return NativeAdapter(model)
+    from . import interop
+
+    if interop.is_gpt2(model):
+        return interop.GPT2Adapter(model)
+    if hasattr(model, "members"):
+        raise TypeError(f"{type(model).__name__} mixes several models and has no single residual stream; "
+                        "pass one of its .members")
+    raise TypeError(f"residual-stream tools need a workbench model (Transformer, ResidualMLP) or a Hugging Face "
+                    f"GPT2LMHeadModel, got {type(model).__name__}")
+
+
+def sites(model: nn.Module) -> list[str]:
+    """All hook-site names of ``model``, in forward order per block."""
+    return adapter(model).site_names()
+
+
+# ============================================================================ recording
+
+
+class ActivationCache(dict):
+    """``{site name: activation}`` filled by :func:`record`; tensors are detached (not copied)."""
+
+    def layer(self, site: str, layer: int) -> torch.Tensor:
+        return self[f"blocks.{layer}.{site}"]
+
+    def stack(self, site: str) -> torch.Tensor:
+        """``(L, ...)``: one site of every recorded block, in layer order."""
+        keys = sorted((k for k in self if re.fullmatch(rf"blocks\.\d+\.{re.escape(site)}", k)),
+                      key=lambda k: int(k.split(".")[1]))
+        if not keys:
+            raise KeyError(f"no recorded blocks.*.{site}")
+        return torch.stack([self[k] for k in keys])
+
+
+def _select(all_names: list[str], names, layers) -> list[str]:
+    if isinstance(names, str):
+        names = [names]
+    chosen = list(all_names)
+    if names is not None:
+        names = list(names)
+        chosen = [n for n in all_names if any(fnmatch.fnmatchcase(n, p) for p in names)]
+        missing = [p for p in names if not any(fnmatch.fnmatchcase(n, p) for n in all_names)]
+        if missing:
+            raise ValueError(f"no hook site matches {missing}; sites are e.g. {all_names[:8]}")
+    if layers is not None:
+        keep = {int(i) for i in layers}
+        chosen = [n for n in chosen if not n.startswith("blocks.") or int(n.split(".")[1]) in keep]
+    return chosen
+
+
+@contextlib.contextmanager
+def record(model: nn.Module, names: Iterable[str] | str | None = None,
+           layers: Iterable[int] | None = None) -> Iterator[ActivationCache]:
+    """Cache hook-site activations while the block runs; the hooks are removed on exit, also on error.
+
+    ``names``: site names or shell patterns (``"blocks.*.resid_post"``); default all sites.
+    ``layers``: keep only these blocks' sites (model-level sites such as ``embed_out`` stay).
+    Cached tensors are detached views of the activations, not copies; a second forward inside
+    the block overwrites them. Works on workbench models and Hugging Face GPT-2 models::
+
+        with wb.residual.record(model, names=["blocks.*.resid_post"]) as cache:
+            model(x)
+        cache["blocks.0.resid_post"]
+    """
+    ad = adapter(model)
+    cache = ActivationCache()
+    handles = []
+    try:
+        for name in _select(ad.site_names(), names, layers):
+            handles.append(ad.add_hook(name, _storer(cache, name)))
+        yield cache
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _storer(cache: dict, name: str):
+    def store(t: torch.Tensor) -> None:
+        cache[name] = t.detach()
+    return store
+
+
+# ============================================================================ helpers
+
+
+@contextlib.contextmanager
+def _inference(model: nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was)
+
+
+def _as_batch(ad: Adapter, x) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if ad.family == "transformer":
+        if x.dim() == 1:
+            x = x[None]
+        if x.dim() != 2:
+            raise ValueError(f"expected token ids (B, T) or (T,), got shape {tuple(x.shape)}")
+        x = x.long()
+    else:
+        if x.dim() == 1:
+            x = x[None]
+        x = x.float()
+    return x.to(ad.device)
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """Activations as ``(B, T, C)``: vector models get ``T = 1``."""
+    return t[:, None] if t.dim() == 2 else t
+
+
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    return t.float().norm(dim=-1)
+
+
+def _rel(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return _norm(num) / _norm(den).clamp_min(EPS)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.float(), b.float()
+    return (a * b).sum(-1) / (_norm(a).clamp_min(EPS) * _norm(b).clamp_min(EPS))
+
+
+def _chunks(n: int, batch_size: int | None):
+    step = n if not batch_size else batch_size
+    for i in range(0, n, max(step, 1)):
+        yield slice(i, min(i + step, n))
+
+
+def next_token_targets(x: torch.Tensor) -> torch.Tensor:
+    """Targets for language modelling on ``x`` itself: ``y[:, t] = x[:, t+1]``, last position ignored."""
+    y = torch.full_like(x, IGNORE)
+    y[:, :-1] = x[:, 1:]
+    return y
+
+
+def _targets(ad: Adapter, x: torch.Tensor, y) -> torch.Tensor | None:
+    if y is None:
+        return next_token_targets(x) if ad.family == "transformer" else None
+    y = torch.as_tensor(y).to(ad.device).long()
+    if y.dim() == x.dim() - 1 and ad.family == "transformer":
+        y = y[None]
+    return y.reshape(x.shape[0], -1)
+
+
+def _table(per_token: dict, index_names: list[str], stats: list[str], mask: torch.Tensor | None,
+           per_position: bool) -> pd.DataFrame:
+    """Average ``{(*index, stat): (N, T) tensor}`` over tokens (or over examples per position).
+
+    NaN entries (e.g. unscored positions of a loss) and tokens outside ``mask`` are left out.
+    """
+    keys = list(dict.fromkeys(k[:-1] for k in per_token))
+    cols = index_names + (["position"] if per_position else []) + stats
+    rows = []
+    for key in keys:
+        means = []
+        for stat in stats:
+            v = per_token[key + (stat,)].double()
+            ok = ~torch.isnan(v)
+            if mask is not None:
+                ok &= mask
+            v0 = torch.where(ok, v, torch.zeros_like(v))
+            dims = 0 if per_position else (0, 1)
+            means.append((v0.sum(dims) / ok.sum(dims)).tolist())  # 0/0 -> NaN
+        if per_position:
+            rows.extend((*key, pos, *vals) for pos, vals in enumerate(zip(*means)))
+        else:
+            rows.append((*key, *means))
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _mask(mask, shape, device) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    m = torch.as_tensor(mask, device=device).bool()
+    if m.dim() == 1 and len(shape) == 2 and shape[0] == 1:
+        m = m[None]
+    return m.reshape(shape)
+
+
+# ============================================================================ contributions
+
+
+def _contribution_tokens(ad: Adapter, cache: ActivationCache) -> dict:
+    """``{(layer, sublayer, stat): (B, T) tensor}`` from one recorded forward."""
+    out = {}
+    for l in range(ad.n_layers):
+        x, y = _tokens(cache[f"blocks.{l}.resid_pre"]), _tokens(cache[f"blocks.{l}.resid_post"])
+        if ad.family == "transformer":
+            a, m = _tokens(cache[f"blocks.{l}.attn_out"]), _tokens(cache[f"blocks.{l}.mlp_out"])
+            mid = _tokens(cache[f"blocks.{l}.resid_mid"])
+            out[(l, "attn", "rel_norm")], out[(l, "attn", "cosine")] = _rel(a, x), _cos(a, x)
+            out[(l, "mlp", "rel_norm")], out[(l, "mlp", "cosine")] = _rel(m, mid), _cos(m, mid)
+        d = y - x
+        out[(l, "layer", "rel_norm")], out[(l, "layer", "cosine")] = _rel(d, x), _cos(d, x)
+    return out
+
+
+def contributions(model: nn.Module, x, per_position: bool = False, mask=None,
+                  batch_size: int | None = 256) -> pd.DataFrame:
+    """Relative contribution and cosine of every layer's attention, MLP and whole layer.
+
+    Returns a tidy DataFrame with columns ``layer, sublayer, rel_norm, cosine`` (plus
+    ``position`` when ``per_position``), ``sublayer`` in ``"attn", "mlp", "layer"``
+    (residual MLPs have only ``"layer"``: their block is one sublayer). Values are per-token
+    ratios (definitions in the module docstring) averaged over all tokens, or over the batch
+    at each position when ``per_position``. ``mask`` (``(B, T)`` bool) restricts the average
+    to some tokens (e.g. the scored positions of k-hop). ``batch_size`` bounds memory.
+    """
+    ad = adapter(model)
+    with _inference(ad.model):
+        x = _as_batch(ad, x)
+        m = _mask(mask, (x.shape[0], x.shape[1] if x.dim() > 1 and ad.family == "transformer" else 1), ad.device)
+        parts: dict = {}
+        names = [f"blocks.*.{s}" for s in ("resid_pre", "resid_post")]
+        if ad.family == "transformer":
+            names += ["blocks.*.attn_out", "blocks.*.mlp_out", "blocks.*.resid_mid"]
+        for sl in _chunks(len(x), batch_size):
+            if ad.n_layers == 0:
+                break
+            with record(ad, names=names) as cache:
+                ad.forward(x[sl])
+            for k, v in _contribution_tokens(ad, cache).items():
+                parts.setdefault(k, []).append(v)
+    per_token = {k: torch.cat(v) for k, v in parts.items()}
+    return _table(per_token, ["layer", "sublayer"], ["rel_norm", "cosine"], m, per_position)
+
+
+# ============================================================================ decomposition
+
+
+@dataclass
+class Decomposition:
+    """The final residual (input of the final norm) as a sum of labelled components.
+
+    ``components[k]`` has the shape of ``final`` (``(B, T, C)``; ``(B, 1, C)`` for vector
+    models); ``labels[k]`` names it, ``layers[k]`` is its block (-1 for embeddings),
+    ``kinds[k]`` one of ``embed, pos_embed, attn, head, attn_bias, mlp, block`` and
+    ``heads[k]`` the head index for ``kind == "head"``.
+    """
+
+    labels: list[str]
+    layers: list[int]
+    kinds: list[str]
+    heads: list[int | None]
+    components: torch.Tensor          # (K, B, T, C)
+    final: torch.Tensor               # (B, T, C)
+
+    def total(self) -> torch.Tensor:
+        """Sum of the components (equals ``final`` to float tolerance)."""
+        return self.components.sum(0)
+
+    def norms(self) -> pd.DataFrame:
+        """Mean norm of each component over tokens: ``component, layer, kind, head, norm``."""
+        n = _norm(self.components).mean(dim=(1, 2)).cpu().numpy()
+        return pd.DataFrame({"component": self.labels, "layer": self.layers, "kind": self.kinds,
+                             "head": self.heads, "norm": n})
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def decompose(model: nn.Module, x, per_head: bool = False) -> Decomposition:
+    """Split the final residual into embedding, positions and every attention and MLP output.
+
+    ``per_head=True`` splits each attention output further into one term per head plus the
+    output projection's bias (pre-LN Transformers only). For residual MLPs the components
+    are the stem output and each block's output.
+    """
+    ad = adapter(model)
+    with _inference(ad.model):
+        x = _as_batch(ad, x)
+        with record(ad) as cache:
+            ad.forward(x)
+        labels, layers, kinds, heads, comps = [], [], [], [], []
+
+        def add(label, layer, kind, head, t):
+            labels.append(label), layers.append(layer), kinds.append(kind), heads.append(head)
+            comps.append(t)
+
+        add("embed", -1, "embed", None, _tokens(cache["embed_out"]))
+        shape = comps[0].shape
+        if "pos_embed_out" in cache:
+            add("pos_embed", -1, "pos_embed", None, cache["pos_embed_out"].expand(shape))
+        for l in range(ad.n_layers):
+            if ad.family == "transformer":
+                if per_head:
+                    w, b = ad.head_projection(l)
+                    z = cache[f"blocks.{l}.attn.z"]  # (B, T, H, D)
+                    per = torch.einsum("bthd,hdc->hbtc", z, w)
+                    for h in range(per.shape[0]):
+                        add(f"L{l}.H{h}", l, "head", h, per[h])
+                    add(f"L{l}.attn_bias", l, "attn_bias", None,
+                        (torch.zeros_like(per[0]) if b is None else b.expand(shape)))
+                else:
+                    add(f"L{l}.attn", l, "attn", None, cache[f"blocks.{l}.attn_out"])
+                add(f"L{l}.mlp", l, "mlp", None, cache[f"blocks.{l}.mlp_out"])
+            else:
+                add(f"L{l}.block", l, "block", None, _tokens(cache[f"blocks.{l}.block_out"]))
+        final = (_tokens(cache[f"blocks.{ad.n_layers - 1}.resid_post"]) if ad.n_layers
+                 else torch.stack(comps).sum(0))
+        return Decomposition(labels, layers, kinds, heads, torch.stack([c.expand(shape) for c in comps]), final)
+
+
+def _frozen_norm(ad: Adapter, final: torch.Tensor):
+    """``(f, b)`` with ``final_norm(r) = f(r) + b`` linear in ``r`` at the cached scale of ``final``."""
+    norm = ad.final_norm()
+    if isinstance(norm, nn.LayerNorm):
+        sigma = (final.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()  # (B, T, 1), frozen
+        g = norm.weight if norm.weight is not None else 1.0
+
+        def f(r):
+            return (r - r.mean(-1, keepdim=True)) / sigma * g
+        b = norm.bias if norm.bias is not None else torch.zeros(final.shape[-1], device=final.device)
+        return f, b
+    if isinstance(norm, nn.Identity):
+        return (lambda r: r), torch.zeros(final.shape[-1], device=final.device)
+    raise TypeError(f"direct logit attribution needs a LayerNorm or no final norm, got {type(norm).__name__}")
+
+
+def logit_attribution(model: nn.Module, x, target=None, per_head: bool = False,
+                      decomposition: Decomposition | None = None) -> pd.DataFrame:
+    """Direct logit attribution of every component to a target token, through the final norm.
+
+    The final LayerNorm is linearised at its cached scale (TransformerLens' ``logit_attrs``):
+    component ``c`` contributes ``((c - mean(c)) / sigma * g) . W_U[target]``, where ``sigma``
+    is the final residual's own scale. Two constant rows close the sum: ``final_norm_bias``
+    (``b . W_U[target]``) and ``readout_bias``; all rows of one token add up to its logit.
+
+    ``target``: ``None`` = the model's top-1 prediction at each position; an int = that token
+    (class) everywhere; a ``(B, T)`` tensor = per position. Returns a tidy DataFrame:
+    ``batch, position, component, layer, kind, head, target, attribution``.
+    """
+    ad = adapter(model)
+    dec = decomposition if decomposition is not None else decompose(ad, x, per_head=per_head)
+    with _inference(ad.model):
+        final = dec.final
+        logits = ad.unembed(final)                                    # (B, T, V)
+        B, T = final.shape[:2]
+        if target is None:
+            tgt = logits.argmax(-1)
+        else:
+            tgt = torch.as_tensor(target, device=final.device).long()
+            tgt = tgt.expand(B, T) if tgt.dim() == 0 else tgt.reshape(B, T)
+        w, bias = ad.readout()
+        f, b = _frozen_norm(ad, final)
+        directions = w[tgt]                                           # (B, T, C)
+        attr = (f(dec.components) * directions).sum(-1)               # (K, B, T)
+        extra = [("final_norm_bias", (b * directions).sum(-1)),
+                 ("readout_bias", bias[tgt] if bias is not None else torch.zeros_like(attr[0]))]
+    labels = dec.labels + [e[0] for e in extra]
+    layers = dec.layers + [ad.n_layers, ad.n_layers]
+    kinds = dec.kinds + ["bias", "bias"]
+    heads = dec.heads + [None, None]
+    values = torch.cat([attr, torch.stack([e[1] for e in extra])]).cpu().numpy()  # (K', B, T)
+    K = len(labels)
+    bi, ti = np.meshgrid(np.arange(B), np.arange(T), indexing="ij")
+    return pd.DataFrame({
+        "batch": np.tile(bi.ravel(), K), "position": np.tile(ti.ravel(), K),
+        "component": np.repeat(labels, B * T), "layer": np.repeat(layers, B * T),
+        "kind": np.repeat(kinds, B * T), "head": np.repeat(np.array(heads, dtype=object), B * T),
+        "target": np.tile(tgt.cpu().numpy().ravel(), K), "attribution": values.reshape(-1),
+    })
+
+
+# ============================================================================ logit lens
+
+
+def logit_lens(model: nn.Module, x, y=None, per_position: bool = False, batch_size: int | None = 256) -> pd.DataFrame:
+    """The logit lens: final norm and unembedding applied to the residual entering each layer.
+
+    Rows ``layer = 0 .. L``: layer ``l < L`` reads the residual entering block ``l`` (layer 0:
+    the embeddings), layer ``L`` the final residual, where the lens is the model's output.
+    Columns: ``kl_to_final`` = KL(p_final || p_lens) in nats, ``top1_agree`` = share of tokens
+    whose lens top-1 equals the model's, ``loss`` = cross-entropy of the lens prediction on
+    ``y`` (default for sequences: the next token of ``x``; ``IGNORE`` positions are left
+    out, NaN when nothing is scored). Averaged over tokens, or per position on request.
+    """
+    ad = adapter(model)
+    parts: dict = {}
+    with _inference(ad.model):
+        x = _as_batch(ad, x)
+        yy = _targets(ad, x, y)
+        L = ad.n_layers
+        for sl in _chunks(len(x), batch_size):
+            with record(ad, names=["blocks.*.resid_pre"] if L else []) as cache:
+                final_logits = ad.forward(x[sl])
+                final_logits = getattr(final_logits, "logits", final_logits)
+            final_logits = final_logits if final_logits.dim() == 3 else final_logits[:, None]
+            logp_final = final_logits.float().log_softmax(-1)
+            top_final = final_logits.argmax(-1)
+            tgt = None if yy is None else yy[sl].reshape(final_logits.shape[:2])
+            for l in range(L + 1):
+                if l < L:
+                    resid = _tokens(cache[f"blocks.{l}.resid_pre"])
+                    lens = ad.unembed(resid)
+                else:
+                    lens = final_logits
+                logp = lens.float().log_softmax(-1)
+                kl = (logp_final.exp() * (logp_final - logp)).sum(-1)
+                agree = (lens.argmax(-1) == top_final).float()
+                if tgt is None:
+                    loss = torch.full_like(kl, float("nan"))
+                else:
+                    loss = F.cross_entropy(logp.reshape(-1, logp.shape[-1]), tgt.reshape(-1),
+                                           ignore_index=IGNORE, reduction="none").reshape(kl.shape)
+                    loss = torch.where(tgt == IGNORE, torch.full_like(loss, float("nan")), loss)
+                for stat, v in (("kl_to_final", kl), ("top1_agree", agree), ("loss", loss)):
+                    parts.setdefault((l, stat), []).append(v)
+    per_token = {k: torch.cat(v) for k, v in parts.items()}
+    return _table(per_token, ["layer"], ["kl_to_final", "top1_agree", "loss"], None, per_position)
+
+
+# ============================================================================ layer skipping
+
+
+@dataclass
+class SkipEffects:
+    """Result of :func:`skip_effects`.
+
+    ``heatmap``: ``skipped, affected, effect`` for every ``affected > skipped``, effect =
+    mean over tokens of ``||d_l - d~_l|| / ||d_l||`` where ``d_l`` is layer ``l``'s whole-layer
+    contribution ``y_l - x_l`` and ``d~_l`` the same with layer ``skipped`` replaced by the
+    identity. ``output``: ``skipped, kl, top1_changed, loss, loss_change`` per skipped layer:
+    KL(p || p_skipped) of the output distribution, share of tokens whose top-1 changes, and
+    the loss with the layer skipped and its change (NaN without targets).
+    """
+
+    heatmap: pd.DataFrame
+    output: pd.DataFrame
+    n_layers: int = 0
+
+    def matrix(self) -> np.ndarray:
+        """``(L, L)`` array ``[skipped, affected]`` (NaN where ``affected <= skipped``)."""
+        m = np.full((self.n_layers, self.n_layers), np.nan)
+        for r in self.heatmap.itertuples():
+            m[int(r.skipped), int(r.affected)] = r.effect
+        return m
+
+
+def skip_effects(model: nn.Module, x, y=None, mask=None, batch_size: int | None = 256) -> SkipEffects:
+    """Skip each layer in turn (identity) and measure how later layers and the output change.
+
+    Definitions as in Csordas et al. (2025); see :class:`SkipEffects`. ``y``: targets for the
+    loss (default for sequences: the next token of ``x``). ``mask`` restricts the token average.
+    """
+    ad = adapter(model)
+    L = ad.n_layers
+    effects: dict = {}
+    outs: dict = {}
+    with _inference(ad.model):
+        x = _as_batch(ad, x)
+        yy = _targets(ad, x, y)
+        m = _mask(mask, (x.shape[0], x.shape[1] if ad.family == "transformer" else 1), ad.device)
+        names = ["blocks.*.resid_pre", "blocks.*.resid_post"]
+        for sl in _chunks(len(x), batch_size):
+            if L == 0:
+                break
+            with record(ad, names=names) as cache:
+                base = _logits(ad, x[sl])
+            d = [_tokens(cache[f"blocks.{l}.resid_post"]) - _tokens(cache[f"blocks.{l}.resid_pre"]) for l in range(L)]
+            tgt = None if yy is None else yy[sl].reshape(base.shape[:2])
+            base_logp = base.float().log_softmax(-1)
+            base_loss = _token_loss(base_logp, tgt)
+            for s in range(L):
+                with ad.skip(s), record(ad, names=names, layers=range(s + 1, L)) as cache:
+                    skipped = _logits(ad, x[sl])
+                for l in range(s + 1, L):
+                    dt = _tokens(cache[f"blocks.{l}.resid_post"]) - _tokens(cache[f"blocks.{l}.resid_pre"])
+                    effects.setdefault((s, l), []).append(_rel(d[l] - dt, d[l]))
+                logp = skipped.float().log_softmax(-1)
+                outs.setdefault((s, "kl"), []).append((base_logp.exp() * (base_logp - logp)).sum(-1))
+                outs.setdefault((s, "top1_changed"), []).append((logp.argmax(-1) != base_logp.argmax(-1)).float())
+                outs.setdefault((s, "loss"), []).append(_token_loss(logp, tgt))
+                outs.setdefault((s, "base_loss"), []).append(base_loss)
+    heat = [{"skipped": s, "affected": l, "effect": _masked_mean(torch.cat(v), m)} for (s, l), v in effects.items()]
+    rows = {}
+    for (s, stat), v in outs.items():
+        rows.setdefault(s, {"skipped": s})[stat] = _masked_mean(torch.cat(v), m)
+    out = pd.DataFrame(list(rows.values()), columns=["skipped", "kl", "top1_changed", "loss", "base_loss"])
+    out["loss_change"] = out["loss"] - out["base_loss"]
+    out = out.drop(columns="base_loss")
+    return SkipEffects(pd.DataFrame(heat, columns=["skipped", "affected", "effect"]), out, L)
+
+
+def _logits(ad: Adapter, x: torch.Tensor) -> torch.Tensor:
+    out = ad.forward(x)
+    out = getattr(out, "logits", out)
+    return out if out.dim() == 3 else out[:, None]
+
+
+def _token_loss(logp: torch.Tensor, tgt: torch.Tensor | None) -> torch.Tensor:
+    if tgt is None:
+        return torch.full(logp.shape[:2], float("nan"), device=logp.device)
+    loss = F.nll_loss(logp.reshape(-1, logp.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE,
+                      reduction="none").reshape(tgt.shape)
+    return torch.where(tgt == IGNORE, torch.full_like(loss, float("nan")), loss)
+
+
+def _masked_mean(v: torch.Tensor, mask: torch.Tensor | None) -> float:
+    v = v.double()
+    ok = ~torch.isnan(v)
+    if mask is not None:
+        ok &= mask
+    return float(torch.where(ok, v, torch.zeros_like(v)).sum() / ok.sum()) if ok.any() else float("nan")
