@@ -1,0 +1,548 @@
+"""Linear mode connectivity: interpolation curves, barriers, alignment, REPAIR, layer-wise LMC, instability.
+
+``theta(alpha) = (1 - alpha) theta_A + alpha theta_B``. Curves are evaluated for all alphas
+at once: the parameters are stacked along a leading axis and the model is run with
+``torch.func.functional_call`` under ``torch.vmap`` (one model object, no rebuilding).
+Our models normalise with LayerNorm only (per-example statistics, no running buffers),
+so an interpolated model needs no statistics reset; BatchNorm models are refused.
+
+Barriers (``barrier``) follow both public definitions (Git Re-Basin's endpoint mean and
+Entezari/Frankle's linear one), on loss and on error. Alignment (``align``) permutes B
+onto A with :mod:`workbench.permute`. ``repair`` is REPAIR (Jordan et al. 2022) adapted
+to LayerNorm models; ``layerwise`` interpolates one group of parameters at a time
+(Adilova et al. 2023); ``instability`` is Frankle et al.'s (2020) spawning experiment;
+``plane`` evaluates the loss over the plane through three models.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from . import permute as _perm
+from .data import IGNORE, Dataset
+from .permute import check_same_architecture
+
+__all__ = ["curve", "barrier", "barrier_value", "interpolate", "align", "repair", "compare", "layerwise",
+           "layer_groups", "instability", "plane", "Plane", "train_pair", "evaluate_params", "Cancelled"]
+
+Progress = Callable[[int, int, str], None]
+
+
+class Cancelled(RuntimeError):
+    """Raised when a ``stop`` event is set during a long computation."""
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Cancelled("cancelled")
+
+
+def _refuse_batchnorm(model: nn.Module) -> None:
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise NotImplementedError("BatchNorm models need their statistics reset after interpolation; "
+                                  "the workbench's models use LayerNorm only")
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Distinct parameters by name (tied weights once, as ``named_parameters`` lists them)."""
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def _pair(model_a: nn.Module, model_b: nn.Module) -> tuple[dict, dict]:
+    check_same_architecture(model_a, model_b)
+    _refuse_batchnorm(model_a)
+    pa, pb = _params(model_a), _params(model_b)
+    device = next(iter(pa.values())).device
+    return pa, {k: v.to(device) for k, v in pb.items()}
+
+
+def _lerp_stack(pa: dict, pb: dict, alphas: torch.Tensor, names=None) -> dict[str, torch.Tensor]:
+    """``{name: (n_alphas, *shape)}``; only ``names`` are interpolated (the rest stay A's, broadcast)."""
+    out = {}
+    for k, a in pa.items():
+        if names is None or k in names:
+            w = alphas.to(a.device, a.dtype).view(-1, *([1] * a.dim()))
+            out[k] = torch.lerp(a.unsqueeze(0), pb[k].unsqueeze(0), w)
+        else:
+            out[k] = a.unsqueeze(0).expand(len(alphas), *a.shape)
+    return out
+
+
+def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
+    """A new model with parameters ``(1 - alpha) A + alpha B``."""
+    pa, pb = _pair(model_a, model_b)
+    out = copy.deepcopy(model_a)
+    with torch.no_grad():
+        for k, p in out.named_parameters():
+            p.copy_(torch.lerp(pa[k], pb[k], float(alpha)))
+    return out.eval()
+
+
+# ----------------------------------------------------------------------------- batched evaluation
+
+
+def _split_data(dataset: Dataset, split: str, max_examples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = dataset.split(split)
+    if max_examples:
+        x, y = x[:max_examples], y[:max_examples]
+    return x, y
+
+
+@torch.no_grad()
+def evaluate_params(model: nn.Module, params: dict[str, torch.Tensor], dataset: Dataset, split: str = "val",
+                    max_examples: int = 2048, max_rows: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """Loss and accuracy of ``n`` parameter sets ``{name: (n, *shape)}`` run through ``model``'s code.
+
+    One ``functional_call`` under ``torch.vmap`` per data batch: the ``n`` models share one
+    module and run as batched matrix products. Returns ``(loss (n,), acc (n,))`` over the
+    first ``max_examples`` examples of ``split`` (0: all), scored positions only.
+    """
+    x, y = _split_data(dataset, split, max_examples)
+    n = next(iter(params.values())).shape[0]
+    device = next(iter(params.values())).device
+    was_training = model.training
+    model.eval()
+    per_example = int(np.prod(x.shape[1:])) if x.dim() > 1 and dataset.kind == "sequence" else 1
+    batch = max(1, max_rows // (n * per_example))
+    run = torch.vmap(lambda p, xb: functional_call(model, p, (xb,)), in_dims=(0, None))
+    loss, correct, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0
+    try:
+        with warnings.catch_warnings():
+            # CPU attention has no vmap batching rule yet: torch loops over the models (still one call).
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            for i in range(0, len(x), batch):
+                xb, yb = x[i:i + batch].to(device), y[i:i + batch].to(device)
+                logits = run(params, xb)                                  # (n, B, [T,] K)
+                flat = logits.reshape(n, -1, logits.shape[-1])            # (n, rows, K)
+                target = yb.reshape(1, -1).expand(n, -1)                  # (n, rows)
+                ce = F.cross_entropy(flat.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+                mask = target != IGNORE
+                loss += ce.sum(1).double().cpu()
+                correct += ((flat.argmax(-1) == target) & mask).sum(1).double().cpu()
+                count += int(mask[0].sum())
+    finally:
+        model.train(was_training)
+    return (loss / max(count, 1)).numpy(), (correct / max(count, 1)).numpy()
+
+
+def _chunked_eval(model, stacked_fn, n: int, dataset, split, max_examples, budget: int = 50_000_000):
+    """Evaluate ``n`` parameter sets produced by ``stacked_fn(slice)`` in chunks of bounded memory."""
+    n_params = sum(p.numel() for p in _params(model).values())
+    chunk = max(1, min(n, budget // max(n_params, 1)))
+    losses, accs = [], []
+    for s in range(0, n, chunk):
+        l, a = evaluate_params(model, stacked_fn(slice(s, min(n, s + chunk))), dataset, split, max_examples)
+        losses.append(l), accs.append(a)
+    return np.concatenate(losses), np.concatenate(accs)
+
+
+def curve(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, n_alphas: int = 25,
+          splits: Sequence[str] = ("train", "val"), max_examples: int = 2048,
+          alphas: Sequence[float] | None = None) -> pd.DataFrame:
+    """Loss and accuracy along the straight line from A (alpha 0) to B (alpha 1).
+
+    Returns a tidy DataFrame with columns ``alpha, split, loss, acc, error``; ``max_examples``
+    per split (0: all). ``alphas`` overrides the evenly spaced grid.
+    """
+    pa, pb = _pair(model_a, model_b)
+    grid = torch.linspace(0, 1, n_alphas) if alphas is None else torch.as_tensor(alphas, dtype=torch.float32)
+    rows = []
+    for split in splits:
+        loss, acc = _chunked_eval(model_a, lambda s: _lerp_stack(pa, pb, grid[s]), len(grid), dataset, split,
+                                  max_examples)
+        rows += [{"alpha": float(a), "split": split, "loss": float(l), "acc": float(c), "error": 1 - float(c)}
+                 for a, l, c in zip(grid, loss, acc)]
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- barriers
+
+
+def _barrier_1d(alpha: np.ndarray, value: np.ndarray, definition: str) -> tuple[float, float]:
+    order = np.argsort(alpha)
+    alpha, value = alpha[order], value[order]
+    if not (np.isclose(alpha[0], 0) and np.isclose(alpha[-1], 1)):
+        raise ValueError("a barrier needs the curve's endpoints (alpha 0 and 1)")
+    v0, v1 = value[0], value[-1]
+    if definition == "endpoint_mean":
+        excess = value - (v0 + v1) / 2
+    elif definition == "linear":
+        excess = value - ((1 - alpha) * v0 + alpha * v1)
+    else:
+        raise ValueError(f"definition must be 'endpoint_mean' or 'linear', got {definition!r}")
+    i = int(np.argmax(excess))
+    return float(excess[i]), float(alpha[i])
+
+
+def barrier(curve_df: pd.DataFrame) -> pd.DataFrame:
+    """Barriers of a curve, one row per (split, metric, definition), with the alpha where each peaks.
+
+    - ``endpoint_mean`` (Git Re-Basin's code): ``max_a L(a) - (L(0) + L(1)) / 2``.
+    - ``linear`` (Entezari et al. 2022, Frankle et al. 2020): ``max_a L(a) - ((1-a) L(0) + a L(1))``.
+
+    Metrics are ``loss`` and ``error`` (1 - accuracy). Any extra grouping columns of the
+    curve (e.g. ``method``) are kept. Columns: ``[groups...], split, metric, definition,
+    barrier, alpha``. The two definitions agree when ``L(0) = L(1)`` and differ by at most
+    ``|L(1) - L(0)| / 2`` otherwise.
+    """
+    if "error" not in curve_df:
+        curve_df = curve_df.assign(error=1 - curve_df["acc"])
+    groups = [c for c in curve_df.columns if c not in ("alpha", "loss", "acc", "error")]
+    rows = []
+    for key, g in curve_df.groupby(groups, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        for metric in ("loss", "error"):
+            for definition in ("endpoint_mean", "linear"):
+                b, a = _barrier_1d(g["alpha"].to_numpy(float), g[metric].to_numpy(float), definition)
+                rows.append({**dict(zip(groups, key)), "metric": metric, "definition": definition,
+                             "barrier": b, "alpha": a})
+    return pd.DataFrame(rows)
+
+
+def barrier_value(barriers: pd.DataFrame, split: str = "val", metric: str = "loss", definition: str = "linear",
+                  **where) -> float:
+    """One number out of :func:`barrier`'s table (``where`` filters extra columns such as ``method``)."""
+    sel = (barriers["split"] == split) & (barriers["metric"] == metric) & (barriers["definition"] == definition)
+    for k, v in where.items():
+        sel &= barriers[k] == v
+    if sel.sum() != 1:
+        raise ValueError(f"expected one barrier row for {split}/{metric}/{definition} {where}, found {int(sel.sum())}")
+    return float(barriers.loc[sel, "barrier"].iloc[0])
+
+
+# ----------------------------------------------------------------------------- alignment
+
+
+def align(model_a: nn.Module, model_b: nn.Module, method: str = "weights", data=None, seed: int = 0,
+          max_iter: int = 100, max_examples: int = 2048) -> nn.Module:
+    """A copy of B with its units permuted to match A; it computes exactly B's function.
+
+    ``method="weights"``: Git Re-Basin weight matching (:func:`workbench.permute.match_weights`,
+    random sweep order from ``seed``). ``method="activations"``: correlation of activations
+    on ``data`` (a Dataset, whose training inputs are used, or an input tensor).
+    """
+    if method == "weights":
+        perm, _ = _perm.match_weights(model_a, model_b, seed=seed, max_iter=max_iter)
+    elif method == "activations":
+        if data is None:
+            raise ValueError("activation matching needs data (a Dataset or an input tensor)")
+        perm, _ = _perm.match_activations(model_a, model_b, data, max_examples=max_examples)
+    else:
+        raise ValueError(f"method must be 'weights' or 'activations', got {method!r}")
+    return _perm.permute(model_b, perm).eval()
+
+
+# ----------------------------------------------------------------------------- REPAIR
+
+
+def _repair_sites(model: nn.Module) -> list[nn.Linear]:
+    """The layers REPAIR renormalises: each block's first MLP layer (``fc``, pre-activation units)."""
+    return [blk.fc if hasattr(blk, "fc") else blk.mlp.fc for blk in model.blocks]
+
+
+@torch.no_grad()
+def _unit_stats(model: nn.Module, layer: nn.Linear, x: torch.Tensor, batch_size: int = 1024):
+    """Mean and std of ``layer``'s output units over examples (and positions), float64."""
+    s = ss = 0.0
+    n = 0
+
+    def hook(module, args, out):
+        nonlocal s, ss, n
+        o = out.reshape(-1, out.shape[-1]).double()
+        s, ss, n = s + o.sum(0), ss + (o * o).sum(0), n + o.shape[0]
+
+    h = layer.register_forward_hook(hook)
+    try:
+        device = next(model.parameters()).device
+        for i in range(0, len(x), batch_size):
+            model(x[i:i + batch_size].to(device))
+    finally:
+        h.remove()
+    mean = s / n
+    return mean, (ss / n - mean**2).clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def repair(model_a: nn.Module, model_b: nn.Module, alpha: float, data, max_examples: int = 2048,
+           eps: float = 1e-5) -> nn.Module:
+    """REPAIR (Jordan et al. 2022): the interpolated model with its hidden units renormalised.
+
+    For every block's ``fc`` layer (the hidden units before the activation) the goal
+    statistics per unit are ``mu = (1-alpha) mu_A + alpha mu_B`` and
+    ``sd = (1-alpha) sd_A + alpha sd_B``, measured on ``data``. Block by block, the
+    interpolated model's own statistics are measured (with earlier blocks already
+    repaired) and the layer's rows and bias are rescaled so its units have the goal
+    statistics; the correction is folded into the weights, so the result is a plain model.
+
+    REPAIR was defined for networks without norms or with BatchNorm. Our models use
+    LayerNorm, which re-standardises each example's residual vector, so the block inputs
+    keep their scale; the variance collapse of interpolation shows up in the hidden units,
+    and those are what is renormalised. The residual stream, attention and the output
+    projections are left as interpolated. ``data``: a Dataset (training inputs) or a tensor.
+    """
+    check_same_architecture(model_a, model_b)
+    x = _perm._inputs(data, max_examples)
+    model = interpolate(model_a, model_b, alpha)
+    was = model_a.training, model_b.training
+    model_a.eval(), model_b.eval()
+    try:
+        goals = []
+        for la, lb in zip(_repair_sites(model_a), _repair_sites(model_b)):
+            ma, sa = _unit_stats(model_a, la, x)
+            mb, sb = _unit_stats(model_b, lb, x)
+            goals.append(((1 - alpha) * ma + alpha * mb, (1 - alpha) * sa + alpha * sb))
+    finally:
+        model_a.train(was[0]), model_b.train(was[1])
+    for layer, (goal_mean, goal_std) in zip(_repair_sites(model), goals):
+        mean, std = _unit_stats(model, layer, x)
+        scale = goal_std / (std + eps)
+        layer.weight.mul_(scale[:, None].to(layer.weight.dtype))
+        layer.bias.copy_(((layer.bias.double() - mean) * scale + goal_mean).to(layer.bias.dtype))
+    return model
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def compare(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, n_alphas: int = 25,
+            methods: Sequence[str] = ("none", "weights", "activations", "repair"),
+            splits: Sequence[str] = ("train", "val"), max_examples: int = 2048, seed: int = 0,
+            progress: Progress | None = None, stop: threading.Event | None = None) -> pd.DataFrame:
+    """Curves before alignment, after weight matching, after activation matching and after REPAIR.
+
+    REPAIR is applied on top of activation matching (as in Jordan et al.), one repaired
+    model per alpha. Returns the curves of :func:`curve` with a ``method`` column.
+    """
+    check_same_architecture(model_a, model_b)
+    unknown = set(methods) - {"none", "weights", "activations", "repair"}
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from none, weights, activations, repair")
+    frames, matched = [], {}
+    steps = len(methods)
+    for i, method in enumerate(methods):
+        _check(stop)
+        if progress:
+            progress(i, steps, f"curve: {method}")
+        if method == "none":
+            df = curve(model_a, model_b, dataset, n_alphas, splits, max_examples)
+        elif method == "weights":
+            df = curve(model_a, align(model_a, model_b, "weights", seed=seed), dataset, n_alphas, splits, max_examples)
+        else:
+            if "activations" not in matched:
+                matched["activations"] = align(model_a, model_b, "activations", data=dataset, max_examples=max_examples)
+            b = matched["activations"]
+            if method == "activations":
+                df = curve(model_a, b, dataset, n_alphas, splits, max_examples)
+            else:
+                df = _repair_curve(model_a, b, dataset, n_alphas, splits, max_examples, stop)
+        frames.append(df.assign(method=method))
+    if progress:
+        progress(steps, steps, "done")
+    return pd.concat(frames, ignore_index=True)[["method", "alpha", "split", "loss", "acc", "error"]]
+
+
+def _repair_curve(model_a, model_b, dataset, n_alphas, splits, max_examples, stop=None) -> pd.DataFrame:
+    grid = np.linspace(0, 1, n_alphas)
+    repaired = []
+    for a in grid:
+        _check(stop)
+        m = model_a if a == 0 else model_b if a == 1 else repair(model_a, model_b, float(a), dataset, max_examples)
+        repaired.append(_params(m))
+    stacked = {k: torch.stack([p[k].to(repaired[0][k].device) for p in repaired]) for k in repaired[0]}
+    rows = []
+    for split in splits:
+        loss, acc = evaluate_params(model_a, stacked, dataset, split, max_examples)
+        rows += [{"alpha": float(a), "split": split, "loss": float(l), "acc": float(c), "error": 1 - float(c)}
+                 for a, l, c in zip(grid, loss, acc)]
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- layer-wise
+
+
+def layer_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Default groups for :func:`layerwise`: ``embed``, each ``block i``, and ``readout`` (final norm + readout)."""
+    groups: dict[str, list[str]] = {"embed": []}
+    for i in range(len(model.blocks)):
+        groups[f"block {i}"] = []
+    groups["readout"] = []
+    for name in _params(model):
+        if name.startswith("blocks."):
+            groups[f"block {int(name.split('.')[1])}"].append(name)
+        elif name.startswith(("stem.", "tok_embed.", "pos_embed.")):
+            groups["embed"].append(name)
+        else:
+            groups["readout"].append(name)
+    return {k: v for k, v in groups.items() if v}
+
+
+def layerwise(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, groups: dict[str, list[str]] | None = None,
+              n_alphas: int = 11, split: str = "val", max_examples: int = 2048,
+              progress: Progress | None = None, stop: threading.Event | None = None) -> pd.DataFrame:
+    """Layer-wise LMC (Adilova et al. 2023): interpolate one group, take everything else from A (and from B).
+
+    With ``base="A"`` the path runs from A (alpha 0) to A with the group replaced by B's
+    (alpha 1); with ``base="B"`` from B with A's group to B. ``groups``: name -> parameter
+    names (default :func:`layer_groups`). Returns a tidy DataFrame ``group, base, metric,
+    definition, barrier, alpha`` (``split`` as given).
+    """
+    pa, pb = _pair(model_a, model_b)
+    groups = groups or layer_groups(model_a)
+    unknown = {n for names in groups.values() for n in names} - set(pa)
+    if unknown:
+        raise ValueError(f"unknown parameter names in groups: {sorted(unknown)[:5]}")
+    grid = torch.linspace(0, 1, n_alphas)
+    frames, total, done = [], 2 * len(groups), 0
+    for base, (p0, p1) in (("A", (pa, pb)), ("B", (pb, pa))):
+        for gname, names in groups.items():
+            _check(stop)
+            if progress:
+                progress(done, total, f"layer-wise: {gname} (base {base})")
+            loss, acc = _chunked_eval(model_a, lambda s: _lerp_stack(p0, p1, grid[s], set(names)), len(grid),
+                                      dataset, split, max_examples)
+            # alpha measured from the base model towards the swapped group
+            c = pd.DataFrame({"alpha": grid.numpy(), "split": split, "loss": loss, "acc": acc})
+            frames.append(barrier(c).assign(group=gname, base=base))
+            done += 1
+    if progress:
+        progress(total, total, "done")
+    return pd.concat(frames, ignore_index=True)[["group", "base", "split", "metric", "definition", "barrier", "alpha"]]
+
+
+# ----------------------------------------------------------------------------- plane
+
+
+@dataclass
+class Plane:
+    """Loss over the plane through three models: ``grid`` (x, y, loss, acc) and ``points`` (name, x, y)."""
+
+    grid: pd.DataFrame
+    points: pd.DataFrame
+    split: str
+
+
+def plane(model_a: nn.Module, model_b: nn.Module, model_c: nn.Module, dataset: Dataset, resolution: int = 15,
+          margin: float = 0.2, split: str = "val", max_examples: int = 1024) -> Plane:
+    """Evaluate ``A + x e1 + y e2`` on a ``resolution x resolution`` grid.
+
+    ``e1`` points from A to B, ``e2`` is the part of ``C - A`` orthogonal to it (Gram-Schmidt,
+    Garipov et al. 2018), both unit vectors in parameter space; A sits at (0, 0), B at
+    (|B - A|, 0), C above the x axis. The grid covers the three points plus ``margin`` of
+    the span on every side.
+    """
+    pa, pb = _pair(model_a, model_b)
+    _, pc = _pair(model_a, model_c)
+    names = list(pa)
+    flat = lambda p: torch.cat([p[k].reshape(-1).double() for k in names])  # noqa: E731
+    a, b, c = flat(pa), flat(pb), flat(pc)
+    u, v = b - a, c - a
+    e1 = u / u.norm()
+    v = v - (v @ e1) * e1
+    if v.norm() < 1e-12:
+        raise ValueError("the three models lie on one line; no plane through them")
+    e2 = v / v.norm()
+    pts = {"A": (0.0, 0.0), "B": (float(u.norm()), 0.0), "C": (float((c - a) @ e1), float((c - a) @ e2))}
+    xs, ys = [p[0] for p in pts.values()], [p[1] for p in pts.values()]
+    span = max(max(xs) - min(xs), max(ys) - min(ys))
+    gx = np.linspace(min(xs) - margin * span, max(xs) + margin * span, resolution)
+    gy = np.linspace(min(ys) - margin * span, max(ys) + margin * span, resolution)
+    X, Y = np.meshgrid(gx, gy)
+    coords = torch.tensor(np.stack([X.ravel(), Y.ravel()], 1))              # (n, 2)
+    shapes = [pa[k].shape for k in names]
+    sizes = [pa[k].numel() for k in names]
+    dtype = pa[names[0]].dtype
+
+    def stacked(s: slice) -> dict:
+        theta = a[None] + coords[s, :1].to(a.device) * e1[None] + coords[s, 1:].to(a.device) * e2[None]  # (m, P)
+        parts = theta.to(dtype).split(sizes, dim=1)
+        return {k: t.reshape(-1, *shape) for k, t, shape in zip(names, parts, shapes)}
+
+    loss, acc = _chunked_eval(model_a, stacked, len(coords), dataset, split, max_examples)
+    grid = pd.DataFrame({"x": coords[:, 0].numpy(), "y": coords[:, 1].numpy(), "loss": loss, "acc": acc})
+    points = pd.DataFrame([{"name": k, "x": x, "y": y} for k, (x, y) in pts.items()])
+    return Plane(grid, points, split)
+
+
+# ----------------------------------------------------------------------------- training helpers
+
+
+def train_pair(config, dataset: Dataset, seeds: Sequence[int] = (0, 1), train_config=None, callbacks=()) -> list:
+    """Train one model per seed (initialisation and data order both from the seed); returns the Runs."""
+    import dataclasses
+
+    from .models import build
+    from .training import TrainConfig, train
+
+    tc = train_config or TrainConfig()
+    runs = []
+    for s in seeds:
+        model = build(dataclasses.replace(config, seed=s))
+        runs.append(train(model, dataset, dataclasses.replace(tc, seed=s), callbacks=callbacks,
+                          name=f"{dataset.name}-{config.family}-seed{s}"))
+    return runs
+
+
+def instability(config, dataset: Dataset, spawn_steps: Sequence[int], train_config=None,
+                child_seeds: Sequence[int] = (1, 2), n_alphas: int = 11, split: str = "val",
+                max_examples: int = 2048, progress: Progress | None = None,
+                stop: threading.Event | None = None) -> pd.DataFrame:
+    """Instability analysis (Frankle et al. 2020): spawn two children at step k and measure their barrier.
+
+    One parent (init ``config.seed``, data order ``train_config.seed``) is trained to each
+    spawn step in turn, keeping its optimizer state. At step ``k`` two copies (with the
+    parent's optimizer state) train for the remaining ``train_config.steps - k`` steps with
+    data orders ``child_seeds``. Returns one row per ``k``: ``spawn_step``, the linear loss
+    and error barriers between the children (``loss_barrier``, ``error_barrier``) and their
+    accuracies (``acc_a``, ``acc_b``) on ``split``.
+    """
+    import dataclasses
+
+    from .models import build
+    from .training import StopOnEvent, TrainConfig, make_optimizer, train
+
+    tc = (train_config or TrainConfig()).validate()
+    steps = sorted(set(int(k) for k in spawn_steps))
+    if not steps or steps[0] < 0 or steps[-1] >= tc.steps:
+        raise ValueError(f"spawn_steps must lie in [0, {tc.steps - 1}] (train_config.steps = {tc.steps}), got {spawn_steps}")
+    cbs = [StopOnEvent(stop)] if stop is not None else []
+    parent = build(config)
+    opt = make_optimizer(parent, tc)
+    at, rows = 0, []
+    for i, k in enumerate(steps):
+        _check(stop)
+        if progress:
+            progress(i, len(steps), f"spawn at step {k}")
+        if k > at:
+            train(parent, dataset, dataclasses.replace(tc, steps=k - at), callbacks=cbs, optimizer=opt, start_step=at)
+            at = k
+        children = []
+        for s in child_seeds:
+            _check(stop)
+            child = copy.deepcopy(parent)
+            child_opt = make_optimizer(child, tc)
+            child_opt.load_state_dict(opt.state_dict())
+            run = train(child, dataset, dataclasses.replace(tc, steps=tc.steps - k, seed=s), callbacks=cbs,
+                        optimizer=child_opt, start_step=k)
+            if run.status == "cancelled":
+                raise Cancelled("cancelled")
+            children.append(child)
+        c = curve(children[0], children[1], dataset, n_alphas, (split,), max_examples)
+        b = barrier(c)
+        ends = c.sort_values("alpha")
+        rows.append({"spawn_step": k, "split": split,
+                     "loss_barrier": barrier_value(b, split, "loss", "linear"),
+                     "error_barrier": barrier_value(b, split, "error", "linear"),
+                     "acc_a": float(ends["acc"].iloc[0]), "acc_b": float(ends["acc"].iloc[-1])})
+    if progress:
+        progress(len(steps), len(steps), "done")
+    return pd.DataFrame(rows)
