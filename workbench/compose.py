@@ -36,7 +36,7 @@ from . import data as _data
 from .training import TrainConfig, evaluate as _evaluate_one, loss_and_correct, train
 
 __all__ = ["SubstrateError", "check_substrate", "shared_text", "concat", "train_specialists", "LogitMixture",
-           "task_vectors", "linear", "task_arithmetic", "ties", "lines", "merge", "MERGES", "evaluate", "summary"]
+           "task_vectors", "linear", "task_arithmetic", "ties", "lines", "merge", "MERGES", "evaluate", "summary", "gate_table"]
 
 
 class SubstrateError(ValueError):
@@ -496,3 +496,17 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     })
     out["beats_parts"] = out["mean_loss"] < best_mean
     return out.reset_index(drop=True)
+
+
+def gate_table(mixture: LogitMixture, tokens: torch.Tensor, vocab: Sequence[str] | None = None,
+               names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Tidy ``position, token, member, weight``: how much each member counts at each position of one sequence.
+
+    ``tokens``: ids ``(T,)``; ``vocab`` turns them into strings; ``names`` label the members.
+    """
+    tokens = tokens.reshape(-1)
+    w = mixture.mixture_weights(tokens[None].to(mixture.device))[0].cpu()  # (T, K)
+    names = list(names) if names is not None else [f"member {k}" for k in range(len(mixture))]
+    rows = [{"position": t, "token": vocab[int(tok)] if vocab is not None else int(tok), "member": names[k],
+             "weight": float(w[t, k])} for t, tok in enumerate(tokens) for k in range(w.shape[1])]
+    return pd.DataFrame(rows, columns=["position", "token", "member", "weight"])
