@@ -1,0 +1,93 @@
+"""Connectivity page driven from Python: pick runs, compute, train a pair, refuse mismatched pairs."""
+import dataclasses
+
+import pytest
+
+import workbench as wb
+from workbench.ui.common import DataStore
+from workbench.ui.connectivity import ConnectivityPage
+
+MLP = wb.models.MLPConfig(d_in=64, n_classes=10, d_model=16, d_hidden=32, n_layers=2)
+TC = wb.TrainConfig(steps=30, lr=3e-3, eval_every=30, eval_max=128)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    ds = wb.data.load("digits")
+    pair = wb.lmc.train_pair(MLP, ds, seeds=(0, 1), train_config=TC)
+    return pair + [wb.train(wb.models.build(dataclasses.replace(MLP, d_hidden=48)), ds, TC, name="wider")]
+
+
+@pytest.fixture
+def page(store, runs):
+    for run in runs:
+        store.save(run)
+    return ConnectivityPage(DataStore(store))
+
+
+def _ids(page, name_part):
+    return [rid for label, rid in page.run_a.options.items() if name_part in label]
+
+
+def test_compare_fills_every_figure(page):
+    page.run_a.value, page.run_b.value = _ids(page, "seed0")[0], _ids(page, "seed1")[0]
+    page.n_alphas.value, page.resolution.value, page.max_examples.value = 5, 5, 256
+    page.compute(wait=True)
+    assert page.task.status == "done", page.task.error
+    assert page.errors.text == ""
+    methods = {t.legendgroup.split(" (")[0] for t in page.curves_plot.object.data}
+    assert len(methods) == 4
+    table = page.barriers.object
+    assert len(table) == 4 and "loss / linear" in table.columns
+    assert len(page.layer_plot.object.data) == 2  # rest from A, rest from B
+    assert page.plane_plot.object.data[0].type == "contour"
+
+
+def test_mismatched_configs_get_a_clear_message(page):
+    page.run_a.value, page.run_b.value = _ids(page, "seed0")[0], _ids(page, "wider")[0]
+    page.compute(wait=True)
+    assert "different configs" in page.errors.text and "d_hidden" in page.errors.text
+    assert page.task.status == "idle"
+    page.run_b.value = page.run_a.value
+    page.compute(wait=True)
+    assert "same run" in page.errors.text
+
+
+def test_train_pair_saves_and_selects_two_runs(page, store):
+    before = len(store.list())
+    page.pair_width.value, page.pair_layers.value, page.pair_steps.value = 8, 1, 10
+    page.train_pair(wait=True)
+    assert page.task.status == "done", page.task.error
+    assert len(store.list()) == before + 2
+    assert page.run_a.value != page.run_b.value
+    assert {store.read_json(page.run_a.value)["model"]["seed"], store.read_json(page.run_b.value)["model"]["seed"]} == {0, 1}
+
+
+def test_instability_runs_and_checks_its_input(page):
+    page.run_a.value, page.run_b.value = _ids(page, "seed0")[0], _ids(page, "seed1")[0]
+    page.spawn_steps.value, page.inst_steps.value, page.n_alphas.value, page.max_examples.value = "0, 5", 10, 5, 128
+    page.run_instability(wait=True)
+    assert page.task.status == "done", page.task.error
+    assert list(page.results["instability"]["spawn_step"]) == [0, 5]
+    page.spawn_steps.value = "0, 50"
+    page.run_instability(wait=True)
+    assert "spawn steps must lie in" in page.errors.text
+    page.spawn_steps.value = "zero"
+    page.run_instability(wait=True)
+    assert "whole numbers" in page.errors.text
+
+
+def test_stop_cancels_a_running_analysis(page):
+    page.run_a.value, page.run_b.value = _ids(page, "seed0")[0], _ids(page, "seed1")[0]
+    page.task.stop_event.set()
+    ra, rb = page._load_pair()
+    from workbench.ui.connectivity import _analysis_job
+
+    class Ctx:
+        stop_event = page.task.stop_event
+
+        def report(self, *a, **k):
+            pass
+
+    with pytest.raises(wb.lmc.Cancelled):
+        _analysis_job(Ctx(), ra, rb, 5, 5, 128)

@@ -1,0 +1,252 @@
+"""Connectivity page: are two solutions linearly connected, before and after aligning their units?"""
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import panel as pn
+
+from .. import data, lmc, models
+from ..figures import lmc as figs
+from ..training import TrainConfig
+from .common import BackgroundTask, ErrorBox, page_header, run_options
+
+EXPLANATION = """Two networks trained from different seeds reach similar accuracy, yet the straight line
+between their weights usually crosses a loss *barrier*. Much of it comes from the arbitrary order of hidden
+units: permuting B's units to match A's (weight matching or activation matching, Git Re-Basin) lowers it,
+and REPAIR (rescaling the hidden units of the interpolated model to the interpolated statistics) lowers it
+further. Barriers are given both ways: over the endpoints' mean (Git Re-Basin) and over the straight line
+between the endpoints (Entezari, Frankle). Layer-wise bars interpolate one layer at a time on the
+weight-matched pair (the rest from A, or from B); the contour shows the loss over the plane through A, B and
+weight-matched B; instability spawns two children from one parent at step k (Frankle et al. 2020)."""
+
+CODE = """import workbench as wb
+store = wb.RunStore()
+a, b = store.load(RUN_A).model, store.load(RUN_B).model
+ds = wb.data.load(**store.load(RUN_A).dataset)
+curves = wb.lmc.compare(a, b, ds, n_alphas=25)      # none, weights, activations, repair
+wb.figures.lmc.connectivity_curves(curves)
+wb.figures.lmc.barrier_table(wb.lmc.barrier(curves))
+b_w = wb.lmc.align(a, b, method="weights")
+wb.figures.lmc.layerwise_bars(wb.lmc.layerwise(a, b_w, ds))
+wb.figures.lmc.plane_contour(wb.lmc.plane(a, b, b_w, ds))
+wb.figures.lmc.instability_plot(wb.lmc.instability(a.config, ds, spawn_steps=[0, 50, 100, 200],
+                                                   train_config=wb.TrainConfig(steps=400)))"""
+
+
+def _dataset_of(run) -> data.Dataset:
+    spec = dict(run.dataset)
+    return data.load(spec.pop("name"), **spec)
+
+
+def _analysis_job(ctx, run_a, run_b, n_alphas: int, resolution: int, max_examples: int):
+    """Curves for every method, barriers, layer-wise barriers and the plane (worker thread)."""
+    import torch
+
+    with torch.no_grad():
+        ds = _dataset_of(run_a)
+        a, b = run_a.model.eval(), run_b.model.eval()
+
+        def progress(stage_start, stage_span):
+            return lambda done, total, msg: ctx.report(progress=stage_start + stage_span * done / max(total, 1),
+                                                       message=msg)
+
+        curves = lmc.compare(a, b, ds, n_alphas=n_alphas, max_examples=max_examples,
+                             progress=progress(0.0, 0.6), stop=ctx.stop_event)
+        ctx.report({"curves": curves}, progress=0.6, message="layer-wise barriers")
+        b_w = lmc.align(a, b, method="weights")
+        layer = lmc.layerwise(a, b_w, ds, n_alphas=max(5, n_alphas // 2), max_examples=max_examples,
+                              progress=progress(0.6, 0.25), stop=ctx.stop_event)
+        ctx.report({"layerwise": layer}, progress=0.85, message="loss plane")
+        lmc._check(ctx.stop_event)
+        plane = lmc.plane(a, b, b_w, ds, resolution=resolution, max_examples=min(max_examples, 1024))
+    return {"curves": curves, "layerwise": layer, "plane": plane}
+
+
+def _pair_job(ctx, dataset_name: str, model_config, train_config: TrainConfig):
+    ds = data.load(dataset_name)
+    ctx.report(progress=0.0, message="training model A")
+    from ..training import StopOnEvent
+
+    runs = []
+    for i, seed in enumerate((0, 1)):
+        runs += lmc.train_pair(model_config, ds, seeds=(seed,), train_config=train_config,
+                               callbacks=[StopOnEvent(ctx.stop_event)])
+        ctx.report(progress=(i + 1) / 2, message="training model B" if i == 0 else "saving")
+        if runs[-1].status == "cancelled":
+            raise lmc.Cancelled("cancelled")
+    return runs
+
+
+def _instability_job(ctx, run_a, spawn_steps: list[int], steps: int, n_alphas: int, max_examples: int):
+    ds = _dataset_of(run_a)
+    tc = dataclasses.replace(run_a.train_config, steps=steps, eval_every=steps)
+    return lmc.instability(run_a.model.config, ds, spawn_steps, train_config=tc, n_alphas=n_alphas,
+                           max_examples=max_examples, stop=ctx.stop_event,
+                           progress=lambda d, t, m: ctx.report(progress=d / max(t, 1), message=m))
+
+
+class ConnectivityPage(pn.viewable.Viewer):
+    """Pick two stored runs (or train a pair); compute curves, barriers, layer-wise bars, plane, instability."""
+
+    def __init__(self, datastore, **params):
+        super().__init__(**params)
+        self.datastore = datastore
+        self.run_a = pn.widgets.Select(name="model A", width=420)
+        self.run_b = pn.widgets.Select(name="model B", width=420)
+        self.n_alphas = pn.widgets.IntInput(name="alphas", value=25, start=3, end=101, width=90)
+        self.resolution = pn.widgets.IntInput(name="plane resolution", value=15, start=3, end=61, width=120)
+        self.max_examples = pn.widgets.IntInput(name="examples per split", value=1024, start=0, width=130)
+        self.compute_button = pn.widgets.Button(name="Compare A and B", button_type="primary", width=160)
+        self.compute_button.on_click(lambda _: self.compute())
+        # train a pair
+        self.pair_dataset = pn.widgets.Select(name="dataset", options=["digits", "mnist1d", "khop", "modadd"],
+                                              value="digits", width=120)
+        self.pair_width = pn.widgets.IntInput(name="d_model", value=128, start=4, end=2048, width=100)
+        self.pair_layers = pn.widgets.IntInput(name="n_layers", value=2, start=1, end=12, width=100)
+        self.pair_steps = pn.widgets.IntInput(name="steps", value=300, start=10, end=100_000, width=100)
+        self.pair_button = pn.widgets.Button(name="Train a pair (seeds 0, 1)", width=200)
+        self.pair_button.on_click(lambda _: self.train_pair())
+        # instability
+        self.spawn_steps = pn.widgets.TextInput(name="spawn steps", value="0, 25, 50, 100", width=160)
+        self.inst_steps = pn.widgets.IntInput(name="total steps", value=300, start=2, width=110)
+        self.inst_button = pn.widgets.Button(name="Run instability (trains)", width=190)
+        self.inst_button.on_click(lambda _: self.run_instability())
+
+        self.errors = ErrorBox()
+        self.curves_plot = pn.pane.Plotly(figs.connectivity_curves(None), sizing_mode="stretch_width", height=400)
+        self.barriers = pn.pane.DataFrame(None, sizing_mode="stretch_width", index=False)
+        self.layer_plot = pn.pane.Plotly(figs.layerwise_bars(None), sizing_mode="stretch_width", height=330)
+        self.plane_plot = pn.pane.Plotly(figs.plane_contour(None), sizing_mode="stretch_width", height=430)
+        self.inst_plot = pn.pane.Plotly(figs.instability_plot(None), sizing_mode="stretch_width", height=330)
+        self.results: dict = {}
+        self.task = BackgroundTask(on_update=self._on_update, on_done=self._on_done)
+        self.task.param.watch(self._sync_buttons, "status")
+        self.datastore.param.watch(lambda _: self._refresh_runs(), "version")
+        self._refresh_runs()
+
+    # ---------------------------------------------------------------- state
+    def _refresh_runs(self) -> None:
+        options = run_options(self.datastore.runs)
+        for w, pick in ((self.run_a, 0), (self.run_b, 1)):
+            current = w.value
+            w.options = options
+            if current in options.values():
+                w.value = current
+            elif len(options) > pick:
+                w.value = list(options.values())[pick]
+
+    def _sync_buttons(self, event) -> None:
+        busy = event.new == "running"
+        for b in (self.compute_button, self.pair_button, self.inst_button):
+            b.disabled = busy
+
+    def _start(self, fn, *args, wait: bool = False) -> None:
+        (self.task.run_now if wait else self.task.start)(fn, *args)
+
+    def _load_pair(self):
+        if not self.run_a.value or not self.run_b.value:
+            raise ValueError("pick two stored runs (or train a pair first)")
+        if self.run_a.value == self.run_b.value:
+            raise ValueError("model A and model B are the same run; pick two different runs")
+        ra, rb = self.datastore.load(self.run_a.value), self.datastore.load(self.run_b.value)
+        lmc.check_same_architecture(ra.model, rb.model)  # ValueError naming the differing fields
+        if ra.dataset != rb.dataset:
+            raise ValueError(f"the runs were trained on different data ({ra.dataset} vs {rb.dataset}); "
+                             "connectivity compares two solutions of the same task")
+        return ra, rb
+
+    # ---------------------------------------------------------------- actions
+    def compute(self, wait: bool = False) -> None:
+        """Check the pair and start the analysis (``wait=True`` runs synchronously, for tests)."""
+        self.errors.clear()
+        try:
+            ra, rb = self._load_pair()
+        except ValueError as e:
+            self.errors.show(e)
+            return
+        self.results = {}
+        self._start(_analysis_job, ra, rb, int(self.n_alphas.value), int(self.resolution.value),
+                    int(self.max_examples.value), wait=wait)
+
+    def train_pair(self, wait: bool = False) -> None:
+        self.errors.clear()
+        name = self.pair_dataset.value
+        try:
+            probe = data.load(name, **({"n_train": 10, "n_val": 10} if name == "khop" else {})) \
+                if name != "mnist1d" else None
+            overrides = dict(d_model=int(self.pair_width.value), n_layers=int(self.pair_layers.value))
+            if probe is None:  # MNIST-1D is slow to generate; its shape is fixed
+                config = models.MLPConfig(d_in=40, n_classes=10, **overrides).validate()
+            elif probe.kind == "vector":
+                config = models.MLPConfig(d_in=probe.d_in, n_classes=probe.n_classes, **overrides).validate()
+            else:
+                config = models.TransformerConfig(vocab_size=probe.vocab_size, context=probe.seq_len,
+                                                  **overrides).validate()
+            tc = TrainConfig(steps=int(self.pair_steps.value), lr=3e-3, eval_every=max(1, int(self.pair_steps.value)))
+            tc.validate()
+        except (ValueError, TypeError) as e:
+            self.errors.show(e)
+            return
+        self._start(_pair_job, name, config, tc, wait=wait)
+
+    def run_instability(self, wait: bool = False) -> None:
+        self.errors.clear()
+        try:
+            steps = sorted({int(s) for s in self.spawn_steps.value.replace(",", " ").split()})
+            ra, _ = self._load_pair()
+        except ValueError as e:
+            self.errors.show(e if "invalid literal" not in str(e) else
+                             "spawn steps: give whole numbers separated by commas, e.g. 0, 25, 50")
+            return
+        total = int(self.inst_steps.value)
+        if not steps or steps[0] < 0 or steps[-1] >= total:
+            self.errors.show(f"spawn steps must lie in [0, {total - 1}] (total steps {total})")
+            return
+        self._start(_instability_job, ra, steps, total, max(5, int(self.n_alphas.value) // 2),
+                    int(self.max_examples.value), wait=wait)
+
+    # ---------------------------------------------------------------- results
+    def _on_update(self, payload) -> None:
+        if isinstance(payload, dict):
+            self._show(payload)
+
+    def _on_done(self, result) -> None:
+        if isinstance(result, list):  # a trained pair
+            ids = [self.datastore.save(r) for r in result]
+            self.run_a.value, self.run_b.value = ids
+        elif isinstance(result, pd.DataFrame):  # instability
+            self.results["instability"] = result
+            self.inst_plot.object = figs.instability_plot(result)
+        elif isinstance(result, dict):
+            self._show(result)
+
+    def _show(self, payload: dict) -> None:
+        self.results.update(payload)
+        if "curves" in payload:
+            self.results["barriers"] = lmc.barrier(payload["curves"])
+            self.curves_plot.object = figs.connectivity_curves(payload["curves"])
+            self.barriers.object = figs.barrier_table(self.results["barriers"])
+        if "layerwise" in payload:
+            self.layer_plot.object = figs.layerwise_bars(payload["layerwise"])
+        if "plane" in payload:
+            self.plane_plot.object = figs.plane_contour(payload["plane"])
+
+    def __panel__(self):
+        return pn.Column(
+            page_header("Connectivity", EXPLANATION, CODE),
+            pn.Row(self.run_a, self.run_b),
+            pn.Row(self.n_alphas, self.resolution, self.max_examples, self.compute_button),
+            pn.Card(pn.Row(self.pair_dataset, self.pair_width, self.pair_layers, self.pair_steps,
+                           self.pair_button), title="No pair stored? Train one", collapsed=True,
+                    sizing_mode="stretch_width"),
+            self.task.controls(), self.errors,
+            self.curves_plot,
+            pn.pane.Markdown("**Barriers (validation split)**: loss and error, both definitions; "
+                             "peak alpha of the linear ones."),
+            self.barriers,
+            pn.Row(self.layer_plot, self.plane_plot, sizing_mode="stretch_width"),
+            pn.Row(self.spawn_steps, self.inst_steps, self.inst_button),
+            self.inst_plot,
+            sizing_mode="stretch_width",
+        )
