@@ -1,0 +1,657 @@
+"""Neural collapse: NC1..NC4 of the last-layer features, across layers and over training.
+
+Conventions (Papyan, Han and Donoho 2020; the formulas are in ``shared/REFERENCES.md``):
+
+- Features ``h`` are the input of the readout: the ``features`` hook of our models
+  (final-norm output), computed in eval mode on the training set. For sequence data only
+  the scored positions (target != ``IGNORE``) count, the label being the target token.
+- ``mu_c`` class means; ``mu_G`` the global mean. By default ``mu_G`` is the **mean of the
+  class means** (``global_mean="classes"``); under class imbalance it differs from the
+  sample mean (``global_mean="samples"``, what some public code uses).
+- ``Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T`` (``within="samples"``), or the
+  average of the per-class covariances (``within="classes"``); the two agree on balanced data.
+- ``Sigma_B = (1/C) sum_c (mu_c - mu_G)(mu_c - mu_G)^T`` has rank at most ``C - 1``: its
+  pseudo-inverse keeps the top ``min(C - 1, d)`` eigenvalues (and drops numerically zero ones).
+- ``NC1 = Tr(Sigma_W Sigma_B^+) / C``; ``divide_by_classes=False`` omits the ``/C`` as some
+  public code does, which is He and Su's (2022) separation fuzziness ``D = Tr(SS_w SS_b^+)``.
+- NC2: ``equinorm`` = std / mean of ``||mu_c - mu_G||`` (std with ddof=1, as Papyan's code);
+  ``equiangular`` = mean over ``c != c'`` of ``|cos(mu_c - mu_G, mu_c' - mu_G) + 1/(C-1)|``;
+  the ``_w`` variants use the classifier rows instead. ``etf_error`` =
+  ``|| G/||G||_F - (I - 11^T/C)/sqrt(C-1) ||_F`` for the Gram matrix ``G`` of the centred,
+  normalised means.
+- NC3 (self-duality) = ``|| W^T/||W||_F - M/||M||_F ||_F^2`` with ``M`` the centred means (d x C).
+- NC4 = share of samples whose nearest class mean differs from the network's argmax.
+  ``ncc_error`` = share whose nearest class mean differs from the label.
+- CDNV (Galanti et al. 2022) = mean over class pairs of ``(V_c + V_c') / (2 ||mu_c - mu_c'||^2)``,
+  ``V_c`` the mean squared distance of class c's features to ``mu_c``.
+
+Everything is accumulated in float64 on the features' device. Nothing here imports Panel
+or plotly; figures live in :mod:`workbench.figures.collapse`.
+
+>>> import workbench as wb
+>>> model, cfg, ds = wb.collapse.recipe("digits")
+>>> tracker = wb.collapse.track(every=10)
+>>> run = wb.train(model, ds, cfg, callbacks=[tracker])
+>>> tracker.table          # step, epoch, layer, site, metric, value
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import IGNORE, Dataset
+from .models import MLPConfig, build
+from .training import Callback, TrainConfig, TrainState
+
+__all__ = [
+    "metrics", "layer_metrics", "collect", "sites", "track", "CollapseTracker", "class_means",
+    "simplex_etf", "simplex_view", "gram", "set_etf_classifier", "subsample", "imbalanced_counts",
+    "minority_collapse", "MixupLoss", "recipe", "train_collapse", "NC_METRICS",
+]
+
+# Metric names returned by :func:`metrics`, in display order.
+NC_METRICS = ["nc1", "nc2_equinorm", "nc2_equiangular", "nc2_equinorm_w", "nc2_equiangular_w", "etf_error",
+              "nc3", "nc4", "ncc_error", "cdnv"]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _features_f64(features) -> torch.Tensor:
+    h = torch.as_tensor(features)
+    if h.ndim != 2:
+        raise ValueError(f"features must be a 2-D array (samples, dims), got shape {tuple(h.shape)}")
+    if not h.is_floating_point():
+        h = h.float()
+    return h.detach().to(torch.float64)
+
+
+def _classes(labels: torch.Tensor, n_classes: int | None, min_count: int | None):
+    """Present classes, each sample's class index, and the sample mask kept."""
+    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    if n_classes is not None:
+        if labels.min() < 0 or labels.max() >= n_classes:
+            raise ValueError(f"labels must lie in [0, {n_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
+        missing = sorted(set(range(n_classes)) - set(classes.tolist()))
+        if missing:
+            raise ValueError(f"classes {missing} have no samples; neural-collapse metrics need every class "
+                             f"(pass n_classes=None to use only the classes present)")
+    small = counts < (min_count or 2)
+    if small.any():
+        if min_count is None:
+            few = {int(c): int(n) for c, n in zip(classes[small], counts[small])}
+            raise ValueError(f"classes with fewer than 2 samples have no within-class spread: {few} "
+                             f"(pass min_count=2 to drop them)")
+        keep_cls = ~small
+        keep = keep_cls[inverse]
+        return _classes(labels[keep], None, None)[:2] + (keep,)
+    return classes, inverse, torch.ones_like(labels, dtype=torch.bool)
+
+
+def _classifier(classifier, device):
+    """``(W (K, d) float64, b (K,) or None)`` from a Linear, a weight, or a ``(weight, bias)`` pair."""
+    if classifier is None:
+        return None, None
+    if isinstance(classifier, nn.Linear):
+        w, b = classifier.weight, classifier.bias
+    elif isinstance(classifier, (tuple, list)):
+        w, b = classifier
+    else:
+        w, b = classifier, None
+    w = torch.as_tensor(w).detach().to(device=device, dtype=torch.float64)
+    b = None if b is None else torch.as_tensor(b).detach().to(device=device, dtype=torch.float64)
+    if w.ndim != 2:
+        raise ValueError(f"classifier weight must be 2-D (classes, dims), got shape {tuple(w.shape)}")
+    return w, b
+
+
+def _cos_offdiag(vectors: torch.Tensor) -> torch.Tensor:
+    """Off-diagonal cosines of the rows (C*(C-1),)."""
+    n = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    cos = n @ n.T
+    C = len(cos)
+    return cos[~torch.eye(C, dtype=torch.bool, device=cos.device)]
+
+
+def _cov(x: torch.Tensor) -> float:
+    """Coefficient of variation std/mean (ddof=1)."""
+    return float(x.std() / x.mean()) if len(x) > 1 and x.mean() > 0 else float("nan")
+
+
+def class_means(features, labels, n_classes: int | None = None):
+    """``(classes, means (C, d) float64, counts (C,))`` of the classes present."""
+    h = _features_f64(features)
+    y = torch.as_tensor(labels, device=h.device).long()
+    classes, inverse, _ = _classes(y, n_classes, min_count=1)
+    counts = torch.bincount(inverse, minlength=len(classes)).to(torch.float64)
+    means = torch.zeros(len(classes), h.shape[1], dtype=torch.float64, device=h.device).index_add_(0, inverse, h)
+    return classes, means / counts[:, None], counts
+
+
+def metrics(features, labels, classifier=None, predictions=None, *, n_classes: int | None = None,
+            global_mean: str = "classes", within: str = "samples", divide_by_classes: bool = True,
+            min_count: int | None = None) -> dict[str, float]:
+    """Neural-collapse metrics of ``features (N, d)`` with integer ``labels (N,)``.
+
+    ``classifier``: the readout (an ``nn.Linear``, a weight ``(K, d)``, or ``(weight, bias)``);
+    rows are indexed by label. Without it the ``_w`` metrics and NC3 are NaN. ``predictions``:
+    the network's predicted labels ``(N,)`` for NC4; by default ``argmax(h W^T + b)``, NaN
+    without a classifier. ``n_classes``: when given, every class in ``range(n_classes)`` must
+    have samples. Classes with fewer than 2 samples raise ``ValueError`` unless
+    ``min_count`` is given, which drops the classes with fewer samples than that.
+    Conventions and options are described in the module docstring. Returns a dict of floats
+    with the keys of :data:`NC_METRICS` plus ``n_classes`` and ``n_samples``.
+    """
+    if global_mean not in ("classes", "samples"):
+        raise ValueError(f"global_mean must be 'classes' or 'samples', got {global_mean!r}")
+    if within not in ("samples", "classes"):
+        raise ValueError(f"within must be 'samples' or 'classes', got {within!r}")
+    h = _features_f64(features)
+    y = torch.as_tensor(labels, device=h.device)
+    if y.ndim != 1 or len(y) != len(h):
+        raise ValueError(f"labels must be 1-D with one entry per sample ({len(h)}), got shape {tuple(y.shape)}")
+    if y.is_floating_point():
+        raise ValueError("labels must be integers")
+    y = y.long()
+    if predictions is not None:
+        predictions = torch.as_tensor(predictions, device=h.device).long()
+        if predictions.shape != y.shape:
+            raise ValueError(f"predictions must have the labels' shape {tuple(y.shape)}, got {tuple(predictions.shape)}")
+    classes, inverse, keep = _classes(y, n_classes, min_count)
+    if not keep.all():
+        h, y = h[keep], y[keep]
+        predictions = None if predictions is None else predictions[keep]
+    C, (N, d) = len(classes), h.shape
+    if C < 2:
+        raise ValueError(f"neural-collapse metrics need at least 2 classes, got {C}")
+
+    # Few passes over the (N, d) features: class sums, squared norms, one matmul with
+    # [Sigma_B eigenvectors; class means; classifier rows]. Within-class residuals are
+    # only formed in the (C - 1)-dimensional projection.
+    f64 = dict(dtype=torch.float64, device=h.device)
+    counts = torch.bincount(inverse, minlength=C).to(torch.float64)                       # (C,)
+    means = torch.zeros(C, d, **f64).index_add_(0, inverse, h) / counts[:, None]          # (C, d)
+    sqnorm = torch.linalg.vector_norm(h, dim=1) ** 2                                      # (N,)
+    if not (torch.isfinite(means).all() and torch.isfinite(sqnorm).all()):
+        raise ValueError("features contain NaN or infinite values")
+    mu_g = means.mean(0) if global_mean == "classes" else h.mean(0)                      # (d,)
+    centred = means - mu_g                                                                # (C, d)
+
+    # NC1 = Tr(Sigma_W Sigma_B^+)/C through Sigma_B's eigenvectors (no d x d matrix is formed).
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    lam = s ** 2 / C                                                                      # eigenvalues of Sigma_B
+    tol = lam[0] * max(C, d) * torch.finfo(torch.float64).eps
+    lam, vh = lam[:min(C - 1, d)], vh[:min(C - 1, d)]
+    lam, vh = lam[lam > tol], vh[lam > tol]                                               # (r,), (r, d)
+    w, b = _classifier(classifier, h.device)
+    if w is not None and w.shape[1] != d:
+        raise ValueError(f"classifier has {w.shape[1]} input dims, features have {d}")
+    r = len(lam)
+    prod = h @ torch.cat([vh, means] + ([w] if w is not None else [])).T                  # (N, r + C [+ K])
+    proj, hm = prod[:, :r], prod[:, r:r + C]
+    sq = (proj - (means @ vh.T)[inverse]) ** 2                                            # (N, r) projected residuals
+    if within == "samples":
+        proj_var = sq.sum(0) / N
+    else:
+        proj_var = (torch.zeros(C, r, **f64).index_add_(0, inverse, sq) / counts[:, None]).mean(0)
+    nc1 = float((proj_var / lam).sum()) if r else float("inf")
+    if divide_by_classes:
+        nc1 /= C
+
+    # NC2 on the means, and ETF error of their Gram matrix.
+    norms = centred.norm(dim=1)
+    cos = _cos_offdiag(centred)
+    g = gram(centred)
+    etf = (torch.eye(C, **f64) - 1.0 / C) / math.sqrt(C - 1)
+    etf_error = float((g / g.norm() - etf).norm())
+
+    # CDNV over class pairs; V_c = mean ||h||^2 - ||mu_c||^2 over the class (float64).
+    mean_sq = (means ** 2).sum(1)                                                         # (C,)
+    var = (torch.zeros(C, **f64).index_add_(0, inverse, sqnorm) / counts - mean_sq).clamp_min(0.0)
+    dist2 = (mean_sq[:, None] + mean_sq[None, :] - 2 * means @ means.T).clamp_min(0.0)
+    iu = torch.triu_indices(C, C, 1, device=h.device)
+    cdnv = float(((var[iu[0]] + var[iu[1]]) / (2 * dist2[iu[0], iu[1]].clamp_min(1e-300))).mean())
+
+    # Nearest class centre: argmin ||h - mu_c||^2 = argmin (||mu_c||^2 - 2 h.mu_c).
+    ncc = classes[(mean_sq - 2 * hm).argmin(1)]
+    out = {"nc1": nc1, "nc2_equinorm": _cov(norms), "nc2_equiangular": float((cos + 1.0 / (C - 1)).abs().mean()),
+           "nc2_equinorm_w": float("nan"), "nc2_equiangular_w": float("nan"), "etf_error": etf_error,
+           "nc3": float("nan"), "nc4": float("nan"), "ncc_error": float((ncc != y).double().mean()), "cdnv": cdnv}
+
+    if w is not None:
+        if int(classes.max()) >= len(w):
+            raise ValueError(f"classifier has {len(w)} rows but labels go up to {int(classes.max())}")
+        wc = w[classes]                                                                    # (C, d)
+        out["nc2_equinorm_w"] = _cov(wc.norm(dim=1))
+        out["nc2_equiangular_w"] = float((_cos_offdiag(wc) + 1.0 / (C - 1)).abs().mean())
+        out["nc3"] = float((wc / wc.norm() - centred / centred.norm()).norm() ** 2)
+        if predictions is None:
+            logits = prod[:, r + C:] + (b if b is not None else 0.0)                     # (N, K)
+            predictions = logits.argmax(1)
+    if predictions is not None:
+        out["nc4"] = float((ncc != predictions).double().mean())
+    out["n_classes"], out["n_samples"] = C, N
+    return out
+
+
+def gram(centred_means) -> torch.Tensor:
+    """Gram matrix ``(C, C)`` of the row-normalised (already centred) class means: their cosines."""
+    m = torch.as_tensor(centred_means, dtype=torch.float64)
+    n = m / m.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return n @ n.T
+
+
+def minority_collapse(classifier, minority) -> float:
+    """Mean pairwise cosine of the minority classes' classifier rows (Fang et al. 2021).
+
+    Tends to 1 when the minority classifiers collapse onto one direction; for a simplex
+    ETF it is ``-1/(C-1)``. NaN with fewer than two minority classes.
+    """
+    w, _ = _classifier(classifier, "cpu")
+    idx = sorted(int(c) for c in minority)
+    if len(idx) < 2:
+        return float("nan")
+    return float(_cos_offdiag(w[idx].cpu()).mean())
+
+
+# ----------------------------------------------------------------------------- features per layer
+
+
+def sites(model: nn.Module) -> list[tuple[int, str]]:
+    """``(layer, hook name)`` pairs where collapse is measured, shallow to deep.
+
+    Layer 0 is the residual stream entering the first block (``blocks.0.resid_pre``),
+    layer ``l`` the output of block ``l`` (``blocks.{l-1}.resid_post``), and layer
+    ``L + 1`` the readout input ``features`` (after the final norm).
+    """
+    n = len(model.blocks)
+    out = [(0, "blocks.0.resid_pre")] if n else []
+    out += [(i + 1, f"blocks.{i}.resid_post") for i in range(n)]
+    return out + [(n + 1, "features")]
+
+
+@contextlib.contextmanager
+def _capture(model: nn.Module, names: list[str]):
+    """Forward hooks storing each named module's output (a list per name); removed on exit."""
+    store = {name: [] for name in names}
+    handles = []
+    try:
+        for name in names:
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_hook(lambda m, i, o, name=name: store[name].append(o.detach())))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect(model: nn.Module, x: torch.Tensor, y: torch.Tensor, site_names: list[str] | None = None,
+            batch_size: int = 1024) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One forward pass in eval mode recording several hook sites.
+
+    Returns ``(features, labels, predictions)``: ``features[name]`` is ``(n, d)`` with one row
+    per scored sample (every vector example; every position whose target is not ``IGNORE``
+    for sequences), ``labels`` and the network's argmax ``predictions`` are ``(n,)``.
+    """
+    names = site_names if site_names is not None else ["features"]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    feats = {n: [] for n in names}
+    labels, preds = [], []
+    try:
+        with _capture(model, names) as store:
+            for i in range(0, len(x), batch_size):
+                xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+                logits = model(xb)
+                mask = yb != IGNORE                                   # (B,) or (B, T)
+                labels.append(yb[mask])
+                preds.append(logits.argmax(-1)[mask])
+                for n in names:
+                    feats[n].append(store[n].pop()[mask])             # (n_scored, d)
+    finally:
+        model.train(was_training)
+    return {n: torch.cat(v) for n, v in feats.items()}, torch.cat(labels), torch.cat(preds)
+
+
+def layer_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024,
+                  n_classes: int | None = None, min_count: int | None = None, **options) -> pd.DataFrame:
+    """Collapse at every layer (:func:`sites`) from one forward pass: tidy ``layer, site, metric, value``.
+
+    The readout is the classifier at the ``features`` site (NC2 of ``W``, NC3); NC4 compares
+    each layer's nearest class mean with the network's final prediction (progressive
+    collapse, He and Su 2022; their ``D_l`` is ``n_classes * nc1``).
+    """
+    pairs = sites(model)
+    feats, labels, preds = collect(model, x, y, [s for _, s in pairs], batch_size)
+    rows = []
+    for layer, site in pairs:
+        clf = model.readout if site == "features" else None
+        m = metrics(feats[site], labels, clf, preds, n_classes=n_classes, min_count=min_count, **options)
+        rows += [{"layer": layer, "site": site, "metric": k, "value": v} for k, v in m.items()]
+    return pd.DataFrame(rows, columns=["layer", "site", "metric", "value"])
+
+
+# ----------------------------------------------------------------------------- tracking during training
+
+
+class CollapseTracker(Callback):
+    """Records collapse metrics on a fixed subsample of the training set every ``every`` epochs.
+
+    One forward pass in eval mode with hooks at every layer (:func:`sites`) per record; the
+    subsample (``max_samples`` examples, stratified by class, drawn once from ``seed``)
+    keeps the cost bounded. Rows go to ``self.rows`` and into the run's metrics
+    (``split="train"``, with ``epoch``, ``layer`` and ``site`` columns, metric names as in
+    :data:`NC_METRICS` plus ``train_acc``, and ``minority_cos`` on imbalanced data). The last
+    record's class means, classifier and counts are kept in ``self.latest`` for live plots.
+    ``self.seconds`` is the time spent recording.
+    """
+
+    def __init__(self, every: int = 1, layers: bool = True, max_samples: int = 1024, seed: int = 0,
+                 batch_size: int = 2048):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer (epochs), got {every!r}")
+        if not isinstance(max_samples, int) or max_samples < 2:
+            raise ValueError(f"max_samples must be an integer >= 2, got {max_samples!r}")
+        self.every, self.layers, self.max_samples, self.seed = every, layers, max_samples, seed
+        self.batch_size = batch_size
+        self.rows: list[dict] = []
+        self.latest: dict | None = None
+        self.seconds = 0.0
+        self._last_step = None
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """Recorded rows so far: ``step, epoch, split, metric, value, layer, site`` (+ run extras)."""
+        return pd.DataFrame(list(self.rows), columns=None if self.rows else
+                            ["step", "epoch", "split", "metric", "value", "layer", "site"])
+
+    def on_start(self, state: TrainState) -> None:
+        ds: Dataset = state.dataset
+        n = len(ds.x_train)
+        self.steps_per_epoch = max(1, math.ceil(n / min(state.config.batch_size, n)))
+        self._start = state.step
+        idx = _stratified(ds.y_train, self.max_samples, self.seed, sequence=ds.kind == "sequence")
+        self._x, self._y = ds.x_train[idx], ds.y_train[idx]
+        self._sequence = ds.kind == "sequence"
+        labels = ds.y_train[ds.y_train != IGNORE]
+        counts = torch.bincount(labels, minlength=ds.n_classes)
+        present = counts > 0
+        self.counts = counts
+        self.minority = ([int(c) for c in torch.nonzero(present & (counts < counts.max())).flatten()]
+                         if not self._sequence else [])
+        self.record(state)
+
+    def on_step(self, state: TrainState) -> None:
+        if (state.step - self._start) % (self.every * self.steps_per_epoch) == 0:
+            self.record(state)
+
+    def on_end(self, state: TrainState) -> None:
+        if self._last_step != state.step:
+            self.record(state)
+
+    def record(self, state: TrainState) -> None:
+        t0 = time.perf_counter()
+        model = state.model
+        pairs = sites(model) if self.layers else [(len(model.blocks) + 1, "features")]
+        feats, labels, preds = collect(model, self._x, self._y, [s for _, s in pairs], self.batch_size)
+        # sequence data: the subsample need not contain every token at least twice
+        opts = {"min_count": 2} if self._sequence else {"n_classes": state.dataset.n_classes}
+        epoch = (state.step - self._start) / self.steps_per_epoch
+        base = {"step": state.step, "epoch": epoch, "split": "train", **state.extra}
+        rows = []
+        for layer, site in pairs:
+            clf = model.readout if site == "features" else None
+            m = metrics(feats[site], labels, clf, preds, **opts)
+            rows += [{**base, "metric": k, "value": m[k], "layer": layer, "site": site} for k in NC_METRICS]
+        top = {**base, "layer": pairs[-1][0], "site": "features"}
+        rows.append({**top, "metric": "train_acc", "value": float((preds == labels).double().mean())})
+        if len(self.minority) >= 2:
+            rows.append({**top, "metric": "minority_cos", "value": minority_collapse(model.readout, self.minority)})
+        classes, means, counts = class_means(feats["features"], labels)
+        self.latest = {"step": state.step, "epoch": epoch, "classes": classes.cpu().numpy(),
+                       "means": means.cpu().numpy(), "counts": counts.cpu().numpy(),
+                       "classifier": model.readout.weight.detach().double().cpu().numpy()}
+        self.rows.extend(rows)
+        state.rows.extend(rows)
+        self._last_step = state.step
+        self.seconds += time.perf_counter() - t0
+
+
+def track(every: int = 1, layers: bool = True, max_samples: int = 1024, seed: int = 0) -> CollapseTracker:
+    """A training callback recording collapse metrics every ``every`` epochs (see :class:`CollapseTracker`)."""
+    return CollapseTracker(every=every, layers=layers, max_samples=max_samples, seed=seed)
+
+
+def _stratified(y: torch.Tensor, n: int, seed: int, sequence: bool = False) -> torch.Tensor:
+    """Indices of at most ``n`` examples, each class kept in proportion (at least 2 where it has them)."""
+    g = torch.Generator().manual_seed(seed)
+    if sequence or len(y) <= n:
+        return torch.randperm(len(y), generator=g)[:n].sort().values
+    out = []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        k = min(len(idx), max(2, round(n * len(idx) / len(y))))
+        out.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(out).sort().values
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def simplex_etf(n_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """A simplex ETF ``(C, d)`` in float64: unit rows with pairwise cosine ``-1/(C-1)``, in a random subspace.
+
+    ``sqrt(C/(C-1)) (I - 11^T/C) U^T`` for a random partial orthogonal ``U (d, C)``; needs ``d >= C - 1``
+    (``d >= C`` here, for the orthonormal basis).
+    """
+    C = n_classes
+    if C < 2:
+        raise ValueError(f"a simplex needs at least 2 classes, got {C}")
+    if dim < C:
+        raise ValueError(f"a simplex ETF of {C} classes built this way needs dim >= {C}, got {dim}")
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(dim, C, generator=g, dtype=torch.float64))      # (d, C) orthonormal
+    centre = torch.eye(C, dtype=torch.float64) - 1.0 / C
+    return math.sqrt(C / (C - 1)) * centre @ u.T                                         # (C, d) float64
+
+
+def simplex_view(means, n_components: int = 3) -> pd.DataFrame:
+    """Class means in their top principal components next to the ideal simplex aligned to them.
+
+    The means are centred (mean of class means) and projected on their first
+    ``n_components`` principal axes. The ideal simplex (the centred standard basis,
+    scaled to the means' Frobenius norm) is rotated onto the means by orthogonal
+    Procrustes (``scipy.linalg.orthogonal_procrustes``) in the means' own ``C``-dimensional
+    coordinates, then shown on the same axes, so the two overlay when collapse is complete.
+    Returns a tidy DataFrame ``kind ("means" or "simplex"), class, pc1, pc2, pc3``.
+    """
+    from scipy.linalg import orthogonal_procrustes
+
+    m = np.asarray(means, dtype=np.float64)
+    C = len(m)
+    centred = m - m.mean(0)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    coords = u * s                                                                        # (C, r) PCA coordinates
+    r = coords.shape[1]
+    if r < C:
+        coords = np.pad(coords, ((0, 0), (0, C - r)))
+    ideal = np.eye(C) - 1.0 / C
+    ideal *= np.linalg.norm(centred) / np.linalg.norm(ideal)
+    rot, _ = orthogonal_procrustes(ideal, coords)
+    aligned = ideal @ rot
+    k = n_components
+    cols = [f"pc{i + 1}" for i in range(k)]
+    frames = []
+    for kind, xyz in (("means", coords), ("simplex", aligned)):
+        df = pd.DataFrame(xyz[:, :k], columns=cols)
+        df.insert(0, "class", np.arange(C))
+        df.insert(0, "kind", kind)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def set_etf_classifier(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fix the readout to a simplex ETF (unit rows) and freeze it, with a zero, frozen bias.
+
+    The model then learns features only (fixed equiangular classifier; cf. Equiangular
+    Basis Vectors and Fang et al. 2021). Returns the model.
+    """
+    readout = model.readout
+    C, d = readout.weight.shape
+    with torch.no_grad():
+        readout.weight.copy_(simplex_etf(C, d, seed).to(readout.weight))
+        if readout.bias is not None:
+            readout.bias.zero_()
+            readout.bias.requires_grad_(False)
+    readout.weight.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def imbalanced_counts(n_per_class: list[int] | torch.Tensor, minority_ratio: float, n_minority: int) -> list[int]:
+    """Step imbalance: the last ``n_minority`` classes keep ``minority_ratio`` of their samples."""
+    counts = [int(c) for c in n_per_class]
+    if not 0 < minority_ratio <= 1:
+        raise ValueError(f"minority_ratio must be in (0, 1], got {minority_ratio!r}")
+    if not 0 <= n_minority < len(counts):
+        raise ValueError(f"n_minority must be in [0, {len(counts) - 1}], got {n_minority!r}")
+    C = len(counts)
+    return [c if i < C - n_minority else max(2, round(c * minority_ratio)) for i, c in enumerate(counts)]
+
+
+def subsample(dataset: Dataset, counts: list[int], seed: int = 0) -> Dataset:
+    """The dataset with its training set cut to ``counts[c]`` examples of class ``c`` (validation kept).
+
+    Vector datasets only. Raises ``ValueError`` if a count exceeds what the class has.
+    """
+    if dataset.kind != "vector":
+        raise ValueError("class imbalance applies to vector (classification) datasets")
+    if len(counts) != dataset.n_classes:
+        raise ValueError(f"counts must list {dataset.n_classes} per-class numbers, got {len(counts)}")
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c, k in enumerate(counts):
+        idx = torch.nonzero(dataset.y_train == c).flatten()
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= len(idx):
+            raise ValueError(f"counts[{c}] must be an integer in [1, {len(idx)}], got {k!r}")
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    idx = torch.cat(keep).sort().values
+    options = {**dataset.options, "class_counts": [int(k) for k in counts]}
+    return replace(dataset, x_train=dataset.x_train[idx], y_train=dataset.y_train[idx], options=options,
+                   description=f"{dataset.description}; train subsampled per class to {list(map(int, counts))}")
+
+
+class MixupLoss:
+    """Mixup (Zhang et al. 2018) as a loss: ``loss_fn(model, x, y) -> loss``.
+
+    Mixes each batch with a shuffled copy, ``x~ = lam x + (1 - lam) x[perm]``,
+    ``lam ~ Beta(alpha, alpha)``, and returns ``lam CE(f(x~), y) + (1 - lam) CE(f(x~), y[perm])``.
+    Deterministic for a seed (its own ``torch.Generator``).
+    """
+
+    def __init__(self, alpha: float = 0.2, seed: int = 0):
+        if not alpha > 0:
+            raise ValueError(f"mixup alpha must be > 0, got {alpha!r}")
+        self.alpha = float(alpha)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def draw(self, n: int) -> tuple[float, torch.Tensor]:
+        """The next ``(lam, perm)`` for a batch of ``n``: ``lam ~ Beta(alpha, alpha)`` (inverse CDF of a uniform)."""
+        from scipy.stats import beta
+
+        lam = float(beta.ppf(float(torch.rand(1, generator=self.generator)), self.alpha, self.alpha))
+        return lam, torch.randperm(n, generator=self.generator)
+
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lam, perm = self.draw(len(x))
+        perm = perm.to(x.device)
+        logits = model(lam * x + (1 - lam) * x[perm])
+        return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+
+
+# Defaults that reach zero training error and then keep training (the terminal phase)
+# within a few seconds to a minute on 2 CPU cores.
+_RECIPES = {
+    "digits": {"d_model": 128, "n_layers": 3, "d_hidden": 256, "epochs": 300, "batch_size": 128, "lr": 1e-3,
+               "weight_decay": 5e-2},
+    "mnist1d": {"d_model": 128, "n_layers": 3, "d_hidden": 256, "epochs": 300, "batch_size": 256, "lr": 1e-3,
+                "weight_decay": 5e-2},
+}
+
+
+def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None = None, n_minority: int = 5,
+           mixup: float = 0.0, etf_classifier: bool = False, weight_decay: float | None = None,
+           epochs: int | None = None, n_layers: int | None = None, d_model: int | None = None,
+           lr: float | None = None, batch_size: int | None = None, seed: int = 0, eval_every_epochs: int = 10,
+           device: str | torch.device | None = None):
+    """``(model, TrainConfig, dataset)`` that reach the terminal phase of training.
+
+    ``dataset_name``: ``"digits"`` or ``"mnist1d"``. ``imbalance``: per-class training counts,
+    or a ratio in (0, 1] applied to the last ``n_minority`` classes (step imbalance).
+    ``mixup``: Mixup's Beta parameter alpha (0 = off; train with ``loss_fn=MixupLoss(alpha)``,
+    which :func:`train_collapse` does). ``etf_classifier``: fix the readout to a simplex
+    ETF. The remaining arguments override the recipe's defaults (``collapse._RECIPES``).
+    """
+    if dataset_name not in _RECIPES:
+        raise ValueError(f"recipes exist for {sorted(_RECIPES)}, got {dataset_name!r}")
+    if mixup < 0:
+        raise ValueError(f"mixup must be >= 0 (Beta alpha; 0 = off), got {mixup!r}")
+    from . import data
+
+    r = dict(_RECIPES[dataset_name])
+    for k, v in {"weight_decay": weight_decay, "epochs": epochs, "n_layers": n_layers, "d_model": d_model,
+                 "lr": lr, "batch_size": batch_size}.items():
+        if v is not None:
+            r[k] = v
+    ds = data.load(dataset_name)
+    if imbalance is not None:
+        if isinstance(imbalance, (int, float)) and not isinstance(imbalance, bool):
+            per_class = torch.bincount(ds.y_train, minlength=ds.n_classes).tolist()
+            imbalance = imbalanced_counts(per_class, float(imbalance), n_minority)
+        ds = subsample(ds, list(imbalance), seed)
+    model = build(MLPConfig(d_in=ds.d_in, n_classes=ds.n_classes, d_model=r["d_model"], n_layers=r["n_layers"],
+                            d_hidden=r["d_hidden"], seed=seed), device=device)
+    if etf_classifier:
+        set_etf_classifier(model, seed)
+    n = len(ds.x_train)
+    spe = math.ceil(n / min(r["batch_size"], n))
+    cfg = TrainConfig(steps=r["epochs"] * spe, batch_size=r["batch_size"], lr=r["lr"], weight_decay=r["weight_decay"],
+                      eval_every=eval_every_epochs * spe, eval_max=0, seed=seed)
+    return model, cfg, ds
+
+
+def train_collapse(dataset_name: str = "digits", *, every: int = 1, layers: bool = True, max_samples: int = 1024,
+                   callbacks=(), **recipe_options):
+    """Train a :func:`recipe` while tracking collapse; returns the :class:`~workbench.training.Run`.
+
+    The run's metrics hold the collapse rows (``split="train"`` with ``epoch``, ``layer``
+    and ``site`` columns) next to the usual loss and accuracy; ``run.meta["collapse"]``
+    records the recipe options and the tracker's time.
+    """
+    from .training import train
+
+    mixup = recipe_options.get("mixup", 0.0)
+    seed = recipe_options.get("seed", 0)
+    model, cfg, ds = recipe(dataset_name, **recipe_options)
+    tracker = track(every=every, layers=layers, max_samples=max_samples, seed=seed)
+    kwargs = {}
+    if mixup:
+        kwargs["loss_fn"] = MixupLoss(mixup, seed)
+    t0 = time.perf_counter()
+    run = train(model, ds, cfg, callbacks=[tracker, *callbacks], name=f"collapse-{dataset_name}", **kwargs)
+    run.meta["collapse"] = {"recipe": dataset_name, **{k: v for k, v in recipe_options.items()},
+                            "track_seconds": tracker.seconds, "total_seconds": time.perf_counter() - t0}
+    run.meta["collapse"]["class_counts"] = torch.bincount(ds.y_train, minlength=ds.n_classes).tolist()
+    return run
