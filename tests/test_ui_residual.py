@@ -1,0 +1,153 @@
+"""Residual stream page, driven through its widgets without a server."""
+import pytest
+import torch
+
+import workbench as wb
+from workbench import residual
+from workbench.ui.common import DataStore
+from workbench.ui.residual import ResidualPage
+
+pytest.importorskip("panel")
+
+
+def _config(ds, n_layers):
+    return wb.models.TransformerConfig(vocab_size=ds.vocab_size, context=ds.seq_len, vocab=list(ds.vocab), d_model=32,
+                                       n_layers=n_layers, n_heads=2, d_mlp=64)
+
+
+def _text_run(n_layers=2, steps=5, name="text"):
+    ds = wb.data.load("text", context=16, corpus_chars=4000)
+    model = wb.models.build(_config(ds, n_layers))
+    return wb.train(model, ds, wb.TrainConfig(steps=steps, eval_every=steps, eval_max=64), name=name), ds
+
+
+@pytest.fixture
+def page_with_run(store):
+    run, ds = _text_run()
+    run_id = store.save(run)
+    page = ResidualPage(DataStore(store))
+    page.run_select.value = run_id
+    return page, run, ds
+
+
+def _shapes(pane):
+    return pane.object["layout"].get("shapes", [])
+
+
+def test_analyse_a_stored_run_and_select_layer_and_token_without_recomputing(page_with_run, monkeypatch):
+    page, run, ds = page_with_run
+    page.analyse(wait=True)
+    assert page.errors.text == "" and page.task.status == "done"
+    a = page.analysis
+    assert a.n_layers == 2 and a.n_positions == 16 and page.position.end == 15
+    assert not page.layer.disabled and not page.position.disabled
+    x = ds.x_val[:1]
+    expected = residual.contributions(run.model, x)
+    assert a.contrib.equals(expected)
+    bars = [t for t in page.contrib_pane.object["data"] if t["type"] == "bar"]
+    assert [t["name"] for t in bars] == ["attn", "mlp", "layer"]
+
+    calls = []
+    for name in ("contributions", "logit_lens", "skip_effects", "logit_attribution", "decompose"):
+        monkeypatch.setattr(residual, name, lambda *args, _n=name, **kw: calls.append(_n))
+    page.layer.value = 1
+    assert _shapes(page.contrib_pane)[-1]["x0"] == 0.5  # band over layer 1
+    assert page.position_pane.object["layout"]["title"]["text"].startswith("Layer 1")
+    page.position.value = 7
+    title = page.attr_pane.object["layout"]["title"]["text"]
+    assert "position 7" in title
+    comps, values, target = a.attr_at[7]
+    assert page.attr_pane.object["data"][0]["x"] == values
+    assert title.endswith(f"(sum = logit {sum(values):.2f})")
+    lens_box = _shapes(page.lens_pane)[-1]
+    assert (lens_box["x0"], lens_box["y0"]) == (6.5, 0.5)
+    page.lens_metric.value = "top1_agree"
+    assert calls == []  # choosing a layer or a token only re-slices cached tables
+    assert page.last_redraw_ms < 300
+
+
+def test_second_analysis_of_the_same_input_is_served_from_the_cache(page_with_run, monkeypatch):
+    page, _, _ = page_with_run
+    page.analyse(wait=True)
+    first = page.analysis
+    monkeypatch.setattr(residual, "contributions", lambda *a, **k: pytest.fail("recomputed"))
+    page.analyse(wait=True)
+    assert page.analysis is first
+
+
+def test_typed_text_and_clear_errors(page_with_run):
+    page, _, ds = page_with_run
+    page.input_kind.value = "Typed text"
+    page.text.value = "the cat"
+    page.analyse(wait=True)
+    assert page.errors.text == ""
+    assert page.analysis.tokens == list("the cat") and page.position.end == 6
+    page.text.value = "the cat \u00e9"
+    page.analyse(wait=True)
+    assert "not in the model's vocabulary" in page.errors.text
+    page.text.value = "x" * 40
+    page.analyse(wait=True)
+    assert "context is 16" in page.errors.text
+
+
+def test_hugging_face_directory_source(store, tmp_path):
+    run, ds = _text_run()
+    path = wb.interop.export_gpt2(run.model, tmp_path / "gpt2", vocab=ds.vocab, dataset=ds.spec())
+    page = ResidualPage(DataStore(store))
+    page.source.value = "Hugging Face directory"
+    assert page.hf_path.visible and not page.run_select.visible
+    page.hf_path.value = str(tmp_path / "missing")
+    page.analyse(wait=True)
+    assert "not a Hugging Face model directory" in page.errors.text
+    page.hf_path.value = str(path)
+    page.analyse(wait=True)  # dataset sample 0 from the spec saved with the export
+    assert page.errors.text == "", page.errors.text
+    ours = residual.contributions(run.model, ds.x_val[:1])
+    assert page.analysis.contrib[["rel_norm", "cosine"]].to_numpy() == pytest.approx(
+        ours[["rel_norm", "cosine"]].to_numpy(), rel=1e-4, abs=1e-6)
+
+
+def test_growth_run_can_be_stepped_stage_by_stage(store):
+    ds = wb.data.load("text", context=16, corpus_chars=4000)
+    model = wb.models.build(_config(ds, 1))
+    ids, parent = [], None
+    for stage in range(3):
+        if stage:
+            wb.growth.add_layer(model, init="zero")
+            wb.growth.freeze(model, below=stage)
+        run = wb.train(model, ds, wb.TrainConfig(steps=3, eval_every=3, eval_max=32), name=f"grow-{stage}")
+        run.meta = {"group": "g1", "stage": stage, "parent": parent}
+        parent = store.save(run)
+        ids.append(parent)
+    page = ResidualPage(DataStore(store))
+    page.run_select.value = ids[0]
+    assert page.stage.visible and list(page.stage.options.values()) == ids
+    page.analyse(wait=True)
+    assert page.errors.text == "" and page.analysis.n_layers == 1
+    assert page.stages_pane.visible
+    lines = page.stages_pane.object.data
+    assert [t.name for t in lines] == ["stage 0", "stage 1", "stage 2"]
+    assert list(lines[2].x) == [0, 1, 2]
+    page.stage.value = ids[2]  # analyses the chosen stage in the background
+    page.task.join(60)
+    assert page.run_select.value == ids[2] and page.analysis.n_layers == 3 and page.layer.end == 2
+
+
+def test_vector_model_uses_a_batch_of_samples(store):
+    ds = wb.data.load("digits")
+    model = wb.models.build(wb.models.MLPConfig(d_in=64, n_classes=10, d_model=32, n_layers=2, d_hidden=32))
+    run_id = store.save(wb.train(model, ds, wb.TrainConfig(steps=3, eval_every=3)))
+    page = ResidualPage(DataStore(store))
+    page.run_select.value = run_id
+    page.analyse(wait=True)
+    assert page.errors.text == ""
+    assert page.position.disabled and list(page.analysis.contrib.sublayer.unique()) == ["layer"]
+    page.input_kind.value = "Typed text"
+    page.text.value = "1 2"
+    page.analyse(wait=True)
+    assert "sequence model" in page.errors.text
+
+
+def test_page_renders(page_with_run):
+    page, _, _ = page_with_run
+    assert page.__panel__() is not None

@@ -1,0 +1,237 @@
+"""Residual-stream figures from the tidy tables of :mod:`workbench.residual`. Pure: DataFrame -> plotly Figure."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+__all__ = ["contributions_figure", "stages_figure", "position_figure", "lens_heatmap", "skip_heatmap",
+           "skip_output_figure", "attribution_figure", "token_labels"]
+
+SUBLAYER_COLORS = {"attn": "#1f77b4", "mlp": "#ff7f0e", "layer": "#2ca02c"}
+_LAYOUT = dict(template="plotly_white", margin=dict(l=55, r=20, t=50, b=45))
+
+
+def _empty(title: str, height: int = 320) -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(title=title or None, height=height, **_LAYOUT,
+                      annotations=[dict(text="no data yet", showarrow=False, x=0.5, y=0.5, xref="paper",
+                                        yref="paper", font=dict(color="#888"))])
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def token_labels(tokens: list[str] | None, n: int) -> list[str]:
+    """Unique, readable x labels ``"3:a"`` for positions (spaces and newlines made visible)."""
+    if tokens is None:
+        return [str(i) for i in range(n)]
+    show = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"}
+    return [f"{i}:{show.get(t, t)}" for i, t in enumerate(tokens[:n])] + [str(i) for i in range(len(tokens), n)]
+
+
+def _highlight(fig: go.Figure, layer, row=None, col=None) -> None:
+    if layer is None:
+        return
+    kw = {} if row is None else dict(row=row, col=col)
+    fig.add_vrect(x0=layer - 0.5, x1=layer + 0.5, fillcolor="#999", opacity=0.15, line_width=0, **kw)
+
+
+def contributions_figure(df: pd.DataFrame | None, highlight_layer: int | None = None, title: str = "") -> go.Figure:
+    """Relative contribution (bars) and cosine with the residual (lines) per layer and sublayer.
+
+    ``df``: :func:`workbench.residual.contributions` output (``layer, sublayer, rel_norm, cosine``).
+    """
+    title = title or "What each layer writes: ||out|| / ||residual||, and cos(out, residual)"
+    if df is None or not len(df):
+        return _empty(title, 340)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("relative contribution", "cosine with the residual"),
+                        horizontal_spacing=0.1)
+    for sub in [s for s in ("attn", "mlp", "layer") if s in set(df["sublayer"])]:
+        sel = df[df["sublayer"] == sub]
+        color = SUBLAYER_COLORS[sub]
+        fig.add_trace(go.Bar(x=sel["layer"], y=sel["rel_norm"], name=sub, marker_color=color, legendgroup=sub),
+                      row=1, col=1)
+        fig.add_trace(go.Scatter(x=sel["layer"], y=sel["cosine"], name=sub, mode="lines+markers", line=dict(color=color),
+                                 legendgroup=sub, showlegend=False), row=1, col=2)
+    _highlight(fig, highlight_layer, 1, 1)
+    _highlight(fig, highlight_layer, 1, 2)
+    fig.add_hline(y=0, line=dict(color="#aaa", width=1), row=1, col=2)
+    fig.update_xaxes(title_text="layer", dtick=1)
+    fig.update_layout(title=title, height=340, barmode="group", legend=dict(orientation="h", y=-0.2), **_LAYOUT)
+    return fig
+
+
+def stages_figure(df: pd.DataFrame | None, sublayer: str = "layer", metric: str = "rel_norm",
+                  title: str = "") -> go.Figure:
+    """One line per growth stage: ``metric`` of ``sublayer`` against layer (``df`` has a ``stage`` column)."""
+    title = title or f"{metric} of each {sublayer} across growth stages"
+    if df is None or not len(df) or "stage" not in df:
+        return _empty(title, 320)
+    sel = df[df["sublayer"] == sublayer]
+    fig = go.Figure()
+    stages = sorted(sel["stage"].unique())
+    for k, stage in enumerate(stages):
+        s = sel[sel["stage"] == stage].sort_values("layer")
+        shade = 0.35 + 0.65 * (k + 1) / len(stages)
+        fig.add_trace(go.Scatter(x=s["layer"], y=s[metric], mode="lines+markers", name=f"stage {stage}",
+                                 line=dict(color=f"rgba(31,119,180,{shade:.2f})")))
+    fig.update_xaxes(title_text="layer", dtick=1)
+    fig.update_yaxes(title_text=metric)
+    fig.update_layout(title=title, height=320, **_LAYOUT)
+    return fig
+
+
+def position_figure(df: pd.DataFrame | None, layer: int, tokens: list[str] | None = None,
+                    highlight_position: int | None = None) -> go.Figure:
+    """Relative contribution of one layer's sublayers at every position (per-position contributions)."""
+    title = f"Layer {layer}: relative contribution at each position"
+    if df is None or not len(df) or "position" not in df:
+        return _empty(title, 300)
+    sel = df[df["layer"] == layer]
+    if not len(sel):
+        return _empty(title, 300)
+    n = int(sel["position"].max()) + 1
+    labels = token_labels(tokens, n)
+    fig = go.Figure()
+    for sub in [s for s in ("attn", "mlp", "layer") if s in set(sel["sublayer"])]:
+        s = sel[sel["sublayer"] == sub].sort_values("position")
+        fig.add_trace(go.Scatter(x=[labels[p] for p in s["position"]], y=s["rel_norm"], name=sub,
+                                 mode="lines+markers", line=dict(color=SUBLAYER_COLORS[sub])))
+    if highlight_position is not None and 0 <= highlight_position < n:
+        fig.add_vrect(x0=highlight_position - 0.5, x1=highlight_position + 0.5, fillcolor="#999", opacity=0.15,
+                      line_width=0)
+    fig.update_xaxes(title_text="position", type="category")
+    fig.update_yaxes(title_text="rel_norm")
+    fig.update_layout(title=title, height=300, legend=dict(orientation="h", y=-0.35), **_LAYOUT)
+    return fig
+
+
+_LENS_TITLES = {"kl_to_final": "KL(final || lens) [nats]", "top1_agree": "lens top-1 = final top-1",
+                "loss": "lens loss [nats]"}
+
+
+def lens_heatmap(df: pd.DataFrame | None, metric: str = "kl_to_final", tokens: list[str] | None = None,
+                 highlight: tuple[int, int] | None = None) -> go.Figure:
+    """Logit lens over positions (x) and layers (y); ``df`` is ``logit_lens(..., per_position=True)``.
+
+    Layer ``l`` reads the residual entering block ``l``; the top row is the model's output.
+    ``highlight = (layer, position)`` draws a box around one cell.
+    """
+    title = f"Logit lens: {_LENS_TITLES.get(metric, metric)}"
+    if df is None or not len(df) or "position" not in df:
+        return _empty(title, 340)
+    grid = df.pivot(index="layer", columns="position", values=metric).sort_index()
+    n_layers = int(grid.index.max())
+    labels = token_labels(tokens, grid.shape[1])
+    ylabels = [f"{l}" if l < n_layers else f"{l} (out)" for l in grid.index]
+    fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=labels, y=ylabels, colorscale="Viridis",
+                               reversescale=metric == "top1_agree", colorbar=dict(title=metric, len=0.9),
+                               hovertemplate="position %{x}<br>layer %{y}<br>%{z:.3f}<extra></extra>"))
+    if highlight is not None:
+        layer, pos = highlight
+        fig.add_shape(type="rect", x0=pos - 0.5, x1=pos + 0.5, y0=layer - 0.5, y1=layer + 0.5,
+                      line=dict(color="red", width=2))
+    fig.update_xaxes(title_text="position", type="category")
+    fig.update_yaxes(title_text="layer (residual entering it)", type="category")
+    fig.update_layout(title=title, height=max(260, 60 + 28 * grid.shape[0]), **_LAYOUT)
+    return fig
+
+
+def skip_heatmap(heatmap: pd.DataFrame | None, n_layers: int | None = None, highlight_layer: int | None = None,
+                 title: str = "") -> go.Figure:
+    """Skipped layer (y) x affected later layer (x): relative change of the later layer's contribution."""
+    title = title or "Skip a layer: relative change ||d_l - d~_l|| / ||d_l|| of later layers"
+    if heatmap is None or not len(heatmap):
+        return _empty(title, 340)
+    L = n_layers or int(max(heatmap["skipped"].max(), heatmap["affected"].max())) + 1
+    z = np.full((L, L), np.nan)
+    for r in heatmap.itertuples():
+        z[int(r.skipped), int(r.affected)] = r.effect
+    fig = go.Figure(go.Heatmap(z=z, x=list(range(L)), y=list(range(L)), colorscale="Magma", reversescale=True,
+                               colorbar=dict(title="effect"),
+                               hovertemplate="skipped %{y}<br>affected %{x}<br>%{z:.3f}<extra></extra>"))
+    if highlight_layer is not None:
+        fig.add_shape(type="rect", x0=-0.5, x1=L - 0.5, y0=highlight_layer - 0.5, y1=highlight_layer + 0.5,
+                      line=dict(color="red", width=2))
+    fig.update_xaxes(title_text="affected layer", dtick=1)
+    fig.update_yaxes(title_text="skipped layer", dtick=1, autorange="reversed")
+    fig.update_layout(title=title, height=max(280, 80 + 30 * L), **_LAYOUT)
+    return fig
+
+
+def skip_output_figure(output: pd.DataFrame | None, title: str = "") -> go.Figure:
+    """Per skipped layer: KL of the output distribution and share of changed top-1 predictions."""
+    title = title or "Skip a layer: change of the output distribution"
+    if output is None or not len(output):
+        return _empty(title, 300)
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(x=output["skipped"], y=output["kl"], name="KL(full || skipped)", marker_color="#9467bd"))
+    fig.add_trace(go.Scatter(x=output["skipped"], y=output["top1_changed"], name="top-1 changed", mode="lines+markers",
+                             line=dict(color="#d62728")), secondary_y=True)
+    fig.update_xaxes(title_text="skipped layer", dtick=1)
+    fig.update_yaxes(title_text="KL [nats]", secondary_y=False)
+    fig.update_yaxes(title_text="share", range=[0, 1.02], secondary_y=True)
+    fig.update_layout(title=title, height=300, legend=dict(orientation="h", y=-0.3), **_LAYOUT)
+    return fig
+
+
+def attribution_figure(df: pd.DataFrame | None, position: int = 0, batch: int = 0, target_label: str | None = None,
+                       title: str = "") -> go.Figure:
+    """Direct logit attribution of each component to the target token at one position (horizontal bars).
+
+    ``df``: :func:`workbench.residual.logit_attribution` output.
+    """
+    if df is None or not len(df):
+        return _empty(title or "Direct logit attribution", 360)
+    sel = df[(df["position"] == position) & (df["batch"] == batch)]
+    if not len(sel):
+        return _empty(title or "Direct logit attribution", 360)
+    tgt = target_label if target_label is not None else str(int(sel["target"].iloc[0]))
+    title = title or f"Direct logit attribution to {tgt!r} at position {position} (sum = logit {sel.attribution.sum():.2f})"
+    colors = ["#d62728" if v < 0 else "#1f77b4" for v in sel["attribution"]]
+    fig = go.Figure(go.Bar(x=sel["attribution"], y=sel["component"], orientation="h", marker_color=colors,
+                           hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(title_text="contribution to the logit")
+    fig.update_layout(title=title, height=max(260, 60 + 18 * len(sel)), **_LAYOUT)
+    return fig
+
+
+# ----------------------------------------------------------------------------- fast updates
+# A page builds each figure once per analysis (``fig.to_dict()``) and, when a layer or token
+# is chosen, only swaps highlight shapes or data arrays in that dict: no Figure is rebuilt.
+
+
+def layer_band(layer: int, xref: str = "x", yref: str = "y domain") -> dict:
+    """A grey band over one layer of a bar/line chart (for :func:`with_shapes`)."""
+    return dict(type="rect", xref=xref, yref=yref, x0=layer - 0.5, x1=layer + 0.5, y0=0, y1=1,
+                fillcolor="#999", opacity=0.15, line=dict(width=0), layer="below")
+
+
+def cell_box(x: float, y: float, xref: str = "x", yref: str = "y") -> dict:
+    """A red box around one heat-map cell (category axes take integer coordinates)."""
+    return dict(type="rect", xref=xref, yref=yref, x0=x - 0.5, x1=x + 0.5, y0=y - 0.5, y1=y + 0.5,
+                line=dict(color="red", width=2))
+
+
+def row_box(row: int, n_cols: int, xref: str = "x", yref: str = "y") -> dict:
+    """A red box around one heat-map row."""
+    return dict(type="rect", xref=xref, yref=yref, x0=-0.5, x1=n_cols - 0.5, y0=row - 0.5, y1=row + 0.5,
+                line=dict(color="red", width=2))
+
+
+def with_shapes(fig: dict, shapes: list[dict], title: str | None = None) -> dict:
+    """A shallow copy of a figure dict with extra shapes (and optionally a new title)."""
+    layout = dict(fig["layout"])
+    layout["shapes"] = list(fig["layout"].get("shapes", ())) + list(shapes)
+    if title is not None:
+        layout["title"] = dict(layout.get("title") or {}, text=title)
+    return {"data": fig["data"], "layout": layout}
+
+
+def with_traces(fig: dict, updates: list[dict]) -> dict:
+    """A shallow copy of a figure dict whose i-th trace is updated with ``updates[i]``."""
+    data = [dict(trace, **upd) for trace, upd in zip(fig["data"], updates)] + list(fig["data"][len(updates):])
+    return {"data": data, "layout": fig["layout"]}

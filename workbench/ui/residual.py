@@ -1,0 +1,373 @@
+"""Residual stream page: what each layer writes, the logit lens, layer skipping and direct attribution.
+
+One analysis (every engine call) runs per (model, input) and is cached on the page; choosing a
+layer or a token only re-slices the cached tables and redraws, so it stays fast. No math here.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pandas as pd
+import panel as pn
+import torch
+
+from .. import data, interop, residual
+from ..figures import residual as figs
+from .common import BackgroundTask, ErrorBox, page_header, run_options
+
+EXPLANATION = """Each layer adds its attention and MLP outputs to the residual stream. **Relative
+contribution** = ||output|| / ||residual it is added to|| (Csordas et al. 2025), with the cosine between
+them. The **logit lens** reads every intermediate residual through the final norm and unembedding; the
+**skip heat-map** replaces one layer by the identity and measures how much every later layer's
+contribution changes. **Direct attribution** splits the chosen token's logit into the parts written by
+each component. Pick a layer or a token to focus the views; a growth run can be stepped stage by stage."""
+
+CODE = """import workbench as wb
+run = wb.RunStore().load(run_id)            # or: model, meta = wb.interop.load_gpt2(path)
+x = ...                                      # token ids (1, T) or vectors (B, d_in)
+wb.residual.contributions(run.model, x)                  # layer, sublayer, rel_norm, cosine
+wb.residual.logit_lens(run.model, x, per_position=True)  # layer, position, kl_to_final, top1_agree, loss
+wb.residual.skip_effects(run.model, x).heatmap           # skipped, affected, effect
+wb.residual.logit_attribution(run.model, x)              # component -> logit of the predicted token"""
+
+SOURCES = ["Stored run", "Hugging Face directory"]
+INPUTS = ["Dataset sample", "Typed text"]
+VECTOR_BATCH = 256  # vector datasets: analyse this many validation examples at once
+
+
+class Analysis:
+    """Everything the page shows for one (model, input); tables only, no tensors kept."""
+
+    def __init__(self, model, x, tokens: list[str] | None, vocab: list[str] | None, y=None):
+        self.tokens, self.vocab = tokens, vocab
+        self.sequence = residual.adapter(model).family == "transformer"
+        self.n_layers = residual.adapter(model).n_layers
+        self.contrib = residual.contributions(model, x)
+        self.contrib_pos = residual.contributions(model, x, per_position=True) if self.sequence else None
+        self.lens = residual.logit_lens(model, x, y=y)
+        self.lens_pos = residual.logit_lens(model, x, y=y, per_position=True) if self.sequence else None
+        self.skip = residual.skip_effects(model, x, y=y)
+        self.attribution = residual.logit_attribution(model, x[:1] if not self.sequence else x)
+        self.n_positions = int(x.shape[-1]) if self.sequence else 1
+        # slices for fast selection: per position the attribution bars, per layer the position curves
+        self.attr_at = {int(p): (g["component"].tolist(), g["attribution"].tolist(), int(g["target"].iloc[0]))
+                        for p, g in self.attribution[self.attribution["batch"] == 0].groupby("position")}
+        self.sublayers = [s for s in ("attn", "mlp", "layer") if s in set(self.contrib["sublayer"])]
+        self.by_layer = {}
+        if self.contrib_pos is not None:
+            for (layer, sub), g in self.contrib_pos.groupby(["layer", "sublayer"]):
+                self.by_layer.setdefault(int(layer), {})[sub] = g.sort_values("position")["rel_norm"].tolist()
+
+    def target_label(self, position: int) -> str:
+        t = self.attr_at.get(position, ([], [], 0))[2]
+        return self.vocab[t] if self.vocab and 0 <= t < len(self.vocab) else str(t)
+
+
+class ResidualPage(pn.viewable.Viewer):
+    """Choose a stored run (any growth stage) or a local Hugging Face GPT-2 directory, and an input."""
+
+    def __init__(self, datastore, **params):
+        super().__init__(**params)
+        self.datastore = datastore
+        self.source = pn.widgets.RadioButtonGroup(options=SOURCES, value=SOURCES[0])
+        self.run_select = pn.widgets.Select(label="run", options={}, width=420)
+        self.hf_path = pn.widgets.TextInput(label="Hugging Face directory", placeholder="/path/to/gpt2-dir",
+                                            width=420, visible=False)
+        self.input_kind = pn.widgets.RadioButtonGroup(options=INPUTS, value=INPUTS[0])
+        self.sample = pn.widgets.IntInput(label="sample (validation split)", value=0, start=0, width=170)
+        self.text = pn.widgets.TextInput(label="text (characters of the vocabulary, or token ids '3 1 4')",
+                                         placeholder="The cat sees the moon.", width=420, visible=False)
+        self.analyse_button = pn.widgets.Button(label="Analyse", button_type="primary", width=100)
+        self.analyse_button.on_click(lambda _: self.analyse())
+        self.stage = pn.widgets.DiscreteSlider(label="growth stage", options={"-": None}, visible=False, width=300)
+        self.layer = pn.widgets.IntSlider(label="layer", start=0, end=1, value=0, width=260, disabled=True)
+        self.position = pn.widgets.IntSlider(label="token position", start=0, end=1, value=0, width=260,
+                                             disabled=True)
+        self.lens_metric = pn.widgets.Select(label="lens shows", options=list(figs._LENS_TITLES), width=150)
+        self.errors = ErrorBox()
+        self.summary = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.contrib_pane = pn.pane.Plotly(figs.contributions_figure(None), sizing_mode="stretch_width", height=340)
+        self.position_pane = pn.pane.Plotly(figs.position_figure(None, 0), sizing_mode="stretch_width", height=300)
+        self.lens_pane = pn.pane.Plotly(figs.lens_heatmap(None), sizing_mode="stretch_width", height=340)
+        self.skip_pane = pn.pane.Plotly(figs.skip_heatmap(None), sizing_mode="stretch_width", height=340)
+        self.skip_out_pane = pn.pane.Plotly(figs.skip_output_figure(None), sizing_mode="stretch_width", height=300)
+        self.attr_pane = pn.pane.Plotly(figs.attribution_figure(None), sizing_mode="stretch_width", height=380)
+        self.stages_pane = pn.pane.Plotly(figs.stages_figure(None), sizing_mode="stretch_width", height=320,
+                                          visible=False)
+        self.task = BackgroundTask(on_done=self._on_done)
+        self.task.param.watch(lambda e: setattr(self.analyse_button, "disabled", e.new == "running"), "status")
+        self.analysis: Analysis | None = None
+        self.last_redraw_ms = 0.0
+        self._cache: dict = {}       # (model key, input key) -> Analysis
+        self._models: dict = {}      # model key -> (model, vocab, dataset spec)
+        self._datasets: dict = {}    # dataset spec json -> Dataset
+        self._stage_stats: dict = {}  # (group, input key) -> DataFrame with a stage column
+        self.source.param.watch(lambda _: self._sync_visibility(), "value")
+        self.input_kind.param.watch(lambda _: self._sync_visibility(), "value")
+        self.run_select.param.watch(lambda _: self._sync_stages(), "value")
+        self.stage.param.watch(self._stage_changed, "value")
+        self.layer.param.watch(lambda _: self._redraw("layer"), "value")
+        self.position.param.watch(lambda _: self._redraw("position"), "value")
+        self.lens_metric.param.watch(lambda _: self._redraw("position"), "value")
+        self.datastore.param.watch(lambda _: self._refresh_runs(), "version")
+        self._refresh_runs()
+
+    # ---------------------------------------------------------------- choices
+    def _refresh_runs(self) -> None:
+        options = run_options(self.datastore.runs)
+        current = self.run_select.value
+        self.run_select.options = options
+        if current in options.values():
+            self.run_select.value = current
+        self._sync_stages()
+
+    def _sync_visibility(self) -> None:
+        hf = self.source.value == SOURCES[1]
+        self.run_select.visible, self.hf_path.visible = not hf, hf
+        typed = self.input_kind.value == INPUTS[1]
+        self.text.visible, self.sample.visible = typed, not typed
+        self._sync_stages()
+
+    def _group_runs(self) -> pd.DataFrame:
+        runs = self.datastore.runs
+        run_id = self.run_select.value
+        if self.source.value != SOURCES[0] or runs is None or not len(runs) or run_id is None:
+            return runs.iloc[:0] if runs is not None else pd.DataFrame()
+        row = runs[runs["run_id"] == run_id]
+        if not len(row) or pd.isna(row["group_name"].iloc[0]) or row["group_name"].iloc[0] in ("", None):
+            return runs.iloc[:0]
+        group = runs[(runs["group_name"] == row["group_name"].iloc[0]) & runs["stage"].notna()]
+        return group.sort_values("stage")
+
+    def _sync_stages(self) -> None:
+        group = self._group_runs()
+        if len(group) > 1:
+            opts = {f"stage {int(r.stage)} ({int(r.n_layers)} layers)": r.run_id for r in group.itertuples()}
+            self.stage.options = opts
+            if self.run_select.value in opts.values():
+                self.stage.value = self.run_select.value
+            self.stage.visible = True
+        else:
+            self.stage.visible = False
+
+    def _stage_changed(self, event) -> None:
+        if event.new and event.new != self.run_select.value and event.new in self.run_select.options.values():
+            self.run_select.value = event.new
+            if self.analysis is not None:
+                self.analyse()
+
+    # ---------------------------------------------------------------- loading
+    def _dataset(self, spec: dict):
+        key = json.dumps(spec, sort_keys=True, default=str)
+        if key not in self._datasets:
+            spec = dict(spec)
+            self._datasets[key] = data.load(spec.pop("name"), **spec)
+        return self._datasets[key]
+
+    def _model(self):
+        """``(key, model, vocab, dataset spec or None)`` of the chosen source (cached)."""
+        if self.source.value == SOURCES[0]:
+            run_id = self.run_select.value
+            if not run_id:
+                raise ValueError("no stored run chosen: train or grow one first (or pick a Hugging Face directory)")
+            key = ("run", run_id)
+            if key not in self._models:
+                run = self.datastore.load(run_id)
+                vocab = getattr(run.model.config, "vocab", None)
+                self._models[key] = (run.model, vocab, run.dataset)
+        else:
+            path = self.hf_path.value.strip()
+            if not path:
+                raise ValueError("type the path of a local Hugging Face GPT-2 directory")
+            key = ("hf", path)
+            if key not in self._models:
+                model, meta = interop.load_gpt2(path)
+                self._models[key] = (model, meta.get("vocab"), meta.get("dataset"))
+        model, vocab, spec = self._models[key]
+        return key, model, vocab, spec
+
+    def _input(self, model, vocab, spec):
+        """``(input key, x, tokens, y)`` for the chosen input."""
+        sequence = residual.adapter(model).family == "transformer"
+        if self.input_kind.value == INPUTS[1]:
+            if not sequence:
+                raise ValueError("typed text needs a sequence model; vector models take dataset samples")
+            text = self.text.value
+            if not text:
+                raise ValueError("type some text (or choose a dataset sample)")
+            ids = _encode(text, vocab)
+            n_vocab = int(model.config.vocab_size)
+            if any(not 0 <= i < n_vocab for i in ids):
+                raise ValueError(f"token ids must be in [0, {n_vocab - 1}]")
+            context = _context(model)
+            if len(ids) > context:
+                raise ValueError(f"the text has {len(ids)} tokens; this model's context is {context}")
+            tokens = [vocab[i] for i in ids] if vocab else [str(i) for i in ids]
+            return ("text", text), torch.tensor([ids]), tokens, None
+        if not spec:
+            raise ValueError("this model has no dataset recorded; type text (or token ids) instead")
+        ds = self._dataset(spec)
+        x_val, y_val = ds.split("val")
+        i = int(self.sample.value or 0)
+        if sequence:
+            if not 0 <= i < len(x_val):
+                raise ValueError(f"sample must be in [0, {len(x_val) - 1}], got {i}")
+            x = x_val[i:i + 1]
+            tokens = [ds.vocab[int(t)] for t in x[0]] if ds.vocab else None
+            y = y_val[i:i + 1]
+            if ds.name == "text":
+                y = None  # next-token targets of the window itself
+            return ("sample", i), x, tokens, y
+        start = min(max(i, 0), max(len(x_val) - VECTOR_BATCH, 0))
+        return ("batch", start), x_val[start:start + VECTOR_BATCH], None, y_val[start:start + VECTOR_BATCH]
+
+    # ---------------------------------------------------------------- analysis
+    def analyse(self, wait: bool = False) -> None:
+        """Load the model and input, then run every analysis (cached per model and input)."""
+        self.errors.clear()
+        try:
+            key, model, vocab, spec = self._model()
+            input_key, x, tokens, y = self._input(model, vocab, spec)
+        except Exception as e:  # shown on the page; the session keeps working
+            self.errors.show(e)
+            return
+        cache_key = (key, input_key)
+        group = self._group_runs()
+        if cache_key in self._cache and (len(group) <= 1 or (tuple(group["run_id"]), input_key) in self._stage_stats):
+            self._on_done((cache_key, self._cache[cache_key], None))
+            return
+        job_args = (cache_key, model, x, tokens, vocab, y, group, input_key)
+        if wait:
+            self.task.run_now(self._job, *job_args)
+        else:
+            self.task.start(self._job, *job_args)
+
+    def _job(self, ctx, cache_key, model, x, tokens, vocab, y, group, input_key):
+        ctx.report(message="analysing", progress=0.1)
+        analysis = self._cache.get(cache_key) or Analysis(model, x, tokens, vocab, y)
+        stages = None
+        if len(group) > 1:
+            gkey = (tuple(group["run_id"]), input_key)
+            stages = self._stage_stats.get(gkey)
+            if stages is None:
+                frames = []
+                for k, r in enumerate(group.itertuples()):
+                    if ctx.stopped:
+                        break
+                    ctx.report(message=f"stage {int(r.stage)}", progress=0.2 + 0.8 * k / len(group))
+                    m = self.datastore.load(r.run_id).model
+                    frames.append(residual.contributions(m, x).assign(stage=int(r.stage)))
+                stages = pd.concat(frames, ignore_index=True) if frames else None
+                self._stage_stats[gkey] = stages
+        return cache_key, analysis, stages
+
+    def _on_done(self, result) -> None:
+        cache_key, analysis, stages = result
+        self._cache[cache_key] = analysis
+        self.analysis = analysis
+        if stages is None and len(self._group_runs()) > 1:
+            stages = self._stage_stats.get((tuple(self._group_runs()["run_id"]), cache_key[1]))
+        self.stages_pane.visible = stages is not None
+        if stages is not None:
+            self.stages_pane.object = figs.stages_figure(stages)
+        L = analysis.n_layers
+        with pn.io.hold():
+            self.layer.end = max(L - 1, 1)
+            self.layer.value = min(self.layer.value, max(L - 1, 0))
+            self.layer.disabled = L == 0
+            self.position.end = max(analysis.n_positions - 1, 1)
+            self.position.value = min(self.position.value, analysis.n_positions - 1)
+            self.position.disabled = not analysis.sequence
+            self.skip_out_pane.object = figs.skip_output_figure(analysis.skip.output)
+            self._build_figures()
+            self._redraw("all")
+        last = analysis.lens.iloc[-1] if len(analysis.lens) else None
+        self.summary.object = (f"{L} layers; logit lens at the output: loss {last.loss:.3f}" if last is not None else "")
+
+    def _build_figures(self) -> None:
+        """Full figures once per analysis, kept as dicts that :meth:`_redraw` patches."""
+        a = self.analysis
+        self._figs = {
+            "contrib": figs.contributions_figure(a.contrib).to_dict(),
+            "skip": figs.skip_heatmap(a.skip.heatmap, a.n_layers).to_dict(),
+            "attr": figs.attribution_figure(a.attribution, position=0, target_label=a.target_label(0)).to_dict(),
+        }
+        if a.sequence and a.n_layers:
+            self._figs["position"] = figs.position_figure(a.contrib_pos, 0, a.tokens).to_dict()
+        self._lens_figs = {}
+
+    def _lens_fig(self, metric: str) -> dict:
+        if metric not in self._lens_figs:
+            a = self.analysis
+            self._lens_figs[metric] = figs.lens_heatmap(a.lens_pos, metric, a.tokens).to_dict()
+        return self._lens_figs[metric]
+
+    def _redraw(self, what: str) -> None:
+        """Re-slice the cached tables for the chosen layer / token and patch the figures (no forward pass)."""
+        a = self.analysis
+        if a is None:
+            return
+        t0 = time.perf_counter()
+        layer = self.layer.value if a.n_layers else None
+        pos = self.position.value if a.sequence else 0
+        f = self._figs
+        with pn.io.hold():
+            if what in ("all", "layer") and layer is not None:
+                self.contrib_pane.object = figs.with_shapes(f["contrib"], [
+                    figs.layer_band(layer, "x", "y domain"), figs.layer_band(layer, "x2", "y2 domain")])
+                self.skip_pane.object = figs.with_shapes(f["skip"], [figs.row_box(layer, a.n_layers)])
+            elif what == "all":
+                self.contrib_pane.object, self.skip_pane.object = f["contrib"], f["skip"]
+            if a.sequence and layer is not None:
+                curves = a.by_layer.get(layer, {})
+                pos_fig = figs.with_traces(f["position"], [{"y": curves.get(s, [])} for s in a.sublayers])
+                self.position_pane.object = figs.with_shapes(
+                    pos_fig, [figs.layer_band(pos, "x", "y domain")],
+                    title=f"Layer {layer}: relative contribution at each position")
+                self.lens_pane.object = figs.with_shapes(self._lens_fig(self.lens_metric.value),
+                                                         [figs.cell_box(pos, layer)])
+            if what in ("all", "position"):
+                comps, values, _ = a.attr_at.get(pos, ([], [], 0))
+                bars = figs.with_traces(f["attr"], [{
+                    "x": values, "y": comps, "marker": {"color": ["#d62728" if v < 0 else "#1f77b4" for v in values]}}])
+                self.attr_pane.object = figs.with_shapes(
+                    bars, [],
+                    title=f"Direct logit attribution to {a.target_label(pos)!r} at position {pos} "
+                          f"(sum = logit {sum(values):.2f})")
+        self.last_redraw_ms = 1000 * (time.perf_counter() - t0)
+
+    # ---------------------------------------------------------------- layout
+    def __panel__(self):
+        return pn.Column(
+            page_header("Residual stream", EXPLANATION, CODE),
+            pn.Row(self.source, self.input_kind),
+            pn.Row(self.run_select, self.hf_path, self.sample, self.text, self.analyse_button, self.task.controls()),
+            self.stage, self.errors, self.summary,
+            pn.Row(self.layer, self.position, self.lens_metric),
+            self.contrib_pane, self.stages_pane,
+            pn.Row(self.lens_pane, self.attr_pane, sizing_mode="stretch_width"),
+            self.position_pane,
+            pn.Row(self.skip_pane, self.skip_out_pane, sizing_mode="stretch_width"),
+            sizing_mode="stretch_width",
+        )
+
+
+def _context(model) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "context", None) or getattr(cfg, "n_positions"))
+
+
+def _encode(text: str, vocab: list[str] | None) -> list[int]:
+    """Characters of the vocabulary, or whitespace-separated token ids when there is no vocabulary."""
+    if vocab:
+        index = {t: i for i, t in enumerate(vocab)}
+        unknown = sorted({c for c in text if c not in index})
+        if not unknown:
+            return [index[c] for c in text]
+        if not all(p.isdigit() for p in text.split()):
+            raise ValueError(f"characters not in the model's vocabulary: {unknown[:10]}")
+    parts = text.split()
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ValueError("this model has no vocabulary: type token ids separated by spaces, e.g. '3 1 4'")
+    return [int(p) for p in parts]
