@@ -1,0 +1,64 @@
+"""Compose page driven in Python: train two specialists, compose, read the table, sample text."""
+import pytest
+import torch
+
+import workbench as wb
+from workbench.ui.common import DataStore
+from workbench.ui.compose import ComposePage
+
+
+@pytest.fixture
+def page(store):
+    return ComposePage(DataStore(store))
+
+
+def test_page_renders_and_asks_for_specialists(page):
+    assert page.__panel__() is not None
+    page.run_compose(wait=True)
+    assert "at least one specialist" in page.errors.text
+    page.sample()
+    assert "compose first" in page.errors.text
+
+
+def test_train_two_compose_and_sample(page, store):
+    page.train_steps.value = 20
+    page.n_layers.value = 1
+    page.train_two(wait=True)
+    assert page.train_task.status == "done", page.train_task.error
+    listed = store.list()
+    assert len(listed) == 3 and set(listed["group_name"]) == {"compose"}
+    assert len(page.specialists.value) == 2 and page.base.value in set(listed["run_id"])
+    page.merges.value = ["logit mean", "gated mixture", "TIES", "LiNeS"]
+    page.run_compose(wait=True)
+    assert page.compose_task.status == "done", page.compose_task.error
+    table = page.result["table"]
+    assert set(table["domain"]) == {"grammar", "arithmetic"}
+    assert set(table["model"]) == {"grammar", "arithmetic", "logit mean", "gated mixture", "TIES", "LiNeS", "base"}
+    heat = page.heatmap.object.data[0]
+    assert len(heat.y) == 7 and list(heat.x) == ["grammar", "arithmetic"]
+    assert set(page.summary.object["model"]) == set(table["model"])
+    page.metric.value = "acc"
+    assert page.heatmap.object.data[0].colorbar.title.text == "acc"
+    page.sample_model.value = "logit mean"
+    page.prompt.value = "The "
+    page.n_chars.value = 30
+    page.sample()
+    assert page.errors.text == ""
+    text = page.sample_out.object
+    assert "The " in text and len(text) > 30
+    page.prompt.value = "~"  # not in the vocabulary
+    page.sample()
+    assert "not in the vocabulary" in page.errors.text
+
+
+def test_compose_refuses_specialists_on_different_substrates(page, store):
+    for seed, corpus in ((0, "grammar"), (1, "code")):
+        ds = wb.data.load("text", corpus=corpus, context=16, corpus_chars=2000)
+        model = wb.models.build(wb.models.config_for(ds, d_model=16, n_layers=1, n_heads=2, d_mlp=32,
+                                                     embedding="frozen-random", seed=seed))
+        page.datastore.save(wb.train(model, ds, wb.TrainConfig(steps=2, eval_every=2, eval_max=16)))
+    page.specialists.value = list(store.list()["run_id"])
+    page.merges.value = ["logit mean"]
+    page.run_compose(wait=True)
+    assert page.compose_task.status == "error"
+    assert "different vocabularies" in page.compose_task.error
