@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "load", "names", "options_spec", "IGNORE", "grammar_corpus", "CORPORA"]
+__all__ = ["Dataset", "load", "check_options", "names", "options_spec", "IGNORE", "grammar_corpus", "CORPORA"]
 
 IGNORE = -100
 
@@ -139,6 +139,12 @@ def _resolve_options(name: str, options: dict) -> dict:
             raise ValueError(f"{name}.{key} must be in {rng}, got {value!r}")
         out[key] = value
     return out
+
+
+def check_options(name: str, **options) -> dict:
+    """Validate options without building the data; returns them with defaults filled in."""
+    _check_name(name)
+    return _resolve_options(name, options)
 
 
 def load(name: str, **options) -> Dataset:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 __all__ = [
     "HookPoint", "MLPConfig", "TransformerConfig", "ResidualMLP", "Transformer",
     "MLPBlock", "TransformerBlock", "build", "config_from_dict", "config_to_dict",
-    "glyph_images", "count_params",
+    "glyph_images", "glyph_embedding", "count_params", "config_for",
 ]
 
 
@@ -360,6 +360,18 @@ def build(config: ModelConfig, device: str | torch.device | None = None) -> Resi
         else:
             raise TypeError(f"config must be an MLPConfig or TransformerConfig, got {type(config).__name__}")
     return model.to(device) if device is not None else model
+
+
+def config_for(dataset, **overrides) -> ModelConfig:
+    """A model config that fits ``dataset`` (input size, classes or vocabulary, context), validated.
+
+    Vector data -> :class:`MLPConfig`; sequence data -> :class:`TransformerConfig` with the
+    dataset's vocabulary (so glyph embeddings can be drawn). ``overrides`` set other fields.
+    """
+    if dataset.kind == "vector":
+        return MLPConfig(d_in=dataset.d_in, n_classes=dataset.n_classes, **overrides).validate()
+    base = dict(vocab_size=dataset.vocab_size, context=dataset.seq_len, vocab=list(dataset.vocab))
+    return TransformerConfig(**{**base, **overrides}).validate()
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

@@ -1,0 +1,111 @@
+"""Runs page: the stored runs as a table; curves and config of the selected one; delete; CSV export."""
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+import panel as pn
+
+from ..figures.training import config_table, training_curves
+from .common import ErrorBox, page_header
+
+EXPLANATION = """Every run saved by any page or notebook (one directory each: config JSON, safetensors
+weights, metrics CSV). Select a row to see its curves and configuration, export its metrics, or
+delete it."""
+
+CODE = """import workbench as wb
+store = wb.RunStore()           # $WORKBENCH_HOME or the user data directory
+store.list()                    # this table
+run = store.load(run_id)        # model, metrics, configs
+wb.figures.training.training_curves(run.metrics)"""
+
+_SHOWN = ["name", "dataset", "family", "n_layers", "d_model", "steps", "status", "val_loss", "val_acc", "stage",
+          "created", "run_id"]
+
+
+class RunsPage(pn.viewable.Viewer):
+    def __init__(self, datastore, **params):
+        super().__init__(**params)
+        self.datastore = datastore
+        self.table = pn.widgets.Tabulator(pd.DataFrame(columns=_SHOWN), selectable=1, disabled=True,
+                                          show_index=False, pagination="local", page_size=12,
+                                          sizing_mode="stretch_width", height=380)
+        self.refresh_button = pn.widgets.Button(name="Refresh", width=90)
+        self.refresh_button.on_click(lambda _: self.datastore.refresh())
+        self.delete_button = pn.widgets.Button(name="Delete…", button_type="danger", width=90, disabled=True)
+        self.confirm_button = pn.widgets.Button(name="Yes, delete this run", button_type="danger", visible=False)
+        self.cancel_button = pn.widgets.Button(name="Keep it", visible=False)
+        self.delete_button.on_click(lambda _: self._ask_delete())
+        self.confirm_button.on_click(lambda _: self.delete_selected())
+        self.cancel_button.on_click(lambda _: self._hide_confirm())
+        self.download = pn.widgets.FileDownload(callback=self._metrics_csv, filename="metrics.csv",
+                                                label="Export metrics CSV", button_type="default", disabled=True)
+        self.errors = ErrorBox()
+        self.plot = pn.pane.Plotly(training_curves(None), sizing_mode="stretch_width", height=340)
+        self.config_view = pn.widgets.Tabulator(pd.DataFrame(columns=["field", "value"]), disabled=True,
+                                                show_index=False, height=300, width=420)
+        self.table.param.watch(lambda _: self._show_selected(), "selection")
+        self.datastore.param.watch(lambda _: self._refresh_table(), "version")
+        self._refresh_table()
+
+    @property
+    def selected_id(self) -> str | None:
+        sel = self.table.selection
+        if not sel or sel[0] >= len(self.table.value):
+            return None
+        return str(self.table.value.iloc[sel[0]]["run_id"])
+
+    def select(self, run_id: str) -> None:
+        ids = list(self.table.value["run_id"])
+        self.table.selection = [ids.index(run_id)]
+
+    def _refresh_table(self) -> None:
+        runs = self.datastore.runs
+        self.table.value = runs[_SHOWN] if runs is not None and len(runs) else pd.DataFrame(columns=_SHOWN)
+        self.table.selection = []
+        self._show_selected()
+
+    def _show_selected(self) -> None:
+        run_id = self.selected_id
+        self._hide_confirm()
+        self.delete_button.disabled = self.download.disabled = run_id is None
+        self.errors.clear()
+        if run_id is None:
+            self.plot.object = training_curves(None)
+            self.config_view.value = pd.DataFrame(columns=["field", "value"])
+            return
+        try:
+            doc = self.datastore.store.read_json(run_id)
+            metrics = pd.read_csv(self.datastore.store.runs_dir / run_id / "metrics.csv")
+        except Exception as e:  # a corrupt run must not break the page
+            self.errors.show(e)
+            return
+        self.download.filename = f"{run_id}-metrics.csv"
+        self.plot.object = training_curves(metrics, title=doc["name"])
+        self.config_view.value = config_table({k: doc[k] for k in ("model", "train", "dataset", "meta") if k in doc})
+
+    def _metrics_csv(self):
+        run_id = self.selected_id
+        metrics = pd.read_csv(self.datastore.store.runs_dir / run_id / "metrics.csv")
+        return io.StringIO(metrics.to_csv(index=False))
+
+    def _ask_delete(self) -> None:
+        self.confirm_button.visible = self.cancel_button.visible = self.selected_id is not None
+
+    def _hide_confirm(self) -> None:
+        self.confirm_button.visible = self.cancel_button.visible = False
+
+    def delete_selected(self) -> None:
+        run_id = self.selected_id
+        if run_id is not None:
+            self.datastore.delete(run_id)
+        self._hide_confirm()
+
+    def __panel__(self):
+        return pn.Column(
+            page_header("Runs", EXPLANATION, CODE),
+            pn.Row(self.refresh_button, self.delete_button, self.confirm_button, self.cancel_button, self.download),
+            self.errors, self.table, pn.Row(self.plot, self.config_view, sizing_mode="stretch_width"),
+            sizing_mode="stretch_width",
+        )
