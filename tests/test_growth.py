@@ -1,5 +1,6 @@
 """Growth operators: function preservation, G_stack, freezing, optimizer state across growth."""
 import copy
+import math
 
 import pytest
 import torch
@@ -214,3 +215,241 @@ def test_optimizer_state_survives_growth():
     wb.train(model, ds, wb.TrainConfig(steps=3, eval_every=100), optimizer=opt, start_step=10)
     assert float(opt.state[w]["step"]) == 13  # continued, not restarted
     assert float(opt.state[new_block.fc.weight]["step"]) == 3
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _counted_flops(model, x):
+    """Independent count: torch's FlopCounterMode over one forward + backward (math attention kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.zero_grad(set_to_none=True)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x).float().pow(2).mean().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("family,norm", FAMILIES)
+@pytest.mark.parametrize("frozen", [None, 0, 1, 2, "middle", "embed-only"])
+def test_flop_count_matches_flop_counter(family, norm, frozen):
+    from workbench import flops
+
+    model = _model(family, norm, n_layers=3)
+    if frozen == "middle":
+        growth.freeze(model, layers=[1])
+    elif frozen == "embed-only":
+        for m in growth._embedding_modules(model):
+            m.requires_grad_(False)
+    elif frozen is not None:
+        growth.freeze(model, below=frozen)
+    x = _inputs(model, n=5)
+    expected = _counted_flops(model, x)
+    seq = None if family == "mlp" else model.config.context
+    got = flops.step_flops(model, batch_size=5, seq_len=seq)
+    assert got["total"] == expected
+    assert got["forward"] * 3 >= got["total"]
+
+
+def test_flops_shrink_with_freezing_and_grow_with_depth():
+    from workbench import flops
+
+    model = _tf(n_layers=2)
+    full = flops.flops_per_example(model)
+    growth.freeze(model, below=2)
+    assert flops.flops_per_example(model) < full
+    growth.unfreeze(model)
+    growth.add_layer(model)
+    assert flops.flops_per_example(model) > full
+
+
+def test_examples_seen_matches_the_trainer():
+    from workbench import flops
+
+    ds = wb.data.load("digits")  # 1437 training examples: epochs end with a short batch
+    seen = []
+
+    class Count(wb.Callback):
+        def on_step(self, state):
+            pass
+
+    model = build(MLPConfig(d_in=64, n_classes=10, d_model=8, d_hidden=8, n_layers=0))
+    orig = model.forward
+
+    def spy(x):
+        if torch.is_grad_enabled() and model.training:
+            seen.append(len(x))
+        return orig(x)
+
+    model.forward = spy
+    wb.train(model, ds, wb.TrainConfig(steps=30, batch_size=100, eval_every=1000))
+    for k in (0, 1, 14, 15, 16, 30):
+        assert flops.examples_seen(k, len(ds.x_train), 100) == sum(seen[:k])
+    assert flops.steps_for_budget(sum(seen[:16]) * 7, 7, len(ds.x_train), 100) == 16
+
+
+# ----------------------------------------------------------------------------- grow
+
+
+def _tiny_digits():
+    return wb.data.load("digits")
+
+
+def _tiny_mlp(n_layers=1):
+    return build(MLPConfig(d_in=64, n_classes=10, d_model=32, d_hidden=32, n_layers=n_layers))
+
+
+def test_grow_layerwise_records_stages_flops_and_freezing(store):
+    from workbench import flops
+
+    ds = _tiny_digits()
+    model = _tiny_mlp(1)
+    schedule = growth.preset("layerwise", steps=20, start_layers=1, final_layers=3)
+    assert [s.op for s in schedule] == ["train", "add_layer", "add_layer"]
+    run = growth.grow(model, ds, schedule, wb.TrainConfig(eval_every=10, batch_size=50), store=store, group="g1")
+    m = run.metrics
+    assert {"stage", "op", "n_layers", "trainable_params", "flops"} <= set(m.columns)
+    assert m["flops"].notna().all() and m["flops"].is_monotonic_increasing
+    assert sorted(m["stage"].unique()) == [0, 1, 2]
+    assert m.groupby("stage")["n_layers"].first().tolist() == [1, 2, 3]
+    assert int(m["step"].max()) == 60
+    assert model.config.n_layers == 3 and growth.frozen_layers(model) == [True, True, False]
+    # trainable params: stage 2 trains one block + final norm + readout only
+    tp = m.groupby("stage")["trainable_params"].first().tolist()
+    assert tp[2] < tp[0] + sum(p.numel() for p in model.blocks[2].parameters()) + 1
+    # FLOPs: per stage, per-example cost x examples, at that stage's depth and freezing
+    probe = _tiny_mlp(1)
+    f0 = flops.flops_per_example(probe) * flops.examples_seen(20, len(ds.x_train), 50)
+    assert m[m["step"] == 20]["flops"].iloc[0] == pytest.approx(f0)
+    # function preservation is visible on the curve: the eval right after growth equals the one before
+    val = m[(m["split"] == "val") & (m["metric"] == "loss")]
+    at20 = val[val["step"] == 20].sort_values("stage")["value"].tolist()
+    assert len(at20) == 2 and at20[0] == pytest.approx(at20[1], abs=1e-6)
+    # one store entry per stage, chained by parent
+    listing = store.list().sort_values("stage")
+    assert listing["stage"].tolist() == [0, 1, 2] and set(listing["group_name"]) == {"g1"}
+    ids = run.meta["stage_run_ids"]
+    assert run.run_id == ids[-1]
+    docs = [store.read_json(i)["meta"] for i in ids]
+    assert [d["parent"] for d in docs] == [None, ids[0], ids[1]]
+    loaded = store.load(ids[1])
+    assert loaded.model.config.n_layers == 2
+    assert set(loaded.metrics["stage"]) == {0, 1}
+
+
+def test_grow_keeps_optimizer_state_across_stages():
+    ds = _tiny_digits()
+    model = _tiny_mlp(1)
+    w = model.readout.weight
+    states = []
+    schedule = [growth.Stage("train", 5), growth.Stage("add_layer", 4, init="random")]
+
+    def on_stage(run):
+        states.append(float(run.optimizer.state[w]["step"]))
+
+    growth.grow(model, ds, schedule, wb.TrainConfig(eval_every=100), on_stage=on_stage)
+    assert states == [5.0, 9.0]
+
+
+def test_grow_stack_and_lr_per_stage():
+    ds = _tiny_digits()
+    model = _tiny_mlp(2)
+    run = growth.grow(model, ds, [growth.Stage("train", 5), growth.Stage("stack", 5, lr=1e-4, freeze=2)],
+                      wb.TrainConfig(eval_every=100))
+    assert model.config.n_layers == 4 and growth.frozen_layers(model) == [True, True, False, False]
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+def test_grow_a_model_loaded_from_the_store(store):
+    ds = _tiny_digits()
+    base = wb.train(_tiny_mlp(1), ds, wb.TrainConfig(steps=30, eval_every=100))
+    run_id = store.save(base)
+    loaded = store.load(run_id).model
+    x = ds.x_val[:50]
+    with torch.no_grad():
+        before = loaded(x)
+    run = growth.grow(loaded, ds, [growth.Stage("add_layer", 10, freeze="old")], wb.TrainConfig(eval_every=5))
+    first = run.metrics[(run.metrics["split"] == "val") & (run.metrics["metric"] == "loss")]["value"].iloc[0]
+    assert first == pytest.approx(base.final("loss"), abs=1e-6)  # zero init: same function after growth
+    assert loaded.config.n_layers == 2 and growth.frozen_layers(loaded) == [True, False]
+    assert before.shape == (50, 10)
+
+
+@pytest.mark.parametrize("schedule,match", [
+    ([growth.Stage("train", 0)], "stage 0 .*steps must be an integer >= 1"),
+    ([{"op": "add_layer", "steps": 5}, {"op": "shrink", "steps": 5}], "stage 1: unknown operation 'shrink'"),
+    ([{"op": "add_layer", "steps": 5, "freeze": 4}], r"stage 0 .*freeze must be .*\[0, 2\]"),
+    ([{"op": "train", "steps": 5, "colour": 1}], "unknown field"),
+    ([], "empty"),
+    ([{"op": "add_layer", "steps": 5, "init": "ones"}], "init must be one of"),
+    ([{"op": "train", "steps": 5, "lr": -1.0}], "lr must be"),
+])
+def test_bad_schedules_raise_clear_errors(schedule, match):
+    with pytest.raises(ValueError, match=match):
+        growth.grow(_tiny_mlp(1), _tiny_digits(), schedule)
+
+
+def test_grow_control_adds_a_layer_between_steps_and_stops():
+    ds = _tiny_digits()
+    model = _tiny_mlp(1)
+    control = growth.GrowControl()
+
+    class Press(wb.Callback):
+        def on_step(self, state):
+            if state.step == 3:
+                control.request_layer("zero")
+            if state.step == 12:
+                control.stop()
+
+    run = growth.grow(model, ds, [growth.Stage("train", 8, freeze="old")], wb.TrainConfig(eval_every=100),
+                      control=control, callbacks=[Press()])
+    # the requested layer came after step 3; the stage's remaining 5 steps followed, then nothing more
+    assert model.config.n_layers == 2
+    stages = run.meta["stages"]
+    assert [s["steps_done"] for s in stages] == [3, 5]
+    assert stages[0]["interrupted"] == "add_layer"
+    assert run.status == "completed"
+    control2 = growth.GrowControl()
+    control2.stop()
+    run2 = growth.grow(_tiny_mlp(1), ds, [growth.Stage("train", 8)], control=control2)
+    assert run2.status == "cancelled"
+
+
+def test_compare_equal_budgets_and_flops_to_target():
+    ds = _tiny_digits()
+    cmp = growth.compare([growth.Stage("train", 30), growth.Stage("add_layer", 30, freeze="old")], ds,
+                         dict(d_model=32, d_hidden=32, n_layers=1), wb.TrainConfig(eval_every=10, batch_size=32))
+    s = cmp.summary.set_index("method")
+    assert s.loc["grown", "n_layers"] == s.loc["scratch", "n_layers"] == 2
+    # the scratch run gets the grown run's budget (to within one step)
+    assert s.loc["scratch", "flops"] >= s.loc["grown", "flops"]
+    from workbench import flops
+    one_step = flops.flops_per_example(cmp.runs["scratch"].model) * 32
+    assert s.loc["scratch", "flops"] - s.loc["grown", "flops"] <= one_step
+    assert cmp.target_loss == pytest.approx(s.loc["scratch", "val_loss"])
+    assert cmp.flops_to_target["scratch"] <= s.loc["scratch", "flops"]
+    assert set(cmp.metrics["method"]) == {"grown", "scratch"}
+    if not math.isnan(cmp.ratio):
+        assert cmp.ratio == pytest.approx(cmp.flops_to_target["grown"] / cmp.flops_to_target["scratch"])
+
+
+def test_flops_to_reach_interpolates():
+    import pandas as pd
+
+    m = pd.DataFrame({"step": [0, 1, 2], "split": "val", "metric": "loss", "value": [3.0, 2.0, 1.0],
+                      "flops": [0.0, 10.0, 20.0]})
+    assert growth.flops_to_reach(m, 1.5) == pytest.approx(15.0)
+    assert growth.flops_to_reach(m, 3.0) == 0.0
+    assert math.isnan(growth.flops_to_reach(m, 0.5))
+
+
+def test_depth_sweep_table():
+    ds = _tiny_digits()
+    df = growth.depth_sweep({"digits": ds}, [0, 1], dict(d_model=16, d_hidden=16), wb.TrainConfig(steps=10))
+    assert set(df.columns) >= {"task", "depth", "seed", "split", "metric", "value", "flops"}
+    assert len(df) == 2 * 2 * 2
+    f = df.groupby("depth")["flops"].first()
+    assert f[1] > f[0]
+    with pytest.raises(ValueError, match="depths"):
+        growth.depth_sweep(ds, [])

@@ -26,10 +26,12 @@ import torch
 import torch.nn as nn
 
 from . import models as _models
+from .flops import examples_seen, flops_per_example, steps_for_budget
 from .training import Callback, TrainConfig
 
-__all__ = ["INITS", "add_layer", "stack", "freeze", "unfreeze", "frozen_layers", "rebuild_optimizer",
-           "FadeIn", "fading_blocks", "advance_fades"]
+__all__ = ["INITS", "OPS", "PRESETS", "add_layer", "stack", "freeze", "unfreeze", "frozen_layers", "block_table",
+           "rebuild_optimizer", "FadeIn", "fading_blocks", "advance_fades", "Stage", "check_schedule", "preset",
+           "schedule_depths", "GrowControl", "grow", "compare", "Comparison", "depth_sweep", "flops_to_reach"]
 
 INITS = ("zero", "copy", "random", "fade")
 
@@ -229,6 +231,30 @@ def frozen_layers(model: nn.Module) -> list[bool]:
     return [not any(p.requires_grad for p in b.parameters()) for b in _blocks(model)]
 
 
+def block_table(model: nn.Module):
+    """One row per block: ``layer, params, trainable_params, frozen, gate`` (gate: fade-in ``m``, 1 when done).
+
+    Rows for the embedding (``layer=-1``, ``part="embed"``) and the head (final norm + readout,
+    ``part="head"``) frame the blocks, so a strip of the whole model can be drawn.
+    """
+    import pandas as pd
+
+    def row(layer, part, modules):
+        params = {id(p): p for m in modules for p in m.parameters()}
+        n = sum(p.numel() for p in params.values())
+        t = sum(p.numel() for p in params.values() if p.requires_grad)
+        return {"layer": layer, "part": part, "params": n, "trainable_params": t, "frozen": n > 0 and t == 0}
+
+    rows = [row(-1, "embed", _embedding_modules(model))]
+    for i, b in enumerate(_blocks(model)):
+        rows.append({**row(i, "block", [b]), "gate": float(getattr(b, "residual_scale", 1.0))})
+    head = [m for m in (getattr(model, "final_norm", None), getattr(model, "readout", None)) if m is not None]
+    rows.append(row(len(_blocks(model)), "head", head))
+    df = pd.DataFrame(rows)
+    df["gate"] = df["gate"].fillna(1.0) if "gate" in df else 1.0
+    return df
+
+
 def rebuild_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                       config: TrainConfig | None = None, lr: float | None = None) -> torch.optim.AdamW:
     """A fresh AdamW over ``model``'s trainable parameters that keeps ``optimizer``'s state.
@@ -287,3 +313,489 @@ def advance_fades(model: nn.Module, steps: int = 1) -> None:
         if b.fade["done"] >= b.fade["steps"]:
             b.residual_scale = 1.0
             b.fade = None
+
+
+# ----------------------------------------------------------------------------- schedules
+
+OPS = ("train", "add_layer", "stack")
+
+
+@dataclass
+class Stage:
+    """One stage of a growth schedule: an operation, then ``steps`` of training."""
+
+    op: str = "train"                # "train" (no growth), "add_layer" or "stack"
+    steps: int = 200                 # optimizer steps trained after the operation (>= 1)
+    freeze: int | str | None = None  # None: all trainable; k: blocks below k (and the embedding) frozen;
+                                     # "old": every block that existed before this stage's operation
+    lr: float | None = None          # learning rate of this stage (None: the TrainConfig's)
+    init: str = "zero"               # add_layer: "zero", "copy", "random" or "fade"
+    n: int = 1                       # add_layer: how many blocks to add
+    position: str | int = "top"      # add_layer: "top", "bottom" or an index
+    factor: int = 2                  # stack: depth multiplier
+    fade_steps: int = 100            # add_layer with init="fade": steps of the 0 -> 1 ramp
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _as_stage(s, k: int) -> Stage:
+    if isinstance(s, Stage):
+        return s
+    if isinstance(s, dict):
+        names = {f.name for f in dataclasses.fields(Stage)}
+        unknown = set(s) - names
+        if unknown:
+            raise ValueError(f"stage {k}: unknown field(s) {sorted(unknown)}; allowed: {sorted(names)}")
+        return Stage(**s)
+    raise ValueError(f"stage {k}: expected a Stage or a dict, got {type(s).__name__}")
+
+
+def check_schedule(schedule, n_layers: int) -> list[Stage]:
+    """Validate a schedule for a model that starts with ``n_layers`` blocks; returns the Stages.
+
+    Errors name the stage: zero or negative steps, an unknown operation or init, freezing
+    more blocks than the model has at that stage, a bad learning rate.
+    """
+    if isinstance(schedule, (Stage, dict)) or not hasattr(schedule, "__iter__"):
+        raise ValueError("schedule must be a list of stages (Stage objects or dicts)")
+    stages = [_as_stage(s, k) for k, s in enumerate(schedule)]
+    if not stages:
+        raise ValueError("schedule is empty: give at least one stage")
+    depth = n_layers
+    for k, s in enumerate(stages):
+        where = f"stage {k} ({s.op})"
+        if s.op not in OPS:
+            raise ValueError(f"stage {k}: unknown operation {s.op!r}; allowed: {list(OPS)}")
+        if isinstance(s.steps, bool) or not isinstance(s.steps, int) or s.steps < 1:
+            raise ValueError(f"{where}: steps must be an integer >= 1, got {s.steps!r}")
+        if s.lr is not None and (isinstance(s.lr, bool) or not isinstance(s.lr, (int, float))
+                                 or not math.isfinite(s.lr) or not 0 < s.lr <= 10):
+            raise ValueError(f"{where}: lr must be a number in (0, 10] or None, got {s.lr!r}")
+        if s.op == "add_layer":
+            if s.init not in INITS:
+                raise ValueError(f"{where}: init must be one of {list(INITS)}, got {s.init!r}")
+            if isinstance(s.n, bool) or not isinstance(s.n, int) or s.n < 1:
+                raise ValueError(f"{where}: n must be an integer >= 1, got {s.n!r}")
+            if s.init == "copy" and depth == 0:
+                raise ValueError(f"{where}: init='copy' needs an existing block; the model has none")
+            _resolve_position(s.position, depth)
+            depth += s.n
+        elif s.op == "stack":
+            if isinstance(s.factor, bool) or not isinstance(s.factor, int) or s.factor < 1:
+                raise ValueError(f"{where}: factor must be an integer >= 1, got {s.factor!r}")
+            if depth == 0:
+                raise ValueError(f"{where}: stack needs at least one block; the model has none")
+            depth *= s.factor
+        if s.freeze is not None and s.freeze != "old":
+            if isinstance(s.freeze, bool) or not isinstance(s.freeze, int) or not 0 <= s.freeze <= depth:
+                raise ValueError(f"{where}: freeze must be None, 'old' or an integer in [0, {depth}] "
+                                 f"(the model has {depth} blocks at this stage), got {s.freeze!r}")
+    return stages
+
+
+PRESETS = ("layerwise", "gstack", "scratch")
+
+
+def preset(name: str, steps: int = 200, *, start_layers: int = 1, final_layers: int = 4, stack_at: int | None = None,
+           total_steps: int | None = None, init: str = "zero", freeze_lower: bool = True) -> list[Stage]:
+    """Ready-made schedules (the dashboard's presets).
+
+    - ``"layerwise"``: one layer at a time, lower layers frozen: train ``start_layers`` blocks
+      for ``steps``, then ``final_layers - start_layers`` times add one block (``init``) and
+      train ``steps`` with every older block frozen (``freeze_lower``).
+    - ``"gstack"``: G_stack at step N: train ``start_layers`` blocks for ``stack_at`` steps, stack
+      to ``final_layers`` (must be a multiple), train the rest of ``total_steps``.
+    - ``"scratch"``: one stage of ``total_steps`` (default ``steps * final_layers``); build the
+      model with ``final_layers`` blocks yourself.
+    """
+    if name == "layerwise":
+        out = [Stage("train", steps)]
+        out += [Stage("add_layer", steps, freeze="old" if freeze_lower else None, init=init)
+                for _ in range(final_layers - start_layers)]
+        return out
+    if name == "gstack":
+        total = total_steps or steps * 2
+        at = stack_at if stack_at is not None else total // 2
+        if final_layers % start_layers:
+            raise ValueError(f"gstack: final_layers ({final_layers}) must be a multiple of start_layers ({start_layers})")
+        if not 0 < at < total:
+            raise ValueError(f"gstack: stack_at must be in [1, {total - 1}], got {at}")
+        return [Stage("train", at), Stage("stack", total - at, factor=final_layers // start_layers)]
+    if name == "scratch":
+        return [Stage("train", total_steps or steps * final_layers)]
+    raise ValueError(f"preset must be one of {list(PRESETS)}, got {name!r}")
+
+
+def schedule_depths(schedule, n_layers: int) -> list[int]:
+    """Depth after each stage's operation."""
+    out, depth = [], n_layers
+    for s in check_schedule(schedule, n_layers):
+        if s.op == "add_layer":
+            depth += s.n
+        elif s.op == "stack":
+            depth *= s.factor
+        out.append(depth)
+    return out
+
+
+# ----------------------------------------------------------------------------- grow
+
+
+class GrowControl:
+    """Requests from another thread (the dashboard), honoured between steps by :func:`grow`.
+
+    ``request_layer(init)`` asks for one more block now: the current stage ends after the
+    step in progress, the block is added (with the stage's freeze policy) and training
+    continues for the stage's remaining steps. ``stop()`` ends the whole growth run.
+    """
+
+    def __init__(self, stop_event=None):
+        import threading
+
+        self.stop_event = stop_event or threading.Event()
+        self._lock = threading.Lock()
+        self._requests: list[str] = []
+
+    def request_layer(self, init: str = "zero") -> None:
+        if init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+        with self._lock:
+            self._requests.append(init)
+
+    def pending(self) -> bool:
+        return bool(self._requests)
+
+    def take(self) -> str | None:
+        with self._lock:
+            return self._requests.pop(0) if self._requests else None
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+class _Bookkeeping(Callback):
+    """Adds cumulative training FLOPs to every metrics row; honours a GrowControl between steps."""
+
+    def __init__(self, flops0: float, per_example: float, n_train: int, batch_size: int, start_step: int,
+                 control: GrowControl | None = None):
+        self.flops0, self.per_example = flops0, per_example
+        self.n_train, self.batch_size, self.start_step = n_train, batch_size, start_step
+        self.control, self._done = control, 0
+        self.interrupted: str | None = None
+
+    def flops_at(self, step: int) -> float:
+        return self.flops0 + self.per_example * examples_seen(step - self.start_step, self.n_train, self.batch_size)
+
+    def _fill(self, rows) -> None:
+        for r in rows:
+            if "flops" not in r:
+                r["flops"] = float(self.flops_at(r["step"]))
+
+    def on_step(self, state) -> None:
+        self._fill(state.rows[self._done:])
+        self._done = len(state.rows)
+
+    def on_eval(self, state, rows) -> None:
+        self._fill(rows)
+        self._done = len(state.rows)
+
+    def check_control(self, state) -> None:
+        """Runs after every other callback of the step: end the stage on a request or a stop."""
+        if self.control is not None:
+            if self.control.stop_event.is_set():
+                state.stop, self.interrupted = True, "stop"
+            elif self.control.pending():
+                state.stop, self.interrupted = True, "add_layer"
+
+
+class _ControlCheck(Callback):
+    def __init__(self, book: _Bookkeeping):
+        self.book = book
+
+    def on_step(self, state) -> None:
+        self.book.check_control(state)
+
+
+def _dataset_obj(dataset):
+    from . import data as _data
+
+    if isinstance(dataset, _data.Dataset):
+        return dataset
+    if isinstance(dataset, dict):
+        d = dict(dataset)
+        return _data.load(d.pop("name"), **d)
+    if isinstance(dataset, str):
+        return _data.load(dataset)
+    raise TypeError(f"dataset must be a Dataset, a name or a spec dict, got {type(dataset).__name__}")
+
+
+def _apply_freeze(model: nn.Module, freeze_spec, old_blocks: set[int]) -> None:
+    """Reset to all-trainable, then freeze per a Stage's ``freeze`` (``old_blocks``: ids of blocks before the op)."""
+    unfreeze(model)
+    if freeze_spec == "old":
+        idx = [i for i, b in enumerate(_blocks(model)) if id(b) in old_blocks]
+        if idx:
+            freeze(model, layers=idx, embed=True)
+            for m in _embedding_modules(model):
+                m.requires_grad_(False)
+    elif freeze_spec:
+        freeze(model, below=freeze_spec)
+
+
+def _apply_op(model: nn.Module, s: Stage) -> None:
+    if s.op == "add_layer":
+        for _ in range(s.n):
+            add_layer(model, init=s.init, position=s.position, fade_steps=s.fade_steps)
+    elif s.op == "stack":
+        stack(model, s.factor)
+
+
+def grow(model: nn.Module, dataset, schedule, config: TrainConfig | None = None, *, store=None,
+         group: str | None = None, name: str | None = None, callbacks=(), control: GrowControl | None = None,
+         optimizer: torch.optim.Optimizer | None = None, on_stage=None):
+    """Train ``model`` in place through a growth ``schedule``; returns one :class:`~workbench.training.Run`.
+
+    Each stage applies its operation (``train``: none, ``add_layer``, ``stack``), sets what is
+    frozen, rebuilds AdamW keeping the state of existing parameters (:func:`rebuild_optimizer`),
+    evaluates once right after the operation (so function preservation shows on the curves)
+    and trains ``steps`` steps with ``wb.train``. Stage ``k`` trains with
+    ``replace(config, steps=stage.steps, lr=stage.lr or config.lr, seed=config.seed + k)``;
+    warm-up applies to the first stage only.
+
+    The Run's metrics carry the columns ``stage``, ``op``, ``n_layers``, ``trainable_params`` and
+    cumulative training ``flops`` (:mod:`workbench.flops`). With ``store``, every stage is
+    saved when it ends (weights at that point, metrics so far) with
+    ``meta = {"group", "stage", "parent", ...}``; the returned Run is the last stage's entry.
+    ``control`` (a :class:`GrowControl`) lets another thread add a layer now or stop.
+    ``on_stage(run_k)`` is called after each stage (the dashboard refreshes its strip there).
+    """
+    import uuid
+
+    import pandas as pd
+
+    from . import training as _training
+    from .models import count_params
+
+    ds = _dataset_obj(dataset)
+    config = (config or TrainConfig()).validate()
+    stages = check_schedule(schedule, len(_blocks(model)))
+    group = group or f"grow-{uuid.uuid4().hex[:8]}"
+    name = name or f"{ds.name}-grow"
+    seq_len = ds.seq_len if ds.kind == "sequence" else None
+    flops_total, step, parent = 0.0, 0, None
+    frames, run_ids, stage_log = [], [], []
+    opt, status = optimizer, "completed"
+    pending = list(enumerate(stages))
+    stage_idx = 0
+    last_cfg = config
+    while pending:
+        k, s = pending.pop(0)
+        old_blocks = {id(b) for b in _blocks(model)}
+        op_name = s.op
+        _apply_op(model, s)
+        _apply_freeze(model, s.freeze, old_blocks)
+        opt = rebuild_optimizer(model, opt, config, lr=s.lr or config.lr)
+        cfg = dataclasses.replace(config, steps=s.steps, lr=s.lr or config.lr, seed=config.seed + stage_idx,
+                                  warmup=config.warmup if stage_idx == 0 else 0)
+        last_cfg = cfg
+        per_example = flops_per_example(model, seq_len)
+        extra = {"stage": stage_idx, "op": op_name, "n_layers": len(_blocks(model)),
+                 "trainable_params": count_params(model, trainable_only=True)}
+        book = _Bookkeeping(flops_total, per_example, len(ds.x_train), cfg.batch_size, step, control)
+        cbs = [book, FadeIn(), *callbacks, _ControlCheck(book)]
+        if True:  # evaluate at the start of every stage (right after growth: function preservation shows)
+            rows = [{"step": step, "split": split, "metric": metric, "value": value, **extra, "flops": flops_total}
+                    for split in ("train", "val")
+                    for metric, value in _training.evaluate(model, ds, split, cfg.eval_max).items()]
+            frames.append(pd.DataFrame(rows))
+        run_k = _training.train(model, ds, cfg, callbacks=cbs, optimizer=opt, start_step=step,
+                                name=f"{name}-stage{stage_idx}", extra=extra)
+        m = run_k.metrics
+        if "flops" in m.columns and m["flops"].isna().any():
+            m["flops"] = [book.flops_at(s_) if pd.isna(f) else f for s_, f in zip(m["step"], m["flops"])]
+        elif "flops" not in m.columns:
+            m["flops"] = [book.flops_at(s_) for s_ in m["step"]]
+        frames.append(m)
+        done_steps = int(m["step"].max()) - step if len(m) else 0
+        step += done_steps
+        flops_total = book.flops_at(step)
+        interrupted = book.interrupted
+        if run_k.status == "diverged":
+            status = "diverged"
+        elif run_k.status == "cancelled" and interrupted != "add_layer":
+            status = "cancelled"
+        entry = {**s.to_dict(), "stage": stage_idx, "steps_done": done_steps, "n_layers": len(_blocks(model)),
+                 "frozen": frozen_layers(model), "interrupted": interrupted, "flops": flops_total}
+        stage_log.append(entry)
+        metrics = pd.concat(frames, ignore_index=True)
+        run_k.metrics, run_k.train_config = metrics, cfg
+        run_k.name, run_k.status = f"{name}-stage{stage_idx}", status
+        run_k.meta = {"group": group, "stage": stage_idx, "parent": parent, "op": op_name,
+                      "frozen": frozen_layers(model), "flops": flops_total, "schedule": [st.to_dict() for st in stages]}
+        if store is not None:
+            parent = store.save(run_k)
+            run_ids.append(parent)
+        if on_stage is not None:
+            on_stage(run_k)
+        stage_idx += 1
+        if status != "completed":
+            break
+        if interrupted == "add_layer" and control is not None:
+            init = control.take() or "zero"
+            rest = s.steps - done_steps
+            grown = dataclasses.replace(s, op="add_layer", n=1, init=init, position="top",
+                                        steps=max(rest, 1))
+            pending.insert(0, (k, grown))
+    metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["step", "split", "metric", "value"])
+    run = _training.Run(model=model, train_config=last_cfg, dataset=ds.spec(), metrics=metrics, status=status,
+                        name=name, optimizer=opt, run_id=run_ids[-1] if run_ids else None,
+                        meta={"group": group, "stage": stage_idx - 1, "parent": run_ids[-2] if len(run_ids) > 1 else None,
+                              "stages": stage_log, "stage_run_ids": run_ids, "flops": flops_total})
+    return run
+
+
+# ----------------------------------------------------------------------------- compare, sweep
+
+
+def _config_for(ds, **overrides):
+    """A model config fitting ``ds`` (vector -> MLPConfig, sequence -> TransformerConfig)."""
+    if ds.kind == "vector":
+        return _models.MLPConfig(d_in=ds.d_in, n_classes=ds.n_classes, **overrides).validate()
+    base = dict(vocab_size=ds.vocab_size, context=ds.seq_len, vocab=list(ds.vocab) if ds.vocab else None)
+    return _models.TransformerConfig(**{**base, **overrides}).validate()
+
+
+def _as_model_config(ds, model_config):
+    if model_config is None:
+        return _config_for(ds)
+    if isinstance(model_config, dict):
+        return _config_for(ds, **model_config)
+    return model_config.validate()
+
+
+def flops_to_reach(metrics, target: float, metric: str = "loss", split: str = "val") -> float:
+    """Training FLOPs at which ``metric`` on ``split`` first reaches ``target`` (<= for loss, >= for acc).
+
+    Linear interpolation in FLOPs between the two evaluations around the crossing; NaN if never reached.
+    """
+    m = metrics[(metrics["metric"] == metric) & (metrics["split"] == split)].sort_values(["flops", "step"])
+    better = (lambda v: v <= target) if metric == "loss" else (lambda v: v >= target)
+    prev = None
+    for f, v in zip(m["flops"], m["value"]):
+        if better(v):
+            if prev is None or prev[1] == v:
+                return float(f)
+            f0, v0 = prev
+            return float(f0 + (f - f0) * (v0 - target) / (v0 - v))
+        prev = (f, v)
+    return float("nan")
+
+
+@dataclass
+class Comparison:
+    """Result of :func:`compare`. ``metrics``: tidy rows of both runs with a ``method`` column."""
+
+    metrics: Any                      # DataFrame: method, stage, step, flops, split, metric, value, ...
+    summary: Any                      # DataFrame: one row per method
+    target_loss: float                # the from-scratch model's final validation loss
+    flops_to_target: dict             # {"grown": FLOPs, "scratch": FLOPs} to reach target_loss
+    ratio: float                      # grown / scratch (< 1: growth saves compute); NaN if not reached
+    runs: dict = field(default_factory=dict)   # {"grown": Run, "scratch": Run}
+
+    def __repr__(self) -> str:
+        return (f"Comparison(target_loss={self.target_loss:.4f}, flops_to_target="
+                f"{ {k: f'{v:.3g}' for k, v in self.flops_to_target.items()} }, ratio={self.ratio:.3f})")
+
+
+def compare(schedule, dataset, model_config=None, config: TrainConfig | None = None, *, start_layers: int | None = None,
+            store=None, callbacks=(), name: str | None = None) -> Comparison:
+    """A growth schedule against a from-scratch model of the final depth, on equal FLOP budgets.
+
+    The grown model starts from ``model_config`` with ``start_layers`` blocks (default: the
+    config's ``n_layers``) and follows ``schedule``; the scratch model is the same config at
+    the final depth, same seed, trained with ``config`` for as many steps as fit in the grown
+    run's total training FLOPs. ``target_loss`` is scratch's final validation loss, and
+    ``flops_to_target`` the FLOPs each needs to first reach it.
+    """
+    import pandas as pd
+
+    from . import training as _training
+
+    ds = _dataset_obj(dataset)
+    config = (config or TrainConfig()).validate()
+    mc = _as_model_config(ds, model_config)
+    if start_layers is not None:
+        mc = dataclasses.replace(mc, n_layers=start_layers).validate()
+    final_depth = schedule_depths(schedule, mc.n_layers)[-1]
+    name = name or f"{ds.name}-compare"
+
+    grown_model = _models.build(mc)
+    grown = grow(grown_model, ds, schedule, config, store=store, name=f"{name}-grown", callbacks=callbacks)
+    budget = grown.meta["flops"]
+
+    scratch_model = _models.build(dataclasses.replace(mc, n_layers=final_depth))
+    seq_len = ds.seq_len if ds.kind == "sequence" else None
+    per_example = flops_per_example(scratch_model, seq_len)
+    steps = steps_for_budget(budget, per_example, len(ds.x_train), config.batch_size)
+    scratch = grow(scratch_model, ds, [Stage("train", steps)], config, store=store, name=f"{name}-scratch",
+                   callbacks=callbacks)
+
+    target = scratch.final("loss", "val")
+    frames, rows, reach = [], [], {}
+    for method, run in (("grown", grown), ("scratch", scratch)):
+        frames.append(run.metrics.assign(method=method))
+        reach[method] = flops_to_reach(run.metrics, target)
+        rows.append({"method": method, "n_layers": run.model.config.n_layers,
+                     "steps": int(run.metrics["step"].max()), "flops": run.meta["flops"],
+                     "val_loss": run.final("loss"), "val_acc": run.final("acc"), "flops_to_target": reach[method]})
+    metrics = pd.concat(frames, ignore_index=True)
+    cols = ["method"] + [c for c in metrics.columns if c != "method"]
+    ratio = reach["grown"] / reach["scratch"] if reach["scratch"] and not math.isnan(reach["scratch"]) else float("nan")
+    return Comparison(metrics=metrics[cols], summary=pd.DataFrame(rows), target_loss=target,
+                      flops_to_target=reach, ratio=float(ratio), runs={"grown": grown, "scratch": scratch})
+
+
+def depth_sweep(datasets, depths, model_config=None, config: TrainConfig | None = None, *, seeds=(0,),
+                callbacks=()):
+    """Final accuracy and loss against depth, each depth trained from scratch with the same steps.
+
+    ``datasets``: one Dataset (or name), a list, or ``{label: Dataset}`` (e.g. khop with hops
+    1..4: ``{h: wb.data.load("khop", hops=h) for h in range(1, 5)}``). Returns a tidy
+    DataFrame with columns ``task, depth, seed, split, metric, value, flops`` (``flops``:
+    the run's training FLOPs).
+    """
+    import pandas as pd
+
+    from . import training as _training
+
+    if isinstance(datasets, dict):
+        items = list(datasets.items())
+    elif isinstance(datasets, (list, tuple)):
+        items = [(None, d) for d in datasets]
+    else:
+        items = [(None, datasets)]
+    config = (config or TrainConfig()).validate()
+    depths = list(depths)
+    bad = [d for d in depths if isinstance(d, bool) or not isinstance(d, int) or d < 0]
+    if bad or not depths:
+        raise ValueError(f"depths must be a non-empty list of integers >= 0, got {depths!r}")
+    rows = []
+    for label, d in items:
+        ds = _dataset_obj(d)
+        label = label if label is not None else ds.name
+        seq_len = ds.seq_len if ds.kind == "sequence" else None
+        for seed in seeds:
+            for depth in depths:
+                mc = dataclasses.replace(_as_model_config(ds, model_config), n_layers=depth, seed=seed)
+                model = _models.build(mc)
+                per_example = flops_per_example(model, seq_len)
+                cfg = dataclasses.replace(config, seed=seed, eval_every=config.steps)
+                run = _training.train(model, ds, cfg, callbacks=callbacks)
+                flops = per_example * examples_seen(int(run.metrics["step"].max()), len(ds.x_train), cfg.batch_size)
+                for split in ("train", "val"):
+                    for metric in ("loss", "acc"):
+                        rows.append({"task": label, "depth": depth, "seed": seed, "split": split, "metric": metric,
+                                     "value": run.final(metric, split), "flops": float(flops)})
+    return pd.DataFrame(rows)

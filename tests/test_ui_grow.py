@@ -1,0 +1,102 @@
+"""Grow page driven from Python: presets fill the stage editor, a run lands in the store per stage,
+bad stages show a message, and "add a layer now" grows the running model between steps."""
+import threading
+
+import pandas as pd
+import pytest
+
+pn = pytest.importorskip("panel")
+
+from workbench import growth  # noqa: E402
+from workbench.ui.common import DataStore  # noqa: E402
+from workbench.ui.grow import GrowPage, frame_to_stages, stages_to_frame  # noqa: E402
+
+
+def _small(page, steps=6):
+    page.dataset.value = "digits"
+    page.model_widgets["d_model"].value = 16
+    page.model_widgets["d_hidden"].value = 16
+    page.train_widgets["eval_every"].value = 3
+    page.train_widgets["eval_max"].value = 200
+    page.stage_steps.value = steps
+
+
+def test_presets_fill_the_stage_editor(store):
+    page = GrowPage(DataStore(store))
+    page.__panel__()
+    assert page.dataset.value == "khop"
+    assert list(page.stages.value["op"]) == ["train", "add_layer", "add_layer"]
+    page.preset.value = "G_stack at step N"
+    page.start_layers.value, page.final_layers.value = 2, 4
+    page.fill_preset()
+    assert list(page.stages.value["op"]) == ["train", "stack"]
+    page.preset.value = "Scratch"
+    page.fill_preset()
+    assert list(page.stages.value["op"]) == ["train"]
+
+
+def test_stage_table_round_trip():
+    stages = [growth.Stage("train", 5), growth.Stage("add_layer", 7, freeze="old", lr=1e-3, init="copy"),
+              growth.Stage("stack", 3, freeze=2)]
+    back = frame_to_stages(stages_to_frame(stages))
+    assert [(s.op, s.steps, s.freeze, s.lr, s.init) for s in back] == \
+           [("train", 5, None, None, "zero"), ("add_layer", 7, "old", 1e-3, "copy"), ("stack", 3, 2, None, "zero")]
+
+
+def test_grow_run_updates_plots_strip_and_store(store):
+    page = GrowPage(DataStore(store))
+    _small(page)
+    page.fill_preset()  # one layer at a time, 1 -> 3 blocks, lower layers frozen
+    page.start(wait=True)
+    assert page.task.status == "done", page.task.error
+    run = page.last_run
+    assert run.model.config.n_layers == 3
+    assert len(page.plot.object.data) >= 3
+    strip = page.strip.object.data[0]
+    assert list(strip.x) == ["embed", "block 0", "block 1", "block 2", "head"]
+    assert ["frozen" in t for t in strip.text] == [True, True, True, False, False]
+    listing = page.datastore.runs
+    assert sorted(listing["stage"].tolist()) == [0, 1, 2]
+    assert len(page.stage_table.object) == 3
+    page.x_axis.value = "flops"
+    assert page.plot.object.layout.xaxis.title.text == "training FLOPs"
+    assert "growth.grow" in page.code.object
+
+
+def test_bad_stage_shows_a_message(store):
+    page = GrowPage(DataStore(store))
+    _small(page)
+    page.stages.value = pd.DataFrame([{"op": "train", "steps": 0, "freeze": "", "lr": "", "init": "zero"}])
+    page.start(wait=True)
+    assert "steps must be an integer >= 1" in page.errors.text
+    page.stages.value = pd.DataFrame([{"op": "add_layer", "steps": 3, "freeze": "9", "lr": "", "init": "zero"}])
+    page.start(wait=True)
+    assert "freeze must be" in page.errors.text and page.last_run is None
+
+
+def test_add_a_layer_now_during_a_run(store):
+    page = GrowPage(DataStore(store))
+    _small(page, steps=40)
+    page.preset.value = "Scratch"
+    page.final_layers.value = 1
+    page.fill_preset()
+    pressed = threading.Event()
+    original = page._on_update
+
+    def press_once(payload):
+        original(payload)
+        if not pressed.is_set():
+            pressed.set()
+            assert not page.add_now.disabled
+            page.add_now.clicks += 1  # the button, as a user would press it
+
+    page.task.on_update = press_once
+    page.start()
+    page.task.join(timeout=300)
+    assert page.task.status == "done", page.task.error
+    assert pressed.is_set()
+    run = page.last_run
+    assert run.model.config.n_layers == 2
+    assert [s["op"] for s in run.meta["stages"]] == ["train", "add_layer"]
+    assert sum(s["steps_done"] for s in run.meta["stages"]) == 40
+    assert page.add_now.disabled

@@ -1,0 +1,140 @@
+"""Training FLOPs counted from the architecture (and from what is frozen).
+
+The formula counts matrix multiplications only, as FLOPs = 2 x multiply-adds, the way
+``torch.utils.flop_counter.FlopCounterMode`` does (norms, activations, softmax, embedding
+look-ups and the optimizer update are left out; they are a few percent at these sizes).
+For a batch of ``n`` rows (``n = B`` examples for the MLP, ``n = B*T`` tokens for the
+Transformer):
+
+- every ``Linear(d_in -> d_out)``: forward ``2 n d_in d_out``; backward adds
+  ``2 n d_in d_out`` for the gradient of its input **if the input requires a gradient**
+  (some trainable parameter lies upstream) and ``2 n d_in d_out`` for the gradient of its
+  weight **if the weight is trainable**;
+- causal self-attention (scores ``QK^T`` and ``AV``, counted over the full ``T x T`` square
+  as the math kernel computes it): forward ``4 B T^2 d_model``, backward twice that when
+  its inputs require a gradient.
+
+So a fully trainable model costs ~3x its forward pass per step, and freezing the lower
+blocks saves their whole backward pass (nothing below them needs a gradient) plus the
+weight gradients of frozen layers above. Evaluation passes are not counted: these are
+*training* FLOPs, the x-axis for comparing a grown model with one trained from scratch.
+``tests/test_growth.py`` checks the count against ``FlopCounterMode``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch.nn as nn
+
+__all__ = ["step_flops", "flops_per_example", "forward_flops", "examples_seen", "steps_for_budget"]
+
+
+def _trainable(*modules) -> bool:
+    return any(p.requires_grad for m in modules if m is not None for p in m.parameters())
+
+
+class _Count:
+    def __init__(self, n: int):
+        self.n, self.fwd, self.bwd = n, 0, 0
+
+    def linear(self, lin: nn.Linear, input_rg: bool) -> bool:
+        f = 2 * self.n * lin.in_features * lin.out_features
+        self.fwd += f
+        if input_rg:
+            self.bwd += f
+        if lin.weight.requires_grad:
+            self.bwd += f
+        return input_rg or _trainable(lin)
+
+    def norm(self, module: nn.Module, input_rg: bool) -> bool:
+        return input_rg or _trainable(module)
+
+
+def _mlp_counts(model, batch: int) -> _Count:
+    c = _Count(batch)
+    rg = c.linear(model.stem, False)
+    for b in model.blocks:
+        h = c.norm(b.pre_norm, rg)
+        h = c.linear(b.fc, h)
+        h = c.linear(b.proj, h)
+        h = c.norm(b.post_norm, h)
+        rg = rg or h
+    rg = c.norm(model.final_norm, rg)
+    c.linear(model.readout, rg)
+    return c
+
+
+def _transformer_counts(model, batch: int, seq_len: int) -> _Count:
+    c = _Count(batch * seq_len)
+    C = model.config.d_model
+    rg = _trainable(model.tok_embed, model.pos_embed)
+    for b in model.blocks:
+        a = c.norm(b.ln1, rg)
+        a = c.linear(b.attn.qkv, a)
+        core = 4 * batch * seq_len * seq_len * C
+        c.fwd += core
+        if a:
+            c.bwd += 2 * core
+        a = c.linear(b.attn.proj, a)
+        a = c.norm(b.ln1_post, a)
+        rg = rg or a
+        m = c.norm(b.ln2, rg)
+        m = c.linear(b.mlp.fc, m)
+        m = c.linear(b.mlp.proj, m)
+        m = c.norm(b.ln2_post, m)
+        rg = rg or m
+    rg = c.norm(model.final_norm, rg)
+    c.linear(model.readout, rg)
+    return c
+
+
+def step_flops(model: nn.Module, batch_size: int = 1, seq_len: int | None = None) -> dict[str, int]:
+    """``{"forward", "backward", "total"}`` FLOPs of one training step on ``batch_size`` examples.
+
+    ``seq_len`` (Transformers) defaults to the model's context. Reflects the current depth
+    and the current ``requires_grad`` flags.
+    """
+    family = getattr(getattr(model, "config", None), "family", None)
+    if family == "mlp":
+        c = _mlp_counts(model, batch_size)
+    elif family == "transformer":
+        c = _transformer_counts(model, batch_size, seq_len or model.config.context)
+    else:
+        raise TypeError(f"expected a workbench model (mlp or transformer), got {type(model).__name__}")
+    return {"forward": c.fwd, "backward": c.bwd, "total": c.fwd + c.bwd}
+
+
+def flops_per_example(model: nn.Module, seq_len: int | None = None) -> int:
+    """Training FLOPs per example (all terms are linear in the batch size)."""
+    return step_flops(model, 1, seq_len)["total"]
+
+
+def forward_flops(model: nn.Module, batch_size: int = 1, seq_len: int | None = None) -> int:
+    """Forward-pass FLOPs (e.g. for evaluation cost)."""
+    return step_flops(model, batch_size, seq_len)["forward"]
+
+
+def examples_seen(steps: int, n_train: int, batch_size: int) -> int:
+    """Examples consumed by the first ``steps`` steps of ``wb.train``.
+
+    ``wb.train`` shuffles each epoch and keeps a short last batch, so an epoch is
+    ``ceil(n_train / batch_size)`` steps and exactly ``n_train`` examples.
+    """
+    bs = min(batch_size, n_train)
+    per_epoch = math.ceil(n_train / bs)
+    epochs, rest = divmod(steps, per_epoch)
+    return epochs * n_train + rest * bs
+
+
+def steps_for_budget(budget: float, per_example: float, n_train: int, batch_size: int) -> int:
+    """Fewest steps whose training FLOPs reach ``budget`` (at least 1)."""
+    lo, hi = 1, 1
+    while examples_seen(hi, n_train, batch_size) * per_example < budget:
+        hi *= 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if examples_seen(mid, n_train, batch_size) * per_example >= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

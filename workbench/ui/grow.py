@@ -1,0 +1,326 @@
+"""Grow page: pick a task and a growth schedule, watch loss against step and FLOPs live,
+see which blocks are frozen, and add a layer while it trains. No math here."""
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import panel as pn
+
+from .. import data, growth, models
+from ..figures.growth import block_strip, growth_curves
+from ..training import Callback, TrainConfig
+from .common import BackgroundTask, ErrorBox, config_widgets, page_header, values_from_widgets
+
+EXPLANATION = """Grow a model in depth while it trains. A schedule is a list of stages: an operation
+(**train**: none, **add_layer**: one new block, zero-initialised so the function is unchanged,
+**stack**: G_stack, the trained stack repeated), the steps to train after it, what is frozen
+(**old**: every block that existed before the operation, with the embedding) and a learning rate.
+Loss is drawn against steps and against training FLOPs (counted from the architecture: frozen
+blocks cost no backward pass), with stage boundaries dotted. The strip shows the blocks, frozen ones
+grey, with their parameter counts. Every stage is saved to the run store (one entry per stage), so
+the other pages can open any stage. **Add a layer now** grows the running model between two steps."""
+
+CODE = """import workbench as wb
+from workbench import growth
+ds = wb.data.load({name!r}{opts})
+model = wb.models.build(wb.models.config_for(ds{model}))
+schedule = {schedule}
+run = growth.grow(model, ds, schedule, wb.TrainConfig({train}), store=wb.RunStore())
+wb.figures.growth.growth_curves(run.metrics, x="flops")"""
+
+PRESET_LABELS = {
+    "One layer at a time, lower layers frozen": "layerwise",
+    "G_stack at step N": "gstack",
+    "Scratch": "scratch",
+}
+STAGE_COLUMNS = ["op", "steps", "freeze", "lr", "init"]
+# The default task: 2-hop pointer chasing over a few nodes, where depth shows within seconds.
+DEFAULT_KHOP = {"hops": 2, "nodes": 6}
+
+
+def _kwargs(d: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in d.items())
+
+
+def stages_to_frame(stages) -> pd.DataFrame:
+    rows = []
+    for s in stages:
+        s = s if isinstance(s, growth.Stage) else growth.Stage(**s)
+        rows.append({"op": s.op, "steps": s.steps, "freeze": "" if s.freeze is None else str(s.freeze),
+                     "lr": "" if s.lr is None else str(s.lr), "init": s.init})
+    return pd.DataFrame(rows, columns=STAGE_COLUMNS)
+
+
+def frame_to_stages(df: pd.DataFrame) -> list[growth.Stage]:
+    """The stage editor's table -> Stages; raises ValueError naming the row and field."""
+    stages = []
+    for k, r in enumerate(df.to_dict("records")):
+        def text(key):
+            v = r.get(key)
+            return "" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v).strip()
+
+        freeze = text("freeze")
+        if freeze in ("", "none", "None"):
+            freeze = None
+        elif freeze != "old":
+            try:
+                freeze = int(float(freeze))
+            except ValueError:
+                raise ValueError(f"stage {k}: freeze must be empty, 'old' or a number of blocks, got {freeze!r}") from None
+        lr = text("lr")
+        try:
+            lr = float(lr) if lr else None
+        except ValueError:
+            raise ValueError(f"stage {k}: lr must be a number or empty, got {lr!r}") from None
+        steps = text("steps")
+        try:
+            steps = int(float(steps))
+        except ValueError:
+            raise ValueError(f"stage {k}: steps must be an integer >= 1, got {steps!r}") from None
+        stages.append(growth.Stage(op=text("op") or "train", steps=steps, freeze=freeze, lr=lr,
+                                   init=text("init") or "zero"))
+    return stages
+
+
+class _Live(Callback):
+    """Sends the metrics so far and the block strip to the page every few steps."""
+
+    def __init__(self, ctx, total_steps: int, every: int = 10):
+        self.ctx, self.total, self.every = ctx, max(total_steps, 1), every
+        self.previous = None  # metrics of finished stages
+
+    def on_stage(self, run) -> None:
+        self.previous = run.metrics
+        self.ctx.report({"metrics": run.metrics, "blocks": growth.block_table(run.model), "stage_done": True})
+
+    def on_step(self, state) -> None:
+        if state.step % self.every:
+            return
+        current = pd.DataFrame(state.rows)
+        metrics = current if self.previous is None else pd.concat([self.previous, current], ignore_index=True)
+        self.ctx.report({"metrics": metrics, "blocks": growth.block_table(state.model)},
+                        progress=state.step / self.total,
+                        message=f"step {state.step}/{self.total}, {len(state.model.blocks)} blocks, "
+                                f"loss {state.loss:.4f}")
+
+
+def _grow_job(ctx, dataset_name, dataset_options, model_config, train_config, schedule, store, control, name):
+    ds = data.load(dataset_name, **dataset_options)
+    model = models.build(model_config)
+    total = sum(s.steps for s in schedule)
+    live = _Live(ctx, total)
+    control.stop_event = ctx.stop_event
+    return growth.grow(model, ds, schedule, train_config, store=store, callbacks=[live], control=control,
+                       on_stage=live.on_stage, name=name)
+
+
+class GrowPage(pn.viewable.Viewer):
+    """Task, model and schedule on the left of the flow; live curves, block strip and stage list below."""
+
+    def __init__(self, datastore, **params):
+        super().__init__(**params)
+        self.datastore = datastore
+        seq = [n for n in data.names() if n in ("khop", "modadd", "text")] + ["digits", "mnist1d"]
+        self.dataset = pn.widgets.Select(name="task", options=[n for n in seq if n in data.names()], value="khop",
+                                         width=130)
+        self.dataset_box = pn.FlexBox()
+        self.model_box = pn.FlexBox()
+        self.train_widgets = config_widgets(TrainConfig(batch_size=64, lr=3e-3, eval_every=50),
+                                            skip=("steps", "warmup"))
+        self.preset = pn.widgets.Select(name="preset", options=list(PRESET_LABELS), width=280)
+        self.start_layers = pn.widgets.IntInput(name="start blocks", value=1, width=100)
+        self.final_layers = pn.widgets.IntInput(name="final blocks", value=3, width=100)
+        self.stage_steps = pn.widgets.IntInput(name="steps per stage", value=300, width=120)
+        self.apply_preset = pn.widgets.Button(name="Fill stages from preset", width=190)
+        self.apply_preset.on_click(lambda _: self.fill_preset())
+        self.stages = pn.widgets.Tabulator(
+            stages_to_frame([]), show_index=False, height=200, width=520, layout="fit_columns",
+            editors={"op": {"type": "list", "values": list(growth.OPS)},
+                     "init": {"type": "list", "values": list(growth.INITS)},
+                     "steps": {"type": "number"}, "freeze": {"type": "input"}, "lr": {"type": "input"}})
+        self.add_stage = pn.widgets.Button(name="+ stage", width=80)
+        self.add_stage.on_click(lambda _: self._add_row())
+        self.remove_stage = pn.widgets.Button(name="- last stage", width=100)
+        self.remove_stage.on_click(lambda _: self._remove_row())
+        self.x_axis = pn.widgets.RadioButtonGroup(name="x axis", options=["step", "flops"], value="step")
+        self.start_button = pn.widgets.Button(name="Grow", button_type="primary", width=100)
+        self.start_button.on_click(lambda _: self.start())
+        self.add_init = pn.widgets.Select(name="new block init", options=list(growth.INITS), value="zero", width=110)
+        self.add_now = pn.widgets.Button(name="Add a layer now", button_type="success", width=140, disabled=True)
+        self.add_now.on_click(lambda _: self.request_layer())
+        self.errors = ErrorBox()
+        self.plot = pn.pane.Plotly(growth_curves(None), sizing_mode="stretch_width", height=360)
+        self.strip = pn.pane.Plotly(block_strip(None), sizing_mode="stretch_width", height=160)
+        self.stage_table = pn.pane.DataFrame(pd.DataFrame(), index=False, sizing_mode="stretch_width")
+        self.result = pn.pane.Markdown("")
+        self.code = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.task = BackgroundTask(on_update=self._on_update, on_done=self._on_done)
+        self.task.param.watch(self._on_status, "status")
+        self.dataset.param.watch(lambda _: self._rebuild_forms(), "value")
+        self.x_axis.param.watch(lambda _: self._redraw(), "value")
+        self.control = growth.GrowControl()
+        self.metrics = None
+        self.last_run = None
+        self._rebuild_forms()
+        self.fill_preset()
+
+    # ---------------------------------------------------------------- forms
+    def _rebuild_forms(self) -> None:
+        name = self.dataset.value
+        defaults = DEFAULT_KHOP if name == "khop" else {}
+        self.dataset_widgets = {}
+        for key, (default, typ, lo, hi) in data.options_spec(name).items():
+            if typ is str:
+                continue  # file paths and vocabularies: use the Train page / a notebook
+            widget = pn.widgets.IntInput if typ is int else pn.widgets.FloatInput
+            self.dataset_widgets[key] = widget(name=key, value=defaults.get(key, default), width=100)
+        self.dataset_box.objects = list(self.dataset_widgets.values())
+        if name in ("digits", "mnist1d"):
+            template = models.MLPConfig(d_in=1, n_classes=2, d_model=64, n_layers=1, d_hidden=128)
+            skip = ("d_in", "n_classes", "n_layers")
+        else:
+            template = models.TransformerConfig(vocab_size=2, d_model=64, n_layers=1, n_heads=4, d_mlp=128)
+            skip = ("vocab_size", "context", "vocab", "glyph_font", "n_layers")
+        self.model_widgets = config_widgets(template, skip=skip)
+        self.model_box.objects = list(self.model_widgets.values())
+
+    def fill_preset(self) -> None:
+        """Replace the stage table with the chosen preset (start/final blocks, steps per stage)."""
+        self.errors.clear()
+        key = PRESET_LABELS[self.preset.value]
+        start, final, steps = self.start_layers.value, self.final_layers.value, self.stage_steps.value
+        try:
+            if key == "scratch":
+                stages = growth.preset("scratch", steps, final_layers=final)
+            elif key == "gstack":
+                stages = growth.preset("gstack", steps, start_layers=start, final_layers=final,
+                                       total_steps=steps * 2, stack_at=steps)
+            else:
+                stages = growth.preset("layerwise", steps, start_layers=start, final_layers=final)
+        except (ValueError, TypeError) as e:
+            self.errors.show(e)
+            return
+        self.stages.value = stages_to_frame(stages)
+
+    def _add_row(self) -> None:
+        df = self.stages.value
+        new = pd.DataFrame([{"op": "add_layer", "steps": self.stage_steps.value, "freeze": "old", "lr": "",
+                             "init": "zero"}])
+        self.stages.value = pd.concat([df, new], ignore_index=True)
+
+    def _remove_row(self) -> None:
+        if len(self.stages.value):
+            self.stages.value = self.stages.value.iloc[:-1].reset_index(drop=True)
+
+    def configs(self):
+        """Validated (dataset options, model config, train config, stages); ValueError names the field."""
+        name = self.dataset.value
+        opts = {k: w.value for k, w in self.dataset_widgets.items()}
+        ds = data.load(name, **opts)
+        overrides = values_from_widgets(self.model_widgets)
+        start = self.start_layers.value
+        key = PRESET_LABELS[self.preset.value]
+        n_layers = self.final_layers.value if key == "scratch" else start
+        if n_layers is None:
+            raise ValueError("start blocks must be an integer >= 0")
+        if ds.kind == "vector":
+            mc = models.MLPConfig(d_in=ds.d_in, n_classes=ds.n_classes, n_layers=n_layers, **overrides).validate()
+        else:
+            mc = models.TransformerConfig(vocab_size=ds.vocab_size, context=ds.seq_len, vocab=list(ds.vocab),
+                                          n_layers=n_layers, **overrides).validate()
+        values = values_from_widgets(self.train_widgets)
+        tc = TrainConfig(steps=1, **values).validate()
+        stages = growth.check_schedule(frame_to_stages(self.stages.value), mc.n_layers)
+        return opts, mc, tc, stages
+
+    # ---------------------------------------------------------------- actions
+    def start(self, wait: bool = False) -> None:
+        """Validate and start growing (``wait=True``: synchronously, for tests)."""
+        self.errors.clear()
+        try:
+            opts, mc, tc, stages = self.configs()
+        except (ValueError, TypeError) as e:
+            self.errors.show(e)
+            return
+        self.code.object = "```python\n" + CODE.format(
+            name=self.dataset.value, opts=(", " + _kwargs(opts)) if opts else "",
+            model=", " + _kwargs({k: getattr(mc, k) for k in (*self.model_widgets, "n_layers")}),
+            schedule="[\n    " + ",\n    ".join(f"growth.Stage({_kwargs(_stage_kwargs(s))})" for s in stages) + ",\n]",
+            train=_kwargs({k: v for k, v in dataclasses.asdict(tc).items() if k not in ("steps", "warmup")}),
+        ) + "\n```"
+        self.result.object = ""
+        self.metrics = None
+        self.control = growth.GrowControl()
+        args = (self.dataset.value, opts, mc, tc, stages, self.datastore.store, self.control,
+                f"{self.dataset.value}-grow")
+        if wait:
+            self.task.run_now(_grow_job, *args)
+        else:
+            self.task.start(_grow_job, *args)
+
+    def request_layer(self) -> None:
+        """Ask the running worker for one more block (added between two steps, never during one)."""
+        if self.task.running:
+            self.control.request_layer(self.add_init.value)
+            self.task.message = "a new block will be added after the current step"
+
+    def _on_status(self, event) -> None:
+        running = event.new == "running"
+        self.start_button.disabled = running
+        self.add_now.disabled = not running
+
+    def _redraw(self) -> None:
+        self.plot.object = growth_curves(self.metrics, x=self.x_axis.value)
+
+    def _on_update(self, payload) -> None:
+        self.metrics = payload["metrics"]
+        self._redraw()
+        self.strip.object = block_strip(payload["blocks"])
+        if payload.get("stage_done"):
+            self.datastore.refresh()
+
+    def _on_done(self, run) -> None:
+        self.last_run = run
+        self.metrics = run.metrics
+        self._redraw()
+        self.strip.object = block_strip(growth.block_table(run.model))
+        stages = pd.DataFrame(run.meta["stages"])
+        if len(stages):
+            stages = stages[["stage", "op", "steps_done", "n_layers", "freeze", "init", "interrupted", "flops"]]
+            stages = stages.assign(run_id=run.meta["stage_run_ids"][:len(stages)],
+                                   flops=stages["flops"].map(lambda f: f"{f:.3g}"))
+        self.stage_table.object = stages
+        self.datastore.refresh()
+        self.result.object = (f"**{run.status}**: {run.model.config.n_layers} blocks, val loss "
+                              f"{run.final('loss'):.4f}, val acc {run.final('acc'):.3f}, "
+                              f"{run.meta['flops']:.3g} training FLOPs; {len(run.meta['stage_run_ids'])} stages "
+                              f"saved (group `{run.meta['group']}`)")
+
+    def __panel__(self):
+        return pn.Column(
+            page_header("Grow", EXPLANATION, CODE.format(
+                name="khop", opts=", " + _kwargs(DEFAULT_KHOP), model=", d_model=64, n_layers=1",
+                schedule='growth.preset("layerwise", 300, start_layers=1, final_layers=3)', train="lr=3e-3")),
+            pn.Row(self.dataset, self.dataset_box),
+            pn.pane.Markdown("**Model** (depth comes from the schedule)", margin=(0, 10)), self.model_box,
+            pn.pane.Markdown("**Training**", margin=(0, 10)), pn.FlexBox(*self.train_widgets.values()),
+            pn.pane.Markdown("**Schedule**", margin=(0, 10)),
+            pn.Row(self.preset, self.start_layers, self.final_layers, self.stage_steps, self.apply_preset),
+            pn.Row(self.stages, pn.Column(self.add_stage, self.remove_stage)),
+            pn.Row(self.start_button, self.task.controls(), self.add_init, self.add_now),
+            self.errors, self.result,
+            pn.Row(pn.pane.Markdown("x axis:", margin=(8, 5)), self.x_axis),
+            self.plot, self.strip, self.stage_table, self.code,
+            sizing_mode="stretch_width",
+        )
+
+
+def _stage_kwargs(s: growth.Stage) -> dict:
+    default = growth.Stage()
+    d = {"op": s.op, "steps": s.steps}
+    for f in ("freeze", "lr", "init", "n", "position", "factor", "fade_steps"):
+        v = getattr(s, f)
+        if v != getattr(default, f) and not (f == "init" and s.op != "add_layer"):
+            d[f] = v
+    return d
