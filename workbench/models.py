@@ -402,11 +402,11 @@ def _load_font(font: str | None, size: int = 32):
     if font is None:
         for path in _UNIFONT_PATHS:
             if os.path.exists(path):
-                return ImageFont.truetype(path, size), path
+                return ImageFont.truetype(path, size, layout_engine=ImageFont.Layout.BASIC), path
         return ImageFont.load_default(size=size), "pillow-default"
     if not os.path.exists(font):
         raise ValueError(f"glyph_font: font file {font!r} does not exist")
-    return ImageFont.truetype(font, size), font
+    return ImageFont.truetype(font, size, layout_engine=ImageFont.Layout.BASIC), font
 
 
 def _render(text: str, font, size: int = 32):
@@ -430,13 +430,16 @@ def glyph_images(vocab: list[str], font: str | None = None, size: int = 32):
     missing-glyph box). Those are drawn as their code points (``U+000A``) instead, so no two
     tokens silently share a bitmap.
     """
+    import unicodedata
+
     import numpy as np
 
     pil_font, used = _load_font(font, size)
     missing_box = _render("\U0010fffd", pil_font, size)  # a code point no font draws
     images, fallback = [], []
     for tok in vocab:
-        img = _render(tok, pil_font, size)
+        drawable = all(unicodedata.category(c)[0] not in "CZ" or c == " " for c in tok)
+        img = _render(tok, pil_font, size) if drawable else np.zeros((size, size), np.float32)
         if img.sum() == 0 or np.array_equal(img, missing_box):
             fallback.append(tok)
             img = _render(" ".join(f"U+{ord(c):04X}" for c in tok), pil_font, size)

@@ -1,0 +1,96 @@
+"""Datasets: determinism, shapes, task semantics checked by hand, and clear errors."""
+import numpy as np
+import pytest
+import torch
+
+import workbench as wb
+from workbench.data import IGNORE
+
+
+@pytest.mark.parametrize("name", ["digits", "khop", "modadd", "text"])
+def test_same_seed_same_data_other_seed_other_data(name):
+    a, b = wb.data.load(name, seed=0), wb.data.load(name, seed=0)
+    c = wb.data.load(name, seed=1)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_val, b.y_val)
+    assert not (a.x_train.shape == c.x_train.shape and torch.equal(a.x_train, c.x_train))
+
+
+def test_digits_split_and_standardisation():
+    from sklearn.datasets import load_digits
+
+    ds = wb.data.load("digits")
+    n = len(load_digits().target)
+    assert len(ds.y_train) + len(ds.y_val) == n == 1797
+    assert ds.kind == "vector" and ds.d_in == 64 and ds.n_classes == 10
+    mu = ds.x_train.mean(0)
+    assert torch.allclose(mu, torch.zeros(64), atol=1e-5)
+    # every class appears in both splits (stratified)
+    assert set(ds.y_val.tolist()) == set(range(10))
+
+
+def test_mnist1d_matches_the_paper_sizes():
+    ds = wb.data.load("mnist1d")
+    assert ds.x_train.shape == (4000, 40) and ds.x_val.shape == (1000, 40)
+    assert ds.n_classes == 10
+    state = np.random.get_state()[1].copy()
+    wb.data.load("mnist1d", num_samples=200)
+    assert np.array_equal(np.random.get_state()[1], state), "global numpy RNG must be left untouched"
+
+
+def test_khop_answer_follows_the_pointers_by_hand():
+    ds = wb.data.load("khop", hops=3, nodes=6, n_train=50, n_val=10)
+    vocab = ds.vocab
+    for x, y in zip(ds.x_train, ds.y_train):
+        toks = [vocab[i] for i in x.tolist()]
+        bar = toks.index("|")
+        edges = dict(zip(toks[0:bar:2], toks[1:bar:2]))
+        node = toks[bar + 1]
+        for _ in range(3):
+            node = edges[node]
+        assert vocab[int(y[-1])] == node
+        assert (y[:-1] == IGNORE).all()
+        assert toks[-1] == "?"
+
+
+def test_modadd_is_complete_and_correct():
+    ds = wb.data.load("modadd", p=7, train_fraction=0.5)
+    x = torch.cat([ds.x_train, ds.x_val])
+    y = torch.cat([ds.y_train, ds.y_val])[:, -1]
+    assert len(x) == 49
+    assert {(int(a), int(b)) for a, b in x[:, [0, 2]]} == {(a, b) for a in range(7) for b in range(7)}
+    assert all(int(t) == (int(r[0]) + int(r[2])) % 7 for r, t in zip(x, y))
+
+
+def test_text_targets_are_next_characters(tmp_path):
+    f = tmp_path / "corpus.txt"
+    f.write_text("hello world, " * 200, encoding="utf-8")
+    ds = wb.data.load("text", path=str(f), context=16)
+    assert torch.equal(ds.x_train[0, 1:], ds.y_train[0, :-1])
+    assert ds.decode(ds.x_train[0]) == ("hello world, " * 3)[:16]
+    assert torch.equal(ds.encode("hello"), ds.x_train[0, :5])
+
+
+def test_builtin_text_is_deterministic_across_calls():
+    assert wb.data.grammar_corpus(5000, seed=3) == wb.data.grammar_corpus(5000, seed=3)
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda: wb.data.load("imagenet"), "dataset must be one of"),
+    (lambda: wb.data.load("digits", colour=True), "allowed: ['seed', 'val_fraction']"),
+    (lambda: wb.data.load("khop", hops=0), "khop.hops must be in [1, 8]"),
+    (lambda: wb.data.load("modadd", train_fraction=1.5), "modadd.train_fraction must be in [0.01, 0.99]"),
+    (lambda: wb.data.load("khop", nodes=4, length=6), "khop.length must be in [1, nodes=4]"),
+    (lambda: wb.data.load("text", path="/no/such/file.txt"), "text.path: no such file"),
+    (lambda: wb.data.load("text", context="long"), "text.context must be of type int"),
+])
+def test_bad_options_name_the_field_and_range(call, fragment):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert fragment in str(e.value)
+
+
+def test_text_rejects_binary_files(tmp_path):
+    f = tmp_path / "blob.bin"
+    f.write_bytes(bytes(range(256)) * 10)
+    with pytest.raises(ValueError, match="not UTF-8"):
+        wb.data.load("text", path=str(f))
