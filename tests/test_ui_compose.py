@@ -37,6 +37,11 @@ def test_train_two_compose_and_sample(page, store):
     heat = page.heatmap.object.data[0]
     assert len(heat.y) == 7 and list(heat.x) == ["grammar", "arithmetic"]
     assert set(page.summary.object["model"]) == set(table["model"])
+    # the "as code" box rebuilds the same table from the store
+    code = page.code.object.removeprefix("```python\n").removesuffix("\n```")
+    scope = {}
+    exec(code, scope)
+    assert scope["table"]["value"].round(5).tolist() == table["value"].round(5).tolist()
     page.metric.value = "acc"
     assert page.heatmap.object.data[0].colorbar.title.text == "acc"
     page.sample_model.value = "logit mean"

@@ -20,17 +20,51 @@ it beats its parts without forgetting either domain."""
 
 CODE = """import workbench as wb
 from workbench import sampling
+from workbench.figures.compose import domain_heatmap
 domains = wb.compose.shared_text(["grammar", "arithmetic"], context=32, corpus_chars=20_000)
 cfg = wb.models.config_for(domains["grammar"], d_model=64, n_layers=2, embedding="frozen-random")
 base = wb.models.build(cfg)
-wb.train(base, wb.compose.concat(domains), wb.TrainConfig(steps=150, lr=3e-3))
-runs = wb.compose.train_specialists(base, domains, wb.TrainConfig(steps=150, lr=1e-3))
+wb.train(base, wb.compose.concat(domains), wb.TrainConfig(steps=150, batch_size=32, lr=3e-3))
+runs = wb.compose.train_specialists(base, domains, wb.TrainConfig(steps=150, batch_size=32, lr=1e-3))
 members = {name: run.model for name, run in runs.items()}
 merges = {"logit mean": wb.compose.LogitMixture(list(members.values())),
           "TIES": wb.compose.ties(base, list(members.values()), density=0.2)}
 table = wb.compose.evaluate(members, merges, domains)
-wb.figures.compose.domain_heatmap(table, "loss")
+domain_heatmap(table, "loss")
 sampling.sample_text(merges["logit mean"], cfg.vocab, prompt="The ", n_chars=200, seed=0)"""
+
+# the engine call behind each merge choice, as code (``ms``: the specialists, ``base``: their parent)
+MERGE_CODE = {
+    "logit mean": "wb.compose.LogitMixture(ms)",
+    "probability mixture": "wb.compose.LogitMixture(ms, mode='probs')",
+    "gated mixture": "wb.compose.LogitMixture(ms).fit_gate(domains, steps=150)",
+    "linear": "wb.compose.linear(ms, base=base)",
+    "task arithmetic": "wb.compose.task_arithmetic(base, ms, scale={scale!r})",
+    "TIES": "wb.compose.ties(base, ms, density={density!r}, scale={scale!r})",
+    "LiNeS": "wb.compose.lines(base, ms, beta={beta!r})",
+}
+
+
+def _code_for(specialist_ids: list[str], names: list[str], base_id: str | None, chosen: list[str],
+              options: dict) -> str:
+    """The notebook calls that rebuild the page's table and heat-map from the stored runs."""
+    lines = ["import workbench as wb", "from workbench.figures.compose import domain_heatmap",
+             "store = wb.RunStore()", f"runs = [store.load(i) for i in {specialist_ids!r}]",
+             f"names = {names!r}",
+             "members = {n: r.model for n, r in zip(names, runs)}",
+             "domains = {n: wb.data.load(**r.dataset) for n, r in zip(names, runs)}",
+             "ms = list(members.values())"]
+    weight_space = [m for m in chosen if m in _WEIGHT_SPACE]
+    if weight_space:
+        lines.append(f"base = store.load({base_id!r}).model")
+    lines.append("merges = {")
+    lines += [f"    {m!r}: {MERGE_CODE[m].format(**options)}," for m in chosen]
+    lines.append("}")
+    refs = ", references={'base': base}" if weight_space else ""
+    lines += [f"table = wb.compose.evaluate(members, merges, domains, max_examples=512{refs})",
+              "wb.compose.summary(table)", "domain_heatmap(table, 'loss')"]
+    return "\n".join(lines)
+
 
 MERGE_NAMES = ["logit mean", "probability mixture", "gated mixture", "linear", "task arithmetic", "TIES", "LiNeS"]
 _WEIGHT_SPACE = {"linear", "task arithmetic", "TIES", "LiNeS"}
@@ -66,6 +100,7 @@ def _train_job(ctx, corpora: list[str], steps: int, n_layers: int, embedding: st
         specialists.update(compose.train_specialists(base, {name: ds}, ft, callbacks=[Report(name, i + 1)]))
         if ctx.stopped:
             break
+    ctx.report(None, progress=1.0, message=f"done: base and {len(specialists)} specialists")
     return {"base": base_run, "specialists": specialists}
 
 
@@ -118,8 +153,11 @@ def _compose_job(ctx, store, specialist_ids: list[str], base_id: str | None, cho
     ctx.report(None, progress=0.5, message="evaluating")
     refs = {"base": base} if base is not None else None
     table = compose.evaluate(members, merges, domains, max_examples=512, references=refs)
+    ctx.report(None, progress=1.0, message=f"done: {len(members) + len(merges)} models x {len(domains)} domains")
+    done = [m for m in chosen if m in merges]
+    code = _code_for(specialist_ids, names, base_id if base is not None else None, done, options)
     return {"table": table, "models": {**members, **merges}, "vocab": list(domains[names[0]].vocab),
-            "skipped": skipped, "base_id": base_id}
+            "skipped": skipped, "base_id": base_id, "code": code}
 
 
 class ComposePage(pn.viewable.Viewer):
@@ -226,11 +264,11 @@ class ComposePage(pn.viewable.Viewer):
                 self.errors.show(f"{key} must be a number in {'(' if key == 'density' else '['}{lo}, {hi}], got {v!r}")
                 return
         args = (self.datastore.store, ids, self.base.value or None, list(self.merges.value), options)
-        self.code.object = "```python\n" + CODE + "\n```"
         (self.compose_task.run_now if wait else self.compose_task.start)(_compose_job, *args)
 
     def _on_composed(self, result) -> None:
         self.result = result
+        self.code.object = "```python\n" + result["code"] + "\n```"
         self._draw()
         self.sample_model.options = list(result["models"])
         self.sample_button.disabled = False
