@@ -94,3 +94,21 @@ def test_text_rejects_binary_files(tmp_path):
     f.write_bytes(bytes(range(256)) * 10)
     with pytest.raises(ValueError, match="not UTF-8"):
         wb.data.load("text", path=str(f))
+
+
+def test_text_corpus_option_builds_other_domains_and_keeps_the_default():
+    default = wb.data.load("text", context=16, corpus_chars=2000)
+    assert torch.equal(default.x_train, wb.data.load("text", corpus="grammar", context=16, corpus_chars=2000).x_train)
+    assert default.decode(default.x_train[0]) == wb.data.grammar_corpus(2000)[:16]
+    arith = wb.data.load("text", corpus="arithmetic", context=16, corpus_chars=2000, seed=1)
+    lines = wb.data.arithmetic_corpus(2000, seed=1).splitlines()[:-1]  # the last line may be cut
+    for line in lines:  # every complete line is a true equation
+        lhs, rhs = line.split("=")
+        assert eval(lhs) == int(rhs), line  # noqa: S307 (digits and one operator only)
+    assert set(arith.vocab) <= set("0123456789+-*=\n")
+    code = wb.data.load("text", corpus="code", context=16, corpus_chars=2000)
+    assert code.decode(code.x_train[0]).startswith("def ")
+    assert wb.data.code_corpus(3000, seed=2) == wb.data.code_corpus(3000, seed=2)
+    assert arith.spec()["corpus"] == "arithmetic"
+    with pytest.raises(ValueError, match=r"text.corpus must be one of \['arithmetic', 'code', 'grammar'\]"):
+        wb.data.load("text", corpus="poetry")
