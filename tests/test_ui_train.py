@@ -1,0 +1,107 @@
+"""Train and Runs pages driven in Python (no server), plus the shared BackgroundTask."""
+import threading
+
+import pytest
+
+import workbench as wb
+from workbench.ui import App
+from workbench.ui.common import BackgroundTask
+
+
+@pytest.fixture
+def app(store):
+    return App(store=store)
+
+
+def test_training_from_the_page_saves_a_run_and_draws_curves(app, store):
+    page = app.pages["Train"]
+    page.train_widgets["steps"].value = 40
+    page.train_widgets["eval_every"].value = 20
+    page.run_name.value = "from-ui"
+    page.start(wait=True)
+    assert page.task.status == "done", page.task.error
+    listing = store.list()
+    assert list(listing["name"]) == ["from-ui"] and listing.loc[0, "steps"] == 40
+    names = {t.name for t in page.plot.object.data}
+    assert {"batch loss", "train loss", "val loss", "val acc"} <= names
+    assert "wb.data.load('digits'" in page.code.object
+
+
+def test_sequence_dataset_switches_to_transformer_widgets(app):
+    page = app.pages["Train"]
+    page.dataset.value = "modadd"
+    assert "n_heads" in page.model_widgets and "d_in" not in page.model_widgets
+    page.dataset_widgets["p"].value = 7
+    page.model_widgets["d_model"].value = 16
+    page.model_widgets["n_heads"].value = 2
+    page.train_widgets["steps"].value = 5
+    page.start(wait=True)
+    assert page.task.status == "done", page.task.error
+    assert page.last_run.model.config.vocab_size == 9
+
+
+@pytest.mark.parametrize("where, field, value, message", [
+    ("model_widgets", "d_model", 0, "d_model must be an integer in [1, 8192], got 0"),
+    ("train_widgets", "lr", 50.0, "lr must be a number in [0.0, 10.0], got 50.0"),
+    ("dataset_widgets", "val_fraction", 0.9, "digits.val_fraction must be in [0.05, 0.5], got 0.9"),
+])
+def test_bad_input_shows_a_message_and_starts_nothing(app, store, where, field, value, message):
+    page = app.pages["Train"]
+    getattr(page, where)[field].value = value
+    page.start(wait=True)
+    assert page.errors.text == message
+    assert page.task.status == "idle" and len(store.list()) == 0
+
+
+def test_runs_page_selects_exports_and_deletes(app, store):
+    train = app.pages["Train"]
+    train.train_widgets["steps"].value = 10
+    train.start(wait=True)
+    runs = app.pages["Runs"]
+    assert len(runs.table.value) == 1
+    runs.select(train.last_run_id)
+    assert runs.plot.object.data and len(runs.config_view.value) > 10
+    csv = runs._metrics_csv().getvalue()
+    assert csv.splitlines()[0].startswith("step,split,metric,value")
+    runs._ask_delete()
+    assert runs.confirm_button.visible
+    runs.delete_selected()
+    assert len(store.list()) == 0 and len(runs.table.value) == 0
+
+
+def test_runs_page_survives_a_corrupt_run(app, store):
+    train = app.pages["Train"]
+    train.train_widgets["steps"].value = 5
+    train.start(wait=True)
+    (store.runs_dir / train.last_run_id / "run.json").write_text("garbage")
+    runs = app.pages["Runs"]
+    runs.select(train.last_run_id)
+    assert "not valid JSON" in runs.errors.text
+
+
+def test_background_task_runs_in_a_thread_reports_and_stops():
+    updates, done = [], []
+    task = BackgroundTask(on_update=updates.append, on_done=done.append)
+    release = threading.Event()
+
+    def work(ctx):
+        ctx.report(1, progress=0.5)
+        release.wait(5)
+        while not ctx.stopped:
+            pass
+        return "stopped"
+
+    task.start(work)
+    assert task.running
+    with pytest.raises(RuntimeError, match="already running"):
+        task.start(work)
+    task.stop()
+    release.set()
+    task.join(5)
+    assert updates == [1] and done == ["stopped"] and task.status == "cancelled"
+
+
+def test_background_task_reports_errors_without_raising():
+    task = BackgroundTask()
+    task.run_now(lambda ctx: wb.data.load("khop", hops=99))
+    assert task.status == "error" and "khop.hops must be in [1, 8]" in task.error
