@@ -28,6 +28,9 @@ def test_train_two_compose_and_sample(page, store):
     listed = store.list()
     assert len(listed) == 3 and set(listed["group_name"]) == {"compose"}
     assert len(page.specialists.value) == 2 and page.base.value in set(listed["run_id"])
+    base_run = store.load(page.base.value)
+    assert [p["corpus"] for p in base_run.meta["trained_on"]] == ["grammar", "arithmetic"]
+    wb.data.load(**base_run.dataset)  # every stored run keeps a loadable dataset spec
     page.merges.value = ["logit mean", "gated mixture", "TIES", "LiNeS"]
     page.run_compose(wait=True)
     assert page.compose_task.status == "done", page.compose_task.error

@@ -241,7 +241,10 @@ class ComposePage(pn.viewable.Viewer):
 
     def _on_trained(self, result) -> None:
         base_run = result["base"]
-        base_run.meta = {"role": "base", "group": "compose"}
+        parts = base_run.dataset.get("parts", [])
+        base_run.meta = {"role": "base", "group": "compose", "trained_on": parts}
+        if parts:  # store a loadable spec (the first domain) for pages that draw samples from a run's data
+            base_run.dataset = dict(parts[0])
         base_id = self.datastore.save(base_run)
         ids = []
         for run in result["specialists"].values():
