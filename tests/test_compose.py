@@ -262,3 +262,20 @@ def test_sampling_is_seeded_and_greedy_is_argmax(trio):
     assert len(long) == 43
     with pytest.raises(ValueError, match="not in the vocabulary"):
         sampling.sample_text(a, list("abcdefghijk"), prompt="xyz!")
+
+
+def test_gate_table_and_figures(trio, tokens):
+    from workbench.figures.compose import domain_heatmap, gate_weights
+
+    base, a, b = trio
+    mix = LogitMixture([a, b], weights=[1, 3])
+    gt = compose.gate_table(mix, tokens[0], vocab=list("abcdefghijk"), names=["A", "B"])
+    assert list(gt.columns) == ["position", "token", "member", "weight"] and len(gt) == 16 * 2
+    assert gt.groupby("position")["weight"].sum().round(6).eq(1.0).all()
+    assert gt[gt.member == "B"]["weight"].round(6).eq(0.75).all()
+    assert len(gate_weights(gt).data) == 2
+    ds = wb.data.load("khop", nodes=9, hops=1, n_train=16, n_val=16)
+    table = compose.evaluate({"a": a}, {"mix": mix}, {"khop": ds}, references={"base": base})
+    heat = domain_heatmap(table, "acc").data[0]
+    assert list(heat.y) == ["a (specialist)", "mix (merge)", "base (reference)"] and list(heat.x) == ["khop"]
+    assert heat.z[1][0] == pytest.approx(table.query("model == 'mix' and metric == 'acc'")["value"].item())
