@@ -37,6 +37,7 @@ or plotly; figures live in :mod:`workbench.figures.collapse`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from dataclasses import replace
@@ -53,7 +54,7 @@ from .training import Callback, TrainConfig, TrainState
 
 __all__ = [
     "metrics", "layer_metrics", "collect", "sites", "track", "CollapseTracker", "class_means",
-    "simplex_etf", "simplex_view", "gram", "set_etf_classifier", "subsample", "imbalanced_counts",
+    "simplex_etf", "simplex_view", "gram", "geometry", "set_etf_classifier", "subsample", "imbalanced_counts",
     "minority_collapse", "MixupLoss", "recipe", "train_collapse", "NC_METRICS",
 ]
 
@@ -352,18 +353,19 @@ class CollapseTracker(Callback):
     keeps the cost bounded. Rows go to ``self.rows`` and into the run's metrics
     (``split="train"``, with ``epoch``, ``layer`` and ``site`` columns, metric names as in
     :data:`NC_METRICS` plus ``train_acc``, and ``minority_cos`` on imbalanced data). The last
-    record's class means, classifier and counts are kept in ``self.latest`` for live plots.
+    record's class means, classifier and counts are kept in ``self.latest`` for live plots;
+    ``on_record(tracker)``, if given, is called after each record (the dashboard streams from it).
     ``self.seconds`` is the time spent recording.
     """
 
     def __init__(self, every: int = 1, layers: bool = True, max_samples: int = 1024, seed: int = 0,
-                 batch_size: int = 2048):
+                 batch_size: int = 2048, on_record=None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer (epochs), got {every!r}")
         if not isinstance(max_samples, int) or max_samples < 2:
             raise ValueError(f"max_samples must be an integer >= 2, got {max_samples!r}")
         self.every, self.layers, self.max_samples, self.seed = every, layers, max_samples, seed
-        self.batch_size = batch_size
+        self.batch_size, self.on_record = batch_size, on_record
         self.rows: list[dict] = []
         self.latest: dict | None = None
         self.seconds = 0.0
@@ -425,11 +427,14 @@ class CollapseTracker(Callback):
         state.rows.extend(rows)
         self._last_step = state.step
         self.seconds += time.perf_counter() - t0
+        if self.on_record is not None:
+            self.on_record(self)
 
 
-def track(every: int = 1, layers: bool = True, max_samples: int = 1024, seed: int = 0) -> CollapseTracker:
+def track(every: int = 1, layers: bool = True, max_samples: int = 1024, seed: int = 0,
+          on_record=None) -> CollapseTracker:
     """A training callback recording collapse metrics every ``every`` epochs (see :class:`CollapseTracker`)."""
-    return CollapseTracker(every=every, layers=layers, max_samples=max_samples, seed=seed)
+    return CollapseTracker(every=every, layers=layers, max_samples=max_samples, seed=seed, on_record=on_record)
 
 
 def _stratified(y: torch.Tensor, n: int, seed: int, sequence: bool = False) -> torch.Tensor:
@@ -498,6 +503,24 @@ def simplex_view(means, n_components: int = 3) -> pd.DataFrame:
         df.insert(0, "kind", kind)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+def geometry(means, classifier=None) -> dict:
+    """What the geometry plots show, from class means ``(C, d)`` (e.g. ``CollapseTracker.latest``).
+
+    ``view``: :func:`simplex_view`; ``gram``: cosines of the centred means (``C x C``);
+    ``ideal``: the simplex ETF's (1 on the diagonal, ``-1/(C-1)`` elsewhere);
+    ``classifier_cos``: cosines of the classifier rows, when given (minority collapse shows
+    as a block of cosines near 1).
+    """
+    m = torch.as_tensor(np.asarray(means), dtype=torch.float64)
+    C = len(m)
+    out = {"view": simplex_view(m.numpy()), "gram": gram(m - m.mean(0)).numpy(),
+           "ideal": (np.eye(C) - 1.0 / C) * C / (C - 1), "classifier_cos": None}
+    if classifier is not None:
+        w, _ = _classifier(classifier, "cpu")
+        out["classifier_cos"] = gram(w).numpy()
+    return out
 
 
 def set_etf_classifier(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -633,7 +656,7 @@ def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None 
 
 
 def train_collapse(dataset_name: str = "digits", *, every: int = 1, layers: bool = True, max_samples: int = 1024,
-                   callbacks=(), **recipe_options):
+                   callbacks=(), on_record=None, **recipe_options):
     """Train a :func:`recipe` while tracking collapse; returns the :class:`~workbench.training.Run`.
 
     The run's metrics hold the collapse rows (``split="train"`` with ``epoch``, ``layer``
@@ -645,9 +668,12 @@ def train_collapse(dataset_name: str = "digits", *, every: int = 1, layers: bool
     mixup = recipe_options.get("mixup", 0.0)
     seed = recipe_options.get("seed", 0)
     model, cfg, ds = recipe(dataset_name, **recipe_options)
-    tracker = track(every=every, layers=layers, max_samples=max_samples, seed=seed)
+    tracker = track(every=every, layers=layers, max_samples=max_samples, seed=seed, on_record=on_record)
     kwargs = {}
     if mixup:
+        if "loss_fn" not in inspect.signature(train).parameters:
+            raise NotImplementedError("mixup needs a custom loss in the training loop (wb.train(..., loss_fn=...)), "
+                                      "which this version of workbench.training does not offer yet")
         kwargs["loss_fn"] = MixupLoss(mixup, seed)
     t0 = time.perf_counter()
     run = train(model, ds, cfg, callbacks=[tracker, *callbacks], name=f"collapse-{dataset_name}", **kwargs)

@@ -1,0 +1,164 @@
+"""Collapse page: train a recipe into the terminal phase and watch neural collapse happen, live.
+No math here: the engine computes, the figure builders draw."""
+from __future__ import annotations
+
+import time
+
+import panel as pn
+
+from .. import collapse
+from ..figures import collapse as figs
+from ..training import Callback, StopOnEvent
+from .common import BackgroundTask, ErrorBox, page_header
+
+EXPLANATION = """Trained past zero training error (the *terminal phase*), the last-layer features of a
+classifier collapse (Papyan, Han and Donoho 2020): **NC1** the features of each class shrink onto their
+class mean (Tr(Σ_W Σ_B⁺)/C → 0); **NC2** the centred class means become equal-norm and equiangular, a
+simplex ETF (ETF error → 0); **NC3** the classifier rows align with the means; **NC4** the network's
+decision becomes "nearest class mean". All are measured in eval mode on a fixed subsample of the training
+set, every few epochs, and plotted on log scales (an exact 0 is drawn at 1e-5). The 3-D view shows the
+class means on their top three principal axes next to the ideal simplex, rotated onto them by orthogonal
+Procrustes; the heat-maps compare their cosines with the ETF's (-1/(C-1) off the diagonal). Per layer,
+NC1 falls roughly geometrically with depth (He and Su 2022). **Imbalance**: the last classes keep only a
+fraction of their training examples; with strong imbalance their classifier rows drift together
+(*minority collapse*, Fang et al. 2021), visible as a bright block in the classifier heat-map and as the
+"minority classifiers cos" line. A fixed simplex-ETF classifier prevents it."""
+
+CODE = """import workbench as wb
+from workbench import collapse
+model, cfg, ds = collapse.recipe({recipe})
+tracker = collapse.track(every={every})
+run = wb.train(model, ds, cfg, callbacks=[tracker])
+wb.figures.collapse.nc_curves(tracker.table)
+wb.figures.collapse.layer_curves(tracker.table)
+geo = collapse.geometry(tracker.latest["means"], tracker.latest["classifier"])
+wb.figures.collapse.simplex_3d(geo["view"]); wb.figures.collapse.gram_heatmaps(geo)"""
+
+
+class _Progress(Callback):
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def on_step(self, state):
+        if state.step % 25 == 0:
+            steps = state.config.steps
+            self.ctx.report(progress=state.step / steps, message=f"step {state.step} / {steps}")
+
+
+def _train_job(ctx, dataset_name: str, options: dict, every: int, max_samples: int, min_interval: float = 0.4):
+    """Worker thread: train a recipe, streaming the tracker's table and the class-mean geometry."""
+    last = [0.0]
+
+    def send(tracker, force=False):
+        now = time.perf_counter()
+        if force or now - last[0] >= min_interval:
+            last[0] = now
+            latest = tracker.latest
+            ctx.report({"table": tracker.table, "geometry": collapse.geometry(latest["means"], latest["classifier"]),
+                        "counts": latest["counts"], "epoch": latest["epoch"]})
+
+    return collapse.train_collapse(dataset_name, every=every, max_samples=max_samples, on_record=send,
+                                   callbacks=[StopOnEvent(ctx.stop_event), _Progress(ctx)], **options)
+
+
+class CollapsePage(pn.viewable.Viewer):
+    """Choose a recipe (dataset, epochs, weight decay, imbalance, mixup, ETF classifier) and train it live."""
+
+    def __init__(self, datastore, **params):
+        super().__init__(**params)
+        self.datastore = datastore
+        self.dataset = pn.widgets.Select(name="dataset", options=sorted(collapse._RECIPES), value="digits", width=120)
+        self.epochs = pn.widgets.IntInput(name="epochs", value=100, start=1, end=5000, width=90)
+        self.weight_decay = pn.widgets.FloatInput(name="weight decay (AdamW)", value=5e-2, start=0.0, step=0.01,
+                                                  width=150)
+        self.every = pn.widgets.IntInput(name="record every N epochs", value=2, start=1, end=1000, width=150)
+        self.minority_ratio = pn.widgets.FloatSlider(name="minority ratio (1 = balanced)", start=0.01, end=1.0,
+                                                     step=0.01, value=1.0, width=220)
+        self.n_minority = pn.widgets.IntSlider(name="minority classes", start=1, end=9, value=5, width=160)
+        self.mixup = pn.widgets.FloatInput(name="mixup alpha (0 = off)", value=0.0, start=0.0, step=0.1, width=140)
+        self.etf = pn.widgets.Checkbox(name="fixed simplex-ETF classifier", value=False)
+        self.save = pn.widgets.Checkbox(name="save the run", value=True)
+        self.train_button = pn.widgets.Button(name="Train", button_type="primary", width=120)
+        self.train_button.on_click(lambda _: self.train())
+
+        self.errors = ErrorBox()
+        self.status = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.nc_plot = pn.pane.Plotly(figs.nc_curves(None), sizing_mode="stretch_width", height=580)
+        self.simplex_plot = pn.pane.Plotly(figs.simplex_3d(None), sizing_mode="stretch_width", height=500)
+        self.layer_plot = pn.pane.Plotly(figs.layer_curves(None), sizing_mode="stretch_width", height=400)
+        self.gram_plot = pn.pane.Plotly(figs.gram_heatmaps(None), sizing_mode="stretch_width", height=380)
+        self.code = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.table = None        # the tracker's table of the last run
+        self.run = None
+        self.task = BackgroundTask(on_update=self._show, on_done=self._on_done)
+        self.task.param.watch(lambda e: setattr(self.train_button, "disabled", e.new == "running"), "status")
+
+    def options(self) -> dict:
+        """The recipe options the widgets describe (for :func:`workbench.collapse.recipe`)."""
+        opts = {"epochs": self.epochs.value, "weight_decay": self.weight_decay.value}
+        if self.minority_ratio.value < 1.0:
+            opts.update(imbalance=float(self.minority_ratio.value), n_minority=int(self.n_minority.value))
+        if self.mixup.value:
+            opts["mixup"] = float(self.mixup.value)
+        if self.etf.value:
+            opts["etf_classifier"] = True
+        return opts
+
+    def train(self, wait: bool = False) -> None:
+        """Validate the options and train in the background (``wait=True``: synchronously, for tests)."""
+        self.errors.clear()
+        opts = self.options()
+        try:
+            for name, v in (("epochs", opts["epochs"]), ("record every N epochs", self.every.value)):
+                if not isinstance(v, int) or v < 1:
+                    raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            for name, v in (("weight decay", opts["weight_decay"]), ("mixup alpha", self.mixup.value)):
+                if v is None or v < 0:
+                    raise ValueError(f"{name} must be a number >= 0 (0 switches it off), got {v!r}")
+        except ValueError as e:
+            self.errors.show(e)
+            return
+        self.table, self.run = None, None
+        args = ", ".join([repr(self.dataset.value)] + [f"{k}={v!r}" for k, v in opts.items()])
+        self.code.object = f"```python\n{CODE.format(recipe=args, every=self.every.value)}\n```"
+        (self.task.run_now if wait else self.task.start)(_train_job, self.dataset.value, opts, int(self.every.value),
+                                                         1024)
+
+    # ---------------------------------------------------------------- results
+    def _show(self, payload) -> None:
+        if not isinstance(payload, dict) or "table" not in payload:
+            return
+        self.table = payload["table"]
+        geo = payload["geometry"]
+        with pn.io.hold():
+            self.nc_plot.object = figs.nc_curves(self.table)
+            self.layer_plot.object = figs.layer_curves(self.table)
+            self.simplex_plot.object = figs.simplex_3d(geo["view"], counts=payload["counts"],
+                                                       title=f"Class means (PCA) and the ideal simplex, "
+                                                             f"epoch {payload['epoch']:g}")
+            self.gram_plot.object = figs.gram_heatmaps(geo)
+
+    def _on_done(self, run) -> None:
+        self.run = run
+        meta = run.meta.get("collapse", {})
+        share = meta.get("track_seconds", 0) / max(meta.get("total_seconds", 1e-9), 1e-9)
+        text = (f"**{run.status}** after {int(run.metrics['step'].max())} steps; validation accuracy "
+                f"{run.final('acc'):.3f}; tracking took {share:.0%} of the training time.")
+        if self.save.value:
+            run_id = self.datastore.save(run)
+            text += f" Saved as `{run_id}`."
+        self.status.object = text
+
+    def __panel__(self):
+        return pn.Column(
+            page_header("Collapse", EXPLANATION, CODE.format(recipe="'digits', epochs=100", every=2)),
+            pn.Row(self.dataset, self.epochs, self.weight_decay, self.every),
+            pn.Row(self.minority_ratio, self.n_minority, self.mixup, self.etf),
+            pn.Row(self.train_button, self.save),
+            self.task.controls(), self.errors, self.status,
+            self.nc_plot,
+            pn.Row(self.simplex_plot, self.layer_plot, sizing_mode="stretch_width"),
+            self.gram_plot,
+            pn.Card(self.code, title="This run as code", collapsed=True, sizing_mode="stretch_width"),
+            sizing_mode="stretch_width",
+        )
