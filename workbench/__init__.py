@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 __all__ = ["data", "models", "train", "evaluate", "TrainConfig", "Run", "Callback", "ProgressBar", "StopOnEvent",
            "RunStore", "StoreError", "growth", "residual", "lmc", "collapse", "compose", "store", "figures"]
 
-_LAZY = {"growth", "residual", "lmc", "collapse", "compose", "figures", "store", "training"}
+_LAZY = {"growth", "residual", "lmc", "collapse", "compose", "figures", "store", "training", "sampling", "interop",
+         "flops", "permute"}
 
 
 def __getattr__(name: str):
