@@ -227,6 +227,10 @@ def align(model_a: nn.Module, model_b: nn.Module, method: str = "weights", data=
           max_iter: int = 100, max_examples: int = 2048) -> nn.Module:
     """A copy of B with its units permuted to match A; it computes exactly B's function.
 
+    Exactly up to float round-off: permuting features changes the order of sums (matrix
+    products, LayerNorm statistics), so float32 outputs may differ in the last bits (about
+    1e-6 of the largest logit); in float64 the difference is ~1e-14.
+
     ``method="weights"``: Git Re-Basin weight matching (:func:`workbench.permute.match_weights`,
     random sweep order from ``seed``). ``method="activations"``: correlation of activations
     on ``data`` (a Dataset, whose training inputs are used, or an input tensor).

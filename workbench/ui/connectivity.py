@@ -21,16 +21,17 @@ weight-matched pair (the rest from A, or from B); the contour shows the loss ove
 weight-matched B; instability spawns two children from one parent at step k (Frankle et al. 2020)."""
 
 CODE = """import workbench as wb
+from workbench.figures import lmc as figs
 store = wb.RunStore()
 a, b = store.load(RUN_A).model, store.load(RUN_B).model
 ds = wb.data.load(**store.load(RUN_A).dataset)
 curves = wb.lmc.compare(a, b, ds, n_alphas=25)      # none, weights, activations, repair
-wb.figures.lmc.connectivity_curves(curves)
-wb.figures.lmc.barrier_table(wb.lmc.barrier(curves))
+figs.connectivity_curves(curves)
+figs.barrier_table(wb.lmc.barrier(curves))
 b_w = wb.lmc.align(a, b, method="weights")
-wb.figures.lmc.layerwise_bars(wb.lmc.layerwise(a, b_w, ds))
-wb.figures.lmc.plane_contour(wb.lmc.plane(a, b, b_w, ds))
-wb.figures.lmc.instability_plot(wb.lmc.instability(a.config, ds, spawn_steps=[0, 50, 100, 200],
+figs.layerwise_bars(wb.lmc.layerwise(a, b_w, ds))
+figs.plane_contour(wb.lmc.plane(a, b, b_w, ds))
+figs.instability_plot(wb.lmc.instability(a.config, ds, spawn_steps=[0, 50, 100, 200],
                                                    train_config=wb.TrainConfig(steps=400)))"""
 
 
