@@ -1,0 +1,51 @@
+# Depth Workbench: one command to set up and serve, one to set up and test.
+#   make serve   -> local .venv, then `panel serve apps/` on http://localhost:5006/apps
+#   make test    -> local .venv + Chromium, then unit, notebook (nbval) and browser tests
+#   make bench   -> benchmark table (ratios measured in one run)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# The CPU build of torch first, so the range in pyproject (torch>=2.4) does not pull a CUDA build.
+# Elsewhere: make TORCH_SPEC="torch" for the build that suits your machine.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PORT   ?= 5006
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test test-quick bench browser clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)" \
+	  || $(BIN)/pip install torch --index-url $(TORCH_CPU_INDEX)
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+serve: setup
+	$(BIN)/python -m panel serve apps/ --port $(PORT) --show
+
+# Chromium for the browser tests (Debian/Ubuntu as root); fonts-unifont for glyph embeddings.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-unifont; \
+	  else echo "Install Chromium (/usr/bin/chromium) for the browser tests, e.g. sudo apt-get install chromium"; exit 1; fi; \
+	fi
+
+test: setup browser
+	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
+
+# Everything but the browser tests and notebooks (a quick check while editing).
+test-quick: setup
+	$(BIN)/python -m pytest tests -m "not ui" -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/pip install -q -e ".[bench]" || true
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache
