@@ -345,11 +345,11 @@ def test_mixup_lambda_follows_beta():
 
 @pytest.mark.slow
 def test_recipe_reaches_terminal_phase_on_digits():
-    tracker = collapse.track(every=10, layers=False)
-    model, cfg, ds = collapse.recipe("digits", epochs=60)
+    tracker = collapse.track(every=5, layers=False)
+    model, cfg, ds = collapse.recipe("digits", epochs=20)
     wb.train(model, ds, cfg, callbacks=[tracker])
     t = tracker.table
     acc = t[t.metric == "train_acc"].set_index("epoch")["value"]
     nc1 = t[t.metric == "nc1"].set_index("epoch")["value"]
-    assert acc.iloc[-1] == 1.0 and acc.loc[30] == 1.0          # zero training error, then more training
-    assert nc1.iloc[-1] < nc1.loc[30] < nc1.iloc[0] / 10       # NC1 keeps falling in the terminal phase
+    assert (acc.loc[10:] == 1.0).all()                          # zero training error, then more training
+    assert nc1.loc[20] < nc1.loc[10] < nc1.loc[0] / 5           # NC1 keeps falling in the terminal phase

@@ -90,10 +90,11 @@ def nc_curves(table: pd.DataFrame | None, x: str = "epoch", title: str = "Neural
 
 
 def layer_curves(table: pd.DataFrame | None, metric: str = "nc1", max_lines: int = 8,
-                 title: str | None = None) -> go.Figure:
-    """``metric`` (log scale) against layer, one line per recorded epoch (light = early, dark = late).
+                 title: str | None = None, by: str = "epoch") -> go.Figure:
+    """``metric`` (log scale) against layer, one line per value of ``by`` (light = early, dark = late).
 
-    Accepts a tracker table (with ``epoch``) or one :func:`~workbench.collapse.layer_metrics` table.
+    Accepts a tracker table (``by="epoch"``), a :func:`~workbench.collapse.layer_metrics` table
+    (one line), or several of those with a column such as ``stage`` (``by="stage"``).
     Layer 0 enters the first block, ``l`` leaves block ``l``, the last point is the readout input.
     Straight lines on this log scale are He and Su's law of data separation.
     """
@@ -101,18 +102,18 @@ def layer_curves(table: pd.DataFrame | None, metric: str = "nc1", max_lines: int
     if table is None or not len(table) or not (table["metric"] == metric).any():
         return _empty(title)
     t = table[table["metric"] == metric]
-    if "epoch" not in t:
-        t = t.assign(epoch=0.0)
-    epochs = sorted(t["epoch"].unique())
+    if by not in t:
+        t = t.assign(**{by: 0})
+    epochs = sorted(t[by].unique())
     if len(epochs) > max_lines:
         epochs = [epochs[int(round(i))] for i in np.linspace(0, len(epochs) - 1, max_lines)]
     colors = sample_colorscale("Blues", list(np.linspace(0.35, 1.0, len(epochs))))
     fig = go.Figure()
     sites = t.drop_duplicates("layer").sort_values("layer")
     for color, epoch in zip(colors, epochs):
-        g = t[t["epoch"] == epoch].sort_values("layer")
+        g = t[t[by] == epoch].sort_values("layer")
         fig.add_trace(go.Scatter(x=g["layer"], y=np.maximum(g["value"].to_numpy(dtype=float), FLOOR),
-                                 mode="lines+markers", name=f"epoch {epoch:g}", line=dict(color=color),
+                                 mode="lines+markers", name=f"{by} {epoch:g}", line=dict(color=color),
                                  customdata=g["site"], hovertemplate="%{customdata}<br>%{y:.3g}<extra></extra>"))
     fig.update_xaxes(title_text="layer (0 = embedding, last = readout input)", tickvals=sites["layer"].tolist())
     fig.update_yaxes(type="log", exponentformat="power", title_text=metric)

@@ -122,7 +122,7 @@ class CollapsePage(pn.viewable.Viewer):
         args = ", ".join([repr(self.dataset.value)] + [f"{k}={v!r}" for k, v in opts.items()])
         self.code.object = f"```python\n{CODE.format(recipe=args, every=self.every.value)}\n```"
         (self.task.run_now if wait else self.task.start)(_train_job, self.dataset.value, opts, int(self.every.value),
-                                                         1024)
+                                                         512)
 
     # ---------------------------------------------------------------- results
     def _show(self, payload) -> None:
