@@ -105,3 +105,21 @@ def test_background_task_reports_errors_without_raising():
     task = BackgroundTask()
     task.run_now(lambda ctx: wb.data.load("khop", hops=99))
     assert task.status == "error" and "khop.hops must be in [1, 8]" in task.error
+
+
+def test_two_sessions_train_at_once_without_interfering(store):
+    """Two browser sessions = two App instances over one store, training on worker threads together."""
+    apps = [App(store=store), App(store=store)]
+    for i, a in enumerate(apps):
+        page = a.pages["Train"]
+        page.train_widgets["steps"].value = 30 + 10 * i
+        page.model_widgets["n_layers"].value = 1 + i
+        page.run_name.value = f"session-{i}"
+        page.start()  # background thread (no server: the worker applies updates itself)
+    for a in apps:
+        a.pages["Train"].task.join(120)
+    runs = [a.pages["Train"].last_run for a in apps]
+    assert [r.name for r in runs] == ["session-0", "session-1"]
+    assert [r.model.config.n_layers for r in runs] == [1, 2]
+    assert [int(r.metrics["step"].max()) for r in runs] == [30, 40]
+    assert sorted(store.list()["name"]) == ["session-0", "session-1"]
