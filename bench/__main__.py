@@ -35,7 +35,8 @@ def collect(quick: bool, only: str | None) -> pd.DataFrame:
             got = [{"entry": info.name, "ok": False, "note": f"failed: {type(e).__name__}: {e}"}]
         print(f"[{info.name}: {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
         rows.extend(got)
-    return pd.DataFrame(rows, columns=COLUMNS)
+    table = pd.DataFrame(rows)
+    return table[[c for c in COLUMNS if c in table] + [c for c in table if c not in COLUMNS]]
 
 
 def main(argv=None) -> int:
