@@ -1,0 +1,188 @@
+"""Residual-stream benchmarks, each against a reference measured in the same run.
+
+    python bench/bench_residual.py       # prints a table; --quick for smaller sizes
+
+Rows:
+
+1. Forward with full recording (``wb.residual.record(model)``: every hook site, 7 per block
+   plus 3) against the plain forward of the same workbench Transformer (target <= 1.15x).
+2. The same on the Hugging Face GPT-2 export of that model (our adapter's forward hooks on
+   GPT-2's modules) against the plain GPT-2 forward (target <= 1.15x).
+3. TransformerLens 4.x ``TransformerBridge.run_with_cache`` on the same weights, loaded from
+   the export directory, against our recorded forward (ratio reported; no target). Skipped,
+   with the reason, when transformer-lens is not installed.
+4. Residual page: choosing a layer or a token re-slices the cached analysis and patches the
+   figures; median milliseconds per choice against the 300 ms requirement. The first
+   analysis of the input (all engine calls) is in the note.
+
+Times are CPU time of this process with torch on one thread, median of interleaved repeats
+(robust on a shared machine); wall-clock medians are in the notes. Model: d_model 128, 4 layers,
+4 heads, d_mlp 512, context 64, batch 32 x 64 tokens (quick: batch 4).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+import workbench as wb
+from workbench import interop, residual
+
+CONTEXT = 64
+
+
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """Median CPU and wall time of each function, measured round-robin (drift hits all alike)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    cpu = {k: [] for k in fns}
+    wall = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            c, w = time.process_time(), time.perf_counter()
+            fn()
+            cpu[k].append(time.process_time() - c)
+            wall[k].append(time.perf_counter() - w)
+    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in fns}
+
+
+def _model_and_data(quick: bool):
+    ds = wb.data.load("text", context=CONTEXT, corpus_chars=20_000)
+    cfg = wb.models.TransformerConfig(vocab_size=ds.vocab_size, context=CONTEXT, vocab=list(ds.vocab), d_model=128,
+                                      n_layers=4, n_heads=4, d_mlp=512)
+    model = wb.models.build(cfg).eval()
+    x = ds.x_val[: 4 if quick else 32]
+    return ds, model, x
+
+
+def _row(entry, ours, reference, unit, target, note):
+    ratio = ours / reference if reference else float("nan")
+    return {"entry": entry, "ours": ours, "reference": reference, "unit": unit, "ratio": ratio,
+            "target": target, "ok": (ratio <= target) if target is not None else None, "note": note}
+
+
+def _record_rows(model, x, hf, repeats):
+    rows = []
+
+    def plain():
+        with torch.no_grad():
+            model(x)
+
+    def recorded():
+        with torch.no_grad(), residual.record(model):
+            model(x)
+
+    def hf_plain():
+        with torch.no_grad():
+            hf(input_ids=x)
+
+    def hf_recorded():
+        with torch.no_grad(), residual.record(hf):
+            hf(input_ids=x)
+
+    t = _interleaved({"plain": plain, "rec": recorded, "hf": hf_plain, "hf_rec": hf_recorded}, repeats)
+    n_sites = len(residual.sites(model))
+    rows.append(_row("residual: forward + record every site / plain forward", t["rec"][0] * 1e3, t["plain"][0] * 1e3,
+                     "ms CPU", 1.15, f"{n_sites} sites; wall {t['rec'][1] * 1e3:.1f} vs {t['plain'][1] * 1e3:.1f} ms"))
+    rows.append(_row("residual: HF GPT-2 export, adapter record / plain HF forward", t["hf_rec"][0] * 1e3,
+                     t["hf"][0] * 1e3, "ms CPU", 1.15,
+                     f"wall {t['hf_rec'][1] * 1e3:.1f} vs {t['hf'][1] * 1e3:.1f} ms"))
+    return rows, t
+
+
+def _transformer_lens_row(path, x, ours_recorded_cpu, hf_cpu, repeats):
+    try:
+        import transformer_lens  # noqa: F401
+        from transformer_lens.model_bridge import TransformerBridge
+    except Exception as e:  # not installed (it is in the optional "bench" extra)
+        return _row("residual: TransformerLens run_with_cache / our record", float("nan"), ours_recorded_cpu * 1e3,
+                    "ms CPU", None, f"skipped: transformer-lens unavailable ({type(e).__name__}: {e})")
+    from importlib.metadata import version as _version
+
+    version = _version("transformer-lens")
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        bridge = TransformerBridge.boot_transformers(str(path), device="cpu")
+    bridge.eval()
+
+    def tl():
+        with torch.no_grad():
+            bridge.run_with_cache(x)
+
+    t = _interleaved({"tl": tl}, repeats)["tl"]
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(x)
+    return _row("residual: TransformerLens run_with_cache / our record", t[0] * 1e3, ours_recorded_cpu * 1e3, "ms CPU",
+                None, f"transformer-lens {version} bridge from the export dir, {len(cache)} hooks cached; "
+                      f"{t[0] / hf_cpu:.2f}x a plain HF forward; wall {t[1] * 1e3:.1f} ms")
+
+
+def _page_row(model, ds, quick):
+    import panel as pn  # noqa: F401
+
+    from workbench.ui.common import DataStore
+    from workbench.ui.residual import ResidualPage
+
+    with tempfile.TemporaryDirectory() as home:
+        store = wb.RunStore(home)
+        run = wb.train(model, ds, wb.TrainConfig(steps=1, eval_every=1, eval_max=16))
+        run_id = store.save(run)
+        page = ResidualPage(DataStore(store))
+        page.run_select.value = run_id
+        t = time.perf_counter()
+        page.analyse(wait=True)
+        first = time.perf_counter() - t
+        if page.errors.text or page.task.status != "done":
+            raise RuntimeError(page.errors.text or page.task.error)
+        times = []
+        n = 8 if quick else 24
+        for i in range(n):
+            t = time.perf_counter()
+            if i % 2:
+                page.position.value = (7 * i) % CONTEXT
+            else:
+                page.layer.value = (i // 2) % model.config.n_layers
+            times.append(time.perf_counter() - t)
+    ms = statistics.median(times) * 1e3
+    return _row("residual page: choose a layer or token (cached analysis)", ms, 300.0, "ms wall", 1.0,
+                f"max {max(times) * 1e3:.0f} ms over {n} choices; first analysis {first:.2f} s")
+
+
+def run(quick: bool = False) -> list[dict]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        repeats = 5 if quick else 30
+        ds, model, x = _model_and_data(quick)
+        with tempfile.TemporaryDirectory() as tmp:
+            with contextlib.redirect_stderr(io.StringIO()):
+                path = interop.export_gpt2(model, tmp, vocab=ds.vocab)
+                hf, _ = interop.load_gpt2(path)
+            rows, t = _record_rows(model, x, hf, repeats)
+            rows.append(_transformer_lens_row(path, x, t["rec"][0], t["hf"][0], repeats))
+        rows.append(_page_row(model, ds, quick))
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    import pandas as pd
+
+    with pd.option_context("display.max_colwidth", 90, "display.width", 220, "display.float_format", "{:.4g}".format):
+        print(pd.DataFrame(run(quick=args.quick)).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
