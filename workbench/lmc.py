@@ -100,7 +100,7 @@ def _split_data(dataset: Dataset, split: str, max_examples: int) -> tuple[torch.
 
 @torch.no_grad()
 def evaluate_params(model: nn.Module, params: dict[str, torch.Tensor], dataset: Dataset, split: str = "val",
-                    max_examples: int = 2048, max_rows: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+                    max_examples: int = 2048, max_rows: int = 1 << 13) -> tuple[np.ndarray, np.ndarray]:
     """Loss and accuracy of ``n`` parameter sets ``{name: (n, *shape)}`` run through ``model``'s code.
 
     One ``functional_call`` under ``torch.vmap`` per data batch: the ``n`` models share one

@@ -59,7 +59,8 @@ def _analysis_job(ctx, run_a, run_b, n_alphas: int, resolution: int, max_example
         layer = lmc.layerwise(a, b_w, ds, n_alphas=max(5, n_alphas // 2), max_examples=max_examples,
                               progress=progress(0.6, 0.25), stop=ctx.stop_event)
         ctx.report({"layerwise": layer}, progress=0.85, message="loss plane")
-        lmc._check(ctx.stop_event)
+        if ctx.stopped:
+            raise lmc.Cancelled("cancelled")
         plane = lmc.plane(a, b, b_w, ds, resolution=resolution, max_examples=min(max_examples, 1024))
     return {"curves": curves, "layerwise": layer, "plane": plane}
 
