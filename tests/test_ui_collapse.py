@@ -42,7 +42,9 @@ def test_imbalance_control_shows_minority_collapse_metric(store):
     page.train(wait=True)
     assert page.task.status == "done", page.task.error
     assert "minority_cos" in set(page.table["metric"])
-    assert any("minority" in t.name for t in page.nc_plot.object.data)
+    curve = page.minority_plot.object.data
+    assert len(curve) == 1 and len(curve[0].y) == 2          # epochs 0 and 2
+    assert -1 <= min(curve[0].y) <= max(curve[0].y) <= 1
     assert len(store.list()) == 0
 
 

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-__all__ = ["nc_curves", "layer_curves", "simplex_3d", "gram_heatmaps", "FLOOR"]
+__all__ = ["nc_curves", "layer_curves", "minority_curve", "simplex_3d", "gram_heatmaps", "FLOOR"]
 
 _LAYOUT = dict(template="plotly_white", margin=dict(l=55, r=20, t=60, b=40))
 FLOOR = 1e-5  # values at or below this (an exact 0 of NC4, say) are drawn at FLOOR on log axes
@@ -24,8 +24,7 @@ _PANELS = {
                          ("nc2_equiangular", "equiangular means"), ("nc2_equinorm_w", "equinorm W"),
                          ("nc2_equiangular_w", "equiangular W")],
     "NC3: self-duality": [("nc3", "||W/‖W‖ − M/‖M‖||²")],
-    "NC4: nearest class centre": [("nc4", "NCC ≠ network"), ("train_error", "training error"),
-                                  ("minority_cos", "minority classifiers cos")],
+    "NC4: nearest class centre": [("nc4", "NCC ≠ network"), ("train_error", "training error")],
 }
 _DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -61,6 +60,7 @@ def nc_curves(table: pd.DataFrame | None, x: str = "epoch", title: str = "Neural
     if "label" not in t:
         t = t.assign(label="")
     labels = list(dict.fromkeys(t["label"]))
+    color = {m: _PALETTE[i % 10] for i, m in enumerate(m for ms in _PANELS.values() for m, _ in ms)}
     fig = make_subplots(rows=2, cols=2, subplot_titles=list(_PANELS), horizontal_spacing=0.09, vertical_spacing=0.16)
     for p, (panel, metrics) in enumerate(_PANELS.items()):
         row, col = divmod(p, 2)
@@ -73,7 +73,7 @@ def nc_curves(table: pd.DataFrame | None, x: str = "epoch", title: str = "Neural
                 full = f"{label}: {name}" if label else name
                 fig.add_trace(go.Scatter(x=g[x], y=np.maximum(g["value"].to_numpy(dtype=float), FLOOR),
                                          mode="lines", name=full, legendgroup=full,
-                                         line=dict(color=_PALETTE[(mi if len(labels) == 1 else li) % 10],
+                                         line=dict(color=color[metric] if len(labels) == 1 else _PALETTE[li % 10],
                                                    dash=_DASHES[mi % 5] if len(labels) > 1 else "solid"),
                                          hovertemplate=f"{full}<br>{x} %{{x}}<br>%{{y:.3g}}<extra></extra>"),
                               row=row + 1, col=col + 1)
@@ -121,6 +121,28 @@ def layer_curves(table: pd.DataFrame | None, metric: str = "nc1", max_lines: int
     return fig
 
 
+def minority_curve(table: pd.DataFrame | None, title: str = "Minority collapse") -> go.Figure:
+    """Mean pairwise cosine of the minority classes' classifier rows against epoch (linear axis).
+
+    A simplex has ``-1/(C-1)``; minority collapse (Fang et al. 2021) drives it towards 1. Needs the
+    ``minority_cos`` rows a tracker records on imbalanced data (one line per ``label`` if present).
+    """
+    if table is None or not len(table) or not (table["metric"] == "minority_cos").any():
+        return _empty(title + " (balanced classes: nothing to show)", 300)
+    t = table[table["metric"] == "minority_cos"]
+    if "label" not in t:
+        t = t.assign(label="minority classifier rows")
+    fig = go.Figure()
+    for i, (label, g) in enumerate(t.groupby("label", sort=False)):
+        g = g.sort_values("epoch")
+        fig.add_trace(go.Scatter(x=g["epoch"], y=g["value"], mode="lines+markers", name=label,
+                                 line=dict(color=_PALETTE[i % 10])))
+    fig.update_xaxes(title_text="epoch")
+    fig.update_yaxes(title_text="mean cosine", range=[-1, 1])
+    fig.update_layout(title=title, height=300, **_LAYOUT)
+    return fig
+
+
 def simplex_3d(view: pd.DataFrame | None, title: str = "Class means (PCA) and the ideal simplex",
                class_names: list[str] | None = None, counts=None) -> go.Figure:
     """3-D scatter of the class means next to the Procrustes-aligned simplex (``collapse.simplex_view``).
@@ -141,9 +163,7 @@ def simplex_3d(view: pd.DataFrame | None, title: str = "Class means (PCA) and th
             seg[k] += [m[col], s[col], None]
     fig.add_trace(go.Scatter3d(**seg, mode="lines", line=dict(color="#999", width=2), name="distance to ideal",
                                hoverinfo="skip"))
-    ring = list(range(len(ideal))) + [0]
-    fig.add_trace(go.Scatter3d(x=ideal["pc1"].to_numpy()[ring], y=ideal["pc2"].to_numpy()[ring],
-                               z=ideal["pc3"].to_numpy()[ring], mode="markers", name="ideal simplex",
+    fig.add_trace(go.Scatter3d(x=ideal["pc1"], y=ideal["pc2"], z=ideal["pc3"], mode="markers", name="ideal simplex",
                                marker=dict(symbol="diamond-open", size=6, color="#333")))
     size = 8 if counts is None else 5 + 7 * np.sqrt(np.asarray(counts, float) / np.max(counts))
     fig.add_trace(go.Scatter3d(x=means["pc1"], y=means["pc2"], z=means["pc3"], mode="markers+text", text=names,

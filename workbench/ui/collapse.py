@@ -22,7 +22,7 @@ Procrustes; the heat-maps compare their cosines with the ETF's (-1/(C-1) off the
 NC1 falls roughly geometrically with depth (He and Su 2022). **Imbalance**: the last classes keep only a
 fraction of their training examples; with strong imbalance their classifier rows drift together
 (*minority collapse*, Fang et al. 2021), visible as a bright block in the classifier heat-map and as the
-"minority classifiers cos" line. A fixed simplex-ETF classifier prevents it."""
+"minority collapse" curve. A fixed simplex-ETF classifier prevents it."""
 
 CODE = """import workbench as wb
 from workbench import collapse
@@ -87,6 +87,7 @@ class CollapsePage(pn.viewable.Viewer):
         self.simplex_plot = pn.pane.Plotly(figs.simplex_3d(None), sizing_mode="stretch_width", height=500)
         self.layer_plot = pn.pane.Plotly(figs.layer_curves(None), sizing_mode="stretch_width", height=400)
         self.gram_plot = pn.pane.Plotly(figs.gram_heatmaps(None), sizing_mode="stretch_width", height=380)
+        self.minority_plot = pn.pane.Plotly(figs.minority_curve(None), sizing_mode="stretch_width", height=320)
         self.code = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.table = None        # the tracker's table of the last run
         self.run = None
@@ -137,6 +138,7 @@ class CollapsePage(pn.viewable.Viewer):
                                                        title=f"Class means (PCA) and the ideal simplex, "
                                                              f"epoch {payload['epoch']:g}")
             self.gram_plot.object = figs.gram_heatmaps(geo)
+            self.minority_plot.object = figs.minority_curve(self.table)
 
     def _on_done(self, run) -> None:
         self.run = run
@@ -159,6 +161,7 @@ class CollapsePage(pn.viewable.Viewer):
             self.nc_plot,
             pn.Row(self.simplex_plot, self.layer_plot, sizing_mode="stretch_width"),
             self.gram_plot,
+            self.minority_plot,
             pn.Card(self.code, title="This run as code", collapsed=True, sizing_mode="stretch_width"),
             sizing_mode="stretch_width",
         )
