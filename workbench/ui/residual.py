@@ -120,6 +120,8 @@ class ResidualPage(pn.viewable.Viewer):
         self.run_select.options = options
         if current in options.values():
             self.run_select.value = current
+        elif options:
+            self.run_select.value = next(iter(options.values()))  # newest run
         self._sync_stages()
 
     def _sync_visibility(self) -> None:
@@ -264,6 +266,7 @@ class ResidualPage(pn.viewable.Viewer):
 
     def _on_done(self, result) -> None:
         cache_key, analysis, stages = result
+        self.task.message = ""  # the status line then says "done"
         self._cache[cache_key] = analysis
         self.analysis = analysis
         if stages is None and len(self._group_runs()) > 1:
