@@ -55,7 +55,7 @@ from .training import Callback, TrainConfig, TrainState
 __all__ = [
     "metrics", "layer_metrics", "collect", "sites", "track", "CollapseTracker", "class_means",
     "simplex_etf", "simplex_view", "gram", "geometry", "set_etf_classifier", "subsample", "imbalanced_counts",
-    "minority_collapse", "MixupLoss", "recipe", "train_collapse", "NC_METRICS",
+    "minority_collapse", "MixupLoss", "mixup_available", "recipe", "train_collapse", "NC_METRICS",
 ]
 
 # Metric names returned by :func:`metrics`, in display order.
@@ -657,6 +657,13 @@ def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None 
     return model, cfg, ds
 
 
+def mixup_available() -> bool:
+    """Whether :func:`workbench.train` takes ``loss_fn=`` (needed to train with :class:`MixupLoss`)."""
+    from .training import train
+
+    return "loss_fn" in inspect.signature(train).parameters
+
+
 def train_collapse(dataset_name: str = "digits", *, every: int = 1, layers: bool = True, max_samples: int = 512,
                    callbacks=(), on_record=None, **recipe_options):
     """Train a :func:`recipe` while tracking collapse; returns the :class:`~workbench.training.Run`.
@@ -673,7 +680,7 @@ def train_collapse(dataset_name: str = "digits", *, every: int = 1, layers: bool
     tracker = track(every=every, layers=layers, max_samples=max_samples, seed=seed, on_record=on_record)
     kwargs = {}
     if mixup:
-        if "loss_fn" not in inspect.signature(train).parameters:
+        if not mixup_available():
             raise NotImplementedError("mixup needs a custom loss in the training loop (wb.train(..., loss_fn=...)), "
                                       "which this version of workbench.training does not offer yet")
         kwargs["loss_fn"] = MixupLoss(mixup, seed)
