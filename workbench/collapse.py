@@ -116,10 +116,8 @@ def _classifier(classifier, device):
 
 def _cos_offdiag(vectors: torch.Tensor) -> torch.Tensor:
     """Off-diagonal cosines of the rows (C*(C-1),)."""
-    n = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    cos = n @ n.T
-    C = len(cos)
-    return cos[~torch.eye(C, dtype=torch.bool, device=cos.device)]
+    cos = gram(vectors)
+    return cos[~torch.eye(len(cos), dtype=torch.bool, device=cos.device)]
 
 
 def _cov(x: torch.Tensor) -> float:
@@ -209,8 +207,8 @@ def metrics(features, labels, classifier=None, predictions=None, *, n_classes: i
 
     # NC2 on the means, and ETF error of their Gram matrix.
     norms = centred.norm(dim=1)
-    cos = _cos_offdiag(centred)
     g = gram(centred)
+    cos = g[~torch.eye(C, dtype=torch.bool, device=h.device)]
     etf = (torch.eye(C, **f64) - 1.0 / C) / math.sqrt(C - 1)
     etf_error = float((g / g.norm() - etf).norm())
 
@@ -243,9 +241,9 @@ def metrics(features, labels, classifier=None, predictions=None, *, n_classes: i
     return out
 
 
-def gram(centred_means) -> torch.Tensor:
-    """Gram matrix ``(C, C)`` of the row-normalised (already centred) class means: their cosines."""
-    m = torch.as_tensor(centred_means, dtype=torch.float64)
+def gram(vectors) -> torch.Tensor:
+    """Cosines ``(C, C)`` of the rows (e.g. the centred class means, or the classifier rows), float64."""
+    m = torch.as_tensor(vectors, dtype=torch.float64)
     n = m / m.norm(dim=1, keepdim=True).clamp_min(1e-300)
     return n @ n.T
 
