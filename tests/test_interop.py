@@ -152,3 +152,18 @@ def test_exported_grown_model_matches_after_growth(tmp_path):
         torch.testing.assert_close(hf(input_ids=x).logits, model(x), atol=1e-4, rtol=0)
     rows = R.contributions(hf, x)
     assert (rows[rows.layer == 1].rel_norm == 0).all()
+
+
+def test_transformer_lens_loads_the_export(tmp_path):
+    """The export directory boots in TransformerLens (optional: the "bench" extra installs it)."""
+    tl = pytest.importorskip("transformer_lens.model_bridge")
+    model, x = _ours(), _x(B=2)
+    model.config.vocab = [chr(ord("a") + i) for i in range(29)]
+    path = interop.export_gpt2(model, tmp_path / "gpt2")
+    bridge = tl.TransformerBridge.boot_transformers(str(path), device="cpu")
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(x)
+        torch.testing.assert_close(logits, model(x), atol=1e-4, rtol=0)
+    with R.record(model, names="blocks.1.resid_pre") as ours:
+        model(x)
+    torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], ours["blocks.1.resid_pre"], atol=1e-5, rtol=1e-5)

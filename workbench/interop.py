@@ -18,6 +18,7 @@ a fade-in (``residual_scale != 1``) have no GPT-2 equivalent: exporting them rai
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -133,6 +134,20 @@ class GPT2Adapter(Adapter):
 # ============================================================================ export / import
 
 
+@contextlib.contextmanager
+def _quiet():
+    """No transformers progress bars while we save or load small local checkpoints."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _linear_to_conv(w: torch.Tensor) -> torch.Tensor:
     return w.detach().t().contiguous()
 
@@ -199,7 +214,8 @@ def export_gpt2(model: _models.Transformer, path, vocab: list[str] | None = None
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf = to_gpt2(model)
-    hf.save_pretrained(path)
+    with _quiet():
+        hf.save_pretrained(path)
     vocab = list(vocab) if vocab is not None else (list(model.config.vocab) if model.config.vocab else None)
     meta = {"format": _FORMAT, "model": _models.config_to_dict(model.config), "vocab": vocab, "dataset": dataset}
     (path / EXPORT_META).write_text(json.dumps(meta, indent=2, default=str))
@@ -238,7 +254,8 @@ def load_gpt2(path):
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     if cfg.model_type != "gpt2":
         raise ValueError(f"{path}: model_type is {cfg.model_type!r}; only GPT-2-style models are supported")
-    model = GPT2LMHeadModel.from_pretrained(path, local_files_only=True).eval()
+    with _quiet():
+        model = GPT2LMHeadModel.from_pretrained(path, local_files_only=True).eval()
     meta_path = path / EXPORT_META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return model, meta
