@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench import residual
+from workbench import interop, residual
 from workbench.ui.common import DataStore
 from workbench.ui.residual import ResidualPage
 
@@ -92,7 +92,7 @@ def test_typed_text_and_clear_errors(page_with_run):
 
 def test_hugging_face_directory_source(store, tmp_path):
     run, ds = _text_run()
-    path = wb.interop.export_gpt2(run.model, tmp_path / "gpt2", vocab=ds.vocab, dataset=ds.spec())
+    path = interop.export_gpt2(run.model, tmp_path / "gpt2", vocab=ds.vocab, dataset=ds.spec())
     page = ResidualPage(DataStore(store))
     page.source.value = "Hugging Face directory"
     assert page.hf_path.visible and not page.run_select.visible
