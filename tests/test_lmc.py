@@ -48,6 +48,17 @@ def test_curve_equals_naive_per_alpha_evaluation(pair, digits):
         assert row.acc == pytest.approx(ref["acc"], abs=1e-9)
 
 
+@pytest.mark.parametrize("family", ["mlp", "transformer"])
+def test_vmap_and_loop_evaluations_agree(family, pair, tf_pair, digits, khop):
+    a, b = pair if family == "mlp" else tf_pair
+    ds = digits if family == "mlp" else khop
+    stacked = lmc._lerp_stack(lmc._params(a), lmc._params(b), torch.linspace(0, 1, 4))
+    lv, av = lmc.evaluate_params(a, stacked, ds, "val", use_vmap=True)
+    ll, al = lmc.evaluate_params(a, stacked, ds, "val", use_vmap=False)
+    np.testing.assert_allclose(lv, ll, rtol=1e-5)
+    np.testing.assert_array_equal(av, al)
+
+
 def test_transformer_curve_equals_naive_evaluation(tf_pair, khop):
     a, b = tf_pair
     c = lmc.curve(a, b, khop, n_alphas=3, splits=("val",))

@@ -1,8 +1,8 @@
 """Linear mode connectivity: interpolation curves, barriers, alignment, REPAIR, layer-wise LMC, instability.
 
 ``theta(alpha) = (1 - alpha) theta_A + alpha theta_B``. Curves are evaluated for all alphas
-at once: the parameters are stacked along a leading axis and the model is run with
-``torch.func.functional_call`` under ``torch.vmap`` (one model object, no rebuilding).
+at once: the parameters are stacked along a leading axis and run through one module with
+``torch.func.functional_call`` (under ``torch.vmap`` on GPUs; no model is rebuilt).
 Our models normalise with LayerNorm only (per-example statistics, no running buffers),
 so an interpolated model needs no statistics reset; BatchNorm models are refused.
 
@@ -100,12 +100,16 @@ def _split_data(dataset: Dataset, split: str, max_examples: int) -> tuple[torch.
 
 @torch.no_grad()
 def evaluate_params(model: nn.Module, params: dict[str, torch.Tensor], dataset: Dataset, split: str = "val",
-                    max_examples: int = 2048, max_rows: int = 1 << 13) -> tuple[np.ndarray, np.ndarray]:
+                    max_examples: int = 2048, max_rows: int = 1 << 13,
+                    use_vmap: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Loss and accuracy of ``n`` parameter sets ``{name: (n, *shape)}`` run through ``model``'s code.
 
-    One ``functional_call`` under ``torch.vmap`` per data batch: the ``n`` models share one
-    module and run as batched matrix products. Returns ``(loss (n,), acc (n,))`` over the
-    first ``max_examples`` examples of ``split`` (0: all), scored positions only.
+    The ``n`` models share one module; nothing is rebuilt or copied. On GPUs one
+    ``functional_call`` under ``torch.vmap`` per data batch runs them as batched matrix
+    products; on CPUs, where those products are compute-bound anyway, a plain loop of
+    ``functional_call`` over the sets measured faster than ``vmap`` (``use_vmap`` overrides).
+    Returns ``(loss (n,), acc (n,))`` over the first ``max_examples`` examples of ``split``
+    (0: all), scored positions only.
     """
     x, y = _split_data(dataset, split, max_examples)
     n = next(iter(params.values())).shape[0]
@@ -114,7 +118,13 @@ def evaluate_params(model: nn.Module, params: dict[str, torch.Tensor], dataset: 
     model.eval()
     per_example = int(np.prod(x.shape[1:])) if x.dim() > 1 and dataset.kind == "sequence" else 1
     batch = max(1, max_rows // (n * per_example))
-    run = torch.vmap(lambda p, xb: functional_call(model, p, (xb,)), in_dims=(0, None))
+    if use_vmap is None:
+        use_vmap = device.type != "cpu"
+    if use_vmap:
+        run = torch.vmap(lambda p, xb: functional_call(model, p, (xb,)), in_dims=(0, None))
+    else:
+        def run(p, xb):
+            return torch.stack([functional_call(model, {k: v[i] for k, v in p.items()}, (xb,)) for i in range(n)])
     loss, correct, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0
     try:
         with warnings.catch_warnings():
