@@ -116,10 +116,10 @@ def evaluate_params(model: nn.Module, params: dict[str, torch.Tensor], dataset: 
     device = next(iter(params.values())).device
     was_training = model.training
     model.eval()
-    per_example = int(np.prod(x.shape[1:])) if x.dim() > 1 and dataset.kind == "sequence" else 1
-    batch = max(1, max_rows // (n * per_example))
     if use_vmap is None:
         use_vmap = device.type != "cpu"
+    per_example = int(np.prod(x.shape[1:])) if x.dim() > 1 and dataset.kind == "sequence" else 1
+    batch = max(1, max_rows // ((n if use_vmap else 1) * per_example))
     if use_vmap:
         run = torch.vmap(lambda p, xb: functional_call(model, p, (xb,)), in_dims=(0, None))
     else:
@@ -147,8 +147,11 @@ def evaluate_params(model: nn.Module, params: dict[str, torch.Tensor], dataset: 
 
 def _chunked_eval(model, stacked_fn, n: int, dataset, split, max_examples, budget: int = 50_000_000):
     """Evaluate ``n`` parameter sets produced by ``stacked_fn(slice)`` in chunks of bounded memory."""
-    n_params = sum(p.numel() for p in _params(model).values())
+    params = _params(model)
+    n_params = sum(p.numel() for p in params.values())
     chunk = max(1, min(n, budget // max(n_params, 1)))
+    if next(iter(params.values())).device.type == "cpu":
+        chunk = 1  # CPU: one parameter set at a time (see evaluate_params); nothing large is stacked
     losses, accs = [], []
     for s in range(0, n, chunk):
         l, a = evaluate_params(model, stacked_fn(slice(s, min(n, s + chunk))), dataset, split, max_examples)
