@@ -114,3 +114,19 @@ def test_transformer_trains_on_modadd_and_vocab_mismatch_raises():
     other = wb.data.load("modadd", p=13)
     with pytest.raises(ValueError, match="vocab_size"):
         wb.train(model, other, wb.TrainConfig(steps=1))
+
+
+def test_custom_loss_fn_replaces_the_minibatch_loss(digits):
+    """A loss with zero gradient leaves AdamW (no weight decay) nothing to do: weights stay bitwise."""
+    model = wb.models.build(wb.models.config_for(digits, d_model=16, d_hidden=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def zero_loss(m, x, y):
+        seen.append(len(x))
+        return 0.0 * m(x).sum() + 3.0
+
+    run = wb.train(model, digits, wb.TrainConfig(steps=5, batch_size=32, eval_every=5), loss_fn=zero_loss)
+    assert seen == [32] * 5
+    assert run.metrics.query("split == 'batch'")["value"].tolist() == [3.0] * 5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

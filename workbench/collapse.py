@@ -37,7 +37,6 @@ or plotly; figures live in :mod:`workbench.figures.collapse`.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 from dataclasses import replace
@@ -55,7 +54,7 @@ from .training import Callback, TrainConfig, TrainState
 __all__ = [
     "metrics", "layer_metrics", "collect", "sites", "track", "CollapseTracker", "class_means",
     "simplex_etf", "simplex_view", "gram", "geometry", "set_etf_classifier", "subsample", "imbalanced_counts",
-    "minority_collapse", "MixupLoss", "mixup_available", "recipe", "train_collapse", "NC_METRICS",
+    "minority_collapse", "MixupLoss", "recipe", "train_collapse", "NC_METRICS",
 ]
 
 # Metric names returned by :func:`metrics`, in display order.
@@ -655,13 +654,6 @@ def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None 
     return model, cfg, ds
 
 
-def mixup_available() -> bool:
-    """Whether :func:`workbench.train` takes ``loss_fn=`` (needed to train with :class:`MixupLoss`)."""
-    from .training import train
-
-    return "loss_fn" in inspect.signature(train).parameters
-
-
 def train_collapse(dataset_name: str = "digits", *, every: int = 1, layers: bool = True, max_samples: int = 512,
                    callbacks=(), on_record=None, **recipe_options):
     """Train a :func:`recipe` while tracking collapse; returns the :class:`~workbench.training.Run`.
@@ -676,14 +668,9 @@ def train_collapse(dataset_name: str = "digits", *, every: int = 1, layers: bool
     seed = recipe_options.get("seed", 0)
     model, cfg, ds = recipe(dataset_name, **recipe_options)
     tracker = track(every=every, layers=layers, max_samples=max_samples, seed=seed, on_record=on_record)
-    kwargs = {}
-    if mixup:
-        if not mixup_available():
-            raise NotImplementedError("mixup needs a custom loss in the training loop (wb.train(..., loss_fn=...)), "
-                                      "which this version of workbench.training does not offer yet")
-        kwargs["loss_fn"] = MixupLoss(mixup, seed)
+    loss_fn = MixupLoss(mixup, seed) if mixup else None
     t0 = time.perf_counter()
-    run = train(model, ds, cfg, callbacks=[tracker, *callbacks], name=f"collapse-{dataset_name}", **kwargs)
+    run = train(model, ds, cfg, callbacks=[tracker, *callbacks], name=f"collapse-{dataset_name}", loss_fn=loss_fn)
     run.meta["collapse"] = {"recipe": dataset_name, **{k: v for k, v in recipe_options.items()},
                             "track_seconds": tracker.seconds, "total_seconds": time.perf_counter() - t0}
     run.meta["collapse"]["class_counts"] = torch.bincount(ds.y_train, minlength=ds.n_classes).tolist()

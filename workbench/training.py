@@ -195,12 +195,14 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
 
 def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None, callbacks=(),
           optimizer: torch.optim.Optimizer | None = None, start_step: int = 0, name: str | None = None,
-          extra: dict[str, Any] | None = None) -> Run:
+          extra: dict[str, Any] | None = None, loss_fn=None) -> Run:
     """Train ``model`` in place on ``dataset`` and return a :class:`Run`.
 
     ``optimizer``: continue with an existing optimizer (its state is kept, e.g. after growth);
     by default a fresh AdamW over trainable parameters. ``start_step`` offsets the recorded
     steps so stages of a growth schedule line up. ``extra`` columns are added to every row.
+    ``loss_fn(model, x, y) -> scalar`` replaces the cross-entropy of a minibatch (e.g. mixup,
+    :class:`workbench.collapse.MixupLoss`); evaluation always reports plain cross-entropy.
     A NaN or infinite loss stops training with ``status="diverged"``.
     """
     config = (config or TrainConfig()).validate()
@@ -237,7 +239,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None,
             factor = _lr_factor(i, config)
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * factor
-            loss, _, _ = loss_and_correct(model(x_train[idx]), y_train[idx])
+            xb, yb = x_train[idx], y_train[idx]
+            loss = loss_fn(model, xb, yb) if loss_fn is not None else loss_and_correct(model(xb), yb)[0]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:

@@ -77,10 +77,7 @@ class CollapsePage(pn.viewable.Viewer):
         self.minority_ratio = pn.widgets.FloatSlider(name="minority ratio (1 = balanced)", start=0.01, end=1.0,
                                                      step=0.01, value=1.0, width=220)
         self.n_minority = pn.widgets.IntSlider(name="minority classes", start=1, end=9, value=5, width=160)
-        self.mixup = pn.widgets.FloatInput(name="mixup alpha (0 = off)", value=0.0, start=0.0, step=0.1, width=140,
-                                           disabled=not collapse.mixup_available(),
-                                           description="needs a training loop with a custom loss (wb.train(loss_fn=...))"
-                                           if not collapse.mixup_available() else None)
+        self.mixup = pn.widgets.FloatInput(name="mixup alpha (0 = off)", value=0.0, start=0.0, step=0.1, width=140)
         self.etf = pn.widgets.Checkbox(name="fixed simplex-ETF classifier", value=False)
         self.save = pn.widgets.Checkbox(name="save the run", value=True)
         self.train_button = pn.widgets.Button(name="Train", button_type="primary", width=120)
