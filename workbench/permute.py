@@ -212,10 +212,6 @@ def random_permutation(model: nn.Module, seed: int = 0) -> dict[str, torch.Tenso
     return perm
 
 
-def _invert(perm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {p: torch.argsort(v) for p, v in perm.items()}
-
-
 # ----------------------------------------------------------------------------- assignment
 
 
