@@ -29,7 +29,7 @@ from . import models as _models
 from .flops import examples_seen, flops_per_example, steps_for_budget
 from .training import Callback, TrainConfig
 
-__all__ = ["INITS", "OPS", "PRESETS", "add_layer", "stack", "freeze", "unfreeze", "frozen_layers", "block_table",
+__all__ = ["INITS", "OPS", "PRESETS", "KHOP_DEFAULTS", "add_layer", "stack", "freeze", "unfreeze", "frozen_layers", "block_table",
            "rebuild_optimizer", "FadeIn", "fading_blocks", "advance_fades", "Stage", "check_schedule", "preset",
            "schedule_depths", "GrowControl", "grow", "compare", "Comparison", "depth_sweep", "flops_to_reach"]
 
@@ -313,6 +313,18 @@ def advance_fades(model: nn.Module, steps: int = 1) -> None:
         if b.fade["done"] >= b.fade["steps"]:
             b.residual_scale = 1.0
             b.fade = None
+
+
+# ----------------------------------------------------------------------------- defaults
+
+# The khop task and model size used by the notebook, the benchmark and the dashboard's defaults:
+# pointer chasing over few nodes with a small Transformer, so that a run takes seconds on 2 CPU cores.
+KHOP_DEFAULTS = {
+    "data": {"hops": 2, "nodes": 6, "n_train": 20000, "n_val": 500},
+    "model": {"d_model": 32, "n_heads": 2, "d_mlp": 64, "final_layers": 3},
+    "train": {"steps_per_stage": 150, "batch_size": 64, "lr": 3e-3, "eval_every": 50, "eval_max": 500},
+    "sweep": {"hops": [1, 2], "depths": [1, 2, 3], "steps": 150},
+}
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -604,11 +616,11 @@ def grow(model: nn.Module, dataset, schedule, config: TrainConfig | None = None,
                  "trainable_params": count_params(model, trainable_only=True)}
         book = _Bookkeeping(flops_total, per_example, len(ds.x_train), cfg.batch_size, step, control)
         cbs = [book, FadeIn(), *callbacks, _ControlCheck(book)]
-        if True:  # evaluate at the start of every stage (right after growth: function preservation shows)
-            rows = [{"step": step, "split": split, "metric": metric, "value": value, **extra, "flops": flops_total}
-                    for split in ("train", "val")
-                    for metric, value in _training.evaluate(model, ds, split, cfg.eval_max).items()]
-            frames.append(pd.DataFrame(rows))
+        # evaluate at the start of every stage (right after growth, so function preservation shows)
+        rows = [{"step": step, "split": split, "metric": metric, "value": value, **extra, "flops": flops_total}
+                for split in ("train", "val")
+                for metric, value in _training.evaluate(model, ds, split, cfg.eval_max).items()]
+        frames.append(pd.DataFrame(rows))
         run_k = _training.train(model, ds, cfg, callbacks=cbs, optimizer=opt, start_step=step,
                                 name=f"{name}-stage{stage_idx}", extra=extra)
         m = run_k.metrics

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-__all__ = ["stage_boundaries", "growth_curves", "block_strip", "compare_curves", "depth_sweep_figure"]
+__all__ = ["stage_boundaries", "growth_curves", "block_strip", "compare_curves", "depth_sweep_figure", "glyph_grid"]
 
 _SPLIT_COLORS = {"batch": "#c7c7c7", "train": "#1f77b4", "val": "#d62728"}
 _METHOD_COLORS = {"grown": "#2ca02c", "scratch": "#7f7f7f"}
@@ -129,4 +129,29 @@ def depth_sweep_figure(sweep: pd.DataFrame, metric: str = "acc", split: str = "v
     fig.update_xaxes(title_text="depth (blocks)", dtick=1)
     fig.update_yaxes(title_text=f"{split} {metric}", range=[0, 1.02] if metric == "acc" else None)
     fig.update_layout(title=title or None, height=340, legend_title_text="task", **_LAYOUT)
+    return fig
+
+
+def glyph_grid(images, labels, columns: int = 12, title: str = "") -> go.Figure:
+    """Glyph bitmaps ``(V, H, W)`` (e.g. :func:`workbench.models.glyph_images`) as a grid of small images."""
+    import numpy as np
+
+    images = np.asarray(images, dtype=float)
+    n = len(images)
+    cols = max(1, min(columns, n))
+    rows = max(1, math.ceil(n / cols))
+    h, w = images.shape[1:] if n else (1, 1)
+    canvas = np.full((rows * (h + 2), cols * (w + 2)), np.nan)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = img
+    fig = go.Figure(go.Heatmap(z=canvas[::-1].tolist(), colorscale="Greys", showscale=False, hoverinfo="skip"))
+    for i, label in enumerate(labels):
+        r, c = divmod(i, cols)
+        fig.add_annotation(x=c * (w + 2) + w / 2, y=(rows - r) * (h + 2) - 1, text=repr(label)[1:-1] or " ",
+                           showarrow=False, font=dict(size=9, color="#d62728"), yanchor="bottom")
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, scaleanchor="x")
+    fig.update_layout(title=title or None, height=max(160, 70 * rows + 40), template="plotly_white",
+                      margin=dict(l=10, r=10, t=40 if title else 10, b=10))
     return fig

@@ -35,8 +35,9 @@ PRESET_LABELS = {
     "Scratch": "scratch",
 }
 STAGE_COLUMNS = ["op", "steps", "freeze", "lr", "init"]
-# The default task: 2-hop pointer chasing over a few nodes, where depth shows within seconds.
-DEFAULT_KHOP = {"hops": 2, "nodes": 6}
+# The default task and model: growth.KHOP_DEFAULTS (small enough that a schedule runs in seconds).
+DEFAULT_KHOP = {k: growth.KHOP_DEFAULTS["data"][k] for k in ("hops", "nodes")}
+_KHOP_MODEL = {k: v for k, v in growth.KHOP_DEFAULTS["model"].items() if k != "final_layers"}
 
 
 def _kwargs(d: dict) -> str:
@@ -180,7 +181,7 @@ class GrowPage(pn.viewable.Viewer):
             template = models.MLPConfig(d_in=1, n_classes=2, d_model=64, n_layers=1, d_hidden=128)
             skip = ("d_in", "n_classes", "n_layers")
         else:
-            template = models.TransformerConfig(vocab_size=2, d_model=64, n_layers=1, n_heads=4, d_mlp=128)
+            template = models.TransformerConfig(vocab_size=2, n_layers=1, **_KHOP_MODEL)
             skip = ("vocab_size", "context", "vocab", "glyph_font", "n_layers")
         self.model_widgets = config_widgets(template, skip=skip)
         self.model_box.objects = list(self.model_widgets.values())
@@ -300,7 +301,7 @@ class GrowPage(pn.viewable.Viewer):
     def __panel__(self):
         return pn.Column(
             page_header("Grow", EXPLANATION, CODE.format(
-                name="khop", opts=", " + _kwargs(DEFAULT_KHOP), model=", d_model=64, n_layers=1",
+                name="khop", opts=", " + _kwargs(DEFAULT_KHOP), model=", " + _kwargs(dict(_KHOP_MODEL, n_layers=1)),
                 schedule='growth.preset("layerwise", 300, start_layers=1, final_layers=3)', train="lr=3e-3")),
             pn.Row(self.dataset, self.dataset_box),
             pn.pane.Markdown("**Model** (depth comes from the schedule)", margin=(0, 10)), self.model_box,
