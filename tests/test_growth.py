@@ -453,3 +453,18 @@ def test_depth_sweep_table():
     assert f[1] > f[0]
     with pytest.raises(ValueError, match="depths"):
         growth.depth_sweep(ds, [])
+
+
+@pytest.mark.parametrize("embedding", ["glyph", "frozen-random"])
+def test_growth_over_a_frozen_substrate(embedding):
+    ds = wb.data.load("khop", hops=1, nodes=4, n_train=200, n_val=50)
+    cfg = TransformerConfig(vocab_size=ds.vocab_size, context=ds.seq_len, vocab=list(ds.vocab), d_model=16,
+                            n_heads=2, d_mlp=16, n_layers=1, embedding=embedding)
+    model = build(cfg)
+    substrate = model.tok_embed.weight.detach().clone()
+    schedule = [growth.Stage("train", 3), growth.Stage("add_layer", 3), growth.Stage("stack", 3, freeze="old")]
+    run = growth.grow(model, ds, schedule, wb.TrainConfig(eval_every=100, batch_size=16))
+    assert model.config.n_layers == 4 and run.status == "completed"
+    assert torch.equal(model.tok_embed.weight, substrate) and not model.tok_embed.weight.requires_grad
+    growth.unfreeze(model)
+    assert not model.tok_embed.weight.requires_grad  # the substrate stays frozen
