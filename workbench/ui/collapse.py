@@ -48,9 +48,11 @@ class _Progress(Callback):
 def _train_job(ctx, dataset_name: str, options: dict, every: int, max_samples: int, min_interval: float = 0.4):
     """Worker thread: train a recipe, streaming the tracker's table and the class-mean geometry."""
     last = [0.0]
+    seen = []     # the tracker, so the final record is always shown even if it came within min_interval
 
     def send(tracker, force=False):
         now = time.perf_counter()
+        seen[:] = [tracker]
         if force or now - last[0] >= min_interval:
             last[0] = now
             latest = tracker.latest
@@ -59,6 +61,8 @@ def _train_job(ctx, dataset_name: str, options: dict, every: int, max_samples: i
 
     run = collapse.train_collapse(dataset_name, every=every, max_samples=max_samples, on_record=send,
                                   callbacks=[StopOnEvent(ctx.stop_event), _Progress(ctx)], **options)
+    if seen:
+        send(seen[0], force=True)
     ctx.report(message=f"{run.status} at step {int(run.metrics['step'].max())}")
     return run
 
