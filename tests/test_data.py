@@ -52,6 +52,34 @@ def test_khop_answer_follows_the_pointers_by_hand():
         assert toks[-1] == "?"
 
 
+def test_khop_several_queries_follow_the_pointers_by_hand():
+    ds = wb.data.load("khop", hops=2, nodes=7, queries=3, n_train=40, n_val=10)
+    vocab = ds.vocab
+    for x, y in zip(ds.x_train, ds.y_train):
+        toks = [vocab[i] for i in x.tolist()]
+        bar = toks.index("|")
+        edges = dict(zip(toks[0:bar:2], toks[1:bar:2]))
+        scored = [i for i in range(len(toks)) if y[i] != IGNORE]
+        assert scored == [bar + 2, bar + 4, bar + 6] and all(toks[i] == "?" for i in scored)
+        for i in scored:
+            assert vocab[int(y[i])] == edges[edges[toks[i - 1]]]
+
+
+def test_khop_table_layout_follows_the_pointers_by_hand():
+    ds = wb.data.load("khop", hops=3, nodes=5, queries=4, layout="table", n_train=40, n_val=10)
+    assert ds.seq_len == 5 + 1 + 4
+    vocab = ds.vocab
+    for x, y in zip(ds.x_val, ds.y_val):
+        toks = [vocab[i] for i in x.tolist()]
+        f = {vocab[i]: toks[i] for i in range(5)}           # position i holds f(node i)
+        assert toks[5] == "|" and (y[:6] == IGNORE).all()
+        for i in range(6, 10):
+            node = toks[i]
+            for _ in range(3):
+                node = f[node]
+            assert vocab[int(y[i])] == node
+
+
 def test_modadd_is_complete_and_correct():
     ds = wb.data.load("modadd", p=7, train_fraction=0.5)
     x = torch.cat([ds.x_train, ds.x_val])
@@ -80,6 +108,9 @@ def test_builtin_text_is_deterministic_across_calls():
     (lambda: wb.data.load("khop", hops=0), "khop.hops must be in [1, 8]"),
     (lambda: wb.data.load("modadd", train_fraction=1.5), "modadd.train_fraction must be in [0.01, 0.99]"),
     (lambda: wb.data.load("khop", nodes=4, length=6), "khop.length must be in [1, nodes=4]"),
+    (lambda: wb.data.load("khop", layout="grid"), "khop.layout must be one of ['edges', 'table']"),
+    (lambda: wb.data.load("khop", layout="table", nodes=6, length=3), "khop.length must be 0 or nodes=6"),
+    (lambda: wb.data.load("khop", queries=0), "khop.queries must be in [1, 52]"),
     (lambda: wb.data.load("text", path="/no/such/file.txt"), "text.path: no such file"),
     (lambda: wb.data.load("text", context="long"), "text.context must be of type int"),
 ])

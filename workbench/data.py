@@ -12,7 +12,7 @@
 
 Vector datasets hold ``x (N, d_in) float32`` and ``y (N,) int64``. Sequence datasets hold
 ``x (N, T) int64`` tokens and ``y (N, T) int64`` targets, ``IGNORE = -100`` where a position
-is not scored (khop and modadd score only the answer position).
+is not scored (khop and modadd score only the answer positions).
 """
 from __future__ import annotations
 
@@ -94,6 +94,7 @@ _SPECS: dict[str, dict[str, tuple]] = {
     "digits": {"seed": (0, int, 0, None), "val_fraction": (0.2, float, 0.05, 0.5)},
     "mnist1d": {"seed": (42, int, 0, None), "num_samples": (5000, int, 100, 100_000)},
     "khop": {"hops": (2, int, 1, 8), "nodes": (12, int, 2, 52), "length": (0, int, 0, 52),
+             "queries": (1, int, 1, 52), "layout": ("edges", str, None, None),
              "n_train": (20000, int, 10, 1_000_000), "n_val": (2000, int, 10, 100_000), "seed": (0, int, 0, None)},
     "modadd": {"p": (97, int, 2, 1000), "train_fraction": (0.5, float, 0.01, 0.99), "seed": (0, int, 0, None)},
     "text": {"path": (None, str, None, None), "context": (64, int, 2, 4096), "val_fraction": (0.1, float, 0.01, 0.5),
@@ -203,15 +204,31 @@ def _mnist1d(seed: int, num_samples: int) -> Dataset:
 _NODE_SYMBOLS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def _khop(hops: int, nodes: int, length: int, n_train: int, n_val: int, seed: int) -> Dataset:
-    """k-hop pointer chasing.
+KHOP_LAYOUTS = ("edges", "table")
 
-    Each sequence lists ``length`` edges ``a -> f(a)`` (shuffled), then ``|``, a query
-    node ``q`` and ``?``; the target at the last position is ``f^hops(q)``. The sources
-    are ``length`` distinct nodes and every target is one of them, so chains never leave
-    the listed edges. ``length = 0`` means ``length = nodes``.
-    Tokens: node symbols, ``|``, ``?``. Sequence length ``2 * length + 3``.
+
+def _khop(hops: int, nodes: int, length: int, queries: int, layout: str, n_train: int, n_val: int,
+          seed: int) -> Dataset:
+    """k-hop pointer chasing: the answer needs ``hops`` sequential look-ups.
+
+    ``layout="edges"``: each sequence lists ``length`` edges ``a -> f(a)`` (shuffled), then
+    ``|`` and ``queries`` pairs ``q ?``; the target at each ``?`` is ``f^hops(q)``. The sources
+    are ``length`` distinct nodes and every target is one of them, so chains never leave the
+    listed edges (``length = 0`` means ``length = nodes``). Length ``2 * length + 1 + 2 * queries``.
+    A look-up here needs an induction-style circuit (find the edge whose source is q, read its
+    target), which small models learn slowly.
+
+    ``layout="table"``: position ``i`` holds ``f(i)`` for every node ``i``, then ``|`` and
+    ``queries`` query nodes; the target at each query token is ``f^hops(q)``. One look-up is
+    one attention step (from a node's embedding to its position), so ``hops`` look-ups need
+    about ``hops`` layers: the layout in which depth shows quickly. Length ``nodes + 1 + queries``.
+
+    Tokens: node symbols, ``|``, ``?``. ``f`` is a uniformly random function, new per sequence.
     """
+    if layout not in KHOP_LAYOUTS:
+        raise ValueError(f"khop.layout must be one of {list(KHOP_LAYOUTS)}, got {layout!r}")
+    if layout == "table" and length not in (0, nodes):
+        raise ValueError(f"khop.length must be 0 or nodes={nodes} with layout='table', got {length}")
     length = length or nodes
     if length > nodes:
         raise ValueError(f"khop.length must be in [1, nodes={nodes}], got {length}")
@@ -220,23 +237,34 @@ def _khop(hops: int, nodes: int, length: int, n_train: int, n_val: int, seed: in
     g = torch.Generator().manual_seed(seed)
     n = n_train + n_val
     src = torch.argsort(torch.rand(n, nodes, generator=g), dim=1)[:, :length]           # (n, L) distinct sources
+    if layout == "table":
+        src = torch.arange(nodes).expand(n, nodes)
     tgt_idx = torch.randint(0, length, (n, length), generator=g)                          # f(src[i]) = src[tgt_idx[i]]
     tgt = torch.gather(src, 1, tgt_idx)
-    q_idx = torch.randint(0, length, (n,), generator=g)
+    q_idx = torch.randint(0, length, (n, queries), generator=g)
     cur = q_idx.clone()
     for _ in range(hops):
-        cur = torch.gather(tgt_idx, 1, cur[:, None])[:, 0]
-    answer = torch.gather(src, 1, cur[:, None])[:, 0]
-    query = torch.gather(src, 1, q_idx[:, None])[:, 0]
-    order = torch.argsort(torch.rand(n, length, generator=g), dim=1)                      # shuffle edge order
-    edges = torch.stack([torch.gather(src, 1, order), torch.gather(tgt, 1, order)], dim=2).reshape(n, 2 * length)
-    x = torch.cat([edges, torch.full((n, 1), sep), query[:, None], torch.full((n, 1), qm)], dim=1)
-    y = torch.full_like(x, IGNORE)
-    y[:, -1] = answer
+        cur = torch.gather(tgt_idx, 1, cur)
+    answer = torch.gather(src, 1, cur)                                                    # (n, queries)
+    query = torch.gather(src, 1, q_idx)
+    if layout == "table":
+        x = torch.cat([tgt, torch.full((n, 1), sep), query], dim=1)
+        y = torch.full_like(x, IGNORE)
+        y[:, nodes + 1:] = answer
+        shape = f"a table of f over {nodes} nodes"
+    else:
+        order = torch.argsort(torch.rand(n, length, generator=g), dim=1)                  # shuffle edge order
+        edges = torch.stack([torch.gather(src, 1, order), torch.gather(tgt, 1, order)], dim=2).reshape(n, 2 * length)
+        asks = torch.stack([query, torch.full_like(query, qm)], dim=2).reshape(n, 2 * queries)
+        x = torch.cat([edges, torch.full((n, 1), sep), asks], dim=1)
+        y = torch.full_like(x, IGNORE)
+        y[:, 2 * length + 2::2] = answer
+        shape = f"{length} edges of {nodes} nodes"
     return Dataset("khop", "sequence", x[:n_train], y[:n_train], x[n_train:], y[n_train:], len(vocab),
-                   f"{hops}-hop pointer chasing over {length} edges of {nodes} nodes: "
-                   f"{n_train} train / {n_val} val sequences of length {x.shape[1]}",
-                   vocab, {"hops": hops, "nodes": nodes, "length": length, "n_train": n_train, "n_val": n_val, "seed": seed})
+                   f"{hops}-hop pointer chasing over {shape}, {queries} quer{'ies' if queries > 1 else 'y'} "
+                   f"per sequence: {n_train} train / {n_val} val sequences of length {x.shape[1]}",
+                   vocab, {"hops": hops, "nodes": nodes, "length": length, "queries": queries, "layout": layout,
+                           "n_train": n_train, "n_val": n_val, "seed": seed})
 
 
 def _modadd(p: int, train_fraction: float, seed: int) -> Dataset:
