@@ -91,3 +91,12 @@ def test_stop_cancels_a_running_analysis(page):
 
     with pytest.raises(wb.lmc.Cancelled):
         _analysis_job(Ctx(), ra, rb, 5, 5, 128)
+
+
+def test_train_pair_on_khop_uses_the_learnable_table_layout(page, store):
+    page.pair_dataset.value = "khop"
+    page.pair_width.value, page.pair_layers.value, page.pair_steps.value = 8, 1, 5
+    page.train_pair(wait=True)
+    assert page.task.status == "done", page.task.error
+    spec = store.read_json(page.run_a.value)["dataset"]
+    assert spec["name"] == "khop" and spec["layout"] == "table" and spec["hops"] == 1
