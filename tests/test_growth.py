@@ -468,3 +468,34 @@ def test_growth_over_a_frozen_substrate(embedding):
     assert torch.equal(model.tok_embed.weight, substrate) and not model.tok_embed.weight.requires_grad
     growth.unfreeze(model)
     assert not model.tok_embed.weight.requires_grad  # the substrate stays frozen
+
+
+def test_khop_defaults_use_the_table_layout_and_span_the_needed_depth():
+    d = growth.KHOP_DEFAULTS
+    ds = wb.data.load("khop", **dict(d["data"], n_train=20, n_val=20))
+    assert ds.options["layout"] == "table" and ds.options["queries"] > 1
+    assert ds.seq_len == d["data"]["nodes"] + 1 + d["data"]["queries"]
+    assert d["model"]["final_layers"] >= d["data"]["hops"]  # the grown/scratch depth can solve the task
+    sweep = d["sweep"]
+    assert min(sweep["depths"]) < max(sweep["hops"]) <= max(sweep["depths"])  # too shallow and deep enough
+
+
+def test_khop_baseline_follows_one_pointer_by_hand():
+    from collections import Counter
+
+    ds = wb.data.load("khop", hops=2, nodes=5, queries=4, layout="table", n_train=10, n_val=40)
+    vocab, right, total = ds.vocab, 0, 0
+    for x, y in zip(ds.x_val.tolist(), ds.y_val.tolist()):
+        f = x[:5]
+        counts = Counter(f)
+        mode = min(v for v in counts if counts[v] == max(counts.values()))  # ties: smallest node id
+        for q, target in zip(x[6:], y[6:]):
+            guess = q if f[q] == q else mode
+            right += guess == target
+            total += 1
+    assert vocab[5] == "|" and total == 40 * 4
+    assert growth.khop_baseline(ds) == pytest.approx(right / total)
+    one_hop = wb.data.load("khop", hops=1, nodes=5, queries=4, layout="table", n_train=10, n_val=40)
+    assert growth.khop_baseline(one_hop) == 1.0  # one look-up answers one hop
+    with pytest.raises(ValueError, match="layout='table'"):
+        growth.khop_baseline(wb.data.load("khop", hops=1, nodes=4, n_train=10, n_val=10))
