@@ -100,3 +100,52 @@ def test_add_a_layer_now_during_a_run(store):
     assert [s["op"] for s in run.meta["stages"]] == ["train", "add_layer"]
     assert sum(s["steps_done"] for s in run.meta["stages"]) == 40
     assert page.add_now.disabled
+
+
+def _small_khop(page, steps=3):
+    assert page.dataset.value == "khop"
+    page.dataset_widgets["n_train"].value, page.dataset_widgets["n_val"].value = 200, 50
+    page.model_widgets["d_model"].value = 16
+    page.model_widgets["d_mlp"].value = 16
+    page.train_widgets["eval_every"].value = steps
+    page.stage_steps.value = steps
+    page.fill_preset()
+
+
+def test_khop_layout_and_queries_reach_the_dataset(store):
+    page = GrowPage(DataStore(store))
+    defaults = growth.KHOP_DEFAULTS["data"]
+    assert page.dataset_widgets["layout"].value == defaults["layout"] == "table"
+    assert page.dataset_widgets["queries"].value == defaults["queries"]
+    assert list(page.dataset_widgets["layout"].options) == ["edges", "table"]
+    _small_khop(page)
+    page.start(wait=True)
+    assert page.task.status == "done", page.task.error
+    spec = page.last_run.dataset
+    assert (spec["layout"], spec["queries"], spec["hops"], spec["nodes"]) == \
+           ("table", defaults["queries"], defaults["hops"], defaults["nodes"])
+    assert page.last_run.model.config.context == defaults["nodes"] + 1 + defaults["queries"]
+    assert "layout='table'" in page.code.object and f"queries={defaults['queries']}" in page.code.object
+    # another layout and number of queries go through as well
+    page.dataset_widgets["layout"].value, page.dataset_widgets["queries"].value = "edges", 3
+    page.start(wait=True)
+    assert page.task.status == "done", page.task.error
+    spec = page.last_run.dataset
+    assert (spec["layout"], spec["queries"]) == ("edges", 3)
+    assert page.last_run.model.config.context == 2 * defaults["nodes"] + 1 + 2 * 3
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("queries", 0, "khop.queries must be in [1, 52], got 0"),
+    ("queries", 99, "khop.queries must be in [1, 52], got 99"),
+    ("queries", None, "khop.queries must be an integer in [1, 52]"),
+    ("length", 3, "khop.length must be 0 or nodes=8 with layout='table', got 3"),
+    ("layout", "grid", "khop.layout must be one of ['edges', 'table']"),
+])
+def test_bad_khop_options_show_a_message(store, field, value, message):
+    page = GrowPage(DataStore(store))
+    _small_khop(page)
+    page.dataset_widgets[field].param.update(value=value)
+    page.start(wait=True)
+    assert message in page.errors.text
+    assert page.last_run is None and len(page.datastore.runs) == 0

@@ -35,9 +35,14 @@ PRESET_LABELS = {
     "Scratch": "scratch",
 }
 STAGE_COLUMNS = ["op", "steps", "freeze", "lr", "init"]
-# The default task and model: growth.KHOP_DEFAULTS (small enough that a schedule runs in seconds).
-DEFAULT_KHOP = {k: growth.KHOP_DEFAULTS["data"][k] for k in ("hops", "nodes")}
+# The default task and model: growth.KHOP_DEFAULTS (small enough that a schedule runs in seconds):
+# khop in the table layout (hops, nodes, queries, layout, n_train, n_val), all passed to the dataset.
+DEFAULT_KHOP = dict(growth.KHOP_DEFAULTS["data"])
 _KHOP_MODEL = {k: v for k, v in growth.KHOP_DEFAULTS["model"].items() if k != "final_layers"}
+_KHOP_STEPS = growth.KHOP_DEFAULTS["train"]["steps_per_stage"]
+# Text options with a fixed set of values get a menu; other text options (file paths, vocabularies)
+# are left to the Train page / a notebook.
+OPTION_CHOICES = {("khop", "layout"): list(data.KHOP_LAYOUTS)}
 
 
 def _kwargs(d: dict) -> str:
@@ -132,7 +137,7 @@ class GrowPage(pn.viewable.Viewer):
         self.preset = pn.widgets.Select(name="preset", options=list(PRESET_LABELS), width=280)
         self.start_layers = pn.widgets.IntInput(name="start blocks", value=1, width=100)
         self.final_layers = pn.widgets.IntInput(name="final blocks", value=3, width=100)
-        self.stage_steps = pn.widgets.IntInput(name="steps per stage", value=300, width=120)
+        self.stage_steps = pn.widgets.IntInput(name="steps per stage", value=_KHOP_STEPS, width=120)
         self.apply_preset = pn.widgets.Button(name="Fill stages from preset", width=190)
         self.apply_preset.on_click(lambda _: self.fill_preset())
         self.stages = pn.widgets.Tabulator(
@@ -172,10 +177,15 @@ class GrowPage(pn.viewable.Viewer):
         defaults = DEFAULT_KHOP if name == "khop" else {}
         self.dataset_widgets = {}
         for key, (default, typ, lo, hi) in data.options_spec(name).items():
+            value = defaults.get(key, default)
+            if (name, key) in OPTION_CHOICES:
+                self.dataset_widgets[key] = pn.widgets.Select(name=key, options=OPTION_CHOICES[name, key],
+                                                              value=value, width=100)
+                continue
             if typ is str:
                 continue  # file paths and vocabularies: use the Train page / a notebook
             widget = pn.widgets.IntInput if typ is int else pn.widgets.FloatInput
-            self.dataset_widgets[key] = widget(name=key, value=defaults.get(key, default), width=100)
+            self.dataset_widgets[key] = widget(name=key, value=value, width=100)
         self.dataset_box.objects = list(self.dataset_widgets.values())
         if name in ("digits", "mnist1d"):
             template = models.MLPConfig(d_in=1, n_classes=2, d_model=64, n_layers=1, d_hidden=128)
@@ -214,11 +224,28 @@ class GrowPage(pn.viewable.Viewer):
         if len(self.stages.value):
             self.stages.value = self.stages.value.iloc[:-1].reset_index(drop=True)
 
+    def dataset_options(self) -> dict:
+        """The task's options from the form, validated; ValueError names the option and its range."""
+        name = self.dataset.value
+        spec = data.options_spec(name)
+        opts = {}
+        for key, w in self.dataset_widgets.items():
+            if w.value is None or (isinstance(w.value, str) and not w.value.strip()):
+                _, typ, lo, hi = spec[key]
+                if (name, key) in OPTION_CHOICES:
+                    raise ValueError(f"{name}.{key} must be one of {OPTION_CHOICES[name, key]}, got nothing")
+                rng = f"[{lo}, {'inf' if hi is None else hi}]"
+                raise ValueError(f"{name}.{key} must be {'an integer' if typ is int else 'a number'} in {rng}, "
+                                 f"got nothing")
+            opts[key] = w.value
+        data.check_options(name, **opts)  # type and range of each option, named
+        return opts
+
     def configs(self):
         """Validated (dataset options, model config, train config, stages); ValueError names the field."""
         name = self.dataset.value
-        opts = {k: w.value for k, w in self.dataset_widgets.items()}
-        ds = data.load(name, **opts)
+        opts = self.dataset_options()
+        ds = data.load(name, **opts)  # also checks combinations (e.g. khop.length with layout='table')
         overrides = values_from_widgets(self.model_widgets)
         start = self.start_layers.value
         key = PRESET_LABELS[self.preset.value]
@@ -302,7 +329,7 @@ class GrowPage(pn.viewable.Viewer):
         return pn.Column(
             page_header("Grow", EXPLANATION, CODE.format(
                 name="khop", opts=", " + _kwargs(DEFAULT_KHOP), model=", " + _kwargs(dict(_KHOP_MODEL, n_layers=1)),
-                schedule='growth.preset("layerwise", 300, start_layers=1, final_layers=3)', train="lr=3e-3")),
+                schedule=f'growth.preset("layerwise", {_KHOP_STEPS}, start_layers=1, final_layers=3)', train="lr=3e-3")),
             pn.Row(self.dataset, self.dataset_box),
             pn.pane.Markdown("**Model** (depth comes from the schedule)", margin=(0, 10)), self.model_box,
             pn.pane.Markdown("**Training**", margin=(0, 10)), pn.FlexBox(*self.train_widgets.values()),
