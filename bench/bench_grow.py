@@ -4,10 +4,17 @@ validation loss on the default khop task, and the cost of a growth operation aga
     python bench/bench_grow.py            # prints the rows
     python -m bench --only grow [--quick] # through the harness
 
-Rows: layer-by-layer growth (lower blocks frozen) vs scratch, G_stack vs scratch (both on equal
-training FLOPs, counted by ``workbench.flops``), and one growth operation vs one training step.
-At this budget (``growth.KHOP_DEFAULTS``) neither model has learned the khop look-up yet; the FLOP
-ratio measures how much sooner growth reaches the loss scratch ends at on the same compute.
+Rows: layer-by-layer growth vs scratch, with lower blocks frozen and without freezing, G_stack vs
+scratch (all on equal training FLOPs, counted by ``workbench.flops``), and one growth operation vs
+one training step. The task (``growth.KHOP_DEFAULTS``) is 2-hop pointer chasing in the table
+layout, 1 -> 2 blocks: 2 hops need 2 blocks, and the from-scratch 2-block model learns it on this
+budget (val acc ~0.98), so the target loss is a real one. The grown runs do not reach it: their
+first stage is a single block, which cannot follow two pointers and ends at the one-look-up
+baseline (``growth.khop_baseline``, ~0.39) without learning a first look-up to build on. Frozen,
+the grown model stays at that baseline (val acc ~0.39); unfrozen it learns late (~0.70); G_stack,
+whose new block is a copy rather than a zero block, gets closest (~0.96) but its loss stays above
+scratch's. So the FLOP ratio is NaN ("never reached") and ``ok`` is False on this task for all
+three: an honest negative result (measured on 1 thread).
 
 Reference points: G_stack (Du et al. 2024) reports 54.6% fewer tokens at 7B to reach the loss of a
 conventionally trained model (grown/scratch = 194B/300B ~ 0.65); the target for a growth operation
@@ -66,51 +73,63 @@ def _growth_time(model, ds, config, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def run(quick: bool = False) -> list[dict]:
-    torch.manual_seed(0)
-    ds = wb.data.load("khop", **TASK)
-    steps = TRAIN["steps_per_stage"] // (4 if quick else 1)
-    config = wb.TrainConfig(**{k: v for k, v in TRAIN.items() if k != "steps_per_stage"})
-    schedule = growth.preset("layerwise", steps, start_layers=1, final_layers=MODEL["final_layers"])
-    model_config = {k: v for k, v in MODEL.items() if k != "final_layers"}
+def _compare_row(entry, target, schedule, ds, model_config, config, baseline, what):
     t0 = time.perf_counter()
     cmp = growth.compare(schedule, ds, dict(model_config, n_layers=1), config)
     seconds = time.perf_counter() - t0
     grown_f, scratch_f = cmp.flops_to_target["grown"], cmp.flops_to_target["scratch"]
     reached = grown_f == grown_f  # NaN: the grown run never reached scratch's final loss
     s = cmp.summary.set_index("method")
-    rows = [{
-        "entry": "grow: training FLOPs to reach scratch's final val loss (khop, layer by layer vs scratch)",
-        "ours": grown_f, "reference": scratch_f, "unit": "FLOPs", "ratio": cmp.ratio,
-        "target": "< 1 (G_stack at 7B: 194B/300B tokens = 0.65)", "ok": bool(reached and cmp.ratio < 1),
-        "note": (f"khop {TASK}, 1 -> {MODEL['final_layers']} blocks, {steps} steps/stage, lower blocks frozen; "
-                 f"target loss {cmp.target_loss:.4f}; final val acc grown {s.loc['grown', 'val_acc']:.3f}, "
-                 f"scratch {s.loc['scratch', 'val_acc']:.3f} on equal FLOPs"
+    return {
+        "entry": entry, "ours": grown_f, "reference": scratch_f, "unit": "FLOPs", "ratio": cmp.ratio,
+        "target": target, "ok": bool(reached and cmp.ratio < 1),
+        "note": (f"{what}; target loss {cmp.target_loss:.4f}; final val acc grown {s.loc['grown', 'val_acc']:.3f}, "
+                 f"scratch {s.loc['scratch', 'val_acc']:.3f} on equal FLOPs (one-look-up baseline {baseline:.3f})"
                  + ("" if reached else "; the grown run never reached the target") + f"; {seconds:.0f} s"),
-    }]
-    # G_stack: train one block, stack it to the final depth, train on (nothing frozen)
+    }
+
+
+def run(quick: bool = False) -> list[dict]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest and not slowed by a busy neighbour
+    try:
+        return _run(quick)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(quick: bool) -> list[dict]:
+    torch.manual_seed(0)
+    ds = wb.data.load("khop", **TASK)
+    baseline = growth.khop_baseline(ds)
+    steps = TRAIN["steps_per_stage"] // (4 if quick else 1)
+    config = wb.TrainConfig(**{k: v for k, v in TRAIN.items() if k != "steps_per_stage"})
+    model_config = {k: v for k, v in MODEL.items() if k != "final_layers"}
     final = MODEL["final_layers"]
+    task = ", ".join(f"{k}={v}" for k, v in TASK.items() if k not in ("n_train", "n_val"))
+    rows = []
+    for freeze_lower in (True, False):
+        schedule = growth.preset("layerwise", steps, start_layers=1, final_layers=final, freeze_lower=freeze_lower)
+        how = "lower blocks frozen" if freeze_lower else "nothing frozen"
+        rows.append(_compare_row(
+            f"grow: training FLOPs to reach scratch's final val loss (khop, layer by layer, {how}, vs scratch)",
+            "< 1 (G_stack at 7B: 194B/300B tokens = 0.65)", schedule, ds, model_config, config, baseline,
+            f"khop {task}; 1 -> {final} blocks, {steps} steps/stage, {how}"))
+    # G_stack: train one block, stack it to the final depth, train on (nothing frozen)
     gstack = growth.preset("gstack", steps, start_layers=1, final_layers=final, total_steps=final * steps,
                            stack_at=steps)
-    t0 = time.perf_counter()
-    g = growth.compare(gstack, ds, dict(model_config, n_layers=1), config)
-    g_reached = g.flops_to_target["grown"] == g.flops_to_target["grown"]
-    rows.append({
-        "entry": "grow: training FLOPs to reach scratch's final val loss (khop, G_stack vs scratch)",
-        "ours": g.flops_to_target["grown"], "reference": g.flops_to_target["scratch"], "unit": "FLOPs",
-        "ratio": g.ratio, "target": "< 1 (G_stack at 7B: 0.65)", "ok": bool(g_reached and g.ratio < 1),
-        "note": (f"1 block for {steps} steps, stacked x{final}, {(final - 1) * steps} more steps; target loss "
-                 f"{g.target_loss:.4f}" + ("" if g_reached else "; never reached the target")
-                 + f"; {time.perf_counter() - t0:.0f} s"),
-    })
+    rows.append(_compare_row(
+        "grow: training FLOPs to reach scratch's final val loss (khop, G_stack vs scratch)",
+        "< 1 (G_stack at 7B: 0.65)", gstack, ds, model_config, config, baseline,
+        f"1 block for {steps} steps, stacked x{final}, {(final - 1) * steps} more steps"))
     probe = wb.models.build(wb.models.TransformerConfig(
-        vocab_size=ds.vocab_size, context=ds.seq_len, **dict(model_config, n_layers=MODEL["final_layers"] - 1)))
+        vocab_size=ds.vocab_size, context=ds.seq_len, **dict(model_config, n_layers=final - 1)))
     step = _step_time(probe, ds, config)
     grow_t = _growth_time(probe, ds, config)
     rows.append({"entry": "grow: one growth operation (add_layer zero + freeze + optimizer rebuild) vs one step",
                  "ours": grow_t, "reference": step, "unit": "s", "ratio": grow_t / step, "target": "< 1",
                  "ok": grow_t < step,
-                 "note": f"{MODEL['final_layers'] - 1} -> {MODEL['final_layers']} blocks; a step at batch "
+                 "note": f"{final - 1} -> {final} blocks; a step at batch "
                          f"{config.batch_size} (forward, backward, AdamW), medians"})
     return rows
 
@@ -119,7 +138,6 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="quarter of the steps (smoke test)")
     args = p.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     for r in run(args.quick):
         print(f"{r['entry']}\n    ours {r['ours']:.4g} {r['unit']}, reference {r['reference']:.4g} {r['unit']}, "
               f"ratio {r['ratio']:.3f} (target {r['target']}, ok: {r['ok']})\n    {r['note']}")
