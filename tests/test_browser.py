@@ -91,3 +91,28 @@ def test_short_training_run_draws_a_curve(server, page):
     assert n_traces >= 3
     page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
     assert page.console_errors == []
+
+
+def test_grow_then_read_the_grown_model_in_the_residual_stream(server, page):
+    """Across pages through the store: grow a model on the Grow page, analyse it on Residual stream."""
+    page.goto(server)
+    page.locator(".bk-tab", has_text="Grow").first.click()
+    steps = page.locator(".bk-input-group", has_text="steps per stage").locator("input").first
+    steps.fill("20")
+    steps.press("Enter")
+    page.locator("button.bk-btn", has_text="Fill stages from preset").first.click()
+    page.locator("button.bk-btn", has_text="Grow").first.click()
+    page.wait_for_selector("text=stages saved", timeout=120_000)
+    page.screenshot(path=str(ARTIFACTS / "grow-after-run.png"), full_page=True)
+
+    page.locator(".bk-tab", has_text="Residual stream").first.click()
+    page.wait_for_timeout(1000)
+    page.locator("button.bk-btn", has_text="Analyse").first.click()
+    # the page has switched to the run saved last: the grown model's final stage (3 blocks)
+    page.wait_for_selector("text=3 layers; logit lens at the output", timeout=120_000)
+    page.wait_for_timeout(1000)
+    # the contributions figure now has one trace per sublayer kind at least (attention, MLP)
+    n_traces = page.locator(".js-plotly-plot").first.evaluate("el => el.data.length")
+    assert n_traces >= 2
+    page.screenshot(path=str(ARTIFACTS / "residual-after-grow.png"), full_page=True)
+    assert page.console_errors == []

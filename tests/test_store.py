@@ -108,3 +108,9 @@ def test_delete_and_default_home(store, mlp_run, tmp_path, monkeypatch):
     assert len(store.list()) == 0 and not (store.runs_dir / rid).exists()
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "elsewhere"))
     assert wb.RunStore().root == tmp_path / "elsewhere"
+
+
+def test_list_is_newest_first_and_saving_order_breaks_ties(store, mlp_run):
+    run, _ = mlp_run
+    ids = [store.save(run, name=f"r{i}") for i in range(4)]   # usually within one second
+    assert list(store.list()["run_id"]) == ids[::-1]

@@ -151,3 +151,13 @@ def test_vector_model_uses_a_batch_of_samples(store):
 def test_page_renders(page_with_run):
     page, _, _ = page_with_run
     assert page.__panel__() is not None
+
+
+def test_a_run_saved_while_the_page_is_open_becomes_the_selection(page_with_run, store):
+    page, run, _ = page_with_run
+    first = page.run_select.value
+    later = page.datastore.save(run, name="later")
+    assert page.run_select.value == later != first
+    page.run_select.value = first                              # the user's own choice then stays
+    page.datastore.refresh()
+    assert page.run_select.value == first

@@ -126,9 +126,9 @@ class RunStore:
 
     # -------------------------------------------------------------- read
     def list(self) -> pd.DataFrame:
-        """All indexed runs, newest first, one row each (columns as in the index)."""
+        """All indexed runs, newest first (within one second: the later saved first), one row each."""
         with self._db() as db:
-            df = pd.read_sql_query("SELECT * FROM runs ORDER BY created DESC, run_id DESC", db)
+            df = pd.read_sql_query("SELECT * FROM runs ORDER BY created DESC, rowid DESC", db)
         return df
 
     def _dir(self, run_id: str) -> Path:

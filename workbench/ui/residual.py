@@ -110,6 +110,7 @@ class ResidualPage(pn.viewable.Viewer):
         self.layer.param.watch(lambda _: self._redraw("layer"), "value")
         self.position.param.watch(lambda _: self._redraw("position"), "value")
         self.lens_metric.param.watch(lambda _: self._redraw("position"), "value")
+        self._known_runs: set[str] | None = None  # run ids seen at the last refresh
         self.datastore.param.watch(lambda _: self._refresh_runs(), "version")
         self._refresh_runs()
 
@@ -117,8 +118,12 @@ class ResidualPage(pn.viewable.Viewer):
     def _refresh_runs(self) -> None:
         options = run_options(self.datastore.runs)
         current = self.run_select.value
+        known, self._known_runs = self._known_runs, set(options.values())
+        new = [rid for rid in options.values() if known is not None and rid not in known]
         self.run_select.options = options
-        if current in options.values():
+        if new:
+            self.run_select.value = new[0]  # a run just saved (e.g. a growth run's last stage): show it
+        elif current in options.values():
             self.run_select.value = current
         elif options:
             self.run_select.value = next(iter(options.values()))  # newest run
