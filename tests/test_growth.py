@@ -499,3 +499,30 @@ def test_khop_baseline_follows_one_pointer_by_hand():
     assert growth.khop_baseline(one_hop) == 1.0  # one look-up answers one hop
     with pytest.raises(ValueError, match="layout='table'"):
         growth.khop_baseline(wb.data.load("khop", hops=1, nodes=4, n_train=10, n_val=10))
+
+
+def test_text_defaults_build_a_char_lm_a_model_and_a_gstack_schedule():
+    d = growth.TEXT_DEFAULTS
+    assert set(d) >= {"data", "model", "train"}
+    ds = wb.data.load("text", **d["data"])
+    assert ds.name == "text" and ds.kind == "sequence" and ds.seq_len == d["data"]["context"]
+    assert len(ds.x_train) > 0 and len(ds.x_val) > 0
+    config = wb.TrainConfig(**{k: v for k, v in d["train"].items() if k != "steps_per_stage"}).validate()
+    steps, final = d["train"]["steps_per_stage"], d["model"]["final_layers"]
+    model_config = {k: v for k, v in d["model"].items() if k != "final_layers"}
+    schedule = growth.preset("gstack", steps, start_layers=1, final_layers=final, total_steps=final * steps,
+                             stack_at=steps)
+    assert growth.schedule_depths(schedule, 1) == [1, final]
+    model = wb.models.build(wb.models.TransformerConfig(vocab_size=ds.vocab_size, context=ds.seq_len,
+                                                        **dict(model_config, n_layers=1)))
+    growth.stack(model, factor=final)
+    with torch.no_grad():
+        logits = model(ds.x_val[:config.batch_size])
+    assert model.config.n_layers == final
+    assert logits.shape == (min(config.batch_size, len(ds.x_val)), ds.seq_len, ds.vocab_size)
+    # a few steps through grow run end to end (cheap: 2 + 2 steps)
+    run = growth.grow(wb.models.build(wb.models.TransformerConfig(vocab_size=ds.vocab_size, context=ds.seq_len,
+                                                                  **dict(model_config, n_layers=1))),
+                      ds, growth.preset("gstack", 2, start_layers=1, final_layers=final, total_steps=4, stack_at=2),
+                      wb.TrainConfig(**dict({k: v for k, v in d["train"].items() if k != "steps_per_stage"}, eval_every=2)))
+    assert run.model.config.n_layers == final and run.meta["flops"] > 0
