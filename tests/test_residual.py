@@ -1,4 +1,6 @@
 """Residual-stream tools checked against independent computations (plain forward hooks, manual forwards)."""
+import numpy as np
+import pandas.testing as pd_testing
 import pytest
 import torch
 import torch.nn.functional as F
@@ -248,3 +250,110 @@ def test_functions_restore_training_mode_and_refuse_foreign_models():
     assert model.training
     with pytest.raises(TypeError, match="GPT2LMHeadModel"):
         R.contributions(torch.nn.Linear(3, 3), torch.randn(2, 3))
+
+
+# ---------------------------------------------------------------------------- logit mixtures
+
+
+def _mixture(gated=False, mode="logits", n=2):
+    members = [_transformer("pre", n_layers=2 + (k % 2), seed=k) for k in range(n)]
+    for m in members[1:]:  # one substrate: the same token embedding table
+        m.tok_embed.weight.data.copy_(members[0].tok_embed.weight.data)
+    mix = wb.compose.LogitMixture(members, weights=[0.3, 0.7][:n] if n == 2 else None, mode=mode).eval()
+    if gated:
+        with torch.no_grad():  # a gate with non-trivial per-token weights, without training one
+            mix.gate = torch.nn.Linear(32 * n, n)
+            torch.nn.init.normal_(mix.gate.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    return mix
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_mixture_attribution_sums_to_the_mixtures_logit(gated):
+    mix, x = _mixture(gated), _tokens()
+    with torch.no_grad():
+        logits = mix(x)                                       # the mixture's own forward
+    for target in (None, 4):
+        df = R.logit_attribution(mix, x, target=target)
+        assert list(df.columns) == ["batch", "position", "member", "component", "layer", "kind", "head", "target",
+                                    "weight", "attribution"]
+        assert set(df.member) == {0, 1} and df[df.member == 1].component.str.startswith("m1 ").all()
+        tgt = logits.argmax(-1) if target is None else torch.full(x.shape, target)
+        assert (df.groupby(["batch", "position"]).target.first().to_numpy().reshape(x.shape) == tgt.numpy()).all()
+        total = df.groupby(["batch", "position"]).attribution.sum().to_numpy().reshape(x.shape)
+        torch.testing.assert_close(torch.tensor(total, dtype=torch.float32), logits.gather(-1, tgt[..., None])[..., 0],
+                                   atol=1e-4, rtol=1e-4)
+        # each member's share is its weight times its own attribution (its own logit for that target)
+        w = mix.mixture_weights(x)
+        ml = mix.member_logits(x)
+        share = df[df.member == 1].groupby(["batch", "position"]).attribution.sum().to_numpy().reshape(x.shape)
+        torch.testing.assert_close(torch.tensor(share, dtype=torch.float32),
+                                   w[..., 1] * ml[1].gather(-1, tgt[..., None])[..., 0], atol=1e-4, rtol=1e-4)
+    assert df[df.member == 0].weight.nunique() == (x.numel() if gated else 1)  # per-token weights when gated
+
+
+def test_mixture_of_one_model_is_that_model():
+    model, x = _transformer("pre"), _tokens()
+    mix = wb.compose.LogitMixture([model]).eval()
+    single, mixed = R.logit_attribution(model, x, per_head=True), R.logit_attribution(mix, x, per_head=True)
+    assert (mixed.member == 0).all() and (mixed.weight == 1.0).all()
+    assert list(mixed.component) == ["m0 " + c for c in single.component]
+    assert (mixed.attribution.to_numpy() == single.attribution.to_numpy()).all()
+    assert (mixed.target.to_numpy() == single.target.to_numpy()).all()
+    for per_position in (False, True):
+        lens = R.logit_lens(mix, x, per_position=per_position)
+        assert (lens.member == 0).all()
+        pd_testing.assert_frame_equal(lens.drop(columns="member"), R.logit_lens(model, x, per_position=per_position))
+    pd_testing.assert_frame_equal(R.contributions(mix, x).drop(columns="member"), R.contributions(model, x))
+    skip, skip1 = R.skip_effects(mix, x), R.skip_effects(model, x)
+    pd_testing.assert_frame_equal(skip.member(0).heatmap, skip1.heatmap)
+    pd_testing.assert_frame_equal(skip.member(0).output, skip1.output)
+    assert (skip.matrix(member=0)[~np.isnan(skip1.matrix())] == skip1.matrix()[~np.isnan(skip1.matrix())]).all()
+
+
+def test_mixture_lens_compares_each_members_layers_with_the_mixtures_output():
+    mix, x = _mixture(), _tokens()
+    lens = R.logit_lens(mix, x)
+    assert list(lens.columns) == ["member", "layer", "kl_to_final", "top1_agree", "loss"]
+    assert list(zip(lens.member, lens.layer)) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]
+    with torch.no_grad():
+        p = mix(x).log_softmax(-1)
+        q = mix.members[1](x).log_softmax(-1)                 # member 1's own output: its last lens layer
+    kl = (p.exp() * (p - q)).sum(-1).mean()
+    last = lens[(lens.member == 1) & (lens.layer == 3)].iloc[0]
+    assert last.kl_to_final == pytest.approx(kl.item(), rel=1e-4)
+    assert last.top1_agree == pytest.approx((q.argmax(-1) == p.argmax(-1)).float().mean().item())
+    assert _all_hooks(mix) == 0
+
+
+def test_mixture_contributions_and_skip_effects_are_per_member():
+    mix, x = _mixture(), _tokens()
+    df = R.contributions(mix, x)
+    assert list(df.columns[:3]) == ["member", "layer", "sublayer"]
+    pd_testing.assert_frame_equal(df[df.member == 1].drop(columns="member").reset_index(drop=True),
+                                  R.contributions(mix.members[1], x))
+    res = R.skip_effects(mix, x)
+    assert res.member_layers == [2, 3] and res.n_layers == 3 and list(res.output.columns[:2]) == ["member", "skipped"]
+    with pytest.raises(ValueError, match="member=k"):
+        res.matrix()
+    # the output change is the mixture's: skip member 1's layer 2 by hand
+    a, b = mix.members
+    with torch.no_grad():
+        h = b.embed(x)
+        for i, blk in enumerate(b.blocks):
+            h = h if i == 2 else blk(h)
+        skipped = 0.3 * a(x) + 0.7 * b.unembed(h)
+        p, q = mix(x).log_softmax(-1), skipped.log_softmax(-1)
+    got = res.output.set_index(["member", "skipped"]).loc[(1, 2), "kl"]
+    assert got == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(), rel=1e-4)
+    assert _all_hooks(mix) == 0
+
+
+def test_probability_mixture_refuses_attribution_and_lens():
+    mix, x = _mixture(mode="probs"), _tokens()
+    for fn in (R.logit_attribution, R.logit_lens):
+        with pytest.raises(ValueError, match="mode='logits'.*not linear in the members' logits"):
+            fn(mix, x)
+    assert set(R.contributions(mix, x).member) == {0, 1}      # a member's residual stream does not depend on mode
+    assert len(R.skip_effects(mix, x).output) == 5
+    with pytest.raises(TypeError, match="one of its .members"):
+        R.decompose(mix, x)

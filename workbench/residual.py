@@ -27,6 +27,12 @@ its attention output, ``m_l`` its MLP output and ``y_l`` the residual leaving it
 - MLP: ``||m_l|| / ||x_l + a_l||`` and ``cos(m_l, x_l + a_l)``
 - whole layer: ``||y_l - x_l|| / ||x_l||`` and ``cos(y_l - x_l, x_l)``
 
+Logit mixtures (:class:`workbench.compose.LogitMixture`) have one residual stream per member.
+:func:`contributions`, :func:`logit_attribution`, :func:`logit_lens` and :func:`skip_effects` take a
+mixture directly and return the same tables with a ``member`` column (member index ``k``), measured
+inside the mixture: attribution scales each member's components by its weight, the lens and the
+skip effects compare with the mixture's output distribution. See :func:`is_mixture`.
+
 Norm denominators are clamped at ``EPS = 1e-6``. All functions run in eval mode without
 gradients (the model's mode is restored afterwards) on the model's own device.
 """
@@ -47,7 +53,8 @@ import torch.nn.functional as F
 from . import models as _models
 
 __all__ = ["EPS", "ActivationCache", "Decomposition", "SkipEffects", "adapter", "sites", "record",
-           "contributions", "decompose", "logit_attribution", "logit_lens", "skip_effects", "next_token_targets"]
+           "contributions", "decompose", "logit_attribution", "logit_lens", "skip_effects", "next_token_targets",
+           "is_mixture"]
 
 EPS = 1e-6
 IGNORE = -100
@@ -185,7 +192,8 @@ def adapter(model: nn.Module) -> Adapter:
         return interop.GPT2Adapter(model)
     if hasattr(model, "members"):
         raise TypeError(f"{type(model).__name__} mixes several models and has no single residual stream; "
-                        "pass one of its .members")
+                        "contributions, logit_attribution, logit_lens and skip_effects take it directly (one "
+                        "table per member); for other tools pass one of its .members")
     raise TypeError(f"residual-stream tools need a workbench model (Transformer, ResidualMLP) or a Hugging Face "
                     f"GPT2LMHeadModel, got {type(model).__name__}")
 
@@ -365,6 +373,42 @@ def _mask(mask, shape, device) -> torch.Tensor | None:
     return m.reshape(shape)
 
 
+# ============================================================================ mixtures
+
+
+def is_mixture(model) -> bool:
+    """True for a :class:`workbench.compose.LogitMixture`: several residual streams, one output."""
+    from .compose import LogitMixture  # compose does not import this module; imported late to keep imports light
+
+    return isinstance(model, LogitMixture)
+
+
+def _require_logits(mixture, what: str) -> None:
+    if mixture.mode != "logits":
+        raise ValueError(f"{what} of a LogitMixture needs mode='logits'; this one has mode={mixture.mode!r}: a "
+                         "probability mixture log(sum_k w_k softmax(logits_k)) is not linear in the members' "
+                         "logits, so its output does not split into per-member terms")
+
+
+def _mixture_parts(mixture, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward of the mixture: ``(output (B, T, V), member logits (K, B, T, V), weights (B, T, K))``.
+
+    The same computation as ``mixture(x)`` (the members' hook points fire); vector models get
+    ``T = 1``. ``weights`` are the fixed weights broadcast, or the gate's per-token weights.
+    """
+    feats, logits = mixture._parts(x)                     # logits (..., K, V)
+    w = mixture._weights(feats)                            # (K,) or (..., K)
+    out = mixture._combine(logits, w)                      # (..., V)
+    w = w.expand(*logits.shape[:-1])                       # (..., K)
+    if out.dim() == 2:                                     # vector models: (B, V) -> (B, 1, V)
+        out, logits, w = out[:, None], logits[:, None], w[:, None]
+    return out, logits.movedim(-2, 0), w
+
+
+def _with_member(df: pd.DataFrame, k: int) -> pd.DataFrame:
+    return df.assign(member=k)[["member", *df.columns]]
+
+
 # ============================================================================ contributions
 
 
@@ -393,7 +437,14 @@ def contributions(model: nn.Module, x, per_position: bool = False, mask=None,
     ratios (definitions in the module docstring) averaged over all tokens, or over the batch
     at each position when ``per_position``. ``mask`` (``(B, T)`` bool) restricts the average
     to some tokens (e.g. the scored positions of k-hop). ``batch_size`` bounds memory.
+
+    For a :class:`~workbench.compose.LogitMixture`: the rows of every member's own residual
+    stream with a leading ``member`` column (``0 .. K-1``). A member computes the same residual
+    stream inside the mixture as alone, so these are its single-model contributions.
     """
+    if is_mixture(model):
+        return pd.concat([_with_member(contributions(m, x, per_position, mask, batch_size), k)
+                          for k, m in enumerate(model.members)], ignore_index=True)
     ad = adapter(model)
     with _inference(ad.model):
         x = _as_batch(ad, x)
@@ -517,7 +568,19 @@ def logit_attribution(model: nn.Module, x, target=None, per_head: bool = False,
     ``target``: ``None`` = the model's top-1 prediction at each position; an int = that token
     (class) everywhere; a ``(B, T)`` tensor = per position. Returns a tidy DataFrame:
     ``batch, position, component, layer, kind, head, target, attribution``.
+
+    For a :class:`~workbench.compose.LogitMixture` in mode ``"logits"`` the output logit is
+    ``sum_k w_k logit_k`` (``w`` per token when gated), so every member's rows (its components
+    and its two bias rows) are scaled by that member's weight at that token. The table gains
+    ``member`` (index ``k``) and ``weight`` (``w_k`` at that token) columns and labels such as
+    ``"m0 L1.attn"``: ``batch, position, member, component, layer, kind, head, target, weight,
+    attribution``; the rows of one token, over all members, add up to the mixture's logit.
+    ``target=None`` is the mixture's top-1. Mode ``"probs"`` raises ``ValueError``.
     """
+    if is_mixture(model):
+        if decomposition is not None:
+            raise ValueError("a LogitMixture has one decomposition per member; leave decomposition=None")
+        return _mixture_attribution(model, x, target, per_head)
     ad = adapter(model)
     dec = decomposition if decomposition is not None else decompose(ad, x, per_head=per_head)
     with _inference(ad.model):
@@ -550,7 +613,52 @@ def logit_attribution(model: nn.Module, x, target=None, per_head: bool = False,
     })
 
 
+def _target_ids(target, logits: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` target ids: top-1 of ``logits (B, T, V)`` for ``None``, else ``target`` broadcast."""
+    B, T = logits.shape[:2]
+    if target is None:
+        return logits.argmax(-1)
+    tgt = torch.as_tensor(target, device=logits.device).long()
+    return tgt.expand(B, T) if tgt.dim() == 0 else tgt.reshape(B, T)
+
+
+def _mixture_attribution(mixture, x, target, per_head: bool) -> pd.DataFrame:
+    _require_logits(mixture, "direct logit attribution")
+    ads = [adapter(m) for m in mixture.members]
+    with _inference(mixture):
+        x = _as_batch(ads[0], x)
+        out, _, w = _mixture_parts(mixture, x)            # (B, T, V), _, (B, T, K)
+        tgt = _target_ids(target, out)                     # the mixture's target at every token
+        w = w.float().cpu().numpy()
+        frames = []
+        for k, ad in enumerate(ads):
+            df = logit_attribution(ad, x, target=tgt, per_head=per_head)
+            weight = w[df["batch"].to_numpy(), df["position"].to_numpy(), k]
+            df = df.assign(component="m" + str(k) + " " + df["component"], weight=weight,
+                           attribution=df["attribution"].to_numpy() * weight)
+            frames.append(_with_member(df, k))
+    cols = ["batch", "position", "member", "component", "layer", "kind", "head", "target", "weight", "attribution"]
+    return pd.concat(frames, ignore_index=True)[cols]
+
+
 # ============================================================================ logit lens
+
+
+def _lens_stats(lens: torch.Tensor, logp_final: torch.Tensor, top_final: torch.Tensor,
+                tgt: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Per token ``(B, T)``: KL(p_final || p_lens), top-1 agreement and the lens' loss on ``tgt``."""
+    logp = lens.float().log_softmax(-1)
+    kl = (logp_final.exp() * (logp_final - logp)).sum(-1)
+    agree = (lens.argmax(-1) == top_final).float()
+    if tgt is None:
+        loss = torch.full_like(kl, float("nan"))
+    else:
+        loss = F.cross_entropy(logp.reshape(-1, logp.shape[-1]), tgt.reshape(-1),
+                               ignore_index=IGNORE, reduction="none").reshape(kl.shape)
+        loss = torch.where(tgt == IGNORE, torch.full_like(loss, float("nan")), loss)
+    return {"kl_to_final": kl, "top1_agree": agree, "loss": loss}
+
+
 
 
 def logit_lens(model: nn.Module, x, y=None, per_position: bool = False, batch_size: int | None = 256) -> pd.DataFrame:
@@ -562,7 +670,15 @@ def logit_lens(model: nn.Module, x, y=None, per_position: bool = False, batch_si
     whose lens top-1 equals the model's, ``loss`` = cross-entropy of the lens prediction on
     ``y`` (default for sequences: the next token of ``x``; ``IGNORE`` positions are left
     out, NaN when nothing is scored). Averaged over tokens, or per position on request.
+
+    For a :class:`~workbench.compose.LogitMixture` in mode ``"logits"``: a leading ``member``
+    column; the rows of member ``k`` read *its* residual through *its* final norm and
+    unembedding (layer ``L_k`` is that member's own output) and compare with the *mixture's*
+    output distribution, so ``kl_to_final`` and ``top1_agree`` say how close each member's
+    layers come to what the mixture predicts. Mode ``"probs"`` raises ``ValueError``.
     """
+    if is_mixture(model):
+        return _mixture_lens(model, x, y, per_position, batch_size)
     ad = adapter(model)
     parts: dict = {}
     with _inference(ad.model):
@@ -578,24 +694,36 @@ def logit_lens(model: nn.Module, x, y=None, per_position: bool = False, batch_si
             top_final = final_logits.argmax(-1)
             tgt = None if yy is None else yy[sl].reshape(final_logits.shape[:2])
             for l in range(L + 1):
-                if l < L:
-                    resid = _tokens(cache[f"blocks.{l}.resid_pre"])
-                    lens = ad.unembed(resid)
-                else:
-                    lens = final_logits
-                logp = lens.float().log_softmax(-1)
-                kl = (logp_final.exp() * (logp_final - logp)).sum(-1)
-                agree = (lens.argmax(-1) == top_final).float()
-                if tgt is None:
-                    loss = torch.full_like(kl, float("nan"))
-                else:
-                    loss = F.cross_entropy(logp.reshape(-1, logp.shape[-1]), tgt.reshape(-1),
-                                           ignore_index=IGNORE, reduction="none").reshape(kl.shape)
-                    loss = torch.where(tgt == IGNORE, torch.full_like(loss, float("nan")), loss)
-                for stat, v in (("kl_to_final", kl), ("top1_agree", agree), ("loss", loss)):
+                lens = ad.unembed(_tokens(cache[f"blocks.{l}.resid_pre"])) if l < L else final_logits
+                for stat, v in _lens_stats(lens, logp_final, top_final, tgt).items():
                     parts.setdefault((l, stat), []).append(v)
     per_token = {k: torch.cat(v) for k, v in parts.items()}
     return _table(per_token, ["layer"], ["kl_to_final", "top1_agree", "loss"], None, per_position)
+
+
+def _mixture_lens(mixture, x, y, per_position: bool, batch_size: int | None) -> pd.DataFrame:
+    _require_logits(mixture, "the logit lens")
+    ads = [adapter(m) for m in mixture.members]
+    parts: dict = {}
+    with _inference(mixture):
+        x = _as_batch(ads[0], x)
+        yy = _targets(ads[0], x, y)
+        for sl in _chunks(len(x), batch_size):
+            with contextlib.ExitStack() as stack:    # every member's hooks fire inside one mixture forward
+                caches = [stack.enter_context(record(ad, names=["blocks.*.resid_pre"] if ad.n_layers else []))
+                          for ad in ads]
+                out, member_logits, _ = _mixture_parts(mixture, x[sl])   # (B, T, V), (K, B, T, V)
+            logp_final = out.float().log_softmax(-1)
+            top_final = out.argmax(-1)
+            tgt = None if yy is None else yy[sl].reshape(out.shape[:2])
+            for k, (ad, cache) in enumerate(zip(ads, caches)):
+                L = ad.n_layers
+                for l in range(L + 1):
+                    lens = ad.unembed(_tokens(cache[f"blocks.{l}.resid_pre"])) if l < L else member_logits[k]
+                    for stat, v in _lens_stats(lens, logp_final, top_final, tgt).items():
+                        parts.setdefault((k, l, stat), []).append(v)
+    per_token = {k: torch.cat(v) for k, v in parts.items()}
+    return _table(per_token, ["member", "layer"], ["kl_to_final", "top1_agree", "loss"], None, per_position)
 
 
 # ============================================================================ layer skipping
@@ -611,14 +739,34 @@ class SkipEffects:
     identity. ``output``: ``skipped, kl, top1_changed, loss, loss_change`` per skipped layer:
     KL(p || p_skipped) of the output distribution, share of tokens whose top-1 changes, and
     the loss with the layer skipped and its change (NaN without targets).
+
+    For a logit mixture both tables start with a ``member`` column, ``n_layers`` is the deepest
+    member's depth and ``member_layers[k]`` member ``k``'s; :meth:`member` gives one member's
+    result in the single-model form.
     """
 
     heatmap: pd.DataFrame
     output: pd.DataFrame
     n_layers: int = 0
+    member_layers: list[int] | None = None
 
-    def matrix(self) -> np.ndarray:
-        """``(L, L)`` array ``[skipped, affected]`` (NaN where ``affected <= skipped``)."""
+    def member(self, k: int) -> "SkipEffects":
+        """Member ``k``'s rows of a mixture's result, without the ``member`` column."""
+        if self.member_layers is None:
+            raise ValueError("not a mixture's result: it has no members")
+        if not 0 <= k < len(self.member_layers):
+            raise ValueError(f"member must be in [0, {len(self.member_layers) - 1}], got {k}")
+
+        def pick(df):
+            return df[df["member"] == k].drop(columns="member").reset_index(drop=True)
+        return SkipEffects(pick(self.heatmap), pick(self.output), self.member_layers[k])
+
+    def matrix(self, member: int | None = None) -> np.ndarray:
+        """``(L, L)`` array ``[skipped, affected]`` (NaN where ``affected <= skipped``); a mixture needs ``member``."""
+        if self.member_layers is not None:
+            if member is None:
+                raise ValueError("a mixture's skip effects have one matrix per member: pass member=k")
+            return self.member(member).matrix()
         m = np.full((self.n_layers, self.n_layers), np.nan)
         for r in self.heatmap.itertuples():
             m[int(r.skipped), int(r.affected)] = r.effect
@@ -630,36 +778,60 @@ def skip_effects(model: nn.Module, x, y=None, mask=None, batch_size: int | None 
 
     Definitions as in Csordas et al. (2025); see :class:`SkipEffects`. ``y``: targets for the
     loss (default for sequences: the next token of ``x``). ``mask`` restricts the token average.
+
+    For a :class:`~workbench.compose.LogitMixture` (either mode), each member's layers are
+    skipped in turn inside the mixture: the heat-map is within that member's residual stream and
+    the output columns measure the change of the *mixture's* distribution. Both tables get a
+    leading ``member`` column (see :class:`SkipEffects`).
     """
+    if is_mixture(model):
+        ads = [adapter(m) for m in model.members]
+        heats, outs = [], []
+        with _inference(model):
+            xb = _as_batch(ads[0], x)
+            yy = _targets(ads[0], xb, y)
+            for k, ad in enumerate(ads):
+                res = _skip(ad, lambda xs: _mixture_parts(model, xs)[0], xb, yy, mask, batch_size)
+                heats.append(_with_member(res.heatmap, k))
+                outs.append(_with_member(res.output, k))
+        layers = [ad.n_layers for ad in ads]
+        return SkipEffects(pd.concat(heats, ignore_index=True), pd.concat(outs, ignore_index=True),
+                           max(layers), layers)
     ad = adapter(model)
+    with _inference(ad.model):
+        x = _as_batch(ad, x)
+        return _skip(ad, lambda xs: _logits(ad, xs), x, _targets(ad, x, y), mask, batch_size)
+
+
+def _skip(ad: Adapter, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, yy, mask,
+          batch_size: int | None) -> SkipEffects:
+    """Skip each of ``ad``'s layers; ``forward(x)`` gives the output logits ``(B, T, V)`` to compare
+    (the model's own, or a mixture's that runs ``ad``'s model inside it)."""
     L = ad.n_layers
     effects: dict = {}
     outs: dict = {}
-    with _inference(ad.model):
-        x = _as_batch(ad, x)
-        yy = _targets(ad, x, y)
-        m = _mask(mask, (x.shape[0], x.shape[1] if ad.family == "transformer" else 1), ad.device)
-        names = ["blocks.*.resid_pre", "blocks.*.resid_post"]
-        for sl in _chunks(len(x), batch_size):
-            if L == 0:
-                break
-            with record(ad, names=names) as cache:
-                base = _logits(ad, x[sl])
-            d = [_tokens(cache[f"blocks.{l}.resid_post"]) - _tokens(cache[f"blocks.{l}.resid_pre"]) for l in range(L)]
-            tgt = None if yy is None else yy[sl].reshape(base.shape[:2])
-            base_logp = base.float().log_softmax(-1)
-            base_loss = _token_loss(base_logp, tgt)
-            for s in range(L):
-                with ad.skip(s), record(ad, names=names, layers=range(s + 1, L)) as cache:
-                    skipped = _logits(ad, x[sl])
-                for l in range(s + 1, L):
-                    dt = _tokens(cache[f"blocks.{l}.resid_post"]) - _tokens(cache[f"blocks.{l}.resid_pre"])
-                    effects.setdefault((s, l), []).append(_rel(d[l] - dt, d[l]))
-                logp = skipped.float().log_softmax(-1)
-                outs.setdefault((s, "kl"), []).append((base_logp.exp() * (base_logp - logp)).sum(-1))
-                outs.setdefault((s, "top1_changed"), []).append((logp.argmax(-1) != base_logp.argmax(-1)).float())
-                outs.setdefault((s, "loss"), []).append(_token_loss(logp, tgt))
-                outs.setdefault((s, "base_loss"), []).append(base_loss)
+    m = _mask(mask, (x.shape[0], x.shape[1] if ad.family == "transformer" else 1), ad.device)
+    names = ["blocks.*.resid_pre", "blocks.*.resid_post"]
+    for sl in _chunks(len(x), batch_size):
+        if L == 0:
+            break
+        with record(ad, names=names) as cache:
+            base = forward(x[sl])
+        d = [_tokens(cache[f"blocks.{l}.resid_post"]) - _tokens(cache[f"blocks.{l}.resid_pre"]) for l in range(L)]
+        tgt = None if yy is None else yy[sl].reshape(base.shape[:2])
+        base_logp = base.float().log_softmax(-1)
+        base_loss = _token_loss(base_logp, tgt)
+        for s in range(L):
+            with ad.skip(s), record(ad, names=names, layers=range(s + 1, L)) as cache:
+                skipped = forward(x[sl])
+            for l in range(s + 1, L):
+                dt = _tokens(cache[f"blocks.{l}.resid_post"]) - _tokens(cache[f"blocks.{l}.resid_pre"])
+                effects.setdefault((s, l), []).append(_rel(d[l] - dt, d[l]))
+            logp = skipped.float().log_softmax(-1)
+            outs.setdefault((s, "kl"), []).append((base_logp.exp() * (base_logp - logp)).sum(-1))
+            outs.setdefault((s, "top1_changed"), []).append((logp.argmax(-1) != base_logp.argmax(-1)).float())
+            outs.setdefault((s, "loss"), []).append(_token_loss(logp, tgt))
+            outs.setdefault((s, "base_loss"), []).append(base_loss)
     heat = [{"skipped": s, "affected": l, "effect": _masked_mean(torch.cat(v), m)} for (s, l), v in effects.items()]
     rows = {}
     for (s, stat), v in outs.items():
