@@ -40,6 +40,14 @@ def test_train_two_compose_and_sample(page, store):
     heat = page.heatmap.object.data[0]
     assert len(heat.y) == 7 and list(heat.x) == ["grammar", "arithmetic"]
     assert set(page.summary.object["model"]) == set(table["model"])
+    # the logit mixtures are offered to the Residual stream page of this session (not saved in the store)
+    session = page.datastore.session_models
+    assert list(session) == ["mixture: logit mean (grammar + arithmetic)",
+                             "mixture: gated mixture (grammar + arithmetic)"]
+    assert session["mixture: logit mean (grammar + arithmetic)"] is page.result["models"]["logit mean"]
+    assert page.datastore.session_info["mixture: gated mixture (grammar + arithmetic)"]["members"] == [
+        "grammar", "arithmetic"]
+    assert len(store.list()) == 3
     # the "as code" box rebuilds the same table from the store
     code = page.code.object.removeprefix("```python\n").removesuffix("\n```")
     scope = {}

@@ -1,4 +1,6 @@
 """Residual stream page, driven through its widgets without a server."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -161,3 +163,89 @@ def test_a_run_saved_while_the_page_is_open_becomes_the_selection(page_with_run,
     page.run_select.value = first                              # the user's own choice then stays
     page.datastore.refresh()
     assert page.run_select.value == first
+
+
+# ---------------------------------------------------------------------------- a mixture from the Compose page
+
+
+def _specialist_runs(store, steps=3):
+    """Two tiny specialists fine-tuned from one base over one frozen substrate, saved in ``store``."""
+    domains = wb.compose.shared_text(["grammar", "arithmetic"], context=16, corpus_chars=3000)
+    cfg = wb.models.config_for(domains["grammar"], d_model=16, n_layers=1, n_heads=2, d_mlp=32,
+                               embedding="frozen-random")
+    base = wb.models.build(cfg)
+    tc = wb.TrainConfig(steps=steps, batch_size=16, eval_every=steps, eval_max=16)
+    runs = wb.compose.train_specialists(base, domains, tc)
+    runs["arithmetic"].model.blocks.append(wb.models.build(
+        dataclasses.replace(cfg, n_layers=1)).blocks[0])     # members may differ in depth: 1 and 2 blocks
+    runs["arithmetic"].model.sync_config()
+    return [store.save(r) for r in runs.values()], domains
+
+
+def test_residual_page_opens_a_mixture_built_on_the_compose_page(store, monkeypatch):
+    from workbench.ui.compose import ComposePage
+
+    datastore = DataStore(store)
+    page = ResidualPage(datastore)
+    page.source.value = "Compose mixture (this session)"
+    assert page.no_mixture.visible and "Compose" in page.no_mixture.object and not page.mixture_select.visible
+    page.analyse(wait=True)
+    assert "build a logit mixture on the Compose page first" in page.errors.text
+
+    ids, domains = _specialist_runs(store)
+    compose_page = ComposePage(datastore)
+    compose_page.specialists.value = ids
+    compose_page.merges.value = ["logit mean", "probability mixture", "gated mixture"]
+    compose_page.run_compose(wait=True)
+    assert compose_page.compose_task.status == "done", compose_page.compose_task.error
+    names = ["mixture: logit mean (grammar + arithmetic)", "mixture: gated mixture (grammar + arithmetic)"]
+    assert list(datastore.session_models) == names          # probability mixtures are not offered
+    assert "Residual stream page" in compose_page.message.object
+
+    # the newest mixture is offered; choose the plain logit mean
+    assert not page.no_mixture.visible and page.mixture_select.visible and page.member.visible
+    assert page.mixture_select.options == names and page.mixture_select.value == names[1]
+    page.mixture_select.value = names[0]
+    assert page.member.options == {"m0: grammar": 0, "m1: arithmetic": 1}
+    assert page.domain.options == ["grammar", "arithmetic"]
+    page.domain.value = "arithmetic"
+    page.analyse(wait=True)
+    assert page.errors.text == "" and page.task.status == "done", (page.errors.text, page.task.error)
+    a = page.analysis
+    mixture = datastore.session_models[names[0]]
+    x = domains["arithmetic"].x_val[:1]
+    assert a.mixture and a.n_members == 2 and a.member == 0 and a.n_layers == 1
+    # the attribution covers both members and adds up to the mixture's own logit at every position
+    assert {c.split()[0] for c in a.attribution.component} == {"m0", "m1"}
+    with torch.no_grad():
+        logits = mixture(x)[0]
+    for pos in (0, 9, 15):
+        comps, values, target = a.attr_at[pos]
+        assert target == int(logits[pos].argmax())
+        assert sum(values) == pytest.approx(float(logits[pos, target]), abs=1e-4)
+    assert "the mixture's logit" in page.attr_pane.object["layout"]["title"]["text"]
+    assert "Mixture of 2 members" in page.summary.object
+
+    # another member: re-sliced from the cached tables, no engine call
+    calls = []
+    for name in ("contributions", "logit_lens", "skip_effects", "logit_attribution", "decompose"):
+        monkeypatch.setattr(residual, name, lambda *args, _n=name, **kw: calls.append(_n))
+    page.member.value = 1
+    assert calls == [] and page.analysis.member == 1 and page.analysis.n_layers == 2 and page.layer.end == 1
+    monkeypatch.undo()
+    expected = residual.contributions(mixture, x)
+    expected = expected[expected.member == 1].drop(columns="member").reset_index(drop=True)
+    assert page.analysis.contrib.equals(expected)
+    assert len(page.analysis.skip.heatmap) == 1 and list(page.analysis.skip.output.skipped) == [0, 1]
+    lens = page.lens_pane.object["data"][0]
+    assert len(lens["z"]) == 3                               # member 1: layers 0, 1 and its output
+    page.layer.value = 1
+    page.position.value = 4
+    assert page.last_redraw_ms < 300
+
+    # typed text works on a mixture as on a model
+    page.input_kind.value = "Typed text"
+    assert not page.domain.visible
+    page.text.value = "1+2=3"
+    page.analyse(wait=True)
+    assert page.errors.text == "" and page.analysis.tokens == list("1+2=3") and page.analysis.member == 1

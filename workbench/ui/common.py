@@ -21,7 +21,14 @@ __all__ = ["DataStore", "BackgroundTask", "page_header", "ErrorBox", "config_wid
 
 
 class DataStore(param.Parameterized):
-    """Owns the run store for one browser session; pages read ``runs`` and call ``save``/``load``."""
+    """Owns the run store for one browser session; pages read ``runs`` and call ``save``/``load``.
+
+    ``session_models`` holds models that live only in this session and are not in the store
+    (e.g. a logit mixture built on the Compose page, for the Residual stream page):
+    ``{name: model}``, with what a page needs to feed them in ``session_info[name]``
+    (``vocab``, ``members`` (names), ``datasets`` (``{domain: dataset spec}``)). Nothing is
+    saved; another browser session has its own DataStore and does not see them.
+    """
 
     runs = param.DataFrame(default=None, doc="RunStore.list() as of the last refresh")
     version = param.Integer(default=0, doc="bumped on every change so pages can watch it")
@@ -29,7 +36,20 @@ class DataStore(param.Parameterized):
     def __init__(self, store: RunStore | None = None, **params):
         super().__init__(**params)
         self.store = store if store is not None else RunStore()
+        self.session_models: dict[str, Any] = {}
+        self.session_info: dict[str, dict] = {}
         self.refresh()
+
+    def add_session_model(self, name: str, model, **info) -> str:
+        """Register ``model`` under ``name`` for this session only (replacing one of that name); bumps ``version``.
+
+        ``info``: keyword metadata kept in ``session_info[name]`` (see the class docstring).
+        """
+        self.session_models.pop(name, None)  # a replaced model moves to the end: the newest
+        self.session_models[name] = model
+        self.session_info[name] = dict(info)
+        self.version += 1
+        return name
 
     def refresh(self) -> None:
         self.runs = self.store.list()

@@ -157,7 +157,8 @@ def _compose_job(ctx, store, specialist_ids: list[str], base_id: str | None, cho
     done = [m for m in chosen if m in merges]
     code = _code_for(specialist_ids, names, base_id if base is not None else None, done, options)
     return {"table": table, "models": {**members, **merges}, "vocab": list(domains[names[0]].vocab),
-            "skipped": skipped, "base_id": base_id, "code": code}
+            "skipped": skipped, "base_id": base_id, "code": code, "members": names,
+            "datasets": {name: dict(r.dataset) for name, r in zip(names, runs)}}
 
 
 class ComposePage(pn.viewable.Viewer):
@@ -279,7 +280,25 @@ class ComposePage(pn.viewable.Viewer):
         if result["skipped"]:
             notes.append(f"Skipped {', '.join(result['skipped'])}: weight-space merges need a base run "
                          "(the specialists have no common parent; pick one).")
+        registered = self._register_mixtures(result)
+        if registered:
+            notes.append(f"The Residual stream page can now open {', '.join(f'*{n}*' for n in registered)} "
+                         "(source *Compose mixture (this session)*).")
         self.message.object = " ".join(notes)
+
+    def _register_mixtures(self, result) -> list[str]:
+        """Offer every logit-averaging mixture to the other pages of this session (DataStore.session_models).
+
+        Probability mixtures are not offered: direct attribution and the logit lens need mode='logits'.
+        """
+        names = []
+        for merge, model in result["models"].items():
+            if isinstance(model, compose.LogitMixture) and model.mode == "logits" and merge not in result["members"]:
+                name = f"mixture: {merge} ({' + '.join(result['members'])})"
+                self.datastore.add_session_model(name, model, vocab=result["vocab"], members=result["members"],
+                                                 datasets=result["datasets"])
+                names.append(name)
+        return names
 
     def _draw(self) -> None:
         if self.result is None:

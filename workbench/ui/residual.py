@@ -21,7 +21,10 @@ contribution** = ||output|| / ||residual it is added to|| (Csordas et al. 2025),
 them. The **logit lens** reads every intermediate residual through the final norm and unembedding; the
 **skip heat-map** replaces one layer by the identity and measures how much every later layer's
 contribution changes. **Direct attribution** splits the chosen token's logit into the parts written by
-each component. Pick a layer or a token to focus the views; a growth run can be stepped stage by stage."""
+each component. Pick a layer or a token to focus the views; a growth run can be stepped stage by stage.
+A **logit mixture** built on the Compose page has one residual stream per member: pick a member to see its
+contributions, lens (against the mixture's output) and skip effects inside the mixture; the attribution
+splits the mixture's logit over all members' components, each scaled by the member's weight."""
 
 CODE = """import workbench as wb
 run = wb.RunStore().load(run_id)            # or: model, meta = wb.interop.load_gpt2(path)
@@ -29,20 +32,33 @@ x = ...                                      # token ids (1, T) or vectors (B, d
 wb.residual.contributions(run.model, x)                  # layer, sublayer, rel_norm, cosine
 wb.residual.logit_lens(run.model, x, per_position=True)  # layer, position, kl_to_final, top1_agree, loss
 wb.residual.skip_effects(run.model, x).heatmap           # skipped, affected, effect
-wb.residual.logit_attribution(run.model, x)              # component -> logit of the predicted token"""
+wb.residual.logit_attribution(run.model, x)              # component -> logit of the predicted token
+# a logit mixture (wb.compose.LogitMixture): the same calls, with a member column
+# wb.residual.logit_attribution(mixture, x)              # members' components x their weights; sums to its logit"""
 
-SOURCES = ["Stored run", "Hugging Face directory"]
+SOURCES = ["Stored run", "Hugging Face directory", "Compose mixture (this session)"]
+NO_MIXTURE = ("No mixture in this session yet: build a logit mixture on the **Compose** page first "
+              "(*Compose and evaluate* with *logit mean* or *gated mixture*), then come back here.")
 INPUTS = ["Dataset sample", "Typed text"]
 VECTOR_BATCH = 256  # vector datasets: analyse this many validation examples at once
 
 
 class Analysis:
-    """Everything the page shows for one (model, input); tables only, no tensors kept."""
+    """Everything the page shows for one (model, input); tables only, no tensors kept.
+
+    For a logit mixture the engine's tables carry a ``member`` column; :meth:`select_member`
+    re-slices them so that ``contrib``, ``lens``, ``skip``, ... describe one member (inside the
+    mixture), while ``attribution`` keeps every member's components.
+    """
 
     def __init__(self, model, x, tokens: list[str] | None, vocab: list[str] | None, y=None):
         self.tokens, self.vocab = tokens, vocab
-        self.sequence = residual.adapter(model).family == "transformer"
-        self.n_layers = residual.adapter(model).n_layers
+        self.mixture = residual.is_mixture(model)
+        self.n_members = len(model.members) if self.mixture else 1
+        first = model.members[0] if self.mixture else model
+        self.sequence = residual.adapter(first).family == "transformer"
+        self.n_layers = residual.adapter(model).n_layers if not self.mixture else 0
+        self.member = None
         self.contrib = residual.contributions(model, x)
         self.contrib_pos = residual.contributions(model, x, per_position=True) if self.sequence else None
         self.lens = residual.logit_lens(model, x, y=y)
@@ -53,6 +69,31 @@ class Analysis:
         # slices for fast selection: per position the attribution bars, per layer the position curves
         self.attr_at = {int(p): (g["component"].tolist(), g["attribution"].tolist(), int(g["target"].iloc[0]))
                         for p, g in self.attribution[self.attribution["batch"] == 0].groupby("position")}
+        if self.mixture:
+            self._all = {"contrib": self.contrib, "contrib_pos": self.contrib_pos, "lens": self.lens,
+                         "lens_pos": self.lens_pos, "skip": self.skip}
+            self.select_member(0)
+        else:
+            self._index()
+
+    def select_member(self, k: int) -> None:
+        """Show member ``k`` of a mixture (re-slices the cached tables; no forward pass)."""
+        if not self.mixture:
+            return
+        if not 0 <= k < self.n_members:
+            raise ValueError(f"member must be in [0, {self.n_members - 1}], got {k}")
+
+        def pick(df):
+            return None if df is None else df[df["member"] == k].drop(columns="member").reset_index(drop=True)
+        a = self._all
+        self.member = k
+        self.contrib, self.contrib_pos = pick(a["contrib"]), pick(a["contrib_pos"])
+        self.lens, self.lens_pos = pick(a["lens"]), pick(a["lens_pos"])
+        self.skip = a["skip"].member(k)
+        self.n_layers = self.skip.n_layers
+        self._index()
+
+    def _index(self) -> None:
         self.sublayers = [s for s in ("attn", "mlp", "layer") if s in set(self.contrib["sublayer"])]
         self.by_layer = {}
         if self.contrib_pos is not None:
@@ -74,6 +115,11 @@ class ResidualPage(pn.viewable.Viewer):
         self.run_select = pn.widgets.Select(label="run", options={}, width=420)
         self.hf_path = pn.widgets.TextInput(label="Hugging Face directory", placeholder="/path/to/gpt2-dir",
                                             width=420, visible=False)
+        self.mixture_select = pn.widgets.Select(label="mixture (built on the Compose page)", options=[], width=420,
+                                                visible=False)
+        self.member = pn.widgets.Select(label="member", options={}, width=200, visible=False)
+        self.domain = pn.widgets.Select(label="samples from", options=[], width=160, visible=False)
+        self.no_mixture = pn.pane.Markdown(NO_MIXTURE, visible=False, sizing_mode="stretch_width")
         self.input_kind = pn.widgets.RadioButtonGroup(options=INPUTS, value=INPUTS[0])
         self.sample = pn.widgets.IntInput(label="sample (validation split)", value=0, start=0, width=170)
         self.text = pn.widgets.TextInput(label="text (characters of the vocabulary, or token ids '3 1 4')",
@@ -106,11 +152,14 @@ class ResidualPage(pn.viewable.Viewer):
         self.source.param.watch(lambda _: self._sync_visibility(), "value")
         self.input_kind.param.watch(lambda _: self._sync_visibility(), "value")
         self.run_select.param.watch(lambda _: self._sync_stages(), "value")
+        self.mixture_select.param.watch(lambda _: self._sync_members(), "value")
+        self.member.param.watch(lambda _: self._member_changed(), "value")
         self.stage.param.watch(self._stage_changed, "value")
         self.layer.param.watch(lambda _: self._redraw("layer"), "value")
         self.position.param.watch(lambda _: self._redraw("position"), "value")
         self.lens_metric.param.watch(lambda _: self._redraw("position"), "value")
         self._known_runs: set[str] | None = None  # run ids seen at the last refresh
+        self._known_mixtures: list[str] = []
         self.datastore.param.watch(lambda _: self._refresh_runs(), "version")
         self._refresh_runs()
 
@@ -127,14 +176,47 @@ class ResidualPage(pn.viewable.Viewer):
             self.run_select.value = current
         elif options:
             self.run_select.value = next(iter(options.values()))  # newest run
+        self._refresh_mixtures()
         self._sync_stages()
 
+    def _refresh_mixtures(self) -> None:
+        """Offer the session's mixtures (DataStore.session_models); one just registered becomes the choice."""
+        names = list(self.datastore.session_models)
+        current = self.mixture_select.value
+        new = [n for n in names if n not in self._known_mixtures]
+        self._known_mixtures = names
+        self.mixture_select.options = names
+        if names:
+            self.mixture_select.value = new[-1] if new else (current if current in names else names[-1])
+        self._sync_members()
+        self._sync_visibility()
+
+    def _sync_members(self) -> None:
+        info = self.datastore.session_info.get(self.mixture_select.value, {})
+        model = self.datastore.session_models.get(self.mixture_select.value)
+        n = len(model.members) if model is not None else 0
+        names = list(info.get("members") or [])[:n]
+        names += [f"member {k}" for k in range(len(names), n)]
+        self.member.options = {f"m{k}: {name}": k for k, name in enumerate(names)}
+        self.domain.options = list(info.get("datasets") or {})
+
     def _sync_visibility(self) -> None:
-        hf = self.source.value == SOURCES[1]
-        self.run_select.visible, self.hf_path.visible = not hf, hf
+        hf, mix = self.source.value == SOURCES[1], self.source.value == SOURCES[2]
+        self.run_select.visible, self.hf_path.visible = self.source.value == SOURCES[0], hf
+        has_mixtures = bool(self.mixture_select.options)
+        self.mixture_select.visible = self.member.visible = mix and has_mixtures
+        self.no_mixture.visible = mix and not has_mixtures
         typed = self.input_kind.value == INPUTS[1]
         self.text.visible, self.sample.visible = typed, not typed
+        self.domain.visible = mix and has_mixtures and not typed
         self._sync_stages()
+
+    def _member_changed(self) -> None:
+        """Another member of the analysed mixture: re-slice the cached tables and redraw (no forward pass)."""
+        a = self.analysis
+        if a is not None and a.mixture and self.member.value is not None and self.member.value < a.n_members \
+                and self.source.value == SOURCES[2]:
+            self._show(a)
 
     def _group_runs(self) -> pd.DataFrame:
         runs = self.datastore.runs
@@ -183,6 +265,16 @@ class ResidualPage(pn.viewable.Viewer):
                 run = self.datastore.load(run_id)
                 vocab = getattr(run.model.config, "vocab", None)
                 self._models[key] = (run.model, vocab, run.dataset)
+        elif self.source.value == SOURCES[2]:
+            name = self.mixture_select.value
+            if not name or name not in self.datastore.session_models:
+                raise ValueError(NO_MIXTURE.replace("**", "").replace("*", ""))
+            model, info = self.datastore.session_models[name], self.datastore.session_info.get(name, {})
+            key = ("session", name, id(model))  # a re-composed mixture of the same name is another model
+            datasets = info.get("datasets") or {}
+            spec = datasets.get(self.domain.value) or next(iter(datasets.values()), None)
+            vocab = info.get("vocab") or getattr(model.config, "vocab", None)
+            return key, model, vocab, spec
         else:
             path = self.hf_path.value.strip()
             if not path:
@@ -196,7 +288,8 @@ class ResidualPage(pn.viewable.Viewer):
 
     def _input(self, model, vocab, spec):
         """``(input key, x, tokens, y)`` for the chosen input."""
-        sequence = residual.adapter(model).family == "transformer"
+        single = model.members[0] if residual.is_mixture(model) else model
+        sequence = residual.adapter(single).family == "transformer"
         if self.input_kind.value == INPUTS[1]:
             if not sequence:
                 raise ValueError("typed text needs a sequence model; vector models take dataset samples")
@@ -225,7 +318,7 @@ class ResidualPage(pn.viewable.Viewer):
             y = y_val[i:i + 1]
             if ds.name == "text":
                 y = None  # next-token targets of the window itself
-            return ("sample", i), x, tokens, y
+            return ("sample", json.dumps(spec, sort_keys=True, default=str), i), x, tokens, y
         start = min(max(i, 0), max(len(x_val) - VECTOR_BATCH, 0))
         return ("batch", start), x_val[start:start + VECTOR_BATCH], None, y_val[start:start + VECTOR_BATCH]
 
@@ -279,6 +372,12 @@ class ResidualPage(pn.viewable.Viewer):
         self.stages_pane.visible = stages is not None
         if stages is not None:
             self.stages_pane.object = figs.stages_figure(stages)
+        self._show(analysis)
+
+    def _show(self, analysis: Analysis) -> None:
+        """Bounds of the sliders, the figures and the summary for an analysis (and the chosen member)."""
+        if analysis.mixture:
+            analysis.select_member(self.member.value or 0)
         L = analysis.n_layers
         with pn.io.hold():
             self.layer.end = max(L - 1, 1)
@@ -291,7 +390,19 @@ class ResidualPage(pn.viewable.Viewer):
             self._build_figures()
             self._redraw("all")
         last = analysis.lens.iloc[-1] if len(analysis.lens) else None
-        self.summary.object = (f"{L} layers; logit lens at the output: loss {last.loss:.3f}" if last is not None else "")
+        if last is None:
+            self.summary.object = ""
+        elif analysis.mixture:
+            self.summary.object = (
+                f"Mixture of {analysis.n_members} members; member {analysis.member} "
+                f"(*{self._member_label(analysis.member)}*): {L} layers. Its own output against the mixture's: "
+                f"KL {last.kl_to_final:.3f}, top-1 agreement {last.top1_agree:.2f}, loss {last.loss:.3f}. "
+                "The attribution shows every member's components, scaled by the member's weight.")
+        else:
+            self.summary.object = f"{L} layers; logit lens at the output: loss {last.loss:.3f}"
+
+    def _member_label(self, k: int) -> str:
+        return next((label.split(": ", 1)[-1] for label, v in self.member.options.items() if v == k), f"member {k}")
 
     def _build_figures(self) -> None:
         """Full figures once per analysis, kept as dicts that :meth:`_redraw` patches."""
@@ -339,9 +450,10 @@ class ResidualPage(pn.viewable.Viewer):
                 comps, values, _ = a.attr_at.get(pos, ([], [], 0))
                 bars = figs.with_traces(f["attr"], [{
                     "x": values, "y": comps, "marker": {"color": ["#d62728" if v < 0 else "#1f77b4" for v in values]}}])
+                whose = "the mixture's logit for " if a.mixture else ""
                 self.attr_pane.object = figs.with_shapes(
                     bars, [],
-                    title=f"Direct logit attribution to {a.target_label(pos)!r} at position {pos} "
+                    title=f"Direct logit attribution to {whose}{a.target_label(pos)!r} at position {pos} "
                           f"(sum = logit {sum(values):.2f})")
         self.last_redraw_ms = 1000 * (time.perf_counter() - t0)
 
@@ -350,8 +462,9 @@ class ResidualPage(pn.viewable.Viewer):
         return pn.Column(
             page_header("Residual stream", EXPLANATION, CODE),
             pn.Row(self.source, self.input_kind),
-            pn.Row(self.run_select, self.hf_path, self.sample, self.text, self.analyse_button, self.task.controls()),
-            self.stage, self.errors, self.summary,
+            pn.Row(self.run_select, self.hf_path, self.mixture_select, self.member, self.domain, self.sample, self.text,
+                   self.analyse_button, self.task.controls()),
+            self.no_mixture, self.stage, self.errors, self.summary,
             pn.Row(self.layer, self.position, self.lens_metric),
             self.contrib_pane, self.stages_pane,
             pn.Row(self.lens_pane, self.attr_pane, sizing_mode="stretch_width"),
