@@ -261,9 +261,10 @@ def _mixture(gated=False, mode="logits", n=2):
         m.tok_embed.weight.data.copy_(members[0].tok_embed.weight.data)
     mix = wb.compose.LogitMixture(members, weights=[0.3, 0.7][:n] if n == 2 else None, mode=mode).eval()
     if gated:
-        with torch.no_grad():  # a gate with non-trivial per-token weights, without training one
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # per-token weights, without training a gate
+            torch.manual_seed(0)
             mix.gate = torch.nn.Linear(32 * n, n)
-            torch.nn.init.normal_(mix.gate.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+            torch.nn.init.normal_(mix.gate.weight, std=0.05)
     return mix
 
 
@@ -288,7 +289,9 @@ def test_mixture_attribution_sums_to_the_mixtures_logit(gated):
         share = df[df.member == 1].groupby(["batch", "position"]).attribution.sum().to_numpy().reshape(x.shape)
         torch.testing.assert_close(torch.tensor(share, dtype=torch.float32),
                                    w[..., 1] * ml[1].gather(-1, tgt[..., None])[..., 0], atol=1e-4, rtol=1e-4)
-    assert df[df.member == 0].weight.nunique() == (x.numel() if gated else 1)  # per-token weights when gated
+    w = mix.mixture_weights(x)                                 # (B, T, K): varies per token when gated
+    assert (w.std(dim=(0, 1)) > 1e-3).all() if gated else (w == mix.weights).all()
+    assert (df.weight.to_numpy() == w.numpy()[df.batch, df.position, df.member]).all()
 
 
 def test_mixture_of_one_model_is_that_model():
