@@ -238,8 +238,17 @@ class LogitMixture(nn.Module):
         return torch.logsumexp(F.log_softmax(logits, dim=-1) + logw, dim=-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_parts(x)[0]
+
+    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass with its parts: ``(output (..., V), member logits (..., K, V), weights (..., K))``.
+
+        ``output`` is ``forward(x)``; ``weights`` are the fixed weights broadcast or the gate's
+        per-token weights. The residual-stream tools split a mixture's logit with these.
+        """
         feats, logits = self._parts(x)
-        return self._combine(logits, self._weights(feats))
+        w = self._weights(feats)
+        return self._combine(logits, w), logits, w.expand(*logits.shape[:-1])
 
     @torch.no_grad()
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:

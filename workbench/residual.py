@@ -396,10 +396,7 @@ def _mixture_parts(mixture, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     The same computation as ``mixture(x)`` (the members' hook points fire); vector models get
     ``T = 1``. ``weights`` are the fixed weights broadcast, or the gate's per-token weights.
     """
-    feats, logits = mixture._parts(x)                     # logits (..., K, V)
-    w = mixture._weights(feats)                            # (K,) or (..., K)
-    out = mixture._combine(logits, w)                      # (..., V)
-    w = w.expand(*logits.shape[:-1])                       # (..., K)
+    out, logits, w = mixture.forward_parts(x)              # (..., V), (..., K, V), (..., K)
     if out.dim() == 2:                                     # vector models: (B, V) -> (B, 1, V)
         out, logits, w = out[:, None], logits[:, None], w[:, None]
     return out, logits.movedim(-2, 0), w
