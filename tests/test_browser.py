@@ -67,12 +67,27 @@ def page():
         browser.close()
 
 
+def _open(page, tab: str) -> None:
+    page.locator(".bk-tab", has_text=tab).first.click()
+
+
+def _type(page, label: str, value: str) -> None:
+    """Type into the first input whose label contains ``label`` and commit it with Enter."""
+    box = page.locator(".bk-input-group", has_text=label).locator("input").first
+    box.fill(value)
+    box.press("Enter")
+
+
+def _click(page, button: str) -> None:
+    page.locator("button.bk-btn", has_text=button).first.click()
+
+
 def test_every_page_renders_without_console_errors(server, page):
     ARTIFACTS.mkdir(exist_ok=True)
     page.goto(server)
     page.wait_for_selector("text=Depth Workbench")
     for title in PAGES:
-        page.locator(".bk-tab", has_text=title).first.click()
+        _open(page, title)
         page.wait_for_timeout(1500)
         page.screenshot(path=str(ARTIFACTS / f"page-{title.replace(' ', '_').lower()}.png"))
     assert page.console_errors == []
@@ -80,11 +95,9 @@ def test_every_page_renders_without_console_errors(server, page):
 
 def test_short_training_run_draws_a_curve(server, page):
     page.goto(server)
-    page.locator(".bk-tab", has_text="Train").first.click()
-    steps = page.locator(".bk-input-group", has_text="steps").locator("input").first
-    steps.fill("60")
-    steps.press("Enter")
-    page.locator("button.bk-btn", has_text="Train").first.click()
+    _open(page, "Train")
+    _type(page, "steps", "60")
+    _click(page, "Train")
     page.wait_for_selector("text=saved as", timeout=120_000)
     page.wait_for_selector(".js-plotly-plot .plot-container")
     n_traces = page.locator(".js-plotly-plot").first.evaluate("el => el.data.length")
@@ -96,18 +109,16 @@ def test_short_training_run_draws_a_curve(server, page):
 def test_grow_then_read_the_grown_model_in_the_residual_stream(server, page):
     """Across pages through the store: grow a model on the Grow page, analyse it on Residual stream."""
     page.goto(server)
-    page.locator(".bk-tab", has_text="Grow").first.click()
-    steps = page.locator(".bk-input-group", has_text="steps per stage").locator("input").first
-    steps.fill("20")
-    steps.press("Enter")
-    page.locator("button.bk-btn", has_text="Fill stages from preset").first.click()
-    page.locator("button.bk-btn", has_text="Grow").first.click()
+    _open(page, "Grow")
+    _type(page, "steps per stage", "20")
+    _click(page, "Fill stages from preset")
+    _click(page, "Grow")
     page.wait_for_selector("text=stages saved", timeout=120_000)
     page.screenshot(path=str(ARTIFACTS / "grow-after-run.png"), full_page=True)
 
-    page.locator(".bk-tab", has_text="Residual stream").first.click()
+    _open(page, "Residual stream")
     page.wait_for_timeout(1000)
-    page.locator("button.bk-btn", has_text="Analyse").first.click()
+    _click(page, "Analyse")
     # the page has switched to the run saved last: the grown model's final stage (3 blocks)
     page.wait_for_selector("text=3 layers; logit lens at the output", timeout=120_000)
     page.wait_for_timeout(1000)
