@@ -149,3 +149,20 @@ def test_bad_khop_options_show_a_message(store, field, value, message):
     page.start(wait=True)
     assert message in page.errors.text
     assert page.last_run is None and len(page.datastore.runs) == 0
+
+
+@pytest.mark.parametrize("task, options", [("text", {"context": 16, "corpus_chars": 2000}), ("modadd", {"p": 11})])
+def test_grow_on_the_other_sequence_tasks(store, task, options):
+    page = GrowPage(DataStore(store))
+    page.dataset.value = task
+    for key, value in options.items():
+        page.dataset_widgets[key].value = value
+    page.model_widgets["d_model"].value, page.model_widgets["d_mlp"].value = 16, 32
+    page.train_widgets["eval_every"].value, page.train_widgets["eval_max"].value = 2, 64
+    page.stage_steps.value, page.final_layers.value = 2, 2
+    page.fill_preset()
+    page.start(wait=True)
+    assert page.task.status == "done", page.task.error
+    assert page.last_run.model.config.n_layers == 2
+    assert page.last_run.dataset["name"] == task
+    assert sorted(page.datastore.runs["stage"].tolist()) == [0, 1]
