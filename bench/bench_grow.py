@@ -83,20 +83,25 @@ def _growth_time(model, ds, config, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def _compare_row(entry, target, schedule, ds, model_config, config, baseline, what):
-    t0 = time.perf_counter()
-    cmp = growth.compare(schedule, ds, dict(model_config, n_layers=1), config)
-    seconds = time.perf_counter() - t0
+def _flops_row(entry: str, target: str, cmp, note: str, seconds: float) -> dict:
+    """One bench row from a :class:`growth.Comparison`: FLOPs of grown and scratch to reach scratch's final loss."""
     grown_f, scratch_f = cmp.flops_to_target["grown"], cmp.flops_to_target["scratch"]
     reached = grown_f == grown_f  # NaN: the grown run never reached scratch's final loss
-    s = cmp.summary.set_index("method")
     return {
         "entry": entry, "ours": grown_f, "reference": scratch_f, "unit": "FLOPs", "ratio": cmp.ratio,
         "target": target, "ok": bool(reached and cmp.ratio < 1),
-        "note": (f"{what}; target loss {cmp.target_loss:.4f}; final val acc grown {s.loc['grown', 'val_acc']:.3f}, "
-                 f"scratch {s.loc['scratch', 'val_acc']:.3f} on equal FLOPs (one-look-up baseline {baseline:.3f})"
+        "note": (f"{note}; target loss {cmp.target_loss:.4f}"
                  + ("" if reached else "; the grown run never reached the target") + f"; {seconds:.0f} s"),
     }
+
+
+def _compare_row(entry, target, schedule, ds, model_config, config, baseline, what):
+    t0 = time.perf_counter()
+    cmp = growth.compare(schedule, ds, dict(model_config, n_layers=1), config)
+    s = cmp.summary.set_index("method")
+    note = (f"{what}; final val acc grown {s.loc['grown', 'val_acc']:.3f}, scratch {s.loc['scratch', 'val_acc']:.3f} "
+            f"on equal FLOPs (one-look-up baseline {baseline:.3f})")
+    return _flops_row(entry, target, cmp, note, time.perf_counter() - t0)
 
 
 def _text_row(quick: bool) -> dict:
@@ -118,21 +123,13 @@ def _text_row(quick: bool) -> dict:
     n = flops.steps_for_budget(cmp.runs["grown"].meta["flops"], flops.flops_per_example(shallow, ds.seq_len),
                                len(ds.x_train), config.batch_size)
     shallow_loss = growth.grow(shallow, ds, [growth.Stage("train", n)], config).final("loss", "val")
-    seconds = time.perf_counter() - t0
-    grown_f, scratch_f = cmp.flops_to_target["grown"], cmp.flops_to_target["scratch"]
-    reached = grown_f == grown_f
     s = cmp.summary.set_index("method")
-    return {
-        "entry": "grow: FLOPs to reach scratch's final val loss (char LM, G_stack vs scratch)",
-        "ours": grown_f, "reference": scratch_f, "unit": "FLOPs", "ratio": cmp.ratio,
-        "target": "< 1 (G_stack at 7B: 0.65)", "ok": bool(reached and cmp.ratio < 1),
-        "note": (f"text context {TEXT['data']['context']}, {TEXT['data']['corpus_chars']} chars (grammar corpus); "
-                 f"1 block for {steps} steps, stacked x{final}, {(final - 1) * steps} more; target loss "
-                 f"{cmp.target_loss:.4f}; final val loss grown {s.loc['grown', 'val_loss']:.4f}, scratch "
-                 f"{s.loc['scratch', 'val_loss']:.4f}; control: 1 block from scratch on the same FLOPs ends at "
-                 f"{shallow_loss:.4f} (small budget: depth does not pay yet)"
-                 + ("" if reached else "; the grown run never reached the target") + f"; {seconds:.0f} s"),
-    }
+    note = (f"text context {TEXT['data']['context']}, {TEXT['data']['corpus_chars']} chars (grammar corpus); "
+            f"1 block for {steps} steps, stacked x{final}, {(final - 1) * steps} more; final val loss grown "
+            f"{s.loc['grown', 'val_loss']:.4f}, scratch {s.loc['scratch', 'val_loss']:.4f}; control: 1 block from "
+            f"scratch on the same FLOPs ends at {shallow_loss:.4f} (small budget: depth does not pay yet)")
+    return _flops_row("grow: FLOPs to reach scratch's final val loss (char LM, G_stack vs scratch)",
+                      "< 1 (G_stack at 7B: 0.65)", cmp, note, time.perf_counter() - t0)
 
 
 def run(quick: bool = False) -> list[dict]:
