@@ -1,6 +1,5 @@
 """Browser test: serve apps/ and drive it in Chromium. Marked `ui`; `make test` runs it."""
 import os
-import shutil
 import socket
 import subprocess
 import sys

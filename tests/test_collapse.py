@@ -2,7 +2,6 @@
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,7 @@ def reference(h, y, W=None, b=None, global_mean="classes", within="samples"):
     """Papyan et al. (2020) written out with d x d matrices, as a reader would from the paper."""
     h = np.asarray(h, dtype=np.float64)
     classes = np.unique(y)
-    C, (N, d) = len(classes), h.shape
+    C, N = len(classes), len(h)
     M = np.stack([h[y == c].mean(0) for c in classes])                        # (C, d)
     mu_g = M.mean(0) if global_mean == "classes" else h.mean(0)
     if within == "samples":

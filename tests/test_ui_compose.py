@@ -1,6 +1,5 @@
 """Compose page driven in Python: train two specialists, compose, read the table, sample text."""
 import pytest
-import torch
 
 import workbench as wb
 from workbench.ui.common import DataStore

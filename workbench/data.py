@@ -237,8 +237,8 @@ def _khop(hops: int, nodes: int, length: int, queries: int, layout: str, n_train
     g = torch.Generator().manual_seed(seed)
     n = n_train + n_val
     src = torch.argsort(torch.rand(n, nodes, generator=g), dim=1)[:, :length]           # (n, L) distinct sources
-    if layout == "table":
-        src = torch.arange(nodes).expand(n, nodes)
+    if layout == "table":  # node i at position i; the draw above still happens, so both layouts share
+        src = torch.arange(nodes).expand(n, nodes)  # one random stream (same pointer structure per seed)
     tgt_idx = torch.randint(0, length, (n, length), generator=g)                          # f(src[i]) = src[tgt_idx[i]]
     tgt = torch.gather(src, 1, tgt_idx)
     q_idx = torch.randint(0, length, (n, queries), generator=g)

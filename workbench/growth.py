@@ -776,8 +776,6 @@ def compare(schedule, dataset, model_config=None, config: TrainConfig | None = N
     """
     import pandas as pd
 
-    from . import training as _training
-
     ds = _dataset_obj(dataset)
     config = (config or TrainConfig()).validate()
     mc = _as_model_config(ds, model_config)

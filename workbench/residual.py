@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -654,8 +654,6 @@ def _lens_stats(lens: torch.Tensor, logp_final: torch.Tensor, top_final: torch.T
                                ignore_index=IGNORE, reduction="none").reshape(kl.shape)
         loss = torch.where(tgt == IGNORE, torch.full_like(loss, float("nan")), loss)
     return {"kl_to_final": kl, "top1_agree": agree, "loss": loss}
-
-
 
 
 def logit_lens(model: nn.Module, x, y=None, per_position: bool = False, batch_size: int | None = 256) -> pd.DataFrame:

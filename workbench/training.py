@@ -9,7 +9,6 @@ per-step minibatch loss).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 import time
