@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -50,6 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import checks
 from . import models as _models
 
 __all__ = ["EPS", "ActivationCache", "Decomposition", "SkipEffects", "adapter", "sites", "record",
@@ -112,8 +114,9 @@ class Adapter:
     @contextlib.contextmanager
     def skip(self, layer: int) -> Iterator[None]:
         """Replace block ``layer`` by the identity for the duration of the context."""
-        if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer must be in [0, {self.n_layers - 1}], got {layer}")
+        if self.n_layers == 0:
+            raise ValueError("layer: the model has no blocks to skip")
+        checks.check_int("layer", layer, 0, self.n_layers - 1)
 
         def identity(module, args, kwargs, output):
             h = args[0] if args else kwargs["hidden_states"]
@@ -226,13 +229,17 @@ def _select(all_names: list[str], names, layers) -> list[str]:
         names = [names]
     chosen = list(all_names)
     if names is not None:
-        names = list(names)
+        if not hasattr(names, "__iter__"):
+            raise ValueError(f"names must be a site name, a pattern or a list of them, got {names!r}")
+        names = [checks.check_str("names[]", n, 200) for n in names]
         chosen = [n for n in all_names if any(fnmatch.fnmatchcase(n, p) for p in names)]
         missing = [p for p in names if not any(fnmatch.fnmatchcase(n, p) for n in all_names)]
         if missing:
             raise ValueError(f"no hook site matches {missing}; sites are e.g. {all_names[:8]}")
     if layers is not None:
-        keep = {int(i) for i in layers}
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise ValueError(f"layers must be a list of block indices, got {layers!r}")
+        keep = {checks.check_int("layers[]", i, 0) for i in layers}
         chosen = [n for n in chosen if not n.startswith("blocks.") or int(n.split(".")[1]) in keep]
     return chosen
 
@@ -283,19 +290,66 @@ def _inference(model: nn.Module):
         model.train(was)
 
 
-def _as_batch(ad: Adapter, x) -> torch.Tensor:
-    x = torch.as_tensor(x)
+def _tensor(name: str, value) -> torch.Tensor:
+    """``value`` as a tensor without changing its dtype (lists and numpy arrays keep theirs)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (np.ndarray, list, tuple)) or np.isscalar(value):
+        try:
+            return torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise ValueError(f"{name} must be a tensor (or an array of numbers), got {type(value).__name__}")
+
+
+def _facts(ad: Adapter) -> tuple[int | None, int | None, int | None]:
+    """``(vocab_size, context, d_in)`` of the model behind ``ad`` (None where it has no such bound)."""
+    cfg = getattr(ad.model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None) if ad.family == "transformer" else None
+    context = getattr(cfg, "context", None) or getattr(cfg, "n_positions", None) if ad.family == "transformer" else None
+    d_in = getattr(cfg, "d_in", None) if ad.family == "mlp" else None
+    return vocab, context, d_in
+
+
+def _out_size(ad: Adapter) -> int:
+    """Classes or vocabulary size: the rows of the readout."""
+    return int(ad.readout()[0].shape[0])
+
+
+def _as_batch(ad: Adapter, x, name: str = "x") -> torch.Tensor:
+    """Validate and batch the input: token ids ``(B, T)`` in the vocabulary (at most the context) for
+    Transformers, real vectors ``(B, d_in)`` for residual MLPs; never rounded or cast across kinds."""
+    x = _tensor(name, x)
+    vocab, context, d_in = _facts(ad)
     if ad.family == "transformer":
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integer token ids for a Transformer (vector inputs belong to an "
+                             f"MLP), got dtype {x.dtype}")
+        checks.check_tokens(name, x, vocab)
         if x.dim() == 1:
             x = x[None]
-        if x.dim() != 2:
-            raise ValueError(f"expected token ids (B, T) or (T,), got shape {tuple(x.shape)}")
+        if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"{name} must be token ids (B, T) or (T,) with B, T >= 1, got shape {tuple(x.shape)}")
+        if context is not None and x.shape[1] > context:
+            raise ValueError(f"{name} must have at most the model's context of {context} positions, got {x.shape[1]}")
         x = x.long()
     else:
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{name} must be real floating-point vectors for an MLP (token ids belong to a "
+                             f"Transformer), got dtype {x.dtype}")
+        checks.check_features(name, x)
         if x.dim() == 1:
             x = x[None]
+        if x.dim() != 2 or x.shape[0] < 1 or (d_in is not None and x.shape[1] != d_in):
+            want = d_in if d_in is not None else "d_in"
+            raise ValueError(f"{name} must be vectors (B, {want}) or ({want},) with B >= 1, got shape {tuple(x.shape)}")
         x = x.float()
     return x.to(ad.device)
+
+
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None:
+        checks.check_int("batch_size", batch_size, 1)
 
 
 def _tokens(t: torch.Tensor) -> torch.Tensor:
@@ -317,7 +371,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _chunks(n: int, batch_size: int | None):
-    step = n if not batch_size else batch_size
+    step = n if batch_size is None else batch_size   # validated by the public functions (>= 1)
     for i in range(0, n, max(step, 1)):
         yield slice(i, min(i + step, n))
 
@@ -332,10 +386,14 @@ def next_token_targets(x: torch.Tensor) -> torch.Tensor:
 def _targets(ad: Adapter, x: torch.Tensor, y) -> torch.Tensor | None:
     if y is None:
         return next_token_targets(x) if ad.family == "transformer" else None
-    y = torch.as_tensor(y).to(ad.device).long()
+    y = checks.check_labels("y", _tensor("y", y), _out_size(ad), ignore=IGNORE)
     if y.dim() == x.dim() - 1 and ad.family == "transformer":
         y = y[None]
-    return y.reshape(x.shape[0], -1)
+    want = tuple(x.shape) if ad.family == "transformer" else (x.shape[0],)
+    if tuple(y.shape) != want:
+        raise ValueError(f"y must have one target per {'token' if ad.family == 'transformer' else 'example'} "
+                         f"of x, shape {want}, got {tuple(y.shape)}")
+    return y.to(ad.device).long().reshape(x.shape[0], -1)
 
 
 def _table(per_token: dict, index_names: list[str], stats: list[str], mask: torch.Tensor | None,
@@ -367,10 +425,14 @@ def _table(per_token: dict, index_names: list[str], stats: list[str], mask: torc
 def _mask(mask, shape, device) -> torch.Tensor | None:
     if mask is None:
         return None
-    m = torch.as_tensor(mask, device=device).bool()
+    m = _tensor("mask", mask)
+    if m.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = token counts), got dtype {m.dtype}")
     if m.dim() == 1 and len(shape) == 2 and shape[0] == 1:
         m = m[None]
-    return m.reshape(shape)
+    if m.numel() != int(np.prod(shape)) or (m.dim() == len(shape) and tuple(m.shape) != tuple(shape)):
+        raise ValueError(f"mask must have shape {tuple(shape)} (one entry per token of x), got {tuple(m.shape)}")
+    return m.to(device).reshape(shape)
 
 
 # ============================================================================ mixtures
@@ -400,6 +462,12 @@ def _mixture_parts(mixture, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     if out.dim() == 2:                                     # vector models: (B, V) -> (B, 1, V)
         out, logits, w = out[:, None], logits[:, None], w[:, None]
     return out, logits.movedim(-2, 0), w
+
+
+def _mixture_batch(ads: list[Adapter], x) -> torch.Tensor:
+    """The input validated against every member (each has its own context)."""
+    batches = [_as_batch(ad, x) for ad in ads]
+    return batches[0]
 
 
 def _with_member(df: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -439,6 +507,8 @@ def contributions(model: nn.Module, x, per_position: bool = False, mask=None,
     stream with a leading ``member`` column (``0 .. K-1``). A member computes the same residual
     stream inside the mixture as alone, so these are its single-model contributions.
     """
+    checks.check_bool("per_position", per_position)
+    _check_batch_size(batch_size)
     if is_mixture(model):
         return pd.concat([_with_member(contributions(m, x, per_position, mask, batch_size), k)
                           for k, m in enumerate(model.members)], ignore_index=True)
@@ -502,6 +572,7 @@ def decompose(model: nn.Module, x, per_head: bool = False) -> Decomposition:
     output projection's bias (pre-LN Transformers only). For residual MLPs the components
     are the stem output and each block's output.
     """
+    checks.check_bool("per_head", per_head)
     ad = adapter(model)
     with _inference(ad.model):
         x = _as_batch(ad, x)
@@ -574,6 +645,10 @@ def logit_attribution(model: nn.Module, x, target=None, per_head: bool = False,
     attribution``; the rows of one token, over all members, add up to the mixture's logit.
     ``target=None`` is the mixture's top-1. Mode ``"probs"`` raises ``ValueError``.
     """
+    checks.check_bool("per_head", per_head)
+    if decomposition is not None and not isinstance(decomposition, Decomposition):
+        raise ValueError(f"decomposition must be a Decomposition (from decompose) or None, got "
+                         f"{type(decomposition).__name__}")
     if is_mixture(model):
         if decomposition is not None:
             raise ValueError("a LogitMixture has one decomposition per member; leave decomposition=None")
@@ -584,11 +659,7 @@ def logit_attribution(model: nn.Module, x, target=None, per_head: bool = False,
         final = dec.final
         logits = ad.unembed(final)                                    # (B, T, V)
         B, T = final.shape[:2]
-        if target is None:
-            tgt = logits.argmax(-1)
-        else:
-            tgt = torch.as_tensor(target, device=final.device).long()
-            tgt = tgt.expand(B, T) if tgt.dim() == 0 else tgt.reshape(B, T)
+        tgt = _target_ids(target, logits)
         w, bias = ad.readout()
         f, b = _frozen_norm(ad, final)
         directions = w[tgt]                                           # (B, T, C)
@@ -612,18 +683,26 @@ def logit_attribution(model: nn.Module, x, target=None, per_head: bool = False,
 
 def _target_ids(target, logits: torch.Tensor) -> torch.Tensor:
     """``(B, T)`` target ids: top-1 of ``logits (B, T, V)`` for ``None``, else ``target`` broadcast."""
-    B, T = logits.shape[:2]
+    B, T, V = logits.shape
     if target is None:
         return logits.argmax(-1)
-    tgt = torch.as_tensor(target, device=logits.device).long()
-    return tgt.expand(B, T) if tgt.dim() == 0 else tgt.reshape(B, T)
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        checks.check_int("target", target, 0, V - 1)
+    tgt = checks.check_tokens("target", _tensor("target", target), V)
+    if tgt.dim() == 1 and B == 1 and tgt.numel() == T:
+        tgt = tgt[None]
+    if tgt.dim() != 0 and tuple(tgt.shape) != (B, T):
+        raise ValueError(f"target must be None, one class index or a (B, T) = {(B, T)} tensor of them, "
+                         f"got shape {tuple(tgt.shape)}")
+    tgt = tgt.to(logits.device).long()
+    return tgt.expand(B, T) if tgt.dim() == 0 else tgt
 
 
 def _mixture_attribution(mixture, x, target, per_head: bool) -> pd.DataFrame:
     _require_logits(mixture, "direct logit attribution")
     ads = [adapter(m) for m in mixture.members]
     with _inference(mixture):
-        x = _as_batch(ads[0], x)
+        x = _mixture_batch(ads, x)
         out, _, w = _mixture_parts(mixture, x)            # (B, T, V), _, (B, T, K)
         tgt = _target_ids(target, out)                     # the mixture's target at every token
         w = w.float().cpu().numpy()
@@ -672,6 +751,8 @@ def logit_lens(model: nn.Module, x, y=None, per_position: bool = False, batch_si
     output distribution, so ``kl_to_final`` and ``top1_agree`` say how close each member's
     layers come to what the mixture predicts. Mode ``"probs"`` raises ``ValueError``.
     """
+    checks.check_bool("per_position", per_position)
+    _check_batch_size(batch_size)
     if is_mixture(model):
         return _mixture_lens(model, x, y, per_position, batch_size)
     ad = adapter(model)
@@ -701,7 +782,7 @@ def _mixture_lens(mixture, x, y, per_position: bool, batch_size: int | None) -> 
     ads = [adapter(m) for m in mixture.members]
     parts: dict = {}
     with _inference(mixture):
-        x = _as_batch(ads[0], x)
+        x = _mixture_batch(ads, x)
         yy = _targets(ads[0], x, y)
         for sl in _chunks(len(x), batch_size):
             with contextlib.ExitStack() as stack:    # every member's hooks fire inside one mixture forward
@@ -749,8 +830,7 @@ class SkipEffects:
         """Member ``k``'s rows of a mixture's result, without the ``member`` column."""
         if self.member_layers is None:
             raise ValueError("not a mixture's result: it has no members")
-        if not 0 <= k < len(self.member_layers):
-            raise ValueError(f"member must be in [0, {len(self.member_layers) - 1}], got {k}")
+        checks.check_int("member", k, 0, len(self.member_layers) - 1)
 
         def pick(df):
             return df[df["member"] == k].drop(columns="member").reset_index(drop=True)
@@ -779,11 +859,12 @@ def skip_effects(model: nn.Module, x, y=None, mask=None, batch_size: int | None 
     the output columns measure the change of the *mixture's* distribution. Both tables get a
     leading ``member`` column (see :class:`SkipEffects`).
     """
+    _check_batch_size(batch_size)
     if is_mixture(model):
         ads = [adapter(m) for m in model.members]
         heats, outs = [], []
         with _inference(model):
-            xb = _as_batch(ads[0], x)
+            xb = _mixture_batch(ads, x)
             yy = _targets(ads[0], xb, y)
             for k, ad in enumerate(ads):
                 res = _skip(ad, lambda xs: _mixture_parts(model, xs)[0], xb, yy, mask, batch_size)
