@@ -1,0 +1,45 @@
+"""workbench.recipes: frozen presets whose builders give the documented data, model and budget."""
+import dataclasses
+import math
+
+import pytest
+
+from workbench import recipes
+
+
+def test_recipes_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipes.KHOP.lr = 1.0
+    with pytest.raises(TypeError):
+        recipes.KHOP.data_options["hops"] = 3
+    with pytest.raises(TypeError):
+        recipes.COLLAPSE["digits"] = None
+
+
+def test_khop_recipe_builds_its_task_model_and_budget():
+    r = recipes.KHOP
+    ds = r.load_data(n_train=200, n_val=50)
+    assert ds.options["hops"] == 2 and ds.options["layout"] == "table" and len(ds.x_train) == 200
+    cfg = r.model_config(ds, n_layers=1)
+    assert (cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.n_layers) == (32, 2, 64, 1)
+    assert cfg.vocab_size == ds.vocab_size and cfg.context == ds.seq_len
+    tc = r.train_config()
+    assert (tc.steps, tc.batch_size, tc.lr, tc.eval_every, tc.eval_max) == (400, 64, 3e-3, 50, 500)
+    assert r.sweep_config().steps == 600 and r.sweep_depths == (1, 2, 3)
+
+
+def test_collapse_recipe_counts_epochs_in_steps():
+    r = recipes.COLLAPSE["mnist1d"]
+    tc = r.train_config(n_train=4000, eval_every_epochs=10)
+    spe = math.ceil(4000 / 128)  # 32 steps an epoch, by hand
+    assert (tc.steps, tc.warmup, tc.eval_every, tc.schedule) == (80 * spe, spe, 10 * spe, "cosine")
+    assert recipes.COLLAPSE["digits"].steps_per_epoch(50) == 1  # batch larger than the data: one step
+
+
+def test_transformer_pair_recipe():
+    r = recipes.TRANSFORMER_PAIR
+    ds = r.load_data(n_train=100, n_val=20)
+    cfg = r.model_config(ds)
+    assert (cfg.family, cfg.d_model, cfg.n_heads, cfg.n_layers) == ("transformer", 32, 4, 2)
+    assert r.train_config().eval_every == 500 and r.train_config(steps=20).eval_every == 20
+    assert r.replace(steps=7).steps == 7 and r.steps == 500
