@@ -28,14 +28,43 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from . import checks
 from . import permute as _perm
 from .data import IGNORE, Dataset
-from .permute import check_same_architecture
+from .permute import check_model_data, check_same_architecture
 
 __all__ = ["curve", "barrier", "barrier_value", "interpolate", "align", "repair", "compare", "layerwise",
            "layer_groups", "instability", "plane", "Plane", "train_pair", "evaluate_params", "Cancelled"]
 
 Progress = Callable[[int, int, str], None]
+
+# Bounds on the sizes of a computation (each point is one evaluation of a model on the data).
+N_ALPHAS = (2, 1001)          # points on an interpolation curve
+MAX_RESOLUTION = 101          # points per axis of plane()
+MAX_SPAWN_STEPS = 100         # spawn points of instability()
+MAX_SEEDS = 16                # models trained by train_pair()
+SPLITS = ("train", "val")
+METHODS = ("none", "weights", "activations", "repair")
+
+
+def _check_n_alphas(n_alphas) -> int:
+    return checks.check_int("n_alphas", n_alphas, *N_ALPHAS)
+
+
+def _check_splits(splits) -> list[str]:
+    if isinstance(splits, str) or not isinstance(splits, (list, tuple)) or not splits:
+        raise ValueError(f"splits must be a non-empty list drawn from {list(SPLITS)}, got {splits!r}")
+    for s in splits:
+        checks.check_choice("splits[]", s, SPLITS)
+    if len(set(splits)) != len(splits):
+        raise ValueError(f"splits must not repeat a split, got {list(splits)}")
+    return list(splits)
+
+
+def _check_data(model_a: nn.Module, model_b: nn.Module, dataset) -> None:
+    """Both models of one architecture (so one pairing check covers both) and able to run on ``dataset``."""
+    check_same_architecture(model_a, model_b)
+    check_model_data(model_a, dataset)
 
 
 class Cancelled(RuntimeError):
@@ -79,7 +108,9 @@ def _lerp_stack(pa: dict, pb: dict, alphas: torch.Tensor, names=None) -> dict[st
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
-    """A new model with parameters ``(1 - alpha) A + alpha B``."""
+    """A new model with parameters ``(1 - alpha) A + alpha B`` (``alpha`` any finite number: outside [0, 1]
+    the line is extrapolated)."""
+    alpha = checks.check_float("alpha", alpha)
     pa, pb = _pair(model_a, model_b)
     out = copy.deepcopy(model_a)
     with torch.no_grad():
@@ -111,6 +142,14 @@ def evaluate_params(model: nn.Module, params: dict[str, torch.Tensor], dataset: 
     Returns ``(loss (n,), acc (n,))`` over the first ``max_examples`` examples of ``split``
     (0: all), scored positions only.
     """
+    checks.check_choice("split", split, SPLITS)
+    checks.check_int("max_examples", max_examples, 0)
+    checks.check_int("max_rows", max_rows, 1)
+    if use_vmap is not None:
+        checks.check_bool("use_vmap", use_vmap)
+    if not isinstance(params, dict) or not params:
+        raise ValueError("params must be a non-empty dict {name: (n, *shape) tensor}")
+    check_model_data(model, dataset)
     x, y = _split_data(dataset, split, max_examples)
     n = next(iter(params.values())).shape[0]
     device = next(iter(params.values())).device
@@ -165,10 +204,20 @@ def curve(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, n_alphas: in
     """Loss and accuracy along the straight line from A (alpha 0) to B (alpha 1).
 
     Returns a tidy DataFrame with columns ``alpha, split, loss, acc, error``; ``max_examples``
-    per split (0: all). ``alphas`` overrides the evenly spaced grid.
+    per split (0: all). ``alphas`` overrides the evenly spaced grid: 1 to 1001 finite numbers
+    (outside [0, 1] the line is extrapolated).
     """
+    _check_data(model_a, model_b, dataset)
+    splits = _check_splits(splits)
+    checks.check_int("max_examples", max_examples, 0)
+    if alphas is None:
+        grid = torch.linspace(0, 1, _check_n_alphas(n_alphas))
+    else:
+        if isinstance(alphas, (str, bytes)) or not hasattr(alphas, "__len__") \
+                or not 1 <= len(alphas) <= N_ALPHAS[1]:
+            raise ValueError(f"alphas must be a list of 1 to {N_ALPHAS[1]} numbers, got {alphas!r}")
+        grid = torch.tensor([checks.check_float("alphas[]", a) for a in alphas], dtype=torch.float32)
     pa, pb = _pair(model_a, model_b)
-    grid = torch.linspace(0, 1, n_alphas) if alphas is None else torch.as_tensor(alphas, dtype=torch.float32)
     rows = []
     for split in splits:
         loss, acc = _chunked_eval(model_a, lambda s: _lerp_stack(pa, pb, grid[s]), len(grid), dataset, split,
@@ -208,6 +257,12 @@ def barrier(curve_df: pd.DataFrame) -> pd.DataFrame:
     barrier, alpha``. The two definitions agree when ``L(0) = L(1)`` and differ by at most
     ``|L(1) - L(0)| / 2`` otherwise.
     """
+    if not isinstance(curve_df, pd.DataFrame):
+        raise ValueError(f"curve_df must be a DataFrame from curve(), got {type(curve_df).__name__}")
+    missing = {"alpha", "loss", "acc"} - set(curve_df.columns)
+    if missing or curve_df.empty:
+        raise ValueError(f"curve_df must be a non-empty curve() table with columns alpha, loss, acc; "
+                         f"missing {sorted(missing)}" if missing else "curve_df must be a non-empty curve() table")
     if "error" not in curve_df:
         curve_df = curve_df.assign(error=1 - curve_df["acc"])
     groups = [c for c in curve_df.columns if c not in ("alpha", "loss", "acc", "error")]
@@ -225,6 +280,13 @@ def barrier(curve_df: pd.DataFrame) -> pd.DataFrame:
 def barrier_value(barriers: pd.DataFrame, split: str = "val", metric: str = "loss", definition: str = "linear",
                   **where) -> float:
     """One number out of :func:`barrier`'s table (``where`` filters extra columns such as ``method``)."""
+    checks.check_choice("metric", metric, ("loss", "error"))
+    checks.check_choice("definition", definition, ("endpoint_mean", "linear"))
+    if not isinstance(barriers, pd.DataFrame) or "barrier" not in barriers:
+        raise ValueError("barriers must be the DataFrame from barrier()")
+    for k in where:
+        if k not in barriers:
+            raise ValueError(f"{k} is not a column of barriers (columns: {list(barriers.columns)})")
     sel = (barriers["split"] == split) & (barriers["metric"] == metric) & (barriers["definition"] == definition)
     for k, v in where.items():
         sel &= barriers[k] == v
@@ -248,6 +310,10 @@ def align(model_a: nn.Module, model_b: nn.Module, method: str = "weights", data=
     random sweep order from ``seed``). ``method="activations"``: correlation of activations
     on ``data`` (a Dataset, whose training inputs are used, or an input tensor).
     """
+    checks.check_choice("method", method, ("weights", "activations"))
+    checks.check_seed("seed", seed)
+    checks.check_int("max_iter", max_iter, 1, _perm.MAX_ITER)
+    checks.check_int("max_examples", max_examples, 0)
     if method == "weights":
         perm, _ = _perm.match_weights(model_a, model_b, seed=seed, max_iter=max_iter)
     elif method == "activations":
@@ -308,7 +374,9 @@ def repair(model_a: nn.Module, model_b: nn.Module, alpha: float, data, max_examp
     projections are left as interpolated. ``data``: a Dataset (training inputs) or a tensor.
     """
     check_same_architecture(model_a, model_b)
-    x = _perm._inputs(data, max_examples)
+    alpha = checks.check_float("alpha", alpha, 0.0, 1.0)
+    checks.check_float("eps", eps, 0.0, 1.0, lo_open=True)
+    x = _perm._inputs(data, max_examples, model_a)
     model = interpolate(model_a, model_b, alpha)
     was = model_a.training, model_b.training
     model_a.eval(), model_b.eval()
@@ -340,10 +408,17 @@ def compare(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, n_alphas: 
     REPAIR is applied on top of activation matching (as in Jordan et al.), one repaired
     model per alpha. Returns the curves of :func:`curve` with a ``method`` column.
     """
-    check_same_architecture(model_a, model_b)
-    unknown = set(methods) - {"none", "weights", "activations", "repair"}
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from none, weights, activations, repair")
+    _check_data(model_a, model_b, dataset)
+    _check_n_alphas(n_alphas)
+    splits = _check_splits(splits)
+    checks.check_int("max_examples", max_examples, 0)
+    checks.check_seed("seed", seed)
+    if isinstance(methods, str) or not isinstance(methods, (list, tuple)) or not methods:
+        raise ValueError(f"methods must be a non-empty list drawn from {list(METHODS)}, got {methods!r}")
+    for m in methods:
+        checks.check_choice("methods[]", m, METHODS)
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods must not repeat a method, got {list(methods)}")
     frames, matched = [], {}
     steps = len(methods)
     for i, method in enumerate(methods):
@@ -413,6 +488,15 @@ def layerwise(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, groups: 
     names (default :func:`layer_groups`). Returns a tidy DataFrame ``group, base, metric,
     definition, barrier, alpha`` (``split`` as given).
     """
+    _check_data(model_a, model_b, dataset)
+    _check_n_alphas(n_alphas)
+    checks.check_choice("split", split, SPLITS)
+    checks.check_int("max_examples", max_examples, 0)
+    if groups is not None:
+        if not isinstance(groups, dict) or not groups or not all(
+                isinstance(k, str) and isinstance(v, (list, tuple, set)) and all(isinstance(n, str) for n in v)
+                for k, v in groups.items()):
+            raise ValueError("groups must be a non-empty dict {group name: [parameter names]}")
     pa, pb = _pair(model_a, model_b)
     groups = groups or layer_groups(model_a)
     unknown = {n for names in groups.values() for n in names} - set(pa)
@@ -455,8 +539,14 @@ def plane(model_a: nn.Module, model_b: nn.Module, model_c: nn.Module, dataset: D
     ``e1`` points from A to B, ``e2`` is the part of ``C - A`` orthogonal to it (Gram-Schmidt,
     Garipov et al. 2018), both unit vectors in parameter space; A sits at (0, 0), B at
     (|B - A|, 0), C above the x axis. The grid covers the three points plus ``margin`` of
-    the span on every side.
+    the span on every side. ``resolution`` in [2, 101] per axis, ``margin`` in [0, 10].
     """
+    _check_data(model_a, model_b, dataset)
+    check_same_architecture(model_a, model_c)
+    checks.check_int("resolution", resolution, 2, MAX_RESOLUTION)
+    checks.check_float("margin", margin, 0.0, 10.0)
+    checks.check_choice("split", split, SPLITS)
+    checks.check_int("max_examples", max_examples, 0)
     pa, pb = _pair(model_a, model_b)
     _, pc = _pair(model_a, model_c)
     names = list(pa)
@@ -493,6 +583,13 @@ def plane(model_a: nn.Module, model_b: nn.Module, model_c: nn.Module, dataset: D
 # ----------------------------------------------------------------------------- training helpers
 
 
+def _check_seeds(name: str, seeds, at_least: int) -> list[int]:
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (list, tuple)) \
+            or not at_least <= len(seeds) <= MAX_SEEDS:
+        raise ValueError(f"{name} must be a list of {at_least} to {MAX_SEEDS} seeds, got {seeds!r}")
+    return [checks.check_seed(f"{name}[]", s) for s in seeds]
+
+
 def train_pair(config, dataset: Dataset, seeds: Sequence[int] = (0, 1), train_config=None, callbacks=()) -> list:
     """Train one model per seed (initialisation and data order both from the seed); returns the Runs."""
     import dataclasses
@@ -500,7 +597,9 @@ def train_pair(config, dataset: Dataset, seeds: Sequence[int] = (0, 1), train_co
     from .models import build
     from .training import TrainConfig, train
 
-    tc = train_config or TrainConfig()
+    seeds = _check_seeds("seeds", seeds, 1)
+    tc = (train_config or TrainConfig()).validate()
+    check_model_data(build(config.validate()), dataset)
     runs = []
     for s in seeds:
         model = build(dataclasses.replace(config, seed=s))
@@ -528,11 +627,20 @@ def instability(config, dataset: Dataset, spawn_steps: Sequence[int], train_conf
     from .training import StopOnEvent, TrainConfig, make_optimizer, train
 
     tc = (train_config or TrainConfig()).validate()
-    steps = sorted(set(int(k) for k in spawn_steps))
-    if not steps or steps[0] < 0 or steps[-1] >= tc.steps:
-        raise ValueError(f"spawn_steps must lie in [0, {tc.steps - 1}] (train_config.steps = {tc.steps}), got {spawn_steps}")
+    if isinstance(spawn_steps, (str, bytes)) or not isinstance(spawn_steps, (list, tuple, range)) \
+            or not 1 <= len(spawn_steps) <= MAX_SPAWN_STEPS:
+        raise ValueError(f"spawn_steps must be a list of 1 to {MAX_SPAWN_STEPS} steps in [0, {tc.steps - 1}] "
+                         f"(train_config.steps = {tc.steps}), got {spawn_steps!r}")
+    steps = sorted(set(checks.check_int("spawn_steps[]", k, 0, tc.steps - 1) for k in spawn_steps))
+    if isinstance(child_seeds, (str, bytes)) or not isinstance(child_seeds, (list, tuple)) or len(child_seeds) != 2:
+        raise ValueError(f"child_seeds must be a list of two seeds (one per child), got {child_seeds!r}")
+    child_seeds = [checks.check_seed("child_seeds[]", s) for s in child_seeds]
+    _check_n_alphas(n_alphas)
+    checks.check_choice("split", split, SPLITS)
+    checks.check_int("max_examples", max_examples, 0)
     cbs = [StopOnEvent(stop)] if stop is not None else []
-    parent = build(config)
+    parent = build(config.validate())
+    check_model_data(parent, dataset)
     opt = make_optimizer(parent, tc)
     at, rows = 0, []
     for i, k in enumerate(steps):

@@ -34,10 +34,13 @@ import torch
 import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
+from . import checks
 from .data import Dataset
 
+MAX_ITER = 10_000   # coordinate-descent sweeps of match_weights
+
 __all__ = ["PermSpec", "perm_spec", "permute", "random_permutation", "identity_permutation", "match_weights",
-           "match_activations", "check_same_architecture"]
+           "match_activations", "check_same_architecture", "check_model_data"]
 
 
 @dataclass
@@ -86,6 +89,44 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
     for k in sa:
         if k not in sb or sa[k].shape != sb[k].shape:
             raise ValueError(f"the two models' weights differ in shape at {k!r}")
+
+
+def check_model_data(model: nn.Module, dataset, name: str = "dataset") -> None:
+    """Raise ``ValueError`` unless ``model`` can run on ``dataset`` (checked before any forward pass).
+
+    Uses :func:`workbench.training.check_pairing` where it exists; otherwise checks here: an MLP
+    needs vector data with its ``d_in`` features and at least the dataset's classes; a
+    Transformer needs sequence data over its vocabulary, no longer than its context.
+    """
+    from . import training as _training
+
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"{name} must be a workbench Dataset (wb.data.load(...)), got {type(dataset).__name__}")
+    shared = getattr(_training, "check_pairing", None)
+    if shared is not None:
+        shared(model, dataset)
+        return
+    cfg = getattr(model, "config", None)
+    family = getattr(cfg, "family", None)
+    if family == "mlp":
+        if dataset.kind != "vector":
+            raise ValueError(f"{name} {dataset.name!r} holds token sequences; an MLP needs vector data (a "
+                             "Transformer reads sequences)")
+        if dataset.d_in != cfg.d_in:
+            raise ValueError(f"{name} {dataset.name!r} has {dataset.d_in} input features; the model's d_in is {cfg.d_in}")
+        if dataset.n_classes > cfg.n_classes:
+            raise ValueError(f"{name} {dataset.name!r} has {dataset.n_classes} classes; the model has only "
+                             f"{cfg.n_classes} outputs (n_classes)")
+    elif family == "transformer":
+        if dataset.kind != "sequence":
+            raise ValueError(f"{name} {dataset.name!r} holds vectors; a Transformer needs token sequences (an MLP "
+                             "reads vectors)")
+        if dataset.vocab_size != cfg.vocab_size:
+            raise ValueError(f"{name} {dataset.name!r} has a vocabulary of {dataset.vocab_size} tokens; the model's "
+                             f"vocab_size is {cfg.vocab_size}")
+        if dataset.seq_len > cfg.context:
+            raise ValueError(f"{name} {dataset.name!r} has sequences of {dataset.seq_len} tokens; the model's "
+                             f"context is {cfg.context}")
 
 
 def _is_ln(module: nn.Module) -> bool:
@@ -184,14 +225,27 @@ def _permuted(w: torch.Tensor, axes: tuple, perm: dict, except_axis: int | None 
 def permute(model: nn.Module, perm: dict[str, torch.Tensor]) -> nn.Module:
     """A new model: ``model`` with every unit permuted by ``perm`` (computes the same function)."""
     spec = perm_spec(model)
-    missing = set(spec.sizes) - set(perm)
-    if missing:
-        raise ValueError(f"permutation lacks {sorted(missing)}")
+    _check_perm("perm", perm, spec)
     view = _view(model)
     new = {k: _permuted(v, spec.axes.get(k, ()), perm) for k, v in view.items()}
     out = copy.deepcopy(model)
     out.load_state_dict(_unview(new))
     return out
+
+
+def _check_perm(name: str, perm, spec: PermSpec) -> None:
+    """``perm`` must map every permutation of ``spec`` to a 1-D integer tensor holding a permutation of its units."""
+    if not isinstance(perm, dict):
+        raise ValueError(f"{name} must be a dict of permutations (perm name -> index tensor), got {type(perm).__name__}")
+    missing = set(spec.sizes) - set(perm)
+    if missing:
+        raise ValueError(f"{name} lacks {sorted(missing)}")
+    for p, n in spec.sizes.items():
+        v = perm[p]
+        if not isinstance(v, torch.Tensor) or v.dtype.is_floating_point or v.dtype.is_complex \
+                or v.dtype == torch.bool or v.shape != (n,) \
+                or not torch.equal(torch.sort(v.cpu()).values, torch.arange(n)):
+            raise ValueError(f"{name}[{p!r}] must be an integer tensor holding a permutation of range({n})")
 
 
 def identity_permutation(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -200,6 +254,7 @@ def identity_permutation(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def random_permutation(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     """A uniformly random element of the model's permutation group (heads shuffled, and dims inside heads)."""
+    checks.check_seed("seed", seed)
     spec = perm_spec(model)
     g = torch.Generator().manual_seed(seed)
     perm = {p: torch.randperm(n, generator=g) for p, n in spec.sizes.items()}
@@ -288,14 +343,18 @@ def match_weights(model_a: nn.Module, model_b: nn.Module, seed: int = 0, max_ite
     Returns ``(perm, info)``; ``info`` has ``sweeps``, ``solves`` and ``objective``.
     """
     check_same_architecture(model_a, model_b)
+    checks.check_seed("seed", seed)
+    checks.check_int("max_iter", max_iter, 1, MAX_ITER)
     spec = perm_spec(model_a)
+    if isinstance(init, dict):
+        _check_perm("init", init, spec)
     p2a = spec.perm_to_axes()
     # Cost matrices are summed in float32 (the models' precision; 2x faster than float64 on CPU);
     # assignments and objective comparisons are made in float64 on those matrices.
     wa = {k: v.float() for k, v in _view(model_a).items() if k in spec.axes}
     wb = {k: v.float() for k, v in _view(model_b).items() if k in spec.axes}
     device = next(iter(wa.values())).device
-    if isinstance(init, str) and init not in ("anchored", "identity"):
+    if not isinstance(init, dict) and init not in ("anchored", "identity"):
         raise ValueError(f"init must be 'anchored', 'identity' or a permutation dict, got {init!r}")
     start = init if isinstance(init, dict) else {p: torch.arange(n) for p, n in spec.sizes.items()}
     perm = {p: start[p].to(device) for p in spec.sizes}
@@ -410,11 +469,28 @@ def _part(out: torch.Tensor, part: str) -> torch.Tensor:
     return out[..., "qkv".index(part) * C:("qkv".index(part) + 1) * C]
 
 
-def _inputs(data, max_examples: int) -> torch.Tensor:
+def _inputs(data, max_examples: int, model: nn.Module | None = None) -> torch.Tensor:
+    """Training inputs of a Dataset, or an input tensor, checked against ``model`` (first ``max_examples``; 0: all)."""
+    checks.check_int("max_examples", max_examples, 0)
     if isinstance(data, Dataset):
+        if model is not None:
+            check_model_data(model, data, "data")
         data = data.x_train
-    if not isinstance(data, torch.Tensor):
-        raise TypeError("data must be a Dataset or an input tensor")
+    elif not isinstance(data, torch.Tensor):
+        raise ValueError(f"data must be a Dataset or an input tensor, got {type(data).__name__}")
+    elif model is not None:
+        cfg = model.config
+        if cfg.family == "transformer":
+            checks.check_tokens("data", data, cfg.vocab_size)
+            if data.dim() != 2 or data.shape[1] > cfg.context:
+                raise ValueError(f"data must be token ids (N, T) with T <= the context {cfg.context}, "
+                                 f"got shape {tuple(data.shape)}")
+        else:
+            checks.check_features("data", data)
+            if data.dim() != 2 or data.shape[1] != cfg.d_in:
+                raise ValueError(f"data must be vectors (N, {cfg.d_in}), got shape {tuple(data.shape)}")
+    if len(data) == 0:
+        raise ValueError("data must hold at least one example")
     return data[:max_examples] if max_examples else data
 
 
@@ -431,8 +507,9 @@ def match_activations(model_a: nn.Module, model_b: nn.Module, data, max_examples
     ``data``: a Dataset (its training inputs) or an input tensor.
     """
     check_same_architecture(model_a, model_b)
+    checks.check_int("batch_size", batch_size, 1)
     spec = perm_spec(model_a)
-    x = _inputs(data, max_examples)
+    x = _inputs(data, max_examples, model_a)
     sites_a, sites_b = _activation_sites(model_a), _activation_sites(model_b)
     moments = {(p, j): _Moments() for p, s in sites_a.items() for j in range(len(s))}
     store: dict = {}
