@@ -167,3 +167,71 @@ def test_transformer_lens_loads_the_export(tmp_path):
     with R.record(model, names="blocks.1.resid_pre") as ours:
         model(x)
     torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], ours["blocks.1.resid_pre"], atol=1e-5, rtol=1e-5)
+
+
+class _Payload:
+    """Unpickling this creates ``flag``: a stand-in for a hostile pickle checkpoint."""
+
+    def __init__(self, flag):
+        self.flag = str(flag)
+
+    def __reduce__(self):
+        return (open, (self.flag, "w"))
+
+
+def _hf_dir(tmp_path, name, weights):
+    """A GPT-2 checkpoint directory built from a config (no download) with the given weights files."""
+    hf = _gpt2(n_layer=1)
+    d = tmp_path / name
+    hf.save_pretrained(d)
+    (d / "model.safetensors").unlink()       # transformers 5 writes safetensors only; plant the rest by hand
+    if "bin" in weights:
+        torch.save(hf.state_dict(), d / "pytorch_model.bin")
+    if "evil" in weights:
+        import pickle
+        (d / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(tmp_path / f"{name}-pwned")))
+    if "safetensors" in weights:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"},
+                  d / "model.safetensors", metadata={"format": "pt"})
+    return hf, d
+
+
+def test_load_gpt2_refuses_a_pickle_only_directory(tmp_path):
+    hf, d = _hf_dir(tmp_path, "bin-only", ["bin"])
+    # transformers itself would read this checkpoint (so the directory is a genuine one) ...
+    ref = transformers.GPT2LMHeadModel.from_pretrained(d, local_files_only=True)
+    assert torch.equal(ref.transformer.wte.weight, hf.transformer.wte.weight)
+    # ... the workbench does not unpickle it
+    with pytest.raises(ValueError, match=r"has no safetensors weights \(model.safetensors\); the workbench does not "
+                                         r"read pickle checkpoints \(pytorch_model.bin\)\. Convert it with"):
+        interop.load_gpt2(d)
+
+
+def test_load_gpt2_never_unpickles_a_hostile_checkpoint(tmp_path):
+    # reference: plain unpickling of the planted file does run its payload
+    import pickle
+    _, probe = _hf_dir(tmp_path, "probe", ["evil"])
+    pickle.loads((probe / "pytorch_model.bin").read_bytes())
+    assert (tmp_path / "probe-pwned").exists()
+
+    _, d = _hf_dir(tmp_path, "evil-only", ["evil"])
+    with pytest.raises(ValueError, match="has no safetensors weights"):
+        interop.load_gpt2(d)
+    hf, both = _hf_dir(tmp_path, "evil-and-safetensors", ["evil", "safetensors"])
+    model, meta = interop.load_gpt2(both)        # the safetensors weights are read, the pickle is not
+    x = _x(T=16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, hf(input_ids=x).logits, atol=0, rtol=0)
+    assert meta == {}
+    assert not (tmp_path / "evil-only-pwned").exists() and not (tmp_path / "evil-and-safetensors-pwned").exists()
+
+
+def test_load_gpt2_without_weights_and_with_a_broken_meta(tmp_path):
+    _, d = _hf_dir(tmp_path, "empty", [])
+    with pytest.raises(ValueError, match="has no safetensors weights"):
+        interop.load_gpt2(d)
+    _, d = _hf_dir(tmp_path, "meta", ["safetensors"])
+    (d / interop.EXPORT_META).write_text('{"format": ')
+    with pytest.raises(ValueError, match="workbench.json: not valid JSON"):
+        interop.load_gpt2(d)

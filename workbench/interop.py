@@ -14,7 +14,8 @@ LayerNorm and a bias-free readout. So
 
 Peri-LN models (a LayerNorm after each sublayer), residual MLPs and blocks in the middle of
 a fade-in (``residual_scale != 1``) have no GPT-2 equivalent: exporting them raises
-``ValueError``. Nothing here downloads anything: loading reads local directories only.
+``ValueError``. Nothing here downloads anything: loading reads local directories only, and only
+safetensors weights (a pickle checkpoint, ``pytorch_model.bin``, is never unpickled).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ import torch.nn as nn
 from . import models as _models
 from .residual import Adapter
 
-__all__ = ["is_gpt2", "GPT2Adapter", "to_gpt2", "export_gpt2", "from_gpt2", "load_gpt2", "EXPORT_META"]
+__all__ = ["is_gpt2", "GPT2Adapter", "to_gpt2", "export_gpt2", "from_gpt2", "load_gpt2", "EXPORT_META",
+           "SAFETENSORS_FILES"]
 
 EXPORT_META = "workbench.json"   # written next to config.json: our config and the vocabulary
 _FORMAT = "depth-workbench-gpt2-export"
@@ -240,24 +242,49 @@ def _save_char_tokenizer(vocab: list[str], path: Path) -> None:
     fast.save_pretrained(path)
 
 
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")   # single file or sharded
+
+
+def _no_safetensors_message(path: Path) -> str:
+    return (f"{path} has no safetensors weights (model.safetensors); the workbench does not read pickle "
+            "checkpoints (pytorch_model.bin). Convert it with the Hugging Face 'Convert to Safetensors' Space, or "
+            "where you trust the file: transformers.AutoModelForCausalLM.from_pretrained(dir)"
+            ".save_pretrained(dir, safe_serialization=True)")
+
+
 def load_gpt2(path):
     """``(GPT2LMHeadModel, meta)`` from a local directory; ``meta`` is ``workbench.json`` or ``{}``.
 
-    Only reads local files (``local_files_only=True``); raises ``ValueError`` with the reason
-    when the directory is missing or not a GPT-2 checkpoint.
+    Only reads local files (``local_files_only=True``) and only safetensors weights
+    (``use_safetensors=True``): a directory holding only a pickle checkpoint
+    (``pytorch_model.bin``) is refused, never unpickled. Raises ``ValueError`` with the reason
+    when the directory is missing, not a GPT-2 checkpoint or has no safetensors weights.
     """
     from transformers import AutoConfig, GPT2LMHeadModel
 
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
-    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:   # unreadable or foreign config.json
+        raise ValueError(f"{path}: unreadable config.json ({e})") from None
     if cfg.model_type != "gpt2":
         raise ValueError(f"{path}: model_type is {cfg.model_type!r}; only GPT-2-style models are supported")
-    with _quiet():
-        model = GPT2LMHeadModel.from_pretrained(path, local_files_only=True).eval()
+    if not any((path / f).is_file() for f in SAFETENSORS_FILES):
+        raise ValueError(_no_safetensors_message(path))
+    try:
+        with _quiet():
+            model = GPT2LMHeadModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
+    except OSError as e:   # e.g. a sharded index naming a missing shard
+        raise ValueError(f"{path}: cannot read the safetensors weights ({e})") from None
     meta_path = path / EXPORT_META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     return model, meta
 
 
