@@ -5,7 +5,8 @@ statement counts: at module level, inside functions and methods, inside ``try`` 
 (``import workbench.lmc``, ``from workbench.data import IGNORE``) and relative (``from . import
 data``, ``from .permute import perm_spec``, ``from ..figures import lmc``), plus
 ``importlib.import_module`` with a constant name. Imports under ``if TYPE_CHECKING:`` never run
-and are left out.
+and are left out. Imports whose module name is computed at run time (``import_module(f".{name}")``,
+``import_module(SOME_CONSTANT)``, ``pkgutil`` discovery of plugins) cannot be seen statically.
 
 How an import becomes an edge of the graph (the convention of ``grimp`` / import-linter):
 
@@ -160,7 +161,7 @@ def module_imports(module: str, path: Path, modules: dict[str, Path]) -> list[Ed
                     target = ".".join(parts[:k])
                     break
         edges.append(Edge(module, target, line, scope))
-    return edges
+    return list(dict.fromkeys(edges))          # `from P import a, b` of names: one edge
 
 
 def import_graph(package_dir: Path) -> tuple[dict[str, Path], list[Edge]]:
