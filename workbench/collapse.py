@@ -47,8 +47,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import checks
 from .data import IGNORE, Dataset
-from .models import MLPConfig, build
+from .models import HookPoint, MLPConfig, build
 from .training import Callback, TrainConfig, TrainState
 
 __all__ = [
@@ -65,13 +66,44 @@ NC_METRICS = ["nc1", "nc2_equinorm", "nc2_equiangular", "nc2_equinorm_w", "nc2_e
 # ----------------------------------------------------------------------------- metrics
 
 
-def _features_f64(features) -> torch.Tensor:
-    h = torch.as_tensor(features)
-    if h.ndim != 2:
-        raise ValueError(f"features must be a 2-D array (samples, dims), got shape {tuple(h.shape)}")
-    if not h.is_floating_point():
-        h = h.float()
+MAX_CLASSES = 100_000
+MAX_ETF_ENTRIES = 1 << 26   # simplex_etf: n_classes * dim float64 entries (512 MB)
+
+
+def _tensor(name: str, value) -> torch.Tensor:
+    """``value`` as a tensor with its own dtype (numpy arrays and lists keep theirs: nothing is cast)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (np.ndarray, list, tuple)):
+        try:
+            return torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise ValueError(f"{name} must be a tensor or an array of numbers, got {type(value).__name__}")
+
+
+def _features_f64(features, name: str = "features") -> torch.Tensor:
+    h = checks.check_features(name, _tensor(name, features))
+    if h.ndim != 2 or h.shape[0] < 1 or h.shape[1] < 1:
+        raise ValueError(f"{name} must be a 2-D array (samples, dims) with at least one of each, "
+                         f"got shape {tuple(h.shape)}")
     return h.detach().to(torch.float64)
+
+
+def _labels(name: str, labels, n: int, device, n_classes: int | None = None) -> torch.Tensor:
+    """Integer class indices ``(n,)`` in ``[0, n_classes)``: float, bool, complex or negative labels are refused."""
+    y = _tensor(name, labels)
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"{name} must be integers (class indices), got dtype {y.dtype}")
+    checks.check_labels(name, y, n_classes)
+    if y.ndim != 1 or len(y) != n:
+        raise ValueError(f"{name} must be 1-D with one entry per sample ({n}), got shape {tuple(y.shape)}")
+    return y.to(device).long()
+
+
+def _check_n_classes(n_classes) -> None:
+    if n_classes is not None:
+        checks.check_int("n_classes", n_classes, 2, MAX_CLASSES)
 
 
 def _classes(labels: torch.Tensor, n_classes: int | None, min_count: int | None):
@@ -106,11 +138,16 @@ def _classifier(classifier, device):
         w, b = classifier
     else:
         w, b = classifier, None
-    w = torch.as_tensor(w).detach().to(device=device, dtype=torch.float64)
-    b = None if b is None else torch.as_tensor(b).detach().to(device=device, dtype=torch.float64)
-    if w.ndim != 2:
+    w = checks.check_features("classifier weight", _tensor("classifier weight", w))
+    if w.ndim != 2 or w.shape[0] < 1:
         raise ValueError(f"classifier weight must be 2-D (classes, dims), got shape {tuple(w.shape)}")
-    return w, b
+    if b is not None:
+        b = checks.check_features("classifier bias", _tensor("classifier bias", b))
+        if tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"classifier bias must have one entry per classifier row ({w.shape[0]}), "
+                             f"got shape {tuple(b.shape)}")
+        b = b.detach().to(device=device, dtype=torch.float64)
+    return w.detach().to(device=device, dtype=torch.float64), b
 
 
 def _cos_offdiag(vectors: torch.Tensor) -> torch.Tensor:
@@ -126,8 +163,9 @@ def _cov(x: torch.Tensor) -> float:
 
 def class_means(features, labels, n_classes: int | None = None):
     """``(classes, means (C, d) float64, counts (C,))`` of the classes present."""
+    _check_n_classes(n_classes)
     h = _features_f64(features)
-    y = torch.as_tensor(labels, device=h.device).long()
+    y = _labels("labels", labels, len(h), h.device, n_classes)
     classes, inverse, _ = _classes(y, n_classes, min_count=1)
     counts = torch.bincount(inverse, minlength=len(classes)).to(torch.float64)
     means = torch.zeros(len(classes), h.shape[1], dtype=torch.float64, device=h.device).index_add_(0, inverse, h)
@@ -148,28 +186,34 @@ def metrics(features, labels, classifier=None, predictions=None, *, n_classes: i
     Conventions and options are described in the module docstring. Returns a dict of floats
     with the keys of :data:`NC_METRICS` plus ``n_classes`` and ``n_samples``.
     """
-    if global_mean not in ("classes", "samples"):
-        raise ValueError(f"global_mean must be 'classes' or 'samples', got {global_mean!r}")
-    if within not in ("samples", "classes"):
-        raise ValueError(f"within must be 'samples' or 'classes', got {within!r}")
+    checks.check_choice("global_mean", global_mean, ("classes", "samples"))
+    checks.check_choice("within", within, ("samples", "classes"))
+    checks.check_bool("divide_by_classes", divide_by_classes)
+    _check_n_classes(n_classes)
+    if min_count is not None:   # a class needs 2 samples for a within-class spread (1 would fake perfect collapse)
+        checks.check_int("min_count", min_count, 2)
     h = _features_f64(features)
-    y = torch.as_tensor(labels, device=h.device)
-    if y.ndim != 1 or len(y) != len(h):
-        raise ValueError(f"labels must be 1-D with one entry per sample ({len(h)}), got shape {tuple(y.shape)}")
-    if y.is_floating_point():
-        raise ValueError("labels must be integers")
-    y = y.long()
+    y = _labels("labels", labels, len(h), h.device, n_classes)
+    w, b = _classifier(classifier, h.device)
+    if w is not None:
+        if w.shape[1] != h.shape[1]:
+            raise ValueError(f"classifier has {w.shape[1]} input dims, features have {h.shape[1]}")
+        top = int(y.max())
+        if top >= len(w):
+            raise ValueError(f"classifier has {len(w)} rows but labels go up to {top}")
+        if n_classes is not None and len(w) < n_classes:
+            raise ValueError(f"classifier has {len(w)} rows, fewer than n_classes = {n_classes}")
     if predictions is not None:
-        predictions = torch.as_tensor(predictions, device=h.device).long()
-        if predictions.shape != y.shape:
-            raise ValueError(f"predictions must have the labels' shape {tuple(y.shape)}, got {tuple(predictions.shape)}")
+        bound = len(w) if w is not None else n_classes
+        predictions = _labels("predictions", predictions, len(h), h.device, bound)
     classes, inverse, keep = _classes(y, n_classes, min_count)
     if not keep.all():
         h, y = h[keep], y[keep]
         predictions = None if predictions is None else predictions[keep]
     C, (N, d) = len(classes), h.shape
     if C < 2:
-        raise ValueError(f"neural-collapse metrics need at least 2 classes, got {C}")
+        dropped = f" with at least min_count = {min_count} samples" if min_count is not None else ""
+        raise ValueError(f"neural-collapse metrics need at least 2 classes{dropped}, got {C}")
 
     # Few passes over the (N, d) features: class sums, squared norms, one matmul with
     # [Sigma_B eigenvectors; class means; classifier rows]. Within-class residuals are
@@ -189,9 +233,6 @@ def metrics(features, labels, classifier=None, predictions=None, *, n_classes: i
     tol = lam[0] * max(C, d) * torch.finfo(torch.float64).eps
     lam, vh = lam[:min(C - 1, d)], vh[:min(C - 1, d)]
     lam, vh = lam[lam > tol], vh[lam > tol]                                               # (r,), (r, d)
-    w, b = _classifier(classifier, h.device)
-    if w is not None and w.shape[1] != d:
-        raise ValueError(f"classifier has {w.shape[1]} input dims, features have {d}")
     r = len(lam)
     prod = h @ torch.cat([vh, means] + ([w] if w is not None else [])).T                  # (N, r + C [+ K])
     proj, hm = prod[:, :r], prod[:, r:r + C]
@@ -225,8 +266,6 @@ def metrics(features, labels, classifier=None, predictions=None, *, n_classes: i
            "nc3": float("nan"), "nc4": float("nan"), "ncc_error": float((ncc != y).double().mean()), "cdnv": cdnv}
 
     if w is not None:
-        if int(classes.max()) >= len(w):
-            raise ValueError(f"classifier has {len(w)} rows but labels go up to {int(classes.max())}")
         wc = w[classes]                                                                    # (C, d)
         out["nc2_equinorm_w"] = _cov(wc.norm(dim=1))
         out["nc2_equiangular_w"] = float((_cos_offdiag(wc) + 1.0 / (C - 1)).abs().mean())
@@ -242,7 +281,7 @@ def metrics(features, labels, classifier=None, predictions=None, *, n_classes: i
 
 def gram(vectors) -> torch.Tensor:
     """Cosines ``(C, C)`` of the rows (e.g. the centred class means, or the classifier rows), float64."""
-    m = torch.as_tensor(vectors, dtype=torch.float64)
+    m = _features_f64(vectors, "vectors")
     n = m / m.norm(dim=1, keepdim=True).clamp_min(1e-300)
     return n @ n.T
 
@@ -254,7 +293,11 @@ def minority_collapse(classifier, minority) -> float:
     ETF it is ``-1/(C-1)``. NaN with fewer than two minority classes.
     """
     w, _ = _classifier(classifier, "cpu")
-    idx = sorted(int(c) for c in minority)
+    if w is None:
+        raise ValueError("classifier must be given (an nn.Linear, a weight (K, d) or (weight, bias))")
+    if isinstance(minority, (str, bytes)) or not hasattr(minority, "__iter__"):
+        raise ValueError(f"minority must be a list of class indices, got {minority!r}")
+    idx = sorted({checks.check_int("minority[]", c, 0, len(w) - 1) for c in minority})
     if len(idx) < 2:
         return float("nan")
     return float(_cos_offdiag(w[idx].cpu()).mean())
@@ -291,6 +334,45 @@ def _capture(model: nn.Module, names: list[str]):
             h.remove()
 
 
+def _check_sites(model: nn.Module, site_names) -> list[str]:
+    if site_names is None:
+        return ["features"]
+    if isinstance(site_names, (str, bytes)) or not isinstance(site_names, (list, tuple)) or not site_names:
+        raise ValueError(f"site_names must be a non-empty list of hook names (see sites()), got {site_names!r}")
+    known = {name for name, m in model.named_modules() if isinstance(m, HookPoint)}
+    bad = [n for n in site_names if n not in known]
+    if bad:
+        raise ValueError(f"site_names: no hook site {bad[:5]} in this model; sites are e.g. "
+                         f"{[s for _, s in sites(model)][:6]}")
+    return list(site_names)
+
+
+def _check_xy(model: nn.Module, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets that ``model`` can score: tokens in its vocabulary or vectors of its d_in; labels
+    (``IGNORE`` allowed for sequences) below its number of outputs, one per example (or per token)."""
+    cfg = getattr(model, "config", None)
+    family = getattr(cfg, "family", None)
+    if family not in ("mlp", "transformer"):
+        raise ValueError(f"model must be a workbench model (ResidualMLP or Transformer), got {type(model).__name__}")
+    x, y = _tensor("x", x), _tensor("y", y)
+    if family == "transformer":
+        checks.check_tokens("x", x, cfg.vocab_size)
+        if x.ndim != 2 or x.shape[1] > cfg.context:
+            raise ValueError(f"x must be token ids (N, T) with T <= the context {cfg.context}, got shape {tuple(x.shape)}")
+        checks.check_labels("y", y, cfg.vocab_size, ignore=IGNORE)
+    else:
+        checks.check_features("x", x)
+        if x.ndim != 2 or x.shape[1] != cfg.d_in:
+            raise ValueError(f"x must be vectors (N, {cfg.d_in}), got shape {tuple(x.shape)}")
+        checks.check_labels("y", y, cfg.n_classes)
+    if tuple(y.shape) != (tuple(x.shape) if family == "transformer" else (len(x),)):
+        raise ValueError(f"y must have one label per {'token' if family == 'transformer' else 'example'} of x, "
+                         f"got shapes x {tuple(x.shape)}, y {tuple(y.shape)}")
+    if len(x) == 0:
+        raise ValueError("x must hold at least one example")
+    return x, y
+
+
 @torch.no_grad()
 def collect(model: nn.Module, x: torch.Tensor, y: torch.Tensor, site_names: list[str] | None = None,
             batch_size: int = 1024) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -300,7 +382,9 @@ def collect(model: nn.Module, x: torch.Tensor, y: torch.Tensor, site_names: list
     per scored sample (every vector example; every position whose target is not ``IGNORE``
     for sequences), ``labels`` and the network's argmax ``predictions`` are ``(n,)``.
     """
-    names = site_names if site_names is not None else ["features"]
+    checks.check_int("batch_size", batch_size, 1)
+    names = _check_sites(model, site_names)
+    x, y = _check_xy(model, x, y)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -329,6 +413,9 @@ def layer_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_s
     each layer's nearest class mean with the network's final prediction (progressive
     collapse, He and Su 2022; their ``D_l`` is ``n_classes * nc1``).
     """
+    _check_n_classes(n_classes)
+    if min_count is not None:
+        checks.check_int("min_count", min_count, 2)
     pairs = sites(model)
     feats, labels, preds = collect(model, x, y, [s for _, s in pairs], batch_size)
     rows = []
@@ -357,10 +444,13 @@ class CollapseTracker(Callback):
 
     def __init__(self, every: int = 1, layers: bool = True, max_samples: int = 512, seed: int = 0,
                  batch_size: int = 2048, on_record=None):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer (epochs), got {every!r}")
-        if not isinstance(max_samples, int) or max_samples < 2:
-            raise ValueError(f"max_samples must be an integer >= 2, got {max_samples!r}")
+        checks.check_int("every", every, 1, 1_000_000)
+        checks.check_bool("layers", layers)
+        checks.check_int("max_samples", max_samples, 2, 1_000_000)
+        checks.check_seed("seed", seed)
+        checks.check_int("batch_size", batch_size, 1)
+        if on_record is not None and not callable(on_record):
+            raise ValueError(f"on_record must be a callable or None, got {on_record!r}")
         self.every, self.layers, self.max_samples, self.seed = every, layers, max_samples, seed
         self.batch_size, self.on_record = batch_size, on_record
         self.rows: list[dict] = []
@@ -376,6 +466,9 @@ class CollapseTracker(Callback):
 
     def on_start(self, state: TrainState) -> None:
         ds: Dataset = state.dataset
+        if ds.kind == "vector" and len(state.model.readout.weight) < ds.n_classes:
+            raise ValueError(f"dataset {ds.name!r} has {ds.n_classes} classes; the model's readout has only "
+                             f"{len(state.model.readout.weight)} rows")
         n = len(ds.x_train)
         self.steps_per_epoch = max(1, math.ceil(n / min(state.config.batch_size, n)))
         self._start = state.step
@@ -455,11 +548,11 @@ def simplex_etf(n_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
     ``sqrt(C/(C-1)) (I - 11^T/C) U^T`` for a random partial orthogonal ``U (d, C)``; needs ``d >= C - 1``
     (``d >= C`` here, for the orthonormal basis).
     """
-    C = n_classes
-    if C < 2:
-        raise ValueError(f"a simplex needs at least 2 classes, got {C}")
-    if dim < C:
+    C = checks.check_int("n_classes", n_classes, 2, MAX_CLASSES)
+    if not isinstance(dim, bool) and isinstance(dim, int) and dim < C:
         raise ValueError(f"a simplex ETF of {C} classes built this way needs dim >= {C}, got {dim}")
+    checks.check_int("dim", dim, C, max(C, MAX_ETF_ENTRIES // C))
+    checks.check_seed("seed", seed)
     g = torch.Generator().manual_seed(seed)
     u, _ = torch.linalg.qr(torch.randn(dim, C, generator=g, dtype=torch.float64))      # (d, C) orthonormal
     centre = torch.eye(C, dtype=torch.float64) - 1.0 / C
@@ -478,8 +571,11 @@ def simplex_view(means, n_components: int = 3) -> pd.DataFrame:
     """
     from scipy.linalg import orthogonal_procrustes
 
-    m = np.asarray(means, dtype=np.float64)
+    m = _features_f64(means, "means").cpu().numpy()
     C = len(m)
+    if C < 2:
+        raise ValueError(f"means must hold at least 2 class means, got {C}")
+    checks.check_int("n_components", n_components, 1, C)
     centred = m - m.mean(0)
     u, s, _ = np.linalg.svd(centred, full_matrices=False)
     coords = u * s                                                                        # (C, r) PCA coordinates
@@ -509,8 +605,10 @@ def geometry(means, classifier=None) -> dict:
     ``classifier_cos``: cosines of the classifier rows, when given (minority collapse shows
     as a block of cosines near 1).
     """
-    m = torch.as_tensor(np.asarray(means), dtype=torch.float64)
+    m = _features_f64(means, "means").cpu()
     C = len(m)
+    if C < 2:
+        raise ValueError(f"means must hold at least 2 class means, got {C}")
     out = {"view": simplex_view(m.numpy()), "gram": gram(m - m.mean(0)).numpy(),
            "ideal": (np.eye(C) - 1.0 / C) * C / (C - 1), "classifier_cos": None}
     if classifier is not None:
@@ -525,8 +623,13 @@ def set_etf_classifier(model: nn.Module, seed: int = 0) -> nn.Module:
     The model then learns features only (fixed equiangular classifier; cf. Equiangular
     Basis Vectors and Fang et al. 2021). Returns the model.
     """
-    readout = model.readout
+    checks.check_seed("seed", seed)
+    readout = getattr(model, "readout", None)
+    if not isinstance(readout, nn.Linear):
+        raise ValueError(f"model must be a workbench model with a linear readout, got {type(model).__name__}")
     C, d = readout.weight.shape
+    if d < C:
+        raise ValueError(f"model: a simplex ETF classifier of {C} classes needs d_model >= {C}, got {d}")
     with torch.no_grad():
         readout.weight.copy_(simplex_etf(C, d, seed).to(readout.weight))
         if readout.bias is not None:
@@ -541,11 +644,13 @@ def set_etf_classifier(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def imbalanced_counts(n_per_class: list[int] | torch.Tensor, minority_ratio: float, n_minority: int) -> list[int]:
     """Step imbalance: the last ``n_minority`` classes keep ``minority_ratio`` of their samples."""
-    counts = [int(c) for c in n_per_class]
-    if not 0 < minority_ratio <= 1:
-        raise ValueError(f"minority_ratio must be in (0, 1], got {minority_ratio!r}")
-    if not 0 <= n_minority < len(counts):
-        raise ValueError(f"n_minority must be in [0, {len(counts) - 1}], got {n_minority!r}")
+    if isinstance(n_per_class, torch.Tensor):
+        n_per_class = n_per_class.tolist()
+    if isinstance(n_per_class, (str, bytes)) or not isinstance(n_per_class, (list, tuple)) or len(n_per_class) < 2:
+        raise ValueError(f"n_per_class must be a list of at least 2 per-class counts, got {n_per_class!r}")
+    counts = [checks.check_int("n_per_class[]", c, 1) for c in n_per_class]
+    checks.check_float("minority_ratio", minority_ratio, 0.0, 1.0, lo_open=True)
+    checks.check_int("n_minority", n_minority, 0, len(counts) - 1)
     C = len(counts)
     return [c if i < C - n_minority else max(2, round(c * minority_ratio)) for i, c in enumerate(counts)]
 
@@ -555,15 +660,22 @@ def subsample(dataset: Dataset, counts: list[int], seed: int = 0) -> Dataset:
 
     Vector datasets only. Raises ``ValueError`` if a count exceeds what the class has.
     """
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"dataset must be a workbench Dataset, got {type(dataset).__name__}")
+    checks.check_seed("seed", seed)
     if dataset.kind != "vector":
         raise ValueError("class imbalance applies to vector (classification) datasets")
+    if isinstance(counts, torch.Tensor):
+        counts = counts.tolist()
+    if isinstance(counts, (str, bytes)) or not hasattr(counts, "__len__"):
+        raise ValueError(f"counts must be a list of per-class numbers, got {counts!r}")
     if len(counts) != dataset.n_classes:
         raise ValueError(f"counts must list {dataset.n_classes} per-class numbers, got {len(counts)}")
     g = torch.Generator().manual_seed(seed)
     keep = []
     for c, k in enumerate(counts):
         idx = torch.nonzero(dataset.y_train == c).flatten()
-        if not isinstance(k, (int, np.integer)) or not 1 <= k <= len(idx):
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(idx):
             raise ValueError(f"counts[{c}] must be an integer in [1, {len(idx)}], got {k!r}")
         keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
     idx = torch.cat(keep).sort().values
@@ -581,8 +693,8 @@ class MixupLoss:
     """
 
     def __init__(self, alpha: float = 0.2, seed: int = 0):
-        if not alpha > 0:
-            raise ValueError(f"mixup alpha must be > 0, got {alpha!r}")
+        checks.check_float("alpha", alpha, 0.0, 100.0, lo_open=True)
+        checks.check_seed("seed", seed)
         self.alpha = float(alpha)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -626,9 +738,22 @@ def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None 
     ETF. The remaining arguments override the recipe's defaults (``collapse._RECIPES``).
     """
     if dataset_name not in _RECIPES:
-        raise ValueError(f"recipes exist for {sorted(_RECIPES)}, got {dataset_name!r}")
-    if mixup < 0:
-        raise ValueError(f"mixup must be >= 0 (Beta alpha; 0 = off), got {mixup!r}")
+        raise ValueError(f"dataset_name: recipes exist for {sorted(_RECIPES)}, got {dataset_name!r}")
+    checks.check_float("mixup", mixup, 0.0, 100.0)
+    checks.check_bool("etf_classifier", etf_classifier)
+    checks.check_int("n_minority", n_minority, 0)
+    checks.check_seed("seed", seed)
+    checks.check_int("eval_every_epochs", eval_every_epochs, 1, 100_000)
+    for name, v, lo, hi in (("epochs", epochs, 1, 100_000), ("n_layers", n_layers, 0, 256),
+                            ("d_model", d_model, 1, 8192), ("batch_size", batch_size, 1, 1_000_000)):
+        if v is not None:
+            checks.check_int(name, v, lo, hi)
+    if weight_decay is not None:
+        checks.check_float("weight_decay", weight_decay, 0.0, 10.0)
+    if lr is not None:
+        checks.check_float("lr", lr, 0.0, 10.0, lo_open=True)
+    if imbalance is not None and not isinstance(imbalance, (list, tuple, torch.Tensor)):
+        checks.check_float("imbalance", imbalance, 0.0, 1.0, lo_open=True)
     from . import data
 
     r = dict(_RECIPES[dataset_name])
@@ -638,7 +763,7 @@ def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None 
             r[k] = v
     ds = data.load(dataset_name)
     if imbalance is not None:
-        if isinstance(imbalance, (int, float)) and not isinstance(imbalance, bool):
+        if not isinstance(imbalance, (list, tuple, torch.Tensor)):
             per_class = torch.bincount(ds.y_train, minlength=ds.n_classes).tolist()
             imbalance = imbalanced_counts(per_class, float(imbalance), n_minority)
         ds = subsample(ds, list(imbalance), seed)
@@ -664,6 +789,7 @@ def train_collapse(dataset_name: str = "digits", *, every: int = 1, layers: bool
     """
     from .training import train
 
+    track(every=every, layers=layers, max_samples=max_samples)   # check the tracker's arguments before any work
     mixup = recipe_options.get("mixup", 0.0)
     seed = recipe_options.get("seed", 0)
     model, cfg, ds = recipe(dataset_name, **recipe_options)
