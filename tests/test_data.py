@@ -125,7 +125,7 @@ def test_builtin_text_is_deterministic_across_calls():
     (lambda: wb.data.load("khop", layout="table", nodes=6, length=3), "khop.length must be 0 or nodes=6"),
     (lambda: wb.data.load("khop", queries=0), "khop.queries must be in [1, 52]"),
     (lambda: wb.data.load("text", path="/no/such/file.txt"), "text.path: no such file"),
-    (lambda: wb.data.load("text", context="long"), "text.context must be of type int"),
+    (lambda: wb.data.load("text", context="long"), "text.context must be an integer in [2, 4096], got 'long'"),
 ])
 def test_bad_options_name_the_field_and_range(call, fragment):
     with pytest.raises(ValueError) as e:

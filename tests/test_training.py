@@ -97,7 +97,7 @@ def test_cosine_schedule_with_warmup_by_hand():
 
 @pytest.mark.parametrize("field, value, fragment", [
     ("steps", 0, "steps must be an integer in [1,"),
-    ("lr", -1.0, "lr must be a number in [0.0, 10.0]"),
+    ("lr", -1.0, "lr must be a finite number in (0, 10], got -1.0"),
     ("schedule", "linear", "schedule must be one of"),
 ])
 def test_bad_train_config(field, value, fragment):

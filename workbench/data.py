@@ -7,15 +7,25 @@
 - ``mnist1d``: MNIST-1D generated locally by the ``mnist1d`` package (4000 train / 1000 val).
 - ``khop``: k-hop pointer chasing; the answer needs ``hops`` sequential look-ups.
 - ``modadd``: ``a + b mod p`` (the grokking task of Power et al. 2022).
-- ``text``: character-level language modelling of a user's file or a built-in corpus
-  (``corpus="grammar"``, ``"arithmetic"`` or ``"code"``).
+- ``text``: character-level language modelling of a given text (``text=`` the content, as
+  the dashboard's upload sends it, or ``path=`` a file a notebook user reads) or of a
+  built-in corpus (``corpus="grammar"``, ``"arithmetic"`` or ``"code"``); at most
+  ``WORKBENCH_MAX_UPLOAD_MB`` (default 2) MB of text.
 
 Vector datasets hold ``x (N, d_in) float32`` and ``y (N,) int64``. Sequence datasets hold
 ``x (N, T) int64`` tokens and ``y (N, T) int64`` targets, ``IGNORE = -100`` where a position
 is not scored (khop and modadd score only the answer positions).
+
+Every option is checked (type, range) with a message naming it; ``None`` is accepted only
+where it is a documented value (the ``text`` dataset's ``path``, ``text``, ``vocab`` and
+``corpus``: "not given"). :meth:`Dataset.spec` is JSON-ready and never names a server path
+(a text read from a file stores its content); :func:`from_spec` rebuilds a dataset from it.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "load", "check_options", "names", "options_spec", "IGNORE", "grammar_corpus", "CORPORA"]
+from .checks import SEED_MAX, check_bool, check_choice, env_limit
+
+__all__ = ["Dataset", "load", "from_spec", "check_options", "names", "options_spec", "IGNORE", "grammar_corpus",
+           "CORPORA", "max_text_bytes"]
 
 IGNORE = -100
+TEXT_SOURCES = ("path", "text", "corpus")  # the text dataset takes exactly one
+PATH_REFUSED = "text datasets from the dashboard come by upload, not as a server path"
+MAX_VOCAB_CHARS = 2**20     # the text dataset's vocab option (models.VOCAB_MAX tokens)
+MAX_PARTS = 64              # parts of a concatenated dataset's spec
 
 
 @dataclass
@@ -63,7 +80,10 @@ class Dataset:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
 
     def spec(self) -> dict:
-        """What :func:`load` needs to rebuild this dataset (stored with runs)."""
+        """What :func:`from_spec` needs to rebuild this dataset (stored with runs; JSON-ready).
+
+        A text dataset stores its content (at most ``WORKBENCH_MAX_UPLOAD_MB``), never a path.
+        """
         return {"name": self.name, **self.options}
 
     def decode(self, tokens) -> str:
@@ -89,18 +109,22 @@ class Dataset:
 
 # ----------------------------------------------------------------------------- options
 
-# name -> {option: (default, type, low, high)}; None bounds are open.
+# name -> {option: (default, type, low, high)}; None bounds are open. Seeds fit numpy's 32 bits.
 _SPECS: dict[str, dict[str, tuple]] = {
-    "digits": {"seed": (0, int, 0, None), "val_fraction": (0.2, float, 0.05, 0.5)},
-    "mnist1d": {"seed": (42, int, 0, None), "num_samples": (5000, int, 100, 100_000)},
+    "digits": {"seed": (0, int, 0, SEED_MAX), "val_fraction": (0.2, float, 0.05, 0.5)},
+    "mnist1d": {"seed": (42, int, 0, SEED_MAX), "num_samples": (5000, int, 100, 100_000)},
     "khop": {"hops": (2, int, 1, 8), "nodes": (12, int, 2, 52), "length": (0, int, 0, 52),
              "queries": (1, int, 1, 52), "layout": ("edges", str, None, None),
-             "n_train": (20000, int, 10, 1_000_000), "n_val": (2000, int, 10, 100_000), "seed": (0, int, 0, None)},
-    "modadd": {"p": (97, int, 2, 1000), "train_fraction": (0.5, float, 0.01, 0.99), "seed": (0, int, 0, None)},
-    "text": {"path": (None, str, None, None), "context": (64, int, 2, 4096), "val_fraction": (0.1, float, 0.01, 0.5),
-             "vocab": (None, str, None, None), "corpus_chars": (200_000, int, 1000, 10_000_000), "seed": (0, int, 0, None),
+             "n_train": (20000, int, 10, 1_000_000), "n_val": (2000, int, 10, 100_000),
+             "seed": (0, int, 0, SEED_MAX)},
+    "modadd": {"p": (97, int, 2, 1000), "train_fraction": (0.5, float, 0.01, 0.99), "seed": (0, int, 0, SEED_MAX)},
+    "text": {"path": (None, str, None, None), "text": (None, str, None, None), "context": (64, int, 2, 4096),
+             "val_fraction": (0.1, float, 0.01, 0.5), "vocab": (None, str, None, None),
+             "corpus_chars": (200_000, int, 1000, 10_000_000), "seed": (0, int, 0, SEED_MAX),
              "corpus": ("grammar", str, None, None)},
 }
+# Options for which None is a documented value ("not given"); None is refused everywhere else.
+_NONE_OK = {("text", "path"), ("text", "text"), ("text", "vocab"), ("text", "corpus")}
 
 
 def names() -> list[str]:
@@ -118,6 +142,78 @@ def _check_name(name: str) -> None:
         raise ValueError(f"dataset must be one of {names()}, got {name!r}")
 
 
+def max_text_bytes() -> int:
+    """Largest text the ``text`` dataset takes, in bytes of UTF-8 (``WORKBENCH_MAX_UPLOAD_MB``, default 2)."""
+    return int(env_limit("WORKBENCH_MAX_UPLOAD_MB", 2) * 2**20)
+
+
+def _too_big(what: str, n_bytes: int) -> ValueError:
+    limit = max_text_bytes()
+    return ValueError(f"{what} is {n_bytes / 2**20:.2f} MB, more than the limit of {limit / 2**20:g} MB "
+                      f"(WORKBENCH_MAX_UPLOAD_MB)")
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
+
+
+def _check_option(name: str, key: str, value, typ, lo, hi):
+    """One option: type first (bools are not numbers, floats not integers), then range; returns it normalised."""
+    qual = f"{name}.{key}"
+    rng = f"[{lo}, {'inf' if hi is None else hi}]"
+    if value is None and (name, key) in _NONE_OK:
+        return None
+    if typ is int:
+        if not isinstance(value, numbers.Integral) or _is_bool(value) or isinstance(value, torch.Tensor):
+            raise ValueError(f"{qual} must be an integer in {rng}, got {value!r}")
+        value = int(value)
+    elif typ is float:
+        if not isinstance(value, numbers.Real) or _is_bool(value) or isinstance(value, torch.Tensor) \
+                or not math.isfinite(float(value)):
+            raise ValueError(f"{qual} must be a number in {rng}, got {value!r}")
+        value = float(value)
+    else:
+        return _check_str_option(name, key, value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{qual} must be in {rng}, got {value!r}")
+    return value
+
+
+def _check_str_option(name: str, key: str, value):
+    qual = f"{name}.{key}"
+    if key == "layout":
+        return check_choice(qual, value, KHOP_LAYOUTS)
+    if key == "corpus":
+        return check_choice(qual, value, sorted(CORPORA))
+    if key == "path":
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{qual} must be a file path (a non-empty string) or None, got {_short(value)}")
+        return value
+    if key == "text":
+        if isinstance(value, (bytes, bytearray)):
+            raise ValueError(f"{qual} must be a string (decode the uploaded bytes as UTF-8 first), got bytes")
+        if not isinstance(value, str):
+            raise ValueError(f"{qual} must be a string (the text itself) or None, got {_short(value)}")
+        if len(value) > max_text_bytes() or len(value.encode("utf-8", "surrogatepass")) > max_text_bytes():
+            raise _too_big(qual, len(value.encode("utf-8", "surrogatepass")))
+        return value
+    if key == "vocab":  # a string of characters (a list of one-character strings is joined)
+        if isinstance(value, (list, tuple)) and all(isinstance(c, str) and len(c) == 1 for c in value):
+            value = "".join(value)
+        if not isinstance(value, str) or not 1 <= len(value) <= MAX_VOCAB_CHARS:
+            raise ValueError(f"{qual} must be a string of 1 to {MAX_VOCAB_CHARS} characters (the alphabet) or "
+                             f"None, got {_short(value)}")
+        return value
+    raise AssertionError(f"no check for the string option {qual}")  # pragma: no cover
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _resolve_options(name: str, options: dict) -> dict:
     spec = _SPECS[name]
     unknown = set(options) - set(spec)
@@ -125,34 +221,96 @@ def _resolve_options(name: str, options: dict) -> dict:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for dataset {name!r}; allowed: {sorted(spec)}")
     out = {}
     for key, (default, typ, lo, hi) in spec.items():
-        value = options.get(key, default)
-        if value is None:
-            out[key] = None
-            continue
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if typ is str and isinstance(value, Path):
-            value = str(value)
-        if not isinstance(value, typ) or isinstance(value, bool):
-            raise ValueError(f"{name}.{key} must be of type {typ.__name__}, got {value!r}")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
+        if key in options and options[key] is None and (name, key) not in _NONE_OK:
             rng = f"[{lo}, {'inf' if hi is None else hi}]"
-            raise ValueError(f"{name}.{key} must be in {rng}, got {value!r}")
-        out[key] = value
+            kind = {int: "an integer", float: "a number"}.get(typ)
+            what = f"{kind} in {rng}" if kind else (f"one of {list(KHOP_LAYOUTS)}" if key == "layout" else "given")
+            raise ValueError(f"{name}.{key} must be {what}, got None (leave it out to use the default {default!r})")
+        out[key] = _check_option(name, key, options.get(key, default), typ, lo, hi)
+    if name == "text":
+        given = [k for k in TEXT_SOURCES if options.get(k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"text: give exactly one of path, text or corpus, got {' and '.join(given)}")
+        if given and given[0] != "corpus":
+            out["corpus"] = None
+        elif out["corpus"] is None:
+            out["corpus"] = spec["corpus"][0]  # corpus=None with no other source: the documented default
+    if name == "khop":
+        _check_khop_size(out)
     return out
 
 
+def _check_khop_size(o: dict) -> None:
+    """Bound the memory of the generated tensors (``WORKBENCH_MAX_DATA_MB``, default 1024)."""
+    length = o["length"] or o["nodes"]
+    seq = o["nodes"] + 1 + o["queries"] if o["layout"] == "table" else 2 * length + 1 + 2 * o["queries"]
+    n = o["n_train"] + o["n_val"]
+    need = n * (2 * 8 * seq + 16 * o["nodes"])  # x and y int64, plus the per-sequence draws
+    limit = env_limit("WORKBENCH_MAX_DATA_MB", 1024)
+    if need > limit * 2**20:
+        raise ValueError(f"khop: {n} sequences of length {seq} need about {need / 2**20:,.0f} MB, more than "
+                         f"the limit of {limit:g} MB (WORKBENCH_MAX_DATA_MB); lower n_train or n_val")
+
+
 def check_options(name: str, **options) -> dict:
-    """Validate options without building the data; returns them with defaults filled in."""
+    """Validate options without building the data (no file is read); returns them with defaults filled in."""
     _check_name(name)
     return _resolve_options(name, options)
 
 
 def load(name: str, **options) -> Dataset:
-    """Build dataset ``name`` offline; see :func:`options_spec` for each one's options and ranges."""
+    """Build dataset ``name`` offline; see :func:`options_spec` for each one's options and ranges.
+
+    ``None`` is refused with a message naming the option and its range, except where it is a
+    documented value: the ``text`` dataset's ``path``, ``text`` and ``vocab`` (not given) and
+    ``corpus`` (not given; ``"grammar"`` when neither ``path`` nor ``text`` is given either).
+    The ``text`` dataset takes exactly one of ``path``, ``text`` and ``corpus``.
+    """
     _check_name(name)
     opts = _resolve_options(name, options)
     return _LOADERS[name](**opts)
+
+
+def from_spec(spec: dict, *, allow_path: bool = True) -> Dataset:
+    """Rebuild a dataset from its :meth:`Dataset.spec` (the one way to rebuild the data of a stored run).
+
+    ``allow_path=False`` (the dashboard) refuses a spec that names a file on the server;
+    old specs holding ``"path": None`` are accepted. A concatenation's spec
+    (``{"name": ..., "parts": [spec, ...]}``, see ``compose.concat``) rebuilds every part and
+    concatenates them.
+    """
+    check_bool("allow_path", allow_path)
+    if not isinstance(spec, dict):
+        raise ValueError(f"dataset spec must be a dict with a 'name', got {_short(spec)}")
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if "parts" in spec:
+        return _concat_from_spec(name, spec, allow_path)
+    if not isinstance(name, str) or name not in _SPECS:
+        raise ValueError(f"dataset spec: name must be one of {names()}, got {_short(name)}")
+    if "path" in spec and spec["path"] is not None and not allow_path:
+        raise ValueError(PATH_REFUSED)
+    return load(name, **spec)
+
+
+def _concat_from_spec(name, spec: dict, allow_path: bool) -> Dataset:
+    if not isinstance(name, str) or not 1 <= len(name) <= 100:
+        raise ValueError(f"dataset spec: name must be a string of 1 to 100 characters, got {_short(name)}")
+    if set(spec) != {"parts"}:
+        raise ValueError(f"dataset spec of a concatenation takes only 'name' and 'parts', got {sorted(spec)}")
+    parts = spec["parts"]
+    if not isinstance(parts, list) or not 1 <= len(parts) <= MAX_PARTS:
+        raise ValueError(f"dataset spec: parts must be a list of 1 to {MAX_PARTS} dataset specs, got {_short(parts)}")
+    built = [from_spec(p, allow_path=allow_path) for p in parts]
+    first = built[0]
+    for d in built[1:]:
+        if d.kind != first.kind or d.n_classes != first.n_classes or d.vocab != first.vocab \
+                or d.x_train.shape[1:] != first.x_train.shape[1:]:
+            raise ValueError("dataset spec: the parts of a concatenation must share kind, vocabulary and shape")
+    cat = lambda attr: torch.cat([getattr(d, attr) for d in built])  # noqa: E731
+    return Dataset(name, first.kind, cat("x_train"), cat("y_train"), cat("x_val"), cat("y_val"), first.n_classes,
+                   f"concatenation of {len(built)} datasets: " + "; ".join(d.description for d in built),
+                   first.vocab, {"parts": [d.spec() for d in built]})
 
 
 # ----------------------------------------------------------------------------- vector data
@@ -359,28 +517,40 @@ def code_corpus(n_chars: int = 200_000, seed: int = 0) -> str:
 CORPORA = {"grammar": grammar_corpus, "arithmetic": arithmetic_corpus, "code": code_corpus}
 
 
-def _text(path, context: int, val_fraction: float, vocab, corpus_chars: int, seed: int,
-          corpus: str = "grammar") -> Dataset:
+def _read_text_file(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"text.path: no such file {str(p)!r}")
+    size = p.stat().st_size
+    if size > max_text_bytes():
+        raise _too_big(f"text.path: {str(p)!r}", size)
+    raw = p.read_bytes()[: max_text_bytes() + 1]  # the file may have grown since stat
+    if len(raw) > max_text_bytes():
+        raise _too_big(f"text.path: {str(p)!r}", len(raw))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text.path: {str(p)!r} is not UTF-8 text ({e.reason})") from None
+
+
+def _text(path, text, context: int, val_fraction: float, vocab, corpus_chars: int, seed: int,
+          corpus: str | None = "grammar") -> Dataset:
     """Character-level next-token prediction; windows of ``context + 1`` characters, stride ``context``.
 
+    The source is exactly one of ``text`` (the content itself, e.g. an upload), ``path`` (a
+    UTF-8 file, read once: the dataset keeps and stores its content, never the path) and
+    ``corpus`` (the built-in text, :data:`CORPORA`: ``"grammar"``, ``"arithmetic"``, ``"code"``,
+    ``corpus_chars`` long from ``seed``). Text is at most ``WORKBENCH_MAX_UPLOAD_MB`` MB.
     The first ``1 - val_fraction`` of the text trains, the rest validates. ``vocab`` fixes
     the alphabet (e.g. to share one substrate between specialists); by default it is the
-    sorted set of the text's characters. Without ``path``, ``corpus`` names the built-in
-    text (:data:`CORPORA`: ``"grammar"``, ``"arithmetic"``, ``"code"``); with ``path`` it is unused.
+    sorted set of the text's characters.
     """
-    if corpus not in CORPORA:
-        raise ValueError(f"text.corpus must be one of {sorted(CORPORA)}, got {corpus!r}")
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"text.path: no such file {str(p)!r}")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"text.path: {str(p)!r} is not UTF-8 text ({e.reason})") from None
-        source = p.name
+        text = _read_text_file(path)
+    if text is not None:
+        source, opts = "the supplied text", {"text": text}
     else:
-        text, source = CORPORA[corpus](corpus_chars, seed), f"built-in {corpus} corpus"
+        text, source, opts = CORPORA[corpus](corpus_chars, seed), f"built-in {corpus} corpus", {"corpus": corpus}
     chars = sorted(set(text)) if vocab is None else list(dict.fromkeys(vocab))
     index = {c: i for i, c in enumerate(chars)}
     unknown = sorted(set(text) - set(index))
@@ -390,7 +560,8 @@ def _text(path, context: int, val_fraction: float, vocab, corpus_chars: int, see
     n_val_chars = int(len(ids) * val_fraction)
     if len(ids) - n_val_chars < context + 1 or n_val_chars < context + 1:
         raise ValueError(f"text: {len(ids)} characters is too short for context {context} "
-                         f"(need at least {2 * (context + 1)} with val_fraction {val_fraction})")
+                         f"(need at least {math.ceil((context + 1) / val_fraction)} with val_fraction "
+                         f"{val_fraction})")
 
     def windows(t: torch.Tensor):
         w = t.unfold(0, context + 1, context)  # (N, context + 1)
@@ -400,8 +571,8 @@ def _text(path, context: int, val_fraction: float, vocab, corpus_chars: int, see
     xva, yva = windows(ids[len(ids) - n_val_chars:])
     return Dataset("text", "sequence", xtr, ytr, xva, yva, len(chars),
                    f"characters of {source}: {len(ids):,} chars, vocabulary {len(chars)}, context {context}",
-                   chars, {"path": path, "context": context, "val_fraction": val_fraction, "vocab": vocab,
-                           "corpus_chars": corpus_chars, "seed": seed, "corpus": corpus})
+                   chars, {**opts, "context": context, "val_fraction": val_fraction, "vocab": vocab,
+                           "corpus_chars": corpus_chars, "seed": seed})
 
 
 _LOADERS = {"digits": _digits, "mnist1d": _mnist1d, "khop": _khop, "modadd": _modadd, "text": _text}

@@ -16,7 +16,10 @@ block
 ==============  =====================================================
 
 A model is fully described by its config plus its state dict; that is what a
-checkpoint holds (see :mod:`workbench.store`).
+checkpoint holds (see :mod:`workbench.store`). ``config.validate()`` checks every field's
+type and range and the memory budget (:func:`estimate_memory`, ``WORKBENCH_MAX_MODEL_MB``)
+before anything is allocated; :func:`build`, the model constructors and the run store's
+load all go through it.
 """
 from __future__ import annotations
 
@@ -28,11 +31,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_bool, check_choice, check_int, check_seed, check_str, env_limit
+
 __all__ = [
     "HookPoint", "MLPConfig", "TransformerConfig", "ResidualMLP", "Transformer",
     "MLPBlock", "TransformerBlock", "build", "config_from_dict", "config_to_dict",
-    "glyph_images", "glyph_embedding", "count_params", "config_for",
+    "glyph_images", "glyph_embedding", "count_params", "config_for", "estimate_memory", "check_memory",
+    "max_model_mb", "NOMINAL_BATCH",
 ]
+
+D_IN_MAX = 2**20        # input features of an MLP
+N_CLASSES_MAX = 2**20   # classes of an MLP
+VOCAB_MAX = 2**20       # tokens of a Transformer
+CONTEXT_MAX = 65536     # positions of a Transformer
+NOMINAL_BATCH = 16      # examples per batch assumed by validate()'s memory estimate
 
 
 class HookPoint(nn.Module):
@@ -42,16 +54,80 @@ class HookPoint(nn.Module):
         return x
 
 
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+# ----------------------------------------------------------------------------- memory budget
 
 
-def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
-    if not ok:
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
+def max_model_mb() -> float:
+    """The model memory budget in MB: ``WORKBENCH_MAX_MODEL_MB`` (default 2048), read at call time."""
+    return env_limit("WORKBENCH_MAX_MODEL_MB", 2048)
+
+
+def _param_count(cfg) -> int:
+    """Parameters of the model a (type-checked) config builds, counted from the shapes (tied weights once)."""
+    if isinstance(cfg, MLPConfig):
+        d, h = cfg.d_model, cfg.d_hidden
+        norm = 0 if cfg.norm == "none" else 2 * d
+        block = norm + (d * h + h) + (h * d + d) + (2 * d if cfg.norm == "peri" else 0)
+        return (cfg.d_in * d + d) + cfg.n_layers * block + norm + (d * cfg.n_classes + cfg.n_classes)
+    d, m, v = cfg.d_model, cfg.d_mlp, cfg.vocab_size
+    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * m + m) + (m * d + d)
+    block += 4 * d if cfg.norm == "peri" else 0
+    return v * d + cfg.context * d + cfg.n_layers * block + 2 * d + (0 if cfg.tie_embeddings else v * d)
+
+
+def _activation_floats(cfg, batch_size: int) -> int:
+    """Activations kept for the backward pass of one batch, in floats (see :func:`estimate_memory`)."""
+    if isinstance(cfg, MLPConfig):
+        d, h = cfg.d_model, cfg.d_hidden
+        return batch_size * (cfg.d_in + cfg.n_layers * (4 * d + 2 * h) + 2 * d + 2 * cfg.n_classes)
+    d, m = cfg.d_model, cfg.d_mlp
+    per_token = cfg.n_layers * (10 * d + 2 * m) + 4 * d + 2 * cfg.vocab_size
+    return batch_size * cfg.context * per_token
+
+
+def estimate_memory(config, batch_size: int = NOMINAL_BATCH) -> dict:
+    """Estimated memory of training a model of ``config`` (float32), in bytes, before building it.
+
+    ``params`` is the exact parameter count ``P`` (from the shapes; :func:`count_params` of the
+    built model). Training holds the weights, their gradients and AdamW's two moments:
+    ``train_bytes = 4 * 4 * P`` (4x the weights). Activations kept for the backward pass of
+    one batch of ``B = batch_size`` examples, 4 bytes each:
+
+    - MLP: ``B * (d_in + n_layers * (4 d_model + 2 d_hidden) + 2 d_model + 2 n_classes)``
+    - Transformer: ``B * context * (n_layers * (10 d_model + 2 d_mlp) + 4 d_model + 2 vocab_size)``
+      (the attention matrix is not counted: ``scaled_dot_product_attention`` uses fused kernels)
+
+    ``total_bytes = train_bytes + activation_bytes``; :meth:`MLPConfig.validate` and
+    :meth:`TransformerConfig.validate` refuse a total over ``WORKBENCH_MAX_MODEL_MB`` for a
+    nominal batch of :data:`NOMINAL_BATCH`; :func:`workbench.training.train` checks the real batch.
+    """
+    if not isinstance(config, (MLPConfig, TransformerConfig)):
+        raise ValueError(f"config must be an MLPConfig or TransformerConfig, got {type(config).__name__}")
+    check_int("batch_size", batch_size, 1, 10_000_000)
+    n = _param_count(config)
+    params, act = 4 * n, 4 * _activation_floats(config, batch_size)
+    return {"params": n, "param_bytes": params, "train_bytes": 4 * params, "activation_bytes": act,
+            "total_bytes": 4 * params + act, "batch_size": batch_size}
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("TB", 2**40), ("GB", 2**30), ("MB", 2**20)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n / 2**20:.2f} MB"
+
+
+def check_memory(config, batch_size: int = NOMINAL_BATCH) -> dict:
+    """Refuse (``ValueError`` with the estimate and the limit) a config whose training would not fit the budget."""
+    est = estimate_memory(config, batch_size)
+    limit = max_model_mb()
+    if est["total_bytes"] > limit * 2**20:
+        raise ValueError(
+            f"the {config.family} model is too large: training it needs about {_fmt_bytes(est['total_bytes'])} "
+            f"({est['params']:,} parameters = {_fmt_bytes(est['param_bytes'])} of weights, x4 with gradients and "
+            f"AdamW state, plus {_fmt_bytes(est['activation_bytes'])} of activations for a batch of {batch_size}), "
+            f"more than the limit of {limit:g} MB (WORKBENCH_MAX_MODEL_MB)")
+    return est
 
 
 # ----------------------------------------------------------------------------- configs
@@ -73,14 +149,16 @@ class MLPConfig:
     family = "mlp"
 
     def validate(self) -> "MLPConfig":
-        _check_int("d_in", self.d_in, 1)
-        _check_int("n_classes", self.n_classes, 2)
-        _check_int("d_model", self.d_model, 1, 8192)
-        _check_int("n_layers", self.n_layers, 0, 256)
-        _check_int("d_hidden", self.d_hidden, 1, 65536)
-        _check_choice("norm", self.norm, {"pre", "peri", "none"})
-        _check_choice("activation", self.activation, {"relu", "gelu"})
-        _check_int("seed", self.seed, 0)
+        """Check every field (type and range), then the memory budget (:func:`check_memory`); returns self."""
+        check_int("d_in", self.d_in, 1, D_IN_MAX)
+        check_int("n_classes", self.n_classes, 2, N_CLASSES_MAX)
+        check_int("d_model", self.d_model, 1, 8192)
+        check_int("n_layers", self.n_layers, 0, 256)
+        check_int("d_hidden", self.d_hidden, 1, 65536)
+        check_choice("norm", self.norm, ["none", "peri", "pre"])
+        check_choice("activation", self.activation, ["gelu", "relu"])
+        check_seed("seed", self.seed)
+        check_memory(self)
         return self
 
 
@@ -104,20 +182,31 @@ class TransformerConfig:
     family = "transformer"
 
     def validate(self) -> "TransformerConfig":
-        _check_int("vocab_size", self.vocab_size, 2)
-        _check_int("context", self.context, 1, 65536)
-        _check_int("d_model", self.d_model, 1, 16384)
-        _check_int("n_layers", self.n_layers, 0, 256)
-        _check_int("n_heads", self.n_heads, 1, 256)
+        """Check every field (type and range), then the memory budget (:func:`check_memory`); returns self."""
+        check_int("vocab_size", self.vocab_size, 2, VOCAB_MAX)
+        check_int("context", self.context, 1, CONTEXT_MAX)
+        check_int("d_model", self.d_model, 1, 16384)
+        check_int("n_layers", self.n_layers, 0, 256)
+        check_int("n_heads", self.n_heads, 1, 256)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        _check_int("d_mlp", self.d_mlp, 1, 65536)
-        _check_choice("norm", self.norm, {"pre", "peri"})
-        _check_choice("embedding", self.embedding, {"trainable", "frozen-random", "glyph"})
+        check_int("d_mlp", self.d_mlp, 1, 65536)
+        check_choice("norm", self.norm, ["peri", "pre"])
+        check_bool("tie_embeddings", self.tie_embeddings)
+        check_choice("embedding", self.embedding, ["frozen-random", "glyph", "trainable"])
+        if self.vocab is not None:
+            if not isinstance(self.vocab, (list, tuple)) or not all(isinstance(t, str) for t in self.vocab):
+                shown = repr(self.vocab) if len(repr(self.vocab)) <= 60 else repr(self.vocab)[:57] + "..."
+                raise ValueError(f"vocab must be a list of token strings or None, got {shown}")
+            if len(self.vocab) > VOCAB_MAX:
+                raise ValueError(f"vocab must list at most {VOCAB_MAX} token strings, got {len(self.vocab)}")
         if self.embedding == "glyph":
             if not self.vocab or len(self.vocab) != self.vocab_size:
                 raise ValueError("vocab must list vocab_size token strings for glyph embeddings")
-        _check_int("seed", self.seed, 0)
+        if self.glyph_font is not None:
+            check_str("glyph_font", self.glyph_font, 4096)
+        check_seed("seed", self.seed)
+        check_memory(self)
         return self
 
     @property
@@ -136,15 +225,22 @@ def config_to_dict(config: ModelConfig) -> dict:
 
 def config_from_dict(d: dict) -> ModelConfig:
     """Inverse of :func:`config_to_dict`; unknown keys raise ``ValueError``."""
+    if not isinstance(d, dict):
+        raise ValueError(f"model config must be a dict with a 'family', got {type(d).__name__}")
     d = dict(d)
     family = d.pop("family", None)
-    if family not in _CONFIGS:
+    if not isinstance(family, str) or family not in _CONFIGS:
         raise ValueError(f"model family must be one of {sorted(_CONFIGS)}, got {family!r}")
     cls = _CONFIGS[family]
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
-        raise ValueError(f"unknown {family} config fields: {sorted(unknown)}")
+        raise ValueError(f"unknown {family} config fields: {sorted(unknown, key=str)}")
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = required - set(d)
+    if missing:
+        raise ValueError(f"{family} config is missing field(s) {sorted(missing)}")
     return cls(**d)
 
 

@@ -3,7 +3,8 @@
 AdamW with a constant or cosine schedule (linear warm-up), epoch-wise shuffling from
 ``TrainConfig.seed`` (so two runs differ in data order only by that seed), periodic
 evaluation on both splits, callbacks for progress and cancellation, and divergence
-detection. The device is the model's. Metrics are a tidy DataFrame with columns
+detection (:func:`diverged`). The model and the data are checked against each other up
+front (:func:`check_pairing`). The device is the model's. Metrics are a tidy DataFrame with columns
 ``step, split, metric, value`` (``split`` is ``"train"``, ``"val"`` or ``"batch"`` for the
 per-step minibatch loss).
 """
@@ -20,10 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_choice, check_float, check_int, check_labels, check_seed, check_tokens
 from .data import IGNORE, Dataset
 
 __all__ = ["TrainConfig", "Run", "TrainState", "Callback", "ProgressBar", "StopOnEvent", "train", "evaluate",
-           "loss_and_correct", "make_optimizer"]
+           "loss_and_correct", "make_optimizer", "check_pairing", "diverged", "BLOWUP_FACTOR", "BLOWUP_FLOOR"]
+
+BLOWUP_FACTOR = 100.0   # a loss this many times its split's best so far ...
+BLOWUP_FLOOR = 10.0     # ... and above this (and twice the loss of uniform guessing) means divergence
 
 
 @dataclass
@@ -40,20 +45,17 @@ class TrainConfig:
     seed: int = 0                 # data order
 
     def validate(self) -> "TrainConfig":
-        checks = [("steps", self.steps, 1, 10_000_000), ("batch_size", self.batch_size, 1, 1_000_000),
-                  ("warmup", self.warmup, 0, 10_000_000), ("eval_every", self.eval_every, 1, 10_000_000),
-                  ("eval_max", self.eval_max, 0, 100_000_000), ("seed", self.seed, 0, 2**63 - 1)]
-        for name, v, lo, hi in checks:
-            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
-        for name, v, lo, hi in [("lr", self.lr, 0.0, 10.0), ("weight_decay", self.weight_decay, 0.0, 10.0),
-                                ("grad_clip", self.grad_clip, 0.0, 1e6)]:
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-                raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be a number in (0, 10], got {self.lr!r}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule must be one of ['constant', 'cosine'], got {self.schedule!r}")
+        """Check every field's type and range (:mod:`workbench.checks`: bools are not numbers); returns self."""
+        check_int("steps", self.steps, 1, 10_000_000)
+        check_int("batch_size", self.batch_size, 1, 1_000_000)
+        check_float("lr", self.lr, 0, 10, lo_open=True)
+        check_float("weight_decay", self.weight_decay, 0, 10)
+        check_choice("schedule", self.schedule, ["constant", "cosine"])
+        check_int("warmup", self.warmup, 0, 10_000_000)
+        check_int("eval_every", self.eval_every, 1, 10_000_000)
+        check_int("eval_max", self.eval_max, 0, 100_000_000)
+        check_float("grad_clip", self.grad_clip, 0, 1e6)
+        check_seed("seed", self.seed)
         return self
 
 
@@ -65,7 +67,7 @@ class Run:
     train_config: TrainConfig
     dataset: dict                       # Dataset.spec(): what load() needs to rebuild the data
     metrics: pd.DataFrame               # tidy: step, split, metric, value (+ optional extra columns)
-    status: str = "completed"           # "completed", "cancelled" or "diverged"
+    status: str = "completed"           # "completed", "cancelled" or "diverged" (see training.diverged)
     name: str = "run"
     meta: dict = field(default_factory=dict)   # free-form JSON-able extras (growth stage, parent run, ...)
     optimizer: torch.optim.Optimizer | None = None  # kept in memory so training can continue
@@ -147,13 +149,30 @@ def loss_and_correct(logits: torch.Tensor, y: torch.Tensor, reduction: str = "me
     return loss, int(correct.sum()), int(mask.sum())
 
 
-@torch.no_grad()
+EVAL_TOKENS = 65536  # at most this many positions per evaluation batch (long sequences get smaller batches)
+
+
 def evaluate(model: nn.Module, dataset: Dataset, split: str = "val", max_examples: int = 0,
              batch_size: int = 1024) -> dict[str, float]:
-    """Mean loss and accuracy of ``model`` on a split (first ``max_examples`` if > 0), in eval mode."""
+    """Mean loss and accuracy of ``model`` on a split (first ``max_examples`` if > 0; 0: all), in eval mode.
+
+    The model and the data are checked first (:func:`check_pairing`). Batches hold at most
+    ``batch_size`` examples and :data:`EVAL_TOKENS` positions (the result does not depend on it).
+    """
+    check_choice("split", split, ["train", "val"])
+    check_int("max_examples", max_examples, 0, None)
+    check_int("batch_size", batch_size, 1, 1_000_000)
+    check_pairing(model, dataset)
+    return _evaluate(model, dataset, split, max_examples, batch_size)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, dataset: Dataset, split: str, max_examples: int, batch_size: int = 1024):
     x, y = dataset.split(split)
     if max_examples:
         x, y = x[:max_examples], y[:max_examples]
+    if x.dim() > 1 and dataset.kind == "sequence":
+        batch_size = max(1, min(batch_size, EVAL_TOKENS // max(x.shape[1], 1)))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -164,6 +183,105 @@ def evaluate(model: nn.Module, dataset: Dataset, split: str = "val", max_example
         total, correct, count = total + float(loss), correct + c, count + n
     model.train(was_training)
     return {"loss": total / max(count, 1), "acc": correct / max(count, 1)}
+
+
+def check_pairing(model: nn.Module, dataset: Dataset) -> None:
+    """Refuse, with a message saying what does not fit, a model and a dataset that cannot go together.
+
+    Checked: the dataset is a :class:`~workbench.data.Dataset` with examples and labels of
+    matching lengths; a native MLP (``config.family == "mlp"``) takes vector data with
+    ``d_in`` features (floating point) and has at least as many classes as the labels need;
+    a Transformer takes sequence data whose token ids and targets fit its ``vocab_size``
+    (at least the dataset's vocabulary), whose sequences fit its ``context``, and whose
+    vocabulary agrees with the model's ``vocab`` when both list one. Models without a native
+    config are only checked for the dataset's own consistency. Returns ``None``.
+    """
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"dataset must be a workbench.data.Dataset, got {type(dataset).__name__}")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    name = dataset.name
+    for split in ("train", "val"):
+        x, y = dataset.split(split)
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.dim() < 1 or y.dim() < 1 \
+                or len(x) != len(y):
+            raise ValueError(f"dataset {name!r}: the {split} examples and labels must be tensors of one length")
+    if len(dataset.x_train) == 0:
+        raise ValueError(f"dataset {name!r} has no training examples")
+    cfg = getattr(model, "config", None)
+    family = getattr(cfg, "family", None)
+    if family not in ("mlp", "transformer"):
+        return
+    wants = "vector" if family == "mlp" else "sequence"
+    if dataset.kind != wants:
+        raise ValueError(f"model family {family!r} takes {wants} data; dataset {name!r} is a {dataset.kind} dataset")
+    if family == "mlp":
+        if dataset.x_train.dim() != 2 or dataset.x_train.shape[1] != cfg.d_in:
+            raise ValueError(f"the model takes d_in={cfg.d_in} features but dataset {name!r} has "
+                             f"{tuple(dataset.x_train.shape[1:])}")
+        for split in ("train", "val"):
+            x, y = dataset.split(split)
+            if not x.dtype.is_floating_point:
+                raise ValueError(f"dataset {name!r}: an MLP takes real (floating-point) features, the {split} "
+                                 f"features are {x.dtype}")
+            if y.dim() != 1:
+                raise ValueError(f"dataset {name!r}: an MLP takes one label per example, the {split} labels have "
+                                 f"shape {tuple(y.shape)}")
+        top = max([dataset.n_classes - 1] + _label_max(dataset))
+        if top >= cfg.n_classes:
+            raise ValueError(f"the model has {cfg.n_classes} classes but dataset {name!r} has labels up to {top}")
+        for split in ("train", "val"):
+            check_labels(f"dataset {name!r} {split} labels", dataset.split(split)[1], cfg.n_classes, ignore=IGNORE)
+        return
+    if dataset.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the model's vocab_size is {cfg.vocab_size} but dataset {name!r} has a vocabulary of "
+                         f"{dataset.vocab_size} tokens")
+    if dataset.x_train.dim() != 2 or dataset.seq_len > cfg.context:
+        raise ValueError(f"the model's context is {cfg.context} but dataset {name!r} has sequences of length "
+                         f"{dataset.seq_len}")
+    if cfg.vocab is not None and dataset.vocab is not None and list(cfg.vocab[:len(dataset.vocab)]) != \
+            list(dataset.vocab):
+        i = next((i for i, (a, b) in enumerate(zip(cfg.vocab, dataset.vocab)) if a != b), len(cfg.vocab))
+        mine = repr(cfg.vocab[i]) if i < len(cfg.vocab) else "missing"
+        raise ValueError(f"the model's vocabulary differs from dataset {name!r}'s: token {i} is {mine} in the "
+                         f"model and {dataset.vocab[i]!r} in the data")
+    for split in ("train", "val"):
+        x, y = dataset.split(split)
+        if y.shape != x.shape:
+            raise ValueError(f"dataset {name!r}: the {split} targets must have the tokens' shape {tuple(x.shape)}, "
+                             f"got {tuple(y.shape)}")
+        check_tokens(f"dataset {name!r} {split} tokens", x, cfg.vocab_size)
+        check_labels(f"dataset {name!r} {split} targets", y, cfg.vocab_size, ignore=IGNORE)
+
+
+def _label_max(dataset: Dataset) -> list[int]:
+    out = []
+    for split in ("train", "val"):
+        y = dataset.split(split)[1]
+        if not y.dtype.is_floating_point and not y.dtype.is_complex and y.dtype != torch.bool:
+            valid = y[y != IGNORE]
+            if valid.numel():
+                out.append(int(valid.max()))
+    return out
+
+
+def diverged(history: list[float], n_classes: int | None = None) -> bool:
+    """Whether the last loss of one split's evaluation ``history`` marks the run as diverged.
+
+    The rule: the last loss is not finite, or it is more than :data:`BLOWUP_FACTOR` (100) times
+    the best (lowest) loss of the split so far, counting the loss of uniform guessing,
+    ``ln(n_classes)``, as a bound on the best, *and* above :data:`BLOWUP_FLOOR` (10) and
+    ``2 ln(n_classes)`` (twice the loss of uniform guessing). So a loss of 1.6e13 after 0.3
+    diverged, while ordinary overfitting (validation loss from 0.1 to 3) did not.
+    """
+    if not history:
+        return False
+    last = history[-1]
+    if not math.isfinite(last):
+        return True
+    guess = math.log(n_classes) if n_classes and n_classes > 1 else math.inf
+    best = min([guess, *[v for v in history if math.isfinite(v)]])
+    return last > BLOWUP_FACTOR * best and last > max(BLOWUP_FLOOR, 2 * guess if math.isfinite(guess) else 0.0)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -202,11 +320,23 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None,
     steps so stages of a growth schedule line up. ``extra`` columns are added to every row.
     ``loss_fn(model, x, y) -> scalar`` replaces the cross-entropy of a minibatch (e.g. mixup,
     :class:`workbench.collapse.MixupLoss`); evaluation always reports plain cross-entropy.
-    A NaN or infinite loss stops training with ``status="diverged"``.
+
+    The model and the data are checked against each other first (:func:`check_pairing`), and
+    a native model's memory for this batch size against the budget
+    (:func:`workbench.models.check_memory`). A NaN or infinite minibatch loss stops training
+    with ``status="diverged"``; so does an evaluation whose train or validation loss blew up
+    (:func:`diverged`: more than 100x the split's best and above 10), which also records
+    ``run.meta["diverged"]`` (step, split, loss, best).
     """
+    if config is not None and not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig or None, got {type(config).__name__}")
     config = (config or TrainConfig()).validate()
-    if dataset.kind == "sequence" and getattr(model.config, "vocab_size", dataset.n_classes) != dataset.n_classes:
-        raise ValueError(f"model vocab_size {model.config.vocab_size} != dataset vocabulary {dataset.n_classes}")
+    check_int("start_step", start_step, 0, None)
+    check_pairing(model, dataset)
+    from .models import MLPConfig, TransformerConfig, check_memory
+
+    if isinstance(getattr(model, "config", None), (MLPConfig, TransformerConfig)):
+        check_memory(model.config, min(config.batch_size, len(dataset.x_train)))
     device = next(model.parameters()).device
     optimizer = optimizer or make_optimizer(model, config)
     base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
@@ -217,12 +347,19 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None,
     batches = _batches(len(dataset.x_train), config.batch_size, gen)
     x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
     status, t0 = "completed", time.perf_counter()
+    history: dict[str, list[float]] = {"train": [], "val": []}
+    blowup: dict = {}
 
     def record_eval(step: int) -> None:
         rows = []
         for split in ("train", "val"):
-            for metric, value in evaluate(model, dataset, split, config.eval_max).items():
+            for metric, value in _evaluate(model, dataset, split, config.eval_max).items():
                 rows.append({"step": step, "split": split, "metric": metric, "value": value, **state.extra})
+                if metric == "loss" and not blowup:
+                    history[split].append(value)
+                    if diverged(history[split], dataset.n_classes):
+                        best = min((v for v in history[split][:-1] if math.isfinite(v)), default=float("nan"))
+                        blowup.update(step=step, split=split, loss=value, best=best)
         rows.append({"step": step, "split": "train", "metric": "seconds", "value": time.perf_counter() - t0,
                      **state.extra})
         state.rows.extend(rows)
@@ -260,11 +397,17 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None,
                 break
             if (i + 1) % config.eval_every == 0 or i + 1 == config.steps:
                 record_eval(state.step)
+                if blowup:
+                    status = "diverged"
+                    break
     if status != "diverged" and (not state.rows or state.rows[-1]["metric"] != "seconds"):
-        record_eval(state.step)  # final evaluation after a stop
+        record_eval(state.step)  # final evaluation after a stop (the run stays "cancelled")
     model.eval()
     for cb in callbacks:
         cb.on_end(state)
     metrics = pd.DataFrame(state.rows, columns=None if state.rows else ["step", "split", "metric", "value"])
+    meta = {"diverged": {k: (v if math.isfinite(v) else str(v)) if isinstance(v, float) else v
+                         for k, v in blowup.items()}} if blowup and status == "diverged" else {}
     return Run(model=model, train_config=config, dataset=dataset.spec(), metrics=metrics, status=status,
-               name=name or f"{dataset.name}-{getattr(model.config, 'family', 'model')}", optimizer=optimizer)
+               name=name or f"{dataset.name}-{getattr(model.config, 'family', 'model')}", meta=meta,
+               optimizer=optimizer)
