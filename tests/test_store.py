@@ -114,3 +114,374 @@ def test_list_is_newest_first_and_saving_order_breaks_ties(store, mlp_run):
     run, _ = mlp_run
     ids = [store.save(run, name=f"r{i}") for i in range(4)]   # usually within one second
     assert list(store.list()["run_id"]) == ids[::-1]
+
+
+# ============================================================================ planted files (issue 10)
+import os  # noqa: E402
+import sqlite3  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from workbench import store as store_mod  # noqa: E402
+
+
+def _tiny_run(name="tiny", seed=0):
+    """A run built without training: a small digits-shaped MLP and a hand-made metrics table."""
+    model = wb.models.build(wb.models.MLPConfig(d_in=64, n_classes=10, d_model=8, d_hidden=8, n_layers=1, seed=seed))
+    metrics = pd.DataFrame({"step": [1, 1, 2, 2], "split": ["val"] * 4, "metric": ["loss", "acc"] * 2,
+                            "value": [2.0, 0.1, 1.5, 0.25]})
+    spec = {"name": "digits", **wb.data.check_options("digits")}
+    return wb.training.Run(model=model, train_config=wb.TrainConfig(steps=2), dataset=spec, metrics=metrics,
+                           name=name)
+
+
+def _edit_json(store, rid, edit):
+    p = store.runs_dir / rid / "run.json"
+    doc = json.loads(p.read_text())
+    edit(doc)
+    p.write_text(json.dumps(doc))
+    return p
+
+
+def _edit(path, value):
+    """``lambda doc: ...`` setting (value) or deleting (value is _DEL) a dotted path."""
+    def go(doc):
+        *head, last = path.split(".")
+        d = doc
+        for k in head:
+            d = d[k]
+        if value is _DEL:
+            del d[last]
+        else:
+            d[last] = value
+    return go
+
+
+_DEL = object()
+
+
+@pytest.mark.parametrize("path, value, field", [
+    ("train", _DEL, "'train'"),
+    ("model", _DEL, "'model'"),
+    ("dataset", _DEL, "'dataset'"),
+    ("status", _DEL, "'status'"),
+    ("model.d_in", _DEL, "'model.d_in'"),
+    ("train.steps", "x", "steps"),
+    ("train.lr", True, "lr"),
+    ("train.foo", 1, "'train.foo'"),
+    ("dataset", 5, "'dataset'"),
+    ("dataset", {"seed": 0}, "'dataset.name'"),
+    ("dataset.val_fraction", "lots", "val_fraction"),
+    ("dataset.bogus", 1, "bogus"),
+    ("dataset.name", "nope", "dataset"),
+    ("model.d_model", "wide", "d_model"),
+    ("model.family", "cnn", "family"),
+    ("model.norm", "batch", "norm"),
+    ("status", 3, "'status'"),
+    ("name", None, "'name'"),
+    ("meta", [1, 2], "'meta'"),
+])
+def test_invalid_run_json_is_refused_naming_run_file_and_field(store, path, value, field):
+    rid = store.save(_tiny_run())
+    p = _edit_json(store, rid, _edit(path, value))
+    for call in (store.read_json, store.load):
+        with pytest.raises(StoreError) as e:
+            call(rid)
+        msg = str(e.value)
+        assert rid in msg and str(p) in msg and field in msg, msg
+
+
+def test_planted_config_over_the_memory_budget_is_refused_before_building(store, monkeypatch):
+    """The issue's 1.1 TB MLP: refused by the config's own validate() (its memory budget), never built."""
+    rid = store.save(_tiny_run())
+    _edit_json(store, rid, lambda d: d["model"].update(d_model=8192, d_hidden=65536, n_layers=256))
+    with pytest.raises(StoreError, match="WORKBENCH_MAX_MODEL_MB"):
+        store.read_json(rid)     # validation only: if this did not raise, load() below would try to allocate
+    with pytest.raises(StoreError, match=rf"{rid}.*run.json.*'model'.*WORKBENCH_MAX_MODEL_MB"):
+        store.load(rid)
+
+
+def test_a_valid_planted_concatenation_spec_loads_and_a_bad_part_is_named(store):
+    rid = store.save(_tiny_run())
+    part = {"name": "digits", **wb.data.check_options("digits")}
+    _edit_json(store, rid, lambda d: d.update(dataset={"name": "mixture", "parts": [part, part]}))
+    assert store.load(rid).dataset["parts"] == [part, part]
+    _edit_json(store, rid, lambda d: d.update(dataset={"name": "mixture", "parts": [part, {"name": 3}]}))
+    with pytest.raises(StoreError, match=r"'dataset.parts\[1\].name'"):
+        store.load(rid)
+
+
+def _rewrite_weights(path, edit):
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(path))
+    edit(t)
+    save_file(t, str(path))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_weights_are_refused_unless_asked_for(store, bad):
+    run = _tiny_run()
+    rid = store.save(run)
+    key = "readout.weight"
+    _rewrite_weights(store.runs_dir / rid / "model.safetensors", lambda t: t[key].view(-1).__setitem__(3, bad))
+    with pytest.raises(StoreError, match=rf"{rid}.*model.safetensors.*NaN or infinite.*{key}.*allow_nonfinite"):
+        store.load(rid)
+    back = store.load(rid, allow_nonfinite=True).model.state_dict()[key]
+    assert back.view(-1)[3].item() == bad or (bad != bad and back.view(-1)[3].isnan())
+    assert torch.isfinite(back.view(-1)[:3]).all()
+    with pytest.raises(ValueError, match="allow_nonfinite must be True or False"):
+        store.load(rid, allow_nonfinite="yes")
+
+
+def test_weights_with_missing_extra_or_renamed_keys_are_refused(store):
+    rid = store.save(_tiny_run())
+    path = store.runs_dir / rid / "model.safetensors"
+    original = path.read_bytes()
+    key = "readout.weight"
+    _rewrite_weights(path, lambda t: t.pop(key))
+    with pytest.raises(StoreError, match=rf"do not match the config: missing '{key}'"):
+        store.load(rid)
+    path.write_bytes(original)
+    _rewrite_weights(path, lambda t: t.update(extra=torch.zeros(2)))
+    with pytest.raises(StoreError, match=r"do not match the config: unexpected \['extra'\]"):
+        store.load(rid)
+    path.write_bytes(original)
+    _rewrite_weights(path, lambda t: t.update({key: t[key].to(torch.int32)}))
+    with pytest.raises(StoreError, match=r"do not match the config: readout.weight has dtype torch.int32"):
+        store.load(rid)
+    path.write_bytes(original)
+    assert torch.equal(store.load(rid).model.readout.weight, _tiny_run().model.readout.weight)
+
+
+def test_metrics_without_their_columns_are_refused(store):
+    rid = store.save(_tiny_run())
+    (store.runs_dir / rid / "metrics.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(StoreError, match=r"metrics.csv: metrics table lacks column\(s\) \['step', 'split', 'metric', "
+                                         r"'value'\]"):
+        store.load(rid)
+
+
+def test_save_checks_the_run_before_writing_anything(store):
+    run = _tiny_run()
+    run.dataset = 5
+    with pytest.raises(StoreError, match=r"run 'tiny' \(not saved\): field 'dataset'"):
+        store.save(run)
+    run = _tiny_run()
+    run.train_config = wb.TrainConfig(steps="x")
+    with pytest.raises(StoreError, match="not saved.*steps"):
+        store.save(run)
+    assert list(store.runs_dir.iterdir()) == [] and len(store.list()) == 0
+
+
+# ---------------------------------------------------------------------------- corrupt or foreign index (item 9)
+
+
+def _foreign_runs_table(path):
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, title TEXT, score REAL)")
+    db.execute("INSERT INTO runs VALUES (1, 'someone else''s data', 0.5)")
+    db.commit()
+    db.close()
+
+
+def _foreign_other_tables(path):
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE photos (id INTEGER, path TEXT)")
+    db.commit()
+    db.close()
+
+
+def _random_bytes(path):
+    path.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1)).tolist()))
+
+
+def _truncated(path):
+    path.write_bytes(path.read_bytes()[:1000] + b"\x00garbage" * 50)
+
+
+@pytest.mark.parametrize("plant", [_random_bytes, _foreign_runs_table, _foreign_other_tables, _truncated])
+def test_bad_index_gives_store_error_and_rebuild_index_recovers(tmp_path, plant):
+    root = tmp_path / "home"
+    s = wb.RunStore(root)
+    ids = [s.save(_tiny_run(f"r{i}", seed=i)) for i in range(3)]
+    before = s.list()
+    index = root / "index.sqlite"
+    if plant is not _truncated:
+        index.unlink()
+    plant(index)
+    planted = index.read_bytes()
+
+    bad = wb.RunStore(root)                       # opens: a bad index does not stop the store (or the dashboard)
+    assert isinstance(bad.index_error, StoreError) and str(index) in str(bad.index_error)
+    for call in (bad.list, lambda: bad.save(_tiny_run("new")), lambda: bad.delete(ids[0])):
+        with pytest.raises(StoreError) as e:
+            call()
+        assert not isinstance(e.value, sqlite3.Error)
+        assert str(index) in str(e.value) and "RunStore.rebuild_index()" in str(e.value)
+    assert sorted(p.name for p in (root / "runs").iterdir()) == sorted(ids)   # save wrote nothing
+    assert torch.equal(bad.load(ids[1]).model.readout.weight, _tiny_run(seed=1).model.readout.weight)
+
+    report = bad.rebuild_index()
+    assert sorted(report["indexed"]) == sorted(ids) and report["broken"] == {}
+    assert report["moved_to"].read_bytes() == planted     # moved aside, never deleted
+    after = bad.list()
+    key = lambda df: df.sort_values("run_id").reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(key(after), key(before))
+    assert wb.RunStore(root).index_error is None
+    assert bad.save(_tiny_run("new")) in set(wb.RunStore(root).list()["run_id"])
+
+
+def test_index_replaced_while_open_makes_save_fail_before_writing(store):
+    store.save(_tiny_run())
+    store.index_path.unlink()
+    _foreign_runs_table(store.index_path)
+    n = len(list(store.runs_dir.iterdir()))
+    with pytest.raises(StoreError, match="foreign 'runs' table.*rebuild_index"):
+        store.save(_tiny_run("second"))
+    assert len(list(store.runs_dir.iterdir())) == n
+    db = sqlite3.connect(store.index_path)
+    assert db.execute("SELECT title FROM runs").fetchall() == [("someone else's data",)]   # untouched
+    db.close()
+
+
+def test_deleted_index_is_rebuilt_from_the_directories(store):
+    ids = [store.save(_tiny_run(f"r{i}")) for i in range(2)]
+    store.index_path.unlink()
+    assert sorted(store.list()["run_id"]) == sorted(ids)
+
+
+# ---------------------------------------------------------------------------- reconcile after crashes (item 8)
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_open_indexes_a_complete_directory_whose_row_was_never_committed(store):
+    ids = [store.save(_tiny_run(f"r{i}", seed=i)) for i in range(3)]
+    before = store.list().set_index("run_id")
+    db = sqlite3.connect(store.index_path)
+    db.execute("DELETE FROM runs WHERE run_id = ?", (ids[1],))     # killed between the rename and the commit
+    db.commit()
+    db.close()
+    fresh = wb.RunStore(store.root)
+    after = fresh.list().set_index("run_id")
+    assert set(after.index) == set(ids)
+    pd.testing.assert_series_equal(after.loc[ids[1]], before.loc[ids[1]])
+    assert fresh.broken().empty
+
+
+def test_incomplete_or_invalid_directories_are_listed_as_broken_not_indexed(store):
+    good = store.save(_tiny_run("good"))
+    rids = {}
+    for what in ("no-metrics", "bad-json", "nan-free-but-bad-shape", "empty"):
+        rids[what] = store.save(_tiny_run(what))
+    (store.runs_dir / rids["no-metrics"] / "metrics.csv").unlink()
+    _edit_json(store, rids["bad-json"], _edit("train.steps", "x"))
+    _edit_json(store, rids["nan-free-but-bad-shape"], _edit("model.d_model", 48))
+    for f in (store.runs_dir / rids["empty"]).iterdir():
+        f.unlink()
+    (store.runs_dir / "not a run id").mkdir()
+    db = sqlite3.connect(store.index_path)
+    db.execute(f"DELETE FROM runs WHERE run_id IN ({','.join('?' * 4)})", list(rids.values()))
+    db.commit()
+    db.close()
+    fresh = wb.RunStore(store.root)
+    assert list(fresh.list()["run_id"]) == [good]
+    broken = fresh.broken().set_index("run_id")["problem"]
+    assert set(broken.index) == set(rids.values()) | {"not a run id"}
+    assert "metrics.csv: missing" in broken[rids["no-metrics"]]
+    assert "steps" in broken[rids["bad-json"]]
+    assert "do not match the config" in broken[rids["nan-free-but-bad-shape"]]
+    assert "run.json: missing" in broken[rids["empty"]]
+    assert "not a valid run id" in broken["not a run id"]
+    # repaired by hand, it is indexed on the next reconcile
+    _edit_json(fresh, rids["bad-json"], _edit("train.steps", 2))
+    assert fresh.reconcile()["indexed"] == [rids["bad-json"]]
+    assert set(fresh.list()["run_id"]) == {good, rids["bad-json"]}
+
+
+def test_stale_temporaries_are_removed_and_live_ones_kept(store):
+    host = store_mod._HOST
+    old = time.time() - 2 * store_mod.STALE_TMP_SECONDS
+    names = {
+        "dead": f".tmp-{_dead_pid()}@{host}@abc",              # writer gone: stale at once
+        "alive": f".tmp-{os.getpid()}@{host}@abc",             # this process: a save in progress
+        "other-host-fresh": ".tmp-1@elsewhere.example@abc",    # unknown writer, recent: kept
+        "other-host-old": ".tmp-1@elsewhere.example@def",      # unknown writer, untouched for long: stale
+        "untagged-fresh": ".tmp-x8y9z0",
+        "untagged-old": ".tmp-a1b2c3",
+        "delete-leftover": ".del-20240101-000000-x-abcdef",    # a delete cut short: finished
+    }
+    for key, name in names.items():
+        d = store.runs_dir / name
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+        if key.endswith("-old"):
+            os.utime(d / "model.safetensors", (old, old))
+            os.utime(d, (old, old))
+    idx_tmp = store.root / f".index.sqlite.{_dead_pid()}@{host}@xyz.tmp"
+    idx_tmp.write_bytes(b"half an index")
+    wb.RunStore(store.root)
+    gone = {k for k, n in names.items() if not (store.runs_dir / n).exists()}
+    assert gone == {"dead", "other-host-old", "untagged-old", "delete-leftover"}
+    assert not idx_tmp.exists()
+    assert all(sorted(p.name for p in (store.runs_dir / names[k]).iterdir()) == ["model.safetensors"]
+               for k in ("alive", "other-host-fresh", "untagged-fresh"))
+
+
+def test_rows_whose_directory_is_gone_are_dropped(store):
+    a, b = store.save(_tiny_run("a")), store.save(_tiny_run("b"))
+    os.replace(store.runs_dir / a, store.runs_dir / f".del-{a}")     # delete killed before its row went
+    fresh = wb.RunStore(store.root)
+    assert list(fresh.list()["run_id"]) == [b] and not (store.runs_dir / f".del-{a}").exists()
+
+
+def test_every_file_and_rename_is_fsynced_before_it_counts(store, monkeypatch):
+    """Each file: written, fsynced, renamed, its directory fsynced; then the run directory's rename and
+    runs/ fsynced; all before the index row is committed."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name fsynced descriptors")
+    events = []
+    real_fsync, real_replace, real_connect = os.fsync, os.replace, sqlite3.connect
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.fspath(src), os.fspath(dst)))
+        return real_replace(src, dst)
+
+    class Conn:
+        def __init__(self, *a, **k):
+            self._db = real_connect(*a, **k)
+
+        def __getattr__(self, name):
+            return getattr(self._db, name)
+
+        def commit(self):
+            events.append(("commit",))
+            return self._db.commit()
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(store_mod.sqlite3, "connect", Conn)
+    rid = store.save(_tiny_run())
+    monkeypatch.undo()
+    final = str(store.runs_dir / rid)
+    replaces = [i for i, e in enumerate(events) if e[0] == "replace"]
+    names = {os.path.basename(events[i][2]) for i in replaces[:-1]}
+    assert names == {"model.safetensors", "metrics.csv", "run.json"} and events[replaces[-1]][2] == final
+    synced = lambda i, path: any(e == ("fsync", os.path.realpath(path)) for e in events[:i])  # noqa: E731
+    for i in replaces[:-1]:
+        src, dst = events[i][1], events[i][2]
+        assert synced(i, src), f"{src} renamed before fsync"
+        nxt = replaces[replaces.index(i) + 1]
+        assert any(e == ("fsync", os.path.realpath(os.path.dirname(dst))) for e in events[i:nxt])
+    last = replaces[-1]
+    commit = max(i for i, e in enumerate(events) if e == ("commit",))
+    assert any(e == ("fsync", os.path.realpath(store.runs_dir)) for e in events[last:commit])

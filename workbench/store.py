@@ -3,45 +3,80 @@
 Layout under the root (``RunStore(path)``; default ``$WORKBENCH_HOME`` or the user's
 data directory)::
 
-    index.sqlite                 one row per run (for list())
+    index.sqlite                 one row per run (for list()); derived data, rebuilt from runs/
     runs/<run_id>/run.json       format tag, model config, train config, dataset spec, meta
     runs/<run_id>/model.safetensors
     runs/<run_id>/metrics.csv    tidy metrics
 
-A run directory is written under a temporary name and renamed into place, each file
-itself via temporary file + ``os.replace``, so a crash never leaves a half-written run
-that looks complete. Loading checks the format tag and the weights against the config
-and raises :class:`StoreError` with the file and the reason otherwise.
+The run directories are the truth; the index only makes ``list()`` fast.
+
+Writing. ``save`` writes the three files into ``runs/.tmp-<pid>@<host>@<random>/`` (each file
+through a temporary file: write, ``fsync``, ``os.replace``, ``fsync`` of the directory),
+renames that directory to ``runs/<run_id>`` (``fsync`` of ``runs/``), then commits the index
+row; ``save`` returns only after the commit. A kill leaves one of two kinds of junk, both
+cleaned when a store is opened (:meth:`RunStore.reconcile`):
+
+- a ``.tmp-*`` directory (killed while writing): removed when its writer is gone. The name
+  carries the writer's pid and host: on the same host a pid that is no longer alive means
+  stale at once; a directory from another host (or of the old unnamed form) is stale once
+  nothing in it changed for :data:`STALE_TMP_SECONDS` (15 minutes, far longer than any save);
+- a complete ``runs/<run_id>`` without an index row (killed between the rename and the
+  commit): indexed once it passes the same validation as :meth:`RunStore.load` (config,
+  weights, metrics). A directory that fails it is not indexed; :meth:`RunStore.broken`
+  lists it with the reason (repair it, then call :meth:`RunStore.reconcile`).
+
+Index rows whose directory is gone (a ``delete`` killed half-way) are dropped, and
+``.del-*`` directories (the same) are removed.
+
+Reading. A missing, corrupt or foreign ``index.sqlite`` never stops the store from opening:
+``RunStore()`` records the problem in ``index_error`` and ``list``/``save``/``delete``
+raise it as a :class:`StoreError` that names the file and says to call
+:meth:`RunStore.rebuild_index` (which moves the file aside, never deleting it, and builds a
+new index from the run directories). ``load`` reads the run directory and works without the
+index. Loading validates ``run.json`` with the configs' own ``validate()`` and the dataset
+module's option checks, the weights against the config (names, shapes, finite values) and
+the metrics table, and raises :class:`StoreError` naming the run, the file and the field.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from . import data as _data
 from . import models as _models
 from .training import Run, TrainConfig
 
-__all__ = ["RunStore", "StoreError", "default_home"]
+__all__ = ["RunStore", "StoreError", "default_home", "STALE_TMP_SECONDS"]
 
 FORMAT = "depth-workbench-run"
 VERSION = 1
 _COLUMNS = ["run_id", "name", "created", "dataset", "family", "n_layers", "d_model", "steps", "status",
             "val_loss", "val_acc", "group_name", "stage", "parent"]
+_METRIC_COLUMNS = ["step", "split", "metric", "value"]
+_RUN_ID = re.compile(r"[A-Za-z0-9_.-]+")
+
+STALE_TMP_SECONDS = 15 * 60   # a temporary file or directory of an unknown writer untouched this long is junk
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
+_TAG = re.compile(r"(\d+)@([A-Za-z0-9._-]+)@")   # "<pid>@<host>@" in temporary names
 
 
 class StoreError(RuntimeError):
-    """A run is missing, truncated, foreign or inconsistent."""
+    """A run is missing, truncated, foreign or inconsistent, or the index cannot be used."""
 
 
 def default_home() -> Path:
@@ -54,45 +89,402 @@ def default_home() -> Path:
     return Path(user_data_dir("depth-workbench", appauthor=False))
 
 
+# ============================================================================ durable writes
+
+
+def _writer_tag() -> str:
+    """``<pid>@<host>@``: who is writing a temporary file (read back by :func:`_is_stale`)."""
+    return f"{os.getpid()}@{_HOST}@"
+
+
+def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
+    """Flush a file's (or a directory's entries') data to disk. Directories: POSIX only."""
+    if directory and os.name == "nt":
+        return  # Windows cannot open a directory for fsync; NTFS journals renames itself
+    fd = os.open(path, os.O_RDONLY if directory else os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same directory, then rename over ``path``."""
+    """Write via a temporary file in the same directory (write, fsync), rename it over ``path``,
+    then fsync the directory so that the rename itself survives a power cut."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync(path.parent, directory=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would terminate it on Windows: leave the call to the age rule
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists (another user's process)
+        return True
+    return True
+
+
+def _last_touched(path: Path) -> float:
+    """Newest mtime of ``path`` and (for a directory) its entries."""
+    times = [path.lstat().st_mtime]
+    if path.is_dir() and not path.is_symlink():
+        with contextlib.suppress(OSError):
+            times += [p.lstat().st_mtime for p in path.iterdir()]
+    return max(times)
+
+
+def _is_stale(path: Path, now: float) -> bool:
+    """A temporary file or directory whose writer is gone: a dead pid on this host, or else
+    (another host, no tag) nothing changed for :data:`STALE_TMP_SECONDS`."""
+    m = _TAG.search(path.name)
+    if m and m.group(2) == _HOST and not _pid_alive(int(m.group(1))):
+        return True
+    try:
+        return now - _last_touched(path) > STALE_TMP_SECONDS
+    except FileNotFoundError:
+        return False  # removed meanwhile by its writer or another store
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:40] or "run"
 
 
+# ============================================================================ run.json validation
+
+
+def _required_fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
+_MODEL_CLASSES = {c.family: c for c in (_models.MLPConfig, _models.TransformerConfig)}
+_DOC_FIELDS = {"format": str, "version": int, "name": str, "created": str, "status": str,
+               "model": dict, "train": dict, "dataset": dict}
+
+
+def _validate_doc(doc: dict, where: str) -> tuple:
+    """``(model_config, train_config)`` of a run document, or :class:`StoreError` naming ``where``
+    (the run and its file) and the field. Uses the configs' own ``validate()`` and
+    :func:`workbench.data.check_options`."""
+
+    def bad(field: str, why: str):
+        raise StoreError(f"{where}: field {field!r}: {why}")
+
+    for key, typ in _DOC_FIELDS.items():
+        if key not in doc:
+            bad(key, "missing")
+        if not isinstance(doc[key], typ) or isinstance(doc[key], bool):
+            bad(key, f"must be a {'JSON object' if typ is dict else typ.__name__}, got {doc[key]!r}"[:300])
+    if not isinstance(doc.get("meta", {}), dict):
+        bad("meta", f"must be a JSON object, got {doc['meta']!r}"[:300])
+
+    m = doc["model"]
+    cls = _MODEL_CLASSES.get(m.get("family"))
+    if cls is not None:
+        for f in _required_fields(cls):
+            if f not in m:
+                bad(f"model.{f}", "missing")
+    try:
+        config = _models.config_from_dict(m)
+        config.validate()
+    except (ValueError, TypeError) as e:
+        bad("model", f"invalid model config: {e}")
+
+    t = doc["train"]
+    allowed = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(t) - allowed)
+    if unknown:
+        bad(f"train.{unknown[0]}", f"unknown train config field (allowed: {sorted(allowed)})")
+    try:
+        train_config = TrainConfig(**t).validate()
+    except (ValueError, TypeError) as e:
+        bad("train", f"invalid train config: {e}")
+
+    _check_spec(doc["dataset"], "dataset", bad)
+    return config, train_config
+
+
+def _check_spec(spec, field: str, bad, depth: int = 0) -> None:
+    """A dataset spec's shape without building the data: ``{"name": str, **options}`` whose
+    options pass :func:`workbench.data.check_options`, or a concatenation
+    ``{"name": str, "parts": [spec, ...]}`` (see ``compose.concat``)."""
+    if not isinstance(spec, dict):
+        bad(field, f"must be a dataset spec (a JSON object with a str 'name'), got {spec!r}"[:300])
+    if not isinstance(spec.get("name"), str):
+        bad(f"{field}.name", f"must be a str (a dataset name), got {spec.get('name')!r}"[:300])
+    if "parts" in spec:
+        parts, max_parts = spec["parts"], getattr(_data, "MAX_PARTS", 64)
+        if set(spec) != {"name", "parts"}:
+            bad(field, f"a concatenation's spec takes only 'name' and 'parts', got {sorted(spec)}")
+        if not isinstance(parts, list) or not 1 <= len(parts) <= max_parts or depth >= 4:
+            bad(f"{field}.parts", f"must be a list of 1 to {max_parts} dataset specs (nested at most 4 deep), "
+                                  f"got {parts!r}"[:300])
+        for i, p in enumerate(parts):
+            _check_spec(p, f"{field}.parts[{i}]", bad, depth + 1)
+        return
+    try:
+        _data.check_options(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+    except (ValueError, TypeError) as e:
+        bad(field, f"invalid dataset spec: {e}")
+
+
+def _check_metrics(metrics: pd.DataFrame, where: str) -> None:
+    missing = [c for c in _METRIC_COLUMNS if c not in metrics.columns]
+    if missing:
+        raise StoreError(f"{where}: metrics table lacks column(s) {missing} (needs {_METRIC_COLUMNS})")
+    for c in ("step", "value"):
+        if len(metrics) and not pd.api.types.is_numeric_dtype(metrics[c]):
+            raise StoreError(f"{where}: metrics column {c!r} must be numeric, got dtype {metrics[c].dtype}")
+
+
+def _row(run_id: str, doc: dict, metrics: pd.DataFrame) -> list:
+    """The index row of a run (the same whether written by save or rebuilt from its directory)."""
+    val = metrics[metrics["split"] == "val"] if len(metrics) else metrics
+
+    def last(metric):
+        sel = val[val["metric"] == metric]["value"] if len(val) else []
+        if not len(sel):
+            return None
+        v = float(sel.iloc[-1])
+        return None if math.isnan(v) else v
+
+    step = metrics["step"].max() if len(metrics) else 0
+    steps = int(step) if pd.notna(step) else 0
+    m, meta = doc["model"], doc.get("meta", {})
+    return [run_id, doc["name"], doc["created"], doc["dataset"].get("name"), m["family"], m.get("n_layers"),
+            m.get("d_model"), steps, doc["status"], last("loss"), last("acc"), meta.get("group"), meta.get("stage"),
+            meta.get("parent")]
+
+
+# ============================================================================ the store
+
+
 class RunStore:
-    """Save, list, load and delete runs. Safe to share between notebooks and dashboard sessions."""
+    """Save, list, load and delete runs. Safe to share between notebooks and dashboard sessions
+    (several processes may save at once). Opening a store cleans up after crashed saves
+    (:meth:`reconcile`); a bad index is reported, not fatal (``index_error``)."""
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.root = Path(path).expanduser() if path is not None else default_home()
         self.runs_dir = self.root / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self._index = self.root / "index.sqlite"
-        with self._db() as db:
-            db.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(_COLUMNS)}, PRIMARY KEY (run_id))")
+        self.index_error: StoreError | None = None   # set when index.sqlite is corrupt or foreign
+        self._broken: dict[str, str] = {}
+        self.reconcile()
 
-    def _db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self._index, timeout=30)
-        return db
+    @property
+    def index_path(self) -> Path:
+        return self._index
 
     def __repr__(self) -> str:
         return f"RunStore({str(self.root)!r})"
 
+    # -------------------------------------------------------------- index access
+    def _index_failure(self, reason: str) -> StoreError:
+        return StoreError(f"{self._index}: {reason}. The runs in {self.runs_dir} are not affected: call "
+                          "RunStore.rebuild_index() (store.rebuild_index()) to move this file aside and rebuild "
+                          "the index from the run directories")
+
+    def _translate(self, e: sqlite3.Error) -> StoreError:
+        msg = str(e)
+        if isinstance(e, sqlite3.OperationalError) and any(
+                s in msg for s in ("locked", "busy", "unable to open", "readonly", "disk I/O", "full")):
+            return StoreError(f"{self._index}: cannot use the run index now: {msg}")
+        return self._index_failure(f"not a readable run index (corrupt or foreign SQLite file: {msg})")
+
+    def _check_schema(self, db: sqlite3.Connection, deep: bool = False) -> None:
+        """Create the runs table in an empty database; refuse any other schema."""
+        if deep:
+            result = db.execute("PRAGMA quick_check").fetchone()
+            if not result or result[0] != "ok":
+                raise self._index_failure(f"corrupt SQLite file (quick_check: {result[0] if result else None})")
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "runs" in tables:
+            cols = [r[1] for r in db.execute("PRAGMA table_info(runs)")]
+            if cols != _COLUMNS:
+                raise self._index_failure(f"foreign 'runs' table (columns {cols}, expected {_COLUMNS})")
+            return
+        others = sorted(t for t in tables if not t.startswith("sqlite_"))
+        if others:
+            raise self._index_failure(f"foreign SQLite file (tables {others}, no 'runs' table)")
+        db.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(_COLUMNS)}, PRIMARY KEY (run_id))")
+
+    @contextlib.contextmanager
+    def _session(self, deep: bool = False):
+        """A connection to the checked index, committed on success and always closed.
+        Any SQLite failure comes out as a :class:`StoreError` naming the file."""
+        db = None
+        try:
+            db = sqlite3.connect(self._index, timeout=30)
+            self._check_schema(db, deep=deep)
+            yield db
+            db.commit()
+        except sqlite3.Error as e:
+            err = self._translate(e)
+            raise err from None
+        finally:
+            if db is not None:
+                db.close()
+
+    def _usable_index(self):
+        """A session on the index, or the recorded ``index_error`` (re-checked: another process
+        may have rebuilt it). A deleted index is rebuilt from the run directories at once."""
+        if not self._index.exists():
+            self.reconcile()
+        if self.index_error is not None:
+            try:
+                with self._session(deep=True):
+                    pass
+            except StoreError:
+                raise self.index_error from None
+            self.index_error = None
+        return self._session()
+
+    # -------------------------------------------------------------- recovery
+    def reconcile(self) -> dict:
+        """Bring the index in line with the run directories (called on open); returns what it did.
+
+        Removes stale temporary directories and files (see the module docstring), indexes
+        complete run directories that have no index row (killed between rename and commit),
+        drops index rows whose directory is gone and remembers directories that fail
+        validation (:meth:`broken`). With a bad index only the clean-up runs and
+        ``index_error`` is set. Returns ``{"removed": [paths], "indexed": [run ids],
+        "dropped": [run ids], "broken": {run_id: reason}}``.
+        """
+        report = {"removed": self._remove_stale(), "indexed": [], "dropped": [], "broken": {}}
+        try:
+            with self._session(deep=True) as db:
+                indexed = {r[0] for r in db.execute("SELECT run_id FROM runs")}
+        except StoreError as e:   # reported, not raised: the store opens and load() works without the index
+            self.index_error = e
+            return report
+        self.index_error = None
+        dirs = self._run_dirs()          # listed after the SELECT: a row seen there has its directory already
+        rows, broken = self._rows_for(sorted(set(dirs) - indexed))
+        gone = sorted(indexed - set(dirs))
+        with self._session() as db:
+            db.executemany(f"INSERT OR IGNORE INTO runs VALUES ({', '.join('?' * len(_COLUMNS))})", rows)
+            db.executemany("DELETE FROM runs WHERE run_id = ?", [(r,) for r in gone])
+        self._broken = broken
+        report.update(indexed=[r[0] for r in rows], dropped=gone, broken=dict(broken))
+        return report
+
+    def rebuild_index(self) -> dict:
+        """Build a new index from the run directories and put it in place of ``index.sqlite``.
+
+        The old file (corrupt, foreign or fine) is moved aside to ``index.sqlite.bak-<UTC time>``
+        in the store's root, never deleted. Directories that fail validation are not indexed and
+        are reported (also by :meth:`broken`). Do not run it while another process is saving to
+        this store: a row that process commits to the old file is not in the new one until the
+        next :meth:`reconcile` (its directory is, so nothing is lost). Returns
+        ``{"indexed": [run ids], "broken": {run_id: reason}, "moved_to": Path | None}``.
+        """
+        self._remove_stale()
+        rows, broken = self._rows_for(sorted(self._run_dirs()))
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".index.sqlite.{_writer_tag()}", suffix=".tmp")
+        os.close(fd)
+        moved = None
+        try:
+            db = sqlite3.connect(tmp)
+            try:
+                db.execute(f"CREATE TABLE runs ({', '.join(_COLUMNS)}, PRIMARY KEY (run_id))")
+                db.executemany(f"INSERT OR IGNORE INTO runs VALUES ({', '.join('?' * len(_COLUMNS))})", rows)
+                db.commit()
+            finally:
+                db.close()
+            _fsync(tmp)
+            if self._index.exists():
+                stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+                moved = self.root / f"index.sqlite.bak-{stamp}"
+                n = 1
+                while moved.exists():
+                    n += 1
+                    moved = self.root / f"index.sqlite.bak-{stamp}-{n}"
+                os.replace(self._index, moved)
+                for suffix in ("-journal", "-wal", "-shm"):   # a hot journal belongs to the old file
+                    side = self.root / f"index.sqlite{suffix}"
+                    if side.exists():
+                        os.replace(side, Path(f"{moved}{suffix}"))
+            os.replace(tmp, self._index)
+            _fsync(self.root, directory=True)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self.index_error = None
+        self._broken = broken
+        return {"indexed": [r[0] for r in rows], "broken": dict(broken), "moved_to": moved}
+
+    def broken(self) -> pd.DataFrame:
+        """Run directories that are not indexed because they fail validation (as of the last
+        :meth:`reconcile` or :meth:`rebuild_index`): columns ``run_id``, ``path``, ``problem``."""
+        return pd.DataFrame([{"run_id": k, "path": str(self.runs_dir / k), "problem": v}
+                             for k, v in sorted(self._broken.items())], columns=["run_id", "path", "problem"])
+
+    def _run_dirs(self) -> list[str]:
+        return [p.name for p in self.runs_dir.iterdir() if not p.name.startswith(".") and p.is_dir()]
+
+    def _rows_for(self, run_ids: list[str]) -> tuple[list, dict]:
+        """Index rows of valid run directories (in saving order) and the reasons of the others."""
+        found, broken = [], {}
+        for rid in run_ids:
+            if not _RUN_ID.fullmatch(rid):
+                broken[rid] = f"{self.runs_dir / rid}: directory name is not a valid run id"
+                continue
+            try:
+                doc, _, metrics = self._read_run(rid, allow_nonfinite=True)
+                order = (self.runs_dir / rid / "run.json").stat().st_mtime_ns
+            except (StoreError, OSError) as e:
+                broken[rid] = str(e)
+                continue
+            found.append(((doc["created"], order), _row(rid, doc, metrics)))
+        found.sort(key=lambda t: t[0])
+        return [row for _, row in found], broken
+
+    def _remove_stale(self) -> list[str]:
+        """Remove temporary run directories, leftovers of deletes and temporary index files whose
+        writer is gone; returns their paths."""
+        now, removed = time.time(), []
+        candidates = [p for p in self.runs_dir.iterdir() if p.name.startswith(".tmp-") and _is_stale(p, now)]
+        candidates += [p for p in self.runs_dir.iterdir() if p.name.startswith(".del-")]   # a delete was cut short
+        candidates += [p for p in self.root.glob(".index.sqlite.*.tmp") if _is_stale(p, now)]
+        for p in candidates:
+            _remove(p)
+            removed.append(str(p))
+        return removed
+
     # -------------------------------------------------------------- save
     def save(self, run: Run, name: str | None = None) -> str:
-        """Write a run atomically and index it; returns the new run id (also set on ``run.run_id``)."""
+        """Write a run atomically and index it; returns the new run id (also set on ``run.run_id``).
+
+        The run is checked as ``load`` would check it and the index is checked before anything
+        is written; if indexing fails the directory is taken back, so a failed save leaves
+        nothing. Once ``save`` returns, the run is on disk and indexed.
+        """
         name = name or run.name
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty str, got {name!r}")
         created = _dt.datetime.now(_dt.timezone.utc)
         run_id = f"{created:%Y%m%d-%H%M%S}-{_slug(name)}-{uuid.uuid4().hex[:6]}"
         cfg = run.model.config
@@ -102,37 +494,52 @@ class RunStore:
             "model": _models.config_to_dict(cfg),
             "train": dataclasses.asdict(run.train_config), "dataset": run.dataset, "meta": run.meta,
         }
-        tmp_dir = Path(tempfile.mkdtemp(dir=self.runs_dir, prefix=".tmp-"))
+        text = json.dumps(doc, indent=2, default=str)
+        doc = json.loads(text)                      # exactly what load() will read
+        _validate_doc(doc, f"run {name!r} (not saved)")
+        if not isinstance(run.metrics, pd.DataFrame):
+            raise StoreError(f"run {name!r} (not saved): metrics must be a DataFrame, got {type(run.metrics).__name__}")
+        _check_metrics(run.metrics, f"run {name!r} (not saved)")
+        row = _row(run_id, doc, run.metrics)
+        with self._usable_index():
+            pass                                    # a bad index fails here, before the directory is written
+        final = self.runs_dir / run_id
+        tmp_dir = Path(tempfile.mkdtemp(dir=self.runs_dir, prefix=f".tmp-{_writer_tag()}"))
         try:
             state = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
             _write_weights(tmp_dir / "model.safetensors", run.model, state)
             _atomic_write(tmp_dir / "metrics.csv", lambda p: run.metrics.to_csv(p, index=False))
-            _atomic_write(tmp_dir / "run.json", lambda p: Path(p).write_text(json.dumps(doc, indent=2, default=str)))
-            os.replace(tmp_dir, self.runs_dir / run_id)
+            _atomic_write(tmp_dir / "run.json", lambda p: Path(p).write_text(text, encoding="utf-8"))
+            os.replace(tmp_dir, final)
+            _fsync(self.runs_dir, directory=True)
         except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
-        val = run.metrics[(run.metrics["split"] == "val")] if len(run.metrics) else run.metrics
-        last = lambda metric: (float(val[val["metric"] == metric]["value"].iloc[-1])  # noqa: E731
-                               if len(val) and (val["metric"] == metric).any() else None)
-        steps = int(run.metrics["step"].max()) if len(run.metrics) else 0
-        row = [run_id, name, doc["created"], run.dataset.get("name"), cfg.family, cfg.n_layers, cfg.d_model,
-               steps, run.status, last("loss"), last("acc"), run.meta.get("group"), run.meta.get("stage"),
-               run.meta.get("parent")]
-        with self._db() as db:
-            db.execute(f"INSERT INTO runs VALUES ({', '.join('?' * len(_COLUMNS))})", row)
+        try:
+            with self._session() as db:
+                # OR REPLACE: another store's reconcile may have indexed this directory already
+                db.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(_COLUMNS))})", row)
+        except BaseException:
+            trash = self.runs_dir / f".del-{run_id}"
+            with contextlib.suppress(OSError):
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            raise
         run.run_id = run_id
         return run_id
 
     # -------------------------------------------------------------- read
     def list(self) -> pd.DataFrame:
         """All indexed runs, newest first (within one second: the later saved first), one row each."""
-        with self._db() as db:
-            df = pd.read_sql_query("SELECT * FROM runs ORDER BY created DESC, rowid DESC", db)
+        with self._usable_index() as db:
+            try:
+                df = pd.read_sql_query("SELECT * FROM runs ORDER BY created DESC, rowid DESC", db)
+            except (pd.errors.DatabaseError, sqlite3.Error) as e:
+                raise self._index_failure(f"unreadable run index ({e})") from None
         return df
 
     def _dir(self, run_id: str) -> Path:
-        if not isinstance(run_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", run_id) or run_id.startswith("."):
+        if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or run_id.startswith("."):
             raise StoreError(f"run_id {run_id!r} is not a valid run id")
         d = self.runs_dir / run_id
         if not d.is_dir():
@@ -140,36 +547,55 @@ class RunStore:
         return d
 
     def read_json(self, run_id: str) -> dict:
-        """The run's ``run.json`` after checking that it is one of ours."""
+        """The run's ``run.json`` after checking that it is one of ours and that its model config,
+        train config and dataset spec pass their own validation."""
         path = self._dir(run_id) / "run.json"
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise StoreError(f"{path}: missing") from None
+            raise StoreError(f"run {run_id!r}: {path}: missing") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StoreError(f"{path}: not valid JSON (truncated or foreign file): {e}") from None
+            raise StoreError(f"run {run_id!r}: {path}: not valid JSON (truncated or foreign file): {e}") from None
+        except OSError as e:
+            raise StoreError(f"run {run_id!r}: {path}: unreadable ({e})") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise StoreError(f"{path}: not a depth-workbench run (format tag missing or foreign)")
+            raise StoreError(f"run {run_id!r}: {path}: not a depth-workbench run (format tag missing or foreign)")
         if doc.get("version") != VERSION:
-            raise StoreError(f"{path}: unsupported run format version {doc.get('version')!r} (expected {VERSION})")
+            raise StoreError(f"run {run_id!r}: {path}: unsupported run format version {doc.get('version')!r} "
+                             f"(expected {VERSION})")
+        _validate_doc(doc, f"run {run_id!r}: {path}")
         return doc
 
-    def load(self, run_id: str, device: str | torch.device | None = None) -> Run:
-        """Rebuild the model from its config and weights, with metrics and configs."""
+    def _read_run(self, run_id: str, allow_nonfinite: bool = False):
+        """``(doc, model, metrics)`` of a run directory, all validated."""
         doc = self.read_json(run_id)
         d = self._dir(run_id)
+        config = _models.config_from_dict(doc["model"])
         try:
-            config = _models.config_from_dict(doc["model"])
             model = (_models.ResidualMLP if config.family == "mlp" else _models.Transformer)(config)
-        except (KeyError, TypeError, ValueError) as e:
-            raise StoreError(f"{d / 'run.json'}: invalid model config: {e}") from None
-        _read_weights(d / "model.safetensors", model)
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise StoreError(f"run {run_id!r}: {d / 'run.json'}: field 'model': cannot build the model: {e}") from None
+        _read_weights(d / "model.safetensors", model, f"run {run_id!r}", allow_nonfinite=allow_nonfinite,
+                      diverged=doc["status"] == "diverged")
+        path = d / "metrics.csv"
         try:
-            metrics = pd.read_csv(d / "metrics.csv")
+            metrics = pd.read_csv(path)
         except FileNotFoundError:
-            raise StoreError(f"{d / 'metrics.csv'}: missing") from None
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise StoreError(f"{d / 'metrics.csv'}: unreadable ({e})") from None
+            raise StoreError(f"run {run_id!r}: {path}: missing") from None
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+            raise StoreError(f"run {run_id!r}: {path}: unreadable ({e})") from None
+        _check_metrics(metrics, f"run {run_id!r}: {path}")
+        return doc, model, metrics
+
+    def load(self, run_id: str, device: str | torch.device | None = None, *, allow_nonfinite: bool = False) -> Run:
+        """Rebuild the model from its config and weights, with metrics and configs.
+
+        Weights with NaN or infinite values are refused unless ``allow_nonfinite=True`` (to
+        inspect a run that diverged). Works without the index.
+        """
+        if not isinstance(allow_nonfinite, bool):
+            raise ValueError(f"allow_nonfinite must be True or False, got {allow_nonfinite!r}")
+        doc, model, metrics = self._read_run(run_id, allow_nonfinite=allow_nonfinite)
         if device is not None:
             model = model.to(device)
         model.eval()
@@ -179,9 +605,11 @@ class RunStore:
     def delete(self, run_id: str) -> None:
         """Remove a run's files and index row."""
         d = self._dir(run_id)
+        with self._usable_index():
+            pass
         trash = self.runs_dir / f".del-{run_id}"
         os.replace(d, trash)  # atomic: the run disappears at once
-        with self._db() as db:
+        with self._session() as db:
             db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -200,28 +628,36 @@ def _write_weights(path: Path, model: torch.nn.Module, state: dict) -> None:
     _atomic_write(path, lambda p: save_file(unique, p, metadata={"format": FORMAT}))
 
 
-def _read_weights(path: Path, model: torch.nn.Module) -> None:
+def _read_weights(path: Path, model: torch.nn.Module, where: str, allow_nonfinite: bool = False,
+                  diverged: bool = False) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not path.exists():
-        raise StoreError(f"{path}: missing")
+        raise StoreError(f"{where}: {path}: missing")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise StoreError(f"{path}: not a readable safetensors file (truncated or foreign): {e}") from None
+        raise StoreError(f"{where}: {path}: not a readable safetensors file (truncated or foreign): {e}") from None
     expected = model.state_dict()
     shared = {k for k in expected if k not in tensors}
     # Keys left out at save time must be tied aliases of a stored tensor.
     for k in shared:
         if not any(expected[k] is expected[j] or expected[k].data_ptr() == expected[j].data_ptr()
                    for j in tensors if j in expected):
-            raise StoreError(f"{path}: weights do not match the config: missing {k!r}")
+            raise StoreError(f"{where}: {path}: weights do not match the config: missing {k!r}")
     extra = set(tensors) - set(expected)
     if extra:
-        raise StoreError(f"{path}: weights do not match the config: unexpected {sorted(extra)[:5]}")
+        raise StoreError(f"{where}: {path}: weights do not match the config: unexpected {sorted(extra)[:5]}")
     for k, v in tensors.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise StoreError(f"{path}: weights do not match the config: {k} has shape {tuple(v.shape)}, "
+            raise StoreError(f"{where}: {path}: weights do not match the config: {k} has shape {tuple(v.shape)}, "
                              f"expected {tuple(expected[k].shape)}")
+        if v.dtype.is_floating_point != expected[k].dtype.is_floating_point or v.is_complex():
+            raise StoreError(f"{where}: {path}: weights do not match the config: {k} has dtype {v.dtype}, "
+                             f"expected {expected[k].dtype}")
+        if not allow_nonfinite and v.dtype.is_floating_point and not bool(torch.isfinite(v).all()):
+            why = "the run diverged; " if diverged else ""
+            raise StoreError(f"{where}: {path}: weights contain NaN or infinite values in {k!r} ({why}pass "
+                             "allow_nonfinite=True to load them anyway)")
     model.load_state_dict(tensors, strict=False)
