@@ -377,7 +377,7 @@ def test_grow_a_model_loaded_from_the_store(store):
 
 
 @pytest.mark.parametrize("schedule,match", [
-    ([growth.Stage("train", 0)], "stage 0 .*steps must be an integer >= 1"),
+    ([growth.Stage("train", 0)], r"stage 0 .*steps must be an integer in \[1, 10000000\], got 0"),
     ([{"op": "add_layer", "steps": 5}, {"op": "shrink", "steps": 5}], "stage 1: unknown operation 'shrink'"),
     ([{"op": "add_layer", "steps": 5, "freeze": 4}], r"stage 0 .*freeze must be .*\[0, 2\]"),
     ([{"op": "train", "steps": 5, "colour": 1}], "unknown field"),

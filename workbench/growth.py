@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from . import checks
 from . import models as _models
 from .flops import examples_seen, flops_per_example, steps_for_budget
 from .training import Callback, TrainConfig
@@ -34,6 +35,13 @@ __all__ = ["INITS", "OPS", "PRESETS", "KHOP_DEFAULTS", "TEXT_DEFAULTS", "khop_ba
            "schedule_depths", "GrowControl", "grow", "compare", "Comparison", "depth_sweep", "flops_to_reach"]
 
 INITS = ("zero", "copy", "random", "fade")
+
+# Bounds on what growth may build or run (the model configs allow at most 256 blocks).
+MAX_DEPTH = 256
+MAX_STEPS = 10_000_000           # steps of one stage (TrainConfig's own bound)
+MAX_STAGES = 1000
+MAX_SWEEP_RUNS = 256             # depth_sweep: datasets x seeds x depths
+MAX_SEEDS = 16
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -127,11 +135,15 @@ def add_layer(model: nn.Module, init: str = "zero", position: str | int = "top",
     The new block is trainable. ``model.config.n_layers`` follows. Optimizers built before
     do not know the new parameters: use :func:`rebuild_optimizer` (``grow`` does).
     """
-    if init not in INITS:
-        raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+    checks.check_choice("init", init, INITS)
+    checks.check_int("fade_steps", fade_steps, 1, MAX_STEPS)
+    if seed is not None:
+        checks.check_seed("seed", seed)
     blocks = _blocks(model)
     n = len(blocks)
     pos = _resolve_position(position, n)
+    if n + 1 > MAX_DEPTH:
+        raise ValueError(f"model: add_layer would make {n + 1} blocks; at most {MAX_DEPTH} are allowed")
     if init == "copy":
         if n == 0:
             raise ValueError("init='copy' needs an existing block to copy; the model has none")
@@ -144,8 +156,6 @@ def add_layer(model: nn.Module, init: str = "zero", position: str | int = "top",
         if init == "zero":
             _zero_output(block)
         elif init == "fade":
-            if isinstance(fade_steps, bool) or not isinstance(fade_steps, int) or fade_steps < 1:
-                raise ValueError(f"fade_steps must be an integer >= 1, got {fade_steps!r}")
             block.residual_scale = 0.0
             block.fade = {"steps": fade_steps, "done": 0}
     blocks.insert(pos, block)
@@ -159,9 +169,8 @@ def stack(model: nn.Module, factor: int = 2) -> nn.Module:
     ``[b0, b1] -> [b0, b1, b0', b1']`` for ``factor=2``. The copies are independent,
     trainable parameters. Returns the model.
     """
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
     blocks = _blocks(model)
+    checks.check_int("factor", factor, 1, max(1, MAX_DEPTH // max(len(blocks), 1)))
     if len(blocks) == 0:
         raise ValueError("stack needs at least one block; the model has none")
     original = list(blocks)
@@ -195,6 +204,7 @@ def freeze(model: nn.Module, below: int | None = None, *, layers: Iterable[int] 
     readout is the token embedding, so it freezes with the embedding). Freezing is
     additive: call :func:`unfreeze` first to start over. Returns the model.
     """
+    checks.check_bool("embed", embed)
     blocks = _blocks(model)
     n = len(blocks)
     if (below is None) == (layers is None):
@@ -205,6 +215,8 @@ def freeze(model: nn.Module, below: int | None = None, *, layers: Iterable[int] 
         idx = list(range(below))
         with_embed = embed and below >= 1
     else:
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise ValueError(f"layers must be a list of block indices in [0, {n - 1}], got {layers!r}")
         idx = list(layers)
         bad = [i for i in idx if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
         if bad:
@@ -264,6 +276,10 @@ def rebuild_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None 
     parameters start with empty state; frozen parameters are left out. The learning rate
     is ``lr``, else ``config.lr``, else the old optimizer's first group's base rate.
     """
+    if lr is not None:
+        checks.check_float("lr", lr, 0.0, 10.0, lo_open=True)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch optimizer or None, got {type(optimizer).__name__}")
     params = [p for p in model.parameters() if p.requires_grad]
     seen, unique = set(), []
     for p in params:
@@ -307,6 +323,7 @@ class FadeIn(Callback):
 
 def advance_fades(model: nn.Module, steps: int = 1) -> None:
     """Advance every fading block's gate by ``steps`` optimizer steps; a gate that reaches 1 is done."""
+    checks.check_int("steps", steps, 0, MAX_STEPS)
     for b in fading_blocks(model):
         b.fade["done"] = min(b.fade["done"] + steps, b.fade["steps"])
         b.residual_scale = b.fade["done"] / b.fade["steps"]
@@ -353,6 +370,7 @@ def khop_baseline(dataset, split: str = "val") -> float:
     frequent value in the table (ties: the smallest node id). A depth-1 Transformer trained on
     2 or 3 hops ends close to this number; beating it needs a second look-up, i.e. depth.
     """
+    checks.check_choice("split", split, ("train", "val"))
     ds = _dataset_obj(dataset)
     opts = ds.options or {}
     if ds.name != "khop" or opts.get("layout") != "table":
@@ -414,33 +432,42 @@ def check_schedule(schedule, n_layers: int) -> list[Stage]:
     """
     if isinstance(schedule, (Stage, dict)) or not hasattr(schedule, "__iter__"):
         raise ValueError("schedule must be a list of stages (Stage objects or dicts)")
+    checks.check_int("n_layers", n_layers, 0, MAX_DEPTH)
     stages = [_as_stage(s, k) for k, s in enumerate(schedule)]
     if not stages:
         raise ValueError("schedule is empty: give at least one stage")
+    if len(stages) > MAX_STAGES:
+        raise ValueError(f"schedule must have at most {MAX_STAGES} stages, got {len(stages)}")
     depth = n_layers
     for k, s in enumerate(stages):
         where = f"stage {k} ({s.op})"
         if s.op not in OPS:
             raise ValueError(f"stage {k}: unknown operation {s.op!r}; allowed: {list(OPS)}")
-        if isinstance(s.steps, bool) or not isinstance(s.steps, int) or s.steps < 1:
-            raise ValueError(f"{where}: steps must be an integer >= 1, got {s.steps!r}")
+        if isinstance(s.steps, bool) or not isinstance(s.steps, int) or not 1 <= s.steps <= MAX_STEPS:
+            raise ValueError(f"{where}: steps must be an integer in [1, {MAX_STEPS}], got {s.steps!r}")
         if s.lr is not None and (isinstance(s.lr, bool) or not isinstance(s.lr, (int, float))
                                  or not math.isfinite(s.lr) or not 0 < s.lr <= 10):
             raise ValueError(f"{where}: lr must be a number in (0, 10] or None, got {s.lr!r}")
         if s.op == "add_layer":
             if s.init not in INITS:
                 raise ValueError(f"{where}: init must be one of {list(INITS)}, got {s.init!r}")
-            if isinstance(s.n, bool) or not isinstance(s.n, int) or s.n < 1:
-                raise ValueError(f"{where}: n must be an integer >= 1, got {s.n!r}")
+            if isinstance(s.n, bool) or not isinstance(s.n, int) or not 1 <= s.n <= MAX_DEPTH - depth:
+                raise ValueError(f"{where}: n must be an integer in [1, {MAX_DEPTH - depth}] (at most {MAX_DEPTH} "
+                                 f"blocks; the model has {depth} at this stage), got {s.n!r}")
+            if isinstance(s.fade_steps, bool) or not isinstance(s.fade_steps, int) \
+                    or not 1 <= s.fade_steps <= MAX_STEPS:
+                raise ValueError(f"{where}: fade_steps must be an integer in [1, {MAX_STEPS}], got {s.fade_steps!r}")
             if s.init == "copy" and depth == 0:
                 raise ValueError(f"{where}: init='copy' needs an existing block; the model has none")
             _resolve_position(s.position, depth)
             depth += s.n
         elif s.op == "stack":
-            if isinstance(s.factor, bool) or not isinstance(s.factor, int) or s.factor < 1:
-                raise ValueError(f"{where}: factor must be an integer >= 1, got {s.factor!r}")
             if depth == 0:
                 raise ValueError(f"{where}: stack needs at least one block; the model has none")
+            top = max(1, MAX_DEPTH // depth)
+            if isinstance(s.factor, bool) or not isinstance(s.factor, int) or not 1 <= s.factor <= top:
+                raise ValueError(f"{where}: factor must be an integer in [1, {top}] (at most {MAX_DEPTH} blocks; "
+                                 f"the model has {depth} at this stage), got {s.factor!r}")
             depth *= s.factor
         if s.freeze is not None and s.freeze != "old":
             if isinstance(s.freeze, bool) or not isinstance(s.freeze, int) or not 0 <= s.freeze <= depth:
@@ -464,6 +491,16 @@ def preset(name: str, steps: int = 200, *, start_layers: int = 1, final_layers: 
     - ``"scratch"``: one stage of ``total_steps`` (default ``steps * final_layers``); build the
       model with ``final_layers`` blocks yourself.
     """
+    checks.check_choice("preset", name, PRESETS)
+    checks.check_int("steps", steps, 1, MAX_STEPS)
+    checks.check_int("start_layers", start_layers, 0 if name != "gstack" else 1, MAX_DEPTH)
+    checks.check_int("final_layers", final_layers, max(start_layers, 1), MAX_DEPTH)
+    if stack_at is not None:
+        checks.check_int("stack_at", stack_at, 1, MAX_STEPS)
+    if total_steps is not None:
+        checks.check_int("total_steps", total_steps, 1, MAX_STEPS)
+    checks.check_choice("init", init, INITS)
+    checks.check_bool("freeze_lower", freeze_lower)
     if name == "layerwise":
         out = [Stage("train", steps)]
         out += [Stage("add_layer", steps, freeze="old" if freeze_lower else None, init=init)
@@ -579,10 +616,12 @@ def _dataset_obj(dataset):
         return dataset
     if isinstance(dataset, dict):
         d = dict(dataset)
+        if "name" not in d:
+            raise ValueError(f"dataset: a spec dict needs a 'name', got keys {sorted(d)}")
         return _data.load(d.pop("name"), **d)
     if isinstance(dataset, str):
         return _data.load(dataset)
-    raise TypeError(f"dataset must be a Dataset, a name or a spec dict, got {type(dataset).__name__}")
+    raise ValueError(f"dataset must be a Dataset, a name or a spec dict, got {type(dataset).__name__}")
 
 
 def _apply_freeze(model: nn.Module, freeze_spec, old_blocks: set[int]) -> None:
@@ -632,9 +671,15 @@ def grow(model: nn.Module, dataset, schedule, config: TrainConfig | None = None,
     from . import training as _training
     from .models import count_params
 
+    from .permute import check_model_data
+
     ds = _dataset_obj(dataset)
+    check_model_data(model, ds)
     config = (config or TrainConfig()).validate()
     stages = check_schedule(schedule, len(_blocks(model)))
+    for arg, v in (("group", group), ("name", name)):
+        if v is not None:
+            checks.check_str(arg, v, 200)
     group = group or f"grow-{uuid.uuid4().hex[:8]}"
     name = name or f"{ds.name}-grow"
     seq_len = ds.seq_len if ds.kind == "sequence" else None
@@ -735,6 +780,13 @@ def flops_to_reach(metrics, target: float, metric: str = "loss", split: str = "v
 
     Linear interpolation in FLOPs between the two evaluations around the crossing; NaN if never reached.
     """
+    import pandas as pd
+
+    if not isinstance(metrics, pd.DataFrame) or not {"metric", "split", "flops", "step", "value"} <= set(metrics):
+        raise ValueError("metrics must be a run's metrics DataFrame with columns step, split, metric, value, flops")
+    target = checks.check_float("target", target)
+    checks.check_choice("metric", metric, ("loss", "acc"))
+    checks.check_choice("split", split, ("train", "val", "batch"))
     m = metrics[(metrics["metric"] == metric) & (metrics["split"] == split)].sort_values(["flops", "step"])
     better = (lambda v: v <= target) if metric == "loss" else (lambda v: v >= target)
     prev = None
@@ -780,6 +832,7 @@ def compare(schedule, dataset, model_config=None, config: TrainConfig | None = N
     config = (config or TrainConfig()).validate()
     mc = _as_model_config(ds, model_config)
     if start_layers is not None:
+        checks.check_int("start_layers", start_layers, 0, MAX_DEPTH)
         mc = dataclasses.replace(mc, n_layers=start_layers).validate()
     final_depth = schedule_depths(schedule, mc.n_layers)[-1]
     name = name or f"{ds.name}-compare"
@@ -831,18 +884,32 @@ def depth_sweep(datasets, depths, model_config=None, config: TrainConfig | None 
     else:
         items = [(None, datasets)]
     config = (config or TrainConfig()).validate()
+    if isinstance(depths, (str, bytes)) or not hasattr(depths, "__iter__"):
+        raise ValueError(f"depths must be a non-empty list of integers in [0, {MAX_DEPTH}], got {depths!r}")
     depths = list(depths)
-    bad = [d for d in depths if isinstance(d, bool) or not isinstance(d, int) or d < 0]
+    bad = [d for d in depths if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= MAX_DEPTH]
     if bad or not depths:
-        raise ValueError(f"depths must be a non-empty list of integers >= 0, got {depths!r}")
+        raise ValueError(f"depths must be a non-empty list of integers in [0, {MAX_DEPTH}], got {depths!r}")
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (list, tuple, range)) \
+            or not 1 <= len(seeds) <= MAX_SEEDS:
+        raise ValueError(f"seeds must be a list of 1 to {MAX_SEEDS} seeds, got {seeds!r}")
+    seeds = [checks.check_seed("seeds[]", s) for s in seeds]
+    n_runs = len(items) * len(seeds) * len(depths)
+    if n_runs > MAX_SWEEP_RUNS:
+        raise ValueError(f"depth_sweep: datasets x seeds x depths = {len(items)} x {len(seeds)} x {len(depths)} = "
+                         f"{n_runs} runs; at most {MAX_SWEEP_RUNS} are allowed")
+    datasets_ = [(label, _dataset_obj(d)) for label, d in items]
+    models_ = [_as_model_config(ds, model_config) for _, ds in datasets_]
     rows = []
-    for label, d in items:
-        ds = _dataset_obj(d)
+    for (label, ds), base_mc in zip(datasets_, models_):
+        from .permute import check_model_data
+
+        check_model_data(_models.build(dataclasses.replace(base_mc, n_layers=0)), ds)
         label = label if label is not None else ds.name
         seq_len = ds.seq_len if ds.kind == "sequence" else None
         for seed in seeds:
             for depth in depths:
-                mc = dataclasses.replace(_as_model_config(ds, model_config), n_layers=depth, seed=seed)
+                mc = dataclasses.replace(base_mc, n_layers=depth, seed=seed)
                 model = _models.build(mc)
                 per_example = flops_per_example(model, seq_len)
                 cfg = dataclasses.replace(config, seed=seed, eval_every=config.steps)
