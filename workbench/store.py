@@ -455,8 +455,11 @@ class RunStore:
             try:
                 doc, _, metrics = self._read_run(rid, allow_nonfinite=True)
                 order = (self.runs_dir / rid / "run.json").stat().st_mtime_ns
-            except (StoreError, OSError) as e:
+            except StoreError as e:
                 broken[rid] = str(e)
+                continue
+            except Exception as e:   # noqa: BLE001 -- one odd directory must not stop the store from opening
+                broken[rid] = f"{self.runs_dir / rid}: {type(e).__name__}: {e}"
                 continue
             found.append(((doc["created"], order), _row(rid, doc, metrics)))
         found.sort(key=lambda t: t[0])
