@@ -1,12 +1,19 @@
-"""Run store: exact round trips, atomic writes, and clear refusals of corrupt or foreign files."""
+"""Run store: exact round trips, atomic and fsynced writes, clear refusals of corrupt or foreign files (run.json,
+weights, metrics, index.sqlite), rebuild_index, and the clean-up after killed saves (see also test_store_crash)."""
 import json
+import os
+import sqlite3
 import struct
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
 import torch
 
 import workbench as wb
+from workbench import store as store_mod
 from workbench.store import StoreError
 
 
@@ -117,13 +124,6 @@ def test_list_is_newest_first_and_saving_order_breaks_ties(store, mlp_run):
 
 
 # ============================================================================ planted files (issue 10)
-import os  # noqa: E402
-import sqlite3  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-from workbench import store as store_mod  # noqa: E402
 
 
 def _tiny_run(name="tiny", seed=0):
