@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import checks
 from . import data as _data
 from .training import TrainConfig, evaluate as _evaluate_one, loss_and_correct, train
 
@@ -118,9 +119,15 @@ def shared_text(corpora: Iterable[str] = ("grammar", "arithmetic"), **options) -
     ``corpus_chars``, ``seed``, ...). With one vocabulary, models built from any of the datasets
     (``models.config_for``) share token ids and, with a frozen embedding, one substrate.
     """
+    if isinstance(corpora, (str, bytes)) or not hasattr(corpora, "__iter__"):
+        raise ValueError(f"corpora must be a list of built-in corpus names, got {corpora!r}")
     corpora = list(corpora)
     if not corpora:
-        raise ValueError("shared_text needs at least one corpus")
+        raise ValueError("corpora: shared_text needs at least one corpus")
+    for c in corpora:
+        checks.check_choice("corpora[]", c, sorted(_data.CORPORA))
+    if len(set(corpora)) != len(corpora):
+        raise ValueError(f"corpora must not repeat a corpus, got {corpora}")
     if "vocab" in options or "path" in options:
         raise ValueError("shared_text builds the vocabulary itself; do not pass vocab or path")
     chars: set[str] = set()
@@ -136,9 +143,15 @@ def concat(datasets: Mapping[str, _data.Dataset] | Sequence[_data.Dataset], name
     Used to train a shared base before specialising, and as a calibration set for gates.
     Its ``spec()`` lists the parts' specs under ``parts``.
     """
+    checks.check_str("name", name, 200)
+    if not isinstance(datasets, (Mapping, list, tuple)):
+        raise ValueError(f"datasets must be a dict or list of Datasets, got {type(datasets).__name__}")
     parts = list(datasets.values()) if isinstance(datasets, Mapping) else list(datasets)
     if not parts:
-        raise ValueError("concat needs at least one dataset")
+        raise ValueError("datasets: concat needs at least one dataset")
+    for d in parts:
+        if not isinstance(d, _data.Dataset):
+            raise ValueError(f"datasets must hold workbench Datasets, got {type(d).__name__}")
     first = parts[0]
     for d in parts[1:]:
         if d.kind != first.kind or d.n_classes != first.n_classes or d.vocab != first.vocab:
@@ -159,6 +172,14 @@ def train_specialists(base: nn.Module, datasets: Mapping[str, _data.Dataset], co
     ``run.meta`` records ``role="specialist"``, the ``domain``, the ``parent`` run id and the
     ``group`` (if given), so weight-space merges can find their base in the store.
     """
+    from .permute import check_model_data
+
+    if not isinstance(datasets, Mapping) or not datasets:
+        raise ValueError("datasets must be a non-empty dict {name: Dataset}")
+    for name, ds in datasets.items():
+        check_model_data(base, ds, f"datasets[{name!r}]")
+    if config is not None:
+        config.validate()
     runs = {}
     for name, ds in datasets.items():
         run = train(copy.deepcopy(base), ds, config, callbacks=callbacks, name=f"specialist-{name}")
@@ -177,6 +198,15 @@ def _member_forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
         h = block(h)
     feats = model.features(model.final_norm(h))
     return feats, model.readout(feats)
+
+
+def _numbers(name: str, values, n: int) -> list[float]:
+    """``n`` finite real numbers (bools, strings and complex values refused)."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) != n:
+        raise ValueError(f"{name} must be {n} numbers (one per model), got {values!r}")
+    return [checks.check_float(f"{name}[]", v) for v in values]
 
 
 class LogitMixture(nn.Module):
@@ -200,10 +230,9 @@ class LogitMixture(nn.Module):
         super().__init__()
         models = list(models)
         check_substrate(models)
-        if mode not in ("logits", "probs"):
-            raise ValueError(f"mode must be one of ['logits', 'probs'], got {mode!r}")
+        checks.check_choice("mode", mode, ("logits", "probs"))
         w = torch.full((len(models),), 1.0 / len(models)) if weights is None else \
-            torch.as_tensor(weights, dtype=torch.float32).flatten()
+            torch.tensor(_numbers("weights", weights, len(models)), dtype=torch.float32)
         if len(w) != len(models) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"weights must be {len(models)} non-negative numbers with a positive sum, got {weights!r}")
         self.members = nn.ModuleList(models)
@@ -269,9 +298,23 @@ class LogitMixture(nn.Module):
         splits (first ``max_examples`` of each) are pooled. The gate starts at the fixed weights
         (zero matrix, bias ``log w``) and minimises the mixture's cross-entropy with AdamW.
         """
+        checks.check_int("steps", steps, 1, 1_000_000)
+        checks.check_float("lr", lr, 0.0, 10.0, lo_open=True)
+        checks.check_int("batch_size", batch_size, 1, 1_000_000)
+        checks.check_int("max_examples", max_examples, 1)
+        checks.check_seed("seed", seed)
         if isinstance(calibration, _data.Dataset):
             calibration = [calibration]
+        if not isinstance(calibration, (Mapping, list, tuple)):
+            raise ValueError(f"calibration must be a Dataset, a list or a dict of them, got {type(calibration).__name__}")
         parts = list(calibration.values()) if isinstance(calibration, Mapping) else list(calibration)
+        if not parts:
+            raise ValueError("calibration must hold at least one Dataset")
+        from .permute import check_model_data
+
+        for d in parts:
+            for m in self.members:
+                check_model_data(m, d, "calibration")
         x = torch.cat([d.x_train[:max_examples] for d in parts])
         y = torch.cat([d.y_train[:max_examples] for d in parts])
         device = self.device
@@ -320,6 +363,9 @@ def task_vectors(base: nn.Module, models: Sequence[nn.Module]) -> list[dict[str,
     Tensors no model changed (the frozen substrate among them) are left out, so sparsity
     settings such as TIES' ``density`` count only what training moved.
     """
+    models = list(models)
+    if not models:
+        raise ValueError("models: a merge needs at least one fine-tuned model")
     _check_mergeable(base, models)
     b = base.state_dict()
     sds = [m.state_dict() for m in models]
@@ -346,8 +392,10 @@ def linear(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
     ``task_arithmetic(base, models, scale=1/K)`` for equal weights.
     """
     models = list(models)
+    if not models:
+        raise ValueError("models: linear needs at least one model")
     _check_mergeable(base if base is not None else models[0], models)
-    w = [1.0 / len(models)] * len(models) if weights is None else [float(v) for v in weights]
+    w = [1.0 / len(models)] * len(models) if weights is None else _numbers("weights", weights, len(models))
     if len(w) != len(models) or abs(sum(w)) < 1e-12:
         raise ValueError(f"weights must be {len(models)} numbers with a non-zero sum, got {weights!r}")
     w = [v / sum(w) for v in w]
@@ -363,6 +411,7 @@ def linear(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
 
 def task_arithmetic(base: nn.Module, models: Sequence[nn.Module], scale: float = 1.0) -> nn.Module:
     """``theta_base + scale * sum_i tau_i`` (Ilharco et al. 2023); ``scale`` is usually tuned on validation data."""
+    scale = checks.check_float("scale", scale, -100.0, 100.0)
     taus = task_vectors(base, models)
     return _apply(base, {k: scale * sum(t[k] for t in taus) for k in (taus[0] if taus else {})})
 
@@ -399,8 +448,8 @@ def ties(base: nn.Module, models: Sequence[nn.Module], density: float = 0.2, sca
     the whole vector, as in the authors' code), elect takes the sign of each entry's summed
     trimmed values, and the merge averages only the entries that agree with it.
     """
-    if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    checks.check_float("density", density, 0.0, 1.0, lo_open=True)
+    scale = checks.check_float("scale", scale, -100.0, 100.0)
     return _apply(base, {k: scale * v for k, v in _ties_vector(task_vectors(base, models), density).items()})
 
 
@@ -418,6 +467,11 @@ def lines(base: nn.Module, models: Sequence[nn.Module], alpha: float | None = No
     (``1/K`` for task arithmetic). ``alpha=1, beta=0`` is task arithmetic with scale 1. With one
     model, ``beta = 1 - alpha`` is the single-task edit that keeps shallow layers near the base.
     """
+    checks.check_choice("merged", merged, ("task_arithmetic", "ties"))
+    checks.check_float("density", density, 0.0, 1.0, lo_open=True)
+    if alpha is not None:
+        alpha = checks.check_float("alpha", alpha, -100.0, 100.0)
+    beta = checks.check_float("beta", beta, -100.0, 100.0)
     taus = task_vectors(base, models)
     if merged == "task_arithmetic":
         tau = {k: sum(t[k] for t in taus) for k in (taus[0] if taus else {})}
@@ -448,8 +502,7 @@ MERGES = {
 
 def merge(method: str, base: nn.Module, models: Sequence[nn.Module], **options) -> nn.Module:
     """One entry point for the weight-space merges: ``method`` in :data:`MERGES`."""
-    if method not in MERGES:
-        raise ValueError(f"method must be one of {sorted(MERGES)}, got {method!r}")
+    checks.check_choice("method", method, sorted(MERGES))
     return MERGES[method](base, list(models), **options)
 
 
@@ -473,11 +526,19 @@ def evaluate(members, merges=None, datasets=None, split: str = "val", max_exampl
     ``"reference"``. Columns: ``model, role ("specialist"/"merge"/"reference"), domain, metric
     ("loss"/"acc"), value``. See :func:`summary` for the verdict per model.
     """
+    from .permute import check_model_data
+
+    checks.check_choice("split", split, ("train", "val"))
+    checks.check_int("max_examples", max_examples, 0)
     if not datasets:
-        raise ValueError("evaluate needs at least one dataset")
+        raise ValueError("datasets: evaluate needs at least one dataset")
     datasets = _named(datasets) if not isinstance(datasets, Mapping) else dict(datasets)
     rows = []
     groups = (("specialist", _named(members)), ("merge", _named(merges)), ("reference", _named(references)))
+    for role, group in groups:
+        for name, model in group.items():
+            for domain, ds in datasets.items():
+                check_model_data(model, ds, f"datasets[{domain!r}]")
     for role, group in groups:
         for name, model in group.items():
             for domain, ds in datasets.items():
@@ -492,6 +553,8 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     ``worst_gap``: the largest excess loss over the best specialist on any one domain (forgetting
     shows as a large gap); ``beats_parts``: the mean loss is below every specialist's mean loss.
     """
+    if not isinstance(table, pd.DataFrame) or not {"model", "role", "domain", "metric", "value"} <= set(table):
+        raise ValueError("table must be evaluate()'s DataFrame (model, role, domain, metric, value)")
     loss = table[table["metric"] == "loss"].pivot_table(index="model", columns="domain", values="value", sort=False)
     acc = table[table["metric"] == "acc"].pivot_table(index="model", columns="domain", values="value", sort=False)
     roles = table.drop_duplicates("model").set_index("model")["role"]
@@ -513,7 +576,15 @@ def gate_table(mixture: LogitMixture, tokens: torch.Tensor, vocab: Sequence[str]
 
     ``tokens``: ids ``(T,)``; ``vocab`` turns them into strings; ``names`` label the members.
     """
-    tokens = tokens.reshape(-1)
+    if not isinstance(mixture, LogitMixture):
+        raise ValueError(f"mixture must be a LogitMixture, got {type(mixture).__name__}")
+    tokens = checks.check_tokens("tokens", tokens, _out_size(mixture.members[0])).reshape(-1)
+    if not 1 <= len(tokens) <= mixture.config.context:
+        raise ValueError(f"tokens must be 1 to {mixture.config.context} token ids (the context), got {len(tokens)}")
+    if vocab is not None and (not hasattr(vocab, "__len__") or len(vocab) < _out_size(mixture.members[0])):
+        raise ValueError(f"vocab must list {_out_size(mixture.members[0])} token strings, got {len(vocab) if hasattr(vocab, '__len__') else vocab!r}")
+    if names is not None and (isinstance(names, str) or len(names) != len(mixture)):
+        raise ValueError(f"names must give one label per member ({len(mixture)}), got {names!r}")
     w = mixture.mixture_weights(tokens[None].to(mixture.device))[0].cpu()  # (T, K)
     names = list(names) if names is not None else [f"member {k}" for k in range(len(mixture))]
     rows = [{"position": t, "token": vocab[int(tok)] if vocab is not None else int(tok), "member": names[k],

@@ -26,6 +26,10 @@ import math
 
 import torch.nn as nn
 
+from . import checks
+
+MAX_BATCH = 100_000_000
+
 __all__ = ["step_flops", "flops_per_example", "forward_flops", "examples_seen", "steps_for_budget"]
 
 
@@ -94,7 +98,10 @@ def step_flops(model: nn.Module, batch_size: int = 1, seq_len: int | None = None
     ``seq_len`` (Transformers) defaults to the model's context. Reflects the current depth
     and the current ``requires_grad`` flags.
     """
+    checks.check_int("batch_size", batch_size, 1, MAX_BATCH)
     family = getattr(getattr(model, "config", None), "family", None)
+    if seq_len is not None:
+        checks.check_int("seq_len", seq_len, 1, model.config.context if family == "transformer" else None)
     if family == "mlp":
         c = _mlp_counts(model, batch_size)
     elif family == "transformer":
@@ -120,6 +127,9 @@ def examples_seen(steps: int, n_train: int, batch_size: int) -> int:
     ``wb.train`` shuffles each epoch and keeps a short last batch, so an epoch is
     ``ceil(n_train / batch_size)`` steps and exactly ``n_train`` examples.
     """
+    checks.check_int("steps", steps, 0)
+    checks.check_int("n_train", n_train, 1)
+    checks.check_int("batch_size", batch_size, 1)
     bs = min(batch_size, n_train)
     per_epoch = math.ceil(n_train / bs)
     epochs, rest = divmod(steps, per_epoch)
@@ -128,6 +138,10 @@ def examples_seen(steps: int, n_train: int, batch_size: int) -> int:
 
 def steps_for_budget(budget: float, per_example: float, n_train: int, batch_size: int) -> int:
     """Fewest steps whose training FLOPs reach ``budget`` (at least 1)."""
+    checks.check_float("budget", budget, 0.0, 1e30)
+    checks.check_float("per_example", per_example, 0.0, 1e30, lo_open=True)
+    checks.check_int("n_train", n_train, 1)
+    checks.check_int("batch_size", batch_size, 1)
     lo, hi = 1, 1
     while examples_seen(hi, n_train, batch_size) * per_example < budget:
         hi *= 2

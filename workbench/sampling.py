@@ -13,7 +13,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import checks
+
+MAX_NEW_TOKENS = 100_000
+
 __all__ = ["generate", "sample_text"]
+
+
+def _vocab_size(model: nn.Module) -> int:
+    cfg = model.config
+    size = getattr(cfg, "vocab_size", None)
+    if size is None:
+        raise ValueError("model: generate needs a sequence model with config.vocab_size")
+    return int(size)
 
 
 @torch.no_grad()
@@ -28,14 +40,18 @@ def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int = 100, 
     context = getattr(getattr(model, "config", None), "context", None)
     if context is None:
         raise ValueError("generate needs a sequence model with config.context (a Transformer or a mixture of them)")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    checks.check_int("max_new_tokens", max_new_tokens, 0, MAX_NEW_TOKENS)
+    checks.check_float("temperature", temperature, 0.0, 100.0)
+    checks.check_seed("seed", seed)
+    vocab_size = _vocab_size(model)
+    if top_k is not None:
+        checks.check_int("top_k", top_k, 1, vocab_size)
+    checks.check_tokens("prompt", prompt, vocab_size)
     squeeze = prompt.dim() == 1
     tokens = prompt.reshape(1, -1) if squeeze else prompt
-    if tokens.shape[-1] < 1:
-        raise ValueError("the prompt needs at least one token")
+    if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[-1] < 1:
+        raise ValueError(f"prompt must be token ids (T,) or (B, T) with at least one token, got shape "
+                         f"{tuple(prompt.shape)}")
     tokens = tokens.long().cpu()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -67,9 +83,15 @@ def sample_text(model: nn.Module, vocab, prompt: str = "", n_chars: int = 200, t
     An empty prompt starts from a newline (or the first token if there is none), which is
     not part of the returned text. Prompt characters outside the vocabulary raise ``ValueError``.
     """
-    vocab = list(getattr(vocab, "vocab", vocab) or [])
-    if not vocab:
-        raise ValueError("sample_text needs the vocabulary (token strings)")
+    checks.check_str("prompt", prompt, 100_000)
+    checks.check_int("n_chars", n_chars, 0, MAX_NEW_TOKENS)
+    vocab = getattr(vocab, "vocab", vocab)
+    if isinstance(vocab, str) or not isinstance(vocab, (list, tuple)) or not vocab:
+        raise ValueError("vocab: sample_text needs the vocabulary (a list of token strings, or a Dataset)")
+    vocab = list(vocab)
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if size is not None and len(vocab) != size:
+        raise ValueError(f"vocab lists {len(vocab)} tokens; the model's vocab_size is {size}")
     index = {t: i for i, t in enumerate(vocab)}
     unknown = sorted({c for c in prompt if c not in index})
     if unknown:
