@@ -94,39 +94,15 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
 def check_model_data(model: nn.Module, dataset, name: str = "dataset") -> None:
     """Raise ``ValueError`` unless ``model`` can run on ``dataset`` (checked before any forward pass).
 
-    Uses :func:`workbench.training.check_pairing` where it exists; otherwise checks here: an MLP
-    needs vector data with its ``d_in`` features and at least the dataset's classes; a
-    Transformer needs sequence data over its vocabulary, no longer than its context.
+    ``name`` is the argument the dataset came in (``"data"``, ``"calibration"`` ...); the pairing
+    itself (family against kind, ``d_in``, classes, vocabulary, context) is
+    :func:`workbench.training.check_pairing`.
     """
-    from . import training as _training
+    from .training import check_pairing
 
     if not isinstance(dataset, Dataset):
         raise ValueError(f"{name} must be a workbench Dataset (wb.data.load(...)), got {type(dataset).__name__}")
-    shared = getattr(_training, "check_pairing", None)
-    if shared is not None:
-        shared(model, dataset)
-        return
-    cfg = getattr(model, "config", None)
-    family = getattr(cfg, "family", None)
-    if family == "mlp":
-        if dataset.kind != "vector":
-            raise ValueError(f"{name} {dataset.name!r} holds token sequences; an MLP needs vector data (a "
-                             "Transformer reads sequences)")
-        if dataset.d_in != cfg.d_in:
-            raise ValueError(f"{name} {dataset.name!r} has {dataset.d_in} input features; the model's d_in is {cfg.d_in}")
-        if dataset.n_classes > cfg.n_classes:
-            raise ValueError(f"{name} {dataset.name!r} has {dataset.n_classes} classes; the model has only "
-                             f"{cfg.n_classes} outputs (n_classes)")
-    elif family == "transformer":
-        if dataset.kind != "sequence":
-            raise ValueError(f"{name} {dataset.name!r} holds vectors; a Transformer needs token sequences (an MLP "
-                             "reads vectors)")
-        if dataset.vocab_size != cfg.vocab_size:
-            raise ValueError(f"{name} {dataset.name!r} has a vocabulary of {dataset.vocab_size} tokens; the model's "
-                             f"vocab_size is {cfg.vocab_size}")
-        if dataset.seq_len > cfg.context:
-            raise ValueError(f"{name} {dataset.name!r} has sequences of {dataset.seq_len} tokens; the model's "
-                             f"context is {cfg.context}")
+    check_pairing(model, dataset)
 
 
 def _is_ln(module: nn.Module) -> bool:
