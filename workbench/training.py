@@ -243,8 +243,8 @@ def check_pairing(model: nn.Module, dataset: Dataset) -> None:
             list(dataset.vocab):
         i = next((i for i, (a, b) in enumerate(zip(cfg.vocab, dataset.vocab)) if a != b), len(cfg.vocab))
         mine = repr(cfg.vocab[i]) if i < len(cfg.vocab) else "missing"
-        raise ValueError(f"the model's vocabulary differs from dataset {name!r}'s: token {i} is {mine} in the "
-                         f"model and {dataset.vocab[i]!r} in the data")
+        raise ValueError(f"the model's vocabulary differs from the vocabulary of dataset {name!r}: token {i} is "
+                         f"{mine} in the model and {dataset.vocab[i]!r} in the data")
     for split in ("train", "val"):
         x, y = dataset.split(split)
         if y.shape != x.shape:
@@ -358,7 +358,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None,
                 if metric == "loss" and not blowup:
                     history[split].append(value)
                     if diverged(history[split], dataset.n_classes):
-                        best = min((v for v in history[split][:-1] if math.isfinite(v)), default=float("nan"))
+                        best = min((v for v in history[split][:-1] if math.isfinite(v)), default=None)
                         blowup.update(step=step, split=split, loss=value, best=best)
         rows.append({"step": step, "split": "train", "metric": "seconds", "value": time.perf_counter() - t0,
                      **state.extra})
