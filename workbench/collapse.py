@@ -201,8 +201,6 @@ def metrics(features, labels, classifier=None, predictions=None, *, n_classes: i
         top = int(y.max())
         if top >= len(w):
             raise ValueError(f"classifier has {len(w)} rows but labels go up to {top}")
-        if n_classes is not None and len(w) < n_classes:
-            raise ValueError(f"classifier has {len(w)} rows, fewer than n_classes = {n_classes}")
     if predictions is not None:
         bound = len(w) if w is not None else n_classes
         predictions = _labels("predictions", predictions, len(h), h.device, bound)
