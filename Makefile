@@ -1,5 +1,5 @@
 # Depth Workbench: one command to set up and serve, one to set up and test.
-#   make serve   -> local .venv, then `panel serve apps/` on http://localhost:5006/apps
+#   make serve   -> local .venv, then `panel serve apps/` on http://localhost:5006/apps (this machine only)
 #   make test    -> local .venv + Chromium, then unit, notebook (nbval) and browser tests
 #   make bench   -> benchmark table (ratios measured in one run)
 PYTHON ?= python3
@@ -25,8 +25,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# Local only: bound to 127.0.0.1 (no sign-in yet); serving to others is the classroom mode (with sign-in).
 serve: setup
-	$(BIN)/python -m panel serve apps/ --port $(PORT) --show
+	$(BIN)/python -m panel serve apps/ --port $(PORT) --address 127.0.0.1 \
+	  --allow-websocket-origin=localhost:$(PORT) --allow-websocket-origin=127.0.0.1:$(PORT) --show
 
 # Chromium for the browser tests (Debian/Ubuntu as root); fonts-unifont for glyph embeddings.
 browser:

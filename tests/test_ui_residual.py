@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench import interop, residual
+from workbench import interop, residual, roots
 from workbench.ui.common import DataStore
 from workbench.ui.residual import ResidualPage
 
@@ -91,21 +91,37 @@ def test_typed_text_and_clear_errors(page_with_run):
     assert "context is 16" in page.errors.text
 
 
-def test_hugging_face_directory_source(store, tmp_path):
+def test_hugging_face_model_is_chosen_from_the_model_roots(store, tmp_path, monkeypatch):
     run, ds = _text_run()
-    path = interop.export_gpt2(run.model, tmp_path / "gpt2", vocab=ds.vocab, dataset=ds.spec())
+    monkeypatch.setenv("WORKBENCH_MODEL_ROOTS", str(tmp_path / "models"))
+    path = interop.export_gpt2(run.model, tmp_path / "models" / "gpt2", vocab=ds.vocab, dataset=ds.spec())
     page = ResidualPage(DataStore(store))
-    page.source.value = "Hugging Face directory"
-    assert page.hf_path.visible and not page.run_select.visible
-    page.hf_path.value = str(tmp_path / "missing")
+    page.source.value = "Hugging Face model"
+    assert page.hf_model.visible and page.hf_refresh.visible and not page.run_select.visible
+    assert list(page.hf_model.options.values()) == [str(path.resolve())]
+    # a value no listing offered (what a hostile client could send) is refused with the one message
+    page.hf_model.options = {**page.hf_model.options, "forged": str(tmp_path / "missing")}
+    page.hf_model.value = str(tmp_path / "missing")
     page.analyse(wait=True)
-    assert "not a Hugging Face model directory" in page.errors.text
-    page.hf_path.value = str(path)
+    assert page.errors.text == roots.REFUSED
+    page.hf_model.value = str(path.resolve())
     page.analyse(wait=True)  # dataset sample 0 from the spec saved with the export
     assert page.errors.text == "", page.errors.text
     ours = residual.contributions(run.model, ds.x_val[:1])
     assert page.analysis.contrib[["rel_norm", "cosine"]].to_numpy() == pytest.approx(
         ours[["rel_norm", "cosine"]].to_numpy(), rel=1e-4, abs=1e-6)
+
+
+def test_no_model_folders_says_how_to_add_one(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_MODEL_ROOTS", str(tmp_path / "empty"))
+    page = ResidualPage(DataStore(store))
+    page.source.value = "Hugging Face model"
+    assert page.no_hf_models.visible and page.hf_model.options == {}
+    page.analyse(wait=True)
+    assert "No Hugging Face model folders" in page.errors.text
+    path = interop.export_gpt2(_text_run()[0].model, tmp_path / "empty" / "m", vocab=list("ab"))
+    page.hf_refresh.clicks += 1  # Refresh lists it
+    assert list(page.hf_model.options.values()) == [str(path.resolve())] and not page.no_hf_models.visible
 
 
 def test_growth_run_can_be_stepped_stage_by_stage(store):

@@ -9,7 +9,7 @@ import panel as pn
 from .. import collapse
 from ..figures import collapse as figs
 from ..training import Callback, StopOnEvent
-from .common import BackgroundTask, ErrorBox, page_header
+from .common import BackgroundTask, ErrorBox, code_block, escape_md, page_header
 
 EXPLANATION = """Trained past zero training error (the *terminal phase*), the last-layer features of a
 classifier collapse (Papyan, Han and Donoho 2020): **NC1** the features of each class shrink onto their
@@ -45,8 +45,13 @@ class _Progress(Callback):
             self.ctx.report(progress=state.step / steps, message=f"step {state.step} / {steps}")
 
 
-def _train_job(ctx, dataset_name: str, options: dict, every: int, max_samples: int, min_interval: float = 0.4):
-    """Worker thread: train a recipe, streaming the tracker's table and the class-mean geometry."""
+def _train_job(ctx, dataset_name: str, options: dict, every: int, max_samples: int, store=None,
+               min_interval: float = 0.4):
+    """Worker thread: train a recipe, streaming the tracker's table and the class-mean geometry.
+
+    With a ``store`` the run is saved here, in the worker, so that closing the tab does not lose it.
+    Returns ``(run, run_id or None)``.
+    """
     last = [0.0]
     seen = []     # the tracker, so the final record is always shown even if it came within min_interval
 
@@ -64,7 +69,7 @@ def _train_job(ctx, dataset_name: str, options: dict, every: int, max_samples: i
     if seen:
         send(seen[0], force=True)
     ctx.report(message=f"{run.status} at step {int(run.metrics['step'].max())}")
-    return run
+    return run, (store.save(run) if store is not None else None)
 
 
 class CollapsePage(pn.viewable.Viewer):
@@ -97,7 +102,8 @@ class CollapsePage(pn.viewable.Viewer):
         self.code = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.table = None        # the tracker's table of the last run
         self.run = None
-        self.task = BackgroundTask(on_update=self._show, on_done=self._on_done)
+        # a closed tab does not discard the run: the worker finishes and saves it (when "save the run" is ticked)
+        self.task = BackgroundTask(on_update=self._show, on_done=self._on_done, on_session_end="finish")
         self.task.param.watch(lambda e: setattr(self.train_button, "disabled", e.new == "running"), "status")
 
     def options(self) -> dict:
@@ -112,7 +118,12 @@ class CollapsePage(pn.viewable.Viewer):
         return opts
 
     def train(self, wait: bool = False) -> None:
-        """Validate the options and train in the background (``wait=True``: synchronously, for tests)."""
+        """Validate the options and train in the background (``wait=True``: synchronously, for tests).
+
+        Refused, with a notice next to the progress bar, while a run is training.
+        """
+        if self.task.busy():
+            return
         self.errors.clear()
         opts = self.options()
         try:
@@ -127,9 +138,10 @@ class CollapsePage(pn.viewable.Viewer):
             return
         self.table, self.run = None, None
         args = ", ".join([repr(self.dataset.value)] + [f"{k}={v!r}" for k, v in opts.items()])
-        self.code.object = f"```python\n{CODE.format(recipe=args, every=self.every.value)}\n```"
+        self.code.object = code_block(CODE.format(recipe=args, every=self.every.value))
+        store = self.datastore.store if self.save.value else None
         (self.task.run_now if wait else self.task.start)(_train_job, self.dataset.value, opts, int(self.every.value),
-                                                         512)
+                                                         512, store)
 
     # ---------------------------------------------------------------- results
     def _show(self, payload) -> None:
@@ -146,15 +158,16 @@ class CollapsePage(pn.viewable.Viewer):
             self.gram_plot.object = figs.gram_heatmaps(geo)
             self.minority_plot.object = figs.minority_curve(self.table)
 
-    def _on_done(self, run) -> None:
+    def _on_done(self, result) -> None:
+        run, run_id = result  # saved by the worker (if asked to)
         self.run = run
         meta = run.meta.get("collapse", {})
         share = meta.get("track_seconds", 0) / max(meta.get("total_seconds", 1e-9), 1e-9)
-        text = (f"**{run.status}** after {int(run.metrics['step'].max())} steps; validation accuracy "
+        text = (f"**{escape_md(run.status)}** after {int(run.metrics['step'].max())} steps; validation accuracy "
                 f"{run.final('acc'):.3f}; tracking took {share:.0%} of the training time.")
-        if self.save.value:
-            run_id = self.datastore.save(run)
-            text += f" Saved as `{run_id}`."
+        if run_id is not None:
+            self.datastore.refresh()
+            text += f" Saved as {escape_md(run_id)}."
         self.status.object = text
 
     def __panel__(self):

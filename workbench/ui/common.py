@@ -5,7 +5,9 @@ No math here: pages call the engine and the figure builders.
 from __future__ import annotations
 
 import dataclasses
+import html
 import queue
+import re
 import threading
 import traceback
 from typing import Any, Callable
@@ -14,10 +16,65 @@ import pandas as pd
 import panel as pn
 import param
 
+from .. import data
+from ..checks import env_limit
 from ..store import RunStore
 
 __all__ = ["DataStore", "BackgroundTask", "page_header", "ErrorBox", "config_widgets", "values_from_widgets",
-           "run_options", "CHOICES"]
+           "run_options", "CHOICES", "escape_html", "escape_md", "code_block", "text_block", "html_labels",
+           "dataset_from_spec", "BUSY", "TextUpload", "UPLOAD_ENV"]
+
+
+# ----------------------------------------------------------------------------- untrusted text
+# Panel's Markdown, Alert, HTML *and Str* panes put their text into the page as HTML (Markdown passes raw
+# HTML through; Str only wraps it in <pre>; <script> tags are even re-created so that they run), and
+# Bokeh's MultiChoice renders its labels as HTML. Every string that can hold user or stored input
+# (run and dataset names, error and status messages, token labels, sampled text) goes through one of
+# these helpers before it reaches such a pane. Plain widgets (Select options, TextInput values,
+# widget names) and Tabulator's default formatter show text as text.
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~$:])")
+
+
+def escape_html(text: Any) -> str:
+    """``text`` (any object, via ``str``) as HTML that shows exactly those characters."""
+    return html.escape(str(text), quote=True)
+
+
+def escape_md(text: Any) -> str:
+    """``text`` as Markdown that shows exactly those characters: HTML escaped and Markdown syntax neutralised.
+
+    Backslash-escapes Markdown's punctuation (emphasis, links, code, headings, tables, math ``$``,
+    autolinks), then HTML-escapes ``& < > " '``; newlines are kept as line breaks.
+    """
+    escaped = _MD_SPECIAL.sub(r"\\\1", str(text))
+    return "  \n".join(html.escape(line, quote=True) for line in escaped.split("\n"))
+
+
+def code_block(code: str, lang: str = "python") -> str:
+    """A fenced Markdown code block that ``code`` cannot close (the fence is longer than any backtick run)."""
+    longest = max((len(m) for m in re.findall(r"`+", code)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{code}\n{fence}"
+
+
+def text_block(text: Any) -> str:
+    """HTML for a ``pn.pane.HTML``: ``text`` verbatim in a ``<pre>`` (escaped; never ``pn.pane.Str``, which is not)."""
+    return f"<pre style='white-space: pre-wrap'>{escape_html(text)}</pre>"
+
+
+def html_labels(options: dict) -> dict:
+    """``{label: value}`` with the labels HTML-escaped, for widgets that render labels as HTML (MultiChoice)."""
+    return {escape_html(label): value for label, value in options.items()}
+
+
+def dataset_from_spec(spec: dict) -> "data.Dataset":
+    """Rebuild a stored run's dataset for the dashboard: never from a server path.
+
+    ``data.from_spec(spec, allow_path=False)``: a spec naming a file (``path``) is refused, since the
+    browser must not make the server read its files (text comes by upload and is stored in the spec).
+    """
+    return data.from_spec(spec, allow_path=False)
 
 
 class DataStore(param.Parameterized):
@@ -82,6 +139,9 @@ def run_options(runs: pd.DataFrame | None, family: str | None = None) -> dict[st
     return labels
 
 
+BUSY = "still running: wait for it to finish (or press Stop) before starting another"
+
+
 class TaskContext:
     """Handed to the worker function: check ``stopped``, send results with ``report``."""
 
@@ -93,7 +153,14 @@ class TaskContext:
     def stopped(self) -> bool:
         return self.stop_event.is_set()
 
+    @property
+    def session_gone(self) -> bool:
+        """True once the browser tab is closed: nobody sees the page any more (the job may still finish)."""
+        return self._task.orphaned
+
     def report(self, payload: Any = None, progress: float | None = None, message: str | None = None) -> None:
+        if self._task.orphaned:
+            return  # no page to update: do not queue updates nobody will drain
         self._task._queue.put(("update", payload, progress, message))
         if self._task._direct:
             self._task.poll()
@@ -106,18 +173,31 @@ class BackgroundTask(param.Parameterized):
     the return value. Under a served page a periodic callback calls ``poll`` (``pn.state.curdoc`` is a
     ContextVar that worker threads do not inherit); without a server (tests, plain Python) the worker
     calls ``poll`` itself. ``run_now`` runs synchronously, for tests. ``stop()`` sets the Event the
-    worker checks; closing the browser tab stops the worker too.
+    worker checks.
+
+    Starting while a job runs is refused with a visible notice (:data:`BUSY`, in :meth:`controls`),
+    never an exception: a page's start handler begins with ``if self.task.busy(): return``.
+
+    Closing the browser tab (:meth:`session_destroyed`): with ``on_session_end="stop"`` the worker is
+    stopped; with ``"finish"`` it runs to its end. Either way ``on_done`` is not called any more (no
+    session, no poll), so a job whose result must outlive the tab (a training run) saves it in the
+    worker itself, before it returns.
     """
 
     status = param.Selector(default="idle", objects=["idle", "running", "done", "cancelled", "error"])
     progress = param.Number(default=0.0, bounds=(0, 1))
     message = param.String(default="")
     error = param.String(default="")
+    notice = param.String(default="", doc="a refused start and the like; cleared by the next start")
 
     def __init__(self, on_update: Callable | None = None, on_done: Callable | None = None, period: int = 250,
-                 **params):
+                 on_session_end: str = "stop", **params):
         super().__init__(**params)
+        if on_session_end not in ("stop", "finish"):
+            raise ValueError(f"on_session_end must be one of ['stop', 'finish'], got {on_session_end!r}")
         self.on_update, self.on_done, self.period = on_update, on_done, period
+        self.on_session_end = on_session_end
+        self.orphaned = False  # the session (browser tab) is gone
         self._queue: queue.Queue = queue.Queue()
         self.stop_event = threading.Event()
         self._thread: threading.Thread | None = None
@@ -125,40 +205,60 @@ class BackgroundTask(param.Parameterized):
         self._direct = False
         self._lock = threading.Lock()
         if pn.state.curdoc is not None:
-            pn.state.on_session_destroyed(lambda ctx: self.stop())
+            pn.state.on_session_destroyed(self.session_destroyed)
 
     @property
     def running(self) -> bool:
         return self.status == "running"
 
+    def busy(self) -> bool:
+        """True, with the notice :data:`BUSY` shown, when a job is running (so a second start is refused)."""
+        if self.running:
+            self.notice = BUSY
+            return True
+        return False
+
+    def session_destroyed(self, session_context) -> None:
+        """The browser tab is closed: stop the worker or let it finish (``on_session_end``); no more UI updates."""
+        self.orphaned = True
+        if self.on_session_end == "stop":
+            self.stop()
+
     def _work(self, fn, args, kwargs):
         ctx = TaskContext(self)
         try:
             result = fn(ctx, *args, **kwargs)
-            self._queue.put(("done", result, None, None))
+            item = ("done", result, None, None)
         except Exception as e:  # shown to the user; the server keeps serving
-            self._queue.put(("error", e, None, traceback.format_exc()))
+            item = ("error", e, None, traceback.format_exc())
+        if self.orphaned:
+            return  # nobody polls any more; whatever had to persist was saved by fn itself
+        self._queue.put(item)
         if self._direct:
             self.poll()
 
-    def start(self, fn: Callable, *args, **kwargs) -> None:
-        """Start ``fn(ctx, *args, **kwargs)`` in the background (refused while one is running)."""
-        if self.running:
-            raise RuntimeError("a computation is already running on this page; stop it first")
+    def start(self, fn: Callable, *args, **kwargs) -> bool:
+        """Start ``fn(ctx, *args, **kwargs)`` in the background; refused (False, with a notice) while one runs."""
+        if self.busy():
+            return False
         self.stop_event.clear()
-        self.status, self.progress, self.message, self.error = "running", 0.0, "", ""
+        self.status, self.progress, self.message, self.error, self.notice = "running", 0.0, "", "", ""
         self._direct = pn.state.curdoc is None
         if not self._direct:
             self._callback = pn.state.add_periodic_callback(self.poll, period=self.period)
         self._thread = threading.Thread(target=self._work, args=(fn, args, kwargs), daemon=True)
         self._thread.start()
+        return True
 
-    def run_now(self, fn: Callable, *args, **kwargs) -> None:
-        """Run synchronously in this thread (tests, notebooks)."""
+    def run_now(self, fn: Callable, *args, **kwargs) -> bool:
+        """Run synchronously in this thread (tests, notebooks); refused like :meth:`start` while one runs."""
+        if self.busy():
+            return False
         self.stop_event.clear()
-        self.status, self.progress, self.message, self.error = "running", 0.0, "", ""
+        self.status, self.progress, self.message, self.error, self.notice = "running", 0.0, "", "", ""
         self._direct = True
         self._work(fn, args, kwargs)
+        return True
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
@@ -187,6 +287,7 @@ class BackgroundTask(param.Parameterized):
                 if self._callback is not None:
                     self._callback.stop()
                     self._callback = None
+                self.notice = ""
                 if kind == "done":
                     self.status = "cancelled" if self.stop_event.is_set() else "done"
                     if self.status == "done":
@@ -199,8 +300,15 @@ class BackgroundTask(param.Parameterized):
                 else:
                     self.error, self.status = _describe(payload), "error"
 
+    def status_text(self) -> str:
+        """What the status line says (plain text): the error, else the notice and the message or status."""
+        if self.error:
+            return f"Error: {self.error}"
+        state = self.message or self.status
+        return f"{self.notice} ({state})" if self.notice else state
+
     def controls(self) -> pn.Row:
-        """Progress bar, stop button and status text bound to this task."""
+        """Progress bar, stop button and status text bound to this task (the text shown escaped)."""
         bar = pn.indicators.Progress(value=0, max=100, width=220, bar_color="primary")
         stop = pn.widgets.Button(name="Stop", button_type="warning", width=80, disabled=True)
         stop.on_click(lambda _: self.stop())
@@ -210,9 +318,11 @@ class BackgroundTask(param.Parameterized):
             bar.value = int(round(self.progress * 100)) if self.status != "running" or self.progress else -1
             bar.active = self.status == "running"
             stop.disabled = self.status != "running"
-            text.object = self.error and f"**Error:** {self.error}" or self.message or self.status
+            state = escape_md(self.message or self.status)
+            text.object = (f"**Error:** {escape_md(self.error)}" if self.error else
+                           f"**{escape_md(self.notice)}** ({state})" if self.notice else state)
 
-        self.param.watch(sync, ["status", "progress", "message", "error"])
+        self.param.watch(sync, ["status", "progress", "message", "error", "notice"])
         sync()
         return pn.Row(bar, stop, text)
 
@@ -222,32 +332,93 @@ def _describe(exc: BaseException) -> str:
 
 
 class ErrorBox(pn.viewable.Viewer):
-    """A red box for messages such as "d_model must be an integer in [1, 8192], got 0"; hidden when empty."""
+    """A red box for messages such as "d_model must be an integer in [1, 8192], got 0"; hidden when empty.
+
+    The message is shown as text (escaped: it may echo what the user typed); ``text`` is the message.
+    """
 
     def __init__(self, **params):
         super().__init__(**params)
         self._alert = pn.pane.Alert("", alert_type="danger", visible=False)
+        self._text = ""
 
     def show(self, error: BaseException | str) -> None:
-        self._alert.object = error if isinstance(error, str) else _describe(error)
+        self._text = error if isinstance(error, str) else _describe(error)
+        self._alert.object = escape_md(self._text)
         self._alert.visible = True
 
     def clear(self) -> None:
+        self._text = ""
         self._alert.object, self._alert.visible = "", False
 
     @property
     def text(self) -> str:
-        return self._alert.object if self._alert.visible else ""
+        return self._text if self._alert.visible else ""
+
+    @property
+    def html(self) -> str:
+        """The Markdown the box renders (for tests of the escaping)."""
+        return self._alert.object
 
     def __panel__(self):
         return self._alert
+
+
+UPLOAD_ENV = "WORKBENCH_MAX_UPLOAD_MB"
+UPLOAD_ACCEPT = ".txt,.text,.md,.csv,.tsv,.json,.py"
+
+
+class TextUpload(pn.viewable.Viewer):
+    """A text file sent from the browser, for the ``text`` dataset: the dashboard never reads a server path.
+
+    At most ``$WORKBENCH_MAX_UPLOAD_MB`` megabytes (default 2), decoded as UTF-8 (a leading byte-order
+    mark is dropped). :meth:`text` is ``None`` when nothing was uploaded (the built-in corpus is used).
+    """
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.file = pn.widgets.FileInput(accept=UPLOAD_ACCEPT, multiple=False, width=260)
+        self.note = pn.pane.Markdown(self._note(), margin=(0, 10), styles={"font-size": "90%"})
+
+    @staticmethod
+    def limit_mb() -> float:
+        return env_limit(UPLOAD_ENV, 2.0)
+
+    def _note(self) -> str:
+        return (f"**text file** (upload, UTF-8, at most {self.limit_mb():g} MB; none: the built-in corpus)")
+
+    @property
+    def filename(self) -> str | None:
+        return self.file.filename if self.file.value is not None else None
+
+    def text(self) -> str | None:
+        """The uploaded file's text, or ``None``; ValueError when it is too large or not UTF-8 text."""
+        raw = self.file.value
+        if raw is None:
+            return None
+        if not isinstance(raw, bytes):
+            raise ValueError("text file: upload one plain-text file")
+        limit = self.limit_mb()
+        if len(raw) > limit * 2**20:
+            raise ValueError(f"text file must be at most {limit:g} MB ({UPLOAD_ENV}), got {len(raw) / 2**20:.1f} MB")
+        try:
+            return raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"text file {self.file.filename!r} is not UTF-8 text (byte {e.start}); "
+                             "upload a plain-text file such as .txt") from None
+
+    def clear(self) -> None:
+        self.file.clear() if hasattr(self.file, "clear") else setattr(self.file, "value", None)
+
+    def __panel__(self):
+        return pn.Column(self.note, self.file, margin=0)
 
 
 def page_header(title: str, explanation: str, code: str) -> pn.Column:
     """Title, a short explanation of what the page measures, and the engine calls that reproduce it."""
     return pn.Column(
         pn.pane.Markdown(f"## {title}\n\n{explanation}", sizing_mode="stretch_width"),
-        pn.Card(pn.pane.Markdown(f"```python\n{code.strip()}\n```", sizing_mode="stretch_width"),
+        pn.Card(pn.pane.Markdown(code_block(code.strip()), sizing_mode="stretch_width"),
                 title="As code (run this in a notebook to get the same figure)", collapsed=True,
                 sizing_mode="stretch_width"),
         sizing_mode="stretch_width",

@@ -9,7 +9,8 @@ from .. import compose, data, models
 from ..figures.compose import domain_heatmap
 from ..sampling import sample_text
 from ..training import TrainConfig
-from .common import BackgroundTask, ErrorBox, page_header, run_options
+from .common import (BackgroundTask, ErrorBox, code_block, dataset_from_spec, escape_md, html_labels, page_header,
+                     run_options, text_block)
 
 EXPLANATION = """Specialists are Transformers trained on different corpora over **one frozen substrate** (the
 same frozen embedding table and vocabulary). The *logit mixture* averages their logits (the Growing
@@ -106,8 +107,8 @@ def _train_job(ctx, corpora: list[str], steps: int, n_layers: int, embedding: st
 
 def _domain_name(run) -> str:
     spec = run.dataset
-    return run.meta.get("domain") or (spec.get("corpus") if spec.get("name") == "text" and not spec.get("path")
-                                      else None) or run.name
+    builtin = spec.get("name") == "text" and not spec.get("path") and not spec.get("text")
+    return run.meta.get("domain") or (spec.get("corpus") if builtin else None) or run.name
 
 
 def _compose_job(ctx, store, specialist_ids: list[str], base_id: str | None, chosen: list[str], options: dict):
@@ -124,8 +125,7 @@ def _compose_job(ctx, store, specialist_ids: list[str], base_id: str | None, cho
     compose.check_substrate(list(members.values()))
     domains = {}
     for name, r in zip(names, runs):
-        spec = dict(r.dataset)
-        domains[name] = data.load(spec.pop("name"), **spec)
+        domains[name] = dataset_from_spec(r.dataset)  # never a server path
     ctx.report(None, progress=0.2, message="building merges")
     parents = {r.meta.get("parent") for r in runs}
     base_id = base_id or (parents.pop() if len(parents) == 1 else None)
@@ -206,7 +206,7 @@ class ComposePage(pn.viewable.Viewer):
         self.seed = pn.widgets.IntInput(name="seed", value=0, start=0, width=90)
         self.sample_button = pn.widgets.Button(name="Sample", button_type="default", disabled=True)
         self.sample_button.on_click(lambda _: self.sample())
-        self.sample_out = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.sample_out = pn.pane.HTML("", sizing_mode="stretch_width")  # text_block: the sample escaped
         # state
         self.result: dict | None = None
         self.train_task = BackgroundTask(on_done=self._on_trained)
@@ -220,7 +220,7 @@ class ComposePage(pn.viewable.Viewer):
     def _refresh_options(self) -> None:
         opts = run_options(self.datastore.runs, family="transformer")
         keep = [v for v in self.specialists.value if v in opts.values()]
-        self.specialists.options = opts
+        self.specialists.options = html_labels(opts)  # MultiChoice renders its labels as HTML: run names escaped
         self.specialists.value = keep
         base_value = self.base.value
         self.base.options = {"(the specialists' parent run)": "", **opts}
@@ -228,7 +228,12 @@ class ComposePage(pn.viewable.Viewer):
 
     # ---------------------------------------------------------------- actions
     def train_two(self, wait: bool = False) -> None:
-        """Train a base on both corpora, then one specialist per corpus from it; save all three."""
+        """Train a base on both corpora, then one specialist per corpus from it; save all three.
+
+        Refused, with a notice next to the progress bar, while they train.
+        """
+        if self.train_task.busy():
+            return
         self.errors.clear()
         corpora = [self.corpus_a.value, self.corpus_b.value]
         if corpora[0] == corpora[1]:
@@ -253,9 +258,13 @@ class ComposePage(pn.viewable.Viewer):
             ids.append(self.datastore.save(run))
         self.specialists.value = ids
         self.base.value = base_id
-        self.message.object = f"Saved base `{base_id}` and {len(ids)} specialists; press *Compose and evaluate*."
+        self.message.object = (f"Saved base {escape_md(base_id)} and {len(ids)} specialists; "
+                               "press *Compose and evaluate*.")
 
     def run_compose(self, wait: bool = False) -> None:
+        """Build the chosen merges and evaluate every model on every domain; refused while it runs."""
+        if self.compose_task.busy():
+            return
         self.errors.clear()
         ids = list(self.specialists.value)
         if not ids:
@@ -272,17 +281,17 @@ class ComposePage(pn.viewable.Viewer):
 
     def _on_composed(self, result) -> None:
         self.result = result
-        self.code.object = "```python\n" + result["code"] + "\n```"
+        self.code.object = code_block(result["code"])
         self._draw()
         self.sample_model.options = list(result["models"])
         self.sample_button.disabled = False
         notes = []
         if result["skipped"]:
-            notes.append(f"Skipped {', '.join(result['skipped'])}: weight-space merges need a base run "
+            notes.append(f"Skipped {escape_md(', '.join(result['skipped']))}: weight-space merges need a base run "
                          "(the specialists have no common parent; pick one).")
         registered = self._register_mixtures(result)
         if registered:
-            notes.append(f"The Residual stream page can now open {', '.join(f'*{n}*' for n in registered)} "
+            notes.append(f"The Residual stream page can now open {', '.join(f'*{escape_md(n)}*' for n in registered)} "
                          "(source *Compose mixture (this session)*).")
         self.message.object = " ".join(notes)
 
@@ -319,7 +328,7 @@ class ComposePage(pn.viewable.Viewer):
         except (ValueError, TypeError) as e:
             self.errors.show(e)
             return
-        self.sample_out.object = f"```text\n{text}\n```"
+        self.sample_out.object = text_block(text)
 
     def __panel__(self):
         return pn.Column(

@@ -9,7 +9,7 @@ import panel as pn
 from .. import data, lmc, models
 from ..figures import lmc as figs
 from ..training import TrainConfig
-from .common import BackgroundTask, ErrorBox, page_header, run_options
+from .common import BackgroundTask, ErrorBox, dataset_from_spec, page_header, run_options
 
 EXPLANATION = """Two networks trained from different seeds reach similar accuracy, yet the straight line
 between their weights usually crosses a loss *barrier*. Much of it comes from the arbitrary order of hidden
@@ -36,8 +36,7 @@ figs.instability_plot(wb.lmc.instability(a.config, ds, spawn_steps=[0, 50, 100, 
 
 
 def _dataset_of(run) -> data.Dataset:
-    spec = dict(run.dataset)
-    return data.load(spec.pop("name"), **spec)
+    return dataset_from_spec(run.dataset)  # never a server path
 
 
 def _analysis_job(ctx, run_a, run_b, n_alphas: int, resolution: int, max_examples: int):
@@ -63,6 +62,11 @@ def _analysis_job(ctx, run_a, run_b, n_alphas: int, resolution: int, max_example
             raise lmc.Cancelled("cancelled")
         plane = lmc.plane(a, b, b_w, ds, resolution=resolution, max_examples=min(max_examples, 1024))
     return {"curves": curves, "layerwise": layer, "plane": plane}
+
+
+def _short(spec: dict) -> dict:
+    """A dataset spec for a message: an uploaded text is named by its length, not printed."""
+    return {k: (f"<{len(v)} characters>" if k == "text" and isinstance(v, str) else v) for k, v in spec.items()}
 
 
 # Dataset options for "train a pair": khop as the table layout with one hop, which a small
@@ -159,13 +163,19 @@ class ConnectivityPage(pn.viewable.Viewer):
         ra, rb = self.datastore.load(self.run_a.value), self.datastore.load(self.run_b.value)
         lmc.check_same_architecture(ra.model, rb.model)  # ValueError naming the differing fields
         if ra.dataset != rb.dataset:
-            raise ValueError(f"the runs were trained on different data ({ra.dataset} vs {rb.dataset}); "
+            raise ValueError(f"the runs were trained on different data ({_short(ra.dataset)} vs "
+                             f"{_short(rb.dataset)}); "
                              "connectivity compares two solutions of the same task")
         return ra, rb
 
     # ---------------------------------------------------------------- actions
     def compute(self, wait: bool = False) -> None:
-        """Check the pair and start the analysis (``wait=True`` runs synchronously, for tests)."""
+        """Check the pair and start the analysis (``wait=True`` runs synchronously, for tests).
+
+        Refused, with a notice next to the progress bar, while a computation runs (so for the other buttons).
+        """
+        if self.task.busy():
+            return
         self.errors.clear()
         try:
             ra, rb = self._load_pair()
@@ -177,6 +187,8 @@ class ConnectivityPage(pn.viewable.Viewer):
                     int(self.max_examples.value), wait=wait)
 
     def train_pair(self, wait: bool = False) -> None:
+        if self.task.busy():
+            return
         self.errors.clear()
         name = self.pair_dataset.value
         try:
@@ -197,6 +209,8 @@ class ConnectivityPage(pn.viewable.Viewer):
         self._start(_pair_job, name, config, tc, wait=wait)
 
     def run_instability(self, wait: bool = False) -> None:
+        if self.task.busy():
+            return
         self.errors.clear()
         try:
             steps = sorted({int(s) for s in self.spawn_steps.value.replace(",", " ").split()})

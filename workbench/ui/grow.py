@@ -10,7 +10,8 @@ import panel as pn
 from .. import data, growth, models
 from ..figures.growth import block_strip, growth_curves
 from ..training import Callback, TrainConfig
-from .common import BackgroundTask, ErrorBox, config_widgets, page_header, values_from_widgets
+from .common import (BackgroundTask, ErrorBox, TextUpload, code_block, config_widgets, escape_md, page_header,
+                     values_from_widgets)
 
 EXPLANATION = """Grow a model in depth while it trains. A schedule is a list of stages: an operation
 (**train**: none, **add_layer**: one new block, zero-initialised so the function is unchanged,
@@ -19,7 +20,9 @@ EXPLANATION = """Grow a model in depth while it trains. A schedule is a list of 
 Loss is drawn against steps and against training FLOPs (counted from the architecture: frozen
 blocks cost no backward pass), with stage boundaries dotted. The strip shows the blocks, frozen ones
 grey, with their parameter counts. Every stage is saved to the run store (one entry per stage), so
-the other pages can open any stage. **Add a layer now** grows the running model between two steps."""
+the other pages can open any stage. **Add a layer now** grows the running model between two steps. The
+**text** task trains on a file you upload (or a built-in corpus). Closing the tab does not lose the run: it
+finishes its schedule and every stage is saved (find it under **Runs**)."""
 
 CODE = """import workbench as wb
 from workbench import growth
@@ -40,9 +43,9 @@ STAGE_COLUMNS = ["op", "steps", "freeze", "lr", "init"]
 DEFAULT_KHOP = dict(growth.KHOP_DEFAULTS["data"])
 _KHOP_MODEL = {k: v for k, v in growth.KHOP_DEFAULTS["model"].items() if k != "final_layers"}
 _KHOP_STEPS = growth.KHOP_DEFAULTS["train"]["steps_per_stage"]
-# Text options with a fixed set of values get a menu; other text options (file paths, vocabularies)
-# are left to the Train page / a notebook.
-OPTION_CHOICES = {("khop", "layout"): list(data.KHOP_LAYOUTS)}
+# Text options with a fixed set of values get a menu; the text itself comes by upload (TextUpload); other
+# text options (vocabularies) are left to the Train page / a notebook. Never a server path.
+OPTION_CHOICES = {("khop", "layout"): list(data.KHOP_LAYOUTS), ("text", "corpus"): list(data.CORPORA)}
 
 
 def _kwargs(d: dict) -> str:
@@ -155,13 +158,15 @@ class GrowPage(pn.viewable.Viewer):
         self.add_init = pn.widgets.Select(name="new block init", options=list(growth.INITS), value="zero", width=110)
         self.add_now = pn.widgets.Button(name="Add a layer now", button_type="success", width=140, disabled=True)
         self.add_now.on_click(lambda _: self.request_layer())
+        self.upload = TextUpload()
         self.errors = ErrorBox()
         self.plot = pn.pane.Plotly(growth_curves(None), sizing_mode="stretch_width", height=360)
         self.strip = pn.pane.Plotly(block_strip(None), sizing_mode="stretch_width", height=160)
         self.stage_table = pn.pane.DataFrame(pd.DataFrame(), index=False, sizing_mode="stretch_width")
         self.result = pn.pane.Markdown("")
         self.code = pn.pane.Markdown("", sizing_mode="stretch_width")
-        self.task = BackgroundTask(on_update=self._on_update, on_done=self._on_done)
+        # a closed tab does not discard the run: the worker finishes the schedule, saving every stage
+        self.task = BackgroundTask(on_update=self._on_update, on_done=self._on_done, on_session_end="finish")
         self.task.param.watch(self._on_status, "status")
         self.dataset.param.watch(lambda _: self._rebuild_forms(), "value")
         self.x_axis.param.watch(lambda _: self._redraw(), "value")
@@ -186,7 +191,7 @@ class GrowPage(pn.viewable.Viewer):
                 continue  # file paths and vocabularies: use the Train page / a notebook
             widget = pn.widgets.IntInput if typ is int else pn.widgets.FloatInput
             self.dataset_widgets[key] = widget(name=key, value=value, width=100)
-        self.dataset_box.objects = list(self.dataset_widgets.values())
+        self.dataset_box.objects = ([self.upload] if name == "text" else []) + list(self.dataset_widgets.values())
         if name in ("digits", "mnist1d"):
             template = models.MLPConfig(d_in=1, n_classes=2, d_model=64, n_layers=1, d_hidden=128)
             skip = ("d_in", "n_classes", "n_layers")
@@ -238,6 +243,11 @@ class GrowPage(pn.viewable.Viewer):
                 raise ValueError(f"{name}.{key} must be {'an integer' if typ is int else 'a number'} in {rng}, "
                                  f"got nothing")
             opts[key] = w.value
+        if name == "text":
+            text = self.upload.text()  # ValueError: too large, or not UTF-8 text
+            if text is not None:  # the upload replaces the built-in corpus
+                opts["text"] = text
+                opts.pop("corpus", None)
         data.check_options(name, **opts)  # type and range of each option, named
         return opts
 
@@ -264,19 +274,24 @@ class GrowPage(pn.viewable.Viewer):
 
     # ---------------------------------------------------------------- actions
     def start(self, wait: bool = False) -> None:
-        """Validate and start growing (``wait=True``: synchronously, for tests)."""
+        """Validate and start growing (``wait=True``: synchronously, for tests); refused while one runs."""
+        if self.task.busy():
+            return
         self.errors.clear()
         try:
             opts, mc, tc, stages = self.configs()
         except (ValueError, TypeError) as e:
             self.errors.show(e)
             return
-        self.code.object = "```python\n" + CODE.format(
-            name=self.dataset.value, opts=(", " + _kwargs(opts)) if opts else "",
+        shown = {k: v for k, v in opts.items() if k != "text"}
+        upload = (f"text=open({self.upload.filename or 'my_text.txt'!r}, encoding='utf-8').read()"
+                  if "text" in opts else "")
+        self.code.object = code_block(CODE.format(
+            name=self.dataset.value, opts="".join(", " + part for part in (upload, _kwargs(shown)) if part),
             model=", " + _kwargs({k: getattr(mc, k) for k in (*self.model_widgets, "n_layers")}),
             schedule="[\n    " + ",\n    ".join(f"growth.Stage({_kwargs(_stage_kwargs(s))})" for s in stages) + ",\n]",
             train=_kwargs({k: v for k, v in dataclasses.asdict(tc).items() if k not in ("steps", "warmup")}),
-        ) + "\n```"
+        ))
         self.result.object = ""
         self.metrics = None
         self.control = growth.GrowControl()
@@ -320,10 +335,10 @@ class GrowPage(pn.viewable.Viewer):
                                    flops=stages["flops"].map(lambda f: f"{f:.3g}"))
         self.stage_table.object = stages
         self.datastore.refresh()
-        self.result.object = (f"**{run.status}**: {run.model.config.n_layers} blocks, val loss "
+        self.result.object = (f"**{escape_md(run.status)}**: {run.model.config.n_layers} blocks, val loss "
                               f"{run.final('loss'):.4f}, val acc {run.final('acc'):.3f}, "
                               f"{run.meta['flops']:.3g} training FLOPs; {len(run.meta['stage_run_ids'])} stages "
-                              f"saved (group `{run.meta['group']}`)")
+                              f"saved (group {escape_md(run.meta['group'])})")
 
     def __panel__(self):
         return pn.Column(

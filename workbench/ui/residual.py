@@ -12,9 +12,9 @@ import pandas as pd
 import panel as pn
 import torch
 
-from .. import data, interop, residual
+from .. import interop, residual, roots
 from ..figures import residual as figs
-from .common import BackgroundTask, ErrorBox, page_header, run_options
+from .common import BackgroundTask, ErrorBox, dataset_from_spec, escape_md, page_header, run_options
 
 EXPLANATION = """Each layer adds its attention and MLP outputs to the residual stream. **Relative
 contribution** = ||output|| / ||residual it is added to|| (Csordas et al. 2025), with the cosine between
@@ -24,10 +24,12 @@ contribution changes. **Direct attribution** splits the chosen token's logit int
 each component. Pick a layer or a token to focus the views; a growth run can be stepped stage by stage.
 A **logit mixture** built on the Compose page has one residual stream per member: pick a member to see its
 contributions, lens (against the mixture's output) and skip effects inside the mixture; the attribution
-splits the mixture's logit over all members' components, each scaled by the member's weight."""
+splits the mixture's logit over all members' components, each scaled by the member's weight. A **Hugging Face
+model** is picked from the model folders the server offers (`WORKBENCH_MODEL_ROOTS`: by default the run store
+and the local Hugging Face cache; a folder with `config.json` and `*.safetensors` weights)."""
 
 CODE = """import workbench as wb
-run = wb.RunStore().load(run_id)            # or: model, meta = wb.interop.load_gpt2(path)
+run = wb.RunStore().load(run_id)            # or: model, meta = wb.interop.load_gpt2(folder)
 x = ...                                      # token ids (1, T) or vectors (B, d_in)
 wb.residual.contributions(run.model, x)                  # layer, sublayer, rel_norm, cosine
 wb.residual.logit_lens(run.model, x, per_position=True)  # layer, position, kl_to_final, top1_agree, loss
@@ -36,7 +38,10 @@ wb.residual.logit_attribution(run.model, x)              # component -> logit of
 # a logit mixture (wb.compose.LogitMixture): the same calls, with a member column
 # wb.residual.logit_attribution(mixture, x)              # members' components x their weights; sums to its logit"""
 
-SOURCES = ["Stored run", "Hugging Face directory", "Compose mixture (this session)"]
+SOURCES = ["Stored run", "Hugging Face model", "Compose mixture (this session)"]
+NO_HF_MODELS = ("No Hugging Face model folders found in the model roots (`WORKBENCH_MODEL_ROOTS`; by default "
+                "the run store and the local Hugging Face cache). Put one there (e.g. "
+                "`wb.interop.export_gpt2(model, folder)` in a notebook) and press **Refresh**.")
 NO_MIXTURE = ("No mixture in this session yet: build a logit mixture on the **Compose** page first "
               "(*Compose and evaluate* with *logit mean* or *gated mixture*), then come back here.")
 INPUTS = ["Dataset sample", "Typed text"]
@@ -113,8 +118,13 @@ class ResidualPage(pn.viewable.Viewer):
         self.datastore = datastore
         self.source = pn.widgets.RadioButtonGroup(options=SOURCES, value=SOURCES[0])
         self.run_select = pn.widgets.Select(label="run", options={}, width=420)
-        self.hf_path = pn.widgets.TextInput(label="Hugging Face directory", placeholder="/path/to/gpt2-dir",
-                                            width=420, visible=False)
+        # a chooser over the configured model roots: the browser never sends a path (workbench.roots)
+        self.hf_model = pn.widgets.Select(label="Hugging Face model (from the model folders)", options={},
+                                          width=420, visible=False)
+        self.hf_refresh = pn.widgets.Button(name="Refresh", width=80, visible=False)
+        self.hf_refresh.on_click(lambda _: self.refresh_models())
+        self.no_hf_models = pn.pane.Markdown(NO_HF_MODELS, visible=False, sizing_mode="stretch_width")
+        self._hf_listed = False
         self.mixture_select = pn.widgets.Select(label="mixture (built on the Compose page)", options=[], width=420,
                                                 visible=False)
         self.member = pn.widgets.Select(label="member", options={}, width=200, visible=False)
@@ -200,9 +210,23 @@ class ResidualPage(pn.viewable.Viewer):
         self.member.options = {f"m{k}: {name}": k for k, name in enumerate(names)}
         self.domain.options = list(info.get("datasets") or {})
 
+    def refresh_models(self) -> None:
+        """List the model folders under the configured roots again (``workbench.roots.list_models``)."""
+        current = self.hf_model.value
+        options = {label: str(path) for label, path in roots.list_models().items()}
+        self.hf_model.options = options
+        self.hf_model.value = current if current in options.values() else next(iter(options.values()), None)
+        self._hf_listed = True
+        self._sync_visibility()
+
     def _sync_visibility(self) -> None:
         hf, mix = self.source.value == SOURCES[1], self.source.value == SOURCES[2]
-        self.run_select.visible, self.hf_path.visible = self.source.value == SOURCES[0], hf
+        if hf and not self._hf_listed:
+            self.refresh_models()  # the first look at the model folders (then on Refresh)
+            return
+        self.run_select.visible = self.source.value == SOURCES[0]
+        self.hf_model.visible = self.hf_refresh.visible = hf
+        self.no_hf_models.visible = hf and not self.hf_model.options
         has_mixtures = bool(self.mixture_select.options)
         self.mixture_select.visible = self.member.visible = mix and has_mixtures
         self.no_mixture.visible = mix and not has_mixtures
@@ -250,8 +274,7 @@ class ResidualPage(pn.viewable.Viewer):
     def _dataset(self, spec: dict):
         key = json.dumps(spec, sort_keys=True, default=str)
         if key not in self._datasets:
-            spec = dict(spec)
-            self._datasets[key] = data.load(spec.pop("name"), **spec)
+            self._datasets[key] = dataset_from_spec(spec)  # never a server path
         return self._datasets[key]
 
     def _model(self):
@@ -259,7 +282,7 @@ class ResidualPage(pn.viewable.Viewer):
         if self.source.value == SOURCES[0]:
             run_id = self.run_select.value
             if not run_id:
-                raise ValueError("no stored run chosen: train or grow one first (or pick a Hugging Face directory)")
+                raise ValueError("no stored run chosen: train or grow one first (or pick a Hugging Face model)")
             key = ("run", run_id)
             if key not in self._models:
                 run = self.datastore.load(run_id)
@@ -276,12 +299,17 @@ class ResidualPage(pn.viewable.Viewer):
             vocab = info.get("vocab") or getattr(model.config, "vocab", None)
             return key, model, vocab, spec
         else:
-            path = self.hf_path.value.strip()
-            if not path:
-                raise ValueError("type the path of a local Hugging Face GPT-2 directory")
-            key = ("hf", path)
+            choice = self.hf_model.value
+            if not choice:
+                raise ValueError(NO_HF_MODELS.replace("**", "").replace("`", ""))
+            path = roots.resolve_model(choice)  # inside a model root, or one fixed message
+            key = ("hf", str(path))
             if key not in self._models:
-                model, meta = interop.load_gpt2(path)
+                label = next((k for k, v in self.hf_model.options.items() if v == choice), "the chosen model")
+                try:
+                    model, meta = interop.load_gpt2(path)
+                except ValueError as e:  # name the model by its label, not by its place on the server
+                    raise ValueError(str(e).replace(str(path), label)) from None
                 self._models[key] = (model, meta.get("vocab"), meta.get("dataset"))
         model, vocab, spec = self._models[key]
         return key, model, vocab, spec
@@ -324,7 +352,9 @@ class ResidualPage(pn.viewable.Viewer):
 
     # ---------------------------------------------------------------- analysis
     def analyse(self, wait: bool = False) -> None:
-        """Load the model and input, then run every analysis (cached per model and input)."""
+        """Load the model and input, then run every analysis (cached per model and input); refused while one runs."""
+        if self.task.busy():
+            return
         self.errors.clear()
         try:
             key, model, vocab, spec = self._model()
@@ -395,7 +425,7 @@ class ResidualPage(pn.viewable.Viewer):
         elif analysis.mixture:
             self.summary.object = (
                 f"Mixture of {analysis.n_members} members; member {analysis.member} "
-                f"(*{self._member_label(analysis.member)}*): {L} layers. Its own output against the mixture's: "
+                f"(*{escape_md(self._member_label(analysis.member))}*): {L} layers. Its own output against the mixture's: "
                 f"KL {last.kl_to_final:.3f}, top-1 agreement {last.top1_agree:.2f}, loss {last.loss:.3f}. "
                 "The attribution shows every member's components, scaled by the member's weight.")
         else:
@@ -462,9 +492,9 @@ class ResidualPage(pn.viewable.Viewer):
         return pn.Column(
             page_header("Residual stream", EXPLANATION, CODE),
             pn.Row(self.source, self.input_kind),
-            pn.Row(self.run_select, self.hf_path, self.mixture_select, self.member, self.domain, self.sample, self.text,
+            pn.Row(self.run_select, self.hf_model, self.hf_refresh, self.mixture_select, self.member, self.domain, self.sample, self.text,
                    self.analyse_button, self.task.controls()),
-            self.no_mixture, self.stage, self.errors, self.summary,
+            self.no_mixture, self.no_hf_models, self.stage, self.errors, self.summary,
             pn.Row(self.layer, self.position, self.lens_metric),
             self.contrib_pane, self.stages_pane,
             pn.Row(self.lens_pane, self.attr_pane, sizing_mode="stretch_width"),

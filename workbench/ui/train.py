@@ -8,12 +8,14 @@ import panel as pn
 from .. import data, models
 from ..figures.training import training_curves
 from ..training import Callback, TrainConfig, train
-from .common import BackgroundTask, ErrorBox, config_widgets, page_header, values_from_widgets
+from .common import (BackgroundTask, ErrorBox, TextUpload, code_block, config_widgets, escape_md, page_header,
+                     values_from_widgets)
 
 EXPLANATION = """Train a residual MLP (vector data) or a decoder-only Transformer (sequence data) on an
 offline dataset. The grey line is the loss of each minibatch; blue and red are evaluations on the
 training and validation splits. Finished (or stopped) runs are saved to the run store, where every
-other page can open them."""
+other page can open them. The **text** dataset trains on a file you upload (or a built-in corpus); a run
+keeps training and is saved even if you close the tab (find it under **Runs**)."""
 
 CODE = """import workbench as wb
 ds = wb.data.load({name!r}{opts})
@@ -23,6 +25,10 @@ wb.RunStore().save(run)
 wb.figures.training.training_curves(run.metrics)"""
 
 _OPTION_WIDGET = {int: pn.widgets.IntInput, float: pn.widgets.FloatInput}
+# Options the form never offers as a text box: a server path (the browser must not name server files) and
+# the text itself (it comes by upload, TextUpload).
+_NOT_TYPED = ("path", "text")
+_MENUS = {("text", "corpus"): list(data.CORPORA)}
 
 
 def _kwargs(d: dict) -> str:
@@ -43,10 +49,16 @@ class _LiveReport(Callback):
                             message=f"step {state.step}/{state.config.steps}, loss {state.loss:.4f}")
 
 
-def _train_job(ctx, dataset_name: str, dataset_options: dict, model_config, train_config: TrainConfig):
+def _train_job(ctx, dataset_name: str, dataset_options: dict, model_config, train_config: TrainConfig, store,
+               name: str | None):
+    """Train and save in the worker, so that the run is kept even when the tab is closed meanwhile."""
     ds = data.load(dataset_name, **dataset_options)
     model = models.build(model_config)
-    return train(model, ds, train_config, callbacks=[_LiveReport(ctx)])
+    run = train(model, ds, train_config, callbacks=[_LiveReport(ctx)])
+    if name:
+        run.name = name
+    run_id = store.save(run)
+    return run, run_id
 
 
 class TrainPage(pn.viewable.Viewer):
@@ -60,13 +72,15 @@ class TrainPage(pn.viewable.Viewer):
         self.model_box = pn.FlexBox()
         self.train_widgets = config_widgets(TrainConfig(steps=300, eval_every=50, lr=3e-3))
         self.run_name = pn.widgets.TextInput(name="run name", placeholder="(automatic)", width=180)
+        self.upload = TextUpload()
         self.start_button = pn.widgets.Button(name="Train", button_type="primary", width=100)
         self.start_button.on_click(lambda _: self.start())
         self.errors = ErrorBox()
         self.plot = pn.pane.Plotly(training_curves(None), sizing_mode="stretch_width", height=360)
         self.result = pn.pane.Markdown("")
         self.code = pn.pane.Markdown("", sizing_mode="stretch_width")
-        self.task = BackgroundTask(on_update=self._on_update, on_done=self._on_done)
+        # a closed tab does not discard the run: the worker finishes and saves it (see _train_job)
+        self.task = BackgroundTask(on_update=self._on_update, on_done=self._on_done, on_session_end="finish")
         self.task.param.watch(lambda e: setattr(self.start_button, "disabled", e.new == "running"), "status")
         self.dataset.param.watch(lambda _: self._rebuild_forms(), "value")
         self._rebuild_forms()
@@ -78,13 +92,17 @@ class TrainPage(pn.viewable.Viewer):
         name = self.dataset.value
         self.dataset_widgets = {}
         for key, (default, typ, lo, hi) in data.options_spec(name).items():
-            if typ is str:
-                w = pn.widgets.TextInput(name=key, value=default or "", width=160,
-                                         placeholder="(built-in)" if key == "path" else "")
+            if key in _NOT_TYPED:
+                continue
+            if (name, key) in _MENUS:
+                w = pn.widgets.Select(name=key, options=_MENUS[name, key], value=default, width=130)
+            elif typ is str:
+                w = pn.widgets.TextInput(name=key, value=default or "", width=160)
             else:
                 w = _OPTION_WIDGET[typ](name=key, value=default, width=110)
             self.dataset_widgets[key] = w
-        self.dataset_box.objects = list(self.dataset_widgets.values())
+        uploads = [self.upload] if name == "text" else []
+        self.dataset_box.objects = uploads + list(self.dataset_widgets.values())
         kind = "vector" if name in ("digits", "mnist1d") else "sequence"
         if kind == "vector":
             template = models.MLPConfig(d_in=1, n_classes=2, d_model=128, n_layers=2, d_hidden=256)
@@ -102,6 +120,11 @@ class TrainPage(pn.viewable.Viewer):
             if isinstance(value, str) and value.strip() == "":
                 continue  # empty text box: use the default
             opts[key] = value
+        if self.dataset.value == "text":
+            text = self.upload.text()  # ValueError: too large, or not UTF-8 text
+            if text is not None:  # the upload replaces the built-in corpus
+                opts["text"] = text
+                opts.pop("corpus", None)
         data.check_options(self.dataset.value, **opts)  # raises ValueError naming option and range
         return opts
 
@@ -119,20 +142,29 @@ class TrainPage(pn.viewable.Viewer):
 
     # ---------------------------------------------------------------- actions
     def start(self, wait: bool = False) -> None:
-        """Validate the forms and start training (``wait=True`` runs synchronously, for tests)."""
+        """Validate the forms and start training (``wait=True`` runs synchronously, for tests).
+
+        Refused, with a notice next to the progress bar, while a run is training (a double click).
+        """
+        if self.task.busy():
+            return
         self.errors.clear()
         try:
             opts, model_config, train_config = self.configs()
         except (ValueError, TypeError) as e:
             self.errors.show(e)
             return
-        self.code.object = "```python\n" + CODE.format(
-            name=self.dataset.value, opts=(", " + _kwargs(opts)) if opts else "",
+        shown = {k: v for k, v in opts.items() if k != "text"}
+        upload = (f"text=open({self.upload.filename or 'my_text.txt'!r}, encoding='utf-8').read()"
+                  if "text" in opts else "")
+        self.code.object = code_block(CODE.format(
+            name=self.dataset.value, opts="".join(", " + part for part in (upload, _kwargs(shown)) if part),
             model=(", " + _kwargs({k: v for k, v in dataclasses.asdict(model_config).items()
                                    if k in self.model_widgets})),
-            train=_kwargs(dataclasses.asdict(train_config))) + "\n```"
+            train=_kwargs(dataclasses.asdict(train_config))))
         self.result.object = ""
-        args = (self.dataset.value, opts, model_config, train_config)
+        args = (self.dataset.value, opts, model_config, train_config, self.datastore.store,
+                self.run_name.value.strip() or None)
         if wait:
             self.task.run_now(_train_job, *args)
         else:
@@ -143,14 +175,13 @@ class TrainPage(pn.viewable.Viewer):
 
         self.plot.object = training_curves(pd.DataFrame(rows))
 
-    def _on_done(self, run) -> None:
-        self.last_run = run
+    def _on_done(self, result) -> None:
+        run, run_id = result  # saved by the worker
+        self.last_run, self.last_run_id = run, run_id
         self.plot.object = training_curves(run.metrics)
-        if self.run_name.value.strip():
-            run.name = self.run_name.value.strip()
-        self.last_run_id = self.datastore.save(run)
-        self.result.object = (f"**{run.status}**: val loss {run.final('loss'):.4f}, val acc {run.final('acc'):.3f}; "
-                              f"saved as `{self.last_run_id}`")
+        self.datastore.refresh()
+        self.result.object = (f"**{escape_md(run.status)}**: val loss {run.final('loss'):.4f}, "
+                              f"val acc {run.final('acc'):.3f}; saved as {escape_md(run_id)}")
 
     def __panel__(self):
         return pn.Column(
