@@ -257,6 +257,15 @@ def test_from_spec_refuses_server_paths_from_the_dashboard(tmp_path):
             data.from_spec(bad)
     with pytest.raises(ValueError, match="allow_path must be True or False"):
         data.from_spec(old, allow_path="no")
+    # the same checks without building (for the run store): every refusal above, and no file is read
+    assert data.check_spec(old, allow_path=False) == old
+    assert data.check_spec({"name": "text", "path": "/no/such/file", "context": 8})["path"] == "/no/such/file"
+    for bad, fragment in [(5, "dataset spec must be a dict"), ({"name": "digits", "steps": 3}, "unknown option"),
+                          ({"name": "khop", "hops": None}, "khop.hops must be an integer"),
+                          ({"name": "text", "path": "/etc/passwd"}, "not as a server path"),
+                          ({"name": "mix", "parts": [{"name": "digits", "seed": -1}]}, "digits.seed must be in")]:
+        with pytest.raises(ValueError, match=fragment):
+            data.check_spec(bad, allow_path=False)
 
 
 def test_a_concatenations_spec_rebuilds_it():

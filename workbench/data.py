@@ -35,7 +35,7 @@ import torch
 
 from .checks import SEED_MAX, check_bool, check_choice, env_limit
 
-__all__ = ["Dataset", "load", "from_spec", "check_options", "names", "options_spec", "IGNORE", "grammar_corpus",
+__all__ = ["Dataset", "load", "from_spec", "check_spec", "check_options", "names", "options_spec", "IGNORE", "grammar_corpus",
            "CORPORA", "max_text_bytes"]
 
 IGNORE = -100
@@ -279,28 +279,52 @@ def from_spec(spec: dict, *, allow_path: bool = True) -> Dataset:
     (``{"name": ..., "parts": [spec, ...]}``, see ``compose.concat``) rebuilds every part and
     concatenates them.
     """
+    name, options = _split_spec(spec, allow_path)
+    if "parts" in options:
+        return _concat_from_spec(name, options["parts"], allow_path)
+    return load(name, **options)
+
+
+def check_spec(spec: dict, *, allow_path: bool = True) -> dict:
+    """Validate a stored dataset spec as :func:`from_spec` would, without building the data or reading a file.
+
+    Returns the spec; raises ``ValueError`` naming what is wrong (for the run store's load).
+    Combinations checked only while building (e.g. ``khop.length`` with ``layout="table"``) are left to it.
+    """
+    name, options = _split_spec(spec, allow_path)
+    if "parts" in options:
+        for part in options["parts"]:
+            check_spec(part, allow_path=allow_path)
+    else:
+        check_options(name, **options)
+    return spec
+
+
+def _split_spec(spec, allow_path) -> tuple[str, dict]:
     check_bool("allow_path", allow_path)
     if not isinstance(spec, dict):
         raise ValueError(f"dataset spec must be a dict with a 'name', got {_short(spec)}")
-    spec = dict(spec)
-    name = spec.pop("name", None)
-    if "parts" in spec:
-        return _concat_from_spec(name, spec, allow_path)
+    options = dict(spec)
+    name = options.pop("name", None)
+    if "parts" in options:
+        if not isinstance(name, str) or not 1 <= len(name) <= 100:
+            raise ValueError(f"dataset spec: name must be a string of 1 to 100 characters, got {_short(name)}")
+        if set(options) != {"parts"}:
+            raise ValueError(f"dataset spec of a concatenation takes only 'name' and 'parts', got "
+                             f"{sorted(options, key=str)}")
+        parts = options["parts"]
+        if not isinstance(parts, list) or not 1 <= len(parts) <= MAX_PARTS:
+            raise ValueError(f"dataset spec: parts must be a list of 1 to {MAX_PARTS} dataset specs, got "
+                             f"{_short(parts)}")
+        return name, options
     if not isinstance(name, str) or name not in _SPECS:
         raise ValueError(f"dataset spec: name must be one of {names()}, got {_short(name)}")
-    if "path" in spec and spec["path"] is not None and not allow_path:
+    if options.get("path") is not None and not allow_path:
         raise ValueError(PATH_REFUSED)
-    return load(name, **spec)
+    return name, options
 
 
-def _concat_from_spec(name, spec: dict, allow_path: bool) -> Dataset:
-    if not isinstance(name, str) or not 1 <= len(name) <= 100:
-        raise ValueError(f"dataset spec: name must be a string of 1 to 100 characters, got {_short(name)}")
-    if set(spec) != {"parts"}:
-        raise ValueError(f"dataset spec of a concatenation takes only 'name' and 'parts', got {sorted(spec)}")
-    parts = spec["parts"]
-    if not isinstance(parts, list) or not 1 <= len(parts) <= MAX_PARTS:
-        raise ValueError(f"dataset spec: parts must be a list of 1 to {MAX_PARTS} dataset specs, got {_short(parts)}")
+def _concat_from_spec(name: str, parts: list, allow_path: bool) -> Dataset:
     built = [from_spec(p, allow_path=allow_path) for p in parts]
     first = built[0]
     for d in built[1:]:
