@@ -19,9 +19,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -64,17 +66,14 @@ def _param_like(model: nn.Module) -> torch.Tensor:
 
 
 def _resolve_position(position, n: int) -> int:
-    if position == "top":
-        return n
-    if position == "bottom":
-        return 0
-    if isinstance(position, bool) or not isinstance(position, int):
-        raise ValueError(f"position must be 'top', 'bottom' or an integer in [0, {n}], got {position!r}")
-    if position < 0:
-        position += n + 1  # -1 == "top"
-    if not 0 <= position <= n:
-        raise ValueError(f"position must be 'top', 'bottom' or an integer in [0, {n}], got {position!r}")
-    return position
+    """``"top"``, ``"bottom"`` or an index in ``[0, n]`` (negative indices count from the top: -1 == "top")."""
+    if isinstance(position, str) and position in ("top", "bottom"):
+        return n if position == "top" else 0
+    if isinstance(position, (bool, np.bool_)) or not isinstance(position, numbers.Integral) \
+            or not -(n + 1) <= position <= n:
+        raise ValueError(f"position must be 'top', 'bottom' or an integer in [{-(n + 1)}, {n}] (negative: from "
+                         f"the top), got {position!r}")
+    return int(position) + (n + 1 if position < 0 else 0)
 
 
 def _zero_output(block: nn.Module) -> None:
@@ -424,6 +423,14 @@ def _as_stage(s, k: int) -> Stage:
     raise ValueError(f"stage {k}: expected a Stage or a dict, got {type(s).__name__}")
 
 
+def _staged(where: str, check, *args, **kwargs):
+    """A :mod:`workbench.checks` check whose message starts with the stage it is about."""
+    try:
+        return check(*args, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def check_schedule(schedule, n_layers: int) -> list[Stage]:
     """Validate a schedule for a model that starts with ``n_layers`` blocks; returns the Stages.
 
@@ -443,20 +450,16 @@ def check_schedule(schedule, n_layers: int) -> list[Stage]:
         where = f"stage {k} ({s.op})"
         if s.op not in OPS:
             raise ValueError(f"stage {k}: unknown operation {s.op!r}; allowed: {list(OPS)}")
-        if isinstance(s.steps, bool) or not isinstance(s.steps, int) or not 1 <= s.steps <= MAX_STEPS:
-            raise ValueError(f"{where}: steps must be an integer in [1, {MAX_STEPS}], got {s.steps!r}")
-        if s.lr is not None and (isinstance(s.lr, bool) or not isinstance(s.lr, (int, float))
-                                 or not math.isfinite(s.lr) or not 0 < s.lr <= 10):
-            raise ValueError(f"{where}: lr must be a number in (0, 10] or None, got {s.lr!r}")
+        _staged(where, checks.check_int, "steps", s.steps, 1, MAX_STEPS)
+        if s.lr is not None:
+            _staged(where, checks.check_float, "lr", s.lr, 0.0, 10.0, lo_open=True)
         if s.op == "add_layer":
-            if s.init not in INITS:
-                raise ValueError(f"{where}: init must be one of {list(INITS)}, got {s.init!r}")
-            if isinstance(s.n, bool) or not isinstance(s.n, int) or not 1 <= s.n <= MAX_DEPTH - depth:
-                raise ValueError(f"{where}: n must be an integer in [1, {MAX_DEPTH - depth}] (at most {MAX_DEPTH} "
-                                 f"blocks; the model has {depth} at this stage), got {s.n!r}")
-            if isinstance(s.fade_steps, bool) or not isinstance(s.fade_steps, int) \
-                    or not 1 <= s.fade_steps <= MAX_STEPS:
-                raise ValueError(f"{where}: fade_steps must be an integer in [1, {MAX_STEPS}], got {s.fade_steps!r}")
+            _staged(where, checks.check_choice, "init", s.init, INITS)
+            if depth >= MAX_DEPTH:
+                raise ValueError(f"{where}: the model has {depth} blocks at this stage, the most allowed "
+                                 f"({MAX_DEPTH}); no block can be added")
+            _staged(where, checks.check_int, "n", s.n, 1, MAX_DEPTH - depth)
+            _staged(where, checks.check_int, "fade_steps", s.fade_steps, 1, MAX_STEPS)
             if s.init == "copy" and depth == 0:
                 raise ValueError(f"{where}: init='copy' needs an existing block; the model has none")
             _resolve_position(s.position, depth)
@@ -464,13 +467,10 @@ def check_schedule(schedule, n_layers: int) -> list[Stage]:
         elif s.op == "stack":
             if depth == 0:
                 raise ValueError(f"{where}: stack needs at least one block; the model has none")
-            top = max(1, MAX_DEPTH // depth)
-            if isinstance(s.factor, bool) or not isinstance(s.factor, int) or not 1 <= s.factor <= top:
-                raise ValueError(f"{where}: factor must be an integer in [1, {top}] (at most {MAX_DEPTH} blocks; "
-                                 f"the model has {depth} at this stage), got {s.factor!r}")
+            _staged(where, checks.check_int, "factor", s.factor, 1, max(1, MAX_DEPTH // depth))
             depth *= s.factor
         if s.freeze is not None and s.freeze != "old":
-            if isinstance(s.freeze, bool) or not isinstance(s.freeze, int) or not 0 <= s.freeze <= depth:
+            if isinstance(s.freeze, bool) or not isinstance(s.freeze, numbers.Integral) or not 0 <= s.freeze <= depth:
                 raise ValueError(f"{where}: freeze must be None, 'old' or an integer in [0, {depth}] "
                                  f"(the model has {depth} blocks at this stage), got {s.freeze!r}")
     return stages
