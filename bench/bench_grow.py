@@ -8,7 +8,7 @@ against one training step.
 Rows: layer-by-layer growth vs scratch, with lower blocks frozen and without freezing, G_stack vs
 scratch (all on equal training FLOPs, counted by ``workbench.flops``), G_stack vs scratch on a
 character language model, and one growth operation vs one training step. The khop task
-(``growth.KHOP_DEFAULTS``) is 2-hop pointer chasing in the table layout, 1 -> 2 blocks: 2 hops
+(``recipes.KHOP``) is 2-hop pointer chasing in the table layout, 1 -> 2 blocks: 2 hops
 need 2 blocks, and the from-scratch 2-block model learns it on this budget (val acc ~0.98), so
 the target loss is a real one. The grown runs do not reach it: their first stage is a single
 block, which cannot follow two pointers and ends at the one-look-up baseline
@@ -18,7 +18,7 @@ block is a copy rather than a zero block, gets closest (~0.96) but its loss stay
 So the FLOP ratio is NaN ("never reached") and ``ok`` is False on this task for all three: an
 honest negative result (measured on 1 thread).
 
-Row 4 is the regime where growth pays (``growth.TEXT_DEFAULTS``): a character language model on the
+Row 4 is the regime where growth pays (``recipes.TEXT``): a character language model on the
 built-in grammar corpus, 1 -> 2 blocks, G_stack at step 200. There the grown model reaches the
 from-scratch model's final val loss with ~0.56-0.70 of its FLOPs (three seed pairs, 1 thread). The
 budget is small and the loss still falling, which is where the cheap 1-block stage pays; the note
@@ -37,14 +37,12 @@ import time
 import torch
 
 import workbench as wb
-from workbench import growth
+from workbench import growth, recipes
 
-# The default khop task and model of notebooks/01_grow.ipynb (see growth.KHOP_DEFAULTS).
-TASK = growth.KHOP_DEFAULTS["data"]
-MODEL = growth.KHOP_DEFAULTS["model"]
-TRAIN = growth.KHOP_DEFAULTS["train"]
-# The char LM where growth pays (notebook 01's last section; see growth.TEXT_DEFAULTS).
-TEXT = growth.TEXT_DEFAULTS
+# The default khop task, model and budget of notebooks/01_grow.ipynb and the Grow page.
+KHOP = recipes.KHOP
+# The char LM where growth pays (notebook 01's last section).
+TEXT = recipes.TEXT
 
 
 def _step_time(model, ds, config, repeats: int = 20) -> float:
@@ -97,7 +95,7 @@ def _flops_row(entry: str, target: str, cmp, note: str, seconds: float) -> dict:
 
 def _compare_row(entry, target, schedule, ds, model_config, config, baseline, what):
     t0 = time.perf_counter()
-    cmp = growth.compare(schedule, ds, dict(model_config, n_layers=1), config)
+    cmp = growth.compare(schedule, ds, model_config, config)
     s = cmp.summary.set_index("method")
     note = (f"{what}; final val acc grown {s.loc['grown', 'val_acc']:.3f}, scratch {s.loc['scratch', 'val_acc']:.3f} "
             f"on equal FLOPs (one-look-up baseline {baseline:.3f})")
@@ -105,26 +103,25 @@ def _compare_row(entry, target, schedule, ds, model_config, config, baseline, wh
 
 
 def _text_row(quick: bool) -> dict:
-    """G_stack vs scratch on the char LM of ``growth.TEXT_DEFAULTS`` (where growth pays), with the
+    """G_stack vs scratch on the char LM of ``recipes.TEXT`` (where growth pays), with the
     control that says why: a 1-block model trained from scratch on the same FLOPs."""
     from workbench import flops
 
     t0 = time.perf_counter()
-    ds = wb.data.load("text", **TEXT["data"])
-    steps = TEXT["train"]["steps_per_stage"] // (4 if quick else 1)
-    final = TEXT["model"]["final_layers"]
-    config = wb.TrainConfig(**{k: v for k, v in TEXT["train"].items() if k != "steps_per_stage"})
-    model_config = {k: v for k, v in TEXT["model"].items() if k != "final_layers"}
+    ds = TEXT.load_data()
+    steps = TEXT.steps_per_stage // (4 if quick else 1)
+    final = TEXT.final_layers
+    config = TEXT.train_config(steps=steps)
+    model_config = TEXT.model_config(ds, n_layers=1)
     schedule = growth.preset("gstack", steps, start_layers=1, final_layers=final, total_steps=final * steps,
                              stack_at=steps)
-    cmp = growth.compare(schedule, ds, dict(model_config, n_layers=1), config)
-    shallow = wb.models.build(wb.models.TransformerConfig(vocab_size=ds.vocab_size, context=ds.seq_len,
-                                                          **dict(model_config, n_layers=1)))
+    cmp = growth.compare(schedule, ds, model_config, config)
+    shallow = wb.models.build(model_config)
     n = flops.steps_for_budget(cmp.runs["grown"].meta["flops"], flops.flops_per_example(shallow, ds.seq_len),
                                len(ds.x_train), config.batch_size)
     shallow_loss = growth.grow(shallow, ds, [growth.Stage("train", n)], config).final("loss", "val")
     s = cmp.summary.set_index("method")
-    note = (f"text context {TEXT['data']['context']}, {TEXT['data']['corpus_chars']} chars (grammar corpus); "
+    note = (f"text context {TEXT.data_options['context']}, {TEXT.data_options['corpus_chars']} chars (grammar corpus); "
             f"1 block for {steps} steps, stacked x{final}, {(final - 1) * steps} more; final val loss grown "
             f"{s.loc['grown', 'val_loss']:.4f}, scratch {s.loc['scratch', 'val_loss']:.4f}; control: 1 block from "
             f"scratch on the same FLOPs ends at {shallow_loss:.4f} (small budget: depth does not pay yet)")
@@ -143,13 +140,13 @@ def run(quick: bool = False) -> list[dict]:
 
 def _run(quick: bool) -> list[dict]:
     torch.manual_seed(0)
-    ds = wb.data.load("khop", **TASK)
+    ds = KHOP.load_data()
     baseline = growth.khop_baseline(ds)
-    steps = TRAIN["steps_per_stage"] // (4 if quick else 1)
-    config = wb.TrainConfig(**{k: v for k, v in TRAIN.items() if k != "steps_per_stage"})
-    model_config = {k: v for k, v in MODEL.items() if k != "final_layers"}
-    final = MODEL["final_layers"]
-    task = ", ".join(f"{k}={v}" for k, v in TASK.items() if k not in ("n_train", "n_val"))
+    steps = KHOP.steps_per_stage // (4 if quick else 1)
+    config = KHOP.train_config(steps=steps)
+    model_config = KHOP.model_config(ds, n_layers=1)  # every grown run starts with one block
+    final = KHOP.final_layers
+    task = ", ".join(f"{k}={v}" for k, v in KHOP.data_options.items() if k not in ("n_train", "n_val"))
     rows = []
     for freeze_lower in (True, False):
         schedule = growth.preset("layerwise", steps, start_layers=1, final_layers=final, freeze_lower=freeze_lower)
@@ -166,8 +163,7 @@ def _run(quick: bool) -> list[dict]:
         "< 1 (G_stack at 7B: 0.65)", gstack, ds, model_config, config, baseline,
         f"1 block for {steps} steps, stacked x{final}, {(final - 1) * steps} more steps"))
     rows.append(_text_row(quick))
-    probe = wb.models.build(wb.models.TransformerConfig(
-        vocab_size=ds.vocab_size, context=ds.seq_len, **dict(model_config, n_layers=final - 1)))
+    probe = wb.models.build(KHOP.model_config(ds, n_layers=final - 1))
     step = _step_time(probe, ds, config)
     grow_t = _growth_time(probe, ds, config)
     rows.append({"entry": "grow: one growth operation (add_layer zero + freeze + optimizer rebuild) vs one step",

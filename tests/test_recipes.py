@@ -43,3 +43,35 @@ def test_transformer_pair_recipe():
     assert (cfg.family, cfg.d_model, cfg.n_heads, cfg.n_layers) == ("transformer", 32, 4, 2)
     assert r.train_config().eval_every == 500 and r.train_config(steps=20).eval_every == 20
     assert r.replace(steps=7).steps == 7 and r.steps == 500
+
+
+def test_khop_recipe_spans_the_depth_its_task_needs():
+    r = recipes.KHOP
+    ds = r.load_data(n_train=20, n_val=20)
+    opts = r.data_options
+    assert ds.seq_len == opts["nodes"] + 1 + opts["queries"]  # f(0..n-1), "|", the queries
+    assert r.final_layers >= opts["hops"]  # one look-up per block: the final depth can follow every pointer
+    assert min(r.sweep_depths) < max(r.sweep_hops) <= max(r.sweep_depths)  # the sweep has too shallow and deep enough
+    assert all(r.load_data(hops=h, n_train=10, n_val=10).options["hops"] == h for h in r.sweep_hops)
+    glyph = r.model_config(ds, n_layers=1, embedding="glyph")  # overrides reach the config; vocab comes along
+    assert glyph.embedding == "glyph" and glyph.vocab == list(ds.vocab) and glyph.d_model == r.d_model
+
+
+def test_text_recipe_is_a_char_lm_of_the_documented_size():
+    r = recipes.TEXT
+    assert dict(r.data_options) == {"context": 32, "corpus_chars": 30000}
+    ds = r.load_data()
+    assert ds.name == "text" and ds.kind == "sequence" and ds.seq_len == 32 and len(ds.x_train) > 0
+    cfg = r.model_config(ds, n_layers=1)
+    assert (cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.n_layers, cfg.vocab_size) == (32, 2, 128, 1, ds.vocab_size)
+    tc = r.train_config()
+    assert (tc.steps, tc.batch_size, tc.lr, tc.eval_every, tc.eval_max) == (200, 32, 3e-3, 25, 0)
+    assert r.final_layers == 2 and r.sweep_hops == r.sweep_depths == ()
+    assert r.train_config(steps=7, seed=3).steps == 7 and r.train_config(seed=3).seed == 3
+
+
+def test_builders_refuse_what_the_configs_refuse():
+    with pytest.raises(ValueError, match="steps"):
+        recipes.KHOP.train_config(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        recipes.TRANSFORMER_PAIR.train_config(lr=-1.0)
