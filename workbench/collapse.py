@@ -95,7 +95,10 @@ def _labels(name: str, labels, n: int, device, n_classes: int | None = None) -> 
     y = _tensor(name, labels)
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise ValueError(f"{name} must be integers (class indices), got dtype {y.dtype}")
-    checks.check_labels(name, y, n_classes)
+    try:
+        checks.check_labels(name, y, n_classes)
+    except ValueError as e:
+        raise ValueError(f"{e}" + (f" (n_classes = {n_classes})" if n_classes is not None else "")) from None
     if y.ndim != 1 or len(y) != n:
         raise ValueError(f"{name} must be 1-D with one entry per sample ({n}), got shape {tuple(y.shape)}")
     return y.to(device).long()
@@ -445,7 +448,7 @@ class CollapseTracker(Callback):
         checks.check_int("every", every, 1, 1_000_000)
         checks.check_bool("layers", layers)
         checks.check_int("max_samples", max_samples, 2, 1_000_000)
-        checks.check_seed("seed", seed)
+        seed = checks.check_seed("seed", seed)
         checks.check_int("batch_size", batch_size, 1)
         if on_record is not None and not callable(on_record):
             raise ValueError(f"on_record must be a callable or None, got {on_record!r}")
@@ -550,7 +553,7 @@ def simplex_etf(n_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
     if not isinstance(dim, bool) and isinstance(dim, int) and dim < C:
         raise ValueError(f"a simplex ETF of {C} classes built this way needs dim >= {C}, got {dim}")
     checks.check_int("dim", dim, C, max(C, MAX_ETF_ENTRIES // C))
-    checks.check_seed("seed", seed)
+    seed = checks.check_seed("seed", seed)
     g = torch.Generator().manual_seed(seed)
     u, _ = torch.linalg.qr(torch.randn(dim, C, generator=g, dtype=torch.float64))      # (d, C) orthonormal
     centre = torch.eye(C, dtype=torch.float64) - 1.0 / C
@@ -621,7 +624,7 @@ def set_etf_classifier(model: nn.Module, seed: int = 0) -> nn.Module:
     The model then learns features only (fixed equiangular classifier; cf. Equiangular
     Basis Vectors and Fang et al. 2021). Returns the model.
     """
-    checks.check_seed("seed", seed)
+    seed = checks.check_seed("seed", seed)
     readout = getattr(model, "readout", None)
     if not isinstance(readout, nn.Linear):
         raise ValueError(f"model must be a workbench model with a linear readout, got {type(model).__name__}")
@@ -660,7 +663,7 @@ def subsample(dataset: Dataset, counts: list[int], seed: int = 0) -> Dataset:
     """
     if not isinstance(dataset, Dataset):
         raise ValueError(f"dataset must be a workbench Dataset, got {type(dataset).__name__}")
-    checks.check_seed("seed", seed)
+    seed = checks.check_seed("seed", seed)
     if dataset.kind != "vector":
         raise ValueError("class imbalance applies to vector (classification) datasets")
     if isinstance(counts, torch.Tensor):
@@ -692,7 +695,7 @@ class MixupLoss:
 
     def __init__(self, alpha: float = 0.2, seed: int = 0):
         checks.check_float("alpha", alpha, 0.0, 100.0, lo_open=True)
-        checks.check_seed("seed", seed)
+        seed = checks.check_seed("seed", seed)
         self.alpha = float(alpha)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -740,7 +743,7 @@ def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None 
     checks.check_float("mixup", mixup, 0.0, 100.0)
     checks.check_bool("etf_classifier", etf_classifier)
     checks.check_int("n_minority", n_minority, 0)
-    checks.check_seed("seed", seed)
+    seed = checks.check_seed("seed", seed)
     checks.check_int("eval_every_epochs", eval_every_epochs, 1, 100_000)
     for name, v, lo, hi in (("epochs", epochs, 1, 100_000), ("n_layers", n_layers, 0, 256),
                             ("d_model", d_model, 1, 8192), ("batch_size", batch_size, 1, 1_000_000)):

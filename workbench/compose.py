@@ -302,7 +302,7 @@ class LogitMixture(nn.Module):
         checks.check_float("lr", lr, 0.0, 10.0, lo_open=True)
         checks.check_int("batch_size", batch_size, 1, 1_000_000)
         checks.check_int("max_examples", max_examples, 1)
-        checks.check_seed("seed", seed)
+        seed = checks.check_seed("seed", seed)
         if isinstance(calibration, _data.Dataset):
             calibration = [calibration]
         if not isinstance(calibration, (Mapping, list, tuple)):

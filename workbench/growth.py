@@ -137,7 +137,7 @@ def add_layer(model: nn.Module, init: str = "zero", position: str | int = "top",
     checks.check_choice("init", init, INITS)
     checks.check_int("fade_steps", fade_steps, 1, MAX_STEPS)
     if seed is not None:
-        checks.check_seed("seed", seed)
+        seed = checks.check_seed("seed", seed)
     blocks = _blocks(model)
     n = len(blocks)
     pos = _resolve_position(position, n)

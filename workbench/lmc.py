@@ -311,7 +311,7 @@ def align(model_a: nn.Module, model_b: nn.Module, method: str = "weights", data=
     on ``data`` (a Dataset, whose training inputs are used, or an input tensor).
     """
     checks.check_choice("method", method, ("weights", "activations"))
-    checks.check_seed("seed", seed)
+    seed = checks.check_seed("seed", seed)
     checks.check_int("max_iter", max_iter, 1, _perm.MAX_ITER)
     checks.check_int("max_examples", max_examples, 0)
     if method == "weights":
@@ -412,7 +412,7 @@ def compare(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, n_alphas: 
     _check_n_alphas(n_alphas)
     splits = _check_splits(splits)
     checks.check_int("max_examples", max_examples, 0)
-    checks.check_seed("seed", seed)
+    seed = checks.check_seed("seed", seed)
     if isinstance(methods, str) or not isinstance(methods, (list, tuple)) or not methods:
         raise ValueError(f"methods must be a non-empty list drawn from {list(METHODS)}, got {methods!r}")
     for m in methods:

@@ -230,7 +230,7 @@ def identity_permutation(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def random_permutation(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     """A uniformly random element of the model's permutation group (heads shuffled, and dims inside heads)."""
-    checks.check_seed("seed", seed)
+    seed = checks.check_seed("seed", seed)
     spec = perm_spec(model)
     g = torch.Generator().manual_seed(seed)
     perm = {p: torch.randperm(n, generator=g) for p, n in spec.sizes.items()}
@@ -319,7 +319,7 @@ def match_weights(model_a: nn.Module, model_b: nn.Module, seed: int = 0, max_ite
     Returns ``(perm, info)``; ``info`` has ``sweeps``, ``solves`` and ``objective``.
     """
     check_same_architecture(model_a, model_b)
-    checks.check_seed("seed", seed)
+    seed = checks.check_seed("seed", seed)
     checks.check_int("max_iter", max_iter, 1, MAX_ITER)
     spec = perm_spec(model_a)
     if isinstance(init, dict):

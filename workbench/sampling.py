@@ -42,7 +42,7 @@ def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int = 100, 
         raise ValueError("generate needs a sequence model with config.context (a Transformer or a mixture of them)")
     checks.check_int("max_new_tokens", max_new_tokens, 0, MAX_NEW_TOKENS)
     checks.check_float("temperature", temperature, 0.0, 100.0)
-    checks.check_seed("seed", seed)
+    seed = checks.check_seed("seed", seed)
     vocab_size = _vocab_size(model)
     if top_k is not None:
         checks.check_int("top_k", top_k, 1, vocab_size)
