@@ -150,6 +150,13 @@ def evaluate_params(model: nn.Module, params: dict[str, torch.Tensor], dataset: 
     if not isinstance(params, dict) or not params:
         raise ValueError("params must be a non-empty dict {name: (n, *shape) tensor}")
     check_model_data(model, dataset)
+    return _evaluate(model, params, dataset, split, max_examples, max_rows, use_vmap)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, params: dict[str, torch.Tensor], dataset: Dataset, split: str, max_examples: int,
+              max_rows: int = 1 << 13, use_vmap: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`evaluate_params` without the argument checks (the callers here have made them once)."""
     x, y = _split_data(dataset, split, max_examples)
     n = next(iter(params.values())).shape[0]
     device = next(iter(params.values())).device
@@ -193,7 +200,7 @@ def _chunked_eval(model, stacked_fn, n: int, dataset, split, max_examples, budge
         chunk = 1  # CPU: one parameter set at a time (see evaluate_params); nothing large is stacked
     losses, accs = [], []
     for s in range(0, n, chunk):
-        l, a = evaluate_params(model, stacked_fn(slice(s, min(n, s + chunk))), dataset, split, max_examples)
+        l, a = _evaluate(model, stacked_fn(slice(s, min(n, s + chunk))), dataset, split, max_examples)
         losses.append(l), accs.append(a)
     return np.concatenate(losses), np.concatenate(accs)
 
@@ -453,7 +460,7 @@ def _repair_curve(model_a, model_b, dataset, n_alphas, splits, max_examples, sto
     stacked = {k: torch.stack([p[k].to(repaired[0][k].device) for p in repaired]) for k in repaired[0]}
     rows = []
     for split in splits:
-        loss, acc = evaluate_params(model_a, stacked, dataset, split, max_examples)
+        loss, acc = _evaluate(model_a, stacked, dataset, split, max_examples)
         rows += [{"alpha": float(a), "split": split, "loss": float(l), "acc": float(c), "error": 1 - float(c)}
                  for a, l, c in zip(grid, loss, acc)]
     return pd.DataFrame(rows)
