@@ -229,8 +229,17 @@ def _residual():
 
 
 def _lmc():
-    d = lambda: W()["digits"]  # noqa: E731
-    a, b, c = (lambda k: (lambda: W()[k]))("mlp_a"), (lambda: W()["mlp_b"]), (lambda: W()["mlp_c"])
+    def d():
+        return W()["digits"]
+
+    def a():
+        return W()["mlp_a"]
+
+    def b():
+        return W()["mlp_b"]
+
+    def c():
+        return W()["mlp_c"]
     return [
         ("curve.n_alphas", "n_alphas", Int(2, 1001, cheap=4),
          lambda v: lmc.curve(a(), b(), d(), n_alphas=v, splits=("val",), max_examples=8)),

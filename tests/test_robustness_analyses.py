@@ -5,7 +5,6 @@ good call next to it must still give the known answer, so a check that refuses e
 would fail here too.
 """
 import dataclasses
-import math
 
 import numpy as np
 import pytest
