@@ -23,9 +23,22 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def home(tmp_path_factory):
+    """The served app's run store (WORKBENCH_HOME)."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def model_roots(tmp_path_factory):
+    """The served app's model roots (WORKBENCH_MODEL_ROOTS)."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def server(home, model_roots):
     port = _free_port()
-    env = {**os.environ, "WORKBENCH_HOME": str(tmp_path_factory.mktemp("home")), "WORKBENCH_THREADS": "1"}
+    env = {**os.environ, "WORKBENCH_HOME": str(home), "WORKBENCH_MODEL_ROOTS": str(model_roots),
+           "WORKBENCH_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "panel", "serve", "apps/", "--port", str(port),
                              "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -126,3 +139,113 @@ def test_grow_then_read_the_grown_model_in_the_residual_stream(server, page):
     assert n_traces >= 2
     page.screenshot(path=str(ARTIFACTS / "residual-after-grow.png"), full_page=True)
     assert page.console_errors == []
+
+
+# ----------------------------------------------------------------------------- script payloads (issue 10)
+XSS = '<img src=x onerror="window.__xss=1">'
+SCRIPT = "<script>window.__xss=1</script>"
+SVG = '<svg onload="window.__xss=1">'
+TEXT = "the cat sees the moon. a dog finds the river. " * 40
+
+
+@pytest.fixture(scope="module")
+def planted(home, model_roots):
+    """Runs named with script payloads in the served store, and a model folder so named in the model roots."""
+    import workbench as wb
+
+    ds = wb.data.load("text", text=TEXT, context=16)
+    store = wb.RunStore(home)
+    runs = []
+    for seed, name in ((0, XSS), (1, SVG)):  # one frozen substrate (same init seed), two training seeds
+        model = wb.models.build(wb.models.config_for(ds, d_model=16, n_layers=1, n_heads=2, d_mlp=32,
+                                                     embedding="frozen-random", seed=0))
+        runs.append(wb.train(model, ds, wb.TrainConfig(steps=3, eval_every=3, eval_max=16, seed=seed), name=name))
+        store.save(runs[-1])
+    wb.interop.export_gpt2(runs[0].model, model_roots / XSS, vocab=ds.vocab, dataset=ds.spec())
+    return store
+
+
+def _no_script_ran(page, where: str) -> None:
+    assert page.evaluate("window.__xss") is None, f"a payload's script ran ({where})"
+
+
+def _fill_every_text_field(page, value: str) -> None:
+    for box in page.locator("input[type=text]:visible").all():
+        try:
+            box.fill(value, timeout=2000)
+            box.press("Enter", timeout=2000)
+        except Exception:  # a disabled or read-only box
+            pass
+
+
+def test_script_payloads_in_names_and_fields_never_run(server, page, planted):
+    """Stored payloads (run names, a model folder's name, an uploaded file's name) and typed ones, on every tab."""
+    page.goto(server)
+    page.wait_for_selector("text=Depth Workbench")
+    for title in PAGES:
+        _open(page, title)
+        page.wait_for_timeout(1200)
+        _no_script_ran(page, f"opening {title}")
+        _fill_every_text_field(page, XSS)
+        page.wait_for_timeout(500)
+        _no_script_ran(page, f"typing into {title}")
+
+    # Train on an uploaded file whose name is a payload, under a payload run name
+    page.goto(server)
+    _open(page, "Train")
+    page.locator(".bk-input-group", has_text="dataset").locator("select").first.select_option("text")
+    page.wait_for_timeout(800)
+    page.locator("input[type=file]").first.set_input_files(
+        files=[{"name": f"{XSS}.txt", "mimeType": "text/plain", "buffer": TEXT.encode()}])
+    page.wait_for_timeout(800)
+    _type(page, "context", "16")
+    _type(page, "steps", "6")
+    _type(page, "eval_every", "3")
+    _type(page, "run name", SCRIPT)
+    _click(page, "Train")
+    page.wait_for_selector("text=saved as", timeout=120_000)
+    _no_script_ran(page, "training on the upload")
+
+    # the new run's curves on the Runs page (its name is the figure's title)
+    _open(page, "Runs")
+    page.wait_for_timeout(1000)
+    page.locator(".tabulator-row", has_text="window.__xss").first.click()
+    page.wait_for_timeout(1500)
+    _no_script_ran(page, "the Runs page")
+
+    # Compose the two payload-named specialists: their names appear in the messages, table and heat-map
+    _open(page, "Compose")
+    page.wait_for_timeout(1000)
+    choices = page.locator(".choices").first
+    for marker in ("onerror", "onload"):  # the two planted specialists (one substrate)
+        choices.click()
+        page.locator(".choices__list--dropdown .choices__item--selectable", has_text=marker).first.click()
+        page.wait_for_timeout(300)
+    page.keyboard.press("Escape")
+    _click(page, "Compose and evaluate")
+    try:
+        page.wait_for_selector("text=can now open", timeout=180_000)
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "xss-compose.png"), full_page=True)
+    _click(page, "Sample")
+    page.wait_for_timeout(1500)
+    _no_script_ran(page, "composing")
+
+    # the mixture and the payload-named model folder on the Residual stream page
+    _open(page, "Residual stream")
+    page.wait_for_timeout(800)
+    page.locator(".bk-btn", has_text="Compose mixture").first.click()
+    _click(page, "Analyse")
+    page.wait_for_selector("text=Mixture of 2 members", timeout=120_000)
+    _no_script_ran(page, "analysing the mixture")
+    page.locator(".bk-btn", has_text="Hugging Face model").first.click()
+    page.wait_for_timeout(800)
+    _click(page, "Analyse")
+    page.wait_for_selector("text=logit lens at the output", timeout=120_000)
+    page.screenshot(path=str(ARTIFACTS / "xss-residual.png"), full_page=True)
+    _no_script_ran(page, "the Hugging Face model")
+
+    for title in PAGES:  # every tab once more, now that the store holds every payload
+        _open(page, title)
+        page.wait_for_timeout(800)
+    _no_script_ran(page, "revisiting every tab")

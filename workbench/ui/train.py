@@ -28,7 +28,7 @@ _OPTION_WIDGET = {int: pn.widgets.IntInput, float: pn.widgets.FloatInput}
 # Options the form never offers as a text box: a server path (the browser must not name server files) and
 # the text itself (it comes by upload, TextUpload).
 _NOT_TYPED = ("path", "text")
-_MENUS = {("text", "corpus"): list(data.CORPORA)}
+_MENUS = {("text", "corpus"): list(data.CORPORA), ("khop", "layout"): list(data.KHOP_LAYOUTS)}
 
 
 def _kwargs(d: dict) -> str:
