@@ -63,8 +63,14 @@ def test_select_sites_messages(tiny):
     with pytest.raises(ValueError, match=r"no hook site matches \['blocks.9.nothing'\]"):
         with hooks.record(tiny, "blocks.9.nothing"):
             pass
-    with pytest.raises(ValueError, match="layers must be block indices"):
+    with pytest.raises(ValueError, match=r"layers\[\] must be an integer >= 0, got -1"):
         with hooks.record(tiny, layers=[-1]):
+            pass
+    with pytest.raises(ValueError, match=r"names\[\] must be a string"):
+        with hooks.record(tiny, names=[3]):
+            pass
+    with pytest.raises(ValueError, match=r"layer must be an integer in \[0, 1\], got 2"):
+        with hooks.adapter(tiny).skip(2):
             pass
 
 

@@ -40,9 +40,6 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "workbench"
 UI_LIBRARIES = ("panel", "bokeh", "param")
 PLOT_LIBRARIES = ("plotly",)
 
-# The one cycle known today; the refactor of issue 11 (hooks layer, adapters) removes it.
-KNOWN_CYCLE = {"workbench.interop", "workbench.residual"}
-
 
 # ============================================================================ the detector
 
@@ -298,18 +295,22 @@ def test_the_parser_sees_the_package(graph):
     assert any(e.source == "workbench.ui.app" and e.target == "workbench.ui.common" for e in edges)
 
 
-@pytest.mark.xfail(strict=True, reason="known cycle workbench.interop <-> workbench.residual (interop imports "
-                   "residual.Adapter, residual.adapter imports interop in a function); the hooks layer of issue 11 "
-                   "removes it: then this test passes, strict xfail fails, and this marker must be removed")
 def test_no_import_cycles(graph):
     cycles = find_cycles(*graph)
     assert not cycles, "import cycles inside workbench:\n" + "\n".join(map(str, cycles))
 
 
-def test_no_import_cycle_but_the_known_one(graph):
-    """Until the known cycle is gone, no other may appear (delete this test with the xfail marker above)."""
-    cycles = [c for c in find_cycles(*graph) if set(c.modules) != KNOWN_CYCLE]
-    assert not cycles, "new import cycles inside workbench:\n" + "\n".join(map(str, cycles))
+def test_hooks_layer_sits_below_the_analyses(graph):
+    """The interop <-> residual cycle of old stays gone: interop no longer imports residual, and the
+    hooks layer and its adapters import no analysis module (they may import models and checks)."""
+    modules, edges = graph
+    adj = _internal(modules, edges)
+    assert "workbench.residual" not in adj["workbench.interop"]
+    low = ["workbench.hooks"] + [m for m in modules if m.startswith("workbench.adapters")]
+    allowed = {"workbench.models", "workbench.checks", "workbench.hooks", "workbench.adapters"}
+    bad = {m: sorted(set(adj[m]) - allowed - {x for x in modules if x.startswith("workbench.adapters")})
+           for m in low}
+    assert not any(bad.values()), f"the hooks layer imports analyses: {bad}"
 
 
 def test_engine_and_figures_do_not_import_panel(graph):

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import checks
 from .models import HookPoint
 
 __all__ = ["HookPoint", "Adapter", "ActivationCache", "register_adapter", "adapter", "supported", "sites", "record",
@@ -90,8 +91,9 @@ class Adapter:
     @contextlib.contextmanager
     def skip(self, layer: int) -> Iterator[None]:
         """Replace block ``layer`` by the identity for the duration of the context."""
-        if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer must be in [0, {self.n_layers - 1}], got {layer}")
+        if self.n_layers == 0:
+            raise ValueError("layer: the model has no blocks to skip")
+        checks.check_int("layer", layer, 0, self.n_layers - 1)
 
         def identity(module, args, kwargs, output):
             h = args[0] if args else kwargs["hidden_states"]
@@ -227,20 +229,17 @@ def select_sites(all_names: list[str], names=None, layers=None) -> list[str]:
         names = [names]
     chosen = list(all_names)
     if names is not None:
-        names = list(names)
-        bad = [p for p in names if not isinstance(p, str)]
-        if bad:
-            raise ValueError(f"names must be site names or patterns (strings), got {bad[0]!r}")
+        if not hasattr(names, "__iter__"):
+            raise ValueError(f"names must be a site name, a pattern or a list of them, got {names!r}")
+        names = [checks.check_str("names[]", n, 200) for n in names]
         chosen = [n for n in all_names if any(fnmatch.fnmatchcase(n, p) for p in names)]
         missing = [p for p in names if not any(fnmatch.fnmatchcase(n, p) for n in all_names)]
         if missing:
             raise ValueError(f"no hook site matches {missing}; sites are e.g. {all_names[:8]}")
     if layers is not None:
-        keep = set()
-        for i in layers:
-            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
-                raise ValueError(f"layers must be block indices (integers >= 0), got {i!r}")
-            keep.add(i)
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise ValueError(f"layers must be a list of block indices, got {layers!r}")
+        keep = {checks.check_int("layers[]", i, 0) for i in layers}
         chosen = [n for n in chosen if not n.startswith("blocks.") or int(n.split(".")[1]) in keep]
     return chosen
 

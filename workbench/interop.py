@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 interop: an adapter for the residual-stream tools, export and import.
+"""Hugging Face GPT-2 interop: export and import.
 
 Our pre-LN :class:`~workbench.models.Transformer` is GPT-2 up to names: learned positions,
 LayerNorm (eps 1e-5) before attention and MLP, GELU(tanh) (= GPT-2's ``gelu_new``), a final
@@ -9,8 +9,12 @@ LayerNorm and a bias-free readout. So
   tolerance; GPT-2's ``Conv1D`` stores weights as ``(in, out)``, the transpose of
   ``nn.Linear``; an untied readout gives ``tie_word_embeddings=False``;
 - :func:`from_gpt2` goes back to a workbench Transformer;
-- :class:`GPT2Adapter` lets :mod:`workbench.residual` read a GPT-2 model directly, by
-  forward hooks on GPT-2's own modules under our hook names.
+- :func:`load_gpt2` reads a local ``save_pretrained`` directory (safetensors only).
+
+Reading a GPT-2 model with the residual-stream tools is the adapter's job:
+:class:`~workbench.adapters.hf_gpt2.GPT2Adapter` (hook sites on GPT-2's own modules under our
+hook names) lives in :mod:`workbench.adapters.hf_gpt2`; ``GPT2Adapter`` and ``is_gpt2`` are
+re-exported here for old imports.
 
 Peri-LN models (a LayerNorm after each sublayer), residual MLPs and blocks in the middle of
 a fade-in (``residual_scale != 1``) have no GPT-2 equivalent: exporting them raises
@@ -27,110 +31,13 @@ import torch
 import torch.nn as nn
 
 from . import models as _models
-from .residual import Adapter
+from .adapters.hf_gpt2 import GPT2Adapter, is_gpt2   # re-exported: they live in workbench/adapters/hf_gpt2.py
 
 __all__ = ["is_gpt2", "GPT2Adapter", "to_gpt2", "export_gpt2", "from_gpt2", "load_gpt2", "EXPORT_META",
            "SAFETENSORS_FILES"]
 
 EXPORT_META = "workbench.json"   # written next to config.json: our config and the vocabulary
 _FORMAT = "depth-workbench-gpt2-export"
-
-
-def is_gpt2(model) -> bool:
-    """True for a Hugging Face GPT-2 language model (``GPT2LMHeadModel``-shaped)."""
-    cfg = getattr(model, "config", None)
-    return (getattr(cfg, "model_type", None) == "gpt2" and hasattr(model, "lm_head")
-            and hasattr(getattr(model, "transformer", None), "h"))
-
-
-# ============================================================================ adapter
-
-
-class GPT2Adapter(Adapter):
-    """Maps a ``GPT2LMHeadModel``'s modules onto the workbench hook names with forward hooks.
-
-    ``embed_out`` = ``wte`` output; ``pos_embed_out`` = ``wpe`` output; ``blocks.l.resid_pre``
-    = block input; ``attn_out`` = attention output; ``resid_mid`` = input of ``ln_2``;
-    ``mlp_out`` = MLP output; ``resid_post`` = block output; ``attn.z`` = input of
-    ``attn.c_proj`` as ``(B, T, H, D)``; ``features`` = ``ln_f`` output.
-    """
-
-    family = "transformer"
-
-    def __init__(self, model: nn.Module):
-        if not is_gpt2(model):
-            raise TypeError(f"expected a Hugging Face GPT2LMHeadModel, got {type(model).__name__}")
-        if getattr(model.config, "add_cross_attention", False):
-            raise ValueError("GPT-2 models with cross-attention are not supported")
-        self.model = model
-        self.tf = model.transformer
-        self.n_layers = len(self.tf.h)
-        self.n_heads = int(model.config.n_head)
-        self._names = ["embed_out", "pos_embed_out"]
-        for i in range(self.n_layers):
-            self._names += [f"blocks.{i}.{s}" for s in ("resid_pre", "attn.z", "attn_out", "resid_mid", "mlp_out",
-                                                        "resid_post")]
-        self._names.append("features")
-
-    def site_names(self):
-        return list(self._names)
-
-    def add_hook(self, name, fn):
-        tf = self.tf
-
-        def first(out):
-            return out[0] if isinstance(out, tuple) else out
-
-        if name == "embed_out":
-            return tf.wte.register_forward_hook(lambda m, a, out: fn(out))
-        if name == "pos_embed_out":
-            return tf.wpe.register_forward_hook(
-                lambda m, a, out: fn(out[0] if out.dim() == 3 and out.shape[0] == 1 else out))
-        if name == "features":
-            return tf.ln_f.register_forward_hook(lambda m, a, out: fn(out))
-        parts = name.split(".")
-        if parts[0] != "blocks" or name not in self._names:
-            raise KeyError(f"no hook site {name!r}")
-        block = tf.h[int(parts[1])]
-        site = ".".join(parts[2:])
-        if site == "resid_pre":
-            return block.register_forward_pre_hook(
-                lambda m, args, kwargs: fn(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
-        if site == "attn_out":
-            return block.attn.register_forward_hook(lambda m, a, out: fn(first(out)))
-        if site == "resid_mid":
-            return block.ln_2.register_forward_pre_hook(lambda m, args: fn(args[0]))
-        if site == "mlp_out":
-            return block.mlp.register_forward_hook(lambda m, a, out: fn(first(out)))
-        if site == "resid_post":
-            return block.register_forward_hook(lambda m, a, out: fn(first(out)))
-        if site == "attn.z":
-            H = self.n_heads
-
-            def pre(m, args):
-                z = args[0]
-                fn(z.view(*z.shape[:-1], H, z.shape[-1] // H))
-            return block.attn.c_proj.register_forward_pre_hook(pre)
-        raise KeyError(f"no hook site {name!r}")
-
-    def forward(self, x):
-        return self.model(input_ids=x).logits
-
-    def final_norm(self):
-        return self.tf.ln_f
-
-    def readout(self):
-        head = self.model.lm_head
-        return head.weight, getattr(head, "bias", None)
-
-    def block(self, layer):
-        return self.tf.h[layer]
-
-    def head_projection(self, layer):
-        proj = self.tf.h[layer].attn.c_proj           # Conv1D: weight (C_in, C_out)
-        C = proj.weight.shape[1]
-        H = self.n_heads
-        return proj.weight.view(H, C // H, C), proj.bias
 
 
 # ============================================================================ export / import

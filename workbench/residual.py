@@ -1,8 +1,8 @@
 """What each layer writes into the residual stream.
 
-Every function takes a model and an input batch and works on both model families of
-:mod:`workbench.models` and on a Hugging Face ``GPT2LMHeadModel`` (through the adapter in
-:mod:`workbench.interop`, which maps GPT-2's modules onto the same hook names):
+Every function takes a model and an input batch and works on every model an adapter of
+:mod:`workbench.hooks` reads: both model families of :mod:`workbench.models` and a Hugging Face
+``GPT2LMHeadModel`` (:mod:`workbench.adapters.hf_gpt2` maps GPT-2's modules onto the same hook names):
 
 ==========================  ==================================================================
 :func:`record`              context manager caching hook-point activations (detached)
@@ -18,6 +18,10 @@ Hook names follow :mod:`workbench.models` (TransformerLens style): ``embed_out``
 ``blocks.{l}.mlp_out``, ``blocks.{l}.resid_post`` (``blocks.{l}.block_out`` in residual MLPs),
 ``features`` (final-norm output), plus ``blocks.{l}.attn.z``: the per-head attention outputs
 ``(B, T, H, D)`` entering the output projection (used for per-head decompositions).
+
+Hooking lives in :mod:`workbench.hooks`: :func:`record`, :func:`adapter`, :func:`sites` and
+:class:`ActivationCache` are re-exported here from there (``wb.residual.record`` and
+``wb.hooks.record`` are the same function), so notebooks and the dashboard keep working.
 
 Definitions (Csordas et al. 2025, "Do Language Models Use Their Depth Efficiently?"), per
 token and then averaged over tokens, with ``x_l`` the residual entering layer ``l``, ``a_l``
@@ -39,11 +43,9 @@ gradients (the model's mode is restored afterwards) on the model's own device.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import numbers
-import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -52,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checks
-from . import models as _models
+from .hooks import ActivationCache, Adapter, adapter, record, sites
 
 __all__ = ["EPS", "ActivationCache", "Decomposition", "SkipEffects", "adapter", "sites", "record",
            "contributions", "decompose", "logit_attribution", "logit_lens", "skip_effects", "next_token_targets",
@@ -60,220 +62,6 @@ __all__ = ["EPS", "ActivationCache", "Decomposition", "SkipEffects", "adapter", 
 
 EPS = 1e-6
 IGNORE = -100
-
-
-# ============================================================================ adapters
-
-
-class Adapter:
-    """Uniform view of a residual model: hook sites, forward, unembedding, layer skipping.
-
-    Subclasses: :class:`NativeAdapter` (workbench models) and
-    :class:`workbench.interop.GPT2Adapter` (Hugging Face GPT-2).
-    """
-
-    model: nn.Module
-    family: str          # "transformer" or "mlp"
-    n_layers: int
-    n_heads: int = 0
-
-    def site_names(self) -> list[str]:
-        raise NotImplementedError
-
-    def add_hook(self, name: str, fn: Callable[[torch.Tensor], None]):
-        """Call ``fn(activation)`` whenever site ``name`` is computed; returns a removable handle."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, T, V)`` (sequence) or ``(B, K)`` (vector)."""
-        raise NotImplementedError
-
-    def final_norm(self) -> nn.Module:
-        raise NotImplementedError
-
-    def readout(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Unembedding ``(V, C)`` weight and optional ``(V,)`` bias."""
-        raise NotImplementedError
-
-    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
-        w, b = self.readout()
-        return F.linear(self.final_norm()(resid), w, b)
-
-    def block(self, layer: int) -> nn.Module:
-        raise NotImplementedError
-
-    def head_projection(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-head output maps ``(H, D, C)`` and bias ``(C,)`` of layer ``layer``'s attention,
-        so that ``attn_out = einsum('bthd,hdc->btc', z, W) + bias``."""
-        raise NotImplementedError
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @contextlib.contextmanager
-    def skip(self, layer: int) -> Iterator[None]:
-        """Replace block ``layer`` by the identity for the duration of the context."""
-        if self.n_layers == 0:
-            raise ValueError("layer: the model has no blocks to skip")
-        checks.check_int("layer", layer, 0, self.n_layers - 1)
-
-        def identity(module, args, kwargs, output):
-            h = args[0] if args else kwargs["hidden_states"]
-            return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
-
-        handle = self.block(layer).register_forward_hook(identity, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-
-class NativeAdapter(Adapter):
-    """Workbench models: hook sites are the :class:`~workbench.models.HookPoint` modules."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.family = model.config.family
-        self.n_layers = len(model.blocks)
-        self.n_heads = getattr(model.config, "n_heads", 0)
-        self._points = {n: m for n, m in model.named_modules() if isinstance(m, _models.HookPoint)}
-        if self.family == "transformer":
-            for i, b in enumerate(model.blocks):
-                self._points[f"blocks.{i}.attn.z"] = b.attn.proj
-
-    def site_names(self) -> list[str]:
-        return list(self._points)
-
-    def add_hook(self, name, fn):
-        module = self._points[name]
-        if name.endswith(".attn.z"):
-            H = self.n_heads
-
-            def pre(mod, args):
-                z = args[0]
-                fn(z.view(*z.shape[:-1], H, z.shape[-1] // H))
-            return module.register_forward_pre_hook(pre)
-        return module.register_forward_hook(lambda mod, args, out: fn(out))
-
-    def forward(self, x):
-        return self.model(x)
-
-    def final_norm(self):
-        return self.model.final_norm
-
-    def readout(self):
-        r = self.model.readout
-        return r.weight, r.bias
-
-    def unembed(self, resid):
-        return self.model.readout(self.model.final_norm(resid))
-
-    def block(self, layer):
-        return self.model.blocks[layer]
-
-    def head_projection(self, layer):
-        block = self.model.blocks[layer]
-        if not isinstance(block.ln1_post, nn.Identity):
-            raise ValueError("a per-head decomposition needs a pre-LN model: Peri-LN normalises the attention "
-                             "output, which is then not a sum of per-head terms")
-        proj, s = block.attn.proj, float(block.residual_scale)
-        C, H = proj.weight.shape[0], self.n_heads
-        w = proj.weight.view(C, H, C // H).permute(1, 2, 0) * s  # (H, D, C)
-        return w, None if proj.bias is None else proj.bias * s
-
-
-def adapter(model: nn.Module) -> Adapter:
-    """The :class:`Adapter` for a workbench model or a Hugging Face GPT-2 model."""
-    if isinstance(model, Adapter):
-        return model
-    if isinstance(model, (_models.Transformer, _models.ResidualMLP)):
-        return NativeAdapter(model)
-    from . import interop
-
-    if interop.is_gpt2(model):
-        return interop.GPT2Adapter(model)
-    if hasattr(model, "members"):
-        raise TypeError(f"{type(model).__name__} mixes several models and has no single residual stream; "
-                        "contributions, logit_attribution, logit_lens and skip_effects take it directly (one "
-                        "table per member); for other tools pass one of its .members")
-    raise TypeError(f"residual-stream tools need a workbench model (Transformer, ResidualMLP) or a Hugging Face "
-                    f"GPT2LMHeadModel, got {type(model).__name__}")
-
-
-def sites(model: nn.Module) -> list[str]:
-    """All hook-site names of ``model``, in forward order per block."""
-    return adapter(model).site_names()
-
-
-# ============================================================================ recording
-
-
-class ActivationCache(dict):
-    """``{site name: activation}`` filled by :func:`record`; tensors are detached (not copied)."""
-
-    def layer(self, site: str, layer: int) -> torch.Tensor:
-        return self[f"blocks.{layer}.{site}"]
-
-    def stack(self, site: str) -> torch.Tensor:
-        """``(L, ...)``: one site of every recorded block, in layer order."""
-        keys = sorted((k for k in self if re.fullmatch(rf"blocks\.\d+\.{re.escape(site)}", k)),
-                      key=lambda k: int(k.split(".")[1]))
-        if not keys:
-            raise KeyError(f"no recorded blocks.*.{site}")
-        return torch.stack([self[k] for k in keys])
-
-
-def _select(all_names: list[str], names, layers) -> list[str]:
-    if isinstance(names, str):
-        names = [names]
-    chosen = list(all_names)
-    if names is not None:
-        if not hasattr(names, "__iter__"):
-            raise ValueError(f"names must be a site name, a pattern or a list of them, got {names!r}")
-        names = [checks.check_str("names[]", n, 200) for n in names]
-        chosen = [n for n in all_names if any(fnmatch.fnmatchcase(n, p) for p in names)]
-        missing = [p for p in names if not any(fnmatch.fnmatchcase(n, p) for n in all_names)]
-        if missing:
-            raise ValueError(f"no hook site matches {missing}; sites are e.g. {all_names[:8]}")
-    if layers is not None:
-        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-            raise ValueError(f"layers must be a list of block indices, got {layers!r}")
-        keep = {checks.check_int("layers[]", i, 0) for i in layers}
-        chosen = [n for n in chosen if not n.startswith("blocks.") or int(n.split(".")[1]) in keep]
-    return chosen
-
-
-@contextlib.contextmanager
-def record(model: nn.Module, names: Iterable[str] | str | None = None,
-           layers: Iterable[int] | None = None) -> Iterator[ActivationCache]:
-    """Cache hook-site activations while the block runs; the hooks are removed on exit, also on error.
-
-    ``names``: site names or shell patterns (``"blocks.*.resid_post"``); default all sites.
-    ``layers``: keep only these blocks' sites (model-level sites such as ``embed_out`` stay).
-    Cached tensors are detached views of the activations, not copies; a second forward inside
-    the block overwrites them. Works on workbench models and Hugging Face GPT-2 models::
-
-        with wb.residual.record(model, names=["blocks.*.resid_post"]) as cache:
-            model(x)
-        cache["blocks.0.resid_post"]
-    """
-    ad = adapter(model)
-    cache = ActivationCache()
-    handles = []
-    try:
-        for name in _select(ad.site_names(), names, layers):
-            handles.append(ad.add_hook(name, _storer(cache, name)))
-        yield cache
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _storer(cache: dict, name: str):
-    def store(t: torch.Tensor) -> None:
-        cache[name] = t.detach()
-    return store
 
 
 # ============================================================================ helpers
