@@ -53,7 +53,7 @@ def _code_for(specialist_ids: list[str], names: list[str], base_id: str | None, 
              "store = wb.RunStore()", f"runs = [store.load(i) for i in {specialist_ids!r}]",
              f"names = {names!r}",
              "members = {n: r.model for n, r in zip(names, runs)}",
-             "domains = {n: wb.data.load(**r.dataset) for n, r in zip(names, runs)}",
+             "domains = {n: wb.data.from_spec(r.dataset) for n, r in zip(names, runs)}",
              "ms = list(members.values())"]
     weight_space = [m for m in chosen if m in _WEIGHT_SPACE]
     if weight_space:

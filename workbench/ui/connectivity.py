@@ -24,7 +24,7 @@ CODE = """import workbench as wb
 from workbench.figures import lmc as figs
 store = wb.RunStore()
 a, b = store.load(RUN_A).model, store.load(RUN_B).model
-ds = wb.data.load(**store.load(RUN_A).dataset)
+ds = wb.data.from_spec(store.load(RUN_A).dataset)
 curves = wb.lmc.compare(a, b, ds, n_alphas=25)      # none, weights, activations, repair
 figs.connectivity_curves(curves)
 figs.barrier_table(wb.lmc.barrier(curves))
