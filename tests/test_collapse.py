@@ -135,6 +135,39 @@ def test_agrees_with_numpy_transcription(seed, global_mean, within):
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
 
 
+@pytest.mark.parametrize("within", ["samples", "classes"])
+def test_class_stats_against_numpy_covariances(within):
+    """The accumulated statistics, each against its d x d textbook form: Sigma_B's spectrum, the
+    within-class variance along its eigenvectors, per-class spreads, nearest centres."""
+    h, y, W, b = noisy(C=4, d=7, seed=5, imbalance=[30, 20, 12, 6])
+    s = collapse.class_stats(h, y, (W, b), within=within)
+    classes = np.unique(y)
+    M = np.stack([h[y == c].mean(0) for c in classes])
+    Mc = M - M.mean(0)
+    Sb = Mc.T @ Mc / len(classes)
+    if within == "samples":
+        Sw = sum((h[y == c] - M[i]).T @ (h[y == c] - M[i]) for i, c in enumerate(classes)) / len(h)
+    else:
+        Sw = sum(np.cov(h[y == c].T, bias=True) for c in classes) / len(classes)
+    evals, evecs = np.linalg.eigh(Sb)
+    top = np.argsort(evals)[::-1][:len(classes) - 1]
+    np.testing.assert_allclose(s.between_eigvals.numpy(), evals[top], rtol=1e-10)
+    # eigenvectors up to sign: compare v^T Sigma_W v, which does not see the sign
+    np.testing.assert_allclose(s.within_proj.numpy(), np.einsum("dk,de,ek->k", evecs[:, top], Sw, evecs[:, top]),
+                               rtol=1e-9)
+    np.testing.assert_allclose(s.counts.numpy(), [30, 20, 12, 6])
+    np.testing.assert_allclose(s.means.numpy(), M, rtol=1e-12)
+    np.testing.assert_allclose(s.centred.numpy(), Mc, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(s.class_var.numpy(),
+                               [((h[y == c] - M[i]) ** 2).sum(1).mean() for i, c in enumerate(classes)], rtol=1e-9)
+    nearest = classes[((h[:, None] - M[None]) ** 2).sum(-1).argmin(1)]
+    assert np.array_equal(s.nearest.numpy(), nearest)
+    np.testing.assert_allclose(s.logits.numpy(), h @ W.T + b, rtol=1e-10)
+    assert (s.n_classes, s.n_samples) == (4, 68)
+    with pytest.raises(ValueError, match="within must be one of"):
+        collapse.class_stats(h, y, within="nope")
+
+
 def test_divide_by_classes_option_and_d_smaller_than_classes():
     h, y, W, _ = noisy(C=6, d=3, n=300, seed=4)       # d < C - 1: Sigma_B has rank d
     m = collapse.metrics(h, y)
@@ -345,6 +378,25 @@ def test_mixup_lambda_follows_beta():
     lams = np.array([loss.draw(2)[0] for _ in range(4000)])
     assert lams.mean() == pytest.approx(0.5, abs=0.03)
     assert lams.var() == pytest.approx(1 / (4 * (2 * 0.4 + 1)), rel=0.1)   # Beta(a, a) variance
+
+
+def test_recipe_takes_its_defaults_from_recipes_collapse(digits):
+    assert collapse.RECIPE_NAMES == ("digits", "mnist1d") and not hasattr(collapse, "_RECIPES")
+    model, cfg, ds = collapse.recipe("digits", epochs=3, d_model=16, seed=2, eval_every_epochs=1)
+    per_epoch = math.ceil(len(ds.x_train) / 64)           # the digits preset: batches of 64
+    assert (model.config.d_model, model.config.n_layers, model.config.d_hidden, model.config.seed) == (16, 3, 256, 2)
+    assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.eval_every, cfg.seed) == (
+        3 * per_epoch, 64, 1e-3, 5e-2, "constant", per_epoch, 2)
+    preset = wb.recipes.COLLAPSE["digits"]
+    assert cfg == preset.__class__(**{**vars(preset), "epochs": 3}).train_config(len(ds.x_train), 1, 2)
+    with pytest.raises(ValueError, match=r"dataset_name: recipes exist for \['digits', 'mnist1d'\], got 'cifar'"):
+        collapse.recipe("cifar")
+
+
+def test_collect_leaves_no_hooks(digits):
+    model = wb.models.build(wb.models.MLPConfig(d_in=64, n_classes=10, d_model=16, n_layers=1, d_hidden=16))
+    collapse.collect(model, digits.x_train[:8], digits.y_train[:8], ["features", "blocks.0.resid_post"])
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """Neural collapse: NC1..NC4 of the last-layer features, across layers and over training.
 
-Conventions (Papyan, Han and Donoho 2020; the formulas are in ``shared/REFERENCES.md``):
+Conventions (Papyan, Han and Donoho 2020), written out with their options and sources in
+``docs/definitions.md#neural-collapse``; each item below names its anchor there:
 
-- Features ``h`` are the input of the readout: the ``features`` hook of our models
+- Features ``h`` (``#nc-features``) are the input of the readout: the ``features`` hook of our models
   (final-norm output), computed in eval mode on the training set. For sequence data only
   the scored positions (target != ``IGNORE``) count, the label being the target token.
 - ``mu_c`` class means; ``mu_G`` the global mean. By default ``mu_G`` is the **mean of the
@@ -12,21 +13,24 @@ Conventions (Papyan, Han and Donoho 2020; the formulas are in ``shared/REFERENCE
   average of the per-class covariances (``within="classes"``); the two agree on balanced data.
 - ``Sigma_B = (1/C) sum_c (mu_c - mu_G)(mu_c - mu_G)^T`` has rank at most ``C - 1``: its
   pseudo-inverse keeps the top ``min(C - 1, d)`` eigenvalues (and drops numerically zero ones).
-- ``NC1 = Tr(Sigma_W Sigma_B^+) / C``; ``divide_by_classes=False`` omits the ``/C`` as some
+- ``NC1 = Tr(Sigma_W Sigma_B^+) / C`` (``#nc1``); ``divide_by_classes=False`` omits the ``/C`` as some
   public code does, which is He and Su's (2022) separation fuzziness ``D = Tr(SS_w SS_b^+)``.
-- NC2: ``equinorm`` = std / mean of ``||mu_c - mu_G||`` (std with ddof=1, as Papyan's code);
+- NC2 (``#nc2``): ``equinorm`` = std / mean of ``||mu_c - mu_G||`` (std with ddof=1, as Papyan's code);
   ``equiangular`` = mean over ``c != c'`` of ``|cos(mu_c - mu_G, mu_c' - mu_G) + 1/(C-1)|``;
-  the ``_w`` variants use the classifier rows instead. ``etf_error`` =
+  the ``_w`` variants use the classifier rows instead. ``etf_error`` (``#etf-error``) =
   ``|| G/||G||_F - (I - 11^T/C)/sqrt(C-1) ||_F`` for the Gram matrix ``G`` of the centred,
   normalised means.
-- NC3 (self-duality) = ``|| W^T/||W||_F - M/||M||_F ||_F^2`` with ``M`` the centred means (d x C).
-- NC4 = share of samples whose nearest class mean differs from the network's argmax.
+- NC3 (self-duality, ``#nc3``) = ``|| W^T/||W||_F - M/||M||_F ||_F^2`` with ``M`` the centred means (d x C).
+- NC4 (``#nc4``) = share of samples whose nearest class mean differs from the network's argmax.
   ``ncc_error`` = share whose nearest class mean differs from the label.
-- CDNV (Galanti et al. 2022) = mean over class pairs of ``(V_c + V_c') / (2 ||mu_c - mu_c'||^2)``,
+- CDNV (Galanti et al. 2022, ``#cdnv``) = mean over class pairs of ``(V_c + V_c') / (2 ||mu_c - mu_c'||^2)``,
   ``V_c`` the mean squared distance of class c's features to ``mu_c``.
 
-Everything is accumulated in float64 on the features' device. Nothing here imports Panel
-or plotly; figures live in :mod:`workbench.figures.collapse`.
+Everything is accumulated in float64 on the features' device, once per call: :func:`class_stats`
+gives the :class:`ClassStats` (counts, means, global mean, ``Sigma_B``'s eigenpairs, the within-class
+variance along them, per-class spreads, nearest centres) and each metric is one short function of it.
+Nothing here imports Panel or plotly; figures live in :mod:`workbench.figures.collapse`. The training
+presets of :func:`recipe` are :data:`workbench.recipes.COLLAPSE` (names: :data:`RECIPE_NAMES`).
 
 >>> import workbench as wb
 >>> model, cfg, ds = wb.collapse.recipe("digits")
@@ -37,9 +41,10 @@ or plotly; figures live in :mod:`workbench.figures.collapse`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -47,15 +52,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checks
+from . import checks, hooks, recipes
 from .data import IGNORE, Dataset
-from .models import HookPoint, MLPConfig, build
+from .models import HookPoint, build
 from .training import Callback, TrainConfig, TrainState
 
 __all__ = [
-    "metrics", "layer_metrics", "collect", "sites", "track", "CollapseTracker", "class_means",
+    "metrics", "ClassStats", "class_stats", "layer_metrics", "collect", "sites", "track", "CollapseTracker", "class_means",
     "simplex_etf", "simplex_view", "gram", "geometry", "set_etf_classifier", "subsample", "imbalanced_counts",
-    "minority_collapse", "MixupLoss", "recipe", "train_collapse", "NC_METRICS",
+    "minority_collapse", "MixupLoss", "recipe", "train_collapse", "NC_METRICS", "RECIPE_NAMES",
 ]
 
 # Metric names returned by :func:`metrics`, in display order.
@@ -175,23 +180,46 @@ def class_means(features, labels, n_classes: int | None = None):
     return classes, means / counts[:, None], counts
 
 
-def metrics(features, labels, classifier=None, predictions=None, *, n_classes: int | None = None,
-            global_mean: str = "classes", within: str = "samples", divide_by_classes: bool = True,
-            min_count: int | None = None) -> dict[str, float]:
-    """Neural-collapse metrics of ``features (N, d)`` with integer ``labels (N,)``.
+@dataclass(frozen=True)
+class ClassStats:
+    """What every neural-collapse metric needs, accumulated once from the features (float64).
 
-    ``classifier``: the readout (an ``nn.Linear``, a weight ``(K, d)``, or ``(weight, bias)``);
-    rows are indexed by label. Without it the ``_w`` metrics and NC3 are NaN. ``predictions``:
-    the network's predicted labels ``(N,)`` for NC4; by default ``argmax(h W^T + b)``, NaN
-    without a classifier. ``n_classes``: when given, every class in ``range(n_classes)`` must
-    have samples. Classes with fewer than 2 samples raise ``ValueError`` unless
-    ``min_count`` is given, which drops the classes with fewer samples than that.
-    Conventions and options are described in the module docstring. Returns a dict of floats
-    with the keys of :data:`NC_METRICS` plus ``n_classes`` and ``n_samples``.
+    Definitions in ``docs/definitions.md#nc-features``. ``C`` classes present, ``N`` samples, ``d`` dims,
+    ``r <= min(C - 1, d)`` kept eigenpairs of ``Sigma_B``. Built by :func:`class_stats` (or inside
+    :func:`metrics`); each metric is then a short function of these fields.
     """
+
+    classes: torch.Tensor          # (C,) labels of the classes present
+    counts: torch.Tensor           # (C,) samples per class
+    means: torch.Tensor            # (C, d) class means mu_c
+    global_mean: torch.Tensor      # (d,) mu_G: mean of the class means, or of the samples
+    class_var: torch.Tensor        # (C,) V_c = mean ||h - mu_c||^2 over class c (trace of its covariance)
+    between_eigvals: torch.Tensor  # (r,) nonzero eigenvalues of Sigma_B
+    between_eigvecs: torch.Tensor  # (r, d) their unit eigenvectors v_k
+    within_proj: torch.Tensor      # (r,) v_k^T Sigma_W v_k: within-class variance along each v_k
+    labels: torch.Tensor           # (N,) each sample's label
+    nearest: torch.Tensor          # (N,) label of each sample's nearest class mean
+    logits: torch.Tensor | None    # (N, K) h W^T + b of the classifier, when one was given
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.labels)
+
+    @property
+    def centred(self) -> torch.Tensor:
+        """``M = [mu_c - mu_G]_c`` ``(C, d)``."""
+        return self.means - self.global_mean
+
+
+def _inputs(features, labels, classifier, predictions, n_classes, global_mean, within, min_count):
+    """Validated float64 features, labels, classifier and predictions, with too-small classes dropped:
+    ``(h, y, w, b, predictions, classes, inverse)``."""
     checks.check_choice("global_mean", global_mean, ("classes", "samples"))
     checks.check_choice("within", within, ("samples", "classes"))
-    checks.check_bool("divide_by_classes", divide_by_classes)
     _check_n_classes(n_classes)
     if min_count is not None:   # a class needs 2 samples for a within-class spread (1 would fake perfect collapse)
         checks.check_int("min_count", min_count, 2)
@@ -211,14 +239,17 @@ def metrics(features, labels, classifier=None, predictions=None, *, n_classes: i
     if not keep.all():
         h, y = h[keep], y[keep]
         predictions = None if predictions is None else predictions[keep]
-    C, (N, d) = len(classes), h.shape
-    if C < 2:
+    if len(classes) < 2:
         dropped = f" with at least min_count = {min_count} samples" if min_count is not None else ""
-        raise ValueError(f"neural-collapse metrics need at least 2 classes{dropped}, got {C}")
+        raise ValueError(f"neural-collapse metrics need at least 2 classes{dropped}, got {len(classes)}")
+    return h, y, w, b, predictions, classes, inverse
 
-    # Few passes over the (N, d) features: class sums, squared norms, one matmul with
-    # [Sigma_B eigenvectors; class means; classifier rows]. Within-class residuals are
-    # only formed in the (C - 1)-dimensional projection.
+
+def _accumulate(h, y, classes, inverse, w, b, global_mean: str, within: str) -> ClassStats:
+    """Few passes over the ``(N, d)`` features: class sums, squared norms, and one matmul with
+    ``[Sigma_B eigenvectors; class means; classifier rows]``. Within-class residuals are only formed in
+    the ``r``-dimensional eigenbasis of ``Sigma_B`` (no ``d x d`` matrix is formed)."""
+    C, (N, d) = len(classes), h.shape
     f64 = dict(dtype=torch.float64, device=h.device)
     counts = torch.bincount(inverse, minlength=C).to(torch.float64)                       # (C,)
     means = torch.zeros(C, d, **f64).index_add_(0, inverse, h) / counts[:, None]          # (C, d)
@@ -226,11 +257,9 @@ def metrics(features, labels, classifier=None, predictions=None, *, n_classes: i
     if not (torch.isfinite(means).all() and torch.isfinite(sqnorm).all()):
         raise ValueError("features contain NaN or infinite values")
     mu_g = means.mean(0) if global_mean == "classes" else h.mean(0)                      # (d,)
-    centred = means - mu_g                                                                # (C, d)
-
-    # NC1 = Tr(Sigma_W Sigma_B^+)/C through Sigma_B's eigenvectors (no d x d matrix is formed).
-    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
-    lam = s ** 2 / C                                                                      # eigenvalues of Sigma_B
+    # Sigma_B = M^T M / C: eigenpairs from the SVD of M, top min(C - 1, d), numerically zero ones dropped
+    _, s, vh = torch.linalg.svd(means - mu_g, full_matrices=False)
+    lam = s ** 2 / C
     tol = lam[0] * max(C, d) * torch.finfo(torch.float64).eps
     lam, vh = lam[:min(C - 1, d)], vh[:min(C - 1, d)]
     lam, vh = lam[lam > tol], vh[lam > tol]                                               # (r,), (r, d)
@@ -239,44 +268,111 @@ def metrics(features, labels, classifier=None, predictions=None, *, n_classes: i
     proj, hm = prod[:, :r], prod[:, r:r + C]
     sq = (proj - (means @ vh.T)[inverse]) ** 2                                            # (N, r) projected residuals
     if within == "samples":
-        proj_var = sq.sum(0) / N
+        within_proj = sq.sum(0) / N
     else:
-        proj_var = (torch.zeros(C, r, **f64).index_add_(0, inverse, sq) / counts[:, None]).mean(0)
-    nc1 = float((proj_var / lam).sum()) if r else float("inf")
-    if divide_by_classes:
-        nc1 /= C
-
-    # NC2 on the means, and ETF error of their Gram matrix.
-    norms = centred.norm(dim=1)
-    g = gram(centred)
-    cos = g[~torch.eye(C, dtype=torch.bool, device=h.device)]
-    etf = (torch.eye(C, **f64) - 1.0 / C) / math.sqrt(C - 1)
-    etf_error = float((g / g.norm() - etf).norm())
-
-    # CDNV over class pairs; V_c = mean ||h||^2 - ||mu_c||^2 over the class (float64).
+        within_proj = (torch.zeros(C, r, **f64).index_add_(0, inverse, sq) / counts[:, None]).mean(0)
+    # V_c = mean ||h||^2 - ||mu_c||^2 over the class; nearest centre: argmin_c ||mu_c||^2 - 2 h.mu_c
     mean_sq = (means ** 2).sum(1)                                                         # (C,)
     var = (torch.zeros(C, **f64).index_add_(0, inverse, sqnorm) / counts - mean_sq).clamp_min(0.0)
+    nearest = classes[(mean_sq - 2 * hm).argmin(1)]
+    logits = None if w is None else prod[:, r + C:] + (b if b is not None else 0.0)      # (N, K)
+    return ClassStats(classes, counts, means, mu_g, var, lam, vh, within_proj, y, nearest, logits)
+
+
+def class_stats(features, labels, classifier=None, *, n_classes: int | None = None, global_mean: str = "classes",
+                within: str = "samples", min_count: int | None = None) -> ClassStats:
+    """The :class:`ClassStats` of ``features (N, d)`` with integer ``labels (N,)``: what :func:`metrics`
+    measures from. Arguments and their checks as in :func:`metrics`."""
+    h, y, w, b, _, classes, inverse = _inputs(features, labels, classifier, None, n_classes, global_mean,
+                                              within, min_count)
+    return _accumulate(h, y, classes, inverse, w, b, global_mean, within)
+
+
+# One short function per metric, each a function of ClassStats (docs/definitions.md, anchor per metric).
+
+
+def _nc1(s: ClassStats, divide_by_classes: bool = True) -> float:
+    """``Tr(Sigma_W Sigma_B^+) [/ C] = sum_k v_k^T Sigma_W v_k / lambda_k`` (#nc1); ``inf`` with no eigenvalue."""
+    nc1 = float((s.within_proj / s.between_eigvals).sum()) if len(s.between_eigvals) else float("inf")
+    return nc1 / s.n_classes if divide_by_classes else nc1
+
+
+def _equinorm(vectors: torch.Tensor) -> float:
+    """std / mean (ddof=1) of the row lengths (#nc2)."""
+    return _cov(vectors.norm(dim=1))
+
+
+def _equiangular(vectors: torch.Tensor) -> float:
+    """Mean over ordered pairs of ``|cos + 1/(C-1)|`` of the rows (#nc2)."""
+    return float((_cos_offdiag(vectors) + 1.0 / (len(vectors) - 1)).abs().mean())
+
+
+def _etf_error(s: ClassStats) -> float:
+    """``|| G/||G||_F - (I - 11^T/C)/sqrt(C-1) ||_F`` for the cosines ``G`` of the centred means (#etf-error)."""
+    C = s.n_classes
+    g = gram(s.centred)
+    etf = (torch.eye(C, dtype=torch.float64, device=g.device) - 1.0 / C) / math.sqrt(C - 1)
+    return float((g / g.norm() - etf).norm())
+
+
+def _nc3(s: ClassStats, w: torch.Tensor) -> float:
+    """``|| W_c/||W_c||_F - M/||M||_F ||_F^2`` with ``W_c`` the present classes' rows (#nc3)."""
+    wc, m = w[s.classes], s.centred
+    return float((wc / wc.norm() - m / m.norm()).norm() ** 2)
+
+
+def _disagreement(s: ClassStats, other: torch.Tensor) -> float:
+    """Share of samples whose nearest class mean differs from ``other`` (#nc4): the network's
+    predictions give NC4, the labels the nearest-class-centre error."""
+    return float((s.nearest != other).double().mean())
+
+
+def _cdnv(s: ClassStats) -> float:
+    """Mean over class pairs of ``(V_c + V_c') / (2 ||mu_c - mu_c'||^2)`` (#cdnv)."""
+    means = s.means
+    mean_sq = (means ** 2).sum(1)
     dist2 = (mean_sq[:, None] + mean_sq[None, :] - 2 * means @ means.T).clamp_min(0.0)
-    iu = torch.triu_indices(C, C, 1, device=h.device)
-    cdnv = float(((var[iu[0]] + var[iu[1]]) / (2 * dist2[iu[0], iu[1]].clamp_min(1e-300))).mean())
+    i, j = torch.triu_indices(s.n_classes, s.n_classes, 1, device=means.device)
+    return float(((s.class_var[i] + s.class_var[j]) / (2 * dist2[i, j].clamp_min(1e-300))).mean())
 
-    # Nearest class centre: argmin ||h - mu_c||^2 = argmin (||mu_c||^2 - 2 h.mu_c).
-    ncc = classes[(mean_sq - 2 * hm).argmin(1)]
-    out = {"nc1": nc1, "nc2_equinorm": _cov(norms), "nc2_equiangular": float((cos + 1.0 / (C - 1)).abs().mean()),
-           "nc2_equinorm_w": float("nan"), "nc2_equiangular_w": float("nan"), "etf_error": etf_error,
-           "nc3": float("nan"), "nc4": float("nan"), "ncc_error": float((ncc != y).double().mean()), "cdnv": cdnv}
 
+def metrics(features, labels, classifier=None, predictions=None, *, n_classes: int | None = None,
+            global_mean: str = "classes", within: str = "samples", divide_by_classes: bool = True,
+            min_count: int | None = None) -> dict[str, float]:
+    """Neural-collapse metrics of ``features (N, d)`` with integer ``labels (N,)``.
+
+    ``classifier``: the readout (an ``nn.Linear``, a weight ``(K, d)``, or ``(weight, bias)``);
+    rows are indexed by label. Without it the ``_w`` metrics and NC3 are NaN. ``predictions``:
+    the network's predicted labels ``(N,)`` for NC4; by default ``argmax(h W^T + b)``, NaN
+    without a classifier. ``n_classes``: when given, every class in ``range(n_classes)`` must
+    have samples. Classes with fewer than 2 samples raise ``ValueError`` unless
+    ``min_count`` is given, which drops the classes with fewer samples than that.
+    Conventions and options are described in the module docstring. Returns a dict of floats
+    with the keys of :data:`NC_METRICS` plus ``n_classes`` and ``n_samples``.
+
+    The class statistics are accumulated once (:class:`ClassStats`, as :func:`class_stats` returns
+    them); each metric is then one short function of them.
+    """
+    checks.check_choice("global_mean", global_mean, ("classes", "samples"))   # in the order they always were
+    checks.check_choice("within", within, ("samples", "classes"))
+    checks.check_bool("divide_by_classes", divide_by_classes)
+    h, y, w, b, predictions, classes, inverse = _inputs(features, labels, classifier, predictions, n_classes,
+                                                        global_mean, within, min_count)
+    s = _accumulate(h, y, classes, inverse, w, b, global_mean, within)
+    nan = float("nan")
+    out = {"nc1": _nc1(s, divide_by_classes), "nc2_equinorm": _equinorm(s.centred),
+           "nc2_equiangular": _equiangular(s.centred), "nc2_equinorm_w": nan, "nc2_equiangular_w": nan,
+           "etf_error": _etf_error(s), "nc3": nan, "nc4": nan, "ncc_error": _disagreement(s, s.labels),
+           "cdnv": _cdnv(s)}
     if w is not None:
-        wc = w[classes]                                                                    # (C, d)
-        out["nc2_equinorm_w"] = _cov(wc.norm(dim=1))
-        out["nc2_equiangular_w"] = float((_cos_offdiag(wc) + 1.0 / (C - 1)).abs().mean())
-        out["nc3"] = float((wc / wc.norm() - centred / centred.norm()).norm() ** 2)
+        out["nc2_equinorm_w"] = _equinorm(w[s.classes])
+        out["nc2_equiangular_w"] = _equiangular(w[s.classes])
+        out["nc3"] = _nc3(s, w)
         if predictions is None:
-            logits = prod[:, r + C:] + (b if b is not None else 0.0)                     # (N, K)
-            predictions = logits.argmax(1)
+            predictions = s.logits.argmax(1)
     if predictions is not None:
-        out["nc4"] = float((ncc != predictions).double().mean())
-    out["n_classes"], out["n_samples"] = C, N
+        out["nc4"] = _disagreement(s, predictions)
+    out["n_classes"], out["n_samples"] = s.n_classes, s.n_samples
     return out
 
 
@@ -322,17 +418,11 @@ def sites(model: nn.Module) -> list[tuple[int, str]]:
 
 @contextlib.contextmanager
 def _capture(model: nn.Module, names: list[str]):
-    """Forward hooks storing each named module's output (a list per name); removed on exit."""
+    """Each named hook site's output appended to a list per name while the block runs (via
+    :func:`workbench.hooks.record`, which removes the hooks on exit)."""
     store = {name: [] for name in names}
-    handles = []
-    try:
-        for name in names:
-            module = model.get_submodule(name)
-            handles.append(module.register_forward_hook(lambda m, i, o, name=name: store[name].append(o.detach())))
+    with hooks.record(model, names=names, fn=lambda name, t: store[name].append(t)):
         yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _check_sites(model: nn.Module, site_names) -> list[str]:
@@ -713,16 +803,8 @@ class MixupLoss:
         return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
 
 
-# Defaults that reach zero training error and then keep training (the terminal phase) within
-# two minutes on 2 CPU cores (digits: zero error by epoch ~8 of 100; measured in tests and the notebook).
-_RECIPES = {
-    "digits": {"d_model": 128, "n_layers": 3, "d_hidden": 256, "epochs": 100, "batch_size": 64, "lr": 1e-3,
-               "weight_decay": 5e-2, "schedule": "constant"},
-    # MNIST-1D does not reach zero training error at a constant rate in that time: cosine decay does
-    # (at about epoch 45 of 80), leaving the rest of the schedule to the terminal phase.
-    "mnist1d": {"d_model": 128, "n_layers": 2, "d_hidden": 256, "epochs": 80, "batch_size": 128, "lr": 3e-3,
-                "weight_decay": 5e-2, "schedule": "cosine", "warmup_epochs": 1},
-}
+# The presets live in workbench.recipes.COLLAPSE (frozen CollapseRecipe dataclasses); their names, for menus:
+RECIPE_NAMES = tuple(recipes.COLLAPSE)
 
 
 def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None = None, n_minority: int = 5,
@@ -736,10 +818,10 @@ def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None 
     or a ratio in (0, 1] applied to the last ``n_minority`` classes (step imbalance).
     ``mixup``: Mixup's Beta parameter alpha (0 = off; train with ``loss_fn=MixupLoss(alpha)``,
     which :func:`train_collapse` does). ``etf_classifier``: fix the readout to a simplex
-    ETF. The remaining arguments override the recipe's defaults (``collapse._RECIPES``).
+    ETF. The remaining arguments override the recipe's defaults (:data:`workbench.recipes.COLLAPSE`).
     """
-    if dataset_name not in _RECIPES:
-        raise ValueError(f"dataset_name: recipes exist for {sorted(_RECIPES)}, got {dataset_name!r}")
+    if not isinstance(dataset_name, str) or dataset_name not in recipes.COLLAPSE:
+        raise ValueError(f"dataset_name: recipes exist for {sorted(recipes.COLLAPSE)}, got {dataset_name!r}")
     checks.check_float("mixup", mixup, 0.0, 100.0)
     checks.check_bool("etf_classifier", etf_classifier)
     checks.check_int("n_minority", n_minority, 0)
@@ -757,26 +839,19 @@ def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None 
         checks.check_float("imbalance", imbalance, 0.0, 1.0, lo_open=True)
     from . import data
 
-    r = dict(_RECIPES[dataset_name])
-    for k, v in {"weight_decay": weight_decay, "epochs": epochs, "n_layers": n_layers, "d_model": d_model,
-                 "lr": lr, "batch_size": batch_size}.items():
-        if v is not None:
-            r[k] = v
-    ds = data.load(dataset_name)
+    overrides = {"weight_decay": weight_decay, "epochs": epochs, "n_layers": n_layers, "d_model": d_model,
+                 "lr": lr, "batch_size": batch_size}
+    r = dataclasses.replace(recipes.COLLAPSE[dataset_name], **{k: v for k, v in overrides.items() if v is not None})
+    ds = data.load(r.dataset)
     if imbalance is not None:
         if not isinstance(imbalance, (list, tuple, torch.Tensor)):
             per_class = torch.bincount(ds.y_train, minlength=ds.n_classes).tolist()
             imbalance = imbalanced_counts(per_class, float(imbalance), n_minority)
         ds = subsample(ds, list(imbalance), seed)
-    model = build(MLPConfig(d_in=ds.d_in, n_classes=ds.n_classes, d_model=r["d_model"], n_layers=r["n_layers"],
-                            d_hidden=r["d_hidden"], seed=seed), device=device)
+    model = build(r.model_config(ds, seed), device=device)
     if etf_classifier:
         set_etf_classifier(model, seed)
-    n = len(ds.x_train)
-    spe = math.ceil(n / min(r["batch_size"], n))
-    cfg = TrainConfig(steps=r["epochs"] * spe, batch_size=r["batch_size"], lr=r["lr"], weight_decay=r["weight_decay"],
-                      schedule=r["schedule"], warmup=r.get("warmup_epochs", 0) * spe,
-                      eval_every=eval_every_epochs * spe, eval_max=0, seed=seed)
+    cfg = r.train_config(len(ds.x_train), eval_every_epochs, seed)
     return model, cfg, ds
 
 
