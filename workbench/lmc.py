@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from . import checks
+from . import checks, hooks
 from . import permute as _perm
 from .data import IGNORE, Dataset
 from .permute import check_model_data, check_same_architecture
@@ -335,31 +335,24 @@ def align(model_a: nn.Module, model_b: nn.Module, method: str = "weights", data=
 # ----------------------------------------------------------------------------- REPAIR
 
 
-def _repair_sites(model: nn.Module) -> list[nn.Linear]:
-    """The layers REPAIR renormalises: each block's first MLP layer (``fc``, pre-activation units)."""
-    return [blk.fc if hasattr(blk, "fc") else blk.mlp.fc for blk in model.blocks]
-
-
 @torch.no_grad()
-def _unit_stats(model: nn.Module, layer: nn.Linear, x: torch.Tensor, batch_size: int = 1024):
-    """Mean and std of ``layer``'s output units over examples (and positions), float64."""
-    s = ss = 0.0
-    n = 0
+def _unit_stats(model: nn.Module, layers: list[nn.Linear], x: torch.Tensor, batch_size: int = 1024):
+    """Mean and std of each layer's output units over examples (and positions), float64: one
+    ``(mean, std)`` pair per layer, all from the same forward passes (recorded with :func:`hooks.watch`)."""
+    s = [0.0] * len(layers)
+    ss = [0.0] * len(layers)
+    n = [0] * len(layers)
 
-    def hook(module, args, out):
-        nonlocal s, ss, n
+    def add(i, out):
         o = out.reshape(-1, out.shape[-1]).double()
-        s, ss, n = s + o.sum(0), ss + (o * o).sum(0), n + o.shape[0]
+        s[i], ss[i], n[i] = s[i] + o.sum(0), ss[i] + (o * o).sum(0), n[i] + o.shape[0]
 
-    h = layer.register_forward_hook(hook)
-    try:
-        device = next(model.parameters()).device
+    device = next(model.parameters()).device
+    with hooks.watch(dict(enumerate(layers)), add):
         for i in range(0, len(x), batch_size):
             model(x[i:i + batch_size].to(device))
-    finally:
-        h.remove()
-    mean = s / n
-    return mean, (ss / n - mean**2).clamp_min(0).sqrt()
+    means = [si / ni for si, ni in zip(s, n)]
+    return [(m, (q / ni - m**2).clamp_min(0).sqrt()) for m, q, ni in zip(means, ss, n)]
 
 
 @torch.no_grad()
@@ -388,15 +381,14 @@ def repair(model_a: nn.Module, model_b: nn.Module, alpha: float, data, max_examp
     was = model_a.training, model_b.training
     model_a.eval(), model_b.eval()
     try:
-        goals = []
-        for la, lb in zip(_repair_sites(model_a), _repair_sites(model_b)):
-            ma, sa = _unit_stats(model_a, la, x)
-            mb, sb = _unit_stats(model_b, lb, x)
-            goals.append(((1 - alpha) * ma + alpha * mb, (1 - alpha) * sa + alpha * sb))
+        stats_a = _unit_stats(model_a, model_a.repair_sites(), x)
+        stats_b = _unit_stats(model_b, model_b.repair_sites(), x)
+        goals = [((1 - alpha) * ma + alpha * mb, (1 - alpha) * sa + alpha * sb)
+                 for (ma, sa), (mb, sb) in zip(stats_a, stats_b)]
     finally:
         model_a.train(was[0]), model_b.train(was[1])
-    for layer, (goal_mean, goal_std) in zip(_repair_sites(model), goals):
-        mean, std = _unit_stats(model, layer, x)
+    for layer, (goal_mean, goal_std) in zip(model.repair_sites(), goals):   # block by block: earlier ones repaired
+        (mean, std), = _unit_stats(model, [layer], x)
         scale = goal_std / (std + eps)
         layer.weight.mul_(scale[:, None].to(layer.weight.dtype))
         layer.bias.copy_(((layer.bias.double() - mean) * scale + goal_mean).to(layer.bias.dtype))
