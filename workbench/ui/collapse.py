@@ -78,7 +78,7 @@ class CollapsePage(pn.viewable.Viewer):
     def __init__(self, datastore, **params):
         super().__init__(**params)
         self.datastore = datastore
-        self.dataset = pn.widgets.Select(name="dataset", options=sorted(collapse._RECIPES), value="digits", width=120)
+        self.dataset = pn.widgets.Select(name="dataset", options=sorted(collapse.RECIPE_NAMES), value="digits", width=120)
         self.epochs = pn.widgets.IntInput(name="epochs", value=100, start=1, end=5000, width=90)
         self.weight_decay = pn.widgets.FloatInput(name="weight decay (AdamW)", value=5e-2, start=0.0, step=0.01,
                                                   width=150)
