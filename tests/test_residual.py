@@ -175,13 +175,24 @@ def test_lens_at_the_last_layer_is_the_model_output():
     y = R.next_token_targets(x)
     expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
     assert last.loss == pytest.approx(expected.item(), rel=1e-5)
-    # lens at layer l = readout(final_norm(resid entering block l)), computed by hand
-    with R.record(model, names="blocks.1.resid_pre") as cache, torch.no_grad():
-        model(x)
-        manual = model.readout(model.final_norm(cache["blocks.1.resid_pre"])).log_softmax(-1)
+    # every layer l, by hand: run the blocks, unembed the residual entering block l with the final norm and
+    # the readout, and compare with the model's output distribution (no hooks, no record)
+    y_flat = y.reshape(-1)
+    with torch.no_grad():
         final = logits.log_softmax(-1)
-    kl = (final.exp() * (final - manual)).sum(-1).mean()
-    assert lens.loc[1, "kl_to_final"] == pytest.approx(kl.item(), rel=1e-4)
+        h = model.tok_embed(x) + model.pos_embed.weight[:x.shape[1]]
+        for l in range(len(model.blocks) + 1):
+            manual = model.readout(model.final_norm(h)).log_softmax(-1)            # (B, T, V)
+            row = lens.loc[l]
+            kl = (final.exp() * (final - manual)).sum(-1).mean()
+            agree = (manual.argmax(-1) == logits.argmax(-1)).float().mean()
+            loss = F.nll_loss(manual.reshape(-1, manual.shape[-1]), y_flat, ignore_index=-100)
+            assert row.kl_to_final == pytest.approx(kl.item(), rel=1e-4, abs=1e-7), l
+            assert row.top1_agree == pytest.approx(agree.item()), l
+            assert row.loss == pytest.approx(loss.item(), rel=1e-5), l
+            if l < len(model.blocks):
+                h = model.blocks[l](h)
+    assert (lens.kl_to_final.iloc[:-1] > 1e-4).all()             # earlier layers are not the output yet
     per_pos = R.logit_lens(model, x, per_position=True)
     assert per_pos.loss[(per_pos.position == x.shape[1] - 1)].isna().all()  # no next token there
 
