@@ -43,6 +43,7 @@ TEXT_SOURCES = ("path", "text", "corpus")  # the text dataset takes exactly one
 PATH_REFUSED = "text datasets from the dashboard come by upload, not as a server path"
 MAX_VOCAB_CHARS = 2**20     # the text dataset's vocab option (models.VOCAB_MAX tokens)
 MAX_PARTS = 64              # parts of a concatenated dataset's spec
+MAX_NESTING = 4             # concatenations of concatenations: at most this many levels
 
 
 @dataclass
@@ -279,9 +280,13 @@ def from_spec(spec: dict, *, allow_path: bool = True) -> Dataset:
     (``{"name": ..., "parts": [spec, ...]}``, see ``compose.concat``) rebuilds every part and
     concatenates them.
     """
-    name, options = _split_spec(spec, allow_path)
+    return _from_spec(spec, allow_path, 0)
+
+
+def _from_spec(spec, allow_path: bool, depth: int) -> Dataset:
+    name, options = _split_spec(spec, allow_path, depth)
     if "parts" in options:
-        return _concat_from_spec(name, options["parts"], allow_path)
+        return _concat_from_spec(name, options["parts"], allow_path, depth)
     return load(name, **options)
 
 
@@ -291,16 +296,20 @@ def check_spec(spec: dict, *, allow_path: bool = True) -> dict:
     Returns the spec; raises ``ValueError`` naming what is wrong (for the run store's load).
     Combinations checked only while building (e.g. ``khop.length`` with ``layout="table"``) are left to it.
     """
-    name, options = _split_spec(spec, allow_path)
-    if "parts" in options:
-        for part in options["parts"]:
-            check_spec(part, allow_path=allow_path)
-    else:
-        check_options(name, **options)
+    _check_spec(spec, allow_path, 0)
     return spec
 
 
-def _split_spec(spec, allow_path) -> tuple[str, dict]:
+def _check_spec(spec, allow_path: bool, depth: int) -> None:
+    name, options = _split_spec(spec, allow_path, depth)
+    if "parts" in options:
+        for part in options["parts"]:
+            _check_spec(part, allow_path, depth + 1)
+    else:
+        check_options(name, **options)
+
+
+def _split_spec(spec, allow_path, depth: int = 0) -> tuple[str, dict]:
     check_bool("allow_path", allow_path)
     if not isinstance(spec, dict):
         raise ValueError(f"dataset spec must be a dict with a 'name', got {_short(spec)}")
@@ -316,6 +325,8 @@ def _split_spec(spec, allow_path) -> tuple[str, dict]:
         if not isinstance(parts, list) or not 1 <= len(parts) <= MAX_PARTS:
             raise ValueError(f"dataset spec: parts must be a list of 1 to {MAX_PARTS} dataset specs, got "
                              f"{_short(parts)}")
+        if depth >= MAX_NESTING:
+            raise ValueError(f"dataset spec: concatenations may be nested at most {MAX_NESTING} deep")
         return name, options
     if not isinstance(name, str) or name not in _SPECS:
         raise ValueError(f"dataset spec: name must be one of {names()}, got {_short(name)}")
@@ -324,8 +335,8 @@ def _split_spec(spec, allow_path) -> tuple[str, dict]:
     return name, options
 
 
-def _concat_from_spec(name: str, parts: list, allow_path: bool) -> Dataset:
-    built = [from_spec(p, allow_path=allow_path) for p in parts]
+def _concat_from_spec(name: str, parts: list, allow_path: bool, depth: int = 0) -> Dataset:
+    built = [_from_spec(p, allow_path, depth + 1) for p in parts]
     first = built[0]
     for d in built[1:]:
         if d.kind != first.kind or d.n_classes != first.n_classes or d.vocab != first.vocab \

@@ -38,8 +38,16 @@ def _trainable(*modules) -> bool:
 
 
 class _Count:
-    def __init__(self, n: int):
-        self.n, self.fwd, self.bwd = n, 0, 0
+    """The counter a model's ``count_flops(c)`` fills (each family walks its own modules, see
+    :mod:`workbench.models`): ``n = batch * seq_len`` rows through every linear layer."""
+
+    def __init__(self, batch: int, seq_len: int = 1):
+        self.batch, self.seq_len = batch, seq_len
+        self.n, self.fwd, self.bwd = batch * seq_len, 0, 0
+
+    @staticmethod
+    def trainable(*modules) -> bool:
+        return _trainable(*modules)
 
     def linear(self, lin: nn.Linear, input_rg: bool) -> bool:
         f = 2 * self.n * lin.in_features * lin.out_features
@@ -53,61 +61,29 @@ class _Count:
     def norm(self, module: nn.Module, input_rg: bool) -> bool:
         return input_rg or _trainable(module)
 
-
-def _mlp_counts(model, batch: int) -> _Count:
-    c = _Count(batch)
-    rg = c.linear(model.stem, False)
-    for b in model.blocks:
-        h = c.norm(b.pre_norm, rg)
-        h = c.linear(b.fc, h)
-        h = c.linear(b.proj, h)
-        h = c.norm(b.post_norm, h)
-        rg = rg or h
-    rg = c.norm(model.final_norm, rg)
-    c.linear(model.readout, rg)
-    return c
-
-
-def _transformer_counts(model, batch: int, seq_len: int) -> _Count:
-    c = _Count(batch * seq_len)
-    C = model.config.d_model
-    rg = _trainable(model.tok_embed, model.pos_embed)
-    for b in model.blocks:
-        a = c.norm(b.ln1, rg)
-        a = c.linear(b.attn.qkv, a)
-        core = 4 * batch * seq_len * seq_len * C
-        c.fwd += core
-        if a:
-            c.bwd += 2 * core
-        a = c.linear(b.attn.proj, a)
-        a = c.norm(b.ln1_post, a)
-        rg = rg or a
-        m = c.norm(b.ln2, rg)
-        m = c.linear(b.mlp.fc, m)
-        m = c.linear(b.mlp.proj, m)
-        m = c.norm(b.ln2_post, m)
-        rg = rg or m
-    rg = c.norm(model.final_norm, rg)
-    c.linear(model.readout, rg)
-    return c
+    def attention(self, d_model: int, input_rg: bool) -> bool:
+        """Scores ``QK^T`` and ``AV`` over the full ``T x T`` square: ``4 B T^2 d_model`` forward."""
+        core = 4 * self.batch * self.seq_len * self.seq_len * d_model
+        self.fwd += core
+        if input_rg:
+            self.bwd += 2 * core
+        return input_rg
 
 
 def step_flops(model: nn.Module, batch_size: int = 1, seq_len: int | None = None) -> dict[str, int]:
     """``{"forward", "backward", "total"}`` FLOPs of one training step on ``batch_size`` examples.
 
     ``seq_len`` (Transformers) defaults to the model's context. Reflects the current depth
-    and the current ``requires_grad`` flags.
+    and the current ``requires_grad`` flags. The model counts itself (``model.count_flops``).
     """
     checks.check_int("batch_size", batch_size, 1, MAX_BATCH)
-    family = getattr(getattr(model, "config", None), "family", None)
-    if seq_len is not None:
-        checks.check_int("seq_len", seq_len, 1, model.config.context if family == "transformer" else None)
-    if family == "mlp":
-        c = _mlp_counts(model, batch_size)
-    elif family == "transformer":
-        c = _transformer_counts(model, batch_size, seq_len or model.config.context)
-    else:
+    if not isinstance(model, nn.Module) or not callable(getattr(model, "count_flops", None)):
         raise TypeError(f"expected a workbench model (mlp or transformer), got {type(model).__name__}")
+    context = model.max_seq_len   # None: no sequence axis (vector models)
+    if seq_len is not None:
+        checks.check_int("seq_len", seq_len, 1, context)
+    c = _Count(batch_size, (seq_len or context) if context is not None else 1)
+    model.count_flops(c)
     return {"forward": c.fwd, "backward": c.bwd, "total": c.fwd + c.bwd}
 
 

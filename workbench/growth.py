@@ -77,28 +77,24 @@ def _resolve_position(position, n: int) -> int:
 
 
 def _zero_output(block: nn.Module) -> None:
-    """Make a residual block add exactly 0 to the stream (function preserving).
+    """Make a residual block add exactly 0 to the stream (function preserving): the block's own
+    ``zero_output_()`` (pre-LN / no norm: zero output projections; Peri-LN: zero output norms)."""
+    zero = getattr(block, "zero_output_", None)
+    if not callable(zero):
+        raise TypeError(f"don't know how to zero-initialise a {type(block).__name__}")
+    zero()
 
-    Pre-LN / no norm: zero the output projections (weights and biases). Peri-LN: the
-    block's output passes through a LayerNorm, and ``LN(0) = bias``, so zero the output
-    norms' gains and biases instead (the projections keep their init so that the gains
-    receive a gradient from the first step).
-    """
-    with torch.no_grad():
-        if isinstance(block, _models.TransformerBlock):
-            pairs = [(block.attn.proj, block.ln1_post), (block.mlp.proj, block.ln2_post)]
-        elif isinstance(block, _models.MLPBlock):
-            pairs = [(block.proj, block.post_norm)]
-        else:
-            raise TypeError(f"don't know how to zero-initialise a {type(block).__name__}")
-        for proj, post_norm in pairs:
-            if isinstance(post_norm, nn.LayerNorm):
-                post_norm.weight.zero_()
-                post_norm.bias.zero_()
-            else:
-                proj.weight.zero_()
-                if proj.bias is not None:
-                    proj.bias.zero_()
+
+def _check_depth(model: nn.Module, n_layers: int, what: str) -> None:
+    """Refuse growth whose config would not validate (the memory budget ``WORKBENCH_MAX_MODEL_MB`` among
+    its checks) before the model is changed."""
+    config = getattr(model, "config", None)
+    if config is None or not dataclasses.is_dataclass(config) or not hasattr(config, "validate"):
+        return
+    try:
+        dataclasses.replace(config, n_layers=n_layers).validate()
+    except ValueError as e:
+        raise ValueError(f"model: {what} would grow it to {n_layers} blocks, which is refused: {e}") from None
 
 
 def _fresh_block(model: nn.Module, seed: int | None) -> nn.Module:
@@ -143,20 +139,20 @@ def add_layer(model: nn.Module, init: str = "zero", position: str | int = "top",
     pos = _resolve_position(position, n)
     if n + 1 > MAX_DEPTH:
         raise ValueError(f"model: add_layer would make {n + 1} blocks; at most {MAX_DEPTH} are allowed")
+    if init == "copy" and n == 0:
+        raise ValueError("init='copy' needs an existing block to copy; the model has none")
+    _check_depth(model, n + 1, "add_layer")
     if init == "copy":
-        if n == 0:
-            raise ValueError("init='copy' needs an existing block to copy; the model has none")
         block = copy.deepcopy(blocks[pos - 1 if pos > 0 else 0])
         for p in block.parameters():
             p.requires_grad_(True)
-        block.residual_scale, block.fade = 1.0, None
+        block.end_fade()
     else:
         block = _fresh_block(model, seed)
         if init == "zero":
             _zero_output(block)
         elif init == "fade":
-            block.residual_scale = 0.0
-            block.fade = {"steps": fade_steps, "done": 0}
+            block.start_fade(fade_steps)
     blocks.insert(pos, block)
     _sync(model)
     return block
@@ -172,6 +168,7 @@ def stack(model: nn.Module, factor: int = 2) -> nn.Module:
     checks.check_int("factor", factor, 1, max(1, MAX_DEPTH // max(len(blocks), 1)))
     if len(blocks) == 0:
         raise ValueError("stack needs at least one block; the model has none")
+    _check_depth(model, len(blocks) * factor, f"stack (factor {factor})")
     original = list(blocks)
     for _ in range(factor - 1):
         for b in original:
@@ -184,13 +181,8 @@ def stack(model: nn.Module, factor: int = 2) -> nn.Module:
 
 
 def _embedding_modules(model: nn.Module) -> list[nn.Module]:
-    names = ("stem", "tok_embed", "pos_embed")
-    return [getattr(model, n) for n in names if isinstance(getattr(model, n, None), nn.Module)]
-
-
-def _substrate_frozen(model: nn.Module) -> bool:
-    """Glyph and frozen-random token embeddings are frozen by definition and stay frozen."""
-    return getattr(getattr(model, "config", None), "embedding", "trainable") != "trainable"
+    """The modules below block 0 (the family's own ``embedding_modules()``)."""
+    return list(model.embedding_modules())
 
 
 def freeze(model: nn.Module, below: int | None = None, *, layers: Iterable[int] | None = None,
@@ -232,8 +224,8 @@ def freeze(model: nn.Module, below: int | None = None, *, layers: Iterable[int] 
 def unfreeze(model: nn.Module) -> nn.Module:
     """Make every parameter trainable again, except a frozen substrate (glyph/frozen-random embeddings)."""
     model.requires_grad_(True)
-    if _substrate_frozen(model):
-        model.tok_embed.weight.requires_grad_(False)
+    for p in model.substrate_parameters():  # glyph and frozen-random token embeddings stay frozen
+        p.requires_grad_(False)
     return model
 
 
@@ -324,11 +316,7 @@ def advance_fades(model: nn.Module, steps: int = 1) -> None:
     """Advance every fading block's gate by ``steps`` optimizer steps; a gate that reaches 1 is done."""
     checks.check_int("steps", steps, 0, MAX_STEPS)
     for b in fading_blocks(model):
-        b.fade["done"] = min(b.fade["done"] + steps, b.fade["steps"])
-        b.residual_scale = b.fade["done"] / b.fade["steps"]
-        if b.fade["done"] >= b.fade["steps"]:
-            b.residual_scale = 1.0
-            b.fade = None
+        b.advance_fade(steps)
 
 
 # ----------------------------------------------------------------------------- defaults
@@ -521,8 +509,12 @@ def preset(name: str, steps: int = 200, *, start_layers: int = 1, final_layers: 
 
 def schedule_depths(schedule, n_layers: int) -> list[int]:
     """Depth after each stage's operation."""
+    return _depths(check_schedule(schedule, n_layers), n_layers)
+
+
+def _depths(stages: list[Stage], n_layers: int) -> list[int]:
     out, depth = [], n_layers
-    for s in check_schedule(schedule, n_layers):
+    for s in stages:
         if s.op == "add_layer":
             depth += s.n
         elif s.op == "stack":
@@ -645,17 +637,116 @@ def _apply_op(model: nn.Module, s: Stage) -> None:
         stack(model, s.factor)
 
 
+@dataclass
+class StageResult:
+    """What one growth stage did (:func:`grow_stage`)."""
+
+    stage: Stage                      # the stage as run (after an add-layer request: the re-planned stage)
+    index: int                        # position in the run (stage k trains with seed config.seed + k)
+    run: Any                          # this stage's Run; its metrics: the eval right after the op, then training
+    frames: list                      # those metrics as the two DataFrames :func:`grow` concatenates
+    train_config: TrainConfig         # the stage's own TrainConfig
+    optimizer: torch.optim.Optimizer  # AdamW after the stage (state of every parameter it trained)
+    steps_done: int                   # optimizer steps this stage ran
+    step: int                         # global step at the end of the stage
+    flops: float                      # cumulative training FLOPs at the end of the stage
+    interrupted: str | None           # "add_layer" or "stop" when a GrowControl ended it early
+    status: str                       # "completed" (also after an add-layer request), "cancelled" or "diverged"
+
+
+def grow_stage(model: nn.Module, dataset, stage, config: TrainConfig | None = None, *, index: int = 0,
+               step: int = 0, flops: float = 0.0, optimizer: torch.optim.Optimizer | None = None, callbacks=(),
+               control: GrowControl | None = None, name: str | None = None) -> StageResult:
+    """Run one growth stage on ``model`` in place: its operation, its freezing, then its training.
+
+    The stage's operation (``train``: none, ``add_layer``, ``stack``) is applied, what is frozen is
+    set (``stage.freeze``), AdamW is rebuilt keeping the state of existing parameters
+    (:func:`rebuild_optimizer`, from ``optimizer``), the model is evaluated once right after the
+    operation (so function preservation shows on the curves) and trained ``stage.steps`` steps
+    with ``wb.train`` using ``replace(config, steps=stage.steps, lr=stage.lr or config.lr,
+    seed=config.seed + index)`` (warm-up in stage 0 only). ``step`` and ``flops`` are where the
+    run stands before the stage (its metrics continue from them). :func:`grow` is a loop of these.
+    """
+    ds = _dataset_obj(dataset)
+    from .permute import check_model_data
+
+    check_model_data(model, ds)
+    config = (config or TrainConfig()).validate()
+    stage = check_schedule([stage], len(_blocks(model)))[0]
+    index = checks.check_int("index", index, 0, MAX_STAGES)
+    step = checks.check_int("step", step, 0, None)
+    flops = checks.check_float("flops", flops, 0.0, None)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch optimizer or None, got {type(optimizer).__name__}")
+    if control is not None and not isinstance(control, GrowControl):
+        raise ValueError(f"control must be a GrowControl or None, got {type(control).__name__}")
+    if name is not None:
+        checks.check_str("name", name, 200)
+    result = _run_stage(model, ds, stage, config, index, step, flops, optimizer, callbacks, control,
+                        name or f"{ds.name}-grow")
+    import pandas as pd
+
+    result.run.metrics = pd.concat(result.frames, ignore_index=True)
+    return result
+
+
+def _run_stage(model: nn.Module, ds, s: Stage, config: TrainConfig, index: int, step: int, flops_total: float,
+               opt, callbacks, control, name: str) -> StageResult:
+    """:func:`grow_stage` on checked arguments (``run.metrics``: the training metrics only)."""
+    import pandas as pd
+
+    from . import training as _training
+    from .models import count_params
+
+    seq_len = ds.seq_len if ds.kind == "sequence" else None
+    old_blocks = {id(b) for b in _blocks(model)}
+    _apply_op(model, s)
+    _apply_freeze(model, s.freeze, old_blocks)
+    opt = rebuild_optimizer(model, opt, config, lr=s.lr or config.lr)
+    cfg = dataclasses.replace(config, steps=s.steps, lr=s.lr or config.lr, seed=config.seed + index,
+                              warmup=config.warmup if index == 0 else 0)
+    per_example = flops_per_example(model, seq_len)
+    extra = {"stage": index, "op": s.op, "n_layers": len(_blocks(model)),
+             "trainable_params": count_params(model, trainable_only=True)}
+    book = _Bookkeeping(flops_total, per_example, len(ds.x_train), cfg.batch_size, step, control)
+    cbs = [book, FadeIn(), *callbacks, _ControlCheck(book)]
+    # evaluate at the start of every stage (right after growth, so function preservation shows)
+    rows = [{"step": step, "split": split, "metric": metric, "value": value, **extra, "flops": flops_total}
+            for split in ("train", "val")
+            for metric, value in _training.evaluate(model, ds, split, cfg.eval_max).items()]
+    start = pd.DataFrame(rows)
+    run = _training.train(model, ds, cfg, callbacks=cbs, optimizer=opt, start_step=step,
+                          name=f"{name}-stage{index}", extra=extra)
+    m = run.metrics
+    if "flops" in m.columns and m["flops"].isna().any():
+        m["flops"] = [book.flops_at(s_) if pd.isna(f) else f for s_, f in zip(m["step"], m["flops"])]
+    elif "flops" not in m.columns:
+        m["flops"] = [book.flops_at(s_) for s_ in m["step"]]
+    done_steps = int(m["step"].max()) - step if len(m) else 0
+    interrupted = book.interrupted
+    if run.status == "diverged":
+        status = "diverged"
+    elif run.status == "cancelled" and interrupted != "add_layer":
+        status = "cancelled"
+    else:
+        status = "completed"
+    run.train_config, run.status = cfg, status
+    return StageResult(stage=s, index=index, run=run, frames=[start, m], train_config=cfg, optimizer=opt,
+                       steps_done=done_steps, step=step + done_steps, flops=book.flops_at(step + done_steps),
+                       interrupted=interrupted, status=status)
+
+
 def grow(model: nn.Module, dataset, schedule, config: TrainConfig | None = None, *, store=None,
          group: str | None = None, name: str | None = None, callbacks=(), control: GrowControl | None = None,
          optimizer: torch.optim.Optimizer | None = None, on_stage=None):
     """Train ``model`` in place through a growth ``schedule``; returns one :class:`~workbench.training.Run`.
 
-    Each stage applies its operation (``train``: none, ``add_layer``, ``stack``), sets what is
-    frozen, rebuilds AdamW keeping the state of existing parameters (:func:`rebuild_optimizer`),
-    evaluates once right after the operation (so function preservation shows on the curves)
-    and trains ``steps`` steps with ``wb.train``. Stage ``k`` trains with
-    ``replace(config, steps=stage.steps, lr=stage.lr or config.lr, seed=config.seed + k)``;
-    warm-up applies to the first stage only.
+    Each stage is one :func:`grow_stage`: it applies its operation (``train``: none,
+    ``add_layer``, ``stack``), sets what is frozen, rebuilds AdamW keeping the state of existing
+    parameters (:func:`rebuild_optimizer`), evaluates once right after the operation (so
+    function preservation shows on the curves) and trains ``steps`` steps with ``wb.train``.
+    Stage ``k`` trains with ``replace(config, steps=stage.steps, lr=stage.lr or config.lr,
+    seed=config.seed + k)``; warm-up applies to the first stage only.
 
     The Run's metrics carry the columns ``stage``, ``op``, ``n_layers``, ``trainable_params`` and
     cumulative training ``flops`` (:mod:`workbench.flops`). With ``store``, every stage is
@@ -669,69 +760,36 @@ def grow(model: nn.Module, dataset, schedule, config: TrainConfig | None = None,
     import pandas as pd
 
     from . import training as _training
-    from .models import count_params
-
     from .permute import check_model_data
 
     ds = _dataset_obj(dataset)
     check_model_data(model, ds)
     config = (config or TrainConfig()).validate()
     stages = check_schedule(schedule, len(_blocks(model)))
+    _check_depth(model, max([len(_blocks(model))] + _depths(stages, len(_blocks(model)))), "the schedule")
     for arg, v in (("group", group), ("name", name)):
         if v is not None:
             checks.check_str(arg, v, 200)
     group = group or f"grow-{uuid.uuid4().hex[:8]}"
     name = name or f"{ds.name}-grow"
-    seq_len = ds.seq_len if ds.kind == "sequence" else None
     flops_total, step, parent = 0.0, 0, None
     frames, run_ids, stage_log = [], [], []
     opt, status = optimizer, "completed"
-    pending = list(enumerate(stages))
+    pending = list(stages)
     stage_idx = 0
     last_cfg = config
     while pending:
-        k, s = pending.pop(0)
-        old_blocks = {id(b) for b in _blocks(model)}
-        op_name = s.op
-        _apply_op(model, s)
-        _apply_freeze(model, s.freeze, old_blocks)
-        opt = rebuild_optimizer(model, opt, config, lr=s.lr or config.lr)
-        cfg = dataclasses.replace(config, steps=s.steps, lr=s.lr or config.lr, seed=config.seed + stage_idx,
-                                  warmup=config.warmup if stage_idx == 0 else 0)
-        last_cfg = cfg
-        per_example = flops_per_example(model, seq_len)
-        extra = {"stage": stage_idx, "op": op_name, "n_layers": len(_blocks(model)),
-                 "trainable_params": count_params(model, trainable_only=True)}
-        book = _Bookkeeping(flops_total, per_example, len(ds.x_train), cfg.batch_size, step, control)
-        cbs = [book, FadeIn(), *callbacks, _ControlCheck(book)]
-        # evaluate at the start of every stage (right after growth, so function preservation shows)
-        rows = [{"step": step, "split": split, "metric": metric, "value": value, **extra, "flops": flops_total}
-                for split in ("train", "val")
-                for metric, value in _training.evaluate(model, ds, split, cfg.eval_max).items()]
-        frames.append(pd.DataFrame(rows))
-        run_k = _training.train(model, ds, cfg, callbacks=cbs, optimizer=opt, start_step=step,
-                                name=f"{name}-stage{stage_idx}", extra=extra)
-        m = run_k.metrics
-        if "flops" in m.columns and m["flops"].isna().any():
-            m["flops"] = [book.flops_at(s_) if pd.isna(f) else f for s_, f in zip(m["step"], m["flops"])]
-        elif "flops" not in m.columns:
-            m["flops"] = [book.flops_at(s_) for s_ in m["step"]]
-        frames.append(m)
-        done_steps = int(m["step"].max()) - step if len(m) else 0
-        step += done_steps
-        flops_total = book.flops_at(step)
-        interrupted = book.interrupted
-        if run_k.status == "diverged":
-            status = "diverged"
-        elif run_k.status == "cancelled" and interrupted != "add_layer":
-            status = "cancelled"
-        entry = {**s.to_dict(), "stage": stage_idx, "steps_done": done_steps, "n_layers": len(_blocks(model)),
-                 "frozen": frozen_layers(model), "interrupted": interrupted, "flops": flops_total}
+        s = pending.pop(0)
+        res = _run_stage(model, ds, s, config, stage_idx, step, flops_total, opt, callbacks, control, name)
+        opt, last_cfg, run_k = res.optimizer, res.train_config, res.run
+        frames += res.frames
+        step, flops_total, status = res.step, res.flops, res.status
+        entry = {**s.to_dict(), "stage": stage_idx, "steps_done": res.steps_done, "n_layers": len(_blocks(model)),
+                 "frozen": frozen_layers(model), "interrupted": res.interrupted, "flops": flops_total}
         stage_log.append(entry)
-        metrics = pd.concat(frames, ignore_index=True)
-        run_k.metrics, run_k.train_config = metrics, cfg
-        run_k.name, run_k.status = f"{name}-stage{stage_idx}", status
-        run_k.meta = {"group": group, "stage": stage_idx, "parent": parent, "op": op_name,
+        run_k.metrics = pd.concat(frames, ignore_index=True)
+        run_k.name = f"{name}-stage{stage_idx}"
+        run_k.meta = {"group": group, "stage": stage_idx, "parent": parent, "op": s.op,
                       "frozen": frozen_layers(model), "flops": flops_total, "schedule": [st.to_dict() for st in stages]}
         if store is not None:
             parent = store.save(run_k)
@@ -741,12 +799,11 @@ def grow(model: nn.Module, dataset, schedule, config: TrainConfig | None = None,
         stage_idx += 1
         if status != "completed":
             break
-        if interrupted == "add_layer" and control is not None:
+        if res.interrupted == "add_layer" and control is not None:
             init = control.take() or "zero"
-            rest = s.steps - done_steps
-            grown = dataclasses.replace(s, op="add_layer", n=1, init=init, position="top",
-                                        steps=max(rest, 1))
-            pending.insert(0, (k, grown))
+            rest = s.steps - res.steps_done
+            pending.insert(0, dataclasses.replace(s, op="add_layer", n=1, init=init, position="top",
+                                                  steps=max(rest, 1)))
     metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["step", "split", "metric", "value"])
     run = _training.Run(model=model, train_config=last_cfg, dataset=ds.spec(), metrics=metrics, status=status,
@@ -759,19 +816,13 @@ def grow(model: nn.Module, dataset, schedule, config: TrainConfig | None = None,
 # ----------------------------------------------------------------------------- compare, sweep
 
 
-def _config_for(ds, **overrides):
-    """A model config fitting ``ds`` (vector -> MLPConfig, sequence -> TransformerConfig)."""
-    if ds.kind == "vector":
-        return _models.MLPConfig(d_in=ds.d_in, n_classes=ds.n_classes, **overrides).validate()
-    base = dict(vocab_size=ds.vocab_size, context=ds.seq_len, vocab=list(ds.vocab) if ds.vocab else None)
-    return _models.TransformerConfig(**{**base, **overrides}).validate()
-
-
 def _as_model_config(ds, model_config):
+    """A model config for ``ds``: ``None`` (the family's fit, :func:`workbench.models.config_for`), a dict of
+    overrides, or a config (validated)."""
     if model_config is None:
-        return _config_for(ds)
+        return _models.config_for(ds)
     if isinstance(model_config, dict):
-        return _config_for(ds, **model_config)
+        return _models.config_for(ds, **model_config)
     return model_config.validate()
 
 
@@ -869,7 +920,7 @@ def depth_sweep(datasets, depths, model_config=None, config: TrainConfig | None 
 
     ``datasets``: one Dataset (or name), a list, or ``{label: Dataset}`` (e.g. khop with hops
     1..3 in the table layout, where ``hops`` look-ups need about ``hops`` blocks:
-    ``{h: wb.data.load("khop", **dict(KHOP_DEFAULTS["data"], hops=h)) for h in (1, 2, 3)}``). Returns a tidy
+    ``{h: wb.recipes.KHOP.load_data(hops=h) for h in (1, 2, 3)}``). Returns a tidy
     DataFrame with columns ``task, depth, seed, split, metric, value, flops`` (``flops``:
     the run's training FLOPs).
     """

@@ -20,24 +20,37 @@ checkpoint holds (see :mod:`workbench.store`). ``config.validate()`` checks ever
 type and range and the memory budget (:func:`estimate_memory`, ``WORKBENCH_MAX_MODEL_MB``)
 before anything is allocated; :func:`build`, the model constructors and the run store's
 load all go through it.
+
+What a family knows about itself lives on its classes, so other modules never switch on
+the model type: the config says which dataset kind it takes (``data_kind``,
+``from_dataset``, ``check_dataset``, ``check_inputs``) and how big it is
+(``param_count``); the model lists its embedding modules, its REPAIR sites, its
+permutation symmetries (``perm_axes``, ``perm_sites``) and counts its own training FLOPs
+(``count_flops``); a block knows how to add exactly 0 to the stream (``zero_output_``) and
+holds its fade-in gate as buffers (``residual_scale``, ``fade_done``, ``fade_steps``: part of
+the state dict, hence of every checkpoint). :data:`FAMILIES` maps each family name to its
+:class:`Family` record (config class, model class, data kind); :func:`build`,
+:func:`config_from_dict`, :func:`config_for` and the run store read it.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_bool, check_choice, check_int, check_seed, check_str, env_limit
+from .checks import (check_bool, check_choice, check_features, check_int, check_labels, check_seed, check_str,
+                     check_tokens, env_limit)
 
 __all__ = [
     "HookPoint", "MLPConfig", "TransformerConfig", "ResidualMLP", "Transformer",
-    "MLPBlock", "TransformerBlock", "build", "config_from_dict", "config_to_dict",
+    "MLPBlock", "TransformerBlock", "Family", "FAMILIES", "family_of", "build", "config_from_dict", "config_to_dict",
     "glyph_images", "glyph_embedding", "count_params", "config_for", "estimate_memory", "check_memory",
-    "max_model_mb", "NOMINAL_BATCH",
+    "max_model_mb", "NOMINAL_BATCH", "GATE_BUFFERS",
 ]
 
 D_IN_MAX = 2**20        # input features of an MLP
@@ -62,29 +75,6 @@ def max_model_mb() -> float:
     return env_limit("WORKBENCH_MAX_MODEL_MB", 2048)
 
 
-def _param_count(cfg) -> int:
-    """Parameters of the model a (type-checked) config builds, counted from the shapes (tied weights once)."""
-    if isinstance(cfg, MLPConfig):
-        d, h = cfg.d_model, cfg.d_hidden
-        norm = 0 if cfg.norm == "none" else 2 * d
-        block = norm + (d * h + h) + (h * d + d) + (2 * d if cfg.norm == "peri" else 0)
-        return (cfg.d_in * d + d) + cfg.n_layers * block + norm + (d * cfg.n_classes + cfg.n_classes)
-    d, m, v = cfg.d_model, cfg.d_mlp, cfg.vocab_size
-    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * m + m) + (m * d + d)
-    block += 4 * d if cfg.norm == "peri" else 0
-    return v * d + cfg.context * d + cfg.n_layers * block + 2 * d + (0 if cfg.tie_embeddings else v * d)
-
-
-def _activation_floats(cfg, batch_size: int) -> int:
-    """Activations kept for the backward pass of one batch, in floats (see :func:`estimate_memory`)."""
-    if isinstance(cfg, MLPConfig):
-        d, h = cfg.d_model, cfg.d_hidden
-        return batch_size * (cfg.d_in + cfg.n_layers * (4 * d + 2 * h) + 2 * d + 2 * cfg.n_classes)
-    d, m = cfg.d_model, cfg.d_mlp
-    per_token = cfg.n_layers * (10 * d + 2 * m) + 4 * d + 2 * cfg.vocab_size
-    return batch_size * cfg.context * per_token
-
-
 def estimate_memory(config, batch_size: int = NOMINAL_BATCH) -> dict:
     """Estimated memory of training a model of ``config`` (float32), in bytes, before building it.
 
@@ -101,11 +91,11 @@ def estimate_memory(config, batch_size: int = NOMINAL_BATCH) -> dict:
     :meth:`TransformerConfig.validate` refuse a total over ``WORKBENCH_MAX_MODEL_MB`` for a
     nominal batch of :data:`NOMINAL_BATCH`; :func:`workbench.training.train` checks the real batch.
     """
-    if not isinstance(config, (MLPConfig, TransformerConfig)):
+    if not isinstance(config, _config_types()):
         raise ValueError(f"config must be an MLPConfig or TransformerConfig, got {type(config).__name__}")
     check_int("batch_size", batch_size, 1, 10_000_000)
-    n = _param_count(config)
-    params, act = 4 * n, 4 * _activation_floats(config, batch_size)
+    n = config.param_count()
+    params, act = 4 * n, 4 * config.activation_floats(batch_size)
     return {"params": n, "param_bytes": params, "train_bytes": 4 * params, "activation_bytes": act,
             "total_bytes": 4 * params + act, "batch_size": batch_size}
 
@@ -133,6 +123,15 @@ def check_memory(config, batch_size: int = NOMINAL_BATCH) -> dict:
 # ----------------------------------------------------------------------------- configs
 
 
+def _plain_str(value) -> str:
+    """A checked string option as a plain ``str`` (``numpy.str_`` and other subclasses normalised)."""
+    return str(value)
+
+
+def _shape_error(name: str, x: torch.Tensor, want: str) -> ValueError:
+    return ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+
+
 @dataclass
 class MLPConfig:
     """Residual MLP for vector data (digits, MNIST-1D)."""
@@ -146,20 +145,75 @@ class MLPConfig:
     activation: str = "relu"  # "relu" or "gelu"
     seed: int = 0             # initialisation seed
 
-    family = "mlp"
+    family = "mlp"            # key in FAMILIES (a class attribute, not a field)
+    data_kind = "vector"      # the Dataset.kind this family takes
 
     def validate(self) -> "MLPConfig":
-        """Check every field (type and range), then the memory budget (:func:`check_memory`); returns self."""
-        check_int("d_in", self.d_in, 1, D_IN_MAX)
-        check_int("n_classes", self.n_classes, 2, N_CLASSES_MAX)
-        check_int("d_model", self.d_model, 1, 8192)
-        check_int("n_layers", self.n_layers, 0, 256)
-        check_int("d_hidden", self.d_hidden, 1, 65536)
-        check_choice("norm", self.norm, ["none", "peri", "pre"])
-        check_choice("activation", self.activation, ["gelu", "relu"])
-        check_seed("seed", self.seed)
+        """Check every field (type and range), then the memory budget (:func:`check_memory`); returns self.
+
+        Checked values are stored back as plain Python ``int``/``str`` (a ``numpy.int64`` field
+        becomes an ``int``), so the config is JSON-ready and safe for ``torch.Generator.manual_seed``.
+        """
+        self.d_in = check_int("d_in", self.d_in, 1, D_IN_MAX)
+        self.n_classes = check_int("n_classes", self.n_classes, 2, N_CLASSES_MAX)
+        self.d_model = check_int("d_model", self.d_model, 1, 8192)
+        self.n_layers = check_int("n_layers", self.n_layers, 0, 256)
+        self.d_hidden = check_int("d_hidden", self.d_hidden, 1, 65536)
+        self.norm = _plain_str(check_choice("norm", self.norm, ["none", "peri", "pre"]))
+        self.activation = _plain_str(check_choice("activation", self.activation, ["gelu", "relu"]))
+        self.seed = check_seed("seed", self.seed)
         check_memory(self)
         return self
+
+    # -- what the family knows about its data
+
+    @classmethod
+    def from_dataset(cls, dataset, **overrides) -> "MLPConfig":
+        """A validated config that fits a vector ``dataset`` (input features, classes); ``overrides`` set the rest."""
+        return cls(**{"d_in": dataset.d_in, "n_classes": dataset.n_classes, **overrides}).validate()
+
+    def check_dataset(self, dataset) -> None:
+        """Refuse a dataset this model cannot run on (see :func:`workbench.training.check_pairing`)."""
+        from .data import IGNORE
+
+        name = dataset.name
+        if dataset.x_train.dim() != 2 or dataset.x_train.shape[1] != self.d_in:
+            raise ValueError(f"the model takes d_in={self.d_in} features but dataset {name!r} has "
+                             f"{tuple(dataset.x_train.shape[1:])}")
+        for split in ("train", "val"):
+            x, y = dataset.split(split)
+            if not x.dtype.is_floating_point:
+                raise ValueError(f"dataset {name!r}: an MLP takes real (floating-point) features, the {split} "
+                                 f"features are {x.dtype}")
+            if y.dim() != 1:
+                raise ValueError(f"dataset {name!r}: an MLP takes one label per example, the {split} labels have "
+                                 f"shape {tuple(y.shape)}")
+        top = max([dataset.n_classes - 1] + _label_max(dataset, IGNORE))
+        if top >= self.n_classes:
+            raise ValueError(f"the model has {self.n_classes} classes but dataset {name!r} has labels up to {top}")
+        for split in ("train", "val"):
+            check_labels(f"dataset {name!r} {split} labels", dataset.split(split)[1], self.n_classes, ignore=IGNORE)
+
+    def check_inputs(self, name: str, x) -> torch.Tensor:
+        """``x`` must be real vectors ``(N, d_in)``; returns it."""
+        check_features(name, x)
+        if x.dim() != 2 or x.shape[1] != self.d_in:
+            raise _shape_error(name, x, f"vectors (N, {self.d_in})")
+        return x
+
+    # -- size
+
+    def param_count(self) -> int:
+        """Parameters of the model this (type-checked) config builds, counted from the shapes."""
+        d, h = self.d_model, self.d_hidden
+        norm = 0 if self.norm == "none" else 2 * d
+        block = norm + (d * h + h) + (h * d + d) + (2 * d if self.norm == "peri" else 0)
+        return (self.d_in * d + d) + self.n_layers * block + norm + (d * self.n_classes + self.n_classes)
+
+    def activation_floats(self, batch_size: int) -> int:
+        """Activations kept for the backward pass of one batch, in floats (see :func:`estimate_memory`)."""
+        d, h = self.d_model, self.d_hidden
+        return batch_size * (self.d_in + self.n_layers * (4 * d + 2 * h) + 2 * d + 2 * self.n_classes)
 
 
 @dataclass
@@ -179,33 +233,40 @@ class TransformerConfig:
     glyph_font: str | None = None   # font file for "glyph"; None: GNU Unifont if installed, else Pillow's
     seed: int = 0                   # initialisation seed (also of frozen-random embeddings)
 
-    family = "transformer"
+    family = "transformer"          # key in FAMILIES (a class attribute, not a field)
+    data_kind = "sequence"          # the Dataset.kind this family takes
 
     def validate(self) -> "TransformerConfig":
-        """Check every field (type and range), then the memory budget (:func:`check_memory`); returns self."""
-        check_int("vocab_size", self.vocab_size, 2, VOCAB_MAX)
-        check_int("context", self.context, 1, CONTEXT_MAX)
-        check_int("d_model", self.d_model, 1, 16384)
-        check_int("n_layers", self.n_layers, 0, 256)
-        check_int("n_heads", self.n_heads, 1, 256)
+        """Check every field (type and range), then the memory budget (:func:`check_memory`); returns self.
+
+        Checked values are stored back as plain Python values (``int``, ``str``, a ``list`` of
+        ``str`` for ``vocab``), so a ``numpy.int64`` field becomes an ``int``.
+        """
+        self.vocab_size = check_int("vocab_size", self.vocab_size, 2, VOCAB_MAX)
+        self.context = check_int("context", self.context, 1, CONTEXT_MAX)
+        self.d_model = check_int("d_model", self.d_model, 1, 16384)
+        self.n_layers = check_int("n_layers", self.n_layers, 0, 256)
+        self.n_heads = check_int("n_heads", self.n_heads, 1, 256)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        check_int("d_mlp", self.d_mlp, 1, 65536)
-        check_choice("norm", self.norm, ["peri", "pre"])
+        self.d_mlp = check_int("d_mlp", self.d_mlp, 1, 65536)
+        self.norm = _plain_str(check_choice("norm", self.norm, ["peri", "pre"]))
         check_bool("tie_embeddings", self.tie_embeddings)
-        check_choice("embedding", self.embedding, ["frozen-random", "glyph", "trainable"])
+        self.embedding = _plain_str(check_choice("embedding", self.embedding, ["frozen-random", "glyph", "trainable"]))
         if self.vocab is not None:
             if not isinstance(self.vocab, (list, tuple)) or not all(isinstance(t, str) for t in self.vocab):
                 shown = repr(self.vocab) if len(repr(self.vocab)) <= 60 else repr(self.vocab)[:57] + "..."
                 raise ValueError(f"vocab must be a list of token strings or None, got {shown}")
             if len(self.vocab) > VOCAB_MAX:
                 raise ValueError(f"vocab must list at most {VOCAB_MAX} token strings, got {len(self.vocab)}")
+            if type(self.vocab) is not list or any(type(t) is not str for t in self.vocab):
+                self.vocab = [str(t) for t in self.vocab]
         if self.embedding == "glyph":
             if not self.vocab or len(self.vocab) != self.vocab_size:
                 raise ValueError("vocab must list vocab_size token strings for glyph embeddings")
         if self.glyph_font is not None:
-            check_str("glyph_font", self.glyph_font, 4096)
-        check_seed("seed", self.seed)
+            self.glyph_font = _plain_str(check_str("glyph_font", self.glyph_font, 4096))
+        self.seed = check_seed("seed", self.seed)
         check_memory(self)
         return self
 
@@ -213,9 +274,77 @@ class TransformerConfig:
     def d_head(self) -> int:
         return self.d_model // self.n_heads
 
+    # -- what the family knows about its data
+
+    @classmethod
+    def from_dataset(cls, dataset, **overrides) -> "TransformerConfig":
+        """A validated config that fits a sequence ``dataset``: its vocabulary (size and token strings, so
+        glyph embeddings can be drawn) and its sequence length as the context; ``overrides`` set the rest."""
+        base = dict(vocab_size=dataset.vocab_size, context=dataset.seq_len,
+                    vocab=list(dataset.vocab) if dataset.vocab is not None else None)
+        return cls(**{**base, **overrides}).validate()
+
+    def check_dataset(self, dataset) -> None:
+        """Refuse a dataset this model cannot run on (see :func:`workbench.training.check_pairing`)."""
+        from .data import IGNORE
+
+        name = dataset.name
+        if dataset.vocab_size > self.vocab_size:
+            raise ValueError(f"the model's vocab_size is {self.vocab_size} but dataset {name!r} has a vocabulary "
+                             f"of {dataset.vocab_size} tokens")
+        if dataset.x_train.dim() != 2 or dataset.seq_len > self.context:
+            raise ValueError(f"the model's context is {self.context} but dataset {name!r} has sequences of length "
+                             f"{dataset.seq_len}")
+        if self.vocab is not None and dataset.vocab is not None and list(self.vocab[:len(dataset.vocab)]) != \
+                list(dataset.vocab):
+            i = next((i for i, (a, b) in enumerate(zip(self.vocab, dataset.vocab)) if a != b), len(self.vocab))
+            mine = repr(self.vocab[i]) if i < len(self.vocab) else "missing"
+            raise ValueError(f"the model's vocabulary differs from the vocabulary of dataset {name!r}: token {i} is "
+                             f"{mine} in the model and {dataset.vocab[i]!r} in the data")
+        for split in ("train", "val"):
+            x, y = dataset.split(split)
+            if y.shape != x.shape:
+                raise ValueError(f"dataset {name!r}: the {split} targets must have the tokens' shape "
+                                 f"{tuple(x.shape)}, got {tuple(y.shape)}")
+            check_tokens(f"dataset {name!r} {split} tokens", x, self.vocab_size)
+            check_labels(f"dataset {name!r} {split} targets", y, self.vocab_size, ignore=IGNORE)
+
+    def check_inputs(self, name: str, x) -> torch.Tensor:
+        """``x`` must be token ids ``(N, T)`` in the vocabulary with ``T <= context``; returns it."""
+        check_tokens(name, x, self.vocab_size)
+        if x.dim() != 2 or x.shape[1] > self.context:
+            raise _shape_error(name, x, f"token ids (N, T) with T <= the context {self.context}")
+        return x
+
+    # -- size
+
+    def param_count(self) -> int:
+        """Parameters of the model this (type-checked) config builds, counted from the shapes (tied weights once)."""
+        d, m, v = self.d_model, self.d_mlp, self.vocab_size
+        block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * m + m) + (m * d + d)
+        block += 4 * d if self.norm == "peri" else 0
+        return v * d + self.context * d + self.n_layers * block + 2 * d + (0 if self.tie_embeddings else v * d)
+
+    def activation_floats(self, batch_size: int) -> int:
+        """Activations kept for the backward pass of one batch, in floats (see :func:`estimate_memory`)."""
+        d, m = self.d_model, self.d_mlp
+        per_token = self.n_layers * (10 * d + 2 * m) + 4 * d + 2 * self.vocab_size
+        return batch_size * self.context * per_token
+
+
+def _label_max(dataset, ignore: int) -> list[int]:
+    """The largest integer label of each split (unscored positions left out)."""
+    out = []
+    for split in ("train", "val"):
+        y = dataset.split(split)[1]
+        if not y.dtype.is_floating_point and not y.dtype.is_complex and y.dtype != torch.bool:
+            valid = y[y != ignore]
+            if valid.numel():
+                out.append(int(valid.max()))
+    return out
+
 
 ModelConfig = MLPConfig | TransformerConfig
-_CONFIGS = {"mlp": MLPConfig, "transformer": TransformerConfig}
 
 
 def config_to_dict(config: ModelConfig) -> dict:
@@ -229,9 +358,9 @@ def config_from_dict(d: dict) -> ModelConfig:
         raise ValueError(f"model config must be a dict with a 'family', got {type(d).__name__}")
     d = dict(d)
     family = d.pop("family", None)
-    if not isinstance(family, str) or family not in _CONFIGS:
-        raise ValueError(f"model family must be one of {sorted(_CONFIGS)}, got {family!r}")
-    cls = _CONFIGS[family]
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise ValueError(f"model family must be one of {sorted(FAMILIES)}, got {family!r}")
+    cls = FAMILIES[family].config
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
@@ -251,7 +380,130 @@ def _norm(d: int, kind: str) -> nn.Module:
     return nn.LayerNorm(d) if kind != "none" else nn.Identity()
 
 
-class MLPBlock(nn.Module):
+# The fade-in gate of a block, as persistent buffers (so state_dict(), hence every checkpoint,
+# holds them), with the values of a block that is not fading: gate 1, no ramp. A state dict
+# saved before these buffers existed loads as "fully faded in".
+GATE_BUFFERS = {"residual_scale": 1.0, "fade_done": 0, "fade_steps": 0}
+
+
+class _GatedBlock(nn.Module):
+    """A residual block whose output is scaled by a fade-in gate ``m`` (MSG-style: ``x + m f(x)``).
+
+    Buffers (0-d): ``residual_scale`` (float, the gate ``m``), ``fade_done`` and ``fade_steps``
+    (int64, the ramp's progress; ``fade_steps == 0`` means not fading). Assigning a number
+    (``block.residual_scale = 0.5``) replaces the buffer by a tensor of that value on the same
+    device and dtype. ``fade`` reads the ramp as ``{"steps", "done"}`` or ``None``.
+    """
+
+    def _init_gate(self) -> None:
+        self.register_buffer("residual_scale", torch.ones(()))
+        self.register_buffer("fade_done", torch.zeros((), dtype=torch.long))
+        self.register_buffer("fade_steps", torch.zeros((), dtype=torch.long))
+
+    def __setattr__(self, name, value):
+        if name in GATE_BUFFERS and not isinstance(value, torch.Tensor) and name in self.__dict__.get("_buffers", {}):
+            old = self._buffers[name]
+            kind = numbers.Real if old.dtype.is_floating_point else numbers.Integral
+            if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, kind) \
+                    or not math.isfinite(float(value)):
+                what = "a finite number" if kind is numbers.Real else "an integer"
+                raise ValueError(f"{name} must be {what}, got {value!r}")
+            value = torch.tensor(value, dtype=old.dtype, device=old.device)
+        super().__setattr__(name, value)
+
+    def _gate(self, out: torch.Tensor) -> torch.Tensor:
+        """``residual_scale * out``; skipped when the gate is exactly 1 (read on the CPU only: on an
+        accelerator the multiply is cheaper than a host sync, and ``out * 1.0 == out`` exactly)."""
+        s = self.residual_scale
+        if s.device.type != "cpu" or float(s) != 1.0:
+            out = out * s
+        return out
+
+    @property
+    def fade(self) -> dict | None:
+        """The fade-in ramp ``{"steps": total, "done": steps so far}``, or ``None`` when not fading."""
+        steps = int(self.fade_steps)
+        return None if steps == 0 else {"steps": steps, "done": int(self.fade_done)}
+
+    @fade.setter
+    def fade(self, value: dict | None) -> None:
+        if value is None:
+            self.fade_steps, self.fade_done = 0, 0
+        else:
+            self.fade_steps, self.fade_done = int(value["steps"]), int(value["done"])
+
+    def start_fade(self, steps: int) -> None:
+        """Gate 0 now, ramping to 1 over ``steps`` calls of :meth:`advance_fade` (one per optimizer step)."""
+        steps = check_int("fade_steps", steps, 1, None)
+        self.residual_scale, self.fade_steps, self.fade_done = 0.0, steps, 0
+
+    def end_fade(self) -> None:
+        """Gate 1, no ramp (what a freshly built block has)."""
+        self.residual_scale, self.fade_steps, self.fade_done = 1.0, 0, 0
+
+    def advance_fade(self, steps: int = 1) -> None:
+        """Move the ramp ``steps`` optimizer steps on: ``m = done / steps``; at the end the gate is 1 and the ramp gone."""
+        ramp = self.fade
+        if ramp is None:
+            return
+        done = min(ramp["done"] + steps, ramp["steps"])
+        if done >= ramp["steps"]:
+            self.end_fade()
+        else:
+            self.residual_scale, self.fade_done = done / ramp["steps"], done
+
+    def check_gate(self, where: str = "block") -> None:
+        """Refuse gate buffers out of range (a hand-edited or foreign checkpoint)."""
+        s, done, steps = float(self.residual_scale), int(self.fade_done), int(self.fade_steps)
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"{where}.residual_scale must be in [0, 1], got {s}")
+        if steps < 0 or not 0 <= done <= steps:
+            raise ValueError(f"{where}: fade_done must be in [0, fade_steps] and fade_steps >= 0, got "
+                             f"fade_done={done}, fade_steps={steps}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # checkpoints written before the gate was a buffer: fully faded in (the defaults), not an error
+        absent = [name for name in GATE_BUFFERS if prefix + name not in state_dict]
+        for name in absent:
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+            setattr(self, name, GATE_BUFFERS[name])
+
+    # -- family knowledge every block type provides
+
+    def _output_paths(self) -> list[tuple[nn.Linear, nn.Module]]:
+        """``(output projection, post-norm)`` of each branch that writes into the stream."""
+        raise NotImplementedError
+
+    def zero_output_(self) -> "_GatedBlock":
+        """Make the block add exactly 0 to the stream (function preserving), in place; returns it.
+
+        Pre-LN / no norm: zero the output projections (weights and biases). Peri-LN: the
+        output passes through a LayerNorm, and ``LN(0) = bias``, so zero the output norms'
+        gains and biases instead (the projections keep their init so that the gains receive a
+        gradient from the first step).
+        """
+        with torch.no_grad():
+            for proj, post_norm in self._output_paths():
+                if isinstance(post_norm, nn.LayerNorm):
+                    post_norm.weight.zero_()
+                    post_norm.bias.zero_()
+                else:
+                    proj.weight.zero_()
+                    if proj.bias is not None:
+                        proj.bias.zero_()
+        return self
+
+    @property
+    def mlp_in(self) -> nn.Linear:
+        """The block's first MLP layer (its hidden pre-activation units; what REPAIR renormalises)."""
+        raise NotImplementedError
+
+
+class MLPBlock(_GatedBlock):
     """``x + s * post_norm(proj(act(fc(pre_norm(x)))))``; ``s = residual_scale`` (1 unless fading in)."""
 
     def __init__(self, cfg: MLPConfig):
@@ -261,16 +513,30 @@ class MLPBlock(nn.Module):
         self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
         self.proj = nn.Linear(cfg.d_hidden, cfg.d_model)
         self.post_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "peri" else nn.Identity()
-        self.residual_scale = 1.0  # gate m of MSG-style fade-in: x + m f(x)
+        self._init_gate()  # gate m of MSG-style fade-in: x + m f(x)
         self.resid_pre, self.block_out, self.resid_post = HookPoint(), HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, d_model) -> (B, d_model)
         x = self.resid_pre(x)
         h = self.act(self.fc(self.pre_norm(x)))  # (B, d_hidden)
-        out = self.post_norm(self.proj(h))
-        if self.residual_scale != 1.0:
-            out = self.residual_scale * out
+        out = self._gate(self.post_norm(self.proj(h)))
         return self.resid_post(x + self.block_out(out))
+
+    def _output_paths(self):
+        return [(self.proj, self.post_norm)]
+
+    @property
+    def mlp_in(self) -> nn.Linear:
+        return self.fc
+
+    def count_flops(self, c, rg: bool) -> bool:
+        """Add this block's matrix products to the counter ``c`` (see :mod:`workbench.flops`); returns
+        whether the stream after the block requires a gradient."""
+        h = c.norm(self.pre_norm, rg)
+        h = c.linear(self.fc, h)
+        h = c.linear(self.proj, h)
+        h = c.norm(self.post_norm, h)
+        return rg or h
 
 
 class CausalSelfAttention(nn.Module):
@@ -309,7 +575,7 @@ class TransformerMLP(nn.Module):
         return self.proj(self.act(self.fc(x)))
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(_GatedBlock):
     """Pre-LN: ``x + attn(LN(x))``; Peri-LN: ``x + LN(attn(LN(x)))``; then the same for the MLP."""
 
     def __init__(self, cfg: TransformerConfig):
@@ -321,23 +587,54 @@ class TransformerBlock(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = TransformerMLP(cfg)
         self.ln2_post = nn.LayerNorm(cfg.d_model) if peri else nn.Identity()
-        self.residual_scale = 1.0  # gate m of MSG-style fade-in
+        self._init_gate()  # gate m of MSG-style fade-in
         self.resid_pre, self.attn_out, self.resid_mid = HookPoint(), HookPoint(), HookPoint()
         self.mlp_out, self.resid_post = HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         x = self.resid_pre(x)
-        a = self.ln1_post(self.attn(self.ln1(x)))
-        if self.residual_scale != 1.0:
-            a = self.residual_scale * a
+        a = self._gate(self.ln1_post(self.attn(self.ln1(x))))
         x = self.resid_mid(x + self.attn_out(a))
-        m = self.ln2_post(self.mlp(self.ln2(x)))
-        if self.residual_scale != 1.0:
-            m = self.residual_scale * m
+        m = self._gate(self.ln2_post(self.mlp(self.ln2(x))))
         return self.resid_post(x + self.mlp_out(m))
+
+    def _output_paths(self):
+        return [(self.attn.proj, self.ln1_post), (self.mlp.proj, self.ln2_post)]
+
+    @property
+    def mlp_in(self) -> nn.Linear:
+        return self.mlp.fc
+
+    def count_flops(self, c, rg: bool) -> bool:
+        """Add this block's matrix products and attention core to the counter ``c``; returns whether the
+        stream after the block requires a gradient."""
+        a = c.norm(self.ln1, rg)
+        a = c.linear(self.attn.qkv, a)
+        a = c.attention(self.attn.proj.in_features, a)
+        a = c.linear(self.attn.proj, a)
+        a = c.norm(self.ln1_post, a)
+        rg = rg or a
+        m = c.norm(self.ln2, rg)
+        m = c.linear(self.mlp.fc, m)
+        m = c.linear(self.mlp.proj, m)
+        m = c.norm(self.ln2_post, m)
+        return rg or m
 
 
 # ----------------------------------------------------------------------------- models
+
+
+def _norm_axes(axes: dict, prefix: str, module: nn.Module) -> None:
+    """A LayerNorm's gain and bias live on the residual stream (an Identity has no parameters)."""
+    if isinstance(module, nn.LayerNorm):
+        axes[f"{prefix}.weight"] = ("res",)
+        axes[f"{prefix}.bias"] = ("res",)
+
+
+def _linear_axes(axes: dict, prefix: str, p_out, p_in, bias: bool = True) -> None:
+    axes[f"{prefix}.weight"] = (p_out, p_in)
+    if bias:
+        axes[f"{prefix}.bias"] = (p_out,)
 
 
 class _ResidualModel(nn.Module):
@@ -345,10 +642,14 @@ class _ResidualModel(nn.Module):
 
     config: ModelConfig
     blocks: nn.ModuleList
+    max_seq_len: int | None = None   # longest input sequence (None: the family has no sequence axis)
 
     def new_block(self) -> nn.Module:
         """A fresh block of this model's config (PyTorch default init, on the model's device)."""
         raise NotImplementedError
+
+    def init_weights_(self) -> None:
+        """The family's initialisation on top of the constructor's (called by :func:`build` under the seed)."""
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -368,8 +669,49 @@ class _ResidualModel(nn.Module):
         return next(self.parameters()).device
 
     def sync_config(self) -> None:
-        """Keep ``config.n_layers`` equal to ``len(blocks)`` after growth."""
-        self.config = dataclasses.replace(self.config, n_layers=len(self.blocks))
+        """Keep ``config.n_layers`` equal to ``len(blocks)`` after growth; the new config is validated
+        (field ranges and the memory budget, ``WORKBENCH_MAX_MODEL_MB``) before it is kept."""
+        self.config = dataclasses.replace(self.config, n_layers=len(self.blocks)).validate()
+
+    # -- family knowledge
+
+    def embedding_modules(self) -> list[nn.Module]:
+        """The modules that map inputs into the residual stream (frozen with the blocks below them)."""
+        raise NotImplementedError
+
+    def substrate_parameters(self) -> list[nn.Parameter]:
+        """Parameters frozen by definition (glyph and frozen-random token embeddings); they stay frozen."""
+        return []
+
+    def repair_sites(self) -> list[nn.Linear]:
+        """The layers REPAIR renormalises: each block's first MLP layer (pre-activation hidden units)."""
+        return [blk.mlp_in for blk in self.blocks]
+
+    def perm_axes(self) -> dict:
+        """The permutation symmetries: ``{"axes": {param: perm per axis}, "sizes": {perm: units},
+        "heads": {group: (qk perm, vo perm, n_heads)}}`` (see :class:`workbench.permute.PermSpec`)."""
+        raise NotImplementedError
+
+    def perm_sites(self) -> dict[str, list[tuple[nn.Module, str]]]:
+        """perm name -> ``[(module, part)]`` whose forward output holds that permutation's units
+        (``part``: ``"all"``, or ``"q"``/``"k"``/``"v"`` for a slice of a fused ``qkv`` output)."""
+        sites: dict[str, list] = {"res": [(blk.resid_pre, "all") for blk in self.blocks] + [(self.features, "all")]}
+        if len(self.blocks):
+            sites["res"].append((self.blocks[-1].resid_post, "all"))
+        return sites
+
+    def count_flops(self, c) -> None:
+        """Add one training step's matrix products to the counter ``c`` (see :mod:`workbench.flops`)."""
+        raise NotImplementedError
+
+    def optional_state_keys(self) -> set[str]:
+        """State-dict keys an older checkpoint may lack (the fade-in gate buffers; they default to "faded in")."""
+        return {f"blocks.{i}.{name}" for i in range(len(self.blocks)) for name in GATE_BUFFERS}
+
+    def check_gates(self) -> None:
+        """Refuse fade-in gate buffers out of range (``ValueError`` naming the block)."""
+        for i, blk in enumerate(self.blocks):
+            blk.check_gate(f"blocks.{i}")
 
 
 class ResidualMLP(_ResidualModel):
@@ -391,6 +733,38 @@ class ResidualMLP(_ResidualModel):
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, d_in) -> (B, d_model)
         return self.embed_out(self.stem(x))
 
+    def embedding_modules(self) -> list[nn.Module]:
+        return [self.stem]
+
+    def perm_axes(self) -> dict:
+        cfg = self.config
+        axes: dict[str, tuple] = {}
+        sizes = {"res": cfg.d_model}
+        _linear_axes(axes, "stem", "res", None)
+        for i, blk in enumerate(self.blocks):
+            h = f"hidden.{i}"
+            sizes[h] = cfg.d_hidden
+            _norm_axes(axes, f"blocks.{i}.pre_norm", blk.pre_norm)
+            _linear_axes(axes, f"blocks.{i}.fc", h, "res")
+            _linear_axes(axes, f"blocks.{i}.proj", "res", h)
+            _norm_axes(axes, f"blocks.{i}.post_norm", blk.post_norm)
+        _norm_axes(axes, "final_norm", self.final_norm)
+        _linear_axes(axes, "readout", None, "res")
+        return {"axes": axes, "sizes": sizes, "heads": {}}
+
+    def perm_sites(self):
+        sites = super().perm_sites()
+        for i, blk in enumerate(self.blocks):
+            sites[f"hidden.{i}"] = [(blk.act, "all")]
+        return sites
+
+    def count_flops(self, c) -> None:
+        rg = c.linear(self.stem, False)
+        for b in self.blocks:
+            rg = b.count_flops(c, rg)
+        rg = c.norm(self.final_norm, rg)
+        c.linear(self.readout, rg)
+
 
 class Transformer(_ResidualModel):
     """Decoder-only Transformer. Tokens ``(B, T)`` -> logits ``(B, T, vocab_size)``."""
@@ -410,10 +784,25 @@ class Transformer(_ResidualModel):
         if cfg.embedding != "trainable":
             self.tok_embed.weight.requires_grad_(False)
 
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.context
+
     def new_block(self) -> TransformerBlock:
         block = TransformerBlock(self.config).to(self.device)
         _gpt2_init(block)
         return block
+
+    def init_weights_(self) -> None:
+        """GPT-2's N(0, 0.02) (biases 0); frozen-random embeddings N(0, 1/d_model); glyph embeddings drawn."""
+        config = self.config
+        _gpt2_init(self)
+        with torch.no_grad():
+            if config.embedding == "frozen-random":
+                self.tok_embed.weight.normal_(0.0, 1.0 / math.sqrt(config.d_model))
+            elif config.embedding == "glyph":
+                table, _ = glyph_embedding(config.vocab, config.d_model, config.glyph_font)
+                self.tok_embed.weight.copy_(table)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
         T = tokens.shape[-1]
@@ -422,6 +811,53 @@ class Transformer(_ResidualModel):
         pos = torch.arange(T, device=tokens.device)
         return self.embed_out(self.tok_embed(tokens)) + self.pos_embed_out(self.pos_embed(pos))
 
+    def embedding_modules(self) -> list[nn.Module]:
+        return [self.tok_embed, self.pos_embed]
+
+    def substrate_parameters(self) -> list[nn.Parameter]:
+        return [self.tok_embed.weight] if self.config.embedding != "trainable" else []
+
+    def perm_axes(self) -> dict:
+        """Heads permute as whole heads, with the within-head permutations ``qk`` (queries and keys) and
+        ``vo`` (values and the output projection's columns); ``q``/``k``/``v`` name the thirds of ``qkv``."""
+        cfg = self.config
+        axes: dict[str, tuple] = {"tok_embed.weight": (None, "res"), "pos_embed.weight": (None, "res")}
+        sizes = {"res": cfg.d_model}
+        heads: dict[str, tuple] = {}
+        for i, blk in enumerate(self.blocks):
+            b = f"blocks.{i}"
+            qk, vo, m = f"qk.{i}", f"vo.{i}", f"mlp.{i}"
+            sizes.update({qk: cfg.d_model, vo: cfg.d_model, m: cfg.d_mlp})
+            heads[f"heads.{i}"] = (qk, vo, cfg.n_heads)
+            _norm_axes(axes, f"{b}.ln1", blk.ln1)
+            _linear_axes(axes, f"{b}.attn.q", qk, "res")
+            _linear_axes(axes, f"{b}.attn.k", qk, "res")
+            _linear_axes(axes, f"{b}.attn.v", vo, "res")
+            _linear_axes(axes, f"{b}.attn.proj", "res", vo)
+            _norm_axes(axes, f"{b}.ln1_post", blk.ln1_post)
+            _norm_axes(axes, f"{b}.ln2", blk.ln2)
+            _linear_axes(axes, f"{b}.mlp.fc", m, "res")
+            _linear_axes(axes, f"{b}.mlp.proj", "res", m)
+            _norm_axes(axes, f"{b}.ln2_post", blk.ln2_post)
+        _norm_axes(axes, "final_norm", self.final_norm)
+        _linear_axes(axes, "readout", None, "res", bias=False)
+        return {"axes": axes, "sizes": sizes, "heads": heads}
+
+    def perm_sites(self):
+        sites = super().perm_sites()
+        for i, blk in enumerate(self.blocks):
+            sites[f"mlp.{i}"] = [(blk.mlp.act, "all")]
+            sites[f"qk.{i}"] = [(blk.attn.qkv, "q"), (blk.attn.qkv, "k")]
+            sites[f"vo.{i}"] = [(blk.attn.qkv, "v")]
+        return sites
+
+    def count_flops(self, c) -> None:
+        rg = c.trainable(self.tok_embed, self.pos_embed)
+        for b in self.blocks:
+            rg = b.count_flops(c, rg)
+        rg = c.norm(self.final_norm, rg)
+        c.linear(self.readout, rg)
+
 
 def _gpt2_init(module: nn.Module) -> None:
     for m in module.modules():
@@ -429,6 +865,49 @@ def _gpt2_init(module: nn.Module) -> None:
             nn.init.normal_(m.weight, 0.0, 0.02)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------- the family registry
+
+
+@dataclass(frozen=True)
+class Family:
+    """One native model family: its config class, model class and the kind of dataset it takes."""
+
+    name: str           # config.family
+    config: type        # the flat dataclass config
+    model: type         # the nn.Module built from it
+    data_kind: str      # Dataset.kind it takes: "vector" or "sequence"
+
+    def __iter__(self):  # ``config_cls, model_cls = FAMILIES["mlp"]``
+        return iter((self.config, self.model))
+
+
+FAMILIES: dict[str, Family] = {
+    cfg.family: Family(cfg.family, cfg, model, cfg.data_kind)
+    for cfg, model in ((MLPConfig, ResidualMLP), (TransformerConfig, Transformer))
+}
+
+
+def _config_types() -> tuple[type, ...]:
+    return tuple(f.config for f in FAMILIES.values())
+
+
+def family_of(of) -> Family:
+    """The :class:`Family` of a family name, a config, a model, or a :class:`~workbench.data.Dataset`
+    (the family taking its ``kind``). Raises ``ValueError`` listing the families for anything else.
+    """
+    if isinstance(of, str) and of in FAMILIES:
+        return FAMILIES[of]
+    for f in FAMILIES.values():
+        if isinstance(of, (f.config, f.model)):
+            return f
+    kind = getattr(of, "kind", None)
+    if isinstance(kind, str) and hasattr(of, "x_train"):
+        for f in FAMILIES.values():
+            if f.data_kind == kind:
+                return f
+    raise ValueError(f"not a native model family: {of!r:.80}; families: {sorted(FAMILIES)}")
 
 
 def build(config: ModelConfig, device: str | torch.device | None = None) -> ResidualMLP | Transformer:
@@ -440,34 +919,23 @@ def build(config: ModelConfig, device: str | torch.device | None = None) -> Resi
     """
     if isinstance(config, dict):
         config = config_from_dict(config)
+    if not isinstance(config, _config_types()):
+        raise TypeError(f"config must be an MLPConfig or TransformerConfig, got {type(config).__name__}")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        if isinstance(config, MLPConfig):
-            model = ResidualMLP(config)
-        elif isinstance(config, TransformerConfig):
-            model = Transformer(config)
-            _gpt2_init(model)
-            with torch.no_grad():
-                if config.embedding == "frozen-random":
-                    model.tok_embed.weight.normal_(0.0, 1.0 / math.sqrt(config.d_model))
-                elif config.embedding == "glyph":
-                    table, _ = glyph_embedding(config.vocab, config.d_model, config.glyph_font)
-                    model.tok_embed.weight.copy_(table)
-        else:
-            raise TypeError(f"config must be an MLPConfig or TransformerConfig, got {type(config).__name__}")
+        torch.manual_seed(config.validate().seed)
+        model = FAMILIES[config.family].model(config)
+        model.init_weights_()
     return model.to(device) if device is not None else model
 
 
 def config_for(dataset, **overrides) -> ModelConfig:
     """A model config that fits ``dataset`` (input size, classes or vocabulary, context), validated.
 
-    Vector data -> :class:`MLPConfig`; sequence data -> :class:`TransformerConfig` with the
-    dataset's vocabulary (so glyph embeddings can be drawn). ``overrides`` set other fields.
+    The family is the one taking ``dataset.kind`` (:data:`FAMILIES`): vector data ->
+    :class:`MLPConfig`; sequence data -> :class:`TransformerConfig` with the dataset's
+    vocabulary (so glyph embeddings can be drawn). ``overrides`` set other fields.
     """
-    if dataset.kind == "vector":
-        return MLPConfig(d_in=dataset.d_in, n_classes=dataset.n_classes, **overrides).validate()
-    base = dict(vocab_size=dataset.vocab_size, context=dataset.seq_len, vocab=list(dataset.vocab))
-    return TransformerConfig(**{**base, **overrides}).validate()
+    return family_of(dataset).config.from_dataset(dataset, **overrides)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
-from . import checks
+from . import checks, hooks
 from .data import Dataset
 
 MAX_ITER = 10_000   # coordinate-descent sweeps of match_weights
@@ -105,63 +105,15 @@ def check_model_data(model: nn.Module, dataset, name: str = "dataset") -> None:
     check_pairing(model, dataset)
 
 
-def _is_ln(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm)
-
-
 def perm_spec(model: nn.Module) -> PermSpec:
-    """The permutation spec of a :class:`~workbench.models.ResidualMLP` or :class:`~workbench.models.Transformer`."""
-    from .models import ResidualMLP, Transformer
+    """The permutation spec of a :class:`~workbench.models.ResidualMLP` or :class:`~workbench.models.Transformer`.
 
-    cfg = model.config
-    axes: dict[str, tuple] = {}
-    sizes = {"res": cfg.d_model}
-    heads: dict[str, tuple] = {}
-
-    def norm(prefix: str, module: nn.Module) -> None:
-        if _is_ln(module):
-            axes[f"{prefix}.weight"] = ("res",)
-            axes[f"{prefix}.bias"] = ("res",)
-
-    def linear(prefix: str, p_out, p_in, bias: bool = True) -> None:
-        axes[f"{prefix}.weight"] = (p_out, p_in)
-        if bias:
-            axes[f"{prefix}.bias"] = (p_out,)
-
-    if isinstance(model, ResidualMLP):
-        linear("stem", "res", None)
-        for i, blk in enumerate(model.blocks):
-            h = f"hidden.{i}"
-            sizes[h] = cfg.d_hidden
-            norm(f"blocks.{i}.pre_norm", blk.pre_norm)
-            linear(f"blocks.{i}.fc", h, "res")
-            linear(f"blocks.{i}.proj", "res", h)
-            norm(f"blocks.{i}.post_norm", blk.post_norm)
-        norm("final_norm", model.final_norm)
-        linear("readout", None, "res")
-    elif isinstance(model, Transformer):
-        axes["tok_embed.weight"] = (None, "res")
-        axes["pos_embed.weight"] = (None, "res")
-        for i, blk in enumerate(model.blocks):
-            b = f"blocks.{i}"
-            qk, vo, m = f"qk.{i}", f"vo.{i}", f"mlp.{i}"
-            sizes.update({qk: cfg.d_model, vo: cfg.d_model, m: cfg.d_mlp})
-            heads[f"heads.{i}"] = (qk, vo, cfg.n_heads)
-            norm(f"{b}.ln1", blk.ln1)
-            linear(f"{b}.attn.q", qk, "res")
-            linear(f"{b}.attn.k", qk, "res")
-            linear(f"{b}.attn.v", vo, "res")
-            linear(f"{b}.attn.proj", "res", vo)
-            norm(f"{b}.ln1_post", blk.ln1_post)
-            norm(f"{b}.ln2", blk.ln2)
-            linear(f"{b}.mlp.fc", m, "res")
-            linear(f"{b}.mlp.proj", "res", m)
-            norm(f"{b}.ln2_post", blk.ln2_post)
-        norm("final_norm", model.final_norm)
-        linear("readout", None, "res", bias=False)
-    else:
+    Each family states its own symmetries (``model.perm_axes()``, :mod:`workbench.models`).
+    """
+    axes_of = getattr(model, "perm_axes", None)
+    if not callable(axes_of):
         raise TypeError(f"no permutation spec for {type(model).__name__}; expected ResidualMLP or Transformer")
-    return PermSpec(axes, sizes, heads)
+    return PermSpec(**axes_of())
 
 
 def _view(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -324,94 +276,123 @@ def match_weights(model_a: nn.Module, model_b: nn.Module, seed: int = 0, max_ite
     spec = perm_spec(model_a)
     if isinstance(init, dict):
         _check_perm("init", init, spec)
-    p2a = spec.perm_to_axes()
-    # Cost matrices are summed in float32 (the models' precision; 2x faster than float64 on CPU);
-    # assignments and objective comparisons are made in float64 on those matrices.
-    wa = {k: v.float() for k, v in _view(model_a).items() if k in spec.axes}
-    wb = {k: v.float() for k, v in _view(model_b).items() if k in spec.axes}
-    device = next(iter(wa.values())).device
-    if not isinstance(init, dict) and init not in ("anchored", "identity"):
+    elif init not in ("anchored", "identity"):
         raise ValueError(f"init must be 'anchored', 'identity' or a permutation dict, got {init!r}")
-    start = init if isinstance(init, dict) else {p: torch.arange(n) for p, n in spec.sizes.items()}
-    perm = {p: start[p].to(device) for p in spec.sizes}
-    # A's side of every cost term is fixed: (n, rest) with the permuted axis first.
-    flat_a = {(k, ax): wa[k].movedim(ax, 0).reshape(spec.sizes[p], -1)
-              for p, terms in p2a.items() for k, ax in terms}
+    problem = _WeightMatching(spec, model_a, model_b, init)
+    solves = problem.anchored_start() if init == "anchored" else 0
+    sweeps, more = problem.descend(np.random.default_rng(seed), max_iter)
+    return problem.permutation(), {"sweeps": sweeps, "solves": solves + more, "objective": problem.objective()}
 
-    def cost(p: str, known: set | None = None) -> np.ndarray:
-        n = spec.sizes[p]
-        total = torch.zeros(n, n, device=device)
-        for k, ax in p2a[p]:
+
+class _WeightMatching:
+    """One weight-matching problem: building each permutation's cost, solving it, applying the answer.
+
+    Cost matrices are summed in float32 (the models' precision; 2x faster than float64 on CPU);
+    assignments and objective comparisons are made in float64 on those matrices.
+    """
+
+    def __init__(self, spec: PermSpec, model_a: nn.Module, model_b: nn.Module, init):
+        self.spec, self.p2a = spec, spec.perm_to_axes()
+        self.wa = {k: v.float() for k, v in _view(model_a).items() if k in spec.axes}
+        self.wb = {k: v.float() for k, v in _view(model_b).items() if k in spec.axes}
+        self.device = next(iter(self.wa.values())).device
+        start = init if isinstance(init, dict) else {p: torch.arange(n) for p, n in spec.sizes.items()}
+        self.perm = {p: start[p].to(self.device) for p in spec.sizes}
+        # A's side of every cost term is fixed: (n, rest) with the permuted axis first.
+        self.flat_a = {(k, ax): self.wa[k].movedim(ax, 0).reshape(spec.sizes[p], -1)
+                       for p, terms in self.p2a.items() for k, ax in terms}
+        self.units = spec.units()
+        self.deps = {}   # unit -> the other permutations its cost terms read
+        for u in self.units:
+            own = set(spec.unit_perms(u))
+            self.deps[u] = sorted({q for p in own for k, _ in self.p2a[p] for q in spec.axes[k] if q is not None}
+                                  - own)
+        self.version = {p: 0 for p in spec.sizes}               # bumped whenever a permutation changes
+        self.seen: dict[str, tuple | None] = {u: None for u in self.units}   # deps' versions at the last solve
+
+    # -- building the cost of one permutation
+
+    def cost(self, p: str, known: set | None = None) -> np.ndarray:
+        """``sum_terms A_flat @ (P B)_flat^T`` over the weights ``p`` acts on, B permuted by the other
+        permutations; with ``known`` only the terms whose other permutations are all in ``known``."""
+        spec, n = self.spec, self.spec.sizes[p]
+        total = torch.zeros(n, n, device=self.device)
+        for k, ax in self.p2a[p]:
             if known is not None and any(q is not None and q not in known and q != p for q in spec.axes[k]):
                 continue  # anchored start: this term still depends on an unsettled permutation
-            b = _permuted(wb[k], spec.axes[k], perm, except_axis=ax).movedim(ax, 0).reshape(n, -1)
-            total += flat_a[(k, ax)] @ b.T
+            b = _permuted(self.wb[k], spec.axes[k], self.perm, except_axis=ax).movedim(ax, 0).reshape(n, -1)
+            total += self.flat_a[(k, ax)] @ b.T
         return total.cpu().double().numpy()
 
-    units = spec.units()
-    deps = {}
-    for u in units:
-        own = set(spec.unit_perms(u))
-        deps[u] = sorted({q for p in own for k, _ in p2a[p] for q in spec.axes[k] if q is not None} - own)
-    version = {p: 0 for p in spec.sizes}
-    seen: dict[str, tuple | None] = {u: None for u in units}
-    rng = np.random.default_rng(seed)
-    sweeps = solves = 0
-    if init == "anchored":
+    # -- solving one unit (a permutation, or one layer's heads)
+
+    def solve(self, unit: str, known: set | None = None) -> tuple[dict, dict]:
+        """``(costs, new)``: the unit's cost matrices and their maximum-weight assignments."""
+        costs = {p: self.cost(p, known) for p in self.spec.unit_perms(unit)}
+        return costs, _solve_unit(self.spec, unit, costs)
+
+    def stamp(self, unit: str) -> tuple:
+        return tuple(self.version[q] for q in self.deps[unit])
+
+    # -- applying an answer
+
+    def apply(self, new: dict[str, np.ndarray]) -> None:
+        for p, v in new.items():
+            self.perm[p] = torch.as_tensor(v, device=self.device)
+            self.version[p] += 1
+
+    # -- the two phases
+
+    def anchored_start(self) -> int:
+        """Visit the units once in data-flow order (spec order: res first, then block by block), each
+        solved from the terms already settled; returns the number of solves."""
         known: set = set()
-        for u in units:  # spec order is data-flow order: res first, then block by block
-            own = spec.unit_perms(u)
-            costs = {p: cost(p, known | set(own)) for p in own}
-            for p, v in _solve_unit(spec, u, costs).items():
-                perm[p] = torch.as_tensor(v, device=device)
-                version[p] += 1
-            if set(deps[u]) <= known:  # every term was used: a full solve, no need to repeat it unchanged
-                seen[u] = tuple(version[q] for q in deps[u])
-            known |= set(own)
-            solves += 1
-    for sweeps in range(1, max_iter + 1):
-        progress = False
-        for ui in rng.permutation(len(units)):
-            u = units[ui]
-            stamp = tuple(version[q] for q in deps[u])
-            if seen[u] == stamp:
-                continue  # same cost matrix as last time: same answer
-            seen[u] = stamp
-            costs = {p: cost(p) for p in spec.unit_perms(u)}
-            new = _solve_unit(spec, u, costs)
-            solves += 1
-            old_val = sum(_value(costs[p], perm[p].cpu().numpy()) for p in new)
-            new_val = sum(_value(costs[p], new[p]) for p in new)
-            if new_val > old_val + 1e-12 * max(1.0, abs(old_val)):
-                progress = True
-                for p, v in new.items():
-                    perm[p] = torch.as_tensor(v, device=device)
-                    version[p] += 1
-        if not progress:
-            break
-    objective = sum(float((wa[k].double() * _permuted(wb[k], spec.axes[k], perm).double()).sum()) for k in spec.axes)
-    perm = {p: v.cpu() for p, v in perm.items()}
-    return perm, {"sweeps": sweeps, "solves": solves, "objective": objective}
+        for u in self.units:
+            own = set(self.spec.unit_perms(u))
+            _, new = self.solve(u, known | own)
+            self.apply(new)
+            if set(self.deps[u]) <= known:  # every term was used: a full solve, no need to repeat it unchanged
+                self.seen[u] = self.stamp(u)
+            known |= own
+        return len(self.units)
+
+    def descend(self, rng: np.random.Generator, max_iter: int) -> tuple[int, int]:
+        """Coordinate descent sweeps until one brings no improvement; returns ``(sweeps, solves)``."""
+        sweeps = solves = 0
+        for sweeps in range(1, max_iter + 1):
+            progress = False
+            for ui in rng.permutation(len(self.units)):
+                u = self.units[ui]
+                stamp = self.stamp(u)
+                if self.seen[u] == stamp:
+                    continue  # same cost matrix as last time: same answer
+                self.seen[u] = stamp
+                costs, new = self.solve(u)
+                solves += 1
+                old_val = sum(_value(costs[p], self.perm[p].cpu().numpy()) for p in new)
+                new_val = sum(_value(costs[p], new[p]) for p in new)
+                if new_val > old_val + 1e-12 * max(1.0, abs(old_val)):
+                    progress = True
+                    self.apply(new)
+            if not progress:
+                break
+        return sweeps, solves
+
+    def objective(self) -> float:
+        """``sum_l <W_a, P W_b>`` in float64 at the current permutation."""
+        return sum(float((self.wa[k].double() * _permuted(self.wb[k], self.spec.axes[k], self.perm).double()).sum())
+                   for k in self.spec.axes)
+
+    def permutation(self) -> dict[str, torch.Tensor]:
+        return {p: v.cpu() for p, v in self.perm.items()}
 
 
 # ----------------------------------------------------------------------------- activation matching
 
 
 def _activation_sites(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
-    """perm name -> [(module, part)] whose forward output holds that permutation's units."""
-    from .models import ResidualMLP
-
-    sites: dict[str, list] = {"res": [(blk.resid_pre, "all") for blk in model.blocks] + [(model.features, "all")]}
-    if len(model.blocks):
-        sites["res"].append((model.blocks[-1].resid_post, "all"))
-    for i, blk in enumerate(model.blocks):
-        if isinstance(model, ResidualMLP):
-            sites[f"hidden.{i}"] = [(blk.act, "all")]
-        else:
-            sites[f"mlp.{i}"] = [(blk.mlp.act, "all")]
-            sites[f"qk.{i}"] = [(blk.attn.qkv, "q"), (blk.attn.qkv, "k")]
-            sites[f"vo.{i}"] = [(blk.attn.qkv, "v")]
-    return sites
+    """perm name -> [(module, part)] whose forward output holds that permutation's units (``model.perm_sites()``)."""
+    return model.perm_sites()
 
 
 class _Moments:
@@ -455,16 +436,7 @@ def _inputs(data, max_examples: int, model: nn.Module | None = None) -> torch.Te
     elif not isinstance(data, torch.Tensor):
         raise ValueError(f"data must be a Dataset or an input tensor, got {type(data).__name__}")
     elif model is not None:
-        cfg = model.config
-        if cfg.family == "transformer":
-            checks.check_tokens("data", data, cfg.vocab_size)
-            if data.dim() != 2 or data.shape[1] > cfg.context:
-                raise ValueError(f"data must be token ids (N, T) with T <= the context {cfg.context}, "
-                                 f"got shape {tuple(data.shape)}")
-        else:
-            checks.check_features("data", data)
-            if data.dim() != 2 or data.shape[1] != cfg.d_in:
-                raise ValueError(f"data must be vectors (N, {cfg.d_in}), got shape {tuple(data.shape)}")
+        model.config.check_inputs("data", data)
     if len(data) == 0:
         raise ValueError("data must hold at least one example")
     return data[:max_examples] if max_examples else data
@@ -489,31 +461,22 @@ def match_activations(model_a: nn.Module, model_b: nn.Module, data, max_examples
     sites_a, sites_b = _activation_sites(model_a), _activation_sites(model_b)
     moments = {(p, j): _Moments() for p, s in sites_a.items() for j in range(len(s))}
     store: dict = {}
-    handles = []
-
-    def hook(key):
-        def fn(module, args, out):
-            store[key] = out
-        return fn
-
-    for tag, sites in (("a", sites_a), ("b", sites_b)):
-        for p, s in sites.items():
-            for j, (module, _) in enumerate(s):
-                handles.append(module.register_forward_hook(hook((tag, p, j))))
+    watched = {(tag, p, j): module for tag, sites in (("a", sites_a), ("b", sites_b))
+               for p, s in sites.items() for j, (module, _) in enumerate(s)}
     modes = model_a.training, model_b.training
     model_a.eval(), model_b.eval()
     try:
-        for i in range(0, len(x), batch_size):
-            xa = x[i:i + batch_size].to(next(model_a.parameters()).device)
-            model_a(xa)
-            model_b(xa.to(next(model_b.parameters()).device))
-            for (p, j), m in moments.items():
-                part = sites_a[p][j][1]
-                m.add(_part(store[("a", p, j)], part), _part(store[("b", p, j)], part).to(store[("a", p, j)].device))
-            store.clear()
+        with hooks.watch(watched, store.__setitem__):
+            for i in range(0, len(x), batch_size):
+                xa = x[i:i + batch_size].to(next(model_a.parameters()).device)
+                model_a(xa)
+                model_b(xa.to(next(model_b.parameters()).device))
+                for (p, j), m in moments.items():
+                    part = sites_a[p][j][1]
+                    a_out = store[("a", p, j)]
+                    m.add(_part(a_out, part), _part(store[("b", p, j)], part).to(a_out.device))
+                store.clear()
     finally:
-        for h in handles:
-            h.remove()
         model_a.train(modes[0]), model_b.train(modes[1])
     corr = {}
     for (p, _), m in moments.items():

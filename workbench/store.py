@@ -4,11 +4,16 @@ Layout under the root (``RunStore(path)``; default ``$WORKBENCH_HOME`` or the us
 data directory)::
 
     index.sqlite                 one row per run (for list()); derived data, rebuilt from runs/
-    runs/<run_id>/run.json       format tag, model config, train config, dataset spec, meta
-    runs/<run_id>/model.safetensors
+    runs/<run_id>/run.json       format tag, model config, train config, dataset spec, meta,
+                                 frozen (names of the parameters with requires_grad=False)
+    runs/<run_id>/model.safetensors   the state dict (weights and buffers: the fade-in gates too)
     runs/<run_id>/metrics.csv    tidy metrics
 
-The run directories are the truth; the index only makes ``list()`` fast.
+The run directories are the truth; the index only makes ``list()`` fast. A model's config,
+its state dict and its frozen parameters describe it fully, so a reloaded model computes
+exactly the saved function, also in the middle of a fade-in. Runs written before the gates
+were buffers (no ``blocks.*.residual_scale`` in the weights, no ``frozen`` list) still load:
+gates fully faded in, every parameter but a frozen substrate trainable.
 
 Writing. ``save`` writes the three files into ``runs/.tmp-<pid>@<host>@<random>/`` (each file
 through a temporary file: write, ``fsync``, ``os.replace``, ``fsync`` of the directory),
@@ -177,7 +182,6 @@ def _required_fields(cls) -> list[str]:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 
 
-_MODEL_CLASSES = {c.family: c for c in (_models.MLPConfig, _models.TransformerConfig)}
 _DOC_FIELDS = {"format": str, "version": int, "name": str, "created": str, "status": str,
                "model": dict, "train": dict, "dataset": dict}
 
@@ -199,9 +203,9 @@ def _validate_doc(doc: dict, where: str) -> tuple:
         bad("meta", f"must be a JSON object, got {doc['meta']!r}"[:300])
 
     m = doc["model"]
-    cls = _MODEL_CLASSES.get(m.get("family"))
-    if cls is not None:
-        for f in _required_fields(cls):
+    fam = _models.FAMILIES.get(m.get("family")) if isinstance(m.get("family"), str) else None
+    if fam is not None:
+        for f in _required_fields(fam.config):
             if f not in m:
                 bad(f"model.{f}", "missing")
     try:
@@ -220,32 +224,36 @@ def _validate_doc(doc: dict, where: str) -> tuple:
     except (ValueError, TypeError) as e:
         bad("train", f"invalid train config: {e}")
 
-    _check_spec(doc["dataset"], "dataset", bad)
+    try:
+        _data.check_spec(doc["dataset"], allow_path=True)
+    except (ValueError, TypeError) as e:
+        bad(_spec_field(doc["dataset"], "dataset"), f"invalid dataset spec: {e}")
+    frozen = doc.get("frozen", [])
+    if not isinstance(frozen, list) or not all(isinstance(n, str) for n in frozen) or len(frozen) > _MAX_FROZEN:
+        bad("frozen", f"must be a list of at most {_MAX_FROZEN} parameter names, got {frozen!r}"[:300])
     return config, train_config
 
 
-def _check_spec(spec, field: str, bad, depth: int = 0) -> None:
-    """A dataset spec's shape without building the data: ``{"name": str, **options}`` whose
-    options pass :func:`workbench.data.check_options`, or a concatenation
-    ``{"name": str, "parts": [spec, ...]}`` (see ``compose.concat``)."""
+_MAX_FROZEN = 100_000   # parameter names in run.json's "frozen" list
+
+
+def _spec_field(spec, field: str) -> str:
+    """Where in a dataset spec :func:`workbench.data.check_spec` failed, for the message: the part of a
+    concatenation (``dataset.parts[1]``) and its ``name`` when that is what is wrong."""
     if not isinstance(spec, dict):
-        bad(field, f"must be a dataset spec (a JSON object with a str 'name'), got {spec!r}"[:300])
-    if not isinstance(spec.get("name"), str):
-        bad(f"{field}.name", f"must be a str (a dataset name), got {spec.get('name')!r}"[:300])
-    if "parts" in spec:
-        parts, max_parts = spec["parts"], getattr(_data, "MAX_PARTS", 64)
-        if set(spec) != {"name", "parts"}:
-            bad(field, f"a concatenation's spec takes only 'name' and 'parts', got {sorted(spec)}")
-        if not isinstance(parts, list) or not 1 <= len(parts) <= max_parts or depth >= 4:
-            bad(f"{field}.parts", f"must be a list of 1 to {max_parts} dataset specs (nested at most 4 deep), "
-                                  f"got {parts!r}"[:300])
-        for i, p in enumerate(parts):
-            _check_spec(p, f"{field}.parts[{i}]", bad, depth + 1)
-        return
-    try:
-        _data.check_options(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
-    except (ValueError, TypeError) as e:
-        bad(field, f"invalid dataset spec: {e}")
+        return field
+    parts = spec.get("parts")
+    if isinstance(parts, list):
+        for i, part in enumerate(parts):
+            try:
+                _data.check_spec(part, allow_path=True)
+            except (ValueError, TypeError, RecursionError):
+                return _spec_field(part, f"{field}.parts[{i}]")
+        return field
+    name = spec.get("name")
+    if not isinstance(name, str) or name not in _data.names():
+        return f"{field}.name"
+    return field
 
 
 def _check_metrics(metrics: pd.DataFrame, where: str) -> None:
@@ -496,6 +504,7 @@ class RunStore:
             "created": created.isoformat(timespec="seconds"), "status": run.status,
             "model": _models.config_to_dict(cfg),
             "train": dataclasses.asdict(run.train_config), "dataset": run.dataset, "meta": run.meta,
+            "frozen": _frozen_names(run.model),
         }
         text = json.dumps(doc, indent=2, default=str)
         doc = json.loads(text)                      # exactly what load() will read
@@ -575,11 +584,12 @@ class RunStore:
         d = self._dir(run_id)
         config = _models.config_from_dict(doc["model"])
         try:
-            model = (_models.ResidualMLP if config.family == "mlp" else _models.Transformer)(config)
+            model = _models.FAMILIES[config.family].model(config)
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise StoreError(f"run {run_id!r}: {d / 'run.json'}: field 'model': cannot build the model: {e}") from None
         _read_weights(d / "model.safetensors", model, f"run {run_id!r}", allow_nonfinite=allow_nonfinite,
                       diverged=doc["status"] == "diverged")
+        _apply_frozen(model, doc.get("frozen", []), f"run {run_id!r}: {d / 'run.json'}")
         path = d / "metrics.csv"
         try:
             metrics = pd.read_csv(path)
@@ -617,6 +627,22 @@ class RunStore:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def _frozen_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that do not train (``requires_grad=False``): frozen blocks, embeddings, substrate.
+
+    ``requires_grad`` is not part of a state dict, so run.json carries it; :meth:`RunStore.load` applies it."""
+    return [n for n, p in model.named_parameters() if not p.requires_grad]
+
+
+def _apply_frozen(model: torch.nn.Module, names: list[str], where: str) -> None:
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise StoreError(f"{where}: field 'frozen': not parameters of the model: {unknown[:5]}")
+    for n in names:
+        params[n].requires_grad_(False)
+
+
 def _write_weights(path: Path, model: torch.nn.Module, state: dict) -> None:
     from safetensors.torch import save_file
 
@@ -643,7 +669,8 @@ def _read_weights(path: Path, model: torch.nn.Module, where: str, allow_nonfinit
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise StoreError(f"{where}: {path}: not a readable safetensors file (truncated or foreign): {e}") from None
     expected = model.state_dict()
-    shared = {k for k in expected if k not in tensors}
+    optional = model.optional_state_keys() if hasattr(model, "optional_state_keys") else set()
+    shared = {k for k in expected if k not in tensors and k not in optional}   # old files lack the fade gates
     # Keys left out at save time must be tied aliases of a stored tensor.
     for k in shared:
         if not any(expected[k] is expected[j] or expected[k].data_ptr() == expected[j].data_ptr()
@@ -664,3 +691,8 @@ def _read_weights(path: Path, model: torch.nn.Module, where: str, allow_nonfinit
             raise StoreError(f"{where}: {path}: weights contain NaN or infinite values in {k!r} ({why}pass "
                              "allow_nonfinite=True to load them anyway)")
     model.load_state_dict(tensors, strict=False)
+    if hasattr(model, "check_gates"):
+        try:
+            model.check_gates()
+        except ValueError as e:
+            raise StoreError(f"{where}: {path}: {e}") from None

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_choice, check_float, check_int, check_labels, check_seed, check_tokens
+from .checks import check_choice, check_float, check_int, check_seed
 from .data import IGNORE, Dataset
 
 __all__ = ["TrainConfig", "Run", "TrainState", "Callback", "ProgressBar", "StopOnEvent", "train", "evaluate",
@@ -45,17 +45,22 @@ class TrainConfig:
     seed: int = 0                 # data order
 
     def validate(self) -> "TrainConfig":
-        """Check every field's type and range (:mod:`workbench.checks`: bools are not numbers); returns self."""
-        check_int("steps", self.steps, 1, 10_000_000)
-        check_int("batch_size", self.batch_size, 1, 1_000_000)
-        check_float("lr", self.lr, 0, 10, lo_open=True)
-        check_float("weight_decay", self.weight_decay, 0, 10)
-        check_choice("schedule", self.schedule, ["constant", "cosine"])
-        check_int("warmup", self.warmup, 0, 10_000_000)
-        check_int("eval_every", self.eval_every, 1, 10_000_000)
-        check_int("eval_max", self.eval_max, 0, 100_000_000)
-        check_float("grad_clip", self.grad_clip, 0, 1e6)
-        check_seed("seed", self.seed)
+        """Check every field's type and range (:mod:`workbench.checks`: bools are not numbers); returns self.
+
+        The checked values are stored back as plain Python ``int``/``float``/``str`` (a
+        ``numpy.int64`` seed becomes an ``int``, so ``torch.Generator.manual_seed`` and
+        ``json.dumps`` take it).
+        """
+        self.steps = check_int("steps", self.steps, 1, 10_000_000)
+        self.batch_size = check_int("batch_size", self.batch_size, 1, 1_000_000)
+        self.lr = check_float("lr", self.lr, 0, 10, lo_open=True)
+        self.weight_decay = check_float("weight_decay", self.weight_decay, 0, 10)
+        self.schedule = str(check_choice("schedule", self.schedule, ["constant", "cosine"]))
+        self.warmup = check_int("warmup", self.warmup, 0, 10_000_000)
+        self.eval_every = check_int("eval_every", self.eval_every, 1, 10_000_000)
+        self.eval_max = check_int("eval_max", self.eval_max, 0, 100_000_000)
+        self.grad_clip = check_float("grad_clip", self.grad_clip, 0, 1e6)
+        self.seed = check_seed("seed", self.seed)
         return self
 
 
@@ -194,7 +199,8 @@ def check_pairing(model: nn.Module, dataset: Dataset) -> None:
     a Transformer takes sequence data whose token ids and targets fit its ``vocab_size``
     (at least the dataset's vocabulary), whose sequences fit its ``context``, and whose
     vocabulary agrees with the model's ``vocab`` when both list one. Models without a native
-    config are only checked for the dataset's own consistency. Returns ``None``.
+    config are only checked for the dataset's own consistency. The family-specific part is the
+    config's own ``check_dataset`` (:mod:`workbench.models`). Returns ``None``.
     """
     if not isinstance(dataset, Dataset):
         raise ValueError(f"dataset must be a workbench.data.Dataset, got {type(dataset).__name__}")
@@ -208,61 +214,16 @@ def check_pairing(model: nn.Module, dataset: Dataset) -> None:
             raise ValueError(f"dataset {name!r}: the {split} examples and labels must be tensors of one length")
     if len(dataset.x_train) == 0:
         raise ValueError(f"dataset {name!r} has no training examples")
+    from .models import FAMILIES
+
     cfg = getattr(model, "config", None)
-    family = getattr(cfg, "family", None)
-    if family not in ("mlp", "transformer"):
+    fam = FAMILIES.get(getattr(cfg, "family", None))
+    if fam is None or not isinstance(cfg, fam.config):
         return
-    wants = "vector" if family == "mlp" else "sequence"
-    if dataset.kind != wants:
-        raise ValueError(f"model family {family!r} takes {wants} data; dataset {name!r} is a {dataset.kind} dataset")
-    if family == "mlp":
-        if dataset.x_train.dim() != 2 or dataset.x_train.shape[1] != cfg.d_in:
-            raise ValueError(f"the model takes d_in={cfg.d_in} features but dataset {name!r} has "
-                             f"{tuple(dataset.x_train.shape[1:])}")
-        for split in ("train", "val"):
-            x, y = dataset.split(split)
-            if not x.dtype.is_floating_point:
-                raise ValueError(f"dataset {name!r}: an MLP takes real (floating-point) features, the {split} "
-                                 f"features are {x.dtype}")
-            if y.dim() != 1:
-                raise ValueError(f"dataset {name!r}: an MLP takes one label per example, the {split} labels have "
-                                 f"shape {tuple(y.shape)}")
-        top = max([dataset.n_classes - 1] + _label_max(dataset))
-        if top >= cfg.n_classes:
-            raise ValueError(f"the model has {cfg.n_classes} classes but dataset {name!r} has labels up to {top}")
-        for split in ("train", "val"):
-            check_labels(f"dataset {name!r} {split} labels", dataset.split(split)[1], cfg.n_classes, ignore=IGNORE)
-        return
-    if dataset.vocab_size > cfg.vocab_size:
-        raise ValueError(f"the model's vocab_size is {cfg.vocab_size} but dataset {name!r} has a vocabulary of "
-                         f"{dataset.vocab_size} tokens")
-    if dataset.x_train.dim() != 2 or dataset.seq_len > cfg.context:
-        raise ValueError(f"the model's context is {cfg.context} but dataset {name!r} has sequences of length "
-                         f"{dataset.seq_len}")
-    if cfg.vocab is not None and dataset.vocab is not None and list(cfg.vocab[:len(dataset.vocab)]) != \
-            list(dataset.vocab):
-        i = next((i for i, (a, b) in enumerate(zip(cfg.vocab, dataset.vocab)) if a != b), len(cfg.vocab))
-        mine = repr(cfg.vocab[i]) if i < len(cfg.vocab) else "missing"
-        raise ValueError(f"the model's vocabulary differs from the vocabulary of dataset {name!r}: token {i} is "
-                         f"{mine} in the model and {dataset.vocab[i]!r} in the data")
-    for split in ("train", "val"):
-        x, y = dataset.split(split)
-        if y.shape != x.shape:
-            raise ValueError(f"dataset {name!r}: the {split} targets must have the tokens' shape {tuple(x.shape)}, "
-                             f"got {tuple(y.shape)}")
-        check_tokens(f"dataset {name!r} {split} tokens", x, cfg.vocab_size)
-        check_labels(f"dataset {name!r} {split} targets", y, cfg.vocab_size, ignore=IGNORE)
-
-
-def _label_max(dataset: Dataset) -> list[int]:
-    out = []
-    for split in ("train", "val"):
-        y = dataset.split(split)[1]
-        if not y.dtype.is_floating_point and not y.dtype.is_complex and y.dtype != torch.bool:
-            valid = y[y != IGNORE]
-            if valid.numel():
-                out.append(int(valid.max()))
-    return out
+    if dataset.kind != fam.data_kind:
+        raise ValueError(f"model family {fam.name!r} takes {fam.data_kind} data; dataset {name!r} is a "
+                         f"{dataset.kind} dataset")
+    cfg.check_dataset(dataset)
 
 
 def diverged(history: list[float], n_classes: int | None = None) -> bool:
@@ -333,9 +294,9 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None,
     config = (config or TrainConfig()).validate()
     check_int("start_step", start_step, 0, None)
     check_pairing(model, dataset)
-    from .models import MLPConfig, TransformerConfig, check_memory
+    from .models import FAMILIES, check_memory
 
-    if isinstance(getattr(model, "config", None), (MLPConfig, TransformerConfig)):
+    if isinstance(getattr(model, "config", None), tuple(f.config for f in FAMILIES.values())):
         check_memory(model.config, min(config.batch_size, len(dataset.x_train)))
     device = next(model.parameters()).device
     optimizer = optimizer or make_optimizer(model, config)
