@@ -239,8 +239,12 @@ def test_shared_text_gives_one_vocabulary_and_concat():
     assert g.decode(g.x_train[0]).startswith(wb.data.grammar_corpus(100)[:16])
     both = compose.concat(domains)
     assert len(both.x_train) == len(g.x_train) + len(c.x_train) and both.vocab == g.vocab
-    with pytest.raises(ValueError, match="vocab"):
-        compose.shared_text(["grammar"], vocab="abc")
+    for option, value in (("vocab", "abc"), ("path", "/etc/passwd"), ("text", "my own text"), ("corpus", "code")):
+        with pytest.raises(ValueError, match=rf"shared_text options must not include path, text, vocab, corpus: "
+                                             rf".*; got {option} \(for a text of your own"):
+            compose.shared_text(["grammar"], **{option: value})
+    with pytest.raises(ValueError, match="got path, text"):
+        compose.shared_text(["grammar"], text="abc", path="x.txt")
 
 
 def test_sampling_is_seeded_and_greedy_is_argmax(trio):

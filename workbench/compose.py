@@ -112,11 +112,15 @@ def _check_mergeable(base: nn.Module, models: Sequence[nn.Module]) -> None:
 # ----------------------------------------------------------------------------- data
 
 
+_SHARED_TEXT_REFUSED = ("path", "text", "vocab", "corpus")   # data.load("text") options shared_text sets itself
+
+
 def shared_text(corpora: Iterable[str] = ("grammar", "arithmetic"), **options) -> dict[str, _data.Dataset]:
     """``{corpus: Dataset}`` of built-in text corpora over one shared vocabulary (sorted union of characters).
 
     ``options`` are passed to ``data.load("text", ...)`` for every corpus (``context``,
-    ``corpus_chars``, ``seed``, ...). With one vocabulary, models built from any of the datasets
+    ``corpus_chars``, ``seed``, ...); the text sources and the vocabulary (``path``, ``text``,
+    ``vocab``, ``corpus``) are refused with ``ValueError``. With one vocabulary, models built from any of the datasets
     (``models.config_for``) share token ids and, with a frozen embedding, one substrate.
     """
     if isinstance(corpora, (str, bytes)) or not hasattr(corpora, "__iter__"):
@@ -128,8 +132,11 @@ def shared_text(corpora: Iterable[str] = ("grammar", "arithmetic"), **options) -
         checks.check_choice("corpora[]", c, sorted(_data.CORPORA))
     if len(set(corpora)) != len(corpora):
         raise ValueError(f"corpora must not repeat a corpus, got {corpora}")
-    if "vocab" in options or "path" in options:
-        raise ValueError("shared_text builds the vocabulary itself; do not pass vocab or path")
+    refused = [k for k in _SHARED_TEXT_REFUSED if k in options]
+    if refused:   # the sources are the built-in corpora, and the vocabulary is built here
+        raise ValueError(f"shared_text options must not include {', '.join(_SHARED_TEXT_REFUSED)}: it reads the "
+                         f"built-in corpora named in corpora (of {sorted(_data.CORPORA)}) and builds the vocabulary "
+                         f"itself; got {', '.join(refused)} (for a text of your own use data.load('text', text=...))")
     chars: set[str] = set()
     for c in corpora:
         chars |= set(_data.load("text", corpus=c, **options).vocab)
