@@ -411,3 +411,13 @@ def test_closing_the_tab_stops_an_analysis(store):
     _close_tab(doc)
     task._thread.join(60)
     assert seen == [True] and task.orphaned
+
+
+def test_runs_page_shows_an_uploaded_text_by_its_length(store):
+    run, _ = _text_run("uploaded")
+    run_id = store.save(run)
+    page = App(store=store).pages["Runs"]
+    page.select(run_id)
+    values = page.config_view.value["value"].astype(str)
+    assert TEXT[:40] not in " ".join(values)
+    assert f"<{len(TEXT):,} characters>" in " ".join(values)

@@ -22,7 +22,7 @@ from ..store import RunStore
 
 __all__ = ["DataStore", "BackgroundTask", "page_header", "ErrorBox", "config_widgets", "values_from_widgets",
            "run_options", "CHOICES", "escape_html", "escape_md", "code_block", "text_block", "html_labels",
-           "dataset_from_spec", "BUSY", "TextUpload", "UPLOAD_ENV"]
+           "dataset_from_spec", "short_spec", "BUSY", "TextUpload", "UPLOAD_ENV"]
 
 
 # ----------------------------------------------------------------------------- untrusted text
@@ -75,6 +75,14 @@ def dataset_from_spec(spec: dict) -> "data.Dataset":
     browser must not make the server read its files (text comes by upload and is stored in the spec).
     """
     return data.from_spec(spec, allow_path=False)
+
+
+def short_spec(spec):
+    """A dataset spec for display: an uploaded text (up to megabytes) is named by its length, not shown."""
+    if not isinstance(spec, dict):
+        return spec
+    return {k: (f"<{len(v):,} characters>" if k == "text" and isinstance(v, str) else
+                [short_spec(p) for p in v] if k == "parts" and isinstance(v, list) else v) for k, v in spec.items()}
 
 
 class DataStore(param.Parameterized):

@@ -9,7 +9,7 @@ import panel as pn
 from .. import data, lmc, models
 from ..figures import lmc as figs
 from ..training import TrainConfig
-from .common import BackgroundTask, ErrorBox, dataset_from_spec, page_header, run_options
+from .common import BackgroundTask, ErrorBox, dataset_from_spec, page_header, run_options, short_spec
 
 EXPLANATION = """Two networks trained from different seeds reach similar accuracy, yet the straight line
 between their weights usually crosses a loss *barrier*. Much of it comes from the arbitrary order of hidden
@@ -62,11 +62,6 @@ def _analysis_job(ctx, run_a, run_b, n_alphas: int, resolution: int, max_example
             raise lmc.Cancelled("cancelled")
         plane = lmc.plane(a, b, b_w, ds, resolution=resolution, max_examples=min(max_examples, 1024))
     return {"curves": curves, "layerwise": layer, "plane": plane}
-
-
-def _short(spec: dict) -> dict:
-    """A dataset spec for a message: an uploaded text is named by its length, not printed."""
-    return {k: (f"<{len(v)} characters>" if k == "text" and isinstance(v, str) else v) for k, v in spec.items()}
 
 
 # Dataset options for "train a pair": khop as the table layout with one hop, which a small
@@ -163,8 +158,8 @@ class ConnectivityPage(pn.viewable.Viewer):
         ra, rb = self.datastore.load(self.run_a.value), self.datastore.load(self.run_b.value)
         lmc.check_same_architecture(ra.model, rb.model)  # ValueError naming the differing fields
         if ra.dataset != rb.dataset:
-            raise ValueError(f"the runs were trained on different data ({_short(ra.dataset)} vs "
-                             f"{_short(rb.dataset)}); "
+            raise ValueError(f"the runs were trained on different data ({short_spec(ra.dataset)} vs "
+                             f"{short_spec(rb.dataset)}); "
                              "connectivity compares two solutions of the same task")
         return ra, rb
 

@@ -7,7 +7,7 @@ import pandas as pd
 import panel as pn
 
 from ..figures.training import config_table, training_curves
-from .common import ErrorBox, page_header
+from .common import ErrorBox, page_header, short_spec
 
 EXPLANATION = """Every run saved by any page or notebook (one directory each: config JSON, safetensors
 weights, metrics CSV). Select a row to see its curves and configuration, export its metrics, or
@@ -82,7 +82,10 @@ class RunsPage(pn.viewable.Viewer):
             return
         self.download.filename = f"{run_id}-metrics.csv"
         self.plot.object = training_curves(metrics, title=doc["name"])
-        self.config_view.value = config_table({k: doc[k] for k in ("model", "train", "dataset", "meta") if k in doc})
+        shown = {k: doc[k] for k in ("model", "train", "dataset", "meta") if k in doc}
+        if "dataset" in shown:
+            shown["dataset"] = short_spec(shown["dataset"])  # an uploaded text is not printed whole
+        self.config_view.value = config_table(shown)
 
     def _metrics_csv(self):
         run_id = self.selected_id
