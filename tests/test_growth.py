@@ -1,12 +1,13 @@
 """Growth operators: function preservation, G_stack, freezing, optimizer state across growth."""
 import copy
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import workbench as wb
-from workbench import growth
+from workbench import growth, recipes
 from workbench.models import MLPConfig, TransformerConfig, build
 
 
@@ -470,14 +471,13 @@ def test_growth_over_a_frozen_substrate(embedding):
     assert not model.tok_embed.weight.requires_grad  # the substrate stays frozen
 
 
-def test_khop_defaults_use_the_table_layout_and_span_the_needed_depth():
-    d = growth.KHOP_DEFAULTS
-    ds = wb.data.load("khop", **dict(d["data"], n_train=20, n_val=20))
+def test_khop_recipe_uses_the_table_layout_and_spans_the_needed_depth():
+    r = recipes.KHOP
+    ds = r.load_data(n_train=20, n_val=20)
     assert ds.options["layout"] == "table" and ds.options["queries"] > 1
-    assert ds.seq_len == d["data"]["nodes"] + 1 + d["data"]["queries"]
-    assert d["model"]["final_layers"] >= d["data"]["hops"]  # the grown/scratch depth can solve the task
-    sweep = d["sweep"]
-    assert min(sweep["depths"]) < max(sweep["hops"]) <= max(sweep["depths"])  # too shallow and deep enough
+    assert ds.seq_len == r.data_options["nodes"] + 1 + r.data_options["queries"]
+    assert r.final_layers >= r.data_options["hops"]  # the grown/scratch depth can solve the task
+    assert min(r.sweep_depths) < max(r.sweep_hops) <= max(r.sweep_depths)  # too shallow and deep enough
 
 
 def test_khop_baseline_follows_one_pointer_by_hand():
@@ -501,28 +501,24 @@ def test_khop_baseline_follows_one_pointer_by_hand():
         growth.khop_baseline(wb.data.load("khop", hops=1, nodes=4, n_train=10, n_val=10))
 
 
-def test_text_defaults_build_a_char_lm_a_model_and_a_gstack_schedule():
-    d = growth.TEXT_DEFAULTS
-    assert set(d) >= {"data", "model", "train"}
-    ds = wb.data.load("text", **d["data"])
-    assert ds.name == "text" and ds.kind == "sequence" and ds.seq_len == d["data"]["context"]
+def test_text_recipe_builds_a_char_lm_a_model_and_a_gstack_schedule():
+    r = recipes.TEXT
+    ds = r.load_data()
+    assert ds.name == "text" and ds.kind == "sequence" and ds.seq_len == r.data_options["context"]
     assert len(ds.x_train) > 0 and len(ds.x_val) > 0
-    config = wb.TrainConfig(**{k: v for k, v in d["train"].items() if k != "steps_per_stage"}).validate()
-    steps, final = d["train"]["steps_per_stage"], d["model"]["final_layers"]
-    model_config = {k: v for k, v in d["model"].items() if k != "final_layers"}
+    config = r.train_config()
+    steps, final = r.steps_per_stage, r.final_layers
     schedule = growth.preset("gstack", steps, start_layers=1, final_layers=final, total_steps=final * steps,
                              stack_at=steps)
     assert growth.schedule_depths(schedule, 1) == [1, final]
-    model = wb.models.build(wb.models.TransformerConfig(vocab_size=ds.vocab_size, context=ds.seq_len,
-                                                        **dict(model_config, n_layers=1)))
+    model = wb.models.build(r.model_config(ds, n_layers=1))
     growth.stack(model, factor=final)
     with torch.no_grad():
         logits = model(ds.x_val[:config.batch_size])
     assert model.config.n_layers == final
     assert logits.shape == (min(config.batch_size, len(ds.x_val)), ds.seq_len, ds.vocab_size)
     # a few steps through grow run end to end (cheap: 2 + 2 steps)
-    run = growth.grow(wb.models.build(wb.models.TransformerConfig(vocab_size=ds.vocab_size, context=ds.seq_len,
-                                                                  **dict(model_config, n_layers=1))),
-                      ds, growth.preset("gstack", 2, start_layers=1, final_layers=final, total_steps=4, stack_at=2),
-                      wb.TrainConfig(**dict({k: v for k, v in d["train"].items() if k != "steps_per_stage"}, eval_every=2)))
+    run = growth.grow(wb.models.build(r.model_config(ds, n_layers=1)), ds,
+                      growth.preset("gstack", 2, start_layers=1, final_layers=final, total_steps=4, stack_at=2),
+                      dataclasses.replace(config, eval_every=2))
     assert run.model.config.n_layers == final and run.meta["flops"] > 0
