@@ -19,10 +19,11 @@ from .training import Callback, ProgressBar, Run, StopOnEvent, TrainConfig, eval
 
 __version__ = "0.1.0"
 __all__ = ["data", "models", "train", "evaluate", "TrainConfig", "Run", "Callback", "ProgressBar", "StopOnEvent",
-           "RunStore", "StoreError", "growth", "residual", "lmc", "collapse", "compose", "store", "figures"]
+           "RunStore", "StoreError", "growth", "residual", "lmc", "collapse", "compose", "store", "figures", "hooks",
+           "recipes"]
 
 _LAZY = {"growth", "residual", "lmc", "collapse", "compose", "figures", "store", "training", "sampling", "interop",
-         "flops", "permute"}
+         "flops", "permute", "hooks", "adapters", "recipes", "checks", "roots"}
 
 
 def __getattr__(name: str):
