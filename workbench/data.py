@@ -72,6 +72,11 @@ class Dataset:
     def seq_len(self) -> int:
         return self.x_train.shape[1]
 
+    @property
+    def sequence_length(self) -> int | None:
+        """Positions per example of sequence data; ``None`` for vector data (what FLOP counts take)."""
+        return self.x_train.shape[1] if self.kind == "sequence" else None
+
     def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` of ``"train"`` or ``"val"``."""
         if split == "train":

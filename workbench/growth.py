@@ -13,6 +13,15 @@ Both model families share the shape ``embed -> blocks -> final_norm -> readout``
   get no gradient, are left out of a fresh optimizer and stay bitwise unchanged.
 - :func:`rebuild_optimizer` makes the AdamW for the next stage: the trainable parameters,
   with the optimizer state (Adam moments, step counts) of parameters that existed before.
+- :func:`grow_stage` runs one stage of a schedule (operation, freezing, optimizer, training);
+  :func:`grow` is the loop over a schedule's stages (saving each, honouring a :class:`GrowControl`).
+
+What differs between the families lives on the model classes (:mod:`workbench.models`): a
+block's ``zero_output_()`` per norm placement, its fade-in gate (buffers, so a checkpoint
+saved mid-fade reloads with the same function), the model's ``embedding_modules()``. Growth
+is validated like a fresh config (field ranges and the memory budget ``WORKBENCH_MAX_MODEL_MB``)
+before the model changes. The preset experiments are :data:`workbench.recipes.KHOP` and
+:data:`workbench.recipes.TEXT`.
 """
 from __future__ import annotations
 
@@ -34,7 +43,7 @@ from .training import Callback, TrainConfig
 
 __all__ = ["INITS", "OPS", "PRESETS", "KHOP_DEFAULTS", "TEXT_DEFAULTS", "khop_baseline", "add_layer", "stack", "freeze", "unfreeze", "frozen_layers", "block_table",
            "rebuild_optimizer", "FadeIn", "fading_blocks", "advance_fades", "Stage", "check_schedule", "preset",
-           "schedule_depths", "GrowControl", "grow", "compare", "Comparison", "depth_sweep", "flops_to_reach"]
+           "schedule_depths", "GrowControl", "grow_stage", "StageResult", "grow", "compare", "Comparison", "depth_sweep", "flops_to_reach"]
 
 INITS = ("zero", "copy", "random", "fade")
 
@@ -698,7 +707,7 @@ def _run_stage(model: nn.Module, ds, s: Stage, config: TrainConfig, index: int, 
     from . import training as _training
     from .models import count_params
 
-    seq_len = ds.seq_len if ds.kind == "sequence" else None
+    seq_len = ds.sequence_length
     old_blocks = {id(b) for b in _blocks(model)}
     _apply_op(model, s)
     _apply_freeze(model, s.freeze, old_blocks)
@@ -893,7 +902,7 @@ def compare(schedule, dataset, model_config=None, config: TrainConfig | None = N
     budget = grown.meta["flops"]
 
     scratch_model = _models.build(dataclasses.replace(mc, n_layers=final_depth))
-    seq_len = ds.seq_len if ds.kind == "sequence" else None
+    seq_len = ds.sequence_length
     per_example = flops_per_example(scratch_model, seq_len)
     steps = steps_for_budget(budget, per_example, len(ds.x_train), config.batch_size)
     scratch = grow(scratch_model, ds, [Stage("train", steps)], config, store=store, name=f"{name}-scratch",
@@ -957,7 +966,7 @@ def depth_sweep(datasets, depths, model_config=None, config: TrainConfig | None 
 
         check_model_data(_models.build(dataclasses.replace(base_mc, n_layers=0)), ds)
         label = label if label is not None else ds.name
-        seq_len = ds.seq_len if ds.kind == "sequence" else None
+        seq_len = ds.sequence_length
         for seed in seeds:
             for depth in depths:
                 mc = dataclasses.replace(base_mc, n_layers=depth, seed=seed)

@@ -176,7 +176,7 @@ def _evaluate(model: nn.Module, dataset: Dataset, split: str, max_examples: int,
     x, y = dataset.split(split)
     if max_examples:
         x, y = x[:max_examples], y[:max_examples]
-    if x.dim() > 1 and dataset.kind == "sequence":
+    if x.dim() > 1 and dataset.sequence_length is not None:  # long sequences: smaller batches
         batch_size = max(1, min(batch_size, EVAL_TOKENS // max(x.shape[1], 1)))
     device = next(model.parameters()).device
     was_training = model.training
