@@ -41,7 +41,7 @@ from . import models as _models
 from .flops import examples_seen, flops_per_example, steps_for_budget
 from .training import Callback, TrainConfig
 
-__all__ = ["INITS", "OPS", "PRESETS", "KHOP_DEFAULTS", "TEXT_DEFAULTS", "khop_baseline", "add_layer", "stack", "freeze", "unfreeze", "frozen_layers", "block_table",
+__all__ = ["INITS", "OPS", "PRESETS", "khop_baseline", "add_layer", "stack", "freeze", "unfreeze", "frozen_layers", "block_table",
            "rebuild_optimizer", "FadeIn", "fading_blocks", "advance_fades", "Stage", "check_schedule", "preset",
            "schedule_depths", "GrowControl", "grow_stage", "StageResult", "grow", "compare", "Comparison", "depth_sweep", "flops_to_reach"]
 
@@ -328,34 +328,10 @@ def advance_fades(model: nn.Module, steps: int = 1) -> None:
         b.advance_fade(steps)
 
 
-# ----------------------------------------------------------------------------- defaults
+# ----------------------------------------------------------------------------- khop baseline
 
-# The khop task and model size used by the notebook, the benchmark and the dashboard's defaults:
-# pointer chasing in the "table" layout (position i holds f(i), then "|" and 8 query nodes, each
-# scored), where one look-up is one attention step, so 2 hops need 2 blocks. With a small
-# Transformer a run takes seconds on 2 CPU cores. Measured (1 thread, val accuracy): after 600
-# steps 1 hop is solved at every depth, 2 hops at depth >= 2 (> 0.99) while depth 1 stays at
-# the one-look-up baseline (~0.38, see khop_baseline); 3 hops needs more steps than this budget.
-KHOP_DEFAULTS = {
-    "data": {"hops": 2, "nodes": 8, "queries": 8, "layout": "table", "n_train": 20000, "n_val": 500},
-    "model": {"d_model": 32, "n_heads": 2, "d_mlp": 64, "final_layers": 2},
-    "train": {"steps_per_stage": 400, "batch_size": 64, "lr": 3e-3, "eval_every": 50, "eval_max": 500},
-    "sweep": {"hops": [1, 2], "depths": [1, 2, 3], "steps": 600},
-}
-
-# Where growth pays (notebook 01's last section, the bench's char-LM row): character-level language
-# modelling on the built-in grammar corpus (843 training windows of 32 characters), 1 -> 2 blocks,
-# G_stack at step 200 ("gstack" preset, stack_at=steps_per_stage, total 2 x steps_per_stage).
-# Measured (1 thread, three seed pairs): the grown model reaches the from-scratch 2-block model's
-# final val loss with 0.56-0.70 of its training FLOPs (layer-wise growth, frozen or not: 0.50-0.72).
-# The budget is small (~300 scratch steps, the loss still falling), which is where the cheap
-# 1-block stage pays; a 1-block model trained from scratch on the same FLOPs ends lower still
-# (~0.57 against ~0.64), so at this budget depth itself does not yet pay. No depth sweep here.
-TEXT_DEFAULTS = {
-    "data": {"context": 32, "corpus_chars": 30000},
-    "model": {"d_model": 32, "n_heads": 2, "d_mlp": 128, "final_layers": 2},
-    "train": {"steps_per_stage": 200, "batch_size": 32, "lr": 3e-3, "eval_every": 25, "eval_max": 0},
-}
+# The preset growth experiments (the khop task in the table layout, the character LM) are
+# workbench.recipes.KHOP and workbench.recipes.TEXT.
 
 
 def khop_baseline(dataset, split: str = "val") -> float:
