@@ -17,6 +17,9 @@ Ainsworth et al. 2022):
   projection's columns. They are stored as flat index vectors over ``d_model`` that keep
   each head's dimensions together.
 
+Each family states its own symmetries (``model.perm_axes()`` and, for activation matching,
+``model.perm_sites()`` in :mod:`workbench.models`); this module only solves and applies them.
+
 A permutation is a ``dict[str, LongTensor]``: ``perm[p][i]`` is the unit of the permuted
 model (B) that moves to position ``i``, i.e. ``permuted = w.index_select(axis, perm[p])``.
 
