@@ -192,7 +192,7 @@ def test_no_page_offers_a_server_path_field(store):
 def test_train_page_trains_on_the_uploaded_bytes(store):
     page = App(store=store).pages["Train"]
     page.dataset.value = "text"
-    assert "path" not in page.dataset_widgets and page.upload.file in page.dataset_box.select(pn.widgets.FileInput)
+    assert "path" not in page.dataset_widgets and page.upload.file in page.__panel__().select(pn.widgets.FileInput)
     page.upload.file.param.update(value=TEXT.encode("utf-8"), filename="mine.txt")
     page.dataset_widgets["context"].value = 16
     for key, value in {"d_model": 16, "n_heads": 2, "d_mlp": 32, "n_layers": 1}.items():

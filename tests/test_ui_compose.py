@@ -1,4 +1,5 @@
 """Compose page driven in Python: train two specialists, compose, read the table, sample text."""
+import panel as pn
 import pytest
 
 import workbench as wb
@@ -11,8 +12,15 @@ def page(store):
     return ComposePage(DataStore(store))
 
 
-def test_page_renders_and_asks_for_specialists(page):
-    assert page.__panel__() is not None
+def test_page_shows_empty_figures_and_the_engines_merges(page):
+    layout = page.__panel__()
+    assert page.heatmap in layout.select(pn.pane.Plotly) and page.heatmap.object.data == ()
+    assert "model x domain" in page.heatmap.object.layout.title.text
+    # the merge menu: the page's mixtures and every weight-space merge of the engine's registry
+    assert page.merges.options == ["logit mean", "probability mixture", "gated mixture"] + [
+        m.replace("_", " ") for m in wb.compose.MERGES]
+    assert page.specialists.options == {} and "at least one specialist" not in page.errors.text
+    page.run_compose(wait=True)
     page.run_compose(wait=True)
     assert "at least one specialist" in page.errors.text
     page.sample()
@@ -30,12 +38,12 @@ def test_train_two_compose_and_sample(page, store):
     base_run = store.load(page.base.value)
     assert [p["corpus"] for p in base_run.meta["trained_on"]] == ["grammar", "arithmetic"]
     wb.data.load(**base_run.dataset)  # every stored run keeps a loadable dataset spec
-    page.merges.value = ["logit mean", "gated mixture", "TIES", "LiNeS"]
+    page.merges.value = ["logit mean", "gated mixture", "ties", "lines"]
     page.run_compose(wait=True)
     assert page.compose_task.status == "done", page.compose_task.error
     table = page.result["table"]
     assert set(table["domain"]) == {"grammar", "arithmetic"}
-    assert set(table["model"]) == {"grammar", "arithmetic", "logit mean", "gated mixture", "TIES", "LiNeS", "base"}
+    assert set(table["model"]) == {"grammar", "arithmetic", "logit mean", "gated mixture", "ties", "lines", "base"}
     heat = page.heatmap.object.data[0]
     assert len(heat.y) == 7 and list(heat.x) == ["grammar", "arithmetic"]
     assert set(page.summary.object["model"]) == set(table["model"])

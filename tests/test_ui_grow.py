@@ -7,7 +7,7 @@ import pytest
 
 pn = pytest.importorskip("panel")
 
-from workbench import growth  # noqa: E402
+from workbench import data, growth, recipes  # noqa: E402
 from workbench.ui.common import DataStore  # noqa: E402
 from workbench.ui.grow import GrowPage, frame_to_stages, stages_to_frame  # noqa: E402
 
@@ -24,7 +24,21 @@ def _small(page, steps=6):
 def test_presets_fill_the_stage_editor(store):
     page = GrowPage(DataStore(store))
     page.__panel__()
-    assert page.dataset.value == "khop"
+    # the default recipe (recipes.KHOP) filled every field: task, options, width, optimizer, schedule
+    r = recipes.KHOP
+    assert page.dataset.value == r.dataset == "khop"
+    assert {k: page.dataset_widgets[k].value for k in r.data_options} == dict(r.data_options)
+    assert {k: page.model_widgets[k].value for k in r.model_options()} == r.model_options()
+    assert (page.train_widgets["lr"].value, page.train_widgets["batch_size"].value) == (r.lr, r.batch_size)
+    assert page.stage_steps.value == r.steps_per_stage and page.final_layers.value == r.final_layers == 2
+    assert list(page.stages.value["op"]) == ["train", "add_layer"]
+    assert list(page.stages.value["steps"]) == [r.steps_per_stage] * 2
+    # the text recipe switches the task and fills its fields too
+    page.recipe.value = next(k for k in page.recipe.options if "TEXT" in k)
+    assert page.dataset.value == "text" and page.dataset_widgets["corpus_chars"].value == 30000
+    assert page.model_widgets["d_mlp"].value == recipes.TEXT.d_mlp and page.stage_steps.value == 200
+    page.final_layers.value = 3
+    page.fill_preset()
     assert list(page.stages.value["op"]) == ["train", "add_layer", "add_layer"]
     page.preset.value = "G_stack at step N"
     page.start_layers.value, page.final_layers.value = 2, 4
@@ -46,6 +60,7 @@ def test_stage_table_round_trip():
 def test_grow_run_updates_plots_strip_and_store(store):
     page = GrowPage(DataStore(store))
     _small(page)
+    page.final_layers.value = 3
     page.fill_preset()  # one layer at a time, 1 -> 3 blocks, lower layers frozen
     page.start(wait=True)
     assert page.task.status == "done", page.task.error
@@ -81,7 +96,7 @@ def test_add_a_layer_now_during_a_run(store):
     page.final_layers.value = 1
     page.fill_preset()
     pressed = threading.Event()
-    original = page._on_update
+    original = page.on_update
 
     def press_once(payload):
         original(payload)
@@ -114,10 +129,10 @@ def _small_khop(page, steps=3):
 
 def test_khop_layout_and_queries_reach_the_dataset(store):
     page = GrowPage(DataStore(store))
-    defaults = growth.KHOP_DEFAULTS["data"]
+    defaults = recipes.KHOP.data_options
     assert page.dataset_widgets["layout"].value == defaults["layout"] == "table"
     assert page.dataset_widgets["queries"].value == defaults["queries"]
-    assert list(page.dataset_widgets["layout"].options) == ["edges", "table"]
+    assert list(page.dataset_widgets["layout"].options) == list(data.KHOP_LAYOUTS) == ["edges", "table"]
     _small_khop(page)
     page.start(wait=True)
     assert page.task.status == "done", page.task.error

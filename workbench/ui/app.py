@@ -1,20 +1,10 @@
-"""The dashboard: one DataStore per browser session and a tab per page."""
+"""The dashboard: one DataStore per browser session and a tab per registered page (``page.pages()``)."""
 from __future__ import annotations
 
 import panel as pn
 
-from .collapse import CollapsePage
 from .common import DataStore
-from .compose import ComposePage
-from .connectivity import ConnectivityPage
-from .grow import GrowPage
-from .residual import ResidualPage
-from .runs import RunsPage
-from .train import TrainPage
-
-PAGES = [("Train", TrainPage), ("Grow", GrowPage), ("Residual stream", ResidualPage),
-         ("Connectivity", ConnectivityPage), ("Collapse", CollapsePage), ("Compose", ComposePage),
-         ("Runs", RunsPage)]
+from .page import pages
 
 
 class App(pn.viewable.Viewer):
@@ -23,7 +13,7 @@ class App(pn.viewable.Viewer):
     def __init__(self, store=None, **params):
         super().__init__(**params)
         self.datastore = DataStore(store)
-        self.pages = {title: cls(self.datastore) for title, cls in PAGES}
+        self.pages = {cls.title: cls(self.datastore) for cls in pages()}
         self.tabs = pn.Tabs(*self.pages.items(), dynamic=True, sizing_mode="stretch_width")
 
     def __panel__(self):

@@ -6,10 +6,11 @@ import time
 
 import panel as pn
 
-from .. import collapse
+from .. import collapse, recipes
 from ..figures import collapse as figs
 from ..training import Callback, StopOnEvent
-from .common import BackgroundTask, ErrorBox, code_block, escape_md, page_header
+from .common import escape_md
+from .page import Page
 
 EXPLANATION = """Trained past zero training error (the *terminal phase*), the last-layer features of a
 classifier collapse (Papyan, Han and Donoho 2020): **NC1** the features of each class shrink onto their
@@ -72,13 +73,19 @@ def _train_job(ctx, dataset_name: str, options: dict, every: int, max_samples: i
     return run, (store.save(run) if store is not None else None)
 
 
-class CollapsePage(pn.viewable.Viewer):
+class CollapsePage(Page):
     """Choose a recipe (dataset, epochs, weight decay, imbalance, mixup, ETF classifier) and train it live."""
 
-    def __init__(self, datastore, **params):
-        super().__init__(**params)
-        self.datastore = datastore
-        self.dataset = pn.widgets.Select(name="dataset", options=sorted(collapse.RECIPE_NAMES), value="digits", width=120)
+    title = "Collapse"
+    order = 50
+    explanation = EXPLANATION
+    on_session_end = "finish"  # a closed tab does not discard the run (saved in the worker when asked to)
+
+    def __init__(self, datastore=None, **params):
+        super().__init__(datastore, **params)
+        # the recipe is the preset: choosing a dataset fills epochs and weight decay from recipes.COLLAPSE
+        self.dataset = pn.widgets.Select(name="dataset (recipe)", options=sorted(recipes.COLLAPSE), value="digits",
+                                         width=160)
         self.epochs = pn.widgets.IntInput(name="epochs", value=100, start=1, end=5000, width=90)
         self.weight_decay = pn.widgets.FloatInput(name="weight decay (AdamW)", value=5e-2, start=0.0, step=0.01,
                                                   width=150)
@@ -92,19 +99,40 @@ class CollapsePage(pn.viewable.Viewer):
         self.train_button = pn.widgets.Button(name="Train", button_type="primary", width=120)
         self.train_button.on_click(lambda _: self.train())
 
-        self.errors = ErrorBox()
         self.status = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.nc_plot = pn.pane.Plotly(figs.nc_curves(None), sizing_mode="stretch_width", height=580)
         self.simplex_plot = pn.pane.Plotly(figs.simplex_3d(None), sizing_mode="stretch_width", height=500)
         self.layer_plot = pn.pane.Plotly(figs.layer_curves(None), sizing_mode="stretch_width", height=400)
         self.gram_plot = pn.pane.Plotly(figs.gram_heatmaps(None), sizing_mode="stretch_width", height=380)
         self.minority_plot = pn.pane.Plotly(figs.minority_curve(None), sizing_mode="stretch_width", height=320)
-        self.code = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.table = None        # the tracker's table of the last run
         self.run = None
-        # a closed tab does not discard the run: the worker finishes and saves it (when "save the run" is ticked)
-        self.task = BackgroundTask(on_update=self._show, on_done=self._on_done, on_session_end="finish")
-        self.task.param.watch(lambda e: setattr(self.train_button, "disabled", e.new == "running"), "status")
+        self.dataset.param.watch(self._fill_from_recipe, "value")
+        self._fill_from_recipe()
+
+    def _fill_from_recipe(self, _=None) -> None:
+        """The chosen recipe's epochs and weight decay (the preset fills every field; balanced, no mixup)."""
+        r = recipes.COLLAPSE[self.dataset.value]
+        self.epochs.value, self.weight_decay.value = r.epochs, r.weight_decay
+        self.minority_ratio.value, self.mixup.value, self.etf.value = 1.0, 0.0, False
+
+    def side(self):
+        return [self.dataset, self.epochs, self.save, self.train_button]
+
+    def figures(self):
+        return [self.status, self.nc_plot, pn.Row(self.simplex_plot, self.layer_plot, sizing_mode="stretch_width"),
+                self.gram_plot, self.minority_plot]
+
+    def advanced(self):
+        return [pn.Row(self.weight_decay, self.every), pn.Row(self.minority_ratio, self.n_minority),
+                pn.Row(self.mixup, self.etf)]
+
+    def run_buttons(self):
+        return [self.train_button]
+
+    def as_code(self) -> str:
+        args = ", ".join([repr(self.dataset.value)] + [f"{k}={v!r}" for k, v in self.options().items()])
+        return CODE.format(recipe=args, every=self.every.value)
 
     def options(self) -> dict:
         """The recipe options the widgets describe (for :func:`workbench.collapse.recipe`)."""
@@ -137,14 +165,12 @@ class CollapsePage(pn.viewable.Viewer):
             self.errors.show(e)
             return
         self.table, self.run = None, None
-        args = ", ".join([repr(self.dataset.value)] + [f"{k}={v!r}" for k, v in opts.items()])
-        self.code.object = code_block(CODE.format(recipe=args, every=self.every.value))
+        self.show_code()
         store = self.datastore.store if self.save.value else None
-        (self.task.run_now if wait else self.task.start)(_train_job, self.dataset.value, opts, int(self.every.value),
-                                                         512, store)
+        self.start_task(_train_job, self.dataset.value, opts, int(self.every.value), 512, store, wait=wait)
 
     # ---------------------------------------------------------------- results
-    def _show(self, payload) -> None:
+    def on_update(self, payload) -> None:
         if not isinstance(payload, dict) or "table" not in payload:
             return
         self.table = payload["table"]
@@ -158,7 +184,7 @@ class CollapsePage(pn.viewable.Viewer):
             self.gram_plot.object = figs.gram_heatmaps(geo)
             self.minority_plot.object = figs.minority_curve(self.table)
 
-    def _on_done(self, result) -> None:
+    def on_done(self, result) -> None:
         run, run_id = result  # saved by the worker (if asked to)
         self.run = run
         meta = run.meta.get("collapse", {})
@@ -169,18 +195,3 @@ class CollapsePage(pn.viewable.Viewer):
             self.datastore.refresh()
             text += f" Saved as {escape_md(run_id)}."
         self.status.object = text
-
-    def __panel__(self):
-        return pn.Column(
-            page_header("Collapse", EXPLANATION, CODE.format(recipe="'digits', epochs=100", every=2)),
-            pn.Row(self.dataset, self.epochs, self.weight_decay, self.every),
-            pn.Row(self.minority_ratio, self.n_minority, self.mixup, self.etf),
-            pn.Row(self.train_button, self.save),
-            self.task.controls(), self.errors, self.status,
-            self.nc_plot,
-            pn.Row(self.simplex_plot, self.layer_plot, sizing_mode="stretch_width"),
-            self.gram_plot,
-            self.minority_plot,
-            pn.Card(self.code, title="This run as code", collapsed=True, sizing_mode="stretch_width"),
-            sizing_mode="stretch_width",
-        )

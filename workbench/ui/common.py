@@ -18,10 +18,12 @@ import param
 
 from .. import data
 from ..checks import env_limit
-from ..store import RunStore
+from .. import models
+from ..store import RunStore, StoreError
+from ..training import TrainConfig
 
-__all__ = ["DataStore", "BackgroundTask", "page_header", "ErrorBox", "config_widgets", "values_from_widgets",
-           "run_options", "CHOICES", "escape_html", "escape_md", "code_block", "text_block", "html_labels",
+__all__ = ["DataStore", "BackgroundTask", "ErrorBox", "config_widgets", "values_from_widgets",
+           "run_options", "CHOICES", "allowed_values", "RUN_COLUMNS", "escape_html", "escape_md", "code_block", "text_block", "html_labels",
            "dataset_from_spec", "short_spec", "BUSY", "TextUpload", "UPLOAD_ENV"]
 
 
@@ -85,6 +87,11 @@ def short_spec(spec):
                 [short_spec(p) for p in v] if k == "parts" and isinstance(v, list) else v) for k, v in spec.items()}
 
 
+# the columns of RunStore.list(), for an empty listing when the index cannot be read
+RUN_COLUMNS = ["run_id", "name", "created", "dataset", "family", "n_layers", "d_model", "steps", "status",
+               "val_loss", "val_acc", "group_name", "stage", "parent"]
+
+
 class DataStore(param.Parameterized):
     """Owns the run store for one browser session; pages read ``runs`` and call ``save``/``load``.
 
@@ -97,6 +104,7 @@ class DataStore(param.Parameterized):
 
     runs = param.DataFrame(default=None, doc="RunStore.list() as of the last refresh")
     version = param.Integer(default=0, doc="bumped on every change so pages can watch it")
+    index_error = param.String(default="", doc="why the run index is unusable (then ``runs`` is empty)")
 
     def __init__(self, store: RunStore | None = None, **params):
         super().__init__(**params)
@@ -117,8 +125,24 @@ class DataStore(param.Parameterized):
         return name
 
     def refresh(self) -> None:
-        self.runs = self.store.list()
+        """Read the run list again. A corrupt or foreign ``index.sqlite`` (:class:`StoreError`) is not
+        fatal: ``runs`` becomes empty, ``index_error`` says why and :meth:`rebuild_index` repairs it."""
+        try:
+            runs, error = self.store.list(), ""
+        except StoreError as e:
+            runs, error = pd.DataFrame(columns=RUN_COLUMNS), str(e)
+        self.runs, self.index_error = runs, error
         self.version += 1
+
+    def rebuild_index(self) -> dict:
+        """``RunStore.rebuild_index()`` (the old file is kept aside), then :meth:`refresh`."""
+        report = self.store.rebuild_index()
+        self.refresh()
+        return report
+
+    def broken(self) -> pd.DataFrame:
+        """Run directories that exist but fail validation (``RunStore.broken``)."""
+        return self.store.broken()
 
     def save(self, run, name: str | None = None) -> str:
         run_id = self.store.save(run, name=name)
@@ -422,24 +446,34 @@ class TextUpload(pn.viewable.Viewer):
         return pn.Column(self.note, self.file, margin=0)
 
 
-def page_header(title: str, explanation: str, code: str) -> pn.Column:
-    """Title, a short explanation of what the page measures, and the engine calls that reproduce it."""
-    return pn.Column(
-        pn.pane.Markdown(f"## {title}\n\n{explanation}", sizing_mode="stretch_width"),
-        pn.Card(pn.pane.Markdown(code_block(code.strip()), sizing_mode="stretch_width"),
-                title="As code (run this in a notebook to get the same figure)", collapsed=True,
-                sizing_mode="stretch_width"),
-        sizing_mode="stretch_width",
-    )
+def allowed_values(config, field: str) -> list:
+    """The values ``config``'s ``validate()`` accepts for the string ``field``, read from its own message.
+
+    The engine has no public constant for these sets (they live inside ``validate()``), so the page asks
+    the validation itself: an impossible value, and the list parsed from "field must be one of [...]".
+    """
+    import ast
+
+    probe = dataclasses.replace(config)
+    object.__setattr__(probe, field, "\x00not-a-choice")
+    try:
+        probe.validate()
+    except ValueError as e:
+        m = re.search(rf"{re.escape(field)} must be one of (\[.*?\])", str(e))
+        if m:
+            return list(ast.literal_eval(m.group(1)))
+    raise RuntimeError(f"cannot read the allowed values of {type(config).__name__}.{field} from its validation")
 
 
-# Allowed values of string fields, for Select widgets (the configs validate the same sets).
-CHOICES = {
-    "norm": ["pre", "peri", "none"],
-    "activation": ["relu", "gelu"],
-    "embedding": ["trainable", "frozen-random", "glyph"],
-    "schedule": ["constant", "cosine"],
-}
+def _engine_choices() -> dict[str, list]:
+    mlp, tf = models.MLPConfig(d_in=1, n_classes=2), models.TransformerConfig(vocab_size=2)
+    return {"norm": allowed_values(mlp, "norm"), "activation": allowed_values(mlp, "activation"),
+            "embedding": allowed_values(tf, "embedding"), "schedule": allowed_values(TrainConfig(), "schedule")}
+
+
+# Allowed values of string fields, for Select widgets, read from the configs' validation (which has no
+# public constant); config_widgets asks each config for its own (a Transformer takes fewer norms).
+CHOICES = _engine_choices()
 
 
 def config_widgets(config, skip: tuple[str, ...] = (), choices: dict | None = None) -> dict[str, pn.widgets.Widget]:
@@ -448,7 +482,7 @@ def config_widgets(config, skip: tuple[str, ...] = (), choices: dict | None = No
     Integers and floats get free-entry inputs on purpose: out-of-range values are caught by the
     config's ``validate()``, whose message names the field and the range.
     """
-    choices = {**CHOICES, **(choices or {})}
+    given = dict(choices or {})
     widgets = {}
     for f in dataclasses.fields(config):
         if f.name in skip:
@@ -460,8 +494,9 @@ def config_widgets(config, skip: tuple[str, ...] = (), choices: dict | None = No
             w = pn.widgets.IntInput(name=f.name, value=value, width=130)
         elif isinstance(value, float):
             w = pn.widgets.FloatInput(name=f.name, value=value, width=130)
-        elif f.name in choices:
-            w = pn.widgets.Select(name=f.name, options=list(choices[f.name]), value=value, width=130)
+        elif f.name in given or f.name in CHOICES:
+            options = list(given[f.name]) if f.name in given else allowed_values(config, f.name)
+            w = pn.widgets.Select(name=f.name, options=options, value=value, width=130)
         else:
             continue
         widgets[f.name] = w

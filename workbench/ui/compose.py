@@ -9,8 +9,8 @@ from .. import compose, data, models
 from ..figures.compose import domain_heatmap
 from ..sampling import sample_text
 from ..training import TrainConfig
-from .common import (BackgroundTask, ErrorBox, code_block, dataset_from_spec, escape_md, html_labels, page_header,
-                     run_options, text_block)
+from .common import BackgroundTask, dataset_from_spec, escape_md, html_labels, run_options, text_block
+from .page import Page
 
 EXPLANATION = """Specialists are Transformers trained on different corpora over **one frozen substrate** (the
 same frozen embedding table and vocabulary). The *logit mixture* averages their logits (the Growing
@@ -22,28 +22,44 @@ it beats its parts without forgetting either domain."""
 CODE = """import workbench as wb
 from workbench import sampling
 from workbench.figures.compose import domain_heatmap
-domains = wb.compose.shared_text(["grammar", "arithmetic"], context=32, corpus_chars=20_000)
-cfg = wb.models.config_for(domains["grammar"], d_model=64, n_layers=2, embedding="frozen-random")
+domains = wb.compose.shared_text({corpora!r}, context=32, corpus_chars=20_000, seed={seed})
+cfg = wb.models.config_for(domains[{first!r}], d_model=64, n_layers={n_layers}, n_heads=4, d_mlp=256,
+                           embedding={embedding!r}, seed={seed})
 base = wb.models.build(cfg)
-wb.train(base, wb.compose.concat(domains), wb.TrainConfig(steps=150, batch_size=32, lr=3e-3))
-runs = wb.compose.train_specialists(base, domains, wb.TrainConfig(steps=150, batch_size=32, lr=1e-3))
-members = {name: run.model for name, run in runs.items()}
-merges = {"logit mean": wb.compose.LogitMixture(list(members.values())),
-          "TIES": wb.compose.ties(base, list(members.values()), density=0.2)}
-table = wb.compose.evaluate(members, merges, domains)
+tc = wb.TrainConfig(steps={steps}, batch_size=32, lr=3e-3, eval_every={eval_every}, eval_max=256, seed={seed})
+wb.train(base, wb.compose.concat(domains), tc)
+runs = wb.compose.train_specialists(base, domains, wb.TrainConfig(steps={steps}, batch_size=32, lr=1e-3,
+                                                                  eval_every={eval_every}, eval_max=256, seed={seed}))
+members = {{name: run.model for name, run in runs.items()}}
+ms = list(members.values())
+merges = {{
+{merges}}}
+table = wb.compose.evaluate(members, merges, domains, max_examples=512, references={{"base": base}})
 domain_heatmap(table, "loss")
-sampling.sample_text(merges["logit mean"], cfg.vocab, prompt="The ", n_chars=200, seed=0)"""
+sampling.sample_text(ms[0], cfg.vocab, prompt="The ", n_chars=200, seed=0)"""
 
-# the engine call behind each merge choice, as code (``ms``: the specialists, ``base``: their parent)
-MERGE_CODE = {
+# The mixtures are the page's (LogitMixture modes); the weight-space merges are the engine's registry
+# (compose.MERGES), each with the options of its own that the page offers.
+MIXTURES = {
     "logit mean": "wb.compose.LogitMixture(ms)",
     "probability mixture": "wb.compose.LogitMixture(ms, mode='probs')",
     "gated mixture": "wb.compose.LogitMixture(ms).fit_gate(domains, steps=150)",
-    "linear": "wb.compose.linear(ms, base=base)",
-    "task arithmetic": "wb.compose.task_arithmetic(base, ms, scale={scale!r})",
-    "TIES": "wb.compose.ties(base, ms, density={density!r}, scale={scale!r})",
-    "LiNeS": "wb.compose.lines(base, ms, beta={beta!r})",
 }
+_MERGE_OPTIONS = {"task_arithmetic": ("scale",), "ties": ("density", "scale"), "lines": ("beta",)}
+_WEIGHT_SPACE = {method.replace("_", " "): method for method in compose.MERGES}  # label -> compose.merge method
+MERGE_NAMES = list(MIXTURES) + list(_WEIGHT_SPACE)
+
+
+def _merge_options(label: str, options: dict) -> dict:
+    return {k: options[k] for k in _MERGE_OPTIONS.get(_WEIGHT_SPACE.get(label, ""), ())}
+
+
+def _merge_code(label: str, options: dict) -> str:
+    """The engine call behind a merge choice, as code (``ms``: the specialists, ``base``: their parent)."""
+    if label in MIXTURES:
+        return MIXTURES[label]
+    extra = "".join(f", {k}={v!r}" for k, v in _merge_options(label, options).items())
+    return f"wb.compose.merge({_WEIGHT_SPACE[label]!r}, base, ms{extra})"
 
 
 def _code_for(specialist_ids: list[str], names: list[str], base_id: str | None, chosen: list[str],
@@ -59,16 +75,12 @@ def _code_for(specialist_ids: list[str], names: list[str], base_id: str | None, 
     if weight_space:
         lines.append(f"base = store.load({base_id!r}).model")
     lines.append("merges = {")
-    lines += [f"    {m!r}: {MERGE_CODE[m].format(**options)}," for m in chosen]
+    lines += [f"    {m!r}: {_merge_code(m, options)}," for m in chosen]
     lines.append("}")
     refs = ", references={'base': base}" if weight_space else ""
     lines += [f"table = wb.compose.evaluate(members, merges, domains, max_examples=512{refs})",
               "wb.compose.summary(table)", "domain_heatmap(table, 'loss')"]
     return "\n".join(lines)
-
-
-MERGE_NAMES = ["logit mean", "probability mixture", "gated mixture", "linear", "task arithmetic", "TIES", "LiNeS"]
-_WEIGHT_SPACE = {"linear", "task arithmetic", "TIES", "LiNeS"}
 
 
 def _train_job(ctx, corpora: list[str], steps: int, n_layers: int, embedding: str, seed: int):
@@ -142,14 +154,8 @@ def _compose_job(ctx, store, specialist_ids: list[str], base_id: str | None, cho
             merges[m] = compose.LogitMixture(ms, mode="probs")
         elif m == "gated mixture":
             merges[m] = compose.LogitMixture(ms).fit_gate(domains, steps=150)
-        elif m == "linear":
-            merges[m] = compose.linear(ms, base=base)
-        elif m == "task arithmetic":
-            merges[m] = compose.task_arithmetic(base, ms, scale=options["scale"])
-        elif m == "TIES":
-            merges[m] = compose.ties(base, ms, density=options["density"], scale=options["scale"])
-        elif m == "LiNeS":
-            merges[m] = compose.lines(base, ms, beta=options["beta"])
+        else:
+            merges[m] = compose.merge(_WEIGHT_SPACE[m], base, ms, **_merge_options(m, options))
     ctx.report(None, progress=0.5, message="evaluating")
     refs = {"base": base} if base is not None else None
     table = compose.evaluate(members, merges, domains, max_examples=512, references=refs)
@@ -161,15 +167,18 @@ def _compose_job(ctx, store, specialist_ids: list[str], base_id: str | None, cho
             "datasets": {name: dict(r.dataset) for name, r in zip(names, runs)}}
 
 
-class ComposePage(pn.viewable.Viewer):
+class ComposePage(Page):
     """Pick (or train) specialists, choose merges, see the model x domain table, sample text."""
 
-    def __init__(self, datastore, **params):
-        super().__init__(**params)
-        self.datastore = datastore
+    title = "Compose"
+    order = 60
+    explanation = EXPLANATION
+
+    def __init__(self, datastore=None, **params):
+        super().__init__(datastore, **params)
         # specialists and base
-        self.specialists = pn.widgets.MultiChoice(name="specialists (Transformer runs)", options={}, width=520)
-        self.base = pn.widgets.Select(name="base for weight-space merges", options={}, width=520)
+        self.specialists = pn.widgets.MultiChoice(name="specialists (Transformer runs)", options={}, width=320)
+        self.base = pn.widgets.Select(name="base for weight-space merges", options={}, width=320)
         # train two
         corpora = list(data.CORPORA)
         self.corpus_a = pn.widgets.Select(name="corpus A", options=corpora, value="grammar", width=120)
@@ -182,7 +191,7 @@ class ComposePage(pn.viewable.Viewer):
         self.train_button.on_click(lambda _: self.train_two())
         # merges
         self.merges = pn.widgets.CheckBoxGroup(name="merges", options=MERGE_NAMES,
-                                               value=["logit mean", "gated mixture", "TIES"], inline=True)
+                                               value=["logit mean", "gated mixture", "ties"], inline=False)
         self.density = pn.widgets.FloatInput(name="TIES density", value=0.2, start=0.01, end=1.0, step=0.05, width=110)
         self.scale = pn.widgets.FloatInput(name="task-vector scale", value=1.0, start=0.0, end=3.0, step=0.1,
                                            width=120)
@@ -190,13 +199,11 @@ class ComposePage(pn.viewable.Viewer):
         self.compose_button = pn.widgets.Button(name="Compose and evaluate", button_type="primary")
         self.compose_button.on_click(lambda _: self.run_compose())
         self.metric = pn.widgets.RadioButtonGroup(name="metric", options=["loss", "acc"], value="loss")
-        self.metric.param.watch(lambda _: self._draw(), "value")
+        self.metric.param.watch(self._draw, "value")
         # outputs
-        self.errors = ErrorBox()
         self.message = pn.pane.Markdown("")
         self.heatmap = pn.pane.Plotly(domain_heatmap(None), sizing_mode="stretch_width", height=380)
         self.summary = pn.pane.DataFrame(None, index=False, sizing_mode="stretch_width")
-        self.code = pn.pane.Markdown("", sizing_mode="stretch_width")
         # sampling
         self.sample_model = pn.widgets.Select(name="sample from", options=[], width=220)
         self.prompt = pn.widgets.TextInput(name="prompt", value="", placeholder="(start of a line)", width=220)
@@ -209,12 +216,53 @@ class ComposePage(pn.viewable.Viewer):
         self.sample_out = pn.pane.HTML("", sizing_mode="stretch_width")  # text_block: the sample escaped
         # state
         self.result: dict | None = None
+        self.compose_task = self.task  # the page's task composes; training the specialists has its own
         self.train_task = BackgroundTask(on_done=self._on_trained)
-        self.compose_task = BackgroundTask(on_done=self._on_composed)
-        for task, button in ((self.train_task, self.train_button), (self.compose_task, self.compose_button)):
-            task.param.watch(lambda e, b=button: setattr(b, "disabled", e.new == "running"), "status")
-        self.datastore.param.watch(lambda _: self._refresh_options(), "version")
+        self.train_task.param.watch(self._train_status, "status")
         self._refresh_options()
+
+    def _train_status(self, event) -> None:
+        self.train_button.disabled = event.new == "running"
+
+    def on_done(self, result) -> None:
+        self._on_composed(result)
+
+    def on_store_change(self) -> None:
+        self._refresh_options()
+
+    def side(self):
+        return [self.specialists, self.base, pn.pane.Markdown("**Merges**", margin=(0, 10)), self.merges,
+                self.compose_button]
+
+    def figures(self):
+        return [self.message, self.metric, self.heatmap, self.summary]
+
+    def below(self):
+        return [pn.pane.Markdown("**Sample text**", margin=(0, 10)),
+                pn.Row(self.sample_model, self.prompt, self.n_chars, self.temperature, self.seed, self.sample_button),
+                self.sample_out]
+
+    def advanced(self):
+        return [pn.Row(self.density, self.scale, self.beta),
+                pn.pane.Markdown("**No specialists stored? Train a base and two**", margin=(0, 10)),
+                pn.Row(self.corpus_a, self.corpus_b, self.train_steps, self.n_layers, self.embedding),
+                pn.Row(self.train_button, self.train_task.controls())]
+
+    def run_buttons(self):
+        return [self.compose_button]
+
+    def _options(self) -> dict:
+        return {"density": self.density.value, "scale": self.scale.value, "beta": self.beta.value}
+
+    def as_code(self) -> str:
+        if self.result is not None:
+            return self.result["code"]
+        steps = self.train_steps.value
+        corpora = [self.corpus_a.value, self.corpus_b.value]
+        merges = "".join(f"    {m!r}: {_merge_code(m, self._options())},\n" for m in self.merges.value)
+        return CODE.format(corpora=corpora, first=corpora[0], n_layers=self.n_layers.value,
+                           embedding=self.embedding.value, steps=steps, seed=self.seed.value or 0,
+                           eval_every=max(steps // 2, 1) if isinstance(steps, int) else 1, merges=merges)
 
     # ---------------------------------------------------------------- options
     def _refresh_options(self) -> None:
@@ -270,18 +318,18 @@ class ComposePage(pn.viewable.Viewer):
         if not ids:
             self.errors.show("pick at least one specialist run (or train two)")
             return
-        options = {"density": self.density.value, "scale": self.scale.value, "beta": self.beta.value}
+        options = self._options()
         for key, lo, hi in (("density", 0.0, 1.0), ("scale", 0.0, 10.0), ("beta", 0.0, 10.0)):
             v = options[key]
             if v is None or not (lo < v <= hi if key == "density" else lo <= v <= hi):
                 self.errors.show(f"{key} must be a number in {'(' if key == 'density' else '['}{lo}, {hi}], got {v!r}")
                 return
         args = (self.datastore.store, ids, self.base.value or None, list(self.merges.value), options)
-        (self.compose_task.run_now if wait else self.compose_task.start)(_compose_job, *args)
+        self.start_task(_compose_job, *args, wait=wait)
 
     def _on_composed(self, result) -> None:
         self.result = result
-        self.code.object = code_block(result["code"])
+        self.show_code(result["code"])
         self._draw()
         self.sample_model.options = list(result["models"])
         self.sample_button.disabled = False
@@ -309,7 +357,7 @@ class ComposePage(pn.viewable.Viewer):
                 names.append(name)
         return names
 
-    def _draw(self) -> None:
+    def _draw(self, _=None) -> None:
         if self.result is None:
             return
         table = self.result["table"]
@@ -329,20 +377,3 @@ class ComposePage(pn.viewable.Viewer):
             self.errors.show(e)
             return
         self.sample_out.object = text_block(text)
-
-    def __panel__(self):
-        return pn.Column(
-            page_header("Compose", EXPLANATION, CODE),
-            pn.pane.Markdown("**Specialists** (pick from the store, or train two)", margin=(0, 10)),
-            pn.Row(self.specialists, self.base),
-            pn.Row(self.corpus_a, self.corpus_b, self.train_steps, self.n_layers, self.embedding),
-            pn.Row(self.train_button, self.train_task.controls()),
-            pn.pane.Markdown("**Merges**", margin=(0, 10)), self.merges,
-            pn.Row(self.density, self.scale, self.beta),
-            pn.Row(self.compose_button, self.compose_task.controls()),
-            self.errors, self.message, self.metric, self.heatmap, self.summary,
-            pn.pane.Markdown("**Sample text**", margin=(0, 10)),
-            pn.Row(self.sample_model, self.prompt, self.n_chars, self.temperature, self.seed, self.sample_button),
-            self.sample_out, self.code,
-            sizing_mode="stretch_width",
-        )

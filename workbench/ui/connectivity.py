@@ -6,10 +6,11 @@ import dataclasses
 import pandas as pd
 import panel as pn
 
-from .. import data, lmc, models
+from .. import data, lmc, models, recipes
 from ..figures import lmc as figs
 from ..training import TrainConfig
-from .common import BackgroundTask, ErrorBox, dataset_from_spec, page_header, run_options, short_spec
+from .common import dataset_from_spec, run_options, short_spec
+from .page import Page
 
 EXPLANATION = """Two networks trained from different seeds reach similar accuracy, yet the straight line
 between their weights usually crosses a loss *barrier*. Much of it comes from the arbitrary order of hidden
@@ -20,19 +21,29 @@ between the endpoints (Entezari, Frankle). Layer-wise bars interpolate one layer
 weight-matched pair (the rest from A, or from B); the contour shows the loss over the plane through A, B and
 weight-matched B; instability spawns two children from one parent at step k (Frankle et al. 2020)."""
 
-CODE = """import workbench as wb
+CODE = """import dataclasses
+import workbench as wb
 from workbench.figures import lmc as figs
 store = wb.RunStore()
-a, b = store.load(RUN_A).model, store.load(RUN_B).model
-ds = wb.data.from_spec(store.load(RUN_A).dataset)
-curves = wb.lmc.compare(a, b, ds, n_alphas=25)      # none, weights, activations, repair
+run_a, run_b = store.load({run_a!r}), store.load({run_b!r})
+a, b = run_a.model.eval(), run_b.model.eval()
+ds = wb.data.from_spec(run_a.dataset)
+curves = wb.lmc.compare(a, b, ds, n_alphas={n_alphas}, max_examples={max_examples})  # none, weights, activations, repair
 figs.connectivity_curves(curves)
 figs.barrier_table(wb.lmc.barrier(curves))
 b_w = wb.lmc.align(a, b, method="weights")
-figs.layerwise_bars(wb.lmc.layerwise(a, b_w, ds))
-figs.plane_contour(wb.lmc.plane(a, b, b_w, ds))
-figs.instability_plot(wb.lmc.instability(a.config, ds, spawn_steps=[0, 50, 100, 200],
-                                                   train_config=wb.TrainConfig(steps=400)))"""
+figs.layerwise_bars(wb.lmc.layerwise(a, b_w, ds, n_alphas={n_layer_alphas}, max_examples={max_examples}))
+figs.plane_contour(wb.lmc.plane(a, b, b_w, ds, resolution={resolution}, max_examples={plane_examples}))
+tc = dataclasses.replace(run_a.train_config, steps={inst_steps}, eval_every={inst_steps})
+figs.instability_plot(wb.lmc.instability(a.config, ds, spawn_steps={spawn!r}, train_config=tc,
+                                         n_alphas={n_layer_alphas}, max_examples={max_examples}))"""
+PAIR_CODE = """import workbench as wb
+ds = wb.data.load({dataset!r}{options})
+config = wb.models.config_for(ds, {model})
+runs = wb.lmc.train_pair(config, ds, seeds=(0, 1), train_config=wb.TrainConfig({train}))
+store = wb.RunStore()
+RUN_A, RUN_B = [store.save(r) for r in runs]      # then compare them (pick them as model A and B)"""
+
 
 
 def _dataset_of(run) -> data.Dataset:
@@ -64,13 +75,13 @@ def _analysis_job(ctx, run_a, run_b, n_alphas: int, resolution: int, max_example
     return {"curves": curves, "layerwise": layer, "plane": plane}
 
 
-# Dataset options for "train a pair": khop as the table layout with one hop, which a small
-# Transformer learns within a few hundred steps (the default edge-list layout takes far longer).
-PAIR_DATA = {"khop": {"hops": 1, "nodes": 8, "queries": 8, "layout": "table", "n_train": 4000, "n_val": 500}}
+def _pair_options(dataset_name: str) -> dict:
+    """Data options of "train a pair": the Transformer pair's recipe for its task, else the defaults."""
+    return dict(recipes.TRANSFORMER_PAIR.data_options) if dataset_name == recipes.TRANSFORMER_PAIR.dataset else {}
 
 
 def _pair_job(ctx, dataset_name: str, model_config, train_config: TrainConfig):
-    ds = data.load(dataset_name, **PAIR_DATA.get(dataset_name, {}))
+    ds = data.load(dataset_name, **_pair_options(dataset_name))
     ctx.report(progress=0.0, message="training model A")
     from ..training import StopOnEvent
 
@@ -92,12 +103,15 @@ def _instability_job(ctx, run_a, spawn_steps: list[int], steps: int, n_alphas: i
                            progress=lambda d, t, m: ctx.report(progress=d / max(t, 1), message=m))
 
 
-class ConnectivityPage(pn.viewable.Viewer):
+class ConnectivityPage(Page):
     """Pick two stored runs (or train a pair); compute curves, barriers, layer-wise bars, plane, instability."""
 
-    def __init__(self, datastore, **params):
-        super().__init__(**params)
-        self.datastore = datastore
+    title = "Connectivity"
+    order = 40
+    explanation = EXPLANATION
+
+    def __init__(self, datastore=None, **params):
+        super().__init__(datastore, **params)
         self.run_a = pn.widgets.Select(name="model A", width=420)
         self.run_b = pn.widgets.Select(name="model B", width=420)
         self.n_alphas = pn.widgets.IntInput(name="alphas", value=25, start=3, end=101, width=90)
@@ -106,7 +120,7 @@ class ConnectivityPage(pn.viewable.Viewer):
         self.compute_button = pn.widgets.Button(name="Compare A and B", button_type="primary", width=160)
         self.compute_button.on_click(lambda _: self.compute())
         # train a pair
-        self.pair_dataset = pn.widgets.Select(name="dataset", options=["digits", "mnist1d", "khop", "modadd"],
+        self.pair_dataset = pn.widgets.Select(name="dataset", options=[n for n in data.names() if n != "text"],
                                               value="digits", width=120)
         self.pair_width = pn.widgets.IntInput(name="d_model", value=128, start=4, end=2048, width=100)
         self.pair_layers = pn.widgets.IntInput(name="n_layers", value=2, start=1, end=12, width=100)
@@ -119,17 +133,78 @@ class ConnectivityPage(pn.viewable.Viewer):
         self.inst_button = pn.widgets.Button(name="Run instability (trains)", width=190)
         self.inst_button.on_click(lambda _: self.run_instability())
 
-        self.errors = ErrorBox()
         self.curves_plot = pn.pane.Plotly(figs.connectivity_curves(None), sizing_mode="stretch_width", height=400)
         self.barriers = pn.pane.DataFrame(None, sizing_mode="stretch_width", index=False)
         self.layer_plot = pn.pane.Plotly(figs.layerwise_bars(None), sizing_mode="stretch_width", height=330)
         self.plane_plot = pn.pane.Plotly(figs.plane_contour(None), sizing_mode="stretch_width", height=430)
         self.inst_plot = pn.pane.Plotly(figs.instability_plot(None), sizing_mode="stretch_width", height=330)
         self.results: dict = {}
-        self.task = BackgroundTask(on_update=self._on_update, on_done=self._on_done)
-        self.task.param.watch(self._sync_buttons, "status")
-        self.datastore.param.watch(lambda _: self._refresh_runs(), "version")
+        self.pair_dataset.param.watch(self._fill_pair, "value")
         self._refresh_runs()
+
+    def _fill_pair(self, _=None) -> None:
+        """The pair's preset: recipes.TRANSFORMER_PAIR for its task (width, depth, steps), else an MLP pair."""
+        r = recipes.TRANSFORMER_PAIR
+        if self.pair_dataset.value == r.dataset:
+            self.pair_width.value, self.pair_layers.value = r.model_options["d_model"], r.model_options["n_layers"]
+            self.pair_steps.value = r.steps
+        else:
+            self.pair_width.value, self.pair_layers.value, self.pair_steps.value = 128, 2, 300
+
+    def side(self):
+        return [self.run_a, self.run_b, self.compute_button]
+
+    def figures(self):
+        return [self.curves_plot,
+                pn.pane.Markdown("**Barriers (validation split)**: loss and error, both definitions; "
+                                 "peak alpha of the linear ones."),
+                self.barriers, pn.Row(self.layer_plot, self.plane_plot, sizing_mode="stretch_width"),
+                pn.Row(self.spawn_steps, self.inst_steps, self.inst_button), self.inst_plot]
+
+    def advanced(self):
+        return [pn.Row(self.n_alphas, self.resolution, self.max_examples),
+                pn.pane.Markdown("**No pair stored? Train one** (seeds 0 and 1)", margin=(0, 10)),
+                pn.Row(self.pair_dataset, self.pair_width, self.pair_layers, self.pair_steps, self.pair_button)]
+
+    def run_buttons(self):
+        return [self.compute_button, self.pair_button, self.inst_button]
+
+    def on_store_change(self) -> None:
+        self._refresh_runs()
+
+    def _pair_config(self):
+        """(dataset options, model config, train config) of "train a pair"; ValueError names the field."""
+        name = self.pair_dataset.value
+        overrides = dict(d_model=self.pair_width.value, n_layers=self.pair_layers.value)
+        if name == recipes.TRANSFORMER_PAIR.dataset:
+            overrides = {**recipes.TRANSFORMER_PAIR.model_options, **overrides}
+        if name == "mnist1d":  # MNIST-1D is slow to generate; its shape is fixed
+            config = models.MLPConfig(d_in=40, n_classes=10, **overrides).validate()
+        else:
+            config = models.config_for(data.load(name, **_pair_options(name)), **overrides)
+        steps = self.pair_steps.value
+        tc = TrainConfig(steps=steps, lr=3e-3, eval_every=steps if isinstance(steps, int) and steps > 0 else 1)
+        return _pair_options(name), config, tc.validate()
+
+    def as_code(self) -> str:
+        if self.run_a.value and self.run_b.value:
+            try:
+                spawn = sorted({int(s) for s in self.spawn_steps.value.replace(",", " ").split()})
+            except ValueError:
+                spawn = [0]
+            n = int(self.n_alphas.value or 25)
+            return CODE.format(run_a=self.run_a.value, run_b=self.run_b.value, n_alphas=n,
+                               n_layer_alphas=max(5, n // 2), max_examples=int(self.max_examples.value or 0),
+                               plane_examples=min(int(self.max_examples.value or 0), 1024),
+                               resolution=int(self.resolution.value or 15), inst_steps=int(self.inst_steps.value or 2),
+                               spawn=spawn)
+        opts, config, tc = self._pair_config()
+        model = {k: getattr(config, k) for k in ("d_model", "n_layers") + (
+            ("n_heads", "d_mlp") if config.family == "transformer" else ())}
+        return PAIR_CODE.format(dataset=self.pair_dataset.value,
+                                options="".join(f", {k}={v!r}" for k, v in opts.items()),
+                                model=", ".join(f"{k}={v!r}" for k, v in model.items()),
+                                train=f"steps={tc.steps}, lr={tc.lr!r}, eval_every={tc.eval_every}")
 
     # ---------------------------------------------------------------- state
     def _refresh_runs(self) -> None:
@@ -142,13 +217,9 @@ class ConnectivityPage(pn.viewable.Viewer):
             elif len(options) > pick:
                 w.value = list(options.values())[pick]
 
-    def _sync_buttons(self, event) -> None:
-        busy = event.new == "running"
-        for b in (self.compute_button, self.pair_button, self.inst_button):
-            b.disabled = busy
-
     def _start(self, fn, *args, wait: bool = False) -> None:
-        (self.task.run_now if wait else self.task.start)(fn, *args)
+        self.show_code()
+        self.start_task(fn, *args, wait=wait)
 
     def _load_pair(self):
         if not self.run_a.value or not self.run_b.value:
@@ -187,17 +258,7 @@ class ConnectivityPage(pn.viewable.Viewer):
         self.errors.clear()
         name = self.pair_dataset.value
         try:
-            probe = data.load(name, **PAIR_DATA.get(name, {})) if name != "mnist1d" else None
-            overrides = dict(d_model=int(self.pair_width.value), n_layers=int(self.pair_layers.value))
-            if probe is None:  # MNIST-1D is slow to generate; its shape is fixed
-                config = models.MLPConfig(d_in=40, n_classes=10, **overrides).validate()
-            elif probe.kind == "vector":
-                config = models.MLPConfig(d_in=probe.d_in, n_classes=probe.n_classes, **overrides).validate()
-            else:
-                config = models.TransformerConfig(vocab_size=probe.vocab_size, context=probe.seq_len,
-                                                  **overrides).validate()
-            tc = TrainConfig(steps=int(self.pair_steps.value), lr=3e-3, eval_every=max(1, int(self.pair_steps.value)))
-            tc.validate()
+            _, config, tc = self._pair_config()
         except (ValueError, TypeError) as e:
             self.errors.show(e)
             return
@@ -222,11 +283,11 @@ class ConnectivityPage(pn.viewable.Viewer):
                     int(self.max_examples.value), wait=wait)
 
     # ---------------------------------------------------------------- results
-    def _on_update(self, payload) -> None:
+    def on_update(self, payload) -> None:
         if isinstance(payload, dict):
             self._show(payload)
 
-    def _on_done(self, result) -> None:
+    def on_done(self, result) -> None:
         if isinstance(result, list):  # a trained pair
             ids = [self.datastore.save(r) for r in result]
             self.run_a.value, self.run_b.value = ids
@@ -246,22 +307,3 @@ class ConnectivityPage(pn.viewable.Viewer):
             self.layer_plot.object = figs.layerwise_bars(payload["layerwise"])
         if "plane" in payload:
             self.plane_plot.object = figs.plane_contour(payload["plane"])
-
-    def __panel__(self):
-        return pn.Column(
-            page_header("Connectivity", EXPLANATION, CODE),
-            pn.Row(self.run_a, self.run_b),
-            pn.Row(self.n_alphas, self.resolution, self.max_examples, self.compute_button),
-            pn.Card(pn.Row(self.pair_dataset, self.pair_width, self.pair_layers, self.pair_steps,
-                           self.pair_button), title="No pair stored? Train one", collapsed=True,
-                    sizing_mode="stretch_width"),
-            self.task.controls(), self.errors,
-            self.curves_plot,
-            pn.pane.Markdown("**Barriers (validation split)**: loss and error, both definitions; "
-                             "peak alpha of the linear ones."),
-            self.barriers,
-            pn.Row(self.layer_plot, self.plane_plot, sizing_mode="stretch_width"),
-            pn.Row(self.spawn_steps, self.inst_steps, self.inst_button),
-            self.inst_plot,
-            sizing_mode="stretch_width",
-        )

@@ -7,11 +7,11 @@ import dataclasses
 import pandas as pd
 import panel as pn
 
-from .. import data, growth, models
+from .. import data, growth, models, recipes
 from ..figures.growth import block_strip, growth_curves
 from ..training import Callback, TrainConfig
-from .common import (BackgroundTask, ErrorBox, TextUpload, code_block, config_widgets, escape_md, page_header,
-                     values_from_widgets)
+from .common import TextUpload, config_widgets, escape_md, values_from_widgets
+from .page import Page
 
 EXPLANATION = """Grow a model in depth while it trains. A schedule is a list of stages: an operation
 (**train**: none, **add_layer**: one new block, zero-initialised so the function is unchanged,
@@ -38,11 +38,11 @@ PRESET_LABELS = {
     "Scratch": "scratch",
 }
 STAGE_COLUMNS = ["op", "steps", "freeze", "lr", "init"]
-# The default task and model: growth.KHOP_DEFAULTS (small enough that a schedule runs in seconds):
-# khop in the table layout (hops, nodes, queries, layout, n_train, n_val), all passed to the dataset.
-DEFAULT_KHOP = dict(growth.KHOP_DEFAULTS["data"])
-_KHOP_MODEL = {k: v for k, v in growth.KHOP_DEFAULTS["model"].items() if k != "final_layers"}
-_KHOP_STEPS = growth.KHOP_DEFAULTS["train"]["steps_per_stage"]
+# Recipes (workbench.recipes): each fills the task, its options, the model's width, the optimizer and the
+# schedule's depth and steps per stage. The default is KHOP (2-hop pointer chasing, small enough that a
+# schedule runs in seconds).
+RECIPES = {"khop, 2 hops (recipes.KHOP)": recipes.KHOP, "text, character LM (recipes.TEXT)": recipes.TEXT}
+DEFAULT_KHOP = dict(recipes.KHOP.data_options)
 # Text options with a fixed set of values get a menu; the text itself comes by upload (TextUpload); other
 # text options (vocabularies) are left to the Train page / a notebook. Never a server path.
 OPTION_CHOICES = {("khop", "layout"): list(data.KHOP_LAYOUTS), ("text", "corpus"): list(data.CORPORA)}
@@ -124,13 +124,18 @@ def _grow_job(ctx, dataset_name, dataset_options, model_config, train_config, sc
                        on_stage=live.on_stage, name=name)
 
 
-class GrowPage(pn.viewable.Viewer):
-    """Task, model and schedule on the left of the flow; live curves, block strip and stage list below."""
+class GrowPage(Page):
+    """Task, recipe and schedule in the side column; live curves and the block strip next to them."""
 
-    def __init__(self, datastore, **params):
-        super().__init__(**params)
-        self.datastore = datastore
+    title = "Grow"
+    order = 20
+    explanation = EXPLANATION
+    on_session_end = "finish"  # a closed tab does not discard the run: the worker saves every stage
+
+    def __init__(self, datastore=None, **params):
+        super().__init__(datastore, **params)
         seq = [n for n in data.names() if n in ("khop", "modadd", "text")] + ["digits", "mnist1d"]
+        self.recipe = pn.widgets.Select(name="recipe", options=list(RECIPES), width=300)
         self.dataset = pn.widgets.Select(name="task", options=[n for n in seq if n in data.names()], value="khop",
                                          width=130)
         self.dataset_box = pn.FlexBox()
@@ -140,7 +145,7 @@ class GrowPage(pn.viewable.Viewer):
         self.preset = pn.widgets.Select(name="preset", options=list(PRESET_LABELS), width=280)
         self.start_layers = pn.widgets.IntInput(name="start blocks", value=1, width=100)
         self.final_layers = pn.widgets.IntInput(name="final blocks", value=3, width=100)
-        self.stage_steps = pn.widgets.IntInput(name="steps per stage", value=_KHOP_STEPS, width=120)
+        self.stage_steps = pn.widgets.IntInput(name="steps per stage", value=recipes.KHOP.steps_per_stage, width=120)
         self.apply_preset = pn.widgets.Button(name="Fill stages from preset", width=190)
         self.apply_preset.on_click(lambda _: self.fill_preset())
         self.stages = pn.widgets.Tabulator(
@@ -159,25 +164,61 @@ class GrowPage(pn.viewable.Viewer):
         self.add_now = pn.widgets.Button(name="Add a layer now", button_type="success", width=140, disabled=True)
         self.add_now.on_click(lambda _: self.request_layer())
         self.upload = TextUpload()
-        self.errors = ErrorBox()
+        self.upload_box = pn.Column(margin=0)
         self.plot = pn.pane.Plotly(growth_curves(None), sizing_mode="stretch_width", height=360)
         self.strip = pn.pane.Plotly(block_strip(None), sizing_mode="stretch_width", height=160)
         self.stage_table = pn.pane.DataFrame(pd.DataFrame(), index=False, sizing_mode="stretch_width")
         self.result = pn.pane.Markdown("")
-        self.code = pn.pane.Markdown("", sizing_mode="stretch_width")
-        # a closed tab does not discard the run: the worker finishes the schedule, saving every stage
-        self.task = BackgroundTask(on_update=self._on_update, on_done=self._on_done, on_session_end="finish")
-        self.task.param.watch(self._on_status, "status")
-        self.dataset.param.watch(lambda _: self._rebuild_forms(), "value")
-        self.x_axis.param.watch(lambda _: self._redraw(), "value")
         self.control = growth.GrowControl()
         self.metrics = None
         self.last_run = None
+        self.dataset.param.watch(self._rebuild_forms, "value")
+        self.x_axis.param.watch(self._redraw, "value")
+        self.recipe.param.watch(self._on_recipe, "value")
+        self.apply_recipe(self.recipe.value)
+
+    def _on_recipe(self, _=None) -> None:
+        self.apply_recipe(self.recipe.value)
+
+    def apply_recipe(self, label: str) -> None:
+        """Fill every field from the recipe ``label`` (a key of :data:`RECIPES`), then the stage table."""
+        r = RECIPES[label]
+        self.dataset.value = r.dataset
         self._rebuild_forms()
+        for key, value in r.data_options.items():
+            if key in self.dataset_widgets:
+                self.dataset_widgets[key].value = value
+        for key, value in r.model_options().items():
+            self.model_widgets[key].value = value
+        tc = r.train_config()
+        for key, w in self.train_widgets.items():
+            w.value = getattr(tc, key)
+        self.start_layers.value, self.final_layers.value = 1, r.final_layers
+        self.stage_steps.value = r.steps_per_stage
         self.fill_preset()
 
+    def side(self):
+        return [self.recipe, self.dataset, self.upload_box, self.preset, self.stage_steps, self.apply_preset,
+                pn.Row(self.start_button, self.add_now), self.add_init]
+
+    def figures(self):
+        return [self.result, pn.Row(pn.pane.Markdown("x axis:", margin=(8, 5)), self.x_axis), self.plot, self.strip]
+
+    def below(self):
+        return [self.stage_table]
+
+    def advanced(self):
+        return [pn.pane.Markdown("**Task options**", margin=(0, 10)), self.dataset_box,
+                pn.pane.Markdown("**Model** (depth comes from the schedule)", margin=(0, 10)), self.model_box,
+                pn.pane.Markdown("**Training**", margin=(0, 10)), pn.FlexBox(*self.train_widgets.values()),
+                pn.pane.Markdown("**Schedule**", margin=(0, 10)), pn.Row(self.start_layers, self.final_layers),
+                pn.Row(self.stages, pn.Column(self.add_stage, self.remove_stage))]
+
+    def run_buttons(self):
+        return [self.start_button]
+
     # ---------------------------------------------------------------- forms
-    def _rebuild_forms(self) -> None:
+    def _rebuild_forms(self, _=None) -> None:
         name = self.dataset.value
         defaults = DEFAULT_KHOP if name == "khop" else {}
         self.dataset_widgets = {}
@@ -191,12 +232,13 @@ class GrowPage(pn.viewable.Viewer):
                 continue  # file paths and vocabularies: use the Train page / a notebook
             widget = pn.widgets.IntInput if typ is int else pn.widgets.FloatInput
             self.dataset_widgets[key] = widget(name=key, value=value, width=100)
-        self.dataset_box.objects = ([self.upload] if name == "text" else []) + list(self.dataset_widgets.values())
+        self.upload_box.objects = [self.upload] if name == "text" else []
+        self.dataset_box.objects = list(self.dataset_widgets.values())
         if name in ("digits", "mnist1d"):
             template = models.MLPConfig(d_in=1, n_classes=2, d_model=64, n_layers=1, d_hidden=128)
             skip = ("d_in", "n_classes", "n_layers")
         else:
-            template = models.TransformerConfig(vocab_size=2, n_layers=1, **_KHOP_MODEL)
+            template = models.TransformerConfig(vocab_size=2, n_layers=1, **recipes.KHOP.model_options())
             skip = ("vocab_size", "context", "vocab", "glyph_font", "n_layers")
         self.model_widgets = config_widgets(template, skip=skip)
         self.model_box.objects = list(self.model_widgets.values())
@@ -262,11 +304,7 @@ class GrowPage(pn.viewable.Viewer):
         n_layers = self.final_layers.value if key == "scratch" else start
         if n_layers is None:
             raise ValueError("start blocks must be an integer >= 0")
-        if ds.kind == "vector":
-            mc = models.MLPConfig(d_in=ds.d_in, n_classes=ds.n_classes, n_layers=n_layers, **overrides).validate()
-        else:
-            mc = models.TransformerConfig(vocab_size=ds.vocab_size, context=ds.seq_len, vocab=list(ds.vocab),
-                                          n_layers=n_layers, **overrides).validate()
+        mc = models.config_for(ds, n_layers=n_layers, **overrides)
         values = values_from_widgets(self.train_widgets)
         tc = TrainConfig(steps=1, **values).validate()
         stages = growth.check_schedule(frame_to_stages(self.stages.value), mc.n_layers)
@@ -283,24 +321,26 @@ class GrowPage(pn.viewable.Viewer):
         except (ValueError, TypeError) as e:
             self.errors.show(e)
             return
-        shown = {k: v for k, v in opts.items() if k != "text"}
-        upload = (f"text=open({self.upload.filename or 'my_text.txt'!r}, encoding='utf-8').read()"
-                  if "text" in opts else "")
-        self.code.object = code_block(CODE.format(
-            name=self.dataset.value, opts="".join(", " + part for part in (upload, _kwargs(shown)) if part),
-            model=", " + _kwargs({k: getattr(mc, k) for k in (*self.model_widgets, "n_layers")}),
-            schedule="[\n    " + ",\n    ".join(f"growth.Stage({_kwargs(_stage_kwargs(s))})" for s in stages) + ",\n]",
-            train=_kwargs({k: v for k, v in dataclasses.asdict(tc).items() if k not in ("steps", "warmup")}),
-        ))
+        self.show_code(self._code(opts, mc, tc, stages))
         self.result.object = ""
         self.metrics = None
         self.control = growth.GrowControl()
         args = (self.dataset.value, opts, mc, tc, stages, self.datastore.store, self.control,
                 f"{self.dataset.value}-grow")
-        if wait:
-            self.task.run_now(_grow_job, *args)
-        else:
-            self.task.start(_grow_job, *args)
+        self.start_task(_grow_job, *args, wait=wait)
+
+    def _code(self, opts, mc, tc, stages) -> str:
+        shown = {k: v for k, v in opts.items() if k != "text"}
+        upload = (f"text=open({self.upload.filename or 'my_text.txt'!r}, encoding='utf-8').read()"
+                  if "text" in opts else "")
+        return CODE.format(
+            name=self.dataset.value, opts="".join(", " + part for part in (upload, _kwargs(shown)) if part),
+            model=", " + _kwargs({k: getattr(mc, k) for k in (*self.model_widgets, "n_layers")}),
+            schedule="[\n    " + ",\n    ".join(f"growth.Stage({_kwargs(_stage_kwargs(s))})" for s in stages) + ",\n]",
+            train=_kwargs({k: v for k, v in dataclasses.asdict(tc).items() if k not in ("steps", "warmup")}))
+
+    def as_code(self) -> str:
+        return self._code(*self.configs())
 
     def request_layer(self) -> None:
         """Ask the running worker for one more block (added between two steps, never during one)."""
@@ -308,22 +348,20 @@ class GrowPage(pn.viewable.Viewer):
             self.control.request_layer(self.add_init.value)
             self.task.message = "a new block will be added after the current step"
 
-    def _on_status(self, event) -> None:
-        running = event.new == "running"
-        self.start_button.disabled = running
-        self.add_now.disabled = not running
+    def on_status(self, status: str) -> None:
+        self.add_now.disabled = status != "running"
 
-    def _redraw(self) -> None:
+    def _redraw(self, _=None) -> None:
         self.plot.object = growth_curves(self.metrics, x=self.x_axis.value)
 
-    def _on_update(self, payload) -> None:
+    def on_update(self, payload) -> None:
         self.metrics = payload["metrics"]
         self._redraw()
         self.strip.object = block_strip(payload["blocks"])
         if payload.get("stage_done"):
             self.datastore.refresh()
 
-    def _on_done(self, run) -> None:
+    def on_done(self, run) -> None:
         self.last_run = run
         self.metrics = run.metrics
         self._redraw()
@@ -339,24 +377,6 @@ class GrowPage(pn.viewable.Viewer):
                               f"{run.final('loss'):.4f}, val acc {run.final('acc'):.3f}, "
                               f"{run.meta['flops']:.3g} training FLOPs; {len(run.meta['stage_run_ids'])} stages "
                               f"saved (group {escape_md(run.meta['group'])})")
-
-    def __panel__(self):
-        return pn.Column(
-            page_header("Grow", EXPLANATION, CODE.format(
-                name="khop", opts=", " + _kwargs(DEFAULT_KHOP), model=", " + _kwargs(dict(_KHOP_MODEL, n_layers=1)),
-                schedule=f'growth.preset("layerwise", {_KHOP_STEPS}, start_layers=1, final_layers=3)', train="lr=3e-3")),
-            pn.Row(self.dataset, self.dataset_box),
-            pn.pane.Markdown("**Model** (depth comes from the schedule)", margin=(0, 10)), self.model_box,
-            pn.pane.Markdown("**Training**", margin=(0, 10)), pn.FlexBox(*self.train_widgets.values()),
-            pn.pane.Markdown("**Schedule**", margin=(0, 10)),
-            pn.Row(self.preset, self.start_layers, self.final_layers, self.stage_steps, self.apply_preset),
-            pn.Row(self.stages, pn.Column(self.add_stage, self.remove_stage)),
-            pn.Row(self.start_button, self.task.controls(), self.add_init, self.add_now),
-            self.errors, self.result,
-            pn.Row(pn.pane.Markdown("x axis:", margin=(8, 5)), self.x_axis),
-            self.plot, self.strip, self.stage_table, self.code,
-            sizing_mode="stretch_width",
-        )
 
 
 def _stage_kwargs(s: growth.Stage) -> dict:

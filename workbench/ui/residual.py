@@ -14,7 +14,8 @@ import torch
 
 from .. import interop, residual, roots
 from ..figures import residual as figs
-from .common import BackgroundTask, ErrorBox, dataset_from_spec, escape_md, page_header, run_options
+from .common import dataset_from_spec, escape_md, run_options
+from .page import Page
 
 EXPLANATION = """Each layer adds its attention and MLP outputs to the residual stream. **Relative
 contribution** = ||output|| / ||residual it is added to|| (Csordas et al. 2025), with the cosine between
@@ -28,15 +29,18 @@ splits the mixture's logit over all members' components, each scaled by the memb
 model** is picked from the model folders the server offers (`WORKBENCH_MODEL_ROOTS`: by default the run store
 and the local Hugging Face cache; a folder with `config.json` and `*.safetensors` weights)."""
 
-CODE = """import workbench as wb
-run = wb.RunStore().load(run_id)            # or: model, meta = wb.interop.load_gpt2(folder)
-x = ...                                      # token ids (1, T) or vectors (B, d_in)
-wb.residual.contributions(run.model, x)                  # layer, sublayer, rel_norm, cosine
-wb.residual.logit_lens(run.model, x, per_position=True)  # layer, position, kl_to_final, top1_agree, loss
-wb.residual.skip_effects(run.model, x).heatmap           # skipped, affected, effect
-wb.residual.logit_attribution(run.model, x)              # component -> logit of the predicted token
-# a logit mixture (wb.compose.LogitMixture): the same calls, with a member column
-# wb.residual.logit_attribution(mixture, x)              # members' components x their weights; sums to its logit"""
+NO_RUN_CODE = """import workbench as wb
+# no stored run chosen yet: train or grow one (or pick a Hugging Face model); this box then shows the calls"""
+MIXTURE_CODE = """import workbench as wb
+# a Compose mixture lives in this browser session only: rebuild it with the Compose page's "As code" box
+# (mixture = merges["logit mean"]), then call the same functions on it, e.g.
+# wb.residual.logit_attribution(mixture, x)   # members' components x their weights; sums to its logit"""
+ANALYSIS_CODE = """wb.residual.contributions(model, x)                      # layer, sublayer, rel_norm, cosine
+wb.residual.logit_lens(model, x, y=y, per_position={seq})   # layer, (position,) kl_to_final, top1_agree, loss
+wb.residual.skip_effects(model, x, y=y).heatmap          # skipped, affected, effect
+wb.residual.logit_attribution(model, x{first})           # component -> logit of the predicted token
+figs.contributions_figure(wb.residual.contributions(model, x))"""
+
 
 SOURCES = ["Stored run", "Hugging Face model", "Compose mixture (this session)"]
 NO_HF_MODELS = ("No Hugging Face model folders found in the model roots (`WORKBENCH_MODEL_ROOTS`; by default "
@@ -110,22 +114,26 @@ class Analysis:
         return self.vocab[t] if self.vocab and 0 <= t < len(self.vocab) else str(t)
 
 
-class ResidualPage(pn.viewable.Viewer):
+class ResidualPage(Page):
     """Choose a stored run (any growth stage) or a local Hugging Face GPT-2 directory, and an input."""
 
-    def __init__(self, datastore, **params):
-        super().__init__(**params)
-        self.datastore = datastore
-        self.source = pn.widgets.RadioButtonGroup(options=SOURCES, value=SOURCES[0])
-        self.run_select = pn.widgets.Select(label="run", options={}, width=420)
+    title = "Residual stream"
+    order = 30
+    explanation = EXPLANATION
+
+    def __init__(self, datastore=None, **params):
+        super().__init__(datastore, **params)
+        self.source = pn.widgets.RadioButtonGroup(options=SOURCES, value=SOURCES[0], orientation="vertical",
+                                                  width=320)
+        self.run_select = pn.widgets.Select(label="run", options={}, width=320)
         # a chooser over the configured model roots: the browser never sends a path (workbench.roots)
         self.hf_model = pn.widgets.Select(label="Hugging Face model (from the model folders)", options={},
-                                          width=420, visible=False)
+                                          width=320, visible=False)
         self.hf_refresh = pn.widgets.Button(name="Refresh", width=80, visible=False)
         self.hf_refresh.on_click(lambda _: self.refresh_models())
         self.no_hf_models = pn.pane.Markdown(NO_HF_MODELS, visible=False, sizing_mode="stretch_width")
         self._hf_listed = False
-        self.mixture_select = pn.widgets.Select(label="mixture (built on the Compose page)", options=[], width=420,
+        self.mixture_select = pn.widgets.Select(label="mixture (built on the Compose page)", options=[], width=320,
                                                 visible=False)
         self.member = pn.widgets.Select(label="member", options={}, width=200, visible=False)
         self.domain = pn.widgets.Select(label="samples from", options=[], width=160, visible=False)
@@ -133,7 +141,7 @@ class ResidualPage(pn.viewable.Viewer):
         self.input_kind = pn.widgets.RadioButtonGroup(options=INPUTS, value=INPUTS[0])
         self.sample = pn.widgets.IntInput(label="sample (validation split)", value=0, start=0, width=170)
         self.text = pn.widgets.TextInput(label="text (characters of the vocabulary, or token ids '3 1 4')",
-                                         placeholder="The cat sees the moon.", width=420, visible=False)
+                                         placeholder="The cat sees the moon.", width=320, visible=False)
         self.analyse_button = pn.widgets.Button(label="Analyse", button_type="primary", width=100)
         self.analyse_button.on_click(lambda _: self.analyse())
         self.stage = pn.widgets.DiscreteSlider(label="growth stage", options={"-": None}, visible=False, width=300)
@@ -141,7 +149,6 @@ class ResidualPage(pn.viewable.Viewer):
         self.position = pn.widgets.IntSlider(label="token position", start=0, end=1, value=0, width=260,
                                              disabled=True)
         self.lens_metric = pn.widgets.Select(label="lens shows", options=list(figs._LENS_TITLES), width=150)
-        self.errors = ErrorBox()
         self.summary = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.contrib_pane = pn.pane.Plotly(figs.contributions_figure(None), sizing_mode="stretch_width", height=340)
         self.position_pane = pn.pane.Plotly(figs.position_figure(None, 0), sizing_mode="stretch_width", height=300)
@@ -151,27 +158,85 @@ class ResidualPage(pn.viewable.Viewer):
         self.attr_pane = pn.pane.Plotly(figs.attribution_figure(None), sizing_mode="stretch_width", height=380)
         self.stages_pane = pn.pane.Plotly(figs.stages_figure(None), sizing_mode="stretch_width", height=320,
                                           visible=False)
-        self.task = BackgroundTask(on_done=self._on_done)
-        self.task.param.watch(lambda e: setattr(self.analyse_button, "disabled", e.new == "running"), "status")
         self.analysis: Analysis | None = None
         self.last_redraw_ms = 0.0
         self._cache: dict = {}       # (model key, input key) -> Analysis
         self._models: dict = {}      # model key -> (model, vocab, dataset spec)
         self._datasets: dict = {}    # dataset spec json -> Dataset
         self._stage_stats: dict = {}  # (group, input key) -> DataFrame with a stage column
-        self.source.param.watch(lambda _: self._sync_visibility(), "value")
-        self.input_kind.param.watch(lambda _: self._sync_visibility(), "value")
-        self.run_select.param.watch(lambda _: self._sync_stages(), "value")
-        self.mixture_select.param.watch(lambda _: self._sync_members(), "value")
-        self.member.param.watch(lambda _: self._member_changed(), "value")
-        self.stage.param.watch(self._stage_changed, "value")
-        self.layer.param.watch(lambda _: self._redraw("layer"), "value")
-        self.position.param.watch(lambda _: self._redraw("position"), "value")
-        self.lens_metric.param.watch(lambda _: self._redraw("position"), "value")
         self._known_runs: set[str] | None = None  # run ids seen at the last refresh
         self._known_mixtures: list[str] = []
-        self.datastore.param.watch(lambda _: self._refresh_runs(), "version")
+        self.source.param.watch(self._sync_visibility, "value")
+        self.input_kind.param.watch(self._sync_visibility, "value")
+        self.run_select.param.watch(self._sync_stages, "value")
+        self.mixture_select.param.watch(self._sync_members, "value")
+        self.member.param.watch(self._member_changed, "value")
+        self.stage.param.watch(self._stage_changed, "value")
+        self.layer.param.watch(self._layer_changed, "value")
+        self.position.param.watch(self._position_changed, "value")
+        self.lens_metric.param.watch(self._position_changed, "value")
         self._refresh_runs()
+
+    def _layer_changed(self, _=None) -> None:
+        self._redraw("layer")
+
+    def _position_changed(self, _=None) -> None:
+        self._redraw("position")
+
+    def on_store_change(self) -> None:
+        self._refresh_runs()
+
+    def on_done(self, result) -> None:
+        self._on_done(result)
+
+    def side(self):
+        return [self.source, self.run_select, self.hf_model, self.hf_refresh, self.no_hf_models, self.mixture_select,
+                self.member, self.no_mixture, self.input_kind, self.domain, self.sample, self.text, self.stage,
+                self.analyse_button, self.layer, self.position, self.lens_metric]
+
+    def figures(self):
+        return [self.summary, self.contrib_pane, self.stages_pane,
+                pn.Row(self.lens_pane, self.attr_pane, sizing_mode="stretch_width"), self.position_pane,
+                pn.Row(self.skip_pane, self.skip_out_pane, sizing_mode="stretch_width")]
+
+    def run_buttons(self):
+        return [self.analyse_button]
+
+    def as_code(self) -> str:
+        """The engine calls for the chosen model and input (a stored run or model folder; a mixture: a note)."""
+        src = self.source.value
+        lines = ["import torch", "import workbench as wb", "from workbench.figures import residual as figs"]
+        if src == SOURCES[2]:
+            return MIXTURE_CODE
+        if src == SOURCES[0]:
+            run_id = self.run_select.value
+            if not run_id:
+                return NO_RUN_CODE
+            runs = self.datastore.runs
+            family = runs.loc[runs["run_id"] == run_id, "family"]
+            sequence = bool(len(family)) and family.iloc[0] == "transformer"
+            lines += [f"run = wb.RunStore().load({run_id!r})",
+                      "model, vocab, spec = run.model, getattr(run.model.config, 'vocab', None), run.dataset"]
+        else:
+            if not self.hf_model.value:
+                return NO_RUN_CODE
+            sequence = True
+            lines += [f"model, meta = wb.interop.load_gpt2(wb.roots.resolve_model({self.hf_model.value!r}))",
+                      "vocab, spec = meta.get('vocab'), meta.get('dataset')"]
+        if self.input_kind.value == INPUTS[1]:
+            _, _, vocab, _ = self._model()
+            lines += [f"x, y = torch.tensor([{_encode(self.text.value, vocab)!r}]), None  # {self.text.value!r}"]
+        else:
+            i = int(self.sample.value or 0)
+            lines += ["ds = wb.data.from_spec(spec)", "x_val, y_val = ds.split('val')"]
+            if sequence:
+                # a text window's targets are its own next tokens (y=None), as on the page
+                lines += [f"x, y = x_val[{i}:{i + 1}], (None if ds.name == 'text' else y_val[{i}:{i + 1}])"]
+            else:
+                lines += [f"start = min({i}, max(len(x_val) - {VECTOR_BATCH}, 0))",
+                          f"x, y = x_val[start:start + {VECTOR_BATCH}], y_val[start:start + {VECTOR_BATCH}]"]
+        lines.append(ANALYSIS_CODE.format(seq=sequence, first="" if sequence else "[:1]"))
+        return "\n".join(lines)
 
     # ---------------------------------------------------------------- choices
     def _refresh_runs(self) -> None:
@@ -201,7 +266,7 @@ class ResidualPage(pn.viewable.Viewer):
         self._sync_members()
         self._sync_visibility()
 
-    def _sync_members(self) -> None:
+    def _sync_members(self, _=None) -> None:
         info = self.datastore.session_info.get(self.mixture_select.value, {})
         model = self.datastore.session_models.get(self.mixture_select.value)
         n = len(model.members) if model is not None else 0
@@ -219,7 +284,7 @@ class ResidualPage(pn.viewable.Viewer):
         self._hf_listed = True
         self._sync_visibility()
 
-    def _sync_visibility(self) -> None:
+    def _sync_visibility(self, _=None) -> None:
         hf, mix = self.source.value == SOURCES[1], self.source.value == SOURCES[2]
         if hf and not self._hf_listed:
             self.refresh_models()  # the first look at the model folders (then on Refresh)
@@ -235,7 +300,7 @@ class ResidualPage(pn.viewable.Viewer):
         self.domain.visible = mix and has_mixtures and not typed
         self._sync_stages()
 
-    def _member_changed(self) -> None:
+    def _member_changed(self, _=None) -> None:
         """Another member of the analysed mixture: re-slice the cached tables and redraw (no forward pass)."""
         a = self.analysis
         if a is not None and a.mixture and self.member.value is not None and self.member.value < a.n_members \
@@ -253,7 +318,7 @@ class ResidualPage(pn.viewable.Viewer):
         group = runs[(runs["group_name"] == row["group_name"].iloc[0]) & runs["stage"].notna()]
         return group.sort_values("stage")
 
-    def _sync_stages(self) -> None:
+    def _sync_stages(self, _=None) -> None:
         group = self._group_runs()
         if len(group) > 1:
             opts = {f"stage {int(r.stage)} ({int(r.n_layers)} layers)": r.run_id for r in group.itertuples()}
@@ -368,10 +433,8 @@ class ResidualPage(pn.viewable.Viewer):
             self._on_done((cache_key, self._cache[cache_key], None))
             return
         job_args = (cache_key, model, x, tokens, vocab, y, group, input_key)
-        if wait:
-            self.task.run_now(self._job, *job_args)
-        else:
-            self.task.start(self._job, *job_args)
+        self.show_code()
+        self.start_task(self._job, *job_args, wait=wait)
 
     def _job(self, ctx, cache_key, model, x, tokens, vocab, y, group, input_key):
         ctx.report(message="analysing", progress=0.1)
@@ -486,22 +549,6 @@ class ResidualPage(pn.viewable.Viewer):
                     title=f"Direct logit attribution to {whose}{a.target_label(pos)!r} at position {pos} "
                           f"(sum = logit {sum(values):.2f})")
         self.last_redraw_ms = 1000 * (time.perf_counter() - t0)
-
-    # ---------------------------------------------------------------- layout
-    def __panel__(self):
-        return pn.Column(
-            page_header("Residual stream", EXPLANATION, CODE),
-            pn.Row(self.source, self.input_kind),
-            pn.Row(self.run_select, self.hf_model, self.hf_refresh, self.mixture_select, self.member, self.domain, self.sample, self.text,
-                   self.analyse_button, self.task.controls()),
-            self.no_mixture, self.no_hf_models, self.stage, self.errors, self.summary,
-            pn.Row(self.layer, self.position, self.lens_metric),
-            self.contrib_pane, self.stages_pane,
-            pn.Row(self.lens_pane, self.attr_pane, sizing_mode="stretch_width"),
-            self.position_pane,
-            pn.Row(self.skip_pane, self.skip_out_pane, sizing_mode="stretch_width"),
-            sizing_mode="stretch_width",
-        )
 
 
 def _context(model) -> int:

@@ -7,7 +7,8 @@ import pandas as pd
 import panel as pn
 
 from ..figures.training import config_table, training_curves
-from .common import ErrorBox, page_header, short_spec
+from .common import short_spec
+from .page import Page
 
 EXPLANATION = """Every run saved by any page or notebook (one directory each: config JSON, safetensors
 weights, metrics CSV). Select a row to see its curves and configuration, export its metrics, or
@@ -15,18 +16,23 @@ delete it."""
 
 CODE = """import workbench as wb
 store = wb.RunStore()           # $WORKBENCH_HOME or the user data directory
-store.list()                    # this table
-run = store.load(run_id)        # model, metrics, configs
-wb.figures.training.training_curves(run.metrics)"""
+store.list()                    # this table (store.rebuild_index() if the index is damaged)"""
+CODE_RUN = """
+run = store.load({run_id!r})    # model, metrics, configs
+wb.figures.training.training_curves(run.metrics, title=run.name)"""
 
 _SHOWN = ["name", "dataset", "family", "n_layers", "d_model", "steps", "status", "val_loss", "val_acc", "stage",
           "created", "run_id"]
 
 
-class RunsPage(pn.viewable.Viewer):
-    def __init__(self, datastore, **params):
-        super().__init__(**params)
-        self.datastore = datastore
+class RunsPage(Page):
+    title = "Runs"
+    order = 70
+    explanation = EXPLANATION
+    on_session_end = None  # no background job
+
+    def __init__(self, datastore=None, **params):
+        super().__init__(datastore, **params)
         self.table = pn.widgets.Tabulator(pd.DataFrame(columns=_SHOWN), selectable=1, disabled=True,
                                           show_index=False, pagination="local", page_size=12,
                                           sizing_mode="stretch_width", height=380)
@@ -40,12 +46,17 @@ class RunsPage(pn.viewable.Viewer):
         self.cancel_button.on_click(lambda _: self._hide_confirm())
         self.download = pn.widgets.FileDownload(callback=self._metrics_csv, filename="metrics.csv",
                                                 label="Export metrics CSV", button_type="default", disabled=True)
-        self.errors = ErrorBox()
+        self.broken_note = pn.pane.Markdown("", visible=False, sizing_mode="stretch_width")
+        self.broken_view = pn.widgets.Tabulator(pd.DataFrame(columns=["run_id", "path", "problem"]), disabled=True,
+                                                show_index=False, visible=False, sizing_mode="stretch_width",
+                                                height=160)
         self.plot = pn.pane.Plotly(training_curves(None), sizing_mode="stretch_width", height=340)
         self.config_view = pn.widgets.Tabulator(pd.DataFrame(columns=["field", "value"]), disabled=True,
                                                 show_index=False, height=300, width=420)
-        self.table.param.watch(lambda _: self._show_selected(), "selection")
-        self.datastore.param.watch(lambda _: self._refresh_table(), "version")
+        self.table.param.watch(self._show_selected, "selection")
+        self._refresh_table()
+
+    def on_store_change(self) -> None:
         self._refresh_table()
 
     @property
@@ -63,9 +74,14 @@ class RunsPage(pn.viewable.Viewer):
         runs = self.datastore.runs
         self.table.value = runs[_SHOWN] if runs is not None and len(runs) else pd.DataFrame(columns=_SHOWN)
         self.table.selection = []
+        broken = self.datastore.broken()
+        self.broken_view.value = broken
+        self.broken_view.visible = self.broken_note.visible = bool(len(broken))
+        self.broken_note.object = (f"**{len(broken)} run folder(s) fail validation** and are not listed "
+                                   "(shown as text below; fix or remove them, then *Rebuild index*):")
         self._show_selected()
 
-    def _show_selected(self) -> None:
+    def _show_selected(self, _=None) -> None:
         run_id = self.selected_id
         self._hide_confirm()
         self.delete_button.disabled = self.download.disabled = run_id is None
@@ -86,6 +102,11 @@ class RunsPage(pn.viewable.Viewer):
         if "dataset" in shown:
             shown["dataset"] = short_spec(shown["dataset"])  # an uploaded text is not printed whole
         self.config_view.value = config_table(shown)
+        self.show_code()
+
+    def as_code(self) -> str:
+        run_id = self.selected_id
+        return CODE + (CODE_RUN.format(run_id=run_id) if run_id else "")
 
     def _metrics_csv(self):
         run_id = self.selected_id
@@ -104,10 +125,12 @@ class RunsPage(pn.viewable.Viewer):
             self.datastore.delete(run_id)
         self._hide_confirm()
 
-    def __panel__(self):
-        return pn.Column(
-            page_header("Runs", EXPLANATION, CODE),
-            pn.Row(self.refresh_button, self.delete_button, self.confirm_button, self.cancel_button, self.download),
-            self.errors, self.table, pn.Row(self.plot, self.config_view, sizing_mode="stretch_width"),
-            sizing_mode="stretch_width",
-        )
+    def side(self):
+        return [self.refresh_button, self.delete_button, self.confirm_button, self.cancel_button, self.download]
+
+    def figures(self):
+        return [self.plot, self.table]
+
+    def below(self):
+        return [pn.Row(self.config_view, pn.Column(self.broken_note, self.broken_view, sizing_mode="stretch_width"),
+                       sizing_mode="stretch_width")]

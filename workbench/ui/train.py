@@ -5,11 +5,11 @@ import dataclasses
 
 import panel as pn
 
-from .. import data, models
+from .. import data, models, recipes
 from ..figures.training import training_curves
 from ..training import Callback, TrainConfig, train
-from .common import (BackgroundTask, ErrorBox, TextUpload, code_block, config_widgets, escape_md, page_header,
-                     values_from_widgets)
+from .common import TextUpload, config_widgets, escape_md, values_from_widgets
+from .page import Page
 
 EXPLANATION = """Train a residual MLP (vector data) or a decoder-only Transformer (sequence data) on an
 offline dataset. The grey line is the loss of each minibatch; blue and red are evaluations on the
@@ -23,6 +23,17 @@ model = wb.models.build(wb.models.config_for(ds{model}))
 run = wb.train(model, ds, wb.TrainConfig({train}), callbacks=[wb.ProgressBar()])
 wb.RunStore().save(run)
 wb.figures.training.training_curves(run.metrics)"""
+
+# Presets fill every field: the quick default, and the growth recipes' task and model (at their final depth)
+PRESETS = {
+    "digits, residual MLP (quick)": {"dataset": "digits", "options": {},
+                                     "model": {"d_model": 128, "n_layers": 2, "d_hidden": 256},
+                                     "train": {"steps": 300, "eval_every": 50, "lr": 3e-3}},
+    **{f"{r.dataset}, Transformer (recipes.{key})": {
+        "dataset": r.dataset, "options": dict(r.data_options), "model": {**r.model_options(), "n_layers": r.final_layers},
+        "train": {"steps": r.steps_per_stage, "batch_size": r.batch_size, "lr": r.lr, "eval_every": r.eval_every,
+                  "eval_max": r.eval_max}} for key, r in (("KHOP", recipes.KHOP), ("TEXT", recipes.TEXT))},
+}
 
 _OPTION_WIDGET = {int: pn.widgets.IntInput, float: pn.widgets.FloatInput}
 # Options the form never offers as a text box: a server path (the browser must not name server files) and
@@ -61,31 +72,71 @@ def _train_job(ctx, dataset_name: str, dataset_options: dict, model_config, trai
     return run, run_id
 
 
-class TrainPage(pn.viewable.Viewer):
+class TrainPage(Page):
     """Widgets come from the dataset's option spec and the model/train config dataclasses."""
 
-    def __init__(self, datastore, **params):
-        super().__init__(**params)
-        self.datastore = datastore
+    title = "Train"
+    order = 10
+    explanation = EXPLANATION
+    on_session_end = "finish"  # a closed tab does not discard the run: the worker finishes and saves it
+
+    def __init__(self, datastore=None, **params):
+        super().__init__(datastore, **params)
+        self.preset = pn.widgets.Select(name="preset", options=list(PRESETS), width=300)
         self.dataset = pn.widgets.Select(name="dataset", options=data.names(), value="digits", width=140)
         self.dataset_box = pn.FlexBox()
         self.model_box = pn.FlexBox()
         self.train_widgets = config_widgets(TrainConfig(steps=300, eval_every=50, lr=3e-3))
+        self.train_box = pn.FlexBox(*[w for k, w in self.train_widgets.items() if k != "steps"])
         self.run_name = pn.widgets.TextInput(name="run name", placeholder="(automatic)", width=180)
         self.upload = TextUpload()
+        self.upload_box = pn.Column(margin=0)
         self.start_button = pn.widgets.Button(name="Train", button_type="primary", width=100)
         self.start_button.on_click(lambda _: self.start())
-        self.errors = ErrorBox()
-        self.plot = pn.pane.Plotly(training_curves(None), sizing_mode="stretch_width", height=360)
+        self.plot = pn.pane.Plotly(training_curves(None), sizing_mode="stretch_width", height=420)
         self.result = pn.pane.Markdown("")
-        self.code = pn.pane.Markdown("", sizing_mode="stretch_width")
-        # a closed tab does not discard the run: the worker finishes and saves it (see _train_job)
-        self.task = BackgroundTask(on_update=self._on_update, on_done=self._on_done, on_session_end="finish")
-        self.task.param.watch(lambda e: setattr(self.start_button, "disabled", e.new == "running"), "status")
-        self.dataset.param.watch(lambda _: self._rebuild_forms(), "value")
-        self._rebuild_forms()
         self.last_run = None
         self.last_run_id = None
+        self._rebuild_forms()
+        self.dataset.param.watch(self._on_dataset, "value")
+        self.preset.param.watch(self._on_preset, "value")
+
+    def _on_dataset(self, _=None) -> None:
+        self._rebuild_forms()
+
+    def _on_preset(self, _=None) -> None:
+        self.apply_preset(self.preset.value)
+
+    def apply_preset(self, label: str) -> None:
+        """Fill every field from the preset ``label`` (a key of :data:`PRESETS`)."""
+        p = PRESETS[label]
+        self.dataset.value = p["dataset"]  # rebuilds the forms with the defaults
+        self._rebuild_forms()
+        for key, value in p["options"].items():
+            if key in self.dataset_widgets:
+                self.dataset_widgets[key].value = value
+        for key, value in p["model"].items():
+            if key in self.model_widgets:
+                self.model_widgets[key].value = value
+        defaults = dataclasses.asdict(TrainConfig())
+        for key, w in self.train_widgets.items():
+            w.value = p["train"].get(key, defaults[key])
+        self.show_code()
+
+    def side(self):
+        return [self.preset, self.dataset, self.upload_box, self.train_widgets["steps"], self.run_name,
+                self.start_button]
+
+    def figures(self):
+        return [self.result, self.plot]
+
+    def advanced(self):
+        return [pn.pane.Markdown("**Data options**", margin=(0, 10)), self.dataset_box,
+                pn.pane.Markdown("**Model**", margin=(0, 10)), self.model_box,
+                pn.pane.Markdown("**Training**", margin=(0, 10)), self.train_box]
+
+    def run_buttons(self):
+        return [self.start_button]
 
     # ---------------------------------------------------------------- forms
     def _rebuild_forms(self) -> None:
@@ -101,8 +152,8 @@ class TrainPage(pn.viewable.Viewer):
             else:
                 w = _OPTION_WIDGET[typ](name=key, value=default, width=110)
             self.dataset_widgets[key] = w
-        uploads = [self.upload] if name == "text" else []
-        self.dataset_box.objects = uploads + list(self.dataset_widgets.values())
+        self.upload_box.objects = [self.upload] if name == "text" else []
+        self.dataset_box.objects = list(self.dataset_widgets.values())
         kind = "vector" if name in ("digits", "mnist1d") else "sequence"
         if kind == "vector":
             template = models.MLPConfig(d_in=1, n_classes=2, d_model=128, n_layers=2, d_hidden=256)
@@ -110,6 +161,10 @@ class TrainPage(pn.viewable.Viewer):
         else:
             template = models.TransformerConfig(vocab_size=2, d_model=64, n_layers=2, n_heads=4, d_mlp=256)
             skip = ("vocab_size", "context", "vocab", "glyph_font")
+        if getattr(self, "model_widgets", None):  # keep what the user set where the field still exists
+            for key, w in self.model_widgets.items():
+                if hasattr(template, key) and key != "norm":
+                    template = dataclasses.replace(template, **{key: w.value})
         self.model_widgets = config_widgets(template, skip=skip)
         self.model_box.objects = list(self.model_widgets.values())
 
@@ -154,42 +209,34 @@ class TrainPage(pn.viewable.Viewer):
         except (ValueError, TypeError) as e:
             self.errors.show(e)
             return
-        shown = {k: v for k, v in opts.items() if k != "text"}
-        upload = (f"text=open({self.upload.filename or 'my_text.txt'!r}, encoding='utf-8').read()"
-                  if "text" in opts else "")
-        self.code.object = code_block(CODE.format(
-            name=self.dataset.value, opts="".join(", " + part for part in (upload, _kwargs(shown)) if part),
-            model=(", " + _kwargs({k: v for k, v in dataclasses.asdict(model_config).items()
-                                   if k in self.model_widgets})),
-            train=_kwargs(dataclasses.asdict(train_config))))
+        self.show_code(self._code(opts, model_config, train_config))
         self.result.object = ""
         args = (self.dataset.value, opts, model_config, train_config, self.datastore.store,
                 self.run_name.value.strip() or None)
-        if wait:
-            self.task.run_now(_train_job, *args)
-        else:
-            self.task.start(_train_job, *args)
+        self.start_task(_train_job, *args, wait=wait)
 
-    def _on_update(self, rows) -> None:
+    def _code(self, opts, model_config, train_config) -> str:
+        shown = {k: v for k, v in opts.items() if k != "text"}
+        upload = (f"text=open({self.upload.filename or 'my_text.txt'!r}, encoding='utf-8').read()"
+                  if "text" in opts else "")
+        return CODE.format(
+            name=self.dataset.value, opts="".join(", " + part for part in (upload, _kwargs(shown)) if part),
+            model=(", " + _kwargs({k: v for k, v in dataclasses.asdict(model_config).items()
+                                   if k in self.model_widgets})),
+            train=_kwargs(dataclasses.asdict(train_config)))
+
+    def as_code(self) -> str:
+        return self._code(*self.configs())
+
+    def on_update(self, rows) -> None:
         import pandas as pd
 
         self.plot.object = training_curves(pd.DataFrame(rows))
 
-    def _on_done(self, result) -> None:
+    def on_done(self, result) -> None:
         run, run_id = result  # saved by the worker
         self.last_run, self.last_run_id = run, run_id
         self.plot.object = training_curves(run.metrics)
         self.datastore.refresh()
         self.result.object = (f"**{escape_md(run.status)}**: val loss {run.final('loss'):.4f}, "
                               f"val acc {run.final('acc'):.3f}; saved as {escape_md(run_id)}")
-
-    def __panel__(self):
-        return pn.Column(
-            page_header("Train", EXPLANATION, CODE.format(name="digits", opts="", model="", train="steps=300")),
-            pn.Row(self.dataset, self.dataset_box),
-            pn.pane.Markdown("**Model**", margin=(0, 10)), self.model_box,
-            pn.pane.Markdown("**Training**", margin=(0, 10)), pn.FlexBox(*self.train_widgets.values()),
-            pn.Row(self.run_name, self.start_button, self.task.controls()),
-            self.errors, self.result, self.plot, self.code,
-            sizing_mode="stretch_width",
-        )

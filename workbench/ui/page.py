@@ -1,0 +1,193 @@
+"""The base of every dashboard page, and the registry the app and the browser test read.
+
+A page is one :class:`Page` subclass with a ``title`` (and an ``order``): defining the class registers
+it, and :func:`pages` lists every page of ``workbench.ui`` in order. The base holds what every page
+has: the data store (a ``param.ClassSelector``), a title and an explanation, the "As code" box (the
+engine calls that reproduce the page's figure, from :meth:`Page.as_code`), one background task with
+its progress bar and Stop button, the error box, and a notice with a "Rebuild index" button when the
+run index cannot be read. Its layout puts the few choices that matter in a side column
+(:meth:`Page.side`), the figures next to it, above the fold (:meth:`Page.figures`), and everything
+else in a collapsed "Advanced" card (:meth:`Page.advanced`).
+
+Adding a page: a new module in ``workbench/ui`` with ``class MyPage(Page): title = "Mine"; order = 70``
+and the four methods; nothing else lists it.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import ClassVar
+
+import panel as pn
+import param
+
+from .common import BackgroundTask, DataStore, ErrorBox, code_block, escape_md
+
+__all__ = ["Page", "REGISTRY", "pages", "IndexNotice"]
+
+REGISTRY: dict[str, type["Page"]] = {}
+
+
+def pages() -> list[type["Page"]]:
+    """Every registered page class, in ``order`` (importing each module of ``workbench.ui`` once)."""
+    package = importlib.import_module(__package__)
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{__package__}.{info.name}")
+    return sorted(REGISTRY.values(), key=lambda cls: (cls.order, cls.title))
+
+
+class IndexNotice(pn.viewable.Viewer):
+    """Shown when the run index is corrupt or foreign: the store's message and a "Rebuild index" button."""
+
+    datastore = param.ClassSelector(class_=DataStore)
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.alert = pn.pane.Alert("", alert_type="warning", sizing_mode="stretch_width")
+        self.button = pn.widgets.Button(name="Rebuild index", button_type="warning", width=140)
+        self.button.on_click(lambda _: self.rebuild())
+        self.layout = pn.Column(self.alert, self.button, visible=False, sizing_mode="stretch_width")
+        self._sync()
+
+    @param.depends("datastore.index_error", watch=True)
+    def _sync(self) -> None:
+        error = self.datastore.index_error
+        self.alert.object = (f"**The run index cannot be read**: {escape_md(error)}" if error else "")
+        self.layout.visible = bool(error)
+
+    def rebuild(self) -> None:
+        """``RunStore.rebuild_index()`` and a fresh listing; a failure is shown in the notice."""
+        try:
+            self.datastore.rebuild_index()
+        except Exception as e:  # e.g. a read-only store: say so, keep the page
+            self.alert.object = f"**Rebuilding the index failed**: {escape_md(f'{type(e).__name__}: {e}')}"
+            self.layout.visible = True
+
+    def __panel__(self):
+        return self.layout
+
+
+class Page(pn.viewable.Viewer):
+    """One dashboard page over the session's :class:`DataStore`.
+
+    Subclasses set ``title``, ``order`` and ``explanation`` and implement :meth:`side`, :meth:`figures`,
+    :meth:`advanced` and :meth:`as_code`; the task's results arrive in :meth:`on_update` and
+    :meth:`on_done`, store changes in :meth:`on_store_change`. ``on_session_end`` is the task's
+    (``"stop"``, or ``"finish"`` for jobs that save their result in the worker), ``None`` for a page
+    without a background task.
+    """
+
+    datastore = param.ClassSelector(class_=DataStore, doc="the session's runs")
+    task = param.ClassSelector(class_=BackgroundTask, allow_None=True, doc="the page's background job")
+
+    title: ClassVar[str] = ""
+    order: ClassVar[int] = 100
+    explanation: ClassVar[str] = ""
+    on_session_end: ClassVar[str | None] = "stop"
+    side_width: ClassVar[int] = 340
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("title"):
+            REGISTRY[cls.title] = cls
+
+    def __init__(self, datastore: DataStore | None = None, **params):
+        datastore = datastore if datastore is not None else DataStore()
+        task = (BackgroundTask(on_update=self._task_update, on_done=self._task_done,
+                               on_session_end=self.on_session_end) if self.on_session_end else None)
+        super().__init__(datastore=datastore, task=task, **params)
+        self.errors = ErrorBox()
+        self.code = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.index_notice = IndexNotice(datastore=datastore)
+        self._layout = None
+
+    # ---------------------------------------------------------------- to implement
+    def side(self) -> list:
+        """The few choices that matter (data or task, preset, the main knob) and the Run button."""
+        return []
+
+    def figures(self) -> list:
+        """The figures (and the result line), shown next to the side column."""
+        return []
+
+    def advanced(self) -> list:
+        """Everything else, in the collapsed "Advanced" card."""
+        return []
+
+    def below(self) -> list:
+        """Further results under the figures (tables, samples)."""
+        return []
+
+    def run_buttons(self) -> list:
+        """Buttons disabled while the task runs."""
+        return []
+
+    def as_code(self) -> str:
+        """The engine calls that reproduce the page's figure for the current choices."""
+        return "import workbench as wb"
+
+    def on_update(self, payload) -> None:
+        pass
+
+    def on_done(self, result) -> None:
+        pass
+
+    def on_status(self, status: str) -> None:
+        pass
+
+    def on_store_change(self) -> None:
+        pass
+
+    # ---------------------------------------------------------------- wiring (once, here)
+    def _task_update(self, payload) -> None:
+        self.on_update(payload)
+
+    def _task_done(self, result) -> None:
+        self.on_done(result)
+
+    @param.depends("task.status", watch=True)
+    def _status_changed(self) -> None:
+        running = self.task is not None and self.task.status == "running"
+        for button in self.run_buttons():
+            button.disabled = running
+        self.on_status(self.task.status if self.task is not None else "idle")
+
+    @param.depends("datastore.version", watch=True)
+    def _store_changed(self) -> None:
+        self.on_store_change()
+
+    def start_task(self, fn, *args, wait: bool = False) -> bool:
+        """Start ``fn(ctx, *args)`` on the page's task (``wait=True``: synchronously, for tests)."""
+        return (self.task.run_now if wait else self.task.start)(fn, *args)
+
+    def show_code(self, code: str | None = None) -> None:
+        """Put ``code`` (by default :meth:`as_code` of the current choices) into the "As code" box."""
+        if code is None:
+            try:
+                code = self.as_code()
+            except (ValueError, TypeError) as e:  # a field out of range: the box says which
+                code = f"# fix the form first: {e}"
+        self.code.object = code_block(code.strip())
+
+    # ---------------------------------------------------------------- layout
+    def controls(self) -> list:
+        return [self.task.controls()] if self.task is not None else []
+
+    def __panel__(self):
+        if self._layout is None:
+            self.show_code()
+            side = pn.Column(*self.side(), *self.controls(), width=self.side_width, margin=(0, 10, 0, 0))
+            main = pn.Column(
+                self.index_notice, self.errors, *self.figures(),
+                sizing_mode="stretch_width")
+            self.advanced_card = pn.Card(*self.advanced(), title="Advanced", collapsed=True,
+                                         sizing_mode="stretch_width", css_classes=["wb-advanced"])
+            about = pn.pane.Markdown(self.explanation, sizing_mode="stretch_width")
+            self.code_card = pn.Card(self.code, title="As code (run this in a notebook to get the same figure)",
+                                     collapsed=True, sizing_mode="stretch_width")
+            self._layout = pn.Column(
+                pn.pane.Markdown(f"## {escape_md(self.title)}", margin=(0, 10)),
+                pn.Row(side, main, sizing_mode="stretch_width"),
+                *self.below(), self.advanced_card, about, self.code_card,
+                sizing_mode="stretch_width")
+        return self._layout
