@@ -75,3 +75,8 @@ def test_builders_refuse_what_the_configs_refuse():
         recipes.KHOP.train_config(steps=0)
     with pytest.raises(ValueError, match="lr"):
         recipes.TRANSFORMER_PAIR.train_config(lr=-1.0)
+
+
+def test_overrides_replace_recipe_fields():
+    tc = recipes.KHOP.train_config(eval_every=7, lr=1e-2)
+    assert (tc.eval_every, tc.lr, tc.steps) == (7, 1e-2, 400)

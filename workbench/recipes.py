@@ -64,8 +64,9 @@ class GrowthRecipe:
         """A :class:`~workbench.TrainConfig` with the recipe's optimizer settings (``steps``: one stage by default)."""
         from .training import TrainConfig
 
-        return TrainConfig(steps=self.steps_per_stage if steps is None else steps, batch_size=self.batch_size,
-                           lr=self.lr, eval_every=self.eval_every, eval_max=self.eval_max, **overrides).validate()
+        options = {"steps": self.steps_per_stage if steps is None else steps, "batch_size": self.batch_size,
+                   "lr": self.lr, "eval_every": self.eval_every, "eval_max": self.eval_max, **overrides}
+        return TrainConfig(**options).validate()
 
     def sweep_config(self, **overrides):
         """The depth sweep's :class:`~workbench.TrainConfig` (``sweep_steps`` steps)."""
