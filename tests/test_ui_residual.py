@@ -1,6 +1,7 @@
 """Residual stream page, driven through its widgets without a server."""
 import dataclasses
 
+import panel as pn
 import pytest
 import torch
 
@@ -165,9 +166,16 @@ def test_vector_model_uses_a_batch_of_samples(store):
     assert "sequence model" in page.errors.text
 
 
-def test_page_renders(page_with_run):
-    page, _, _ = page_with_run
-    assert page.__panel__() is not None
+def test_page_shows_the_stored_run_and_empty_figures_before_analysing(page_with_run):
+    page, run, _ = page_with_run
+    layout = page.__panel__()
+    shown = layout.select(pn.widgets.Select)
+    assert page.run_select in shown and page.run_select.value == run.run_id
+    assert any(run.run_id[-6:] in label for label in page.run_select.options)
+    plots = layout.select(pn.pane.Plotly)
+    assert page.contrib_pane in plots and page.contrib_pane.object.data == ()
+    assert "What each layer writes" in page.contrib_pane.object.layout.title.text
+    assert f"load({run.run_id!r})" in page.code.object   # the As code box names the chosen run
 
 
 def test_a_run_saved_while_the_page_is_open_becomes_the_selection(page_with_run, store):

@@ -112,8 +112,8 @@ class ConnectivityPage(Page):
 
     def __init__(self, datastore=None, **params):
         super().__init__(datastore, **params)
-        self.run_a = pn.widgets.Select(name="model A", width=420)
-        self.run_b = pn.widgets.Select(name="model B", width=420)
+        self.run_a = pn.widgets.Select(name="model A", width=320)
+        self.run_b = pn.widgets.Select(name="model B", width=320)
         self.n_alphas = pn.widgets.IntInput(name="alphas", value=25, start=3, end=101, width=90)
         self.resolution = pn.widgets.IntInput(name="plane resolution", value=15, start=3, end=61, width=120)
         self.max_examples = pn.widgets.IntInput(name="examples per split", value=1024, start=0, width=130)
