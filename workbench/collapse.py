@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from . import checks, hooks, recipes
 from .data import IGNORE, Dataset
-from .models import HookPoint, build
+from .models import FAMILIES, HookPoint, build
 from .training import Callback, TrainConfig, TrainState
 
 __all__ = [
@@ -442,22 +442,17 @@ def _check_xy(model: nn.Module, x, y) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets that ``model`` can score: tokens in its vocabulary or vectors of its d_in; labels
     (``IGNORE`` allowed for sequences) below its number of outputs, one per example (or per token)."""
     cfg = getattr(model, "config", None)
-    family = getattr(cfg, "family", None)
-    if family not in ("mlp", "transformer"):
+    if getattr(cfg, "family", None) not in FAMILIES:
         raise ValueError(f"model must be a workbench model (ResidualMLP or Transformer), got {type(model).__name__}")
     x, y = _tensor("x", x), _tensor("y", y)
-    if family == "transformer":
-        checks.check_tokens("x", x, cfg.vocab_size)
-        if x.ndim != 2 or x.shape[1] > cfg.context:
-            raise ValueError(f"x must be token ids (N, T) with T <= the context {cfg.context}, got shape {tuple(x.shape)}")
+    cfg.check_inputs("x", x)  # the family's input check: token ids in the vocabulary, or real vectors of d_in
+    sequence = cfg.data_kind == "sequence"
+    if sequence:
         checks.check_labels("y", y, cfg.vocab_size, ignore=IGNORE)
     else:
-        checks.check_features("x", x)
-        if x.ndim != 2 or x.shape[1] != cfg.d_in:
-            raise ValueError(f"x must be vectors (N, {cfg.d_in}), got shape {tuple(x.shape)}")
         checks.check_labels("y", y, cfg.n_classes)
-    if tuple(y.shape) != (tuple(x.shape) if family == "transformer" else (len(x),)):
-        raise ValueError(f"y must have one label per {'token' if family == 'transformer' else 'example'} of x, "
+    if tuple(y.shape) != (tuple(x.shape) if sequence else (len(x),)):
+        raise ValueError(f"y must have one label per {'token' if sequence else 'example'} of x, "
                          f"got shapes x {tuple(x.shape)}, y {tuple(y.shape)}")
     if len(x) == 0:
         raise ValueError("x must hold at least one example")

@@ -467,10 +467,12 @@ def layer_groups(model: nn.Module) -> dict[str, list[str]]:
     for i in range(len(model.blocks)):
         groups[f"block {i}"] = []
     groups["readout"] = []
+    embeds = model.embedding_modules()  # the family's fact: stem, or token and position embeddings
+    embed_prefixes = tuple(f"{name}." for name, m in model.named_modules() if any(m is e for e in embeds))
     for name in _params(model):
         if name.startswith("blocks."):
             groups[f"block {int(name.split('.')[1])}"].append(name)
-        elif name.startswith(("stem.", "tok_embed.", "pos_embed.")):
+        elif embed_prefixes and name.startswith(embed_prefixes):
             groups["embed"].append(name)
         else:
             groups["readout"].append(name)
