@@ -13,7 +13,13 @@ pytestmark = [pytest.mark.ui, pytest.mark.timeout(300)]
 CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM", "/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
-PAGES = ["Train", "Grow", "Residual stream", "Connectivity", "Collapse", "Compose", "Runs"]
+def _registered_pages() -> list[str]:
+    from workbench.ui.page import pages
+
+    return [cls.title for cls in pages()]
+
+
+PAGES = _registered_pages()  # the page registry (workbench.ui.page), as the app reads it
 
 
 def _free_port() -> int:
@@ -94,14 +100,28 @@ def _click(page, button: str) -> None:
     page.locator("button.bk-btn", has_text=button).first.click()
 
 
-def test_every_page_renders_without_console_errors(server, page):
+def _open_advanced(page) -> None:
+    """Expand the visible tab's collapsed "Advanced" card (its header button)."""
+    header = page.locator(".card-header:visible", has_text="Advanced").first
+    header.click()
+    page.wait_for_timeout(500)
+
+
+def test_every_page_renders_without_console_errors_with_a_figure_above_the_fold(server, page):
+    """Each registered page at 1400 x 1000: a screenshot, and a figure whose top is inside the window."""
     ARTIFACTS.mkdir(exist_ok=True)
+    assert page.viewport_size == {"width": 1400, "height": 1000}
     page.goto(server)
     page.wait_for_selector("text=Depth Workbench")
+    tops = {}
     for title in PAGES:
         _open(page, title)
+        page.wait_for_selector(".js-plotly-plot:visible")
         page.wait_for_timeout(1500)
         page.screenshot(path=str(ARTIFACTS / f"page-{title.replace(' ', '_').lower()}.png"))
+        boxes = [p.bounding_box() for p in page.locator(".js-plotly-plot:visible").all()]
+        tops[title] = min(b["y"] for b in boxes if b is not None)
+    assert all(top < 1000 for top in tops.values()), tops
     assert page.console_errors == []
 
 
@@ -123,6 +143,8 @@ def test_grow_then_read_the_grown_model_in_the_residual_stream(server, page):
     page.goto(server)
     _open(page, "Grow")
     _type(page, "steps per stage", "20")
+    _open_advanced(page)
+    _type(page, "final blocks", "3")
     _click(page, "Fill stages from preset")
     _click(page, "Grow")
     page.wait_for_selector("text=stages saved", timeout=120_000)
@@ -186,6 +208,7 @@ def test_script_payloads_in_names_and_fields_never_run(server, page, planted):
         _open(page, title)
         page.wait_for_timeout(1200)
         _no_script_ran(page, f"opening {title}")
+        _open_advanced(page)  # the fields there too
         _fill_every_text_field(page, XSS)
         page.wait_for_timeout(500)
         _no_script_ran(page, f"typing into {title}")
@@ -198,8 +221,9 @@ def test_script_payloads_in_names_and_fields_never_run(server, page, planted):
     page.locator("input[type=file]").first.set_input_files(
         files=[{"name": f"{XSS}.txt", "mimeType": "text/plain", "buffer": TEXT.encode()}])
     page.wait_for_timeout(800)
-    _type(page, "context", "16")
     _type(page, "steps", "6")
+    _open_advanced(page)
+    _type(page, "context", "16")
     _type(page, "eval_every", "3")
     _type(page, "run name", SCRIPT)
     _click(page, "Train")
