@@ -395,7 +395,7 @@ class QueueMachine(RuleBasedStateMachine):
 
 
 TestQueueMachine = QueueMachine.TestCase
-TestQueueMachine.settings = settings(max_examples=500, stateful_step_count=25, deadline=None,
+TestQueueMachine.settings = settings(max_examples=500, stateful_step_count=20, deadline=None,
                                      suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -433,6 +433,29 @@ def test_threads_run_jobs_with_progress_cooperative_stop_and_torch_threads():
     gate.set()
     assert b.result(10)["status"] == "done" and b.status == "done"
     assert jobs.current().stopped is False          # outside a job: a silent context
+    q.close()
+
+
+def test_threads_never_run_more_than_max_jobs_at_once():
+    gate, lock, active, peak = threading.Event(), threading.Lock(), [0], [0]
+
+    def task():
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        gate.wait(30)
+        with lock:
+            active[0] -= 1
+        return True
+
+    q = JobQueue(max_jobs=2, queue_size=10, jobs_per_user=2, threads=1, executor="threads")
+    js = [q.submit(task, user=u) for u in "aabbcc"]
+    deadline = time.monotonic() + 30
+    while active[0] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (active[0], q.n_running, q.n_waiting) == (2, 2, 4)
+    gate.set()
+    assert all(j.result(30) for j in js) and peak[0] == 2
     q.close()
 
 

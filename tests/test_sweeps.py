@@ -234,11 +234,67 @@ def test_queue_and_address_are_exclusive():
 # ============================================================================ worker processes
 
 
+def kill_worker_once(x, marker):
+    """Kills its worker process the first time it runs for x == 1 (a worker dying mid-sweep)."""
+    import os
+
+    if x == 1 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    return {"x": x}
+
+
 @pytest.mark.slow
-def test_worker_processes_import_and_unpickle_the_tasks():
+@pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
+def test_worker_processes_import_unpickle_and_survive_a_killed_worker(tmp_path):
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as c:
-        remote = sweeps.run("train", {"d_model": [8]}, seeds=[0, 1], address=c, **TINY)
-    local = sweeps.run("train", {"d_model": [8]}, seeds=[0, 1], **TINY)
+        remote = sweeps.run("train", {"d_model": [8]}, seeds=[0], address=c, **TINY)
+        # the worker dies running point x=1; Dask reruns the point on the restarted worker
+        killed = sweeps.run(kill_worker_once, {"x": [0, 1, 2]}, address=c, marker=str(tmp_path / "killed"))
+    local = sweeps.run("train", {"d_model": [8]}, seeds=[0], **TINY)
     assert set(remote["status"]) == {"done"}
     np.testing.assert_array_equal(remote["value"].to_numpy(), local["value"].to_numpy())
+    assert (tmp_path / "killed").exists()
+    assert sorted(killed["point"]) == [0, 1, 2] and set(killed["status"]) == {"done"}
+    assert killed.sort_values("point")["value"].tolist() == [0.0, 1.0, 2.0]
+
+
+# ============================================================================ fuzzing the grid checks
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_KEYS = st.sampled_from(["dataset", "steps", "seed", "lr", "d_model", "n_layers", "batch_size", "data_options",
+                         "n_heads", "nope", "queue", "", "x"])
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+                    st.text(max_size=8), st.sampled_from(["digits", "khop", "cifar"]),
+                    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+_GRIDS = st.one_of(st.dictionaries(_KEYS, st.one_of(st.lists(_VALUES, max_size=5), _VALUES), max_size=4),
+                   st.lists(_VALUES, max_size=3), _VALUES)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(task=st.sampled_from(["train", "barrier", "grow", square]), grid=_GRIDS,
+       seeds=st.one_of(st.none(), st.lists(st.integers(-2, 5), max_size=3), st.text(max_size=2)),
+       fixed=st.dictionaries(_KEYS, _VALUES, max_size=2))
+def test_fuzzed_grids_give_points_or_a_message_naming_the_field(task, grid, seeds, fixed):
+    fixed = {k: v for k, v in fixed.items() if k not in sweeps.RESERVED and k}
+    try:
+        pts = sweeps.points(task, grid, seeds=seeds, **fixed)
+    except ValueError as e:
+        msg = str(e)
+        named = [f"grid[{k!r}]" for k in (grid if isinstance(grid, dict) else {})] + list(fixed) + \
+            ["grid", "seeds", "seed", "grid key"]
+        assert any(n in msg for n in named), msg
+        return
+    assert isinstance(grid, dict)
+    sizes = [len(v) for v in grid.values()] + ([len(seeds)] if seeds is not None else [])
+    assert len(pts) == math.prod(sizes) and all(set(p) == set(grid) | ({"seed"} if seeds else set()) for p in pts)
+
+
+def test_every_argument_of_the_built_in_tasks_is_checked():
+    import inspect
+
+    for name in sweeps.TASKS:
+        fn = sweeps._TASK_FUNCTIONS[name]
+        assert set(inspect.signature(fn).parameters) == set(sweeps._CHECKS[name]), name

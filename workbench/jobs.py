@@ -24,8 +24,10 @@ executor with its own queue -- Dask orders by submission and priority -- never h
 Waiting jobs start round-robin across users and first-in-first-out within one user: the users with
 waiting jobs form a ring; the next job is the oldest one of the user at the head of the ring, who
 then moves to the back (a user who had nothing waiting joins at the back). :meth:`Job.position` is
-the place in exactly that order, so positions only move forward as the queue moves, except when a
-new user's job joins a ring in front of one's next turn (it is then told, event ``"position"``). No slot idles while a job waits.
+the place in exactly that order: the job at position 1 is the next to start. A position moves
+forward as jobs start or are cancelled; it moves back by one when a user with nothing waiting
+submits and takes a turn ahead of others' second or later jobs (round-robin). Waiting jobs'
+listeners hear of every change (event ``"position"``). No slot idles while a job waits.
 
 *The task* is any function ``fn(*args, **kwargs)``; it finds its :class:`Context` with
 :func:`current` (outside a job: a context that is never stopped and reports nowhere): ``ctx.stopped``
@@ -133,10 +135,10 @@ def _env_int(variable: str, default: int, hi: int) -> int:
 
 
 def settings(max_jobs: int | None = None, queue_size: int | None = None, jobs_per_user: int | None = None,
-             threads: int | None = None, *, dask: bool = False) -> dict[str, int]:
+             threads: int | None = None, *, default_threads: int | None = None) -> dict[str, int]:
     """The queue's settings: each argument, else its environment variable, else its default (see the module).
 
-    ``dask``: the default of ``threads`` is 1 (one torch thread per Dask task) instead of
+    ``default_threads``: the backend's default torch threads per job (Dask: 1) instead of
     ``floor(cores / max_jobs)``. Raises ``ValueError`` naming the argument or the variable.
     """
     n = cores()
@@ -147,7 +149,8 @@ def settings(max_jobs: int | None = None, queue_size: int | None = None, jobs_pe
                          else _env_int("WORKBENCH_QUEUE_SIZE", 40, MAX_QUEUE))
     out["jobs_per_user"] = (check_int("jobs_per_user", jobs_per_user, 1, MAX_PER_USER) if jobs_per_user is not None
                             else _env_int("WORKBENCH_JOBS_PER_USER", 2, MAX_PER_USER))
-    default_threads = 1 if dask else max(1, n // out["max_jobs"])
+    if default_threads is None:
+        default_threads = max(1, n // out["max_jobs"])
     out["threads"] = (check_int("threads", threads, 1, MAX_THREADS) if threads is not None
                       else _env_int("WORKBENCH_THREADS", default_threads, MAX_THREADS))
     return out
@@ -412,7 +415,7 @@ class Executor:
     releases resources.
     """
 
-    default_threads: int | None = None     # None: floor(cores / max_jobs); Dask: 1
+    default_threads: int | None = None     # torch threads per job unless set; None: floor(cores / max_jobs)
 
     def slots(self) -> int | None:
         """How many tasks the backend can run at once, if it knows (the default of ``max_jobs``)."""
@@ -485,8 +488,12 @@ class _DaskContext(Context):
     def _send(self, progress, message, payload) -> None:
         from distributed import get_worker
 
-        get_worker().log_event(self.topic, {"job": self.key, "progress": progress, "message": message,
-                                            "payload": payload})
+        msg = {"job": self.key, "progress": progress, "message": message, "payload": payload}
+        try:
+            get_worker().log_event(self.topic, msg)
+        except TypeError:   # the payload is not msgpack-serialisable: send the rest
+            get_worker().log_event(self.topic, {**msg, "payload": None,
+                                                "message": f"{message} (payload not sendable)".strip()})
 
 
 def _run_on_worker(fn, args, kwargs, key: str, topic: str, event_name: str, threads: int, report_interval: float):
@@ -502,14 +509,14 @@ def _run_on_worker(fn, args, kwargs, key: str, topic: str, event_name: str, thre
 class DaskExecutor(Executor):
     """Jobs as tasks on a Dask cluster: ``DaskExecutor("tcp://host:8786")`` or ``DaskExecutor(client)``.
 
-    ``threads``: torch threads per task (default 1: a worker runs several tasks, one per thread).
+    ``threads``: torch threads per task unless the queue sets them (``JobQueue(threads=...)`` or
+    ``WORKBENCH_THREADS``); default 1, as a worker runs several tasks, one per worker thread.
     ``priority``: Dask priority of our tasks against other clients' (sweeps: -10).
     ``cancel_grace``: seconds after a stop request before ``future.cancel()`` frees the slot.
     A client made here (from an address) is synchronous, runs its own event loop thread and is
-    closed by :meth:`close`; a client passed in is left open.
+    closed by :meth:`close`; a client passed in is left open and must be synchronous (the queue
+    is called from plain threads: an ``asynchronous=True`` client is refused).
     """
-
-    default_threads = 1
 
     def __init__(self, client_or_address, *, threads: int = 1, priority: int = 0, cancel_grace: float = 10.0,
                  report_interval: float = 0.5, timeout: float = 30.0):
@@ -517,12 +524,15 @@ class DaskExecutor(Executor):
 
         from distributed import Client
 
-        self.threads = check_int("threads", threads, 1, MAX_THREADS)
+        self.default_threads = check_int("threads", threads, 1, MAX_THREADS)
         self.priority = check_int("priority", priority, -1_000_000, 1_000_000)
         self.cancel_grace = check_float("cancel_grace", cancel_grace, 0.0, 3600.0)
         self.report_interval = check_float("report_interval", report_interval, 0.0, 60.0)
         check_float("timeout", timeout, 0.0, 3600.0, lo_open=True)
         if isinstance(client_or_address, Client):
+            if client_or_address.asynchronous:
+                raise ValueError("the Dask client must be synchronous (the job queue calls it from plain threads); "
+                                 "pass the scheduler address instead and the executor makes its own")
             self.client, self._own = client_or_address, False
         else:
             address = _check_address("address", client_or_address)
@@ -637,7 +647,7 @@ class JobQueue:
         self.executor = self._make_executor(executor, report_interval)
         if max_jobs is None and not os.environ.get("WORKBENCH_MAX_JOBS", "").strip():
             max_jobs = self.executor.slots()
-        s = settings(max_jobs, queue_size, jobs_per_user, threads, dask=self.executor.default_threads == 1)
+        s = settings(max_jobs, queue_size, jobs_per_user, threads, default_threads=self.executor.default_threads)
         self.max_jobs, self.queue_size = s["max_jobs"], s["queue_size"]
         self.jobs_per_user, self.threads = s["jobs_per_user"], s["threads"]
         self._lock = threading.RLock()
@@ -897,7 +907,8 @@ class JobQueue:
         return sum(j.cancel() for j in targets)
 
     def close(self, wait: float | None = 0) -> None:
-        """Refuse new jobs, cancel the waiting ones, stop the running ones (waiting up to ``wait`` s), close the backend."""
+        """Refuse new jobs, cancel the waiting ones, stop the running ones (waiting up to ``wait`` s for them),
+        close the backend."""
         with self._lock:
             self._closed = True
             waiting = self._order()

@@ -256,7 +256,8 @@ _TRAIN_CHECKS = {"dataset": _dataset_name, "seed": checks.check_seed, "steps": _
                  "data_options": _options, **_SIZE_CHECKS}
 _CHECKS: dict[str, dict[str, Callable]] = {
     "train": _TRAIN_CHECKS,
-    "barrier": {**_TRAIN_CHECKS, "seed_b": _opt(checks.check_seed), "n_alphas": _int(2, 1001),
+    "barrier": {**{k: v for k, v in _TRAIN_CHECKS.items() if k != "eval_max"}, "seed_b": _opt(checks.check_seed),
+                "n_alphas": _int(2, 1001),
                 "split": lambda n, v: checks.check_choice(n, v, ("train", "val")), "max_examples": _int(0, None)},
     "collapse": {"dataset": lambda n, v: checks.check_choice(n, v, ("digits", "mnist1d")), "seed": checks.check_seed,
                  "epochs": _int(1, MAX_EPOCHS), "every": _int(1, MAX_EPOCHS),
@@ -267,7 +268,8 @@ _CHECKS: dict[str, dict[str, Callable]] = {
                  "mixup": _float(0, 100), "etf_classifier": checks.check_bool,
                  "imbalance": _opt(_float(0, 1, lo_open=True))},
     "grow": {"recipe": lambda n, v: checks.check_choice(n, v, ("khop", "text")), "seed": checks.check_seed,
-             "steps": _opt(_int(1, MAX_STEPS)), "schedule": lambda n, v: checks.check_choice(n, v, ("gstack", "layerwise")),
+             "steps": _opt(_int(1, MAX_STEPS)),
+             "schedule": lambda n, v: checks.check_choice(n, v, ("gstack", "layerwise")),
              "final_layers": _opt(_int(1, 64)), "d_model": _SIZE_CHECKS["d_model"], "n_heads": _SIZE_CHECKS["n_heads"],
              "d_mlp": _SIZE_CHECKS["d_mlp"], "eval_every": _opt(_int(1, MAX_STEPS)),
              "eval_max": _opt(_int(0, 100_000_000)), "data_options": _options},
@@ -291,9 +293,10 @@ def _resolve(task) -> tuple[str, Callable]:
             raise ValueError(f"task {task!r} cannot be imported: {type(e).__name__}: {e}") from None
         if not callable(fn):
             raise ValueError(f"task {task!r} is not a function")
-        return task, fn
+        return _resolve(fn)[0] if fn in _TASK_FUNCTIONS.values() else task, fn
     if callable(task):
-        return getattr(task, "__name__", type(task).__name__), task
+        named = next((name for name, fn in _TASK_FUNCTIONS.items() if fn is task), None)
+        return named or getattr(task, "__name__", type(task).__name__), task
     raise ValueError(f"task must be one of {list(TASKS)}, a 'module:function' reference or a function, "
                      f"got {type(task).__name__}")
 
