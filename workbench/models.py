@@ -38,6 +38,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn as nn
@@ -146,6 +147,7 @@ class MLPConfig:
     seed: int = 0             # initialisation seed
 
     family = "mlp"            # key in FAMILIES (a class attribute, not a field)
+    CHOICES = MappingProxyType({"norm": ("none", "peri", "pre"), "activation": ("gelu", "relu")})  # string fields
     data_kind = "vector"      # the Dataset.kind this family takes
 
     def validate(self) -> "MLPConfig":
@@ -159,8 +161,8 @@ class MLPConfig:
         self.d_model = check_int("d_model", self.d_model, 1, 8192)
         self.n_layers = check_int("n_layers", self.n_layers, 0, 256)
         self.d_hidden = check_int("d_hidden", self.d_hidden, 1, 65536)
-        self.norm = _plain_str(check_choice("norm", self.norm, ["none", "peri", "pre"]))
-        self.activation = _plain_str(check_choice("activation", self.activation, ["gelu", "relu"]))
+        self.norm = _plain_str(check_choice("norm", self.norm, self.CHOICES["norm"]))
+        self.activation = _plain_str(check_choice("activation", self.activation, self.CHOICES["activation"]))
         self.seed = check_seed("seed", self.seed)
         check_memory(self)
         return self
@@ -234,6 +236,7 @@ class TransformerConfig:
     seed: int = 0                   # initialisation seed (also of frozen-random embeddings)
 
     family = "transformer"          # key in FAMILIES (a class attribute, not a field)
+    CHOICES = MappingProxyType({"norm": ("peri", "pre"), "embedding": ("frozen-random", "glyph", "trainable")})
     data_kind = "sequence"          # the Dataset.kind this family takes
 
     def validate(self) -> "TransformerConfig":
@@ -250,9 +253,9 @@ class TransformerConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         self.d_mlp = check_int("d_mlp", self.d_mlp, 1, 65536)
-        self.norm = _plain_str(check_choice("norm", self.norm, ["peri", "pre"]))
+        self.norm = _plain_str(check_choice("norm", self.norm, self.CHOICES["norm"]))
         check_bool("tie_embeddings", self.tie_embeddings)
-        self.embedding = _plain_str(check_choice("embedding", self.embedding, ["frozen-random", "glyph", "trainable"]))
+        self.embedding = _plain_str(check_choice("embedding", self.embedding, self.CHOICES["embedding"]))
         if self.vocab is not None:
             if not isinstance(self.vocab, (list, tuple)) or not all(isinstance(t, str) for t in self.vocab):
                 shown = repr(self.vocab) if len(repr(self.vocab)) <= 60 else repr(self.vocab)[:57] + "..."

@@ -14,6 +14,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import pandas as pd
@@ -44,6 +45,8 @@ class TrainConfig:
     grad_clip: float = 1.0        # max gradient norm (0: off)
     seed: int = 0                 # data order
 
+    CHOICES = MappingProxyType({"schedule": ("constant", "cosine")})  # allowed values of the string fields
+
     def validate(self) -> "TrainConfig":
         """Check every field's type and range (:mod:`workbench.checks`: bools are not numbers); returns self.
 
@@ -55,7 +58,7 @@ class TrainConfig:
         self.batch_size = check_int("batch_size", self.batch_size, 1, 1_000_000)
         self.lr = check_float("lr", self.lr, 0, 10, lo_open=True)
         self.weight_decay = check_float("weight_decay", self.weight_decay, 0, 10)
-        self.schedule = str(check_choice("schedule", self.schedule, ["constant", "cosine"]))
+        self.schedule = str(check_choice("schedule", self.schedule, self.CHOICES["schedule"]))
         self.warmup = check_int("warmup", self.warmup, 0, 10_000_000)
         self.eval_every = check_int("eval_every", self.eval_every, 1, 10_000_000)
         self.eval_max = check_int("eval_max", self.eval_max, 0, 100_000_000)
