@@ -19,6 +19,8 @@ says whether a merge beats its parts without forgetting:
 Logit mixtures (:class:`LogitMixture`) need only a shared vocabulary and substrate; weight-space
 merges (:func:`linear`, :func:`task_arithmetic`, :func:`ties`, :func:`lines`) also need the same
 architecture and a shared parent ``base``: a task vector is ``theta_i - theta_base``.
+
+Definitions: ``docs/definitions.md#task-arithmetic``, ``#ties``, ``#lines``, ``#logit-mixture``.
 """
 from __future__ import annotations
 

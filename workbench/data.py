@@ -20,6 +20,8 @@ Every option is checked (type, range) with a message naming it; ``None`` is acce
 where it is a documented value (the ``text`` dataset's ``path``, ``text``, ``vocab`` and
 ``corpus``: "not given"). :meth:`Dataset.spec` is JSON-ready and never names a server path
 (a text read from a file stores its content); :func:`from_spec` rebuilds a dataset from it.
+
+Definitions of the tasks: ``docs/definitions.md#datasets`` (``#khop``, ``#modadd``, ``#mnist1d``).
 """
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ blocks saves their whole backward pass (nothing below them needs a gradient) plu
 weight gradients of frozen layers above. Evaluation passes are not counted: these are
 *training* FLOPs, the x-axis for comparing a grown model with one trained from scratch.
 ``tests/test_growth.py`` checks the count against ``FlopCounterMode``.
+
+Definitions: ``docs/definitions.md#flops``.
 """
 from __future__ import annotations
 

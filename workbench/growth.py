@@ -22,6 +22,9 @@ saved mid-fade reloads with the same function), the model's ``embedding_modules(
 is validated like a fresh config (field ranges and the memory budget ``WORKBENCH_MAX_MODEL_MB``)
 before the model changes. The preset experiments are :data:`workbench.recipes.KHOP` and
 :data:`workbench.recipes.TEXT`.
+
+Definitions: ``docs/definitions.md#add-layer``, ``#zero-init``, ``#fade-in``, ``#g-stack``, ``#freeze``,
+``#growth-comparison``.
 """
 from __future__ import annotations
 

@@ -31,6 +31,8 @@ holds its fade-in gate as buffers (``residual_scale``, ``fade_done``, ``fade_ste
 the state dict, hence of every checkpoint). :data:`FAMILIES` maps each family name to its
 :class:`Family` record (config class, model class, data kind); :func:`build`,
 :func:`config_from_dict`, :func:`config_for` and the run store read it.
+
+Definitions: ``docs/definitions.md#hook-sites``, ``#glyph-embedding``, ``#frozen-random``.
 """
 from __future__ import annotations
 

@@ -26,6 +26,8 @@ model (B) that moves to position ``i``, i.e. ``permuted = w.index_select(axis, p
 :func:`match_weights` is Git Re-Basin's weight matching; :func:`match_activations` matches
 units by the correlation of their activations on data. :func:`permute` applies a
 permutation and returns a new model; it computes exactly the function of the original.
+
+Definitions: ``docs/definitions.md#perm-spec``, ``#weight-matching``, ``#activation-matching``.
 """
 from __future__ import annotations
 

@@ -39,6 +39,9 @@ skip effects compare with the mixture's output distribution. See :func:`is_mixtu
 
 Norm denominators are clamped at ``EPS = 1e-6``. All functions run in eval mode without
 gradients (the model's mode is restored afterwards) on the model's own device.
+
+Definitions: ``docs/definitions.md#relative-contribution``, ``#decomposition``, ``#logit-attribution``,
+``#logit-lens``, ``#skip-effects``.
 """
 from __future__ import annotations
 
