@@ -4,7 +4,7 @@
 
 Rows:
 
-1. Forward with full recording (``wb.residual.record(model)``: every hook site, 7 per block
+1. Forward with full recording (``wb.hooks.record(model)``, the one hooks layer: every hook site, 7 per block
    plus 3) against the plain forward of the same workbench Transformer (target <= 1.15x).
 2. The same on the Hugging Face GPT-2 export of that model (our adapter's forward hooks on
    GPT-2's modules) against the plain GPT-2 forward (target <= 1.15x).
@@ -33,7 +33,7 @@ import warnings
 import torch
 
 import workbench as wb
-from workbench import interop, residual
+from workbench import hooks, interop
 
 CONTEXT = 64
 
@@ -76,7 +76,7 @@ def _record_rows(model, x, hf, repeats):
             model(x)
 
     def recorded():
-        with torch.no_grad(), residual.record(model):
+        with torch.no_grad(), hooks.record(model):
             model(x)
 
     def hf_plain():
@@ -84,11 +84,11 @@ def _record_rows(model, x, hf, repeats):
             hf(input_ids=x)
 
     def hf_recorded():
-        with torch.no_grad(), residual.record(hf):
+        with torch.no_grad(), hooks.record(hf):
             hf(input_ids=x)
 
     t = _interleaved({"plain": plain, "rec": recorded, "hf": hf_plain, "hf_rec": hf_recorded}, repeats)
-    n_sites = len(residual.sites(model))
+    n_sites = len(hooks.sites(model))
     rows.append(_row("residual: forward + record every site / plain forward", t["rec"][0] * 1e3, t["plain"][0] * 1e3,
                      "ms CPU", 1.15, f"{n_sites} sites; wall {t['rec'][1] * 1e3:.1f} vs {t['plain'][1] * 1e3:.1f} ms"))
     rows.append(_row("residual: HF GPT-2 export, adapter record / plain HF forward", t["hf_rec"][0] * 1e3,
