@@ -313,9 +313,9 @@ def test_a_second_start_while_running_is_refused_with_a_visible_notice(store):
     for start, task in _starts(app):
         controls = task.controls()
         task.status = "running"  # a job is in flight
-        thread = task._thread
+        job = task.job
         start()                  # the double click: no exception, nothing new started
-        assert task._thread is thread and task.notice == BUSY, start
+        assert task.job is job and task.notice == BUSY, start
         rendered = " ".join(_page_html(controls))
         assert "still running" in rendered, start
         task.status = "idle"
@@ -368,7 +368,7 @@ def test_closing_the_tab_finishes_and_saves_the_training_run(store, monkeypatch)
     page.start()
     _close_tab(doc)           # the tab is closed while the run trains
     gate.set()
-    page.task._thread.join(120)
+    page.task.wait(120)
     listing = store.list()
     assert list(listing["name"]) == ["closed-tab"]
     assert listing.loc[0, "status"] == "completed" and listing.loc[0, "steps"] == 30  # finished, not stopped
@@ -387,7 +387,7 @@ def test_closing_the_tab_finishes_every_stage_of_a_growth_run(store):
     stages = len(page.stages.value)
     _close_tab(doc)           # closed before the run (the worker must finish the whole schedule anyway)
     page.start()
-    page.task._thread.join(300)
+    page.task.wait(300)
     assert len(store.list()) == stages and page.last_run is None
     assert sorted(store.list()["stage"].tolist()) == list(range(stages))
 
@@ -409,7 +409,7 @@ def test_closing_the_tab_stops_an_analysis(store):
     task.start(analysis)
     started.wait(60)
     _close_tab(doc)
-    task._thread.join(60)
+    task.wait(60)
     assert seen == [True] and task.orphaned
 
 

@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import queue
+import os
+import queue as queue_module
 import re
 import threading
 import traceback
+import uuid
 from typing import Any, Callable
 
 import pandas as pd
 import panel as pn
 import param
 
-from .. import data
+from .. import data, jobs
 from ..checks import env_limit
 from .. import models
 from ..store import RunStore, StoreError
@@ -24,7 +26,8 @@ from ..training import TrainConfig
 
 __all__ = ["DataStore", "BackgroundTask", "ErrorBox", "config_widgets", "values_from_widgets",
            "run_options", "CHOICES", "allowed_values", "RUN_COLUMNS", "escape_html", "escape_md", "code_block", "text_block", "html_labels",
-           "dataset_from_spec", "short_spec", "BUSY", "TextUpload", "UPLOAD_ENV"]
+           "dataset_from_spec", "short_spec", "BUSY", "TextUpload", "UPLOAD_ENV", "job_queue", "session_user",
+           "QUEUE_KEY"]
 
 
 # ----------------------------------------------------------------------------- untrusted text
@@ -106,12 +109,23 @@ class DataStore(param.Parameterized):
     version = param.Integer(default=0, doc="bumped on every change so pages can watch it")
     index_error = param.String(default="", doc="why the run index is unusable (then ``runs`` is empty)")
 
-    def __init__(self, store: RunStore | None = None, **params):
-        super().__init__(**params)
+    user = param.String(default=None, allow_None=True,
+                        doc="the signed-in user (pn.state.user when the page was built; None without sign-in)")
+
+    def __init__(self, store: RunStore | None = None, user: str | None = None, **params):
+        if user is None and pn.state.curdoc is not None:
+            user = pn.state.user or None
+        super().__init__(user=user, **params)
         self.store = store if store is not None else RunStore()
+        self.session_id = session_id()   # the queue's owner without sign-in
         self.session_models: dict[str, Any] = {}
         self.session_info: dict[str, dict] = {}
         self.refresh()
+
+    @property
+    def queue_user(self) -> str:
+        """Who this session's jobs belong to in the job queue: the signed-in user, else the session."""
+        return self.user or self.session_id
 
     def add_session_model(self, name: str, model, **info) -> str:
         """Register ``model`` under ``name`` for this session only (replacing one of that name); bumps ``version``.
@@ -173,6 +187,49 @@ def run_options(runs: pd.DataFrame | None, family: str | None = None) -> dict[st
 
 BUSY = "still running: wait for it to finish (or press Stop) before starting another"
 
+QUEUE_KEY = "workbench.queue"   # pn.state.cache key of the server's JobQueue (apps/app_hooks.py)
+_DEFAULT_QUEUE: "jobs.JobQueue | None" = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def job_queue() -> "jobs.JobQueue":
+    """The queue every page's long computation goes through.
+
+    Served: the server's one queue (``pn.state.cache[QUEUE_KEY]``, made by ``apps/app_hooks.py``).
+    Without a server (tests, notebooks): a module-level default queue made on first use, on threads
+    (settings from the environment; torch threads per job: ``WORKBENCH_THREADS``, else the process's
+    current ``torch.get_num_threads()``, so a notebook's own setting is kept).
+    """
+    served = pn.state.cache.get(QUEUE_KEY)
+    if served is not None and not served.closed:
+        return served
+    global _DEFAULT_QUEUE
+    with _DEFAULT_LOCK:
+        if _DEFAULT_QUEUE is None or _DEFAULT_QUEUE.closed:
+            threads = None
+            if not os.environ.get("WORKBENCH_THREADS", "").strip():
+                import torch
+
+                threads = torch.get_num_threads()
+            _DEFAULT_QUEUE = jobs.JobQueue(threads=threads, executor="threads")
+        return _DEFAULT_QUEUE
+
+
+def session_user() -> str:
+    """Who owns this session's jobs in the queue: the signed-in user, else the browser session's id.
+
+    Outside a session (tests, notebooks): ``"local-<random>"``, new at each call.
+    """
+    user = pn.state.user if pn.state.curdoc is not None else None
+    return str(user) if user else session_id()
+
+
+def session_id() -> str:
+    """``"session-<id>"`` of the browser session; outside one ``"local-<random>"``, new at each call."""
+    ctx = getattr(pn.state.curdoc, "session_context", None) if pn.state.curdoc is not None else None
+    sid = getattr(ctx, "id", None)
+    return f"session-{sid}" if sid else f"local-{uuid.uuid4().hex[:12]}"
+
 
 class TaskContext:
     """Handed to the worker function: check ``stopped``, send results with ``report``."""
@@ -180,10 +237,11 @@ class TaskContext:
     def __init__(self, task: "BackgroundTask"):
         self._task = task
         self.stop_event = task.stop_event
+        self._job = jobs.current()   # the queue job's context (teacher view's progress, its stop)
 
     @property
     def stopped(self) -> bool:
-        return self.stop_event.is_set()
+        return self.stop_event.is_set() or self._job.stopped
 
     @property
     def session_gone(self) -> bool:
@@ -191,6 +249,11 @@ class TaskContext:
         return self._task.orphaned
 
     def report(self, payload: Any = None, progress: float | None = None, message: str | None = None) -> None:
+        try:  # the queue sees the progress too (the teacher view); throttled there
+            self._job.report(None if progress is None else max(0.0, min(1.0, float(progress))),
+                             "" if message is None else str(message))
+        except (ValueError, TypeError):
+            pass
         if self._task.orphaned:
             return  # no page to update: do not queue updates nobody will drain
         self._task._queue.put(("update", payload, progress, message))
@@ -199,21 +262,27 @@ class TaskContext:
 
 
 class BackgroundTask(param.Parameterized):
-    """Runs ``fn(ctx, *args)`` on a worker thread; UI updates happen in ``poll`` on the session's thread.
+    """Runs ``fn(ctx, *args)`` as a job of the :func:`job_queue`; UI updates happen in ``poll`` on the
+    session's thread.
 
-    ``on_update(payload)`` is called for each ``ctx.report(payload)``, ``on_done(result)`` once with
-    the return value. Under a served page a periodic callback calls ``poll`` (``pn.state.curdoc`` is a
-    ContextVar that worker threads do not inherit); without a server (tests, plain Python) the worker
-    calls ``poll`` itself. ``run_now`` runs synchronously, for tests. ``stop()`` sets the Event the
-    worker checks.
+    ``start`` submits the job (owner: ``user``, a string or a function giving one, default
+    :func:`session_user`); while it waits its status line reads ``queued: position k of n``
+    (:meth:`workbench.jobs.Job.status_line`) and follows the queue. A refused admission
+    (:class:`workbench.jobs.QueueFull`) is shown as the notice and ``start`` returns False.
+    ``stop()`` cancels a waiting job (removed from the queue) or stops a running one cooperatively
+    (sets the Event the worker checks). ``on_update(payload)`` is called for each
+    ``ctx.report(payload)``, ``on_done(result)`` once with the return value. Under a served page a
+    periodic callback calls ``poll`` (``pn.state.curdoc`` is a ContextVar that worker threads do not
+    inherit); without a server (tests, plain Python) the worker calls ``poll`` itself. ``run_now``
+    submits and waits, for tests.
 
-    Starting while a job runs is refused with a visible notice (:data:`BUSY`, in :meth:`controls`),
-    never an exception: a page's start handler begins with ``if self.task.busy(): return``.
+    Starting while a job runs or waits is refused with a visible notice (:data:`BUSY`, in
+    :meth:`controls`), never an exception: a page's start handler begins with ``if self.task.busy(): return``.
 
-    Closing the browser tab (:meth:`session_destroyed`): with ``on_session_end="stop"`` the worker is
-    stopped; with ``"finish"`` it runs to its end. Either way ``on_done`` is not called any more (no
-    session, no poll), so a job whose result must outlive the tab (a training run) saves it in the
-    worker itself, before it returns.
+    Closing the browser tab (:meth:`session_destroyed`): a waiting job is cancelled; a running one
+    is stopped with ``on_session_end="stop"`` and runs to its end with ``"finish"``. Either way
+    ``on_done`` is not called any more (no session, no poll), so a job whose result must outlive the
+    tab (a training run) saves it in the worker itself, before it returns.
     """
 
     status = param.Selector(default="idle", objects=["idle", "running", "done", "cancelled", "error"])
@@ -223,25 +292,34 @@ class BackgroundTask(param.Parameterized):
     notice = param.String(default="", doc="a refused start and the like; cleared by the next start")
 
     def __init__(self, on_update: Callable | None = None, on_done: Callable | None = None, period: int = 250,
-                 on_session_end: str = "stop", **params):
+                 on_session_end: str = "stop", user: str | Callable[[], str] | None = None,
+                 queue: "jobs.JobQueue | None" = None, job_name: str = "task", **params):
         super().__init__(**params)
         if on_session_end not in ("stop", "finish"):
             raise ValueError(f"on_session_end must be one of ['stop', 'finish'], got {on_session_end!r}")
         self.on_update, self.on_done, self.period = on_update, on_done, period
         self.on_session_end = on_session_end
+        self.user, self.queue, self.job_name = user, queue, job_name
         self.orphaned = False  # the session (browser tab) is gone
-        self._queue: queue.Queue = queue.Queue()
+        self.job: jobs.Job | None = None
+        self._queue: queue_module.Queue = queue_module.Queue()
         self.stop_event = threading.Event()
-        self._thread: threading.Thread | None = None
         self._callback = None
         self._direct = False
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._default_user = session_user()   # read in the session (the page is built there)
         if pn.state.curdoc is not None:
             pn.state.on_session_destroyed(self.session_destroyed)
 
     @property
     def running(self) -> bool:
+        """Whether a job is waiting in the queue or running (status ``"running"`` covers both)."""
         return self.status == "running"
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the job waits in the queue."""
+        return self.job is not None and self.job.status == "waiting"
 
     def busy(self) -> bool:
         """True, with the notice :data:`BUSY` shown, when a job is running (so a second start is refused)."""
@@ -250,55 +328,106 @@ class BackgroundTask(param.Parameterized):
             return True
         return False
 
+    def owner(self) -> str:
+        """The queue user this task's jobs belong to."""
+        user = self.user() if callable(self.user) else self.user
+        return str(user) if user else self._default_user
+
     def session_destroyed(self, session_context) -> None:
-        """The browser tab is closed: stop the worker or let it finish (``on_session_end``); no more UI updates."""
+        """The browser tab is closed: a waiting job is cancelled; a running one is stopped or finishes
+        (``on_session_end``); no more UI updates."""
         self.orphaned = True
-        if self.on_session_end == "stop":
+        job = self.job
+        if job is not None and job.status == "waiting":
+            job.cancel()
+        elif self.on_session_end == "stop":
             self.stop()
 
-    def _work(self, fn, args, kwargs):
+    def _work(self, fn, args, kwargs, box: dict):
         ctx = TaskContext(self)
         try:
             result = fn(ctx, *args, **kwargs)
             item = ("done", result, None, None)
         except Exception as e:  # shown to the user; the server keeps serving
             item = ("error", e, None, traceback.format_exc())
+        box["delivered"] = True
         if self.orphaned:
             return  # nobody polls any more; whatever had to persist was saved by fn itself
         self._queue.put(item)
         if self._direct:
             self.poll()
 
-    def start(self, fn: Callable, *args, **kwargs) -> bool:
-        """Start ``fn(ctx, *args, **kwargs)`` in the background; refused (False, with a notice) while one runs."""
+    def _on_job(self, job, event, box: dict) -> None:
+        """The queue's news of our job (any thread): the status line, a stop from elsewhere, a job that
+        ended without running our worker (cancelled while waiting, refused by the backend)."""
+        if job.status == "running" and job.stop_requested:
+            self.stop_event.set()   # stopped from elsewhere (the teacher view, the server closing)
+        if self.orphaned:
+            return
+        if job.done:
+            if box["delivered"]:
+                return
+            box["delivered"] = True
+            if job.status == "cancelled":
+                self._queue.put(("cancelled", None, None, None))
+            else:
+                self._queue.put(("error", job.error or RuntimeError(job.status_line()), None, job.traceback))
+        else:
+            self._queue.put(("queue", job, None, job.status_line()))
+        if self._direct:
+            self.poll()
+
+    def _submit(self, fn, args, kwargs, direct: bool) -> bool:
         if self.busy():
             return False
         self.stop_event.clear()
         self.status, self.progress, self.message, self.error, self.notice = "running", 0.0, "", "", ""
-        self._direct = pn.state.curdoc is None
-        if not self._direct:
+        self._direct = direct
+        box = {"delivered": False}
+        try:
+            queue_ = self.queue if self.queue is not None else job_queue()
+            job = queue_.submit(self._work, fn, args, kwargs, box, user=self.owner(), name=self.job_name)
+        except jobs.QueueFull as e:   # refused at once: say why, start nothing
+            self.status, self.notice = "idle", str(e)
+            return False
+        self.job = job
+        if not direct:
             self._callback = pn.state.add_periodic_callback(self.poll, period=self.period)
-        self._thread = threading.Thread(target=self._work, args=(fn, args, kwargs), daemon=True)
-        self._thread.start()
+        if job.status == "waiting" and self.status == "running":
+            self.message = job.status_line()
+        job.add_listener(lambda j, event, box=box: self._on_job(j, event, box))   # at once if it has finished
+        if not job.done:
+            self._on_job(job, "status", box)   # what changed between submit and add_listener
         return True
+
+    def start(self, fn: Callable, *args, **kwargs) -> bool:
+        """Submit ``fn(ctx, *args, **kwargs)`` to the queue; refused (False, with a notice) while one runs
+        or when the queue refuses it."""
+        return self._submit(fn, args, kwargs, direct=pn.state.curdoc is None)
 
     def run_now(self, fn: Callable, *args, **kwargs) -> bool:
-        """Run synchronously in this thread (tests, notebooks); refused like :meth:`start` while one runs."""
-        if self.busy():
+        """Submit and wait until it has finished (tests, notebooks); refused like :meth:`start`."""
+        if not self._submit(fn, args, kwargs, direct=True):
             return False
-        self.stop_event.clear()
-        self.status, self.progress, self.message, self.error, self.notice = "running", 0.0, "", "", ""
-        self._direct = True
-        self._work(fn, args, kwargs)
+        self.job.wait()
+        self.poll()
         return True
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job has finished (or ``timeout`` s); returns whether it has. No UI update."""
+        return self.job.wait(timeout) if self.job is not None else True
+
     def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
+        """Wait for the job (up to ``timeout`` s), then apply its updates (:meth:`poll`)."""
+        self.wait(timeout)
         self.poll()
 
     def stop(self) -> None:
+        """Stop: a waiting job leaves the queue, a running one is asked to stop (cooperatively)."""
         self.stop_event.set()
+        job = self.job
+        if job is not None and not job.done:
+            job.cancel()
 
     def poll(self) -> None:
         """Drain the worker's queue and apply updates (call on the session's thread)."""
@@ -306,8 +435,15 @@ class BackgroundTask(param.Parameterized):
             while True:
                 try:
                     kind, payload, progress, message = self._queue.get_nowait()
-                except queue.Empty:
+                except queue_module.Empty:
                     break
+                if kind == "queue":   # the status line of a waiting job, or of one just started or stopping
+                    job = payload
+                    if job is self.job and self.status == "running" and (
+                            job.status == "waiting" or (job.status == "running" and (
+                                job.stop_requested or not self.message or self.message.startswith("queued:")))):
+                        self.message = message
+                    continue
                 if kind == "update":
                     if progress is not None:
                         self.progress = max(0.0, min(1.0, float(progress)))
@@ -320,7 +456,9 @@ class BackgroundTask(param.Parameterized):
                     self._callback.stop()
                     self._callback = None
                 self.notice = ""
-                if kind == "done":
+                if kind == "cancelled":   # left the queue before it ran
+                    self.status, self.message = "cancelled", "cancelled before it started"
+                elif kind == "done":
                     self.status = "cancelled" if self.stop_event.is_set() else "done"
                     if self.status == "done":
                         self.progress = 1.0

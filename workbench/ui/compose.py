@@ -217,7 +217,8 @@ class ComposePage(Page):
         # state
         self.result: dict | None = None
         self.compose_task = self.task  # the page's task composes; training the specialists has its own
-        self.train_task = BackgroundTask(on_done=self._on_trained)
+        self.train_task = BackgroundTask(on_done=self._on_trained, user=lambda: self.datastore.queue_user,
+                                         job_name="Compose: train specialists")
         self.train_task.param.watch(self._train_status, "status")
         self._refresh_options()
 

@@ -94,7 +94,8 @@ class Page(pn.viewable.Viewer):
     def __init__(self, datastore: DataStore | None = None, **params):
         datastore = datastore if datastore is not None else DataStore()
         task = (BackgroundTask(on_update=self._task_update, on_done=self._task_done,
-                               on_session_end=self.on_session_end) if self.on_session_end else None)
+                               on_session_end=self.on_session_end, user=lambda: self.datastore.queue_user,
+                               job_name=self.title) if self.on_session_end else None)
         super().__init__(datastore=datastore, task=task, **params)
         self.errors = ErrorBox()
         self.code = pn.pane.Markdown("", sizing_mode="stretch_width")
