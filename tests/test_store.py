@@ -485,3 +485,168 @@ def test_every_file_and_rename_is_fsynced_before_it_counts(store, monkeypatch):
     last = replaces[-1]
     commit = max(i for i, e in enumerate(events) if e == ("commit",))
     assert any(e == ("fsync", os.path.realpath(store.runs_dir)) for e in events[last:commit])
+
+
+# ---------------------------------------------------------------------------- owners and shared runs (classroom)
+
+
+def _owned_store(store):
+    ids = {"ann": store.save(_tiny_run("a1"), owner="ann"), "ann2": store.save(_tiny_run("a2"), owner="ann"),
+           "bob": store.save(_tiny_run("b1"), owner="bob"), "teach": store.save(_tiny_run("t1"), owner="teach"),
+           "nobody": store.save(_tiny_run("n1"))}
+    return ids
+
+
+def test_owner_is_recorded_in_run_json_and_the_index(store):
+    ids = _owned_store(store)
+    for key, rid in ids.items():
+        doc = json.loads((store.runs_dir / rid / "run.json").read_text())
+        expected = None if key == "nobody" else key.rstrip("2")
+        assert doc["owner"] == expected and doc["shared"] is False
+        assert store.owner(rid) == expected
+    listing = store.list().set_index("run_id")
+    assert list(listing.columns[-2:]) == ["owner", "shared"]
+    assert {rid: listing.loc[rid, "owner"] for rid in ids.values()} == {
+        rid: (None if k == "nobody" else k.rstrip("2")) for k, rid in ids.items()}
+    assert listing["shared"].dtype == bool and not listing["shared"].any()
+
+
+def test_list_for_a_user_gives_their_runs_plus_shared_ones(store):
+    ids = _owned_store(store)
+    assert set(store.list()["run_id"]) == set(ids.values())          # no user: everything, as before
+    assert set(store.list(user="ann")["run_id"]) == {ids["ann"], ids["ann2"]}
+    assert set(store.list(user="bob")["run_id"]) == {ids["bob"]}
+    assert store.list(user="carol").empty
+    store.share(ids["teach"])
+    store.share(ids["nobody"])
+    assert set(store.list(user="bob")["run_id"]) == {ids["bob"], ids["teach"], ids["nobody"]}
+    assert set(store.list(user="carol")["run_id"]) == {ids["teach"], ids["nobody"]}
+    row = store.list(user="carol").set_index("run_id").loc[ids["teach"]]
+    assert row["shared"] is True or row["shared"] == True  # noqa: E712 -- numpy bool
+    assert json.loads((store.runs_dir / ids["teach"] / "run.json").read_text())["shared"] is True
+    store.share(ids["nobody"], shared=False)
+    assert set(store.list(user="carol")["run_id"]) == {ids["teach"]}
+    # the newest-first order holds within a user's view too
+    mine = (ids["ann"], ids["ann2"], ids["teach"])
+    assert list(store.list(user="ann")["run_id"]) == [r for r in store.list()["run_id"] if r in mine]
+
+
+def test_load_for_a_user_opens_own_and_shared_runs_only(store):
+    ids = _owned_store(store)
+    assert store.load(ids["ann"], user="ann").name == "a1"
+    with pytest.raises(StoreError, match="belongs to another user and is not shared"):
+        store.load(ids["bob"], user="ann")
+    with pytest.raises(StoreError, match="not shared"):
+        store.load(ids["nobody"], user="ann")
+    store.share(ids["teach"])
+    assert store.load(ids["teach"], user="ann").name == "t1"
+    assert store.load(ids["bob"]).name == "b1"                       # no user (teacher, notebook): any run
+
+
+def test_nobody_deletes_another_owners_run(store):
+    ids = _owned_store(store)
+    store.share(ids["teach"])
+    for rid, user in [(ids["bob"], "ann"), (ids["teach"], "ann"), (ids["nobody"], "ann")]:
+        with pytest.raises(StoreError, match=f"{user!r} cannot delete it"):
+            store.delete(rid, user=user)
+        assert (store.runs_dir / rid).is_dir() and rid in set(store.list()["run_id"])
+    store.delete(ids["ann"], user="ann")
+    assert ids["ann"] not in set(store.list()["run_id"]) and not (store.runs_dir / ids["ann"]).exists()
+    store.delete(ids["bob"])                                          # a teacher: user=None
+    assert set(store.list()["run_id"]) == {ids["ann2"], ids["teach"], ids["nobody"]}
+
+
+@pytest.mark.parametrize("bad", ["", "a" * 65, "ann smith", "../etc", "<script>", "ann'; DROP TABLE runs;--", "-ann",
+                                 "ann\n", "ánn", 3, None, b"ann", True])
+def test_hostile_owner_names_are_refused_with_a_message(store, bad):
+    n = len(list(store.runs_dir.iterdir()))
+    if bad is not None:
+        with pytest.raises(ValueError, match=r"owner must be a user name of 1 to 64 characters"):
+            store.save(_tiny_run(), owner=bad)
+        assert len(list(store.runs_dir.iterdir())) == n               # nothing written
+        for call in (lambda: store.list(user=bad), lambda: store.delete("x", user=bad),
+                     lambda: store.load("x", user=bad)):
+            with pytest.raises(ValueError, match=r"user must be a user name"):
+                call()
+    for good in ("ann", "a" * 64, "ann.smith@school.example", "s-01_b+x"):
+        assert store.owner(store.save(_tiny_run(), owner=good)) == good
+
+
+def test_a_planted_owner_or_shared_flag_in_run_json_is_refused(store):
+    rid = store.save(_tiny_run(), owner="ann")
+    _edit_json(store, rid, _edit("owner", "<img src=x onerror=alert(1)>"))
+    with pytest.raises(StoreError, match=r"run\.json: field 'owner'"):
+        store.load(rid)
+    _edit_json(store, rid, _edit("owner", "ann"))
+    _edit_json(store, rid, _edit("shared", "yes"))
+    with pytest.raises(StoreError, match=r"field 'shared': must be true or false"):
+        store.load(rid)
+    with pytest.raises(ValueError, match="shared must be True or False"):
+        store.share(rid, shared=1)
+
+
+def test_rebuild_index_recovers_owners_and_shared_flags(store):
+    ids = _owned_store(store)
+    store.share(ids["teach"])
+    before = store.list()
+    store.index_path.unlink()
+    store.rebuild_index()
+    key = lambda df: df.sort_values("run_id").reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(key(store.list()), key(before))
+    assert set(store.list(user="bob")["run_id"]) == {ids["bob"], ids["teach"]}
+
+
+def test_share_keeps_the_saving_order(store):
+    a, b = store.save(_tiny_run("a")), store.save(_tiny_run("b"))
+    order = list(store.list()["run_id"])
+    store.share(a)
+    store.index_path.unlink()
+    store.rebuild_index()
+    assert list(store.list()["run_id"]) == order == [b, a]
+
+
+def _old_index(store):
+    """Rewrite index.sqlite in the format written before owners (14 columns), keeping its rows."""
+    db = sqlite3.connect(store.index_path)
+    rows = db.execute(f"SELECT {', '.join(store_mod._OLD_COLUMNS)} FROM runs").fetchall()
+    db.close()
+    store.index_path.unlink()
+    db = sqlite3.connect(store.index_path)
+    db.execute(f"CREATE TABLE runs ({', '.join(store_mod._OLD_COLUMNS)}, PRIMARY KEY (run_id))")
+    db.executemany(f"INSERT INTO runs VALUES ({', '.join('?' * 14)})", rows)
+    db.commit()
+    db.close()
+    return rows
+
+
+def test_an_index_written_before_owners_opens_and_gets_the_columns(store):
+    old = store.save(_tiny_run("old"))
+    rows = _old_index(store)
+    assert len(rows) == 1
+    fresh = wb.RunStore(store.root)
+    assert fresh.index_error is None
+    listing = fresh.list()
+    assert list(listing["run_id"]) == [old] and listing.loc[0, "owner"] is None and not listing.loc[0, "shared"]
+    db = sqlite3.connect(store.index_path)
+    assert [r[1] for r in db.execute("PRAGMA table_info(runs)")] == store_mod._COLUMNS
+    db.close()
+    new = fresh.save(_tiny_run("new"), owner="ann")
+    assert set(fresh.list(user="ann")["run_id"]) == {new}
+    fresh.share(old)
+    assert set(fresh.list(user="ann")["run_id"]) == {new, old}
+
+
+def test_two_stores_opening_an_old_index_at_once_both_migrate_it(store):
+    store.save(_tiny_run("old"))
+    _old_index(store)
+    script = ("import sys, workbench as wb\n"
+              "s = wb.RunStore(sys.argv[1]); assert s.index_error is None, s.index_error\n"
+              "print(len(s.list()), len(s.list(user='ann')))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(store.root)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert [o[0].split() for o in outs] == [["1", "0"]] * 3
+    db = sqlite3.connect(store.index_path)
+    assert [r[1] for r in db.execute("PRAGMA table_info(runs)")] == store_mod._COLUMNS
+    db.close()

@@ -5,7 +5,8 @@ data directory)::
 
     index.sqlite                 one row per run (for list()); derived data, rebuilt from runs/
     runs/<run_id>/run.json       format tag, model config, train config, dataset spec, meta,
-                                 frozen (names of the parameters with requires_grad=False)
+                                 frozen (names of the parameters with requires_grad=False),
+                                 owner (the signed-in user who saved it, or null) and shared
     runs/<run_id>/model.safetensors   the state dict (weights and buffers: the fade-in gates too)
     runs/<run_id>/metrics.csv    tidy metrics
 
@@ -41,6 +42,16 @@ new index from the run directories). ``load`` reads the run directory and works 
 index. Loading validates ``run.json`` with the configs' own ``validate()`` and the dataset
 module's option checks, the weights against the config (names, shapes, finite values) and
 the metrics table, and raises :class:`StoreError` naming the run, the file and the field.
+
+Owners (classroom mode). ``save(run, owner=user)`` records the signed-in user in ``run.json`` and
+the index; ``owner=None`` (no sign-in, a laptop) is a run of nobody in particular, as before.
+``list(user=...)`` gives that user's own runs plus the runs marked shared (:meth:`RunStore.share`),
+``load(..., user=...)`` opens only those, and ``delete(..., user=...)`` refuses another owner's run;
+``user=None`` (a teacher, a notebook, the laptop) sees and may delete everything. An uploaded text
+lives in its run's dataset spec, so a user's uploads are their runs' and follow the same rules. The
+owner and the shared flag live in ``run.json`` (the truth), the index repeats them; an index
+written before these columns existed gets them when the store opens (``owner`` null, ``shared``
+0), and :meth:`RunStore.rebuild_index` reads them back from the run directories.
 """
 from __future__ import annotations
 
@@ -64,14 +75,18 @@ import torch
 
 from . import data as _data
 from . import models as _models
+from .classroom import check_user
 from .training import Run, TrainConfig
 
 __all__ = ["RunStore", "StoreError", "default_home", "STALE_TMP_SECONDS"]
 
 FORMAT = "depth-workbench-run"
 VERSION = 1
-_COLUMNS = ["run_id", "name", "created", "dataset", "family", "n_layers", "d_model", "steps", "status",
-            "val_loss", "val_acc", "group_name", "stage", "parent"]
+_OLD_COLUMNS = ["run_id", "name", "created", "dataset", "family", "n_layers", "d_model", "steps", "status",
+                "val_loss", "val_acc", "group_name", "stage", "parent"]   # indexes written before owners
+_COLUMNS = _OLD_COLUMNS + ["owner", "shared"]
+_ADDED = {"owner": "owner TEXT", "shared": "shared INTEGER NOT NULL DEFAULT 0"}   # how an old index gets them
+_TABLE = f"runs ({', '.join(_OLD_COLUMNS + list(_ADDED.values()))}, PRIMARY KEY (run_id))"
 _METRIC_COLUMNS = ["step", "split", "metric", "value"]
 _RUN_ID = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -201,6 +216,13 @@ def _validate_doc(doc: dict, where: str) -> tuple:
             bad(key, f"must be a {'JSON object' if typ is dict else typ.__name__}, got {doc[key]!r}"[:300])
     if not isinstance(doc.get("meta", {}), dict):
         bad("meta", f"must be a JSON object, got {doc['meta']!r}"[:300])
+    if doc.get("owner") is not None:
+        try:
+            check_user("owner", doc["owner"])
+        except ValueError as e:
+            bad("owner", str(e))
+    if not isinstance(doc.get("shared", False), bool):
+        bad("shared", f"must be true or false, got {doc['shared']!r}"[:300])
 
     m = doc["model"]
     fam = _models.FAMILIES.get(m.get("family")) if isinstance(m.get("family"), str) else None
@@ -281,7 +303,7 @@ def _row(run_id: str, doc: dict, metrics: pd.DataFrame) -> list:
     m, meta = doc["model"], doc.get("meta", {})
     return [run_id, doc["name"], doc["created"], doc["dataset"].get("name"), m["family"], m.get("n_layers"),
             m.get("d_model"), steps, doc["status"], last("loss"), last("acc"), meta.get("group"), meta.get("stage"),
-            meta.get("parent")]
+            meta.get("parent"), doc.get("owner"), int(doc.get("shared", False))]
 
 
 # ============================================================================ the store
@@ -322,7 +344,8 @@ class RunStore:
         return self._index_failure(f"not a readable run index (corrupt or foreign SQLite file: {msg})")
 
     def _check_schema(self, db: sqlite3.Connection, deep: bool = False) -> None:
-        """Create the runs table in an empty database; refuse any other schema."""
+        """Create the runs table in an empty database; add the owner columns to an index written
+        before them; refuse any other schema."""
         if deep:
             result = db.execute("PRAGMA quick_check").fetchone()
             if not result or result[0] != "ok":
@@ -330,13 +353,32 @@ class RunStore:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "runs" in tables:
             cols = [r[1] for r in db.execute("PRAGMA table_info(runs)")]
+            if cols != _COLUMNS and cols[:len(_OLD_COLUMNS)] == _OLD_COLUMNS and set(cols) <= set(_COLUMNS):
+                self._migrate(db)
+                cols = [r[1] for r in db.execute("PRAGMA table_info(runs)")]
             if cols != _COLUMNS:
                 raise self._index_failure(f"foreign 'runs' table (columns {cols}, expected {_COLUMNS})")
             return
         others = sorted(t for t in tables if not t.startswith("sqlite_"))
         if others:
             raise self._index_failure(f"foreign SQLite file (tables {others}, no 'runs' table)")
-        db.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(_COLUMNS)}, PRIMARY KEY (run_id))")
+        db.execute(f"CREATE TABLE IF NOT EXISTS {_TABLE}")
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Add the columns an older index lacks, in one write transaction (several processes may open
+        the old file at once: the second finds the columns there after taking the lock)."""
+        db.commit()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            cols = [r[1] for r in db.execute("PRAGMA table_info(runs)")]
+            for name in _COLUMNS[len(_OLD_COLUMNS):]:
+                if name not in cols:
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {_ADDED[name]}")
+            db.commit()
+        except BaseException:
+            db.rollback()
+            raise
 
     @contextlib.contextmanager
     def _session(self, deep: bool = False):
@@ -416,7 +458,7 @@ class RunStore:
         try:
             db = sqlite3.connect(tmp)
             try:
-                db.execute(f"CREATE TABLE runs ({', '.join(_COLUMNS)}, PRIMARY KEY (run_id))")
+                db.execute(f"CREATE TABLE {_TABLE}")
                 db.executemany(f"INSERT OR IGNORE INTO runs VALUES ({', '.join('?' * len(_COLUMNS))})", rows)
                 db.commit()
             finally:
@@ -486,16 +528,19 @@ class RunStore:
         return removed
 
     # -------------------------------------------------------------- save
-    def save(self, run: Run, name: str | None = None) -> str:
+    def save(self, run: Run, name: str | None = None, owner: str | None = None) -> str:
         """Write a run atomically and index it; returns the new run id (also set on ``run.run_id``).
 
-        The run is checked as ``load`` would check it and the index is checked before anything
-        is written; if indexing fails the directory is taken back, so a failed save leaves
-        nothing. Once ``save`` returns, the run is on disk and indexed.
+        ``owner``: the signed-in user the run belongs to (:func:`workbench.classroom.check_user`),
+        None without sign-in. The run is checked as ``load`` would check it and the index is
+        checked before anything is written; if indexing fails the directory is taken back, so a
+        failed save leaves nothing. Once ``save`` returns, the run is on disk and indexed.
         """
         name = name or run.name
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty str, got {name!r}")
+        if owner is not None:
+            check_user("owner", owner)
         created = _dt.datetime.now(_dt.timezone.utc)
         run_id = f"{created:%Y%m%d-%H%M%S}-{_slug(name)}-{uuid.uuid4().hex[:6]}"
         cfg = run.model.config
@@ -504,7 +549,7 @@ class RunStore:
             "created": created.isoformat(timespec="seconds"), "status": run.status,
             "model": _models.config_to_dict(cfg),
             "train": dataclasses.asdict(run.train_config), "dataset": run.dataset, "meta": run.meta,
-            "frozen": _frozen_names(run.model),
+            "frozen": _frozen_names(run.model), "owner": owner, "shared": False,
         }
         text = json.dumps(doc, indent=2, default=str)
         doc = json.loads(text)                      # exactly what load() will read
@@ -541,14 +586,58 @@ class RunStore:
         return run_id
 
     # -------------------------------------------------------------- read
-    def list(self) -> pd.DataFrame:
-        """All indexed runs, newest first (within one second: the later saved first), one row each."""
+    def list(self, user: str | None = None) -> pd.DataFrame:
+        """Indexed runs, newest first (within one second: the later saved first), one row each.
+
+        ``user=None``: every run. A user name: that user's own runs and the runs marked shared.
+        Columns include ``owner`` (None for runs saved without sign-in) and ``shared`` (bool).
+        """
+        where, args = "", ()
+        if user is not None:
+            where, args = "WHERE owner = ? OR shared = 1 ", (check_user("user", user),)
         with self._usable_index() as db:
             try:
-                df = pd.read_sql_query("SELECT * FROM runs ORDER BY created DESC, rowid DESC", db)
+                df = pd.read_sql_query(f"SELECT * FROM runs {where}ORDER BY created DESC, rowid DESC", db,
+                                       params=args)
             except (pd.errors.DatabaseError, sqlite3.Error) as e:
                 raise self._index_failure(f"unreadable run index ({e})") from None
+        df["shared"] = df["shared"].fillna(0).astype(bool)
+        df["owner"] = df["owner"].astype(object).where(df["owner"].notna(), None)
         return df
+
+    @staticmethod
+    def _visible(doc: dict, user: str | None) -> bool:
+        return user is None or doc.get("owner") == user or bool(doc.get("shared", False))
+
+    def owner(self, run_id: str) -> str | None:
+        """Who saved the run (``run.json``'s ``owner``; None for a run saved without sign-in)."""
+        return self.read_json(run_id).get("owner")
+
+    def share(self, run_id: str, shared: bool = True) -> None:
+        """Mark a run as shared (every signed-in user lists and opens it, read-only) or not.
+
+        A teacher's action: the caller checks who may do it. ``run.json`` is rewritten atomically
+        (the truth), then the index row; a kill in between leaves the index behind until
+        :meth:`rebuild_index`, never a half-written file.
+        """
+        if not isinstance(shared, bool):
+            raise ValueError(f"shared must be True or False, got {shared!r}")
+        doc = self.read_json(run_id)
+        with self._usable_index():
+            pass
+        path = self._dir(run_id) / "run.json"
+        if doc.get("shared", False) != shared:
+            doc["shared"] = shared
+            text = json.dumps(doc, indent=2)
+            stamp = path.stat()
+
+            def write(p):
+                Path(p).write_text(text, encoding="utf-8")
+                os.utime(p, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))   # keeps the saving order of rebuilds
+
+            _atomic_write(path, write)
+        with self._session() as db:
+            db.execute("UPDATE runs SET shared = ? WHERE run_id = ?", (int(shared), run_id))
 
     def _dir(self, run_id: str) -> Path:
         if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or run_id.startswith("."):
@@ -600,14 +689,20 @@ class RunStore:
         _check_metrics(metrics, f"run {run_id!r}: {path}")
         return doc, model, metrics
 
-    def load(self, run_id: str, device: str | torch.device | None = None, *, allow_nonfinite: bool = False) -> Run:
+    def load(self, run_id: str, device: str | torch.device | None = None, *, allow_nonfinite: bool = False,
+             user: str | None = None) -> Run:
         """Rebuild the model from its config and weights, with metrics and configs.
 
         Weights with NaN or infinite values are refused unless ``allow_nonfinite=True`` (to
-        inspect a run that diverged). Works without the index.
+        inspect a run that diverged). ``user``: open the run for this signed-in user only if it
+        is theirs or shared (None: any run). Works without the index.
         """
         if not isinstance(allow_nonfinite, bool):
             raise ValueError(f"allow_nonfinite must be True or False, got {allow_nonfinite!r}")
+        if user is not None:
+            check_user("user", user)
+            if not self._visible(self.read_json(run_id), user):
+                raise StoreError(f"run {run_id!r} belongs to another user and is not shared: {user!r} cannot open it")
         doc, model, metrics = self._read_run(run_id, allow_nonfinite=allow_nonfinite)
         if device is not None:
             model = model.to(device)
@@ -615,9 +710,23 @@ class RunStore:
         return Run(model=model, train_config=TrainConfig(**doc["train"]), dataset=doc["dataset"], metrics=metrics,
                    status=doc["status"], name=doc["name"], meta=doc.get("meta", {}), run_id=run_id)
 
-    def delete(self, run_id: str) -> None:
-        """Remove a run's files and index row."""
+    def delete(self, run_id: str, user: str | None = None) -> None:
+        """Remove a run's files and index row.
+
+        ``user``: the signed-in user asking; only the run's owner may delete it (a shared run of the
+        teacher's stays). ``user=None``: no sign-in, or a teacher: any run.
+        """
+        if user is not None:
+            check_user("user", user)
         d = self._dir(run_id)
+        if user is not None:
+            try:
+                owner = self.read_json(run_id).get("owner")
+            except StoreError as e:
+                raise StoreError(f"{e} (its owner cannot be read, so only a teacher can delete it)") from None
+            if owner != user:
+                whose = f"belongs to {owner!r}" if owner is not None else "was saved without sign-in"
+                raise StoreError(f"run {run_id!r} {whose}: {user!r} cannot delete it (only its owner or a teacher)")
         with self._usable_index():
             pass
         trash = self.runs_dir / f".del-{run_id}"
