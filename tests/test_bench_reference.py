@@ -120,3 +120,13 @@ def test_reference_reaches_our_objective_on_a_random_pair(cfg):
     assert info["objective"] == pytest.approx(ref_obj, rel=1e-9)
     assert R.objective(a, b, perm) == pytest.approx(ref_obj, rel=1e-9)
     assert all(torch.equal(perm[p], ref[p]) for p in ref) and set(perm) == set(ref)
+
+
+def test_reference_imports_nothing_from_workbench():
+    """Independence is checked, not promised: the reference module imports no workbench code at all."""
+    import ast
+
+    tree = ast.parse(Path(R.__file__).read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += ["." * n.level + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert imported and not [m for m in imported if m.split(".")[0] == "workbench" or m.startswith(".")]
