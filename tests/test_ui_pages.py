@@ -3,6 +3,7 @@
 The snippets run against a temporary store (WORKBENCH_HOME, from the ``store`` fixture), with tiny step
 counts set through the pages' own widgets, so a snippet that no longer matches the engine fails here.
 """
+import importlib.util
 import os
 
 import panel as pn
@@ -13,7 +14,9 @@ from workbench.ui import App
 from workbench.ui.common import escape_md
 from workbench.ui.page import REGISTRY, Page, pages
 
-TITLES = ["Train", "Grow", "Residual stream", "Connectivity", "Collapse", "Compose", "Runs"]
+TITLES = ["Train", "Grow", "Residual stream", "Connectivity", "Collapse", "Compose", "Sweeps", "Runs"]
+if importlib.util.find_spec("workbench.ui.teacher") is not None:   # the classroom's Teacher page, last
+    TITLES.append("Teacher")
 
 
 def _exec(page) -> dict:
@@ -54,6 +57,8 @@ def test_a_new_subclass_registers_itself():
 
 def test_layout_side_column_figures_and_collapsed_advanced(app):
     for title, page in app.pages.items():
+        if title == "Teacher":   # without a signed-in teacher it is one line saying so (its own tests)
+            continue
         layout = page.__panel__()
         row = layout.objects[1]
         side, main = row.objects
@@ -142,6 +147,20 @@ def test_compose_snippet_runs(app):
     scope = _exec(page)
     assert set(scope["table"]["model"]) >= {"grammar", "arithmetic", "logit mean", "ties"}
     assert isinstance(scope["sampling"].sample_text(scope["ms"][0], scope["cfg"].vocab, n_chars=5, seed=0), str)
+
+
+def test_sweeps_snippet_runs_and_gives_the_pages_table(app):
+    page = app.pages["Sweeps"]
+    page.task_select.value = "barrier"
+    page.values[0].value, page.seeds.value = "8", "0"
+    page.fixed.value = "dataset = digits\nsteps = 3\nn_layers = 1\nd_hidden = 8\nn_alphas = 3\nmax_examples = 64"
+    scope = _exec(page)
+    assert set(scope["df"]["metric"]) == {"loss_barrier", "error_barrier", "acc_a", "acc_b"}
+    assert scope["wb"].figures.sweeps.barrier_vs_width(scope["df"]).data
+    page.run_sweep(wait=True)
+    assert page.errors.text == ""
+    cols = ["alignment", "metric", "value"]
+    assert page.result[cols].fillna("").values.tolist() == scope["df"][cols].fillna("").values.tolist()
 
 
 # ----------------------------------------------------------------------------- a damaged run index (issue 10)
