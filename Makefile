@@ -30,6 +30,21 @@ serve: setup
 	$(BIN)/python -m panel serve apps/ --port $(PORT) --address 127.0.0.1 \
 	  --allow-websocket-origin=localhost:$(PORT) --allow-websocket-origin=127.0.0.1:$(PORT) --show
 
+# Classroom mode (README "Classroom mode"): sign-in with a credentials file (Panel --basic-auth), every
+# interface, one process (one job queue). CLASS_LIST (one user name a line) creates CREDENTIALS if missing;
+# COOKIE_SECRET empty: a new random one each start (everyone signs in again after a restart).
+CREDENTIALS   ?= classroom-users.json
+CLASS_LIST    ?=
+CLASS_HOST    ?= $(shell hostname)
+CLASS_SECONDS ?= 7200
+COOKIE_SECRET ?=
+.PHONY: classroom
+classroom: setup
+	@if [ ! -e "$(CREDENTIALS)" ] && [ -n "$(CLASS_LIST)" ]; then \
+	  $(BIN)/python -m workbench.classroom credentials "$(CLASS_LIST)" -o "$(CREDENTIALS)"; fi
+	@WORKBENCH_COOKIE_SECRET="$(COOKIE_SECRET)" $(BIN)/python -m workbench.classroom serve \
+	  --credentials "$(CREDENTIALS)" --host "$(CLASS_HOST)" --port $(PORT) --session-seconds $(CLASS_SECONDS)
+
 # Chromium for the browser tests (Debian/Ubuntu as root); fonts-unifont for glyph embeddings.
 browser:
 	@if [ ! -x /usr/bin/chromium ]; then \

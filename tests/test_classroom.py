@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import socket
 import stat
 import subprocess
@@ -215,6 +216,34 @@ def test_cli_prints_the_line_with_the_secret_hidden_and_refuses_bad_input(tmp_pa
     assert "does not exist" in capsys.readouterr().err
     assert classroom.main(["serve", "--credentials", str(creds), "--host", "bad host", "--print"]) == 2
     assert "host must be" in capsys.readouterr().err
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_shows_the_exact_line_serve_command_builds():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("## Classroom mode", 1)[1].split("\n## ", 1)[0]
+    block = section.split(".venv/bin/python -m panel serve", 1)[1].split("```", 1)[0]
+    shown = shlex.split((".venv/bin/python -m panel serve" + block).replace("\\\n", " ").replace("<secret>", "S" * 40))
+    built = classroom.serve_command("classroom-users.json", host="teacher.school.example", cookie_secret="S" * 40,
+                                    python=".venv/bin/python")
+    assert shown == built
+    for variable in ("WORKBENCH_TEACHERS", "WORKBENCH_MAX_JOBS", "WORKBENCH_QUEUE_SIZE", "WORKBENCH_JOBS_PER_USER",
+                     "WORKBENCH_THREADS", "WORKBENCH_DASK", "127.0.0.1", "make classroom"):
+        assert variable in section, variable
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="needs make")
+def test_make_classroom_runs_the_classroom_command():
+    out = subprocess.run(["make", "-n", "classroom", "CLASS_HOST=h.example", "PORT=5011", "CLASS_SECONDS=3600",
+                          "CLASS_LIST=class.txt"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.replace("\\\n", " ").split())
+    assert '.venv/bin/python -m workbench.classroom credentials "class.txt" -o "classroom-users.json"' in text
+    assert ('.venv/bin/python -m workbench.classroom serve --credentials "classroom-users.json" --host "h.example" '
+            '--port 5011 --session-seconds 3600') in text
 
 
 # ============================================================================ the Teacher page

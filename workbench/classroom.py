@@ -37,14 +37,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .store import USER_MAX_CHARS, check_user   # user names are checked where they become run owners
+
 __all__ = ["check_user", "teachers", "is_teacher", "MIN_PANEL", "panel_version", "check_panel",
            "read_class_list", "make_credentials", "read_credentials", "new_cookie_secret", "serve_command",
            "CLASS_SECONDS", "USER_MAX_CHARS"]
 
-USER_MAX_CHARS = 64
-_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]*")
-_USER_RULE = (f"a user name of 1 to {USER_MAX_CHARS} characters (letters, digits and _ . @ + -, "
-              "starting with a letter or digit)")
 MIN_PANEL = (1, 7, 5)
 CLASS_SECONDS = 2 * 60 * 60        # default --session-token-expiration: a double lesson
 _SECONDS_RANGE = (300, 7 * 24 * 60 * 60)
@@ -61,17 +59,6 @@ class ClassroomError(RuntimeError):
 def _shown(value) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def check_user(name: str, value) -> str:
-    """A user name (signed-in user, run owner, teacher): ``value`` itself, or ValueError naming ``name``.
-
-    Names are untrusted (a login form, an OAuth provider): 1 to 64 characters, letters, digits and
-    ``_ . @ + -``, starting with a letter or digit; no spaces, slashes, quotes or markup.
-    """
-    if not isinstance(value, str) or len(value) > USER_MAX_CHARS or not _USER.fullmatch(value):
-        raise ValueError(f"{name} must be {_USER_RULE}, got {_shown(value)}")
-    return value
 
 
 # ============================================================================ teachers

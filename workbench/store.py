@@ -75,10 +75,9 @@ import torch
 
 from . import data as _data
 from . import models as _models
-from .classroom import check_user
 from .training import Run, TrainConfig
 
-__all__ = ["RunStore", "StoreError", "default_home", "STALE_TMP_SECONDS"]
+__all__ = ["RunStore", "StoreError", "default_home", "STALE_TMP_SECONDS", "check_user", "USER_MAX_CHARS"]
 
 FORMAT = "depth-workbench-run"
 VERSION = 1
@@ -93,6 +92,24 @@ _RUN_ID = re.compile(r"[A-Za-z0-9_.-]+")
 STALE_TMP_SECONDS = 15 * 60   # a temporary file or directory of an unknown writer untouched this long is junk
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
 _TAG = re.compile(r"(\d+)@([A-Za-z0-9._-]+)@")   # "<pid>@<host>@" in temporary names
+
+
+USER_MAX_CHARS = 64
+_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]*")
+_USER_RULE = (f"a user name of 1 to {USER_MAX_CHARS} characters (letters, digits and _ . @ + -, "
+              "starting with a letter or digit)")
+
+
+def check_user(name: str, value) -> str:
+    """A user name (signed-in user, run owner, teacher): ``value`` itself, or ValueError naming ``name``.
+
+    Names are untrusted (a login form, an OAuth provider): 1 to 64 characters, letters, digits and
+    ``_ . @ + -``, starting with a letter or digit; no spaces, slashes, quotes or markup.
+    """
+    if not isinstance(value, str) or len(value) > USER_MAX_CHARS or not _USER.fullmatch(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ValueError(f"{name} must be {_USER_RULE}, got {shown}")
+    return value
 
 
 class StoreError(RuntimeError):
