@@ -8,11 +8,14 @@ from .page import pages
 
 
 class App(pn.viewable.Viewer):
-    """All pages over one run store. ``App(store=RunStore(path))`` to use another store."""
+    """All pages over one run store. ``App(store=RunStore(path))`` to use another store.
 
-    def __init__(self, store=None, **params):
+    ``user``: the signed-in user (default ``pn.state.user`` of the session; None without sign-in).
+    """
+
+    def __init__(self, store=None, user: str | None = None, **params):
         super().__init__(**params)
-        self.datastore = DataStore(store)
+        self.datastore = DataStore(store, user=user)
         self.pages = {cls.title: cls(self.datastore) for cls in pages()}
         self.tabs = pn.Tabs(*self.pages.items(), dynamic=True, sizing_mode="stretch_width")
 

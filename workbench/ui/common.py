@@ -21,10 +21,10 @@ import param
 from .. import data, jobs
 from ..checks import env_limit
 from .. import models
-from ..store import RunStore, StoreError
+from ..store import RunStore, StoreError, check_user
 from ..training import TrainConfig
 
-__all__ = ["DataStore", "BackgroundTask", "ErrorBox", "config_widgets", "values_from_widgets",
+__all__ = ["DataStore", "UserStore", "BackgroundTask", "ErrorBox", "config_widgets", "values_from_widgets",
            "run_options", "CHOICES", "allowed_values", "RUN_COLUMNS", "escape_html", "escape_md", "code_block", "text_block", "html_labels",
            "dataset_from_spec", "short_spec", "BUSY", "TextUpload", "UPLOAD_ENV", "job_queue", "session_user",
            "QUEUE_KEY"]
@@ -92,7 +92,55 @@ def short_spec(spec):
 
 # the columns of RunStore.list(), for an empty listing when the index cannot be read
 RUN_COLUMNS = ["run_id", "name", "created", "dataset", "family", "n_layers", "d_model", "steps", "status",
-               "val_loss", "val_acc", "group_name", "stage", "parent"]
+               "val_loss", "val_acc", "group_name", "stage", "parent", "owner", "shared"]
+
+
+class UserStore:
+    """The run store as one signed-in user sees it (classroom mode); everything else is the store's.
+
+    ``save`` records ``owner``; ``list``, ``load``, ``read_json`` and ``delete`` act for ``viewer``:
+    a student (``viewer`` = their name) lists and opens their own runs and the shared ones and deletes
+    only their own; a teacher (``viewer=None``) sees and deletes every run. Only a teacher shares.
+    The arguments a caller passes for these (``owner=``, ``user=``) are ignored: the session decides.
+    """
+
+    def __init__(self, store: RunStore, owner: str, viewer: str | None):
+        self._store, self.owner, self.viewer = store, owner, viewer
+
+    def save(self, run, name: str | None = None, owner=None) -> str:
+        return self._store.save(run, name=name, owner=self.owner)
+
+    def list(self, user=None) -> pd.DataFrame:
+        return self._store.list(user=self.viewer)
+
+    def load(self, run_id: str, device=None, *, allow_nonfinite: bool = False, user=None):
+        return self._store.load(run_id, device, allow_nonfinite=allow_nonfinite, user=self.viewer)
+
+    def read_json(self, run_id: str) -> dict:
+        doc = self._store.read_json(run_id)
+        if self.viewer is not None and doc.get("owner") != self.viewer and not doc.get("shared", False):
+            raise StoreError(f"run {run_id!r} belongs to another user and is not shared: "
+                             f"{self.viewer!r} cannot open it")
+        return doc
+
+    def delete(self, run_id: str, user=None) -> None:
+        self._store.delete(run_id, user=self.viewer)
+
+    def share(self, run_id: str, shared: bool = True) -> None:
+        if self.viewer is not None:
+            raise StoreError(f"only a teacher can share runs; {self.viewer!r} is not one (WORKBENCH_TEACHERS)")
+        self._store.share(run_id, shared=shared)
+
+    def broken(self) -> pd.DataFrame:
+        """Run folders failing validation: their owner cannot be read, so only a teacher sees them."""
+        broken = self._store.broken()
+        return broken if self.viewer is None else broken.iloc[:0]
+
+    def __getattr__(self, name):   # root, runs_dir, rebuild_index, owner(), ...
+        return getattr(self._store, name)
+
+    def __repr__(self) -> str:
+        return f"UserStore({self._store!r}, owner={self.owner!r}, viewer={self.viewer!r})"
 
 
 class DataStore(param.Parameterized):
@@ -115,12 +163,39 @@ class DataStore(param.Parameterized):
     def __init__(self, store: RunStore | None = None, user: str | None = None, **params):
         if user is None and pn.state.curdoc is not None:
             user = pn.state.user or None
+        if user is not None:   # untrusted (a login form, an OAuth provider): never falls back to "no sign-in"
+            check_user("signed-in user", user)
         super().__init__(user=user, **params)
-        self.store = store if store is not None else RunStore()
+        self.raw_store = store if store is not None else RunStore()
         self.session_id = session_id()   # the queue's owner without sign-in
         self.session_models: dict[str, Any] = {}
         self.session_info: dict[str, dict] = {}
         self.refresh()
+
+    @property
+    def store(self):
+        """The run store as this session's user sees it: the store itself without sign-in; with sign-in a
+        :class:`UserStore` (saves owned by the user; a student sees their own and the shared runs, a
+        teacher -- named in ``WORKBENCH_TEACHERS`` -- every run)."""
+        if self.user is None:
+            return self.raw_store
+        return UserStore(self.raw_store, self.user, None if self.is_teacher else self.user)
+
+    @property
+    def classroom(self) -> bool:
+        """Whether sign-in is on (a user is signed in): runs belong to users."""
+        return self.user is not None
+
+    @property
+    def is_teacher(self) -> bool:
+        """Whether the signed-in user is one of ``WORKBENCH_TEACHERS``."""
+        from .. import classroom
+
+        return self.user is not None and classroom.is_teacher(self.user)
+
+    def can_delete(self, owner) -> bool:
+        """Whether this session may delete a run of ``owner`` (None: saved without sign-in)."""
+        return self.user is None or self.is_teacher or owner == self.user
 
     @property
     def queue_user(self) -> str:

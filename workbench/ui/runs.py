@@ -7,12 +7,14 @@ import pandas as pd
 import panel as pn
 
 from ..figures.training import config_table, training_curves
-from .common import short_spec
+from ..store import StoreError
+from .common import escape_md, short_spec
 from .page import Page
 
 EXPLANATION = """Every run saved by any page or notebook (one directory each: config JSON, safetensors
 weights, metrics CSV). Select a row to see its curves and configuration, export its metrics, or
-delete it."""
+delete it. Signed in to a classroom server, you see your own runs and the runs your teacher shared
+(read-only: only their owner deletes a run)."""
 
 CODE = """import workbench as wb
 store = wb.RunStore()           # $WORKBENCH_HOME or the user data directory
@@ -23,6 +25,7 @@ wb.figures.training.training_curves(run.metrics, title=run.name)"""
 
 _SHOWN = ["name", "dataset", "family", "n_layers", "d_model", "steps", "status", "val_loss", "val_acc", "stage",
           "created", "run_id"]
+_CLASSROOM = ["owner", "shared"]   # shown with sign-in on
 
 
 class RunsPage(Page):
@@ -46,6 +49,7 @@ class RunsPage(Page):
         self.cancel_button.on_click(lambda _: self._hide_confirm())
         self.download = pn.widgets.FileDownload(callback=self._metrics_csv, filename="metrics.csv",
                                                 label="Export metrics CSV", button_type="default", disabled=True)
+        self.read_only_note = pn.pane.Markdown("", visible=False, margin=(0, 10))
         self.broken_note = pn.pane.Markdown("", visible=False, sizing_mode="stretch_width")
         self.broken_view = pn.widgets.Tabulator(pd.DataFrame(columns=["run_id", "path", "problem"]), disabled=True,
                                                 show_index=False, visible=False, sizing_mode="stretch_width",
@@ -70,9 +74,15 @@ class RunsPage(Page):
         ids = list(self.table.value["run_id"])
         self.table.selection = [ids.index(run_id)]
 
+    def _columns(self) -> list[str]:
+        return _SHOWN + (_CLASSROOM if self.datastore.classroom else [])
+
     def _refresh_table(self) -> None:
         runs = self.datastore.runs
-        self.table.value = runs[_SHOWN] if runs is not None and len(runs) else pd.DataFrame(columns=_SHOWN)
+        cols = self._columns()
+        if runs is not None and len(runs):
+            runs = runs.reindex(columns=cols)
+        self.table.value = runs if runs is not None and len(runs) else pd.DataFrame(columns=cols)
         self.table.selection = []
         broken = self.datastore.broken()
         self.broken_view.value = broken
@@ -85,6 +95,11 @@ class RunsPage(Page):
         run_id = self.selected_id
         self._hide_confirm()
         self.delete_button.disabled = self.download.disabled = run_id is None
+        self.read_only_note.visible = False
+        if run_id is not None and not self.datastore.can_delete(self._owner(run_id)):
+            self.delete_button.disabled = True      # a shared run of someone else: read-only
+            self.read_only_note.object = f"shared by {escape_md(self._owner(run_id))}: read-only"
+            self.read_only_note.visible = True
         self.errors.clear()
         if run_id is None:
             self.plot.object = training_curves(None)
@@ -113,20 +128,33 @@ class RunsPage(Page):
         metrics = pd.read_csv(self.datastore.store.runs_dir / run_id / "metrics.csv")
         return io.StringIO(metrics.to_csv(index=False))
 
+    def _owner(self, run_id: str):
+        rows = self.table.value
+        if "owner" not in rows:
+            return None
+        owner = rows.loc[rows["run_id"] == run_id, "owner"]
+        return None if owner.empty or pd.isna(owner.iloc[0]) else owner.iloc[0]
+
     def _ask_delete(self) -> None:
-        self.confirm_button.visible = self.cancel_button.visible = self.selected_id is not None
+        run_id = self.selected_id
+        self.confirm_button.visible = self.cancel_button.visible = (
+            run_id is not None and self.datastore.can_delete(self._owner(run_id)))
 
     def _hide_confirm(self) -> None:
         self.confirm_button.visible = self.cancel_button.visible = False
 
     def delete_selected(self) -> None:
         run_id = self.selected_id
-        if run_id is not None:
-            self.datastore.delete(run_id)
         self._hide_confirm()
+        if run_id is not None:
+            try:
+                self.datastore.delete(run_id)      # the store refuses another owner's run
+            except (StoreError, ValueError) as e:
+                self.errors.show(e)
 
     def side(self):
-        return [self.refresh_button, self.delete_button, self.confirm_button, self.cancel_button, self.download]
+        return [self.refresh_button, self.delete_button, self.read_only_note, self.confirm_button, self.cancel_button,
+                self.download]
 
     def figures(self):
         return [self.plot, self.table]
