@@ -20,6 +20,8 @@ def _registered_pages() -> list[str]:
 
 
 PAGES = _registered_pages()  # the page registry (workbench.ui.page), as the app reads it
+# pages that show only a line saying so to a session without a signed-in teacher (this server has no sign-in)
+TEACHERS_ONLY = {"Teacher"} & set(PAGES)
 
 
 def _free_port() -> int:
@@ -116,6 +118,10 @@ def test_every_page_renders_without_console_errors_with_a_figure_above_the_fold(
     tops = {}
     for title in PAGES:
         _open(page, title)
+        if title in TEACHERS_ONLY:
+            page.wait_for_selector("text=for the teachers")
+            page.screenshot(path=str(ARTIFACTS / f"page-{title.replace(' ', '_').lower()}.png"))
+            continue
         page.wait_for_selector(".js-plotly-plot:visible")
         page.wait_for_timeout(1500)
         page.screenshot(path=str(ARTIFACTS / f"page-{title.replace(' ', '_').lower()}.png"))
@@ -208,6 +214,8 @@ def test_script_payloads_in_names_and_fields_never_run(server, page, planted):
         _open(page, title)
         page.wait_for_timeout(1200)
         _no_script_ran(page, f"opening {title}")
+        if title in TEACHERS_ONLY:
+            continue
         _open_advanced(page)  # the fields there too
         _fill_every_text_field(page, XSS)
         page.wait_for_timeout(500)

@@ -144,6 +144,7 @@ class SweepsPage(Page):
         self.task_select.param.watch(lambda _: self.apply_defaults(), "value")
         for w in (self.metric, self.x, self.color, self.spread):
             w.param.watch(lambda _: self._draw(), "value")
+        self._draw()
         if pn.state.curdoc is not None:
             pn.state.on_session_destroyed(self._session_destroyed)
 
