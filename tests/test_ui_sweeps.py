@@ -169,3 +169,18 @@ def test_the_task_menu_holds_the_engine_tasks_and_each_default_checks(store):
 def test_parse_list_types_values():
     assert parse_list("v", "8, 0.5, 1e-3, True, none, digits, '3'") == [8, 0.5, 1e-3, True, None, "digits", "3"]
     assert parse_list("v", "-2") == [-2]
+
+
+def test_with_workbench_dask_the_points_run_on_that_cluster_with_the_same_numbers(store, queue, monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    local = _page(store)
+    assert local.run_sweep(wait=True)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster:
+        monkeypatch.setenv("WORKBENCH_DASK", cluster.scheduler_address)
+        seen = []
+        queue.add_listener(lambda q, job, event: seen.append(job))
+        remote = _page(store)
+        assert remote.run_sweep(wait=True), remote.errors.text
+        assert seen == []                                          # not a job of the server's thread queue
+        pd.testing.assert_frame_equal(remote.result, local.result)

@@ -274,11 +274,24 @@ class SweepsPage(Page):
         address = os.environ.get("WORKBENCH_DASK", "").strip()
         where = {"address": address} if address else {"queue": job_queue(), "user": self.datastore.queue_user}
         self._direct = pn.state.curdoc is None
-        try:
-            sweep = sweeps.start(task, grid, seeds=seeds, on_progress=self._on_progress, **where, **fixed)
-        except Exception as e:  # noqa: BLE001 -- a cluster that cannot be reached: say so, keep the page
-            self.errors.show(e)
+        box: dict = {}
+
+        def start():
+            try:
+                box["sweep"] = sweeps.start(task, grid, seeds=seeds, on_progress=self._on_progress, **where, **fixed)
+            except Exception as e:  # noqa: BLE001 -- a cluster that cannot be reached: say so, keep the page
+                box["error"] = e
+
+        if address:   # a synchronous Dask client must not be made on the server's event loop thread
+            thread = threading.Thread(target=start, name="workbench-sweep-connect", daemon=True)
+            thread.start()
+            thread.join()
+        else:
+            start()
+        if "error" in box:
+            self.errors.show(box["error"])
             return False
+        sweep = box["sweep"]
         with self._lock:
             self.sweep, self.result = sweep, pd.DataFrame()
         self.show_code()
