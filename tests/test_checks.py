@@ -75,3 +75,11 @@ def test_env_limit(monkeypatch):
         monkeypatch.setenv("WORKBENCH_X_MB", bad)
         with pytest.raises(ValueError, match="WORKBENCH_X_MB must be a positive number"):
             checks.env_limit("WORKBENCH_X_MB", 7)
+
+
+def test_check_choices():
+    assert checks.check_choices("splits", ("train", "val"), ["train", "val"]) == ["train", "val"]
+    for bad, msg in [("train", "non-empty list"), ([], "non-empty list"), (["test"], r"splits\[\] must be one of"),
+                     (["val", "val"], "must not repeat a split")]:
+        with pytest.raises(ValueError, match=msg):
+            checks.check_choices("splits", bad, ["train", "val"])

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_seed", "check_str", "check_labels",
+__all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_choices", "check_seed", "check_str", "check_labels",
            "check_tokens", "check_features", "env_limit", "SEED_MAX"]
 
 SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's seeds must fit in 32 bits
@@ -72,6 +72,19 @@ def check_choice(name: str, value: Any, allowed: Iterable) -> Any:
     if not ok:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
+
+
+def check_choices(name: str, values: Any, allowed: Iterable) -> list:
+    """A non-empty list (or tuple) of distinct values drawn from ``allowed``; returns it as a list."""
+    allowed = list(allowed)
+    kind = name.rstrip("s") or name
+    if isinstance(values, str) or not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"{name} must be a non-empty list drawn from {allowed}, got {values!r}")
+    for v in values:
+        check_choice(f"{name}[]", v, allowed)
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} must not repeat a {kind}, got {list(values)}")
+    return list(values)
 
 
 def check_str(name: str, value: Any, max_len: int | None = None) -> str:

@@ -52,13 +52,7 @@ def _check_n_alphas(n_alphas) -> int:
 
 
 def _check_splits(splits) -> list[str]:
-    if isinstance(splits, str) or not isinstance(splits, (list, tuple)) or not splits:
-        raise ValueError(f"splits must be a non-empty list drawn from {list(SPLITS)}, got {splits!r}")
-    for s in splits:
-        checks.check_choice("splits[]", s, SPLITS)
-    if len(set(splits)) != len(splits):
-        raise ValueError(f"splits must not repeat a split, got {list(splits)}")
-    return list(splits)
+    return checks.check_choices("splits", splits, SPLITS)
 
 
 def _check_data(model_a: nn.Module, model_b: nn.Module, dataset) -> None:
@@ -412,12 +406,7 @@ def compare(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, n_alphas: 
     splits = _check_splits(splits)
     checks.check_int("max_examples", max_examples, 0)
     seed = checks.check_seed("seed", seed)
-    if isinstance(methods, str) or not isinstance(methods, (list, tuple)) or not methods:
-        raise ValueError(f"methods must be a non-empty list drawn from {list(METHODS)}, got {methods!r}")
-    for m in methods:
-        checks.check_choice("methods[]", m, METHODS)
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"methods must not repeat a method, got {list(methods)}")
+    methods = checks.check_choices("methods", methods, METHODS)
     frames, matched = [], {}
     steps = len(methods)
     for i, method in enumerate(methods):
