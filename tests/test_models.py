@@ -118,3 +118,26 @@ def test_config_for_fits_the_dataset():
     cfg = wb.models.config_for(ds, d_model=16, n_heads=2)
     assert cfg.vocab_size == ds.vocab_size and cfg.context == ds.seq_len and cfg.vocab == ds.vocab
     assert dataclasses.replace(cfg, d_model=16) == cfg
+
+
+def test_builds_in_threads_at_once_give_the_seeded_model():
+    """The global RNG is shared by threads: concurrent builds must not interleave their draws."""
+    import threading
+
+    cfg = MLPConfig(d_in=64, n_classes=10, d_model=256, n_layers=4, d_hidden=512, seed=7)
+    reference = wb.models.build(cfg).state_dict()
+    out, barrier = [], threading.Barrier(4)
+
+    def work():
+        barrier.wait()
+        for _ in range(3):
+            out.append(wb.models.build(cfg).state_dict())
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == 12
+    for sd in out:
+        assert all(torch.equal(sd[k], reference[k]) for k in reference)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from . import checks
 from . import data as _data
+from .models import seeded
 from .training import TrainConfig, evaluate as _evaluate_one, loss_and_correct, train
 
 __all__ = ["SubstrateError", "check_substrate", "shared_text", "concat", "train_specialists", "LogitMixture",
@@ -337,8 +338,7 @@ class LogitMixture(nn.Module):
                 logits.append(lg)
             feats, logits = torch.cat(feats), torch.cat(logits)
         gen = torch.Generator().manual_seed(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             gate = nn.Linear(feats.shape[-1], len(self.members)).to(device)
         with torch.no_grad():
             gate.weight.zero_()

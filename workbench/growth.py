@@ -113,8 +113,7 @@ def _fresh_block(model: nn.Module, seed: int | None) -> nn.Module:
     like = _param_like(model)
     if seed is None:
         seed = 1_000_003 * int(getattr(model.config, "seed", 0)) + len(_blocks(model)) + 1
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _models.seeded(seed):
         block = model.new_block()
     return block.to(device=like.device, dtype=like.dtype)
 

@@ -36,9 +36,11 @@ Definitions: ``docs/definitions.md#hook-sites``, ``#glyph-embedding``, ``#frozen
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
+import threading
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -915,10 +917,27 @@ def family_of(of) -> Family:
     raise ValueError(f"not a native model family: {of!r:.80}; families: {sorted(FAMILIES)}")
 
 
+_RNG_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run the block with torch's global RNG seeded to ``seed``, then restore it; thread-safe.
+
+    PyTorch's module initialisers draw from the global RNG, which all threads of a process share.
+    Two jobs building models at once (the server's job queue, Dask's in-process workers) would
+    interleave their draws and get initialisations that depend on timing; the lock makes every
+    seeded initialisation of the workbench happen one at a time, so a seed means one model.
+    """
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def build(config: ModelConfig, device: str | torch.device | None = None) -> ResidualMLP | Transformer:
     """Build and initialise a model from its config, deterministically from ``config.seed``.
 
-    The global RNG is left untouched (the seed is applied inside ``torch.random.fork_rng``).
+    The global RNG is left untouched (the seed is applied inside :func:`seeded`, one build at a time).
     MLPs use PyTorch's default init; Transformers use GPT-2's N(0, 0.02). Frozen-random
     embeddings are N(0, 1/d_model) rows; glyph embeddings come from :func:`glyph_embedding`.
     """
@@ -926,8 +945,7 @@ def build(config: ModelConfig, device: str | torch.device | None = None) -> Resi
         config = config_from_dict(config)
     if not isinstance(config, _config_types()):
         raise TypeError(f"config must be an MLPConfig or TransformerConfig, got {type(config).__name__}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.validate().seed)
+    with seeded(config.validate().seed):
         model = FAMILIES[config.family].model(config)
         model.init_weights_()
     return model.to(device) if device is not None else model
