@@ -103,9 +103,11 @@ def test_sigkilled_saves_lose_nothing_and_leave_no_junk(tmp_path):
     left = {"tmp": 0, "unindexed": 0}
     try:
         assert helper.stdout.readline().strip() == "ready"
-        for _ in range(KILLS):
+        for i in range(KILLS):
             pid = int(_ask(helper, "fork"))
-            time.sleep(rng.uniform(0.05, 0.4))
+            # mostly short lives (kills land inside saves); every tenth writer lives long enough, even on a
+            # loaded machine, for several saves and a share() to return before its kill
+            time.sleep(rng.uniform(0.05, 0.4) if i % 10 else 2.5)
             os.kill(pid, signal.SIGKILL)
             assert _ask(helper, f"reap {pid}") == "reaped"
             runs = root / "runs"
