@@ -327,7 +327,7 @@ def test_mixture_of_one_model_is_that_model():
 def test_mixture_lens_compares_each_members_layers_with_the_mixtures_output():
     mix, x = _mixture(), _tokens()
     lens = R.logit_lens(mix, x)
-    assert list(lens.columns) == ["member", "layer", "kl_to_final", "top1_agree", "loss"]
+    assert list(lens.columns) == ["member", "layer", "kl_to_final", "top1_agree", "top5_overlap", "loss"]
     assert list(zip(lens.member, lens.layer)) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]
     with torch.no_grad():
         p = mix(x).log_softmax(-1)

@@ -268,23 +268,59 @@ def _with_member(df: pd.DataFrame, k: int) -> pd.DataFrame:
 # ============================================================================ contributions
 
 
+def _parallel(ad: Adapter) -> bool:
+    """True when attention and MLP both read the block input (no ``resid_mid`` site)."""
+    return bool(getattr(ad, "parallel", False))
+
+
+def _contribution_sites(ad: Adapter) -> list[str]:
+    if ad.family != "transformer":
+        return ["resid_pre", "resid_post"]
+    return ["resid_pre", "attn_out", "mlp_out", "resid_post"] + ([] if _parallel(ad) else ["resid_mid"])
+
+
+def _contribution_layer(ad: Adapter, l: int, acts: dict) -> dict:
+    """``{(layer, sublayer, stat): (B, T) float32}`` of one layer from its sites ``{site: activation}``.
+
+    Parallel blocks: attention and MLP both read ``resid_pre``, so both ratios use it."""
+    out = {}
+    x, y = _tokens(acts["resid_pre"]), _tokens(acts["resid_post"])
+    if ad.family == "transformer":
+        a, m = _tokens(acts["attn_out"]), _tokens(acts["mlp_out"])
+        mid = x if _parallel(ad) else _tokens(acts["resid_mid"])
+        out[(l, "attn", "rel_norm")], out[(l, "attn", "cosine")] = _rel(a, x), _cos(a, x)
+        out[(l, "mlp", "rel_norm")], out[(l, "mlp", "cosine")] = _rel(m, mid), _cos(m, mid)
+    d = y.float() - x.float()
+    out[(l, "layer", "rel_norm")], out[(l, "layer", "cosine")] = _rel(d, x), _cos(d, x)
+    return out
+
+
 def _contribution_tokens(ad: Adapter, cache: ActivationCache) -> dict:
     """``{(layer, sublayer, stat): (B, T) tensor}`` from one recorded forward."""
     out = {}
     for l in range(ad.n_layers):
-        x, y = _tokens(cache[f"blocks.{l}.resid_pre"]), _tokens(cache[f"blocks.{l}.resid_post"])
-        if ad.family == "transformer":
-            a, m = _tokens(cache[f"blocks.{l}.attn_out"]), _tokens(cache[f"blocks.{l}.mlp_out"])
-            mid = _tokens(cache[f"blocks.{l}.resid_mid"])
-            out[(l, "attn", "rel_norm")], out[(l, "attn", "cosine")] = _rel(a, x), _cos(a, x)
-            out[(l, "mlp", "rel_norm")], out[(l, "mlp", "cosine")] = _rel(m, mid), _cos(m, mid)
-        d = y - x
-        out[(l, "layer", "rel_norm")], out[(l, "layer", "cosine")] = _rel(d, x), _cos(d, x)
+        out.update(_contribution_layer(ad, l, {s: cache[f"blocks.{l}.{s}"] for s in _contribution_sites(ad)}))
     return out
 
 
+class _Streamer:
+    """Hook callback reducing each layer's activations to per-token statistics as soon as that layer's
+    sites have all fired; nothing but the current layer's few activations is held (bounded memory)."""
+
+    def __init__(self, ad: Adapter, need: list[str], reduce: Callable[[int, dict], dict]):
+        self.need, self.reduce, self.buf, self.out = set(need), reduce, {}, {}
+
+    def __call__(self, name: str, t: torch.Tensor) -> None:
+        _, l, site = name.split(".", 2)
+        b = self.buf.setdefault(int(l), {})
+        b[site] = t
+        if self.need <= b.keys():
+            for k, v in self.reduce(int(l), self.buf.pop(int(l))).items():
+                self.out.setdefault(k, []).append(v)
+
+
 def contributions(model: nn.Module, x, per_position: bool = False, mask=None,
-                  batch_size: int | None = 256) -> pd.DataFrame:
+                  batch_size: int | None = 256, cache: bool = False):
     """Relative contribution and cosine of every layer's attention, MLP and whole layer.
 
     Returns a tidy DataFrame with columns ``layer, sublayer, rel_norm, cosine`` (plus
@@ -294,32 +330,51 @@ def contributions(model: nn.Module, x, per_position: bool = False, mask=None,
     at each position when ``per_position``. ``mask`` (``(B, T)`` bool) restricts the average
     to some tokens (e.g. the scored positions of k-hop). ``batch_size`` bounds memory.
 
+    Memory: the statistics are computed layer by layer while the forward runs (hooks reduce each
+    layer's activations to ``(B, T)`` ratios at once); no activation cache is kept. ``cache=True``
+    records every site instead and returns ``(table, ActivationCache)`` (of the last batch chunk).
+    Parallel blocks (``adapter.parallel``): attention and MLP both read ``resid_pre``, so the MLP
+    ratio is ``||m_l|| / ||x_l||`` and ``cos(m_l, x_l)``. Statistics in float32.
+
     For a :class:`~workbench.compose.LogitMixture`: the rows of every member's own residual
     stream with a leading ``member`` column (``0 .. K-1``). A member computes the same residual
     stream inside the mixture as alone, so these are its single-model contributions.
     """
     checks.check_bool("per_position", per_position)
+    checks.check_bool("cache", cache)
     _check_batch_size(batch_size)
     if is_mixture(model):
+        if cache:
+            raise ValueError("cache=True needs a single model; pass one of the mixture's .members")
         return pd.concat([_with_member(contributions(m, x, per_position, mask, batch_size), k)
                           for k, m in enumerate(model.members)], ignore_index=True)
     ad = adapter(model)
+    kept = ActivationCache()
     with _inference(ad.model):
         x = _as_batch(ad, x)
         m = _mask(mask, (x.shape[0], x.shape[1] if x.dim() > 1 and ad.family == "transformer" else 1), ad.device)
         parts: dict = {}
-        names = [f"blocks.*.{s}" for s in ("resid_pre", "resid_post")]
-        if ad.family == "transformer":
-            names += ["blocks.*.attn_out", "blocks.*.mlp_out", "blocks.*.resid_mid"]
+        need = _contribution_sites(ad)
+        names = [f"blocks.*.{s}" for s in need]
         for sl in _chunks(len(x), batch_size):
             if ad.n_layers == 0:
                 break
-            with record(ad, names=names) as cache:
+            if cache:
+                with record(ad) as kept:
+                    ad.forward(x[sl])
+                got = _contribution_tokens(ad, kept)
+                for k, v in got.items():
+                    parts.setdefault(k, []).append(v)
+                continue
+            stream = _Streamer(ad, need, lambda l, acts: _contribution_layer(ad, l, acts))
+            with record(ad, names=names, fn=stream):
                 ad.forward(x[sl])
-            for k, v in _contribution_tokens(ad, cache).items():
-                parts.setdefault(k, []).append(v)
-    per_token = {k: torch.cat(v) for k, v in parts.items()}
-    return _table(per_token, ["layer", "sublayer"], ["rel_norm", "cosine"], m, per_position)
+            for k, v in stream.out.items():
+                parts.setdefault(k, []).extend(v)
+    per_token = {k: torch.cat(v) for k, v in sorted(parts.items(), key=lambda kv: kv[0])}
+    per_token = {k: per_token[k] for k in sorted(per_token, key=lambda k: (k[0], ["attn", "mlp", "layer"].index(k[1])))}
+    df = _table(per_token, ["layer", "sublayer"], ["rel_norm", "cosine"], m, per_position)
+    return (df, kept) if cache else df
 
 
 # ============================================================================ decomposition
@@ -400,7 +455,13 @@ def decompose(model: nn.Module, x, per_head: bool = False) -> Decomposition:
 
 
 def _frozen_norm(ad: Adapter, final: torch.Tensor):
-    """``(f, b)`` with ``final_norm(r) = f(r) + b`` linear in ``r`` at the cached scale of ``final``."""
+    """``(f, b)`` with ``final_norm(r) = f(r) + b`` linear in ``r`` at the cached scale of ``final``.
+
+    The adapter's own ``frozen_norm(final)`` is used when it has one (LayerNorm and RMSNorm of the
+    Hugging Face families); this fallback handles ``nn.LayerNorm`` and ``nn.Identity``."""
+    own = getattr(ad, "frozen_norm", None)
+    if callable(own):
+        return own(final)
     norm = ad.final_norm()
     if isinstance(norm, nn.LayerNorm):
         sigma = (final.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()  # (B, T, 1), frozen
@@ -511,30 +572,69 @@ def _mixture_attribution(mixture, x, target, per_head: bool) -> pd.DataFrame:
 # ============================================================================ logit lens
 
 
+LENS_STATS = ["kl_to_final", "top1_agree", "top5_overlap", "loss"]
+TOKEN_CHUNK = 128     # tokens per lens block: the (tokens, V) lens logits never exist for more at once
+
+
 def _lens_stats(lens: torch.Tensor, logp_final: torch.Tensor, top_final: torch.Tensor,
-                tgt: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Per token ``(B, T)``: KL(p_final || p_lens), top-1 agreement and the lens' loss on ``tgt``."""
+                tgt: torch.Tensor | None, top5_final: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per token ``(B, T)``: KL(p_final || p_lens), top-1 agreement, top-5 overlap and the lens' loss on ``tgt``."""
     logp = lens.float().log_softmax(-1)
     kl = (logp_final.exp() * (logp_final - logp)).sum(-1)
     agree = (lens.argmax(-1) == top_final).float()
+    k = min(5, lens.shape[-1])
+    if top5_final is None:
+        top5_final = logp_final.topk(k, dim=-1).indices
+    top5 = lens.topk(k, dim=-1).indices
+    overlap = (top5[..., :, None] == top5_final[..., None, :]).any(-1).float().sum(-1) / k
     if tgt is None:
         loss = torch.full_like(kl, float("nan"))
     else:
         loss = F.cross_entropy(logp.reshape(-1, logp.shape[-1]), tgt.reshape(-1),
                                ignore_index=IGNORE, reduction="none").reshape(kl.shape)
         loss = torch.where(tgt == IGNORE, torch.full_like(loss, float("nan")), loss)
-    return {"kl_to_final": kl, "top1_agree": agree, "loss": loss}
+    return {"kl_to_final": kl, "top1_agree": agree, "top5_overlap": overlap, "loss": loss}
 
 
-def logit_lens(model: nn.Module, x, y=None, per_position: bool = False, batch_size: int | None = 256) -> pd.DataFrame:
+def _lens_reduce(ad: Adapter, resid: list[torch.Tensor], final_logits: torch.Tensor, tgt, parts: dict,
+                 key: tuple = ()) -> None:
+    """Lens statistics of every layer, ``TOKEN_CHUNK`` positions at a time (bounded memory)."""
+    L = len(resid)
+    T = final_logits.shape[1]
+    chunk: dict = {}
+    for t0 in range(0, T, TOKEN_CHUNK):
+        ts = slice(t0, min(t0 + TOKEN_CHUNK, T))
+        fin = final_logits[:, ts]
+        logp_final = fin.float().log_softmax(-1)
+        top_final = fin.argmax(-1)
+        top5_final = fin.topk(min(5, fin.shape[-1]), dim=-1).indices
+        tt = None if tgt is None else tgt[:, ts]
+        for l in range(L + 1):
+            lens = ad.unembed(resid[l][:, ts]) if l < L else fin
+            for stat, v in _lens_stats(lens, logp_final, top_final, tt, top5_final).items():
+                chunk.setdefault(key + (l, stat), []).append(v)
+            del lens
+    for k, v in chunk.items():
+        parts.setdefault(k, []).append(torch.cat(v, dim=1))
+
+
+def logit_lens(model: nn.Module, x, y=None, per_position: bool = False, batch_size: int | None = 256,
+               cache: bool = False):
     """The logit lens: final norm and unembedding applied to the residual entering each layer.
 
     Rows ``layer = 0 .. L``: layer ``l < L`` reads the residual entering block ``l`` (layer 0:
     the embeddings), layer ``L`` the final residual, where the lens is the model's output.
     Columns: ``kl_to_final`` = KL(p_final || p_lens) in nats, ``top1_agree`` = share of tokens
-    whose lens top-1 equals the model's, ``loss`` = cross-entropy of the lens prediction on
-    ``y`` (default for sequences: the next token of ``x``; ``IGNORE`` positions are left
-    out, NaN when nothing is scored). Averaged over tokens, or per position on request.
+    whose lens top-1 equals the model's, ``top5_overlap`` = share of the model's top-5 tokens
+    among the lens' top-5 (``|top5_lens & top5_final| / 5``, mean over tokens), ``loss`` =
+    cross-entropy of the lens prediction on ``y`` (default for sequences: the next token of
+    ``x``; ``IGNORE`` positions are left out, NaN when nothing is scored). Averaged over tokens,
+    or per position on request. See ``docs/definitions.md#logit-lens``.
+
+    Memory: only the residual entering each block is kept during the forward (``L x tokens x C``,
+    less than the ``tokens x V`` output logits for a language model); each layer's lens logits are
+    formed ``TOKEN_CHUNK`` positions at a time and reduced to the statistics at once. ``cache=True``
+    records every site too and returns ``(table, ActivationCache)`` (last batch chunk). Float32 stats.
 
     For a :class:`~workbench.compose.LogitMixture` in mode ``"logits"``: a leading ``member``
     column; the rows of member ``k`` read *its* residual through *its* final norm and
@@ -543,29 +643,37 @@ def logit_lens(model: nn.Module, x, y=None, per_position: bool = False, batch_si
     layers come to what the mixture predicts. Mode ``"probs"`` raises ``ValueError``.
     """
     checks.check_bool("per_position", per_position)
+    checks.check_bool("cache", cache)
     _check_batch_size(batch_size)
     if is_mixture(model):
+        if cache:
+            raise ValueError("cache=True needs a single model; pass one of the mixture's .members")
         return _mixture_lens(model, x, y, per_position, batch_size)
     ad = adapter(model)
     parts: dict = {}
+    kept = ActivationCache()
     with _inference(ad.model):
         x = _as_batch(ad, x)
         yy = _targets(ad, x, y)
         L = ad.n_layers
         for sl in _chunks(len(x), batch_size):
-            with record(ad, names=["blocks.*.resid_pre"] if L else []) as cache:
+            resid: dict = {}
+
+            def keep(name, t, resid=resid):
+                resid[int(name.split(".")[1])] = _tokens(t)
+            with record(ad, names=None if cache else (["blocks.*.resid_pre"] if L else []),
+                        fn=None if cache else keep) as kept:
                 final_logits = ad.forward(x[sl])
                 final_logits = getattr(final_logits, "logits", final_logits)
+            if cache:
+                resid.update({l: _tokens(kept[f"blocks.{l}.resid_pre"]) for l in range(L)})
             final_logits = final_logits if final_logits.dim() == 3 else final_logits[:, None]
-            logp_final = final_logits.float().log_softmax(-1)
-            top_final = final_logits.argmax(-1)
             tgt = None if yy is None else yy[sl].reshape(final_logits.shape[:2])
-            for l in range(L + 1):
-                lens = ad.unembed(_tokens(cache[f"blocks.{l}.resid_pre"])) if l < L else final_logits
-                for stat, v in _lens_stats(lens, logp_final, top_final, tgt).items():
-                    parts.setdefault((l, stat), []).append(v)
+            _lens_reduce(ad, [resid[l] for l in range(L)], final_logits, tgt, parts)
+            del resid, final_logits
     per_token = {k: torch.cat(v) for k, v in parts.items()}
-    return _table(per_token, ["layer"], ["kl_to_final", "top1_agree", "loss"], None, per_position)
+    df = _table(per_token, ["layer"], LENS_STATS, None, per_position)
+    return (df, kept) if cache else df
 
 
 def _mixture_lens(mixture, x, y, per_position: bool, batch_size: int | None) -> pd.DataFrame:
@@ -590,7 +698,7 @@ def _mixture_lens(mixture, x, y, per_position: bool, batch_size: int | None) -> 
                     for stat, v in _lens_stats(lens, logp_final, top_final, tgt).items():
                         parts.setdefault((k, l, stat), []).append(v)
     per_token = {k: torch.cat(v) for k, v in parts.items()}
-    return _table(per_token, ["member", "layer"], ["kl_to_final", "top1_agree", "loss"], None, per_position)
+    return _table(per_token, ["member", "layer"], LENS_STATS, None, per_position)
 
 
 # ============================================================================ layer skipping
@@ -639,26 +747,44 @@ class SkipEffects:
         return m
 
 
-def skip_effects(model: nn.Module, x, y=None, mask=None, batch_size: int | None = 256) -> SkipEffects:
+def skip_effects(model: nn.Module, x, y=None, mask=None, batch_size: int | None = 256, reduce: str = "mean",
+                 from_position: int | None = None, local: bool = False) -> SkipEffects:
     """Skip each layer in turn (identity) and measure how later layers and the output change.
 
-    Definitions as in Csordas et al. (2025); see :class:`SkipEffects`. ``y``: targets for the
-    loss (default for sequences: the next token of ``x``). ``mask`` restricts the token average.
+    Definitions as in Csordas et al. (2025); see :class:`SkipEffects` and
+    ``docs/definitions.md#skip-effects``. ``y``: targets for the loss (default for sequences: the
+    next token of ``x``). ``mask`` restricts the token reduction. ``reduce``: ``"mean"`` or
+    ``"max"`` over tokens (the paper's figures use the max). ``from_position`` (``1 .. T-1``):
+    the skipped layer is the identity only at positions ``>= from_position`` (never at the first
+    token) and the reduction runs over those positions (earlier ones cannot change).
+    ``local=True``: remove only the skipped layer's own contribution ``d_s`` from the residual that
+    each later layer reads, every later layer computed on the *original* stream minus ``d_s``, so
+    the effect on layer ``l`` is its direct dependence on ``d_s`` (not mediated by layers between);
+    the output columns then compare ``unembed(h_L - d_s)`` with the output.
+    Output columns: ``skipped, kl, l2, top1_changed, loss, loss_change`` with ``l2`` =
+    ``||softmax - softmax'||_2`` per token. Cost: one base forward plus one per layer (L + 1).
 
     For a :class:`~workbench.compose.LogitMixture` (either mode), each member's layers are
     skipped in turn inside the mixture: the heat-map is within that member's residual stream and
     the output columns measure the change of the *mixture's* distribution. Both tables get a
-    leading ``member`` column (see :class:`SkipEffects`).
+    leading ``member`` column (see :class:`SkipEffects`). ``local`` is refused for mixtures.
     """
     _check_batch_size(batch_size)
+    checks.check_choice("reduce", reduce, ["mean", "max"])
+    checks.check_bool("local", local)
+    if from_position is not None:
+        checks.check_int("from_position", from_position, 1)
     if is_mixture(model):
+        if local:
+            raise ValueError("local=True needs a single model; pass one of the mixture's .members")
         ads = [adapter(m) for m in model.members]
         heats, outs = [], []
         with _inference(model):
             xb = _mixture_batch(ads, x)
             yy = _targets(ads[0], xb, y)
             for k, ad in enumerate(ads):
-                res = _skip(ad, lambda xs: _mixture_parts(model, xs)[0], xb, yy, mask, batch_size)
+                res = _skip(ad, lambda xs: _mixture_parts(model, xs)[0], xb, yy, mask, batch_size, reduce,
+                            from_position, False)
                 heats.append(_with_member(res.heatmap, k))
                 outs.append(_with_member(res.output, k))
         layers = [ad.n_layers for ad in ads]
@@ -667,43 +793,136 @@ def skip_effects(model: nn.Module, x, y=None, mask=None, batch_size: int | None 
     ad = adapter(model)
     with _inference(ad.model):
         x = _as_batch(ad, x)
-        return _skip(ad, lambda xs: _logits(ad, xs), x, _targets(ad, x, y), mask, batch_size)
+        return _skip(ad, lambda xs: _logits(ad, xs), x, _targets(ad, x, y), mask, batch_size, reduce,
+                     from_position, local)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _with_first(out, new):
+    return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+
+@contextlib.contextmanager
+def _replace_input(block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Feed ``block`` ``fn(its input)`` instead of its input (positional or ``hidden_states``)."""
+    def pre(module, args, kwargs):
+        if args:
+            return (fn(args[0]),) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+        return args, kwargs
+    h = block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+@contextlib.contextmanager
+def _replace_output(block: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """Replace ``block``'s (first) output by ``fn(input, output)``."""
+    def post(module, args, kwargs, output):
+        h = args[0] if args else kwargs["hidden_states"]
+        return _with_first(output, fn(h, _first(output)))
+    h = block.register_forward_hook(post, with_kwargs=True)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def _skip_layer(ad: Adapter, layer: int, from_position: int | None):
+    """Block ``layer`` as the identity (at positions ``>= from_position`` when given)."""
+    if from_position is None:
+        return ad.skip(layer)
+
+    def keep_early(h, out):
+        out = out.clone()
+        out[:, from_position:] = h[:, from_position:]
+        return out
+    return _replace_output(ad.block(layer), keep_early)
+
+
+def _reduce(v: torch.Tensor, mask: torch.Tensor | None, how: str) -> float:
+    return _masked_mean(v, mask) if how == "mean" else _masked_max(v, mask)
+
+
+def _masked_max(v: torch.Tensor, mask: torch.Tensor | None) -> float:
+    v = v.double()
+    ok = ~torch.isnan(v)
+    if mask is not None:
+        ok &= mask
+    return float(torch.where(ok, v, torch.full_like(v, -float("inf"))).max()) if ok.any() else float("nan")
+
+
+def _out_effects(base_logp: torch.Tensor, logp: torch.Tensor, tgt, base_loss) -> dict:
+    p, q = base_logp.exp(), logp.exp()
+    return {"kl": (p * (base_logp - logp)).sum(-1), "l2": (p - q).norm(dim=-1),
+            "top1_changed": (logp.argmax(-1) != base_logp.argmax(-1)).float(),
+            "loss": _token_loss(logp, tgt), "base_loss": base_loss}
 
 
 def _skip(ad: Adapter, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, yy, mask,
-          batch_size: int | None) -> SkipEffects:
+          batch_size: int | None, reduce: str = "mean", from_position: int | None = None,
+          local: bool = False) -> SkipEffects:
     """Skip each of ``ad``'s layers; ``forward(x)`` gives the output logits ``(B, T, V)`` to compare
     (the model's own, or a mixture's that runs ``ad``'s model inside it)."""
     L = ad.n_layers
     effects: dict = {}
     outs: dict = {}
-    m = _mask(mask, (x.shape[0], x.shape[1] if ad.family == "transformer" else 1), ad.device)
+    T = x.shape[1] if ad.family == "transformer" else 1
+    if from_position is not None:
+        if ad.family != "transformer":
+            raise ValueError("from_position needs a sequence model (token positions); this model takes vectors")
+        checks.check_int("from_position", from_position, 1, T - 1)
+    m = _mask(mask, (x.shape[0], T), ad.device)
+    if from_position is not None:
+        late = torch.zeros(x.shape[0], T, dtype=torch.bool, device=ad.device)
+        late[:, from_position:] = True
+        m = late if m is None else (m & late)
     names = ["blocks.*.resid_pre", "blocks.*.resid_post"]
     for sl in _chunks(len(x), batch_size):
         if L == 0:
             break
         with record(ad, names=names) as cache:
             base = forward(x[sl])
-        d = [_tokens(cache[f"blocks.{l}.resid_post"]) - _tokens(cache[f"blocks.{l}.resid_pre"]) for l in range(L)]
+        pre = [cache[f"blocks.{l}.resid_pre"] for l in range(L)]
+        final = cache[f"blocks.{L - 1}.resid_post"]
+        d = [_tokens(cache[f"blocks.{l}.resid_post"]).float() - _tokens(pre[l]).float() for l in range(L)]
+        raw_d = [cache[f"blocks.{l}.resid_post"] - pre[l] for l in range(L)]
         tgt = None if yy is None else yy[sl].reshape(base.shape[:2])
         base_logp = base.float().log_softmax(-1)
         base_loss = _token_loss(base_logp, tgt)
         for s in range(L):
-            with ad.skip(s), record(ad, names=names, layers=range(s + 1, L)) as cache:
+            with contextlib.ExitStack() as stack:
+                if local:
+                    ds = raw_d[s]
+                    if from_position is not None:
+                        ds = ds.clone()
+                        ds[:, :from_position] = 0
+                    for l in range(s + 1, L):
+                        stack.enter_context(_replace_input(ad.block(l), lambda h, l=l, ds=ds: pre[l] - ds))
+                else:
+                    stack.enter_context(_skip_layer(ad, s, from_position))
+                cache = stack.enter_context(record(ad, names=names, layers=range(s + 1, L)))
                 skipped = forward(x[sl])
-            for l in range(s + 1, L):
-                dt = _tokens(cache[f"blocks.{l}.resid_post"]) - _tokens(cache[f"blocks.{l}.resid_pre"])
-                effects.setdefault((s, l), []).append(_rel(d[l] - dt, d[l]))
+                for l in range(s + 1, L):
+                    dt = _tokens(cache[f"blocks.{l}.resid_post"]).float() - _tokens(cache[f"blocks.{l}.resid_pre"]).float()
+                    effects.setdefault((s, l), []).append(_rel(d[l] - dt, d[l]))
+            if local:
+                skipped = ad.unembed(final - ds)
+                skipped = skipped if skipped.dim() == 3 else skipped[:, None]
             logp = skipped.float().log_softmax(-1)
-            outs.setdefault((s, "kl"), []).append((base_logp.exp() * (base_logp - logp)).sum(-1))
-            outs.setdefault((s, "top1_changed"), []).append((logp.argmax(-1) != base_logp.argmax(-1)).float())
-            outs.setdefault((s, "loss"), []).append(_token_loss(logp, tgt))
-            outs.setdefault((s, "base_loss"), []).append(base_loss)
-    heat = [{"skipped": s, "affected": l, "effect": _masked_mean(torch.cat(v), m)} for (s, l), v in effects.items()]
+            for stat, v in _out_effects(base_logp, logp, tgt, base_loss).items():
+                outs.setdefault((s, stat), []).append(v)
+    heat = [{"skipped": s, "affected": l, "effect": _reduce(torch.cat(v), m, reduce)} for (s, l), v in effects.items()]
     rows = {}
     for (s, stat), v in outs.items():
-        rows.setdefault(s, {"skipped": s})[stat] = _masked_mean(torch.cat(v), m)
-    out = pd.DataFrame(list(rows.values()), columns=["skipped", "kl", "top1_changed", "loss", "base_loss"])
+        rows.setdefault(s, {"skipped": s})[stat] = _reduce(torch.cat(v), m, reduce)
+    out = pd.DataFrame(list(rows.values()), columns=["skipped", "kl", "l2", "top1_changed", "loss", "base_loss"])
     out["loss_change"] = out["loss"] - out["base_loss"]
     out = out.drop(columns="base_loss")
     return SkipEffects(pd.DataFrame(heat, columns=["skipped", "affected", "effect"]), out, L)
