@@ -40,7 +40,9 @@ from .models import seeded
 from .training import TrainConfig, evaluate as _evaluate_one, loss_and_correct, train
 
 __all__ = ["SubstrateError", "check_substrate", "shared_text", "concat", "train_specialists", "LogitMixture",
-           "task_vectors", "linear", "task_arithmetic", "ties", "lines", "merge", "MERGES", "evaluate", "summary", "gate_table"]
+           "task_vectors", "linear", "task_arithmetic", "ties", "lines", "dare", "dare_ties", "slerp", "slerp_tensor",
+           "model_stock", "model_stock_ratio", "task_cosines", "opcm_project", "opcm", "sequential", "SEQUENTIAL",
+           "sweep", "class_tasks", "merge", "MERGES", "evaluate", "summary", "gate_table"]
 
 
 class SubstrateError(ValueError):
@@ -501,11 +503,374 @@ def lines(base: nn.Module, models: Sequence[nn.Module], alpha: float | None = No
     return _apply(base, {k: lam(k) * v for k, v in tau.items()})
 
 
+# ----------------------------------------------------------------------------- DARE, SLERP, Model Stock
+
+
+def _check_rescale(rescale: str) -> str:
+    return checks.check_choice("rescale", rescale, ("density", "l1", "none"))
+
+
+def _dare_vectors(taus: list[dict[str, torch.Tensor]], density: float, rescale: str,
+                  seed: int) -> list[dict[str, torch.Tensor]]:
+    """Drop each entry of each task vector with probability ``1 - density`` (one seeded generator), then rescale.
+
+    ``rescale="density"``: divide the kept entries by ``density`` (Yu et al. 2024; the expected
+    value is the task vector); ``"l1"``: scale each tensor so its L1 norm equals the undropped
+    tensor's (mergekit's ``rescale_norm: l1``); ``"none"``: keep the kept entries as they are.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for tau in taus:
+        dropped = {}
+        for k, v in tau.items():
+            keep = (torch.rand(v.shape, generator=gen) < density).to(v.dtype)
+            d = v * keep
+            if rescale == "density":
+                d = d / density
+            elif rescale == "l1":
+                after = d.abs().sum()
+                d = d * (v.abs().sum() / after) if after > 0 else d
+            dropped[k] = d
+        out.append(dropped)
+    return out
+
+
+def dare(base: nn.Module, models: Sequence[nn.Module], density: float = 0.5, rescale: str = "density",
+         seed: int = 0, scale: float = 1.0) -> nn.Module:
+    """DARE (Yu et al. 2024): drop-and-rescale each task vector, then task arithmetic.
+
+    ``theta_base + scale * sum_i DARE(tau_i)``: every entry of every task vector is kept with
+    probability ``density`` (seeded by ``seed``) and rescaled by ``1 / density``
+    (``rescale="density"``, the paper) or per tensor to the undropped L1 norm (``rescale="l1"``,
+    as mergekit does), or not at all (``"none"``). ``density=1`` is :func:`task_arithmetic` exactly.
+    Definition: ``docs/definitions.md#dare``.
+    """
+    density = checks.check_float("density", density, 0.0, 1.0, lo_open=True)
+    rescale = _check_rescale(rescale)
+    seed = checks.check_seed("seed", seed)
+    scale = checks.check_float("scale", scale, -100.0, 100.0)
+    dropped = _dare_vectors(task_vectors(base, models), density, rescale, seed)
+    return _apply(base, {k: scale * sum(d[k] for d in dropped) for k in (dropped[0] if dropped else {})})
+
+
+def dare_ties(base: nn.Module, models: Sequence[nn.Module], density: float = 0.5, rescale: str = "density",
+              seed: int = 0, scale: float = 1.0) -> nn.Module:
+    """DARE's random drop and rescale in place of TIES' trim, then TIES' sign election and disjoint mean.
+
+    ``theta_base + scale * tau`` where ``tau`` is the mean, per entry, of the dropped-and-rescaled
+    task vectors whose sign agrees with the sign of their sum (dropped entries do not count), as
+    mergekit's ``dare_ties``. Definition: ``docs/definitions.md#dare``.
+    """
+    density = checks.check_float("density", density, 0.0, 1.0, lo_open=True)
+    rescale = _check_rescale(rescale)
+    seed = checks.check_seed("seed", seed)
+    scale = checks.check_float("scale", scale, -100.0, 100.0)
+    dropped = _dare_vectors(task_vectors(base, models), density, rescale, seed)
+    return _apply(base, {k: scale * v for k, v in _ties_vector(dropped, 1.0).items()})
+
+
+SLERP_PARALLEL = 0.9995   # |cos| above which SLERP falls back to linear interpolation (mergekit's DOT_THRESHOLD)
+
+
+def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation of two tensors viewed as flat vectors (computed in float64).
+
+    ``sin((1-t) Omega) / sin(Omega) a + sin(t Omega) / sin(Omega) b`` with ``cos Omega`` the cosine
+    of ``a`` and ``b``; linear ``(1-t) a + t b`` when ``|cos Omega| > SLERP_PARALLEL`` or either is zero.
+    """
+    a64, b64 = a.double(), b.double()
+    na, nb = a64.norm(), b64.norm()
+    if na == 0 or nb == 0:
+        return ((1 - t) * a64 + t * b64).to(a.dtype)
+    dot = float((a64.flatten() @ b64.flatten()) / (na * nb))
+    if abs(dot) > SLERP_PARALLEL:
+        return ((1 - t) * a64 + t * b64).to(a.dtype)
+    omega = torch.arccos(torch.tensor(dot, dtype=torch.float64))
+    s = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / s * a64 + torch.sin(t * omega) / s * b64).to(a.dtype)
+
+
+def slerp(base: nn.Module | None, models: Sequence[nn.Module], t: float = 0.5) -> nn.Module:
+    """SLERP between two models, tensor by tensor (as mergekit): ``t=0`` is ``models[0]``, ``t=1`` ``models[1]``.
+
+    Interpolates the weights themselves (not task vectors); ``base`` is only checked for a shared
+    architecture. Tensors equal in both (a frozen substrate) are kept as they are; tensors that are
+    nearly parallel are interpolated linearly (:func:`slerp_tensor`). Definition:
+    ``docs/definitions.md#slerp``.
+    """
+    t = checks.check_float("t", t, 0.0, 1.0)
+    models = list(models)
+    if len(models) != 2:
+        raise ValueError(f"models: slerp interpolates between exactly 2 models, got {len(models)}")
+    _check_mergeable(base if base is not None else models[0], models)
+    merged = copy.deepcopy(models[0])
+    state = merged.state_dict()
+    sa, sb = models[0].state_dict(), models[1].state_dict()
+    with torch.no_grad():
+        for k in _float_keys(merged):
+            if not torch.equal(sa[k], sb[k]):
+                state[k].copy_(slerp_tensor(sa[k], sb[k], t))
+    merged.eval()
+    return merged
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor, dim=None) -> torch.Tensor:
+    """Cosine of two tensors (flattened, or along ``dim``); 0 where either is zero."""
+    if dim is None:
+        a, b, dim = a.flatten(), b.flatten(), 0
+    den = a.norm(dim=dim) * b.norm(dim=dim)
+    num = (a * b).sum(dim=dim)
+    return torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
+
+
+def model_stock_ratio(cos: torch.Tensor | float, n: int) -> torch.Tensor:
+    """Model Stock's interpolation ratio ``t = N cos / (1 + (N - 1) cos)`` (``cos`` clipped to [0, 1])."""
+    cos = torch.as_tensor(cos, dtype=torch.float64).clamp(0.0, 1.0)
+    return n * cos / (1 + (n - 1) * cos)
+
+
+def model_stock(base: nn.Module, models: Sequence[nn.Module], per_row: bool = False) -> nn.Module:
+    """Model Stock (Jang et al. 2024): ``t * mean_i(theta_i) + (1 - t) * theta_0`` per tensor.
+
+    ``t = N cos / (1 + (N - 1) cos)`` with ``cos`` the mean pairwise cosine of the fine-tuned
+    offsets ``theta_i - theta_0`` of that tensor (clipped to [0, 1], so opposed offsets give
+    ``t = 0``, the base). ``per_row=True`` computes ``cos`` and ``t`` for each row (output unit)
+    of tensors with two or more axes, as mergekit's ``filter_wise``. Needs two or more models.
+    Definition: ``docs/definitions.md#model-stock``.
+    """
+    checks.check_bool("per_row", per_row)
+    models = list(models)
+    if len(models) < 2:
+        raise ValueError(f"models: model_stock needs at least 2 fine-tuned models, got {len(models)}")
+    taus = task_vectors(base, models)
+    n = len(taus)
+    out = {}
+    for k in taus[0]:
+        vs = [t[k].double() for t in taus]
+        row = per_row and vs[0].dim() >= 2
+        flat = [v.reshape(v.shape[0], -1) for v in vs] if row else vs
+        cos = torch.stack([_cosine(flat[i], flat[j], 1 if row else None)
+                           for i in range(n) for j in range(i + 1, n)]).mean(0)
+        ratio = model_stock_ratio(cos, n)
+        if row:
+            ratio = ratio.reshape(-1, *([1] * (vs[0].dim() - 1)))
+        out[k] = (ratio * sum(vs) / n).float()
+    return _apply(base, out)
+
+
+def task_cosines(base: nn.Module, models, names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Tidy ``a, b, cosine``: the cosine of every pair of task vectors (all their entries flattened).
+
+    ``models``: a list or ``{name: model}``; ``names`` label a list (default ``model i``).
+    Definition: ``docs/definitions.md#task-vector-cosine``.
+    """
+    named = _task_names(models, names)
+    taus = task_vectors(base, list(named.values()))
+    flat = [torch.cat([t[k].flatten().double() for k in t]) if t else torch.zeros(1, dtype=torch.float64)
+            for t in taus]
+    labels = list(named)
+    rows = [{"a": labels[i], "b": labels[j], "cosine": float(_cosine(flat[i], flat[j]))}
+            for i in range(len(flat)) for j in range(len(flat))]
+    return pd.DataFrame(rows, columns=["a", "b", "cosine"])
+
+
+def _task_names(models, names=None) -> dict[str, nn.Module]:
+    if isinstance(models, Mapping):
+        if names is not None:
+            raise ValueError("names: give names only with a list of models (a dict names its models)")
+        return {str(k): v for k, v in models.items()}
+    if isinstance(models, nn.Module) or not isinstance(models, (list, tuple)):
+        raise ValueError(f"models must be a list or a dict of models, got {type(models).__name__}")
+    if names is None:
+        return {f"model {i}": m for i, m in enumerate(models)}
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or len(names) != len(models):
+        raise ValueError(f"names must give one label per model ({len(models)}), got {names!r}")
+    for nm in names:
+        checks.check_str("names[]", nm, 200)
+    if len(set(names)) != len(names):
+        raise ValueError(f"names must be distinct, got {list(names)}")
+    return dict(zip(names, models))
+
+
+# ----------------------------------------------------------------------------- sequential merging (OPCM)
+
+
+def _split_rank(s: torch.Tensor, alpha: float) -> int:
+    """OPCM's split rank: the first index whose cumulative share of the singular values exceeds ``alpha``."""
+    if s.sum() <= 0:
+        return 0
+    return int((s.cumsum(0) / s.sum() > alpha).float().argmax())
+
+
+def opcm_project(tau: torch.Tensor, merged: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """OPCM's projection of a 2-D task vector ``tau`` away from the top singular directions of ``merged``.
+
+    With the full SVD ``merged = U S V^T`` and ``P = U^T tau V``: the diagonal of ``P`` is zeroed
+    (no ``u_i v_i^T`` component for any ``i``) and its top-left ``r x r`` block, ``r`` the first
+    index at which the cumulative share of singular values exceeds ``alpha``; returns ``U P V^T``
+    (Tang et al. 2025, the authors' FusionBench code). Definition: ``docs/definitions.md#opcm``.
+    """
+    m64 = merged.double()
+    if m64.norm() == 0:
+        return tau.clone()
+    u, s, vh = torch.linalg.svd(m64, full_matrices=True)
+    p = u.T @ tau.double() @ vh.T
+    p.diagonal().zero_()
+    r = _split_rank(s, alpha)
+    p[:r, :r] = 0
+    return (u @ p @ vh).to(tau.dtype)
+
+
+def _norm(vec: Mapping[str, torch.Tensor]) -> float:
+    return float(sum(float(v.double().pow(2).sum()) for v in vec.values())) ** 0.5
+
+
+SEQUENTIAL = ("opcm", "average", "task_arithmetic")
+
+
+def _sequential_vectors(taus, method: str, alpha: float, scale: float) -> list[dict[str, torch.Tensor]]:
+    """The merged task vector after each task arrives (``len(taus)`` of them)."""
+    out = []
+    if method == "opcm":
+        acc = None
+        norms = []
+        for tau in taus:
+            norms.append(_norm(tau))
+            if acc is None:
+                acc = {k: v.clone() for k, v in tau.items()}
+            else:
+                acc = {k: acc[k] + (opcm_project(v, acc[k], alpha) if v.dim() == 2 else v) for k, v in tau.items()}
+            total = _norm(acc)
+            target = sum(norms) / len(norms)
+            out.append({k: v * (target / total) if total > 0 else v.clone() for k, v in acc.items()})
+    else:
+        acc = None
+        for i, tau in enumerate(taus, 1):
+            acc = {k: v.clone() for k, v in tau.items()} if acc is None else {k: acc[k] + v for k, v in tau.items()}
+            factor = 1.0 / i if method == "average" else scale
+            out.append({k: factor * v for k, v in acc.items()})
+    return out
+
+
+def sequential(base: nn.Module, models, method: str = "opcm", datasets=None, alpha: float = 0.5,
+               scale: float = 1.0, split: str = "val", max_examples: int = 0):
+    """Merge models one at a time as their tasks arrive: ``(merged after each task, table)``.
+
+    ``models``: the fine-tuned models in arrival order (a list, or ``{task: model}``); ``method``:
+    ``"opcm"`` (Tang et al. 2025: each new task vector projected by :func:`opcm_project` away from
+    the running merge's top singular directions in every 2-D tensor, added to the running sum,
+    which is rescaled to the mean norm of the task vectors seen so far), ``"average"``
+    (``theta_0 + mean_{i<=t} tau_i``) or ``"task_arithmetic"`` (``theta_0 + scale * sum_{i<=t} tau_i``).
+    ``datasets`` (one per model, same order; optional): the table has the loss and accuracy of
+    the merge after ``n_tasks`` tasks on every task seen so far, tidy ``method, n_tasks, task,
+    metric, value``. Definition: ``docs/definitions.md#opcm``.
+    """
+    from .permute import check_model_data
+
+    checks.check_choice("method", method, SEQUENTIAL)
+    alpha = checks.check_float("alpha", alpha, 0.0, 1.0)
+    scale = checks.check_float("scale", scale, -100.0, 100.0)
+    checks.check_choice("split", split, ("train", "val"))
+    checks.check_int("max_examples", max_examples, 0)
+    named = _task_names(models, list(datasets) if isinstance(datasets, Mapping) and not isinstance(models, Mapping)
+                        else None)
+    if datasets is not None:
+        parts = list(datasets.values()) if isinstance(datasets, Mapping) else datasets
+        if not isinstance(parts, (list, tuple)) or len(parts) != len(named):
+            raise ValueError(f"datasets must give one Dataset per model ({len(named)}), got "
+                             f"{len(parts) if hasattr(parts, '__len__') else parts!r}")
+        for name, ds in zip(named, parts):
+            check_model_data(base, ds, f"datasets[{name!r}]")
+    merged = [_apply(base, v) for v in _sequential_vectors(task_vectors(base, list(named.values())), method,
+                                                            alpha, scale)]
+    rows = []
+    if datasets is not None:
+        tasks = list(named)
+        for n, model in enumerate(merged, 1):
+            for task, ds in zip(tasks[:n], parts[:n]):
+                for metric, value in _evaluate_one(model, ds, split, max_examples).items():
+                    rows.append({"method": method, "n_tasks": n, "task": task, "metric": metric, "value": value})
+    return merged, pd.DataFrame(rows, columns=["method", "n_tasks", "task", "metric", "value"])
+
+
+def opcm(base: nn.Module, models: Sequence[nn.Module], alpha: float = 0.5) -> nn.Module:
+    """The OPCM merge after all ``models`` arrived in order (:func:`sequential` with ``method="opcm"``)."""
+    return sequential(base, list(models), "opcm", alpha=alpha)[0][-1]
+
+
+def sweep(method: str, base: nn.Module, models: Sequence[nn.Module], datasets, knob: str, values,
+          split: str = "val", max_examples: int = 0, **options) -> pd.DataFrame:
+    """Loss and accuracy of ``merge(method, ..., knob=x)`` on every dataset for each ``x`` in ``values``.
+
+    Tidy ``method, knob, x, domain, metric, value``; e.g. SLERP's accuracy against ``t``.
+    """
+    from .permute import check_model_data
+
+    checks.check_choice("method", method, sorted(MERGES))
+    checks.check_str("knob", knob, 50)
+    if knob in options:
+        raise ValueError(f"options must not include the swept knob {knob!r}")
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not 1 <= len(values) <= 101:
+        raise ValueError(f"values must be 1 to 101 numbers, got {values!r:.80}")
+    xs = [checks.check_float("values[]", v) for v in values]
+    checks.check_choice("split", split, ("train", "val"))
+    checks.check_int("max_examples", max_examples, 0)
+    if not datasets:
+        raise ValueError("datasets: sweep needs at least one dataset")
+    datasets = dict(datasets) if isinstance(datasets, Mapping) else _named(datasets)
+    for domain, ds in datasets.items():
+        check_model_data(base, ds, f"datasets[{domain!r}]")
+    rows = []
+    for x in xs:
+        model = merge(method, base, models, **{knob: x}, **options)
+        for domain, ds in datasets.items():
+            for metric, value in _evaluate_one(model, ds, split, max_examples).items():
+                rows.append({"method": method, "knob": knob, "x": x, "domain": domain, "metric": metric,
+                             "value": value})
+    return pd.DataFrame(rows, columns=["method", "knob", "x", "domain", "metric", "value"])
+
+
+def class_tasks(dataset: _data.Dataset, groups: Sequence[Sequence[int]]) -> dict[str, _data.Dataset]:
+    """``{"classes 0,1": Dataset}``: one task per group of classes, holding only those classes' examples.
+
+    The label space stays the dataset's (a model keeps all its outputs), so models fine-tuned on
+    different tasks share one architecture and can be merged; used for the sequential experiment.
+    """
+    if not isinstance(dataset, _data.Dataset) or dataset.kind != "vector":
+        raise ValueError("dataset must be a workbench vector Dataset (e.g. digits)")
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, (list, tuple)) or not groups:
+        raise ValueError(f"groups must be a non-empty list of lists of class labels, got {groups!r:.80}")
+    out = {}
+    for g in groups:
+        if isinstance(g, (str, bytes)) or not isinstance(g, (list, tuple)) or not g:
+            raise ValueError(f"groups[] must be a non-empty list of class labels, got {g!r:.80}")
+        labels = [checks.check_int("groups[][]", c, 0, dataset.n_classes - 1) for c in g]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"groups[] must not repeat a class, got {list(g)}")
+        name = "classes " + ",".join(map(str, labels))
+        if name in out:
+            raise ValueError(f"groups must differ, got {list(g)} twice")
+        cls = torch.tensor(labels)
+        tr, va = torch.isin(dataset.y_train, cls), torch.isin(dataset.y_val, cls)
+        if not tr.any() or not va.any():
+            raise ValueError(f"groups[]: classes {labels} have no training or validation examples")
+        out[name] = _data.Dataset(f"{dataset.name} ({name})", dataset.kind, dataset.x_train[tr], dataset.y_train[tr],
+                                  dataset.x_val[va], dataset.y_val[va], dataset.n_classes,
+                                  f"{dataset.description}; only {name}", dataset.vocab,
+                                  {**dataset.options, "classes": labels})
+    return out
+
+
 MERGES = {
     "linear": lambda base, models, **kw: linear(models, base=base, **kw),
     "task_arithmetic": task_arithmetic,
     "ties": ties,
     "lines": lines,
+    "dare": dare,
+    "dare_ties": dare_ties,
+    "slerp": slerp,
+    "model_stock": model_stock,
+    "opcm": opcm,
 }
 
 
