@@ -61,7 +61,8 @@ from .hooks import ActivationCache, Adapter, adapter, record, sites
 
 __all__ = ["EPS", "ActivationCache", "Decomposition", "SkipEffects", "adapter", "sites", "record",
            "contributions", "decompose", "logit_attribution", "logit_lens", "skip_effects", "next_token_targets",
-           "is_mixture"]
+           "is_mixture", "integrated_gradients", "depth_score", "depth_vs_difficulty", "Erasure", "erase",
+           "layer_map", "patch", "estimate", "DepthReport", "report"]
 
 EPS = 1e-6
 IGNORE = -100
@@ -948,3 +949,425 @@ def _masked_mean(v: torch.Tensor, mask: torch.Tensor | None) -> float:
     if mask is not None:
         ok &= mask
     return float(torch.where(ok, v, torch.zeros_like(v)).sum() / ok.sum()) if ok.any() else float("nan")
+
+
+# ============================================================================ depth-efficiency analyses
+
+
+def _final_logits(ad: Adapter, x: torch.Tensor) -> torch.Tensor:
+    return _logits(ad, x)
+
+
+def _resid_stream(ad: Adapter, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``([h_0 .. h_L], logits)``: the residual entering each block and the final residual, ``(B, T, C)``."""
+    L = ad.n_layers
+    with record(ad, names=["blocks.*.resid_pre", f"blocks.{L - 1}.resid_post"]) as cache:
+        logits = _logits(ad, x)
+    hs = [_tokens(cache[f"blocks.{l}.resid_pre"]) for l in range(L)] + [_tokens(cache[f"blocks.{L - 1}.resid_post"])]
+    return hs, logits
+
+
+def _need_layers(ad: Adapter, what: str) -> None:
+    if ad.n_layers == 0:
+        raise ValueError(f"{what} needs a model with at least one block, got n_layers = 0")
+
+
+def _last_target(target, logits: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` target ids at the last position: top-1 for ``None``, one id, or one per example."""
+    B, V = logits.shape[0], logits.shape[-1]
+    if target is None:
+        return logits[:, -1].argmax(-1)
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        checks.check_int("target", target, 0, V - 1)
+        return torch.full((B,), int(target), device=logits.device, dtype=torch.long)
+    tgt = checks.check_tokens("target", _tensor("target", target), V)
+    if tgt.dim() != 1 or tgt.shape[0] != B:
+        raise ValueError(f"target must be None, one token id in [0, {V - 1}] or one per example (shape ({B},)), "
+                         f"got shape {tuple(tgt.shape)}")
+    return tgt.to(logits.device).long()
+
+
+def integrated_gradients(model: nn.Module, x, target=None, steps: int = 32, layers=None) -> pd.DataFrame:
+    """Per-layer integrated gradients of the target's probability at the last position.
+
+    For each layer ``l`` the residual entering block ``l`` (``h_l``, layer ``L``: the final residual)
+    is interpolated from the baseline ``b`` = the sequence-mean of ``h_l`` (per example, at every
+    position) to ``h_l``; the model runs on from there. Attribution of position ``t``:
+    ``sum_c (h_l - b)[t, c] * mean_k dF/dh[t, c] (b + a_k (h_l - b))`` with ``a_k = (k + 1/2) / steps``
+    (midpoint rule), ``F`` = softmax probability of ``target`` at the last position. Completeness:
+    per layer and example the attributions sum to ``F(h_l) - F(b)`` up to the rule's O(1/steps^2) error.
+
+    ``target``: ``None`` = the model's top-1 at the last position, a token id, or one per example.
+    ``layers``: block indices ``0 .. L`` (default all). Returns ``layer, position, attribution``
+    (mean over the batch) -- ``docs/definitions.md#integrated-gradients``.
+    """
+    ad = adapter(model)
+    if ad.family != "transformer":
+        raise ValueError("integrated_gradients needs a sequence model (token positions)")
+    _need_layers(ad, "integrated_gradients")
+    steps = checks.check_int("steps", steps, 1, 1024)
+    L = ad.n_layers
+    chosen = list(range(L + 1)) if layers is None else [checks.check_int("layers[]", l, 0, L) for l in layers]
+    rows = []
+    was = ad.model.training
+    ad.model.eval()
+    try:
+        x = _as_batch(ad, x)
+        with torch.no_grad():
+            hs, logits = _resid_stream(ad, x)
+        tgt = _last_target(target, logits)
+        idx = torch.arange(len(x), device=ad.device)
+        for l in chosen:
+            h = hs[l].detach()
+            base = h.mean(1, keepdim=True).expand_as(h)
+            total = torch.zeros(h.shape[:2], device=ad.device)
+            for k in range(steps):
+                a = (k + 0.5) / steps
+                hi = (base + a * (h - base)).clone().requires_grad_(True)
+                with torch.enable_grad():
+                    if l < L:
+                        with _replace_input(ad.block(l), lambda _h, hi=hi: hi):
+                            out = _logits(ad, x)
+                    else:
+                        out = ad.unembed(hi)
+                    f = out[:, -1].float().softmax(-1)[idx, tgt].sum()
+                    (g,) = torch.autograd.grad(f, hi)
+                total += (g.float() * (h - base).float()).sum(-1)
+            attr = (total / steps).mean(0).cpu().numpy()
+            rows.extend((l, t, float(v)) for t, v in enumerate(attr))
+    finally:
+        ad.model.train(was)
+    return pd.DataFrame(rows, columns=["layer", "position", "attribution"])
+
+
+def depth_score(effects, x=None, metric: str = "l2", **skip_kwargs) -> float:
+    """Centre of mass ``sum_l l m_l / sum_l m_l`` of the skip effect on the output (layers ``0 .. L-1``).
+
+    ``effects``: a :class:`SkipEffects`, its ``output`` table, or a model (then ``x`` is required and
+    :func:`skip_effects` runs with ``skip_kwargs``). ``metric``: ``"l2"`` (default: the paper's
+    ``||softmax - softmax'||_2``) or ``"kl"``. NaN when every effect is 0 --
+    ``docs/definitions.md#depth-score``.
+    """
+    checks.check_choice("metric", metric, ["l2", "kl"])
+    if isinstance(effects, SkipEffects):
+        out = effects.output
+    elif isinstance(effects, pd.DataFrame):
+        out = effects
+    else:
+        if x is None:
+            raise ValueError("x is required when depth_score is given a model")
+        out = skip_effects(effects, x, **skip_kwargs).output
+    if "member" in out.columns:
+        raise ValueError("a mixture's skip effects have one depth score per member: pass effects.member(k)")
+    missing = {"skipped", metric} - set(out.columns)
+    if missing:
+        raise ValueError(f"effects must have columns skipped and {metric}, missing {sorted(missing)}")
+    m = out[metric].to_numpy(dtype=float).clip(min=0)
+    l = out["skipped"].to_numpy(dtype=float)
+    return float((l * m).sum() / m.sum()) if m.sum() > 0 else float("nan")
+
+
+def depth_vs_difficulty(model: nn.Module, sets: dict, metric: str = "l2", max_examples: int = 64,
+                        reduce: str = "mean", batch_size: int | None = 256) -> pd.DataFrame:
+    """Depth score per problem set: ``difficulty, n_examples, depth_score`` (one row per entry of ``sets``).
+
+    ``sets``: ``{difficulty: inputs}``, inputs a token batch ``(B, T)`` or a
+    :class:`workbench.data.Dataset` (its validation split; the token average is restricted to the
+    scored positions ``y_val != IGNORE``), e.g. ``{h: wb.data.load("khop", hops=h) for h in (1, 2, 3)}``
+    or modadd sets of growing ``p``. ``max_examples`` caps each set (first examples).
+    """
+    if not isinstance(sets, dict) or not sets:
+        raise ValueError(f"sets must be a non-empty dict {{difficulty: inputs}}, got {type(sets).__name__}")
+    checks.check_int("max_examples", max_examples, 1)
+    rows = []
+    for diff, inputs in sets.items():
+        mask = None
+        if hasattr(inputs, "x_val") and hasattr(inputs, "y_val"):
+            xs, ys = inputs.x_val[:max_examples], inputs.y_val[:max_examples]
+            mask = (ys != IGNORE) if ys.shape == xs.shape else None
+        else:
+            xs = _tensor(f"sets[{diff!r}]", inputs)[:max_examples]
+        res = skip_effects(model, xs, mask=mask, reduce=reduce, batch_size=batch_size)
+        rows.append((diff, int(len(xs)), depth_score(res, metric=metric)))
+    return pd.DataFrame(rows, columns=["difficulty", "n_examples", "depth_score"])
+
+
+@dataclass
+class Erasure:
+    """Result of :func:`erase`. ``residual``: ``layer, position, rel_change`` = mean over the batch of
+    ``||h'_l[t] - h_l[t]|| / ||h_l[t]||`` for ``layer .. L`` (``L``: the final residual); ``output``:
+    ``position, kl, l2`` of the output distribution at each position (mean over the batch)."""
+
+    residual: pd.DataFrame
+    output: pd.DataFrame
+    layer: int
+    position: int
+
+
+def erase(model: nn.Module, x, layer: int, position: int) -> Erasure:
+    """Token erasure: replace ``h_layer[position]`` (the residual entering block ``layer``) by the mean
+    residual of that layer over all the batch's tokens and measure the change downstream.
+
+    ``layer`` in ``0 .. L-1``, ``position`` in ``0 .. T-1``. See :class:`Erasure` and
+    ``docs/definitions.md#erasure``. Two forwards.
+    """
+    ad = adapter(model)
+    if ad.family != "transformer":
+        raise ValueError("erase needs a sequence model (token positions)")
+    _need_layers(ad, "erase")
+    L = ad.n_layers
+    layer = checks.check_int("layer", layer, 0, L - 1)
+    with _inference(ad.model):
+        x = _as_batch(ad, x)
+        position = checks.check_int("position", position, 0, x.shape[1] - 1)
+        hs, logits = _resid_stream(ad, x)
+        mean = hs[layer].reshape(-1, hs[layer].shape[-1]).mean(0)
+
+        def put(h):
+            h = h.clone()
+            h[:, position] = mean.to(h.dtype)
+            return h
+        with _replace_input(ad.block(layer), put):
+            hs2, logits2 = _resid_stream(ad, x)
+        rows = []
+        for l in range(layer, L + 1):
+            rel = _rel(hs2[l].float() - hs[l].float(), hs[l]).mean(0)
+            rows.extend((l, t, float(v)) for t, v in enumerate(rel.tolist()))
+        p, q = logits.float().log_softmax(-1), logits2.float().log_softmax(-1)
+        kl = (p.exp() * (p - q)).sum(-1).mean(0)
+        l2 = (p.exp() - q.exp()).norm(dim=-1).mean(0)
+    out = pd.DataFrame({"position": np.arange(len(kl)), "kl": kl.cpu().numpy(), "l2": l2.cpu().numpy()})
+    return Erasure(pd.DataFrame(rows, columns=["layer", "position", "rel_change"]), out, layer, position)
+
+
+def layer_map(model_a: nn.Module, model_b: nn.Module, x_fit, x_eval) -> pd.DataFrame:
+    """Linear maps from every layer of model A's residual to every layer of model B's.
+
+    Residuals ``h_0 .. h_L`` (entering each block; ``L``: final) of both models on ``x_fit`` are
+    flattened over tokens; for each pair a least-squares map with a bias (``torch.linalg.lstsq``, float64)
+    from A's layer to B's is fitted, and on ``x_eval`` its relative error
+    ``||Y - Y_hat||_F / ||Y - mean(Y)||_F`` is measured (0: exact, 1: no better than the mean).
+    Returns ``layer_a, layer_b, rel_error`` -- ``docs/definitions.md#layer-map``. The fitting set
+    needs more tokens than A's width + 1.
+    """
+    ads = [adapter(model_a), adapter(model_b)]
+    for ad, name in zip(ads, ("model_a", "model_b")):
+        if ad.family != "transformer":
+            raise ValueError(f"{name} must be a sequence model")
+        _need_layers(ad, "layer_map")
+
+    def streams(name, xs):
+        out = []
+        for ad in ads:
+            with _inference(ad.model):
+                hs, _ = _resid_stream(ad, _as_batch(ad, xs, name))
+            out.append([h.reshape(-1, h.shape[-1]).double().cpu() for h in hs])
+        return out
+    fa, fb = streams("x_fit", x_fit)
+    ea, eb = streams("x_eval", x_eval)
+    n = fa[0].shape[0]
+    if n <= fa[0].shape[1] + 1:
+        raise ValueError(f"x_fit must hold more than d_model + 1 = {fa[0].shape[1] + 1} tokens of model_a, got {n}")
+    rows = []
+    for i, (xa, xe) in enumerate(zip(fa, ea)):
+        Xa = torch.cat([xa, torch.ones(len(xa), 1, dtype=xa.dtype)], 1)
+        Xe = torch.cat([xe, torch.ones(len(xe), 1, dtype=xe.dtype)], 1)
+        for j, (yb, ye) in enumerate(zip(fb, eb)):
+            W = torch.linalg.lstsq(Xa, yb).solution
+            err = (ye - Xe @ W).norm() / (ye - ye.mean(0)).norm().clamp_min(EPS)
+            rows.append((i, j, float(err)))
+    return pd.DataFrame(rows, columns=["layer_a", "layer_b", "rel_error"])
+
+
+PATCH_SITES = ["resid_pre", "attn_out", "mlp_out"]
+
+
+def _site_replacer(ad: Adapter, site: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Context replacing activation ``blocks.{layer}.{site}`` by ``fn(activation)``.
+
+    ``resid_pre`` works for every adapter (the block's input; ``layer = L``: the last block's output).
+    ``attn_out``/``mlp_out`` need the adapter's ``replace_hook(name, fn)`` (``fn`` returns the new
+    activation) or a workbench model, whose hook points take the hook's return value."""
+    if site == "resid_pre":
+        if layer == ad.n_layers:
+            return _replace_output(ad.block(layer - 1), lambda h, out: fn(out))
+        return _replace_input(ad.block(layer), fn)
+    name = f"blocks.{layer}.{site}"
+    own = getattr(ad, "replace_hook", None)
+    if callable(own):
+        return _handle_ctx(own(name, fn))
+    from .adapters.native import NativeAdapter
+    if isinstance(ad, NativeAdapter):
+        return _handle_ctx(ad.add_hook(name, fn))
+    raise ValueError(f"site {site!r} cannot be patched in {type(ad.model).__name__} (its adapter has no replace_hook); "
+                     "use site='resid_pre'")
+
+
+@contextlib.contextmanager
+def _handle_ctx(handle):
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def patch(model: nn.Module, clean, corrupt, answer=None, site: str = "resid_pre") -> pd.DataFrame:
+    """Activation patching: the corrupt run with one site at one position set to its clean value.
+
+    Returns ``layer, position, recovery`` with ``recovery = (m(patched) - m(corrupt)) / (m(clean) - m(corrupt))``,
+    ``m`` = logit of the clean answer minus logit of the corrupt answer at the last position, each
+    ``m`` averaged over the batch before the ratio (NaN when clean and corrupt agree). ``answer``:
+    ``None`` = each run's top-1 at the last position (per example), or a pair ``(clean_id, corrupt_id)``.
+    ``site``: ``resid_pre`` (layers ``0 .. L``; ``L`` = the final residual), ``attn_out`` or ``mlp_out``
+    (layers ``0 .. L-1``; parallel blocks too). ``clean`` and ``corrupt``: token batches of one shape.
+    One forward per (layer, position) -- ``docs/definitions.md#patching``.
+    """
+    ad = adapter(model)
+    if ad.family != "transformer":
+        raise ValueError("patch needs a sequence model (token positions)")
+    _need_layers(ad, "patch")
+    checks.check_choice("site", site, PATCH_SITES)
+    L = ad.n_layers
+    with _inference(ad.model):
+        xc, xk = _as_batch(ad, clean, "clean"), _as_batch(ad, corrupt, "corrupt")
+        if xc.shape != xk.shape:
+            raise ValueError(f"clean and corrupt must have the same shape, got {tuple(xc.shape)} and {tuple(xk.shape)}")
+        names = ["blocks.*.resid_pre", f"blocks.{L - 1}.resid_post"] if site == "resid_pre" else [f"blocks.*.{site}"]
+        with record(ad, names=names) as cache:
+            lc = _logits(ad, xc)
+        clean_acts = dict(cache)
+        lk = _logits(ad, xk)
+        V = lc.shape[-1]
+        if answer is None:
+            a, b = lc[:, -1].argmax(-1), lk[:, -1].argmax(-1)
+        else:
+            if not isinstance(answer, (tuple, list)) or len(answer) != 2:
+                raise ValueError(f"answer must be None or a pair (clean_id, corrupt_id), got {answer!r}")
+            a, b = (torch.full((len(xc),), checks.check_int(f"answer[{i}]", v, 0, V - 1), device=ad.device)
+                    for i, v in enumerate(answer))
+        idx = torch.arange(len(xc), device=ad.device)
+
+        def metric(logits):
+            z = logits[:, -1].float()
+            return float((z[idx, a] - z[idx, b]).mean())
+        mc, mk = metric(lc), metric(lk)
+        den = mc - mk
+        layers = range(L + 1) if site == "resid_pre" else range(L)
+        rows = []
+        for l in layers:
+            key = f"blocks.{L - 1}.resid_post" if l == L else f"blocks.{l}.{site}"
+            src = clean_acts[key]
+            for t in range(xc.shape[1]):
+                def put(h, t=t, src=src):
+                    h = h.clone()
+                    h[:, t] = src[:, t].to(h.dtype)
+                    return h
+                with _site_replacer(ad, site, l, put):
+                    mp = metric(_logits(ad, xk))
+                rows.append((l, t, (mp - mk) / den if abs(den) > EPS else float("nan")))
+    return pd.DataFrame(rows, columns=["layer", "position", "recovery"])
+
+
+ESTIMATE_ANALYSES = ["forward", "contributions", "logit_lens", "skip_effects", "integrated_gradients", "patch",
+                     "report"]
+
+
+def estimate(model: nn.Module, n_tokens: int, analysis: str = "report", steps: int = 32) -> dict:
+    """Rough cost of an analysis on ``n_tokens`` tokens: ``{"bytes": peak bytes above the model, "seconds": ...}``.
+
+    Bytes: float32 activations (attention scores ``H x T^2`` per sequence of the context length, a few
+    ``tokens x C`` residuals, the ``tokens x V`` output) plus what the analysis keeps; seconds from
+    ``2 x parameters x tokens`` FLOPs per forward at 2e10 FLOP/s (two CPU cores; an order of magnitude,
+    the page shows it before a long analysis). Forwards: contributions and lens 1, skip effects L + 1,
+    IG ``steps x (L + 1)`` (x3 for the backward), patch ``(L + 1) x T``, report: all of them.
+    """
+    ad = adapter(model)
+    n_tokens = checks.check_int("n_tokens", n_tokens, 1)
+    checks.check_choice("analysis", analysis, ESTIMATE_ANALYSES)
+    steps = checks.check_int("steps", steps, 1, 1024)
+    params = sum(p.numel() for p in ad.model.parameters())
+    C = int(ad.readout()[0].shape[1])
+    V = _out_size(ad)
+    L = max(ad.n_layers, 1)
+    H = max(ad.n_heads, 1)
+    _, context, _ = _facts(ad)
+    T = min(context or n_tokens, n_tokens) if ad.family == "transformer" else 1
+    fwd_bytes = 4 * (n_tokens * (6 * C + 2 * V) + H * T * n_tokens)
+    extra = {"forward": 0, "contributions": 4 * n_tokens * 6 * C, "logit_lens": 4 * n_tokens * C * (L + 1),
+             "skip_effects": 4 * n_tokens * C * 2 * (L + 1), "integrated_gradients": 3 * fwd_bytes,
+             "patch": 4 * n_tokens * C * (L + 1)}
+    extra["report"] = max(extra.values())
+    forwards = {"forward": 1, "contributions": 1, "logit_lens": 1.5, "skip_effects": L + 1,
+                "integrated_gradients": 3 * steps * (L + 1), "patch": (L + 1) * T}
+    forwards["report"] = sum(v for k, v in forwards.items() if k not in ("forward", "patch"))
+    seconds = forwards[analysis] * 2 * params * n_tokens / 2e10
+    return {"bytes": int(fwd_bytes + extra[analysis]), "seconds": float(seconds), "forwards": float(forwards[analysis])}
+
+
+@dataclass
+class DepthReport:
+    """All depth analyses of one model on one prompt set (:func:`report`); every field a DataFrame.
+
+    ``contributions`` (``layer, sublayer, rel_norm, cosine``), ``lens`` (``layer, kl_to_final,
+    top1_agree, top5_overlap, loss``), ``skip`` / ``skip_output`` (:class:`SkipEffects` tables, max
+    over tokens), ``ig`` (``layer, position, attribution``), ``depth_score`` (float), ``erasure``
+    (``layer, position, rel_change``), ``patching`` (``layer, position, recovery``; empty without
+    ``corrupt``), ``depth_vs_difficulty`` (empty without ``sets``), ``title``.
+    """
+
+    contributions: pd.DataFrame
+    lens: pd.DataFrame
+    skip: pd.DataFrame
+    skip_output: pd.DataFrame
+    ig: pd.DataFrame
+    depth_score: float
+    erasure: pd.DataFrame
+    patching: pd.DataFrame
+    depth_vs_difficulty: pd.DataFrame
+    n_layers: int
+    title: str = "Depth report"
+
+    def tables(self) -> dict:
+        return {k: getattr(self, k) for k in ("contributions", "lens", "skip", "skip_output", "ig", "erasure",
+                                               "patching", "depth_vs_difficulty")}
+
+    def to_html(self, path) -> str:
+        """Write one self-contained HTML file (plotly.js inline, no CDN; text escaped); returns the path.
+
+        The figures come from :mod:`workbench.figures.residual` (loaded here, at call time, so this
+        engine module does not import plotly)."""
+        import pathlib
+        import workbench
+        html = workbench.figures.residual.depth_report_html(self)
+        p = pathlib.Path(path)
+        p.write_text(html, encoding="utf-8")
+        return str(p)
+
+
+def report(model: nn.Module, inputs, corrupt=None, sets: dict | None = None, steps: int = 16,
+           erase_layer: int = 0, erase_position: int = 0, title: str = "Depth report",
+           batch_size: int | None = 256) -> DepthReport:
+    """Every depth analysis of ``model`` on the prompt set ``inputs`` (token batch ``(B, T)``) at once.
+
+    Skip effects with the max over tokens (as the paper), depth score from their ``l2`` output
+    effect, integrated gradients with ``steps``, erasure of ``(erase_layer, erase_position)``,
+    patching when ``corrupt`` (same shape as ``inputs``) is given, and depth vs difficulty for
+    ``sets`` (see :func:`depth_vs_difficulty`). See :class:`DepthReport`.
+    """
+    ad = adapter(model)
+    if ad.family != "transformer":
+        raise ValueError("report needs a sequence model (token positions)")
+    _need_layers(ad, "report")
+    title = checks.check_str("title", title, 200)
+    x = _as_batch(ad, inputs, "inputs")
+    checks.check_int("erase_layer", erase_layer, 0, ad.n_layers - 1)
+    checks.check_int("erase_position", erase_position, 0, x.shape[1] - 1)
+    contrib = contributions(ad, x, batch_size=batch_size)
+    lens = logit_lens(ad, x, batch_size=batch_size)
+    sk = skip_effects(ad, x, reduce="max", batch_size=batch_size)
+    ig = integrated_gradients(ad, x, steps=steps)
+    er = erase(ad, x, erase_layer, erase_position).residual
+    pt = patch(ad, x, corrupt) if corrupt is not None else pd.DataFrame(columns=["layer", "position", "recovery"])
+    dvd = (depth_vs_difficulty(ad, sets, batch_size=batch_size) if sets
+           else pd.DataFrame(columns=["difficulty", "n_examples", "depth_score"]))
+    return DepthReport(contrib, lens, sk.heatmap, sk.output, ig, depth_score(sk), er, pt, dvd, ad.n_layers, title)

@@ -1,0 +1,207 @@
+"""Depth-efficiency analyses of workbench.residual checked against hand computations on tiny models."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import workbench as wb
+from workbench import residual as R
+
+
+def _model(n_layers=3, seed=0):
+    cfg = wb.models.TransformerConfig(vocab_size=13, context=8, d_model=16, n_layers=n_layers, n_heads=2, d_mlp=32,
+                                      seed=seed)
+    return wb.models.build(cfg).eval()
+
+
+def _x(B=3, T=8, seed=1):
+    return torch.randint(0, 13, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _stream(model, x, edit=None):
+    """Residuals entering each block and the final one, by hand; ``edit(l, h) -> h`` before block l."""
+    with torch.no_grad():
+        h = model.embed(x)
+        hs = []
+        for l, b in enumerate(model.blocks):
+            if edit is not None:
+                h = edit(l, h)
+            hs.append(h)
+            h = b(h)
+        hs.append(h)
+        return hs, model.unembed(h)
+
+
+def test_skip_from_position_reduce_max_and_l2_match_a_manual_forward():
+    model, x = _model(), _x()
+    t = 3
+    res = R.skip_effects(model, x, reduce="max", from_position=t)
+    hs, logits = _stream(model, x)
+    with torch.no_grad():
+        h = hs[1]
+        out = model.blocks[1](h).clone()
+        out[:, t:] = h[:, t:]                       # layer 1 is the identity at positions >= t
+        h2 = model.blocks[2](out) - out
+        d2 = hs[3] - hs[2]
+        rel = (d2 - h2).norm(dim=-1) / d2.norm(dim=-1)
+        skipped = model.unembed(model.blocks[2](out))
+    got = res.heatmap.set_index(["skipped", "affected"]).loc[(1, 2), "effect"]
+    assert got == pytest.approx(rel[:, t:].max().item(), rel=1e-4)
+    assert rel[:, :t].abs().max() < 1e-5                         # causal: earlier positions unchanged
+    l2 = (logits.softmax(-1) - skipped.softmax(-1)).norm(dim=-1)
+    assert res.output.set_index("skipped").loc[1, "l2"] == pytest.approx(l2[:, t:].max().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="from_position must be an integer"):
+        R.skip_effects(model, x, from_position=0)
+    with pytest.raises(ValueError, match="from_position"):
+        R.skip_effects(model, x, from_position=8)
+    with pytest.raises(ValueError, match="reduce"):
+        R.skip_effects(model, x, reduce="median")
+
+
+def test_local_skip_removes_only_the_layers_own_contribution():
+    model, x = _model(), _x()
+    res = R.skip_effects(model, x, local=True)
+    hs, logits = _stream(model, x)
+    with torch.no_grad():
+        d0 = hs[1] - hs[0]
+        d2 = hs[3] - hs[2]
+        d2_local = model.blocks[2](hs[2] - d0) - (hs[2] - d0)     # layer 2 on the original stream minus d_0
+        rel = ((d2 - d2_local).norm(dim=-1) / d2.norm(dim=-1)).mean().item()
+        q = model.unembed(hs[3] - d0).log_softmax(-1)
+        p = logits.log_softmax(-1)
+    assert res.heatmap.set_index(["skipped", "affected"]).loc[(0, 2), "effect"] == pytest.approx(rel, rel=1e-4)
+    assert res.output.set_index("skipped").loc[0, "kl"] == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(),
+                                                                         rel=1e-4)
+
+
+def test_integrated_gradients_are_complete_per_layer():
+    model, x = _model(), _x()
+    ig = R.integrated_gradients(model, x[:2], steps=8, layers=[1, 3])
+    x = x[:2]
+    assert set(ig.layer) == {1, 3} and list(ig.columns) == ["layer", "position", "attribution"]
+    hs, logits = _stream(model, x)
+    tgt = logits[:, -1].argmax(-1)
+    f = logits[:, -1].softmax(-1)[torch.arange(2), tgt]
+    for l in (1, 3):
+        def edit(k, h, l=l):
+            return h.mean(1, keepdim=True).expand_as(h) if k == l else h
+        if l < 3:
+            _, lb = _stream(model, x, edit)
+        else:
+            lb = model.unembed(hs[3].mean(1, keepdim=True).expand_as(hs[3])).detach()
+        fb = lb[:, -1].softmax(-1)[torch.arange(2), tgt]
+        total = ig[ig.layer == l].attribution.sum()
+        assert total == pytest.approx((f - fb).mean().item(), abs=2e-3 + 0.02 * abs((f - fb).mean().item())), l
+    with pytest.raises(ValueError, match="steps"):
+        R.integrated_gradients(model, x, steps=0)
+
+
+def test_depth_score_is_the_centre_of_mass():
+    out = pd.DataFrame({"skipped": [0, 1, 2], "kl": [0.0, 3.0, 1.0], "l2": [1.0, 1.0, 2.0]})
+    assert R.depth_score(out) == pytest.approx((0 + 1 + 4) / 4)
+    assert R.depth_score(out, metric="kl") == pytest.approx((3 + 2) / 4)
+    model, x = _model(n_layers=2), _x(B=2)
+    res = R.skip_effects(model, x)
+    assert R.depth_score(res) == pytest.approx(R.depth_score(res.output))
+    with pytest.raises(ValueError, match="metric"):
+        R.depth_score(out, metric="cos")
+    dvd = R.depth_vs_difficulty(model, {1: x, 2: _x(B=2, seed=2)})
+    assert list(dvd.columns) == ["difficulty", "n_examples", "depth_score"] and list(dvd.difficulty) == [1, 2]
+
+
+def test_erasure_matches_a_manual_forward():
+    model, x = _model(), _x()
+    er = R.erase(model, x, layer=1, position=2)
+    hs, logits = _stream(model, x)
+    mean = hs[1].reshape(-1, 16).mean(0)
+
+    def edit(l, h):
+        if l == 1:
+            h = h.clone()
+            h[:, 2] = mean
+        return h
+    hs2, logits2 = _stream(model, x, edit)
+    tab = er.residual.set_index(["layer", "position"]).rel_change
+    for l in (1, 2, 3):
+        rel = ((hs2[l] - hs[l]).norm(dim=-1) / hs[l].norm(dim=-1)).mean(0)
+        np.testing.assert_allclose([tab.loc[(l, t)] for t in range(8)], rel.numpy(), rtol=1e-4, atol=1e-6)
+    assert tab.loc[(3, 0)] == pytest.approx(0, abs=1e-6)          # positions before the erased one are untouched
+    p, q = logits.log_softmax(-1), logits2.log_softmax(-1)
+    np.testing.assert_allclose(er.output.kl, (p.exp() * (p - q)).sum(-1).mean(0).numpy(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="position must be an integer in \\[0, 7\\]"):
+        R.erase(model, x, layer=0, position=8)
+
+
+def test_layer_map_of_a_model_to_itself_is_exact_on_the_diagonal():
+    model = _model(n_layers=2)
+    xf, xe = _x(B=12, seed=3), _x(B=4, seed=4)
+    lm = R.layer_map(model, model, xf, xe)
+    assert len(lm) == 9
+    diag = lm[lm.layer_a == lm.layer_b].rel_error
+    assert (diag < 1e-6).all()
+    assert lm[lm.layer_a != lm.layer_b].rel_error.min() > 1e-3
+    with pytest.raises(ValueError, match="x_fit must hold more than"):
+        R.layer_map(model, model, xf[:1], xe)
+
+
+def test_patching_recovers_where_the_difference_is_and_matches_a_hand_patch():
+    model = _model()
+    clean = _x(B=2, T=5)
+    corrupt = clean.clone()
+    corrupt[:, 3] = (clean[:, 3] + 1) % 13
+    res = R.patch(model, clean, corrupt, answer=(1, 2))
+    tab = res.set_index(["layer", "position"]).recovery
+    assert tab.loc[(0, 3)] == pytest.approx(1.0, abs=1e-5)
+    assert all(abs(tab.loc[(0, t)]) < 1e-5 for t in range(5) if t != 3)
+    assert tab.loc[(3, 4)] == pytest.approx(1.0, abs=1e-5)        # the final residual at the last position
+    # hand-made: attn_out of layer 1 at position 3 replaced by the clean value
+    pa = R.patch(model, clean, corrupt, answer=(1, 2), site="attn_out").set_index(["layer", "position"]).recovery
+    with torch.no_grad():
+        def run(x, attn_override=None):
+            h = model.embed(x)
+            attn = []
+            for l, b in enumerate(model.blocks):
+                a = b.attn(b.ln1(h))
+                if l == 1 and attn_override is not None:
+                    a = a.clone()
+                    a[:, 3] = attn_override[:, 3]
+                attn.append(a)
+                h = h + a
+                h = h + b.mlp(b.ln2(h))
+            z = model.unembed(h)[:, -1]
+            return float((z[:, 1] - z[:, 2]).mean()), attn
+        mc, attn_clean = run(clean)
+        mk, _ = run(corrupt)
+        mp, _ = run(corrupt, attn_clean[1])
+    assert pa.loc[(1, 3)] == pytest.approx((mp - mk) / (mc - mk), rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="site"):
+        R.patch(model, clean, corrupt, site="resid_mid")
+    with pytest.raises(ValueError, match="same shape"):
+        R.patch(model, clean, corrupt[:1])
+
+
+def test_streaming_equals_cached_and_lens_top5_overlap_by_hand():
+    model, x = _model(), _x()
+    df, cache = R.contributions(model, x, cache=True)
+    pd.testing.assert_frame_equal(df, R.contributions(model, x))
+    assert "blocks.0.resid_mid" in cache
+    lens = R.logit_lens(model, x)
+    hs, logits = _stream(model, x)
+    top_f = logits.topk(5, -1).indices
+    top_l = model.unembed(hs[1]).topk(5, -1).indices
+    overlap = torch.tensor([[len(set(a.tolist()) & set(b.tolist())) / 5 for a, b in zip(ra, rb)]
+                            for ra, rb in zip(top_l, top_f)]).mean().item()
+    assert lens.set_index("layer").loc[1, "top5_overlap"] == pytest.approx(overlap)
+    assert lens.set_index("layer").loc[3, "top5_overlap"] == 1.0
+
+
+def test_estimate_and_report():
+    model, x = _model(n_layers=2), _x(B=2, T=4)
+    e = R.estimate(model, 1024, "skip_effects")
+    assert e["bytes"] > 0 and e["seconds"] > 0 and e["forwards"] == 3
+    with pytest.raises(ValueError, match="analysis"):
+        R.estimate(model, 10, "everything")
+    rep = R.report(model, x, corrupt=(x + 1) % 13, steps=2, title="<b>mine</b>")
+    assert rep.n_layers == 2 and not rep.patching.empty and np.isfinite(rep.depth_score)
+    with pytest.raises(ValueError, match="erase_position"):
+        R.report(model, x, erase_position=4)
