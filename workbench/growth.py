@@ -46,9 +46,15 @@ from .training import Callback, TrainConfig
 
 __all__ = ["INITS", "OPS", "PRESETS", "khop_baseline", "add_layer", "stack", "freeze", "unfreeze", "frozen_layers", "block_table",
            "rebuild_optimizer", "FadeIn", "fading_blocks", "advance_fades", "Stage", "check_schedule", "preset",
-           "schedule_depths", "GrowControl", "grow_stage", "StageResult", "grow", "compare", "Comparison", "depth_sweep", "flops_to_reach"]
+           "schedule_depths", "GrowControl", "grow_stage", "StageResult", "grow", "compare", "Comparison", "depth_sweep", "flops_to_reach",
+           "WIDEN_INITS", "widen", "width_table", "TemplateLinear", "MixtureMLP", "MIXTURE_INITS", "mixture_grow",
+           "fit_mixture", "CRITERIA", "CANDIDATES", "natural_score", "expansion_candidates", "score_candidates",
+           "trace_table", "timeline_table"]
 
 INITS = ("zero", "copy", "random", "fade")
+WIDEN_INITS = ("zero", "copy", "orthogonal")   # widen
+CRITERIA = ("natural",)                        # grow(criterion=...)
+CANDIDATES = ("add_layer", "widen")            # what criterion growth may propose
 
 # Bounds on what growth may build or run (the model configs allow at most 256 blocks).
 MAX_DEPTH = 256
@@ -97,14 +103,20 @@ def _zero_output(block: nn.Module) -> None:
     zero()
 
 
-def _check_depth(model: nn.Module, n_layers: int, what: str) -> None:
+def _check_depth(model: nn.Module, n_layers: int, what: str, widths: list[int] | None = None) -> None:
     """Refuse growth whose config would not validate (the memory budget ``WORKBENCH_MAX_MODEL_MB`` among
-    its checks) before the model is changed."""
+    its checks) before the model is changed. ``widths``: the blocks' hidden units after it (default: the
+    present blocks' widths, new blocks at the config's width)."""
     config = getattr(model, "config", None)
     if config is None or not dataclasses.is_dataclass(config) or not hasattr(config, "validate"):
         return
+    changes: dict = {"n_layers": n_layers}
+    if getattr(config, "layer_widths", None) is not None or widths is not None:
+        base = getattr(config, "d_hidden", None) or config.d_mlp
+        have = list(widths) if widths is not None else list(config.layer_widths)
+        changes["layer_widths"] = (have + [base] * max(0, n_layers - len(have)))[:n_layers]
     try:
-        dataclasses.replace(config, n_layers=n_layers).validate()
+        dataclasses.replace(config, **changes).validate()
     except ValueError as e:
         raise ValueError(f"model: {what} would grow it to {n_layers} blocks, which is refused: {e}") from None
 
@@ -152,9 +164,14 @@ def add_layer(model: nn.Module, init: str = "zero", position: str | int = "top",
         raise ValueError(f"model: add_layer would make {n + 1} blocks; at most {MAX_DEPTH} are allowed")
     if init == "copy" and n == 0:
         raise ValueError("init='copy' needs an existing block to copy; the model has none")
-    _check_depth(model, n + 1, "add_layer")
+    widths = [int(_mlp_pair(b)[1].out_features) for b in blocks]
+    grown = copy.deepcopy(blocks[pos - 1 if pos > 0 else 0]) if init == "copy" else None
+    base = getattr(getattr(model, "config", None), "d_hidden", None) or getattr(getattr(model, "config", None),
+                                                                              "d_mlp", 0)
+    widths.insert(pos, int(_mlp_pair(grown)[1].out_features) if grown is not None else base)
+    _check_depth(model, n + 1, "add_layer", widths=widths)
     if init == "copy":
-        block = copy.deepcopy(blocks[pos - 1 if pos > 0 else 0])
+        block = grown
         for p in block.parameters():
             p.requires_grad_(True)
         block.end_fade()
@@ -179,7 +196,8 @@ def stack(model: nn.Module, factor: int = 2) -> nn.Module:
     checks.check_int("factor", factor, 1, max(1, MAX_DEPTH // max(len(blocks), 1)))
     if len(blocks) == 0:
         raise ValueError("stack needs at least one block; the model has none")
-    _check_depth(model, len(blocks) * factor, f"stack (factor {factor})")
+    _check_depth(model, len(blocks) * factor, f"stack (factor {factor})",
+                 widths=[int(_mlp_pair(b)[1].out_features) for b in blocks] * factor)
     original = list(blocks)
     for _ in range(factor - 1):
         for b in original:
@@ -364,23 +382,24 @@ def khop_baseline(dataset, split: str = "val") -> float:
 
 # ----------------------------------------------------------------------------- schedules
 
-OPS = ("train", "add_layer", "stack")
+OPS = ("train", "add_layer", "stack", "widen")
 
 
 @dataclass
 class Stage:
     """One stage of a growth schedule: an operation, then ``steps`` of training."""
 
-    op: str = "train"                # "train" (no growth), "add_layer" or "stack"
+    op: str = "train"                # "train" (no growth), "add_layer", "stack" or "widen"
     steps: int = 200                 # optimizer steps trained after the operation (>= 1)
     freeze: int | str | None = None  # None: all trainable; k: blocks below k (and the embedding) frozen;
                                      # "old": every block that existed before this stage's operation
     lr: float | None = None          # learning rate of this stage (None: the TrainConfig's)
-    init: str = "zero"               # add_layer: "zero", "copy", "random" or "fade"
+    init: str = "zero"               # add_layer: "zero", "copy", "random" or "fade"; widen: "zero", "copy", "orthogonal"
     n: int = 1                       # add_layer: how many blocks to add
     position: str | int = "top"      # add_layer: "top", "bottom" or an index
-    factor: int = 2                  # stack: depth multiplier
+    factor: int = 2                  # stack: depth multiplier; widen: width multiplier (> 1)
     fade_steps: int = 100            # add_layer with init="fade": steps of the 0 -> 1 ramp
+    layer: int = -1                  # widen: the block whose MLP is widened (negative: from the top)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -444,6 +463,14 @@ def check_schedule(schedule, n_layers: int) -> list[Stage]:
                 raise ValueError(f"{where}: stack needs at least one block; the model has none")
             _staged(where, checks.check_int, "factor", s.factor, 1, max(1, MAX_DEPTH // depth))
             depth *= s.factor
+        elif s.op == "widen":
+            if depth == 0:
+                raise ValueError(f"{where}: widen needs a block; the model has none")
+            _staged(where, checks.check_choice, "init", s.init, WIDEN_INITS)
+            _staged(where, checks.check_float, "factor", s.factor, 1.0, 64.0, lo_open=True)
+            if isinstance(s.layer, bool) or not isinstance(s.layer, numbers.Integral) or not -depth <= s.layer < depth:
+                raise ValueError(f"{where}: layer must be an integer in [{-depth}, {depth - 1}] (the model has "
+                                 f"{depth} blocks at this stage), got {s.layer!r}")
         if s.freeze is not None and s.freeze != "old":
             if isinstance(s.freeze, bool) or not isinstance(s.freeze, numbers.Integral) or not 0 <= s.freeze <= depth:
                 raise ValueError(f"{where}: freeze must be None, 'old' or an integer in [0, {depth}] "
@@ -622,6 +649,8 @@ def _apply_op(model: nn.Module, s: Stage) -> None:
             add_layer(model, init=s.init, position=s.position, fade_steps=s.fade_steps)
     elif s.op == "stack":
         stack(model, s.factor)
+    elif s.op == "widen":
+        widen(model, s.layer, s.factor, init=s.init)
 
 
 @dataclass
@@ -723,9 +752,11 @@ def _run_stage(model: nn.Module, ds, s: Stage, config: TrainConfig, index: int, 
                        interrupted=interrupted, status=status)
 
 
-def grow(model: nn.Module, dataset, schedule, config: TrainConfig | None = None, *, store=None,
+def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = None, *, store=None,
          group: str | None = None, name: str | None = None, callbacks=(), control: GrowControl | None = None,
-         optimizer: torch.optim.Optimizer | None = None, on_stage=None):
+         optimizer: torch.optim.Optimizer | None = None, on_stage=None, criterion: str | None = None,
+         tau: float = 2.0, check_every: int | None = None, candidates=CANDIDATES, widen_factor: float = 2.0,
+         score_examples: int = 64, damping: float = 1e-4, max_growths: int = 8):
     """Train ``model`` in place through a growth ``schedule``; returns one :class:`~workbench.training.Run`.
 
     Each stage is one :func:`grow_stage`: it applies its operation (``train``: none,
@@ -741,6 +772,15 @@ def grow(model: nn.Module, dataset, schedule, config: TrainConfig | None = None,
     ``meta = {"group", "stage", "parent", ...}``; the returned Run is the last stage's entry.
     ``control`` (a :class:`GrowControl`) lets another thread add a layer now or stop.
     ``on_stage(run_k)`` is called after each stage (the dashboard refreshes its strip there).
+
+    ``criterion="natural"`` (then ``schedule`` is None): growth decides itself when and where. Training
+    runs ``config.steps`` steps in stages of ``check_every`` (default ``config.steps // 10``); after each,
+    the natural expansion score ``eta`` (:func:`natural_score`, ``score_examples`` training examples,
+    ``damping``) of the model and ``eta'`` of every candidate (:func:`expansion_candidates`: a zero block
+    at each insertion point, each block widened by ``widen_factor``) are computed; the best candidate is
+    applied (function preserving) when ``eta'/eta > tau``, at most ``max_growths`` times. The trace, one
+    row per candidate and check (``step, candidate, op, eta, eta_new, eta_ratio, accepted, n_layers,
+    widths``), is ``run.meta["trace"]`` (:func:`trace_table`). Definition: ``docs/definitions.md#natural-growth``.
     """
     import uuid
 
@@ -752,8 +792,22 @@ def grow(model: nn.Module, dataset, schedule, config: TrainConfig | None = None,
     ds = _dataset_obj(dataset)
     check_model_data(model, ds)
     config = (config or TrainConfig()).validate()
-    stages = check_schedule(schedule, len(_blocks(model)))
-    _check_depth(model, max([len(_blocks(model))] + _depths(stages, len(_blocks(model)))), "the schedule")
+    if criterion is None:
+        stages = check_schedule(schedule, len(_blocks(model)))
+        _check_depth(model, max([len(_blocks(model))] + _depths(stages, len(_blocks(model)))), "the schedule")
+    else:
+        checks.check_choice("criterion", criterion, CRITERIA)
+        if schedule is not None:
+            raise ValueError("give a schedule or a criterion, not both (criterion='natural' plans its own stages)")
+        tau = checks.check_float("tau", tau, 1.0, 1e9)
+        check_every = checks.check_int("check_every", check_every, 1, config.steps) if check_every is not None \
+            else max(1, config.steps // 10)
+        checks.check_choices("candidates", list(candidates), CANDIDATES)
+        widen_factor = checks.check_float("widen_factor", widen_factor, 1.0, 64.0, lo_open=True)
+        score_examples = checks.check_int("score_examples", score_examples, 1, MAX_SCORE_EXAMPLES)
+        damping = checks.check_float("damping", damping, 0.0, 1e6, lo_open=True)
+        max_growths = checks.check_int("max_growths", max_growths, 0, MAX_STAGES)
+        stages = []
     for arg, v in (("group", group), ("name", name)):
         if v is not None:
             checks.check_str(arg, v, 200)
@@ -765,19 +819,28 @@ def grow(model: nn.Module, dataset, schedule, config: TrainConfig | None = None,
     pending = list(stages)
     stage_idx = 0
     last_cfg = config
+    trace: list[dict] = []
+    growths, steps_left = 0, config.steps if criterion is not None else 0
+    if criterion is not None:
+        pending = [Stage("train", min(check_every, steps_left))]
     while pending:
         s = pending.pop(0)
+        if criterion is not None:
+            stages.append(s)
         res = _run_stage(model, ds, s, config, stage_idx, step, flops_total, opt, callbacks, control, name)
         opt, last_cfg, run_k = res.optimizer, res.train_config, res.run
         frames += res.frames
         step, flops_total, status = res.step, res.flops, res.status
         entry = {**s.to_dict(), "stage": stage_idx, "steps_done": res.steps_done, "n_layers": len(_blocks(model)),
-                 "frozen": frozen_layers(model), "interrupted": res.interrupted, "flops": flops_total}
+                 "widths": _widths_of(model), "frozen": frozen_layers(model), "interrupted": res.interrupted,
+                 "flops": flops_total, "end_step": step}
         stage_log.append(entry)
         run_k.metrics = pd.concat(frames, ignore_index=True)
         run_k.name = f"{name}-stage{stage_idx}"
         run_k.meta = {"group": group, "stage": stage_idx, "parent": parent, "op": s.op,
                       "frozen": frozen_layers(model), "flops": flops_total, "schedule": [st.to_dict() for st in stages]}
+        if criterion is not None:
+            run_k.meta.update(criterion=criterion, tau=tau, trace=list(trace))
         if store is not None:
             parent = store.save(run_k)
             run_ids.append(parent)
@@ -791,13 +854,533 @@ def grow(model: nn.Module, dataset, schedule, config: TrainConfig | None = None,
             rest = s.steps - res.steps_done
             pending.insert(0, dataclasses.replace(s, op="add_layer", n=1, init=init, position="top",
                                                   steps=max(rest, 1)))
+            continue
+        if criterion is not None:
+            steps_left -= res.steps_done
+            if steps_left <= 0:
+                break
+            nxt = Stage("train", min(check_every, steps_left))
+            if growths < max_growths:
+                x, y = _sample(ds, score_examples, config.seed + stage_idx)
+                x, y = x.to(model.device), y.to(model.device)
+                eta, rows = score_candidates(model, x, y, candidates, factor=widen_factor, damping=damping)
+                best = max(rows, key=lambda r: r["eta_ratio"]) if rows else None
+                accept = best is not None and best["eta_ratio"] > tau
+                for r in rows:
+                    trace.append({"step": step, "candidate": r["candidate"], "op": r["op"], "eta": r["eta"],
+                                  "eta_new": r["eta_new"], "eta_ratio": r["eta_ratio"],
+                                  "accepted": bool(accept and r is best), "n_layers": len(_blocks(model)),
+                                  "widths": _widths_of(model)})
+                if accept:
+                    growths += 1
+                    if best["op"] == "add_layer":
+                        nxt = Stage("add_layer", nxt.steps, init="zero", position=best["position"])
+                    else:
+                        nxt = Stage("widen", nxt.steps, init="zero", layer=best["layer"], factor=best["factor"])
+            pending.append(nxt)
     metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["step", "split", "metric", "value"])
     run = _training.Run(model=model, train_config=last_cfg, dataset=ds.spec(), metrics=metrics, status=status,
                         name=name, optimizer=opt, run_id=run_ids[-1] if run_ids else None,
                         meta={"group": group, "stage": stage_idx - 1, "parent": run_ids[-2] if len(run_ids) > 1 else None,
                               "stages": stage_log, "stage_run_ids": run_ids, "flops": flops_total})
+    if criterion is not None:
+        run.meta.update(criterion=criterion, tau=tau, trace=trace)
     return run
+
+
+def trace_table(run):
+    """The criterion trace of a :func:`grow` run (``criterion="natural"``) as a DataFrame: one row per
+    candidate and check, ``step, candidate, op, eta, eta_new, eta_ratio, accepted, n_layers, widths``."""
+    import pandas as pd
+
+    cols = ["step", "candidate", "op", "eta", "eta_new", "eta_ratio", "accepted", "n_layers", "widths"]
+    meta = getattr(run, "meta", None) or {}
+    return pd.DataFrame(list(meta.get("trace", [])), columns=cols)
+
+
+def timeline_table(run):
+    """Depth and width after each stage of a :func:`grow` run: ``stage, op, step, n_layers, width``
+    (``width``: hidden units summed over the blocks), ``widths`` (per block)."""
+    import pandas as pd
+
+    rows = []
+    for e in (getattr(run, "meta", None) or {}).get("stages", []):
+        widths = list(e.get("widths", []))
+        rows.append({"stage": e["stage"], "op": e["op"], "step": e.get("end_step", 0) - e.get("steps_done", 0),
+                     "n_layers": e["n_layers"], "width": int(sum(widths)), "widths": widths})
+    return pd.DataFrame(rows, columns=["stage", "op", "step", "n_layers", "width", "widths"])
+
+
+# ----------------------------------------------------------------------------- width growth
+
+MAX_WIDTH = 65536                # the configs' bound on a block's hidden units
+
+
+def _mlp_pair(block: nn.Module) -> tuple[nn.Module, nn.Linear, nn.Linear]:
+    """``(owner, fc, proj)``: the module holding the block's MLP and its two linear layers."""
+    owner = block.mlp if hasattr(block, "mlp") else block
+    fc, proj = getattr(owner, "fc", None), getattr(owner, "proj", None)
+    if not isinstance(fc, nn.Linear) or not isinstance(proj, nn.Linear):
+        raise TypeError(f"don't know how to widen a {type(block).__name__}")
+    return owner, fc, proj
+
+
+def _widths_of(model: nn.Module) -> list[int]:
+    return [int(_mlp_pair(b)[1].out_features) for b in _blocks(model)]
+
+
+def _check_widths(model: nn.Module, widths: list[int], what: str) -> None:
+    """Refuse widening whose config would not validate (ranges, memory budget) before the model changes."""
+    config = getattr(model, "config", None)
+    if config is None or not dataclasses.is_dataclass(config) or not hasattr(config, "validate"):
+        return
+    try:
+        dataclasses.replace(config, n_layers=len(widths), layer_widths=list(widths)).validate()
+    except ValueError as e:
+        raise ValueError(f"model: {what} would make the block widths {widths}, which is refused: {e}") from None
+
+
+def _orthogonal_rows(old: torch.Tensor, n_new: int, generator: torch.Generator) -> torch.Tensor:
+    """``n_new`` unit rows orthogonal to the rows of ``old`` (``(h, d)``) as far as the dimension allows.
+
+    The rows span the directions ``old`` uses least: its null space first, then its weakest right
+    singular directions (when ``h + n_new > d`` no exact complement exists). The new rows are random
+    orthonormal combinations of those directions (orthonormal themselves when ``n_new <= d``).
+    """
+    d = old.shape[1]
+    _, s, vh = torch.linalg.svd(old.double(), full_matrices=True)        # vh: (d, d), strongest first
+    k = min(n_new, d)
+    basis = vh[d - k:]                                                    # (k, d): the least used directions
+    g = torch.randn(max(n_new, k), k, generator=generator, dtype=torch.float64)
+    q, _ = torch.linalg.qr(g)                                             # (n_new, k), orthonormal columns
+    rows = q[:n_new] @ basis
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def widen(model: nn.Module, layer: int = -1, factor: float = 2, init: str = "zero", *,
+          seed: int | None = None) -> nn.Module:
+    """Widen the MLP of block ``layer`` from ``h`` to ``round(factor * h)`` hidden units, in place, keeping
+    the function; returns the block.
+
+    ``ResidualMLP``: the block's hidden units (``fc -> act -> proj``); ``Transformer``: the MLP hidden
+    units ``d_mlp`` of that block (attention heads are left as they are). New units:
+
+    - ``"zero"``: incoming weights drawn like the family's fresh layers (PyTorch's default init for
+      the MLP, GPT-2's N(0, 0.02) for the Transformer), bias 0, **outgoing weights 0**;
+    - ``"copy"``: Net2WiderNet (Chen et al. 2016): new unit ``h + j`` copies unit ``j mod h`` (incoming
+      weights and bias), and every unit's outgoing column is divided by the number of its copies
+      (itself included), so the sum the next layer sees is unchanged;
+    - ``"orthogonal"``: unit-norm incoming rows orthogonal to the old rows (their null space, then their
+      weakest singular directions) scaled to the old rows' mean norm, bias 0, outgoing weights 0.
+
+    Function preserving for every init (up to rounding: ``"copy"`` divides). The new weights are new
+    parameters, so optimizers built before do not know them: use :func:`rebuild_optimizer`.
+    ``model.config.layer_widths`` follows. ``seed``: the new units' draw (default: from the model's seed,
+    the layer and its width). Definition: ``docs/definitions.md#widen``.
+    """
+    checks.check_choice("init", init, WIDEN_INITS)
+    blocks = _blocks(model)
+    n = len(blocks)
+    if n == 0:
+        raise ValueError("widen needs a block to widen; the model has none")
+    if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, numbers.Integral) or not -n <= layer < n:
+        raise ValueError(f"layer must be an integer in [{-n}, {n - 1}] (the model has {n} blocks; negative: from "
+                         f"the top), got {layer!r}")
+    layer = int(layer) % n
+    factor = checks.check_float("factor", factor, 1.0, 64.0, lo_open=True)
+    if seed is not None:
+        seed = checks.check_seed("seed", seed)
+    owner, fc, proj = _mlp_pair(blocks[layer])
+    h = fc.out_features
+    h_new = int(round(factor * h))
+    if h_new <= h:
+        raise ValueError(f"factor {factor} adds no unit to block {layer} ({h} hidden units); use a larger factor")
+    if h_new > MAX_WIDTH:
+        raise ValueError(f"factor {factor} would give block {layer} {h_new} hidden units; at most {MAX_WIDTH}")
+    widths = _widths_of(model)
+    widths[layer] = h_new
+    _check_widths(model, widths, f"widen(layer={layer}, factor={factor})")
+    n_add = h_new - h
+    if seed is None:
+        seed = (1_000_003 * int(getattr(getattr(model, "config", None), "seed", 0)) + 7919 * layer + h) % (2 ** 63)
+    gen = torch.Generator().manual_seed(seed)
+    W1, b1, W2 = fc.weight.detach(), fc.bias.detach() if fc.bias is not None else None, proj.weight.detach()
+    d_in = W1.shape[1]
+    with torch.no_grad():
+        if init == "copy":
+            src = torch.arange(h, h_new) % h
+            counts = torch.ones(h, dtype=W2.dtype, device=W2.device).index_add_(
+                0, src.to(W2.device), torch.ones(n_add, dtype=W2.dtype, device=W2.device))
+            new_in = W1[src]
+            new_b = b1[src] if b1 is not None else None
+            out_old = W2 / counts
+            out_new = out_old[:, src]
+        else:
+            if init == "orthogonal":
+                rows = _orthogonal_rows(W1.cpu(), n_add, gen)
+                scale = W1.double().norm(dim=1).mean().cpu()
+                new_in = (rows * scale).to(W1)
+            elif isinstance(model, _models.Transformer):
+                new_in = (torch.randn(n_add, d_in, generator=gen, dtype=torch.float64) * 0.02).to(W1)
+            else:  # PyTorch's nn.Linear default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                bound = 1.0 / math.sqrt(d_in)
+                new_in = ((torch.rand(n_add, d_in, generator=gen, dtype=torch.float64) * 2 - 1) * bound).to(W1)
+            new_b = torch.zeros(n_add, dtype=W1.dtype, device=W1.device) if b1 is not None else None
+            out_old = W2
+            out_new = torch.zeros(W2.shape[0], n_add, dtype=W2.dtype, device=W2.device)
+        new_fc = nn.Linear(d_in, h_new, bias=b1 is not None).to(device=W1.device, dtype=W1.dtype)
+        new_fc.weight.copy_(torch.cat([W1, new_in], 0))
+        if b1 is not None:
+            new_fc.bias.copy_(torch.cat([b1, new_b], 0))
+        new_proj = nn.Linear(h_new, W2.shape[0], bias=proj.bias is not None).to(device=W2.device, dtype=W2.dtype)
+        new_proj.weight.copy_(torch.cat([out_old, out_new], 1))
+        if proj.bias is not None:
+            new_proj.bias.copy_(proj.bias)
+    new_fc.requires_grad_(fc.weight.requires_grad)
+    new_proj.requires_grad_(proj.weight.requires_grad)
+    owner.fc, owner.proj = new_fc, new_proj
+    _sync(model)
+    return blocks[layer]
+
+
+def width_table(model: nn.Module):
+    """One row per block: ``layer, width`` (hidden units of its MLP), ``params``."""
+    import pandas as pd
+
+    return pd.DataFrame([{"layer": i, "width": int(_mlp_pair(b)[1].out_features),
+                          "params": sum(p.numel() for p in b.parameters())} for i, b in enumerate(_blocks(model))])
+
+
+# ----------------------------------------------------------------------------- MixtureGrowth
+
+
+class TemplateLinear(nn.Module):
+    """A linear layer whose weight is a combination of shared templates: ``W = sum_k coeff[k] T[k]``.
+
+    ``templates`` is a :class:`torch.nn.Parameter` of shape ``(K, out, in)`` shared (by reference) by
+    every layer of a :class:`MixtureMLP`; ``coeff`` (``(K,)``) and ``bias`` are the layer's own.
+    """
+
+    def __init__(self, templates: nn.Parameter, coeff: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.templates = templates
+        self.coeff = nn.Parameter(coeff.clone())
+        self.bias = nn.Parameter(bias.clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.einsum("k,koi->oi", self.coeff, self.templates)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class MixtureMLP(nn.Module):
+    """MixtureGrowth's template network (Pham et al., WACV 2024), as an MLP classifier:
+    ``stem -> relu -> [TemplateLinear -> relu] x n_layers -> readout``.
+
+    The ``n_layers`` hidden-to-hidden layers share one bank of ``n_templates`` templates ``(K, h, h)``;
+    each has its own ``K`` coefficients. ``members`` (set by :func:`mixture_grow`) is the number of
+    networks the grown one is made of (1 for a trained small network). Definition:
+    ``docs/definitions.md#mixture-growth``.
+    """
+
+    def __init__(self, d_in: int, n_classes: int, width: int = 32, n_layers: int = 2, n_templates: int = 2,
+                 seed: int = 0):
+        super().__init__()
+        self.d_in = checks.check_int("d_in", d_in, 1, _models.D_IN_MAX)
+        self.n_classes = checks.check_int("n_classes", n_classes, 2, _models.N_CLASSES_MAX)
+        self.width = checks.check_int("width", width, 1, 4096)
+        self.n_layers = checks.check_int("n_layers", n_layers, 1, 64)
+        self.n_templates = checks.check_int("n_templates", n_templates, 1, 64)
+        self.members = 1
+        with _models.seeded(checks.check_seed("seed", seed)):
+            self.stem = nn.Linear(d_in, width)
+            bound = 1.0 / math.sqrt(width)
+            self.templates = nn.Parameter((torch.rand(n_templates, width, width) * 2 - 1) * bound)
+            coeff = torch.randn(n_layers, n_templates) / math.sqrt(n_templates)
+            self.layers = nn.ModuleList(
+                TemplateLinear(self.templates, coeff[i], (torch.rand(width) * 2 - 1) * bound) for i in range(n_layers))
+            self.readout = nn.Linear(width, n_classes)
+
+    def hidden(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The hidden activations after the stem and after each template layer."""
+        h = torch.relu(self.stem(x))
+        out = [h]
+        for layer in self.layers:
+            h = torch.relu(layer(h))
+            out.append(h)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout(self.hidden(x)[-1])
+
+
+MIXTURE_INITS = ("orthogonal", "zero", "random")
+
+
+def mixture_grow(members, init: str = "orthogonal", *, seed: int = 0) -> MixtureMLP:
+    """Grow ``m >= 2`` trained :class:`MixtureMLP` members (same shape) into one of ``m`` times the width.
+
+    The grown template bank is the members' templates placed on the block diagonal: template ``k`` of
+    member ``a`` becomes a ``(m h, m h)`` template that is ``T_a[k]`` in block ``(a, a)`` and also, shifted,
+    in every off-diagonal block ``(a, b)``: the grown layer's weight has the members' own combinations
+    on the diagonal and **new combinations of the learned templates** in the off-diagonal blocks. The new
+    coefficients are
+
+    - ``"orthogonal"`` (default): random, orthogonal to the layer's existing coefficient vectors
+      (in the pooled template space), scaled to their mean norm;
+    - ``"zero"``: zero, so the grown network computes the members side by side exactly: its hidden
+      units are the members' units concatenated and its logits the mean of the members' logits;
+    - ``"random"``: N(0, 1/K).
+
+    The stem's rows and the readout's columns are the members' (readout divided by ``m``).
+    Definition: ``docs/definitions.md#mixture-growth``.
+    """
+    checks.check_choice("init", init, MIXTURE_INITS)
+    seed = checks.check_seed("seed", seed)
+    if isinstance(members, MixtureMLP) or not isinstance(members, (list, tuple)) or len(members) < 2 \
+            or not all(isinstance(m, MixtureMLP) for m in members):
+        raise ValueError("members must be a list of at least 2 MixtureMLP networks")
+    if len(members) > 16:
+        raise ValueError(f"members must list at most 16 networks, got {len(members)}")
+    a0 = members[0]
+    shape = (a0.d_in, a0.n_classes, a0.width, a0.n_layers, a0.n_templates)
+    for i, mb in enumerate(members):
+        if (mb.d_in, mb.n_classes, mb.width, mb.n_layers, mb.n_templates) != shape:
+            raise ValueError(f"members[{i}] has (d_in, n_classes, width, n_layers, n_templates) = "
+                             f"{(mb.d_in, mb.n_classes, mb.width, mb.n_layers, mb.n_templates)}, members[0] {shape}")
+    m, h, L, K = len(members), a0.width, a0.n_layers, a0.n_templates
+    KK = m * K                               # pooled templates: member a's k-th is index a*K + k
+    H = m * h
+    if H > 4096:
+        raise ValueError(f"the grown width would be {H}; at most 4096")
+    gen = torch.Generator().manual_seed(seed)
+    grown = MixtureMLP(a0.d_in, a0.n_classes, H, L, 1, seed=seed)
+    with torch.no_grad():
+        # templates: pooled template (a, k) placed in every block (r, c) whose coefficient picks it;
+        # a block-structured bank (m*m*KK templates would be needed in general), so the grown network
+        # keeps one coefficient vector per (layer, block): W[l][r, c] = sum_j C[l, r, c, j] T_j
+        T = torch.stack([t for mb in members for t in mb.templates.detach()])           # (KK, h, h)
+        C = torch.zeros(L, m, m, KK, dtype=T.dtype)
+        for a, mb in enumerate(members):
+            for l, layer in enumerate(mb.layers):
+                C[l, a, a, a * K:(a + 1) * K] = layer.coeff.detach()
+        for l in range(L):
+            old = torch.stack([C[l, a, a] for a in range(m)])                            # (m, KK)
+            scale = old.norm(dim=1).mean()
+            for r in range(m):
+                for c in range(m):
+                    if r == c or init == "zero":
+                        continue
+                    if init == "random":
+                        C[l, r, c] = torch.randn(KK, generator=gen, dtype=torch.float64).to(T.dtype) / math.sqrt(KK)
+                        continue
+                    prev = [C[l, a, a] for a in range(m)] + [C[l, rr, cc] for rr in range(m) for cc in range(m)
+                                                            if rr != cc and C[l, rr, cc].abs().sum() > 0]
+                    v = torch.randn(KK, generator=gen, dtype=torch.float64)
+                    q, _ = torch.linalg.qr(torch.stack(prev).double().T)                 # orthonormal basis of old
+                    if q.shape[1] < KK:
+                        v = v - q @ (q.T @ v)
+                    C[l, r, c] = (v / v.norm().clamp_min(1e-12) * scale.double()).to(T.dtype)
+        grown.members = m
+        grown.templates = nn.Parameter(T.clone())
+        grown.n_templates = KK
+        grown.block_coeff = nn.Parameter(C)                                             # (L, m, m, KK)
+        grown.stem.weight.copy_(torch.cat([mb.stem.weight for mb in members], 0))
+        grown.stem.bias.copy_(torch.cat([mb.stem.bias for mb in members], 0))
+        grown.readout.weight.copy_(torch.cat([mb.readout.weight for mb in members], 1) / m)
+        grown.readout.bias.copy_(sum(mb.readout.bias for mb in members) / m)
+        grown.layers = nn.ModuleList(
+            _BlockTemplateLinear(grown, l, torch.cat([mb.layers[l].bias for mb in members], 0)) for l in range(L))
+    return grown
+
+
+class _BlockTemplateLinear(nn.Module):
+    """Layer ``l`` of a grown :class:`MixtureMLP`: block ``(r, c)`` of its weight is
+    ``sum_j block_coeff[l, r, c, j] templates[j]`` (the members' combinations on the diagonal)."""
+
+    def __init__(self, net: MixtureMLP, l: int, bias: torch.Tensor):
+        super().__init__()
+        object.__setattr__(self, "_net", net)   # not a submodule (no cycle); the net owns templates/coeffs
+        self.l = l
+        self.bias = nn.Parameter(bias.clone())
+
+    @property
+    def coeff(self) -> torch.Tensor:
+        return self._net.block_coeff[self.l]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        blocks = torch.einsum("rcj,joi->rcoi", self._net.block_coeff[self.l], self._net.templates)  # (m, m, h, h)
+        m, _, h, _ = blocks.shape
+        return blocks.permute(0, 2, 1, 3).reshape(m * h, m * h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def fit_mixture(model: MixtureMLP, x: torch.Tensor, y: torch.Tensor, steps: int = 200, lr: float = 1e-2,
+                batch_size: int = 64, seed: int = 0) -> list[float]:
+    """Train a :class:`MixtureMLP` with AdamW on ``(x, y)`` for ``steps`` minibatch steps; returns the losses."""
+    checks.check_int("steps", steps, 1, MAX_STEPS)
+    checks.check_float("lr", lr, 0.0, 10.0, lo_open=True)
+    checks.check_int("batch_size", batch_size, 1, 100_000)
+    checks.check_features("x", x)
+    if x.dim() != 2 or x.shape[1] != model.d_in or y.shape != (x.shape[0],):
+        raise ValueError(f"x must be (N, {model.d_in}) features and y (N,) labels, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    checks.check_labels("y", y, model.n_classes)
+    gen = torch.Generator().manual_seed(checks.check_seed("seed", seed))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
+# ----------------------------------------------------------------------------- natural expansion score
+
+MAX_SCORE_EXAMPLES = 4096
+
+
+def _default_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over scored positions (the training loss, without the accuracy count vmap cannot run)."""
+    from .data import IGNORE
+
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE)
+
+
+def natural_score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, damping: float = 1e-4, loss_fn=None,
+                  params=None) -> float:
+    """The natural expansion score ``eta = g^T F^-1 g`` of Mitchell et al. (2023, Self-Expanding Neural Networks).
+
+    ``g = (1/N) sum_i g_i`` is the gradient of the mean loss over the ``N`` examples ``(x, y)``, ``g_i`` the
+    per-example gradient (one backward pass per example), and ``F = diag((1/N) sum_i g_i^2) + damping`` the
+    empirical diagonal Fisher, so ``eta = sum_p g_p^2 / (mean_i g_{i,p}^2 + damping)`` over the trainable
+    parameters (``params``: an explicit list instead). ``loss_fn(logits, y)``: default the workbench's
+    cross-entropy over scored positions (sequence models: mean over one example's tokens). The model
+    is scored in eval mode and left as it was. Definition: ``docs/definitions.md#natural-score``.
+    """
+    damping = checks.check_float("damping", damping, 0.0, 1e6, lo_open=True)
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or len(x) != len(y) or len(x) == 0:
+        raise ValueError("x and y must be tensors with the same number (>= 1) of examples")
+    if len(x) > MAX_SCORE_EXAMPLES:
+        raise ValueError(f"x must hold at most {MAX_SCORE_EXAMPLES} examples, got {len(x)}")
+    loss_fn = loss_fn or _default_loss
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    seen, ps = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            ps.append(p)
+    if not ps:
+        raise ValueError("the model has no trainable parameters to score")
+    was_training = model.training
+    model.eval()
+    try:
+        g_sum, g_sq = _per_example_moments(model, ps, x, y, loss_fn)
+    finally:
+        model.train(was_training)
+    n = len(x)
+    eta = sum(float(((s / n) ** 2 / (q / n + damping)).sum()) for s, q in zip(g_sum, g_sq))
+    return eta
+
+
+def _per_example_moments(model: nn.Module, ps: list, x: torch.Tensor, y: torch.Tensor, loss_fn, chunk: int = 64):
+    """``(sum_i g_i, sum_i g_i^2)`` per parameter in float64: per-example gradients by ``torch.func``
+    (``vmap`` of ``grad`` in chunks), or one backward pass per example where vmap cannot run the model."""
+    from torch.func import functional_call, grad, vmap
+
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    keys = [names[id(p)] for p in ps] if all(id(p) in names for p in ps) else None
+    g_sum = [torch.zeros_like(p, dtype=torch.float64) for p in ps]
+    g_sq = [torch.zeros_like(p, dtype=torch.float64) for p in ps]
+    if keys is not None:
+        fixed = {n: b for n, b in model.named_buffers()}
+        fixed.update({n: p.detach() for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in
+                      {id(q) for q in ps}})
+
+        def one(params, xi, yi):
+            logits = functional_call(model, {**fixed, **dict(zip(keys, params))}, (xi[None],), tie_weights=True)
+            return loss_fn(logits, yi[None])
+
+        try:
+            per = vmap(grad(one), in_dims=(None, 0, 0))
+            detached = tuple(p.detach() for p in ps)
+            for i in range(0, len(x), chunk):
+                grads = per(detached, x[i:i + chunk], y[i:i + chunk])
+                for s, q, g in zip(g_sum, g_sq, grads):
+                    g = g.double()
+                    s += g.sum(0)
+                    q += (g * g).sum(0)
+            return g_sum, g_sq
+        except (RuntimeError, NotImplementedError, TypeError):  # an op vmap has no rule for: loop instead
+            for s, q in zip(g_sum, g_sq):
+                s.zero_()
+                q.zero_()
+    for i in range(len(x)):
+        loss = loss_fn(model(x[i:i + 1]), y[i:i + 1])
+        grads = torch.autograd.grad(loss, ps, allow_unused=True)
+        for s, q, g in zip(g_sum, g_sq, grads):
+            if g is not None:
+                g = g.double()
+                s += g
+                q += g * g
+    return g_sum, g_sq
+
+
+def _sample(ds, n: int, seed: int):
+    x, y = ds.split("train")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(x), generator=gen)[:min(n, len(x))]
+    return x[idx], y[idx]
+
+
+def expansion_candidates(model: nn.Module, candidates=CANDIDATES, *, factor: float = 2.0) -> list[dict]:
+    """The function-preserving additions scored by :func:`score_candidates`: a zero-initialised block at
+    every insertion point (``add_layer``) and each block's MLP widened by ``factor`` (``widen``, zero
+    outgoing weights). Each is ``{"candidate", "op", "position"|"layer", ...}``."""
+    checks.check_choices("candidates", list(candidates), CANDIDATES)
+    n = len(_blocks(model))
+    out = []
+    if "add_layer" in candidates and n < MAX_DEPTH:
+        out += [{"candidate": f"add_layer@{p}", "op": "add_layer", "position": p} for p in range(n + 1)]
+    if "widen" in candidates:
+        out += [{"candidate": f"widen@{l}", "op": "widen", "layer": l, "factor": factor} for l in range(n)]
+    return out
+
+
+def _apply_candidate(model: nn.Module, c: dict, seed: int | None = None) -> None:
+    if c["op"] == "add_layer":
+        add_layer(model, init="zero", position=c["position"], seed=seed)
+    else:
+        widen(model, c["layer"], c.get("factor", 2.0), init="zero", seed=seed)
+
+
+def score_candidates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, candidates=CANDIDATES, *,
+                     factor: float = 2.0, damping: float = 1e-4, loss_fn=None) -> tuple[float, list[dict]]:
+    """``eta`` of ``model`` and, per candidate, ``eta'`` of a copy grown by it (function preserving, so
+    the old parameters' gradients are unchanged and the new parameters' gradients are what the
+    addition brings): rows ``candidate, op, eta, eta_new, eta_ratio``. Candidates the config refuses
+    (memory budget, bounds) are left out."""
+    eta = natural_score(model, x, y, damping=damping, loss_fn=loss_fn)
+    rows = []
+    for c in expansion_candidates(model, candidates, factor=factor):
+        trial = copy.deepcopy(model)
+        try:
+            _apply_candidate(trial, c)
+        except ValueError:
+            continue
+        eta_new = natural_score(trial, x, y, damping=damping, loss_fn=loss_fn)
+        rows.append({**c, "eta": eta, "eta_new": eta_new, "eta_ratio": eta_new / eta if eta > 0 else float("inf")})
+    return eta, rows
 
 
 # ----------------------------------------------------------------------------- compare, sweep

@@ -137,6 +137,25 @@ def _shape_error(name: str, x: torch.Tensor, want: str) -> ValueError:
     return ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
 
 
+def layer_widths(config) -> list[int]:
+    """Hidden units of each block's MLP: ``config.layer_widths`` (set when :func:`workbench.growth.widen`
+    made the blocks differ), else the family's width (``d_hidden`` / ``d_mlp``) for every block."""
+    widths = getattr(config, "layer_widths", None)
+    if widths is not None:
+        return list(widths)
+    return [getattr(config, "d_hidden", None) or config.d_mlp] * config.n_layers
+
+
+def _check_layer_widths(widths, n_layers: int) -> list[int] | None:
+    """``None`` or a list of ``n_layers`` integers in [1, 65536] (plain ``int``s)."""
+    if widths is None:
+        return None
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, (list, tuple)) or len(widths) != n_layers:
+        raise ValueError(f"layer_widths must be None or a list of n_layers={n_layers} integers in [1, 65536], "
+                         f"got {widths!r:.80}")
+    return [check_int(f"layer_widths[{i}]", w, 1, 65536) for i, w in enumerate(widths)]
+
+
 @dataclass
 class MLPConfig:
     """Residual MLP for vector data (digits, MNIST-1D)."""
@@ -149,6 +168,7 @@ class MLPConfig:
     norm: str = "pre"         # "pre": x + f(LN(x)); "peri": x + LN(f(LN(x))); "none": x + f(x)
     activation: str = "relu"  # "relu" or "gelu"
     seed: int = 0             # initialisation seed
+    layer_widths: list[int] | None = None  # per-block hidden units after growth.widen; None: d_hidden each
 
     family = "mlp"            # key in FAMILIES (a class attribute, not a field)
     CHOICES = MappingProxyType({"norm": ("none", "peri", "pre"), "activation": ("gelu", "relu")})  # string fields
@@ -168,6 +188,7 @@ class MLPConfig:
         self.norm = _plain_str(check_choice("norm", self.norm, self.CHOICES["norm"]))
         self.activation = _plain_str(check_choice("activation", self.activation, self.CHOICES["activation"]))
         self.seed = check_seed("seed", self.seed)
+        self.layer_widths = _check_layer_widths(self.layer_widths, self.n_layers)
         check_memory(self)
         return self
 
@@ -211,15 +232,17 @@ class MLPConfig:
 
     def param_count(self) -> int:
         """Parameters of the model this (type-checked) config builds, counted from the shapes."""
-        d, h = self.d_model, self.d_hidden
+        d = self.d_model
         norm = 0 if self.norm == "none" else 2 * d
-        block = norm + (d * h + h) + (h * d + d) + (2 * d if self.norm == "peri" else 0)
-        return (self.d_in * d + d) + self.n_layers * block + norm + (d * self.n_classes + self.n_classes)
+        blocks = sum(norm + (d * h + h) + (h * d + d) + (2 * d if self.norm == "peri" else 0)
+                     for h in layer_widths(self))
+        return (self.d_in * d + d) + blocks + norm + (d * self.n_classes + self.n_classes)
 
     def activation_floats(self, batch_size: int) -> int:
         """Activations kept for the backward pass of one batch, in floats (see :func:`estimate_memory`)."""
-        d, h = self.d_model, self.d_hidden
-        return batch_size * (self.d_in + self.n_layers * (4 * d + 2 * h) + 2 * d + 2 * self.n_classes)
+        d = self.d_model
+        per_block = sum(4 * d + 2 * h for h in layer_widths(self))
+        return batch_size * (self.d_in + per_block + 2 * d + 2 * self.n_classes)
 
 
 @dataclass
@@ -238,6 +261,7 @@ class TransformerConfig:
     vocab: list[str] | None = None  # token strings; needed for "glyph" embeddings
     glyph_font: str | None = None   # font file for "glyph"; None: GNU Unifont if installed, else Pillow's
     seed: int = 0                   # initialisation seed (also of frozen-random embeddings)
+    layer_widths: list[int] | None = None  # per-block MLP hidden units after growth.widen; None: d_mlp each
 
     family = "transformer"          # key in FAMILIES (a class attribute, not a field)
     CHOICES = MappingProxyType({"norm": ("peri", "pre"), "embedding": ("frozen-random", "glyph", "trainable")})
@@ -274,6 +298,7 @@ class TransformerConfig:
         if self.glyph_font is not None:
             self.glyph_font = _plain_str(check_str("glyph_font", self.glyph_font, 4096))
         self.seed = check_seed("seed", self.seed)
+        self.layer_widths = _check_layer_widths(self.layer_widths, self.n_layers)
         check_memory(self)
         return self
 
@@ -327,15 +352,15 @@ class TransformerConfig:
 
     def param_count(self) -> int:
         """Parameters of the model this (type-checked) config builds, counted from the shapes (tied weights once)."""
-        d, m, v = self.d_model, self.d_mlp, self.vocab_size
-        block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * m + m) + (m * d + d)
-        block += 4 * d if self.norm == "peri" else 0
-        return v * d + self.context * d + self.n_layers * block + 2 * d + (0 if self.tie_embeddings else v * d)
+        d, v = self.d_model, self.vocab_size
+        blocks = sum(2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * m + m) + (m * d + d)
+                     + (4 * d if self.norm == "peri" else 0) for m in layer_widths(self))
+        return v * d + self.context * d + blocks + 2 * d + (0 if self.tie_embeddings else v * d)
 
     def activation_floats(self, batch_size: int) -> int:
         """Activations kept for the backward pass of one batch, in floats (see :func:`estimate_memory`)."""
-        d, m = self.d_model, self.d_mlp
-        per_token = self.n_layers * (10 * d + 2 * m) + 4 * d + 2 * self.vocab_size
+        d = self.d_model
+        per_token = sum(10 * d + 2 * m for m in layer_widths(self)) + 4 * d + 2 * self.vocab_size
         return batch_size * self.context * per_token
 
 
@@ -513,12 +538,13 @@ class _GatedBlock(nn.Module):
 class MLPBlock(_GatedBlock):
     """``x + s * post_norm(proj(act(fc(pre_norm(x)))))``; ``s = residual_scale`` (1 unless fading in)."""
 
-    def __init__(self, cfg: MLPConfig):
+    def __init__(self, cfg: MLPConfig, d_hidden: int | None = None):  # d_hidden: this block's width
         super().__init__()
+        h = cfg.d_hidden if d_hidden is None else d_hidden
         self.pre_norm = _norm(cfg.d_model, cfg.norm)
-        self.fc = nn.Linear(cfg.d_model, cfg.d_hidden)
+        self.fc = nn.Linear(cfg.d_model, h)
         self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
-        self.proj = nn.Linear(cfg.d_hidden, cfg.d_model)
+        self.proj = nn.Linear(h, cfg.d_model)
         self.post_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "peri" else nn.Identity()
         self._init_gate()  # gate m of MSG-style fade-in: x + m f(x)
         self.resid_pre, self.block_out, self.resid_post = HookPoint(), HookPoint(), HookPoint()
@@ -572,11 +598,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class TransformerMLP(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, d_mlp: int | None = None):  # d_mlp: this MLP's width
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.d_mlp)
+        m = cfg.d_mlp if d_mlp is None else d_mlp
+        self.fc = nn.Linear(cfg.d_model, m)
         self.act = nn.GELU(approximate="tanh")  # GPT-2's gelu_new, so the Hugging Face export is exact
-        self.proj = nn.Linear(cfg.d_mlp, cfg.d_model)
+        self.proj = nn.Linear(m, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.act(self.fc(x)))
@@ -585,14 +612,14 @@ class TransformerMLP(nn.Module):
 class TransformerBlock(_GatedBlock):
     """Pre-LN: ``x + attn(LN(x))``; Peri-LN: ``x + LN(attn(LN(x)))``; then the same for the MLP."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, d_mlp: int | None = None):
         super().__init__()
         peri = cfg.norm == "peri"
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.ln1_post = nn.LayerNorm(cfg.d_model) if peri else nn.Identity()
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = TransformerMLP(cfg)
+        self.mlp = TransformerMLP(cfg, d_mlp)
         self.ln2_post = nn.LayerNorm(cfg.d_model) if peri else nn.Identity()
         self._init_gate()  # gate m of MSG-style fade-in
         self.resid_pre, self.attn_out, self.resid_mid = HookPoint(), HookPoint(), HookPoint()
@@ -678,7 +705,10 @@ class _ResidualModel(nn.Module):
     def sync_config(self) -> None:
         """Keep ``config.n_layers`` equal to ``len(blocks)`` after growth; the new config is validated
         (field ranges and the memory budget, ``WORKBENCH_MAX_MODEL_MB``) before it is kept."""
-        self.config = dataclasses.replace(self.config, n_layers=len(self.blocks)).validate()
+        widths = [int(blk.mlp_in.out_features) for blk in self.blocks]  # after growth.widen blocks may differ
+        base = getattr(self.config, "d_hidden", None) or self.config.d_mlp
+        self.config = dataclasses.replace(self.config, n_layers=len(self.blocks), layer_widths=None if all(
+            w == base for w in widths) else widths).validate()
 
     # -- family knowledge
 
@@ -729,7 +759,7 @@ class ResidualMLP(_ResidualModel):
         self.config = cfg.validate()
         self.stem = nn.Linear(cfg.d_in, cfg.d_model)
         self.embed_out = HookPoint()
-        self.blocks = nn.ModuleList(MLPBlock(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(MLPBlock(cfg, h) for h in layer_widths(cfg))
         self.final_norm = _norm(cfg.d_model, cfg.norm)
         self.features = HookPoint()
         self.readout = nn.Linear(cfg.d_model, cfg.n_classes)
@@ -750,7 +780,7 @@ class ResidualMLP(_ResidualModel):
         _linear_axes(axes, "stem", "res", None)
         for i, blk in enumerate(self.blocks):
             h = f"hidden.{i}"
-            sizes[h] = cfg.d_hidden
+            sizes[h] = blk.mlp_in.out_features
             _norm_axes(axes, f"blocks.{i}.pre_norm", blk.pre_norm)
             _linear_axes(axes, f"blocks.{i}.fc", h, "res")
             _linear_axes(axes, f"blocks.{i}.proj", "res", h)
@@ -782,7 +812,7 @@ class Transformer(_ResidualModel):
         self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.context, cfg.d_model)
         self.embed_out, self.pos_embed_out = HookPoint(), HookPoint()
-        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, m) for m in layer_widths(cfg))
         self.final_norm = nn.LayerNorm(cfg.d_model)
         self.features = HookPoint()
         self.readout = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -834,7 +864,7 @@ class Transformer(_ResidualModel):
         for i, blk in enumerate(self.blocks):
             b = f"blocks.{i}"
             qk, vo, m = f"qk.{i}", f"vo.{i}", f"mlp.{i}"
-            sizes.update({qk: cfg.d_model, vo: cfg.d_model, m: cfg.d_mlp})
+            sizes.update({qk: cfg.d_model, vo: cfg.d_model, m: blk.mlp.fc.out_features})
             heads[f"heads.{i}"] = (qk, vo, cfg.n_heads)
             _norm_axes(axes, f"{b}.ln1", blk.ln1)
             _linear_axes(axes, f"{b}.attn.q", qk, "res")
