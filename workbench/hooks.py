@@ -36,7 +36,7 @@ from . import checks
 from .models import HookPoint
 
 __all__ = ["HookPoint", "Adapter", "ActivationCache", "register_adapter", "adapter", "supported", "sites", "record",
-           "watch", "hf_model_type"]
+           "watch", "hf_model_type", "hf_model_types", "frozen_norm_of"]
 
 
 # ============================================================================ adapters
@@ -53,6 +53,12 @@ class Adapter:
     family: str          # "transformer" or "mlp"
     n_layers: int
     n_heads: int = 0
+    #: True for parallel blocks, where attention and MLP both read the block input (GPT-NeoX with
+    #: ``use_parallel_residual``, Phi): such a block has the sites ``resid_pre, attn.z, attn_out,
+    #: mlp_out, resid_post`` and no ``resid_mid``, and ``resid_post = resid_pre + attn_out + mlp_out``.
+    #: Sequential (pre-LN) blocks have ``resid_mid = resid_pre + attn_out`` and
+    #: ``resid_post = resid_mid + mlp_out``.
+    parallel: bool = False
 
     def site_names(self) -> list[str]:
         raise NotImplementedError
@@ -75,6 +81,26 @@ class Adapter:
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         w, b = self.readout()
         return F.linear(self.final_norm()(resid), w, b)
+
+    def frozen_norm(self, final: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+        """The final norm linearised at the frozen scale of ``final`` ``(B, T, C)``: ``(f, b)`` with
+        ``final_norm(r) ~= f(r) + b``, ``f`` linear in ``r`` and exact at ``r = final``.
+
+        - ``nn.LayerNorm``: ``f(r) = (r - mean(r)) / sigma * weight``, ``sigma`` the standard
+          deviation of ``final`` (with the norm's ``eps``), ``b`` its bias;
+        - RMSNorm-like modules (``nn.RMSNorm``, any class whose name contains ``"RMSNorm"``, or a
+          module with ``variance_epsilon`` and ``weight``): ``f(r) = r / rms * weight`` with
+          ``rms = sqrt(mean(final^2) + eps)`` (eps from the module's ``eps`` or
+          ``variance_epsilon``), ``b = 0``;
+        - ``nn.Identity``: ``f(r) = r``, ``b = 0``.
+
+        Statistics and results are float32 (half-precision models included). ``f`` applies to any
+        tensor ``(..., B, T, C)`` (e.g. a stack of components). Another norm raises ``TypeError``;
+        an adapter whose norm differs (e.g. Gemma's ``x * (1 + w)``) overrides this method.
+        Definition: ``docs/definitions.md#frozen-norm``.
+        """
+        norm = self.final_norm()
+        return frozen_norm_of(norm, final)
 
     def block(self, layer: int) -> nn.Module:
         raise NotImplementedError
@@ -104,6 +130,49 @@ class Adapter:
             yield
         finally:
             handle.remove()
+
+
+def _rms_eps(norm: nn.Module, dtype: torch.dtype) -> float | None:
+    """The eps of an RMSNorm-like module, ``None`` when ``norm`` is not one."""
+    name = type(norm).__name__
+    if not (isinstance(norm, getattr(nn, "RMSNorm", ())) or "RMSNorm" in name
+            or (hasattr(norm, "variance_epsilon") and hasattr(norm, "weight"))):
+        return None
+    eps = getattr(norm, "eps", None)
+    if eps is None:
+        eps = getattr(norm, "variance_epsilon", None)
+    return float(torch.finfo(dtype).eps if eps is None else eps)   # nn.RMSNorm(eps=None): the dtype's eps
+
+
+def frozen_norm_of(norm: nn.Module, final: torch.Tensor, offset: float = 0.0):
+    """``(f, b)`` of :meth:`Adapter.frozen_norm` for the module ``norm`` (``offset``: the RMSNorm gain
+    is ``offset + weight``, 1 for Gemma). See ``docs/definitions.md#frozen-norm``."""
+    C = final.shape[-1]
+    zeros = torch.zeros(C, device=final.device, dtype=torch.float32)
+    if isinstance(norm, nn.Identity):
+        return (lambda r: r.float()), zeros
+    if isinstance(norm, nn.LayerNorm):
+        fin = final.float()
+        sigma = (fin.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()  # (B, T, 1), frozen
+        g = norm.weight.float() if norm.weight is not None else 1.0
+
+        def f(r):
+            r = r.float()
+            return (r - r.mean(-1, keepdim=True)) / sigma * g
+        b = norm.bias.float() if norm.bias is not None else zeros
+        return f, b
+    eps = _rms_eps(norm, final.dtype)
+    if eps is not None:
+        rms = (final.float().pow(2).mean(-1, keepdim=True) + eps).sqrt()      # (B, T, 1), frozen
+        w = getattr(norm, "weight", None)
+        g = (offset + w.float()) if w is not None else 1.0 + offset
+
+        def f(r):
+            return r.float() / rms * g
+        return f, zeros
+    raise TypeError(f"the final norm {type(norm).__name__} cannot be linearised: the workbench knows LayerNorm, "
+                    "RMSNorm-like modules (a class name containing 'RMSNorm', or an eps/variance_epsilon and a "
+                    "weight) and Identity; override Adapter.frozen_norm in the model's adapter")
 
 
 @dataclass
@@ -153,7 +222,20 @@ def hf_model_type(*model_types: str) -> Callable[[Any], bool]:
         cfg = getattr(model, "config", None)
         return isinstance(model, nn.Module) and getattr(cfg, "model_type", None) in wanted
     match.label = "Hugging Face " + " / ".join(sorted(wanted))
+    match.model_types = wanted
     return match
+
+
+def hf_model_types() -> list[str]:
+    """The Hugging Face ``config.model_type`` values some registered adapter reads (sorted).
+
+    Collected from the registered predicates' ``model_types`` attribute (set by
+    :func:`hf_model_type`; a hand-written predicate may set it too)."""
+    _load_builtins()
+    types: set[str] = set()
+    for e in _REGISTRY:
+        types |= set(getattr(e.match, "model_types", ()))
+    return sorted(types)
 
 
 def _load_builtins() -> None:
@@ -164,7 +246,8 @@ def _load_builtins() -> None:
 
 
 def supported() -> list[str]:
-    """Names of the registered model families, most recently registered first."""
+    """Names of the registered model families, most recently registered first; Hugging Face
+    families are named with the ``config.model_type`` values they read (see :func:`hf_model_types`)."""
     _load_builtins()
     return [e.name for e in _REGISTRY]
 
@@ -196,7 +279,8 @@ def adapter(model) -> Adapter:
     cfg = getattr(model, "config", None)
     kind = getattr(cfg, "model_type", None)
     what = f"{type(model).__name__}" + (f" (model_type {kind!r})" if kind else "")
-    raise TypeError(f"no adapter reads {what}; supported: {', '.join(supported())}. "
+    raise TypeError(f"no adapter reads {what}; supported: {', '.join(supported())} (Hugging Face model_type: "
+                    f"{', '.join(hf_model_types())}). "
                     "Add one with workbench.hooks.register_adapter (see workbench/adapters/).")
 
 

@@ -9,7 +9,9 @@ LayerNorm and a bias-free readout. So
   tolerance; GPT-2's ``Conv1D`` stores weights as ``(in, out)``, the transpose of
   ``nn.Linear``; an untied readout gives ``tie_word_embeddings=False``;
 - :func:`from_gpt2` goes back to a workbench Transformer;
-- :func:`load_gpt2` reads a local ``save_pretrained`` directory (safetensors only).
+- :func:`load_gpt2` reads a local ``save_pretrained`` directory (safetensors only);
+- :func:`load_hf` reads any supported decoder family (GPT-2, GPT-NeoX/Pythia, Llama, Mistral,
+  Qwen2, Qwen3, Gemma, Phi) from a local directory or, when online, the Hub, within the memory budget.
 
 Reading a GPT-2 model with the residual-stream tools is the adapter's job:
 :class:`~workbench.adapters.hf_gpt2.GPT2Adapter` (hook sites on GPT-2's own modules under our
@@ -18,22 +20,24 @@ re-exported here for old imports.
 
 Peri-LN models (a LayerNorm after each sublayer), residual MLPs and blocks in the middle of
 a fade-in (``residual_scale != 1``) have no GPT-2 equivalent: exporting them raises
-``ValueError``. Nothing here downloads anything: loading reads local directories only, and only
+``ValueError``. Only :func:`load_hf` given a Hub name downloads anything; loading reads only
 safetensors weights (a pickle checkpoint, ``pytorch_model.bin``, is never unpickled).
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from . import checks
 from . import models as _models
 from .adapters.hf_gpt2 import GPT2Adapter, is_gpt2   # re-exported: they live in workbench/adapters/hf_gpt2.py
 
-__all__ = ["is_gpt2", "GPT2Adapter", "to_gpt2", "export_gpt2", "from_gpt2", "load_gpt2", "EXPORT_META",
+__all__ = ["is_gpt2", "GPT2Adapter", "to_gpt2", "export_gpt2", "from_gpt2", "load_gpt2", "load_hf", "EXPORT_META",
            "SAFETENSORS_FILES"]
 
 EXPORT_META = "workbench.json"   # written next to config.json: our config and the vocabulary
@@ -193,6 +197,151 @@ def load_gpt2(path):
     if not isinstance(meta, dict):
         raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     return model, meta
+
+
+# ============================================================================ any supported decoder
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _hub_offline() -> bool:
+    """True when the Hugging Face Hub is switched off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``), read now."""
+    import os
+
+    if any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+        return bool(constants.HF_HUB_OFFLINE)
+    except (ImportError, AttributeError):
+        return False
+
+
+def _check_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device must be None, 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device must be None, 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device {device!r}: no CUDA device is available here; use 'cpu'")
+        if dev.index is not None and not 0 <= dev.index < n:
+            raise ValueError(f"device must be a CUDA index in [0, {n - 1}], got {device!r}")
+        return dev
+    if dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"device {device!r}: MPS is not available here; use 'cpu'")
+        return dev
+    raise ValueError(f"device must be None, 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+
+
+def _config_dtype(cfg) -> torch.dtype:
+    """The dtype the checkpoint is stored in (``config.dtype`` / ``torch_dtype``), float32 when it names none."""
+    d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d.replace("torch.", ""), None)
+    return d if d in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
+def _count_params(cfg) -> int:
+    """Exact parameter count of the causal LM ``cfg`` describes, built on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in shell.parameters())   # tied weights counted once
+
+
+def load_hf(name_or_directory, dtype: str | None = None, device=None):
+    """``(model, tokenizer)``: a Hugging Face causal LM of a supported family, in eval mode.
+
+    ``name_or_directory``: a local ``save_pretrained`` directory (read offline:
+    ``local_files_only=True``), or a Hub name such as ``"EleutherAI/pythia-70m"`` (downloaded
+    when online; with ``HF_HUB_OFFLINE=1`` only the local Hugging Face cache is read). Weights are
+    read from safetensors only (``use_safetensors=True``; a pickle checkpoint is refused, never
+    unpickled) and no remote code runs.
+
+    ``config.model_type`` must be one a workbench adapter reads
+    (:func:`workbench.hooks.hf_model_types`: gpt2, gpt_neox, llama, mistral, qwen2, qwen3, gemma,
+    phi), else ``ValueError`` listing them. ``dtype``: ``None`` (the checkpoint's own dtype, float32
+    when the config names none), ``"float32"``, ``"float16"`` or ``"bfloat16"``. ``device``:
+    ``None`` (cpu), ``"cpu"``, ``"cuda[:N]"`` or ``"mps"``, validated.
+
+    Memory: the config is read first and the parameter count taken from a weightless (meta)
+    build; a model whose weights (``params x bytes per dtype``) exceed ``WORKBENCH_MAX_MODEL_MB``
+    is refused before any weight is read. ``tokenizer`` is the model's own
+    (``AutoTokenizer``), or ``None`` for a directory that holds no tokenizer files.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from . import hooks
+
+    if isinstance(name_or_directory, Path) or hasattr(name_or_directory, "__fspath__"):
+        name_or_directory = str(Path(name_or_directory))
+    src = checks.check_str("name_or_directory", name_or_directory, 1000)
+    if dtype is not None:
+        checks.check_choice("dtype", dtype, DTYPES)
+    dev = _check_device(device)
+    path = Path(src).expanduser()
+    local = path.is_dir()
+    if not local:
+        if path.exists() or src.startswith(("/", ".", "~")) or src.count("/") > 1 or "\\" in src:
+            raise ValueError(f"name_or_directory {src!r}: no such model directory")
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", src):
+            raise ValueError(f"name_or_directory must be a model directory or a Hub name 'owner/name', got {src!r}")
+    offline = local or _hub_offline()
+    where = str(path) if local else src
+    if local and not (path / "config.json").is_file():
+        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+    try:
+        cfg = AutoConfig.from_pretrained(str(path) if local else src, local_files_only=offline)
+    except (OSError, ValueError, KeyError) as e:
+        if local:
+            raise ValueError(f"{path}: unreadable config.json ({e})") from None
+        if offline:
+            raise ValueError(f"{src!r}: not a local directory, and not in the Hugging Face cache while the Hub is "
+                             "offline (HF_HUB_OFFLINE); pass a directory holding config.json and safetensors "
+                             "weights, or go online") from None
+        raise ValueError(f"{src!r}: cannot read its config from the Hugging Face Hub ({e})") from None
+    supported = hooks.hf_model_types()
+    if cfg.model_type not in supported:
+        raise ValueError(f"{where}: model_type {cfg.model_type!r} is not supported; supported model types: "
+                         f"{', '.join(supported)}")
+    if local and not any((path / f).is_file() for f in SAFETENSORS_FILES):
+        raise ValueError(_no_safetensors_message(path))
+    torch_dtype = getattr(torch, dtype) if dtype is not None else _config_dtype(cfg)
+    n = _count_params(cfg)
+    nbytes = n * torch.empty((), dtype=torch_dtype).element_size()
+    limit = _models.max_model_mb()
+    if nbytes > limit * 2**20:
+        raise ValueError(f"{where}: the model is too large: {n:,} parameters in {str(torch_dtype).split('.')[-1]} "
+                         f"are {_models._fmt_bytes(nbytes)} of weights, more than the limit of {limit:g} MB "
+                         "(WORKBENCH_MAX_MODEL_MB)")
+    try:
+        with _quiet():
+            model = AutoModelForCausalLM.from_pretrained(str(path) if local else src, config=cfg,
+                                                         local_files_only=offline, use_safetensors=True,
+                                                         dtype=torch_dtype)
+    except (OSError, ValueError) as e:   # a missing shard, no safetensors on the Hub, a download error
+        raise ValueError(f"{where}: cannot read the safetensors weights ({e})") from None
+    model = model.to(dev).eval()
+    tokenizer = None
+    if not local or any((path / f).is_file() for f in _TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path) if local else src, local_files_only=offline)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{where}: cannot read the tokenizer ({e})") from None
+    return model, tokenizer
 
 
 def from_gpt2(hf_model) -> _models.Transformer:

@@ -107,4 +107,5 @@ class GPT2Adapter(Adapter):
 
 
 is_gpt2.label = "Hugging Face gpt2 (GPT2LMHeadModel)"
+is_gpt2.model_types = frozenset({"gpt2"})   # listed by workbench.hooks.hf_model_types
 register_adapter(is_gpt2, GPT2Adapter)

@@ -1,0 +1,166 @@
+"""Shared logic of the Hugging Face decoder adapters (GPT-NeoX, Llama-like, Gemma, Phi).
+
+A family adapter is a subclass of :class:`HFDecoderAdapter` naming where its modules live
+(class attributes ``base``, ``layers``, ``embed``, ``norm``, ``head`` and, per decoder layer,
+``attn``, ``o_proj``, ``mlp`` and ``mid_norm``). Hook sites are forward hooks on the model's own
+modules, under the workbench's names:
+
+- ``embed_out``: the token-embedding output (scaled, where the model scales it);
+- ``blocks.l.resid_pre`` / ``blocks.l.resid_post``: the decoder layer's input / output;
+- ``blocks.l.attn.z``: the input of the attention output projection as ``(B, T, H, D)``,
+  ``H`` the number of *query* heads (grouped-query attention shares keys and values, not outputs);
+- ``blocks.l.attn_out`` / ``blocks.l.mlp_out``: the attention / MLP module outputs;
+- ``blocks.l.resid_mid`` (sequential blocks only): the input of the norm before the MLP,
+  ``resid_pre + attn_out``; parallel blocks (:attr:`~workbench.hooks.Adapter.parallel`) have none;
+- ``features``: the final-norm output.
+
+Nothing here imports ``transformers``: the adapters only read the model they are given.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..hooks import Adapter
+
+__all__ = ["HFDecoderAdapter", "causal_lm", "resolve"]
+
+
+def resolve(root: nn.Module, path: str) -> nn.Module:
+    """``root.a.b`` for ``path = "a.b"`` (``""``: ``root``)."""
+    mod = root
+    for part in filter(None, path.split(".")):
+        mod = getattr(mod, part)
+    return mod
+
+
+def _names(name: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (name,) if isinstance(name, str) else tuple(name)
+
+
+def causal_lm(model_types: tuple[str, ...], base: str, head: str | tuple[str, ...]) -> Callable[[object], bool]:
+    """Predicate: a Hugging Face causal LM with ``config.model_type`` in ``model_types`` and the
+    submodules ``base`` (decoder stack) and ``head`` (unembedding; a tuple: any one of these names,
+    as module names changed between ``transformers`` versions)."""
+    wanted = frozenset(model_types)
+
+    def match(model) -> bool:
+        cfg = getattr(model, "config", None)
+        return (isinstance(model, nn.Module) and getattr(cfg, "model_type", None) in wanted
+                and any(isinstance(getattr(model, h, None), nn.Module) for h in _names(head))
+                and hasattr(model, base))
+    match.label = "Hugging Face " + " / ".join(model_types)
+    match.model_types = wanted
+    return match
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class HFDecoderAdapter(Adapter):
+    """A Hugging Face decoder-only causal LM under the workbench's hook names (see the module docstring)."""
+
+    family = "transformer"
+    model_types: tuple[str, ...] = ()
+    base = "model"                 # the decoder stack, from the causal LM
+    layers = "layers"              # the decoder layers, from base
+    embed = "embed_tokens"         # token embedding, from base
+    norm = "norm"                  # final norm, from base
+    head: str | tuple[str, ...] = "lm_head"   # unembedding, from the causal LM (a tuple: the first present)
+    attn = "self_attn"             # per layer
+    o_proj = "o_proj"              # from attn
+    mlp = "mlp"                    # per layer
+    mid_norm: str | None = "post_attention_layernorm"   # per layer; its input is resid_mid (sequential only)
+
+    def __init__(self, model: nn.Module):
+        cfg = getattr(model, "config", None)
+        kind = getattr(cfg, "model_type", None)
+        if kind not in self.model_types:
+            raise TypeError(f"{type(self).__name__} reads Hugging Face model_type {', '.join(self.model_types)}; "
+                            f"got {type(model).__name__} (model_type {kind!r})")
+        if getattr(cfg, "is_encoder_decoder", False):
+            raise ValueError("encoder-decoder models are not supported: the workbench reads decoder-only models")
+        self.model = model
+        self.stack = resolve(model, self.base)
+        self.blocks = resolve(self.stack, self.layers)
+        self.n_layers = len(self.blocks)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.parallel = self._is_parallel(cfg)
+        per = ["resid_pre", "attn.z", "attn_out"] + ([] if self.parallel else ["resid_mid"]) + ["mlp_out",
+                                                                                               "resid_post"]
+        self._names = ["embed_out"] + [f"blocks.{i}.{s}" for i in range(self.n_layers) for s in per] + ["features"]
+
+    # ------------------------------------------------------------------ family hooks (overridden where needed)
+
+    def _is_parallel(self, cfg) -> bool:
+        return False
+
+    def embed_scale(self) -> float | None:
+        """Factor the model's forward multiplies the embedding by (``None``: none); see Gemma."""
+        return None
+
+    # ------------------------------------------------------------------ Adapter interface
+
+    def site_names(self):
+        return list(self._names)
+
+    def _o_proj(self, layer: int) -> nn.Module:
+        return resolve(resolve(self.blocks[layer], self.attn), self.o_proj)
+
+    def add_hook(self, name, fn):
+        if name not in self._names:
+            raise KeyError(f"no hook site {name!r}")
+        if name == "embed_out":
+            scale = self.embed_scale()
+            emb = resolve(self.stack, self.embed)
+            if scale is None:
+                return emb.register_forward_hook(lambda m, a, out: fn(out))
+            return emb.register_forward_hook(lambda m, a, out: fn(out * torch.tensor(scale, dtype=out.dtype)))
+        if name == "features":
+            return self.final_norm().register_forward_hook(lambda m, a, out: fn(out))
+        parts = name.split(".")
+        layer, site = int(parts[1]), ".".join(parts[2:])
+        block = self.blocks[layer]
+        if site == "resid_pre":
+            return block.register_forward_pre_hook(
+                lambda m, args, kwargs: fn(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        if site == "resid_post":
+            return block.register_forward_hook(lambda m, a, out: fn(_first(out)))
+        if site == "attn_out":
+            return resolve(block, self.attn).register_forward_hook(lambda m, a, out: fn(_first(out)))
+        if site == "mlp_out":
+            return resolve(block, self.mlp).register_forward_hook(lambda m, a, out: fn(_first(out)))
+        if site == "resid_mid":
+            return resolve(block, self.mid_norm).register_forward_pre_hook(lambda m, args: fn(args[0]))
+        if site == "attn.z":
+            H = self.n_heads
+
+            def pre(m, args):
+                z = args[0]
+                fn(z.view(*z.shape[:-1], H, z.shape[-1] // H))
+            return self._o_proj(layer).register_forward_pre_hook(pre)
+        raise KeyError(f"no hook site {name!r}")
+
+    def forward(self, x):
+        return self.model(input_ids=x).logits
+
+    def final_norm(self):
+        return resolve(self.stack, self.norm)
+
+    def readout(self):
+        head = next(getattr(self.model, h) for h in _names(self.head) if isinstance(getattr(self.model, h, None),
+                                                                                    nn.Module))
+        return head.weight, getattr(head, "bias", None)
+
+    def block(self, layer):
+        return self.blocks[layer]
+
+    def head_projection(self, layer):
+        """``(H, D, C)`` from the output projection's ``(C, H * D)`` weight, and its bias (or ``None``)."""
+        proj = self._o_proj(layer)
+        C, HD = proj.weight.shape
+        H = self.n_heads
+        return proj.weight.view(C, H, HD // H).permute(1, 2, 0), proj.bias
