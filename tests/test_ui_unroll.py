@@ -1,0 +1,82 @@
+"""Unroll & learngene page driven from Python: train a small model or pick a stored run, every figure
+filled; expansion experiment; bad choices refused with a message naming the control."""
+import pytest
+
+pn = pytest.importorskip("panel")
+
+import workbench as wb  # noqa: E402
+from workbench import models  # noqa: E402
+from workbench.ui.common import DataStore  # noqa: E402
+from workbench.ui.page import pages  # noqa: E402
+from workbench.ui.unroll import UnrollPage  # noqa: E402
+
+
+def _small(page):
+    page.d_model.value, page.n_layers.value, page.steps.value = 16, 3, 10
+    page.finetune.value, page.max_examples.value = 5, 64
+
+
+def test_page_is_registered():
+    assert UnrollPage in pages()
+
+
+def test_train_a_model_fills_gap_bars_and_r2(store):
+    page = UnrollPage(DataStore(store))
+    page.__panel__()
+    assert page.run.options == {}
+    page.source.value = "train a model"
+    _small(page)
+    page.analyse(wait=True)
+    assert page.task.status == "done", page.task.error
+    assert page.errors.text == ""
+    gap = page.results["gap"]
+    assert sorted(gap["depth"].unique()) == [1, 2, 3]
+    names = {t.name for t in page.gap_plot.object.data}
+    assert any(n.startswith("gap") for n in names) and "first-order (parallel)" in names
+    assert list(page.compare_plot.object.data[0].x) == ["deep", "unrolled", "unrolled + fine-tuned"]
+    assert list(page.r2_plot.object.data[0].x) == list(page.results["r2"]["param"])
+    assert "validation accuracy deep" in page.status.object
+    assert "unroll.gap(model" in page.code.object
+
+
+def test_stored_run_is_analysed(store):
+    ds = wb.data.load("digits")
+    model = models.build(models.config_for(ds, d_model=16, d_hidden=16, n_layers=2))
+    run_id = store.save(wb.train(model, ds, wb.TrainConfig(steps=5, eval_every=5, eval_max=64)))
+    page = UnrollPage(DataStore(store))
+    assert page.run.value == run_id
+    _small(page)
+    page.analyse(wait=True)
+    assert page.task.status == "done", page.task.error
+    assert sorted(page.results["gap"]["depth"].unique()) == [1, 2]
+    assert run_id in page.code.object
+
+
+def test_expansion_experiment_draws_both_inits(store):
+    page = UnrollPage(DataStore(store))
+    page.d_model.value = 16
+    page.min_depth.value, page.max_depth.value = 2, 3
+    page.aux_layers.value, page.aux_steps.value, page.child_steps.value = 2, 5, 3
+    page.expand(wait=True)
+    assert page.task.status == "done", page.task.error
+    table = page.results["expansion"]
+    assert set(table["init"]) == {"learngene", "random"} and set(table["depth"]) == {2, 3}
+    assert {t.name for t in page.expansion_plot.object.data} >= {"learngene", "random"}
+
+
+def test_bad_choices_get_a_message_and_do_not_start(store):
+    page = UnrollPage(DataStore(store))
+    page.analyse(wait=True)
+    assert "no stored run to analyse" in page.errors.text
+    page.source.value = "train a model"
+    page.n_layers.value = 0
+    page.analyse(wait=True)
+    assert "n_layers must be an integer in [1, 24], got 0" in page.errors.text
+    page.n_layers.value = 3
+    page.min_depth.value, page.max_depth.value = 5, 3
+    page.expand(wait=True)
+    assert "'to' (3) must be at least 'from' (5)" in page.errors.text
+    page.finetune.value = None
+    page.analyse(wait=True)
+    assert "fine-tune steps must be an integer" in page.errors.text
+    assert page.task.status == "idle"
