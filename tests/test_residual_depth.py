@@ -205,3 +205,16 @@ def test_estimate_and_report():
     assert rep.n_layers == 2 and not rep.patching.empty and np.isfinite(rep.depth_score)
     with pytest.raises(ValueError, match="erase_position"):
         R.report(model, x, erase_position=4)
+
+
+def test_depth_report_html_is_self_contained_and_escaped(tmp_path):
+    model, x = _model(n_layers=2), _x(B=2, T=4)
+    rep = R.report(model, x, corrupt=(x + 1) % 13, steps=2, title="<b>mine</b>")
+    path = rep.to_html(tmp_path / "r.html")
+    text = open(path, encoding="utf-8").read()
+    assert "&lt;b&gt;mine&lt;/b&gt;" in text and "<b>mine</b>" not in text
+    assert "<script src=" not in text.replace(" ", "") and "<script src" not in text and text.count("Plotly.newPlot") >= 7
+    from workbench.figures import residual as FR
+    for fig in (FR.ig_heatmap(rep.ig), FR.patch_heatmap(rep.patching), FR.erasure_heatmap(rep.erasure),
+                FR.depth_difficulty_figure(None), FR.layer_map_heatmap(R.layer_map(model, model, _x(B=6), x))):
+        assert fig.layout.title.text

@@ -7,7 +7,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 __all__ = ["contributions_figure", "stages_figure", "position_figure", "lens_heatmap", "skip_heatmap",
-           "skip_output_figure", "attribution_figure", "token_labels"]
+           "skip_output_figure", "attribution_figure", "token_labels", "ig_heatmap", "depth_difficulty_figure",
+           "layer_map_heatmap", "patch_heatmap", "erasure_heatmap", "lens_layers_figure", "depth_report_html"]
 
 SUBLAYER_COLORS = {"attn": "#1f77b4", "mlp": "#ff7f0e", "layer": "#2ca02c"}
 _LAYOUT = dict(template="plotly_white", margin=dict(l=55, r=20, t=50, b=45))
@@ -109,7 +110,7 @@ def position_figure(df: pd.DataFrame | None, layer: int, tokens: list[str] | Non
 
 
 _LENS_TITLES = {"kl_to_final": "KL(final || lens) [nats]", "top1_agree": "lens top-1 = final top-1",
-                "loss": "lens loss [nats]"}
+                "top5_overlap": "top-5 overlap with the final output", "loss": "lens loss [nats]"}
 
 
 def lens_heatmap(df: pd.DataFrame | None, metric: str = "kl_to_final", tokens: list[str] | None = None,
@@ -127,7 +128,7 @@ def lens_heatmap(df: pd.DataFrame | None, metric: str = "kl_to_final", tokens: l
     labels = token_labels(tokens, grid.shape[1])
     ylabels = [f"{l}" if l < n_layers else f"{l} (out)" for l in grid.index]
     fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=labels, y=ylabels, colorscale="Viridis",
-                               reversescale=metric == "top1_agree", colorbar=dict(title=metric, len=0.9),
+                               reversescale=metric in ("top1_agree", "top5_overlap"), colorbar=dict(title=metric, len=0.9),
                                hovertemplate="position %{x}<br>layer %{y}<br>%{z:.3f}<extra></extra>"))
     if highlight is not None:
         layer, pos = highlight
@@ -162,12 +163,15 @@ def skip_heatmap(heatmap: pd.DataFrame | None, n_layers: int | None = None, high
 
 
 def skip_output_figure(output: pd.DataFrame | None, title: str = "") -> go.Figure:
-    """Per skipped layer: KL of the output distribution and share of changed top-1 predictions."""
+    """Per skipped layer: KL (and ``||softmax - softmax'||_2`` when the table has ``l2``) of the output
+    distribution, and share of changed top-1 predictions."""
     title = title or "Skip a layer: change of the output distribution"
     if output is None or not len(output):
         return _empty(title, 300)
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Bar(x=output["skipped"], y=output["kl"], name="KL(full || skipped)", marker_color="#9467bd"))
+    if "l2" in output:
+        fig.add_trace(go.Bar(x=output["skipped"], y=output["l2"], name="||p - p'||_2", marker_color="#8c564b"))
     fig.add_trace(go.Scatter(x=output["skipped"], y=output["top1_changed"], name="top-1 changed", mode="lines+markers",
                              line=dict(color="#d62728")), secondary_y=True)
     fig.update_xaxes(title_text="skipped layer", dtick=1)
@@ -196,6 +200,120 @@ def attribution_figure(df: pd.DataFrame | None, position: int = 0, batch: int = 
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(title_text="contribution to the logit")
     fig.update_layout(title=title, height=max(260, 60 + 18 * len(sel)), **_LAYOUT)
+    return fig
+
+
+def _grid(df: pd.DataFrame, index: str, columns: str, values: str, title: str, xtitle: str, ytitle: str,
+          colorscale: str = "Viridis", zmid: float | None = None, x_labels: list[str] | None = None,
+          height_per_row: int = 28) -> go.Figure:
+    grid = df.pivot_table(index=index, columns=columns, values=values, aggfunc="mean").sort_index()
+    x = x_labels if x_labels is not None else [str(c) for c in grid.columns]
+    kw = dict(zmid=zmid) if zmid is not None else {}
+    fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=x, y=[str(i) for i in grid.index], colorscale=colorscale,
+                               colorbar=dict(title=values, len=0.9), **kw,
+                               hovertemplate=f"{xtitle} %{{x}}<br>{ytitle} %{{y}}<br>%{{z:.4g}}<extra></extra>"))
+    fig.update_xaxes(title_text=xtitle, type="category")
+    fig.update_yaxes(title_text=ytitle, type="category")
+    fig.update_layout(title=title, height=max(260, 80 + height_per_row * grid.shape[0]), **_LAYOUT)
+    return fig
+
+
+def ig_heatmap(df: pd.DataFrame | None, tokens: list[str] | None = None, title: str = "") -> go.Figure:
+    """Per-layer integrated gradients: layer (y) x position (x); ``df`` is ``integrated_gradients`` output."""
+    title = title or "Integrated gradients per layer (baseline: the sequence mean)"
+    if df is None or not len(df):
+        return _empty(title, 340)
+    n = int(df["position"].max()) + 1
+    return _grid(df, "layer", "position", "attribution", title, "position", "layer", "RdBu", 0.0,
+                 token_labels(tokens, n))
+
+
+def depth_difficulty_figure(df: pd.DataFrame | None, title: str = "") -> go.Figure:
+    """Depth score (y) against difficulty (x); ``df`` is ``depth_vs_difficulty`` output."""
+    title = title or "Depth score against problem difficulty"
+    if df is None or not len(df):
+        return _empty(title, 300)
+    fig = go.Figure(go.Scatter(x=[str(d) for d in df["difficulty"]], y=df["depth_score"], mode="lines+markers",
+                               hovertemplate="difficulty %{x}<br>depth score %{y:.3f}<extra></extra>"))
+    fig.update_xaxes(title_text="difficulty", type="category")
+    fig.update_yaxes(title_text="depth score (layer)")
+    fig.update_layout(title=title, height=300, **_LAYOUT)
+    return fig
+
+
+def layer_map_heatmap(df: pd.DataFrame | None, title: str = "") -> go.Figure:
+    """Relative error of the linear map from layer ``layer_a`` (y) of A to ``layer_b`` (x) of B."""
+    title = title or "Layer map A -> B: relative error of a linear map (low: corresponding depth)"
+    if df is None or not len(df):
+        return _empty(title, 340)
+    return _grid(df, "layer_a", "layer_b", "rel_error", title, "layer of B", "layer of A", "Viridis")
+
+
+def patch_heatmap(df: pd.DataFrame | None, tokens: list[str] | None = None, site: str = "resid_pre",
+                  title: str = "") -> go.Figure:
+    """Activation patching: recovery per layer (y) and position (x); ``df`` is ``patch`` output."""
+    title = title or f"Activation patching ({site}): recovery of the clean answer"
+    if df is None or not len(df):
+        return _empty(title, 340)
+    n = int(df["position"].max()) + 1
+    return _grid(df, "layer", "position", "recovery", title, "position", "layer", "RdBu", 0.0, token_labels(tokens, n))
+
+
+def erasure_heatmap(df: pd.DataFrame | None, tokens: list[str] | None = None, title: str = "") -> go.Figure:
+    """Token erasure: relative change of the residual per later layer (y) and position (x)."""
+    title = title or "Token erasure: relative change of the residual downstream"
+    if df is None or not len(df):
+        return _empty(title, 340)
+    n = int(df["position"].max()) + 1
+    return _grid(df, "layer", "position", "rel_change", title, "position", "layer", "Magma", None,
+                 token_labels(tokens, n))
+
+
+def depth_report_html(report, tokens: list[str] | None = None) -> str:
+    """One self-contained HTML page (plotly.js inline, no CDN) of a ``workbench.residual.DepthReport``.
+
+    ``report``: any object with the DataFrame attributes of a DepthReport (``contributions, lens,
+    skip, skip_output, ig, erasure, patching, depth_vs_difficulty``), ``depth_score``, ``n_layers``
+    and ``title``. Every text is HTML-escaped."""
+    import html as _html
+
+    figs = [contributions_figure(report.contributions),
+            lens_layers_figure(report.lens),
+            skip_heatmap(report.skip, report.n_layers),
+            skip_output_figure(report.skip_output),
+            ig_heatmap(report.ig, tokens),
+            erasure_heatmap(report.erasure, tokens)]
+    if len(report.patching):
+        figs.append(patch_heatmap(report.patching, tokens))
+    if len(report.depth_vs_difficulty):
+        figs.append(depth_difficulty_figure(report.depth_vs_difficulty))
+    layer_maps = getattr(report, "layer_map", None)
+    if layer_maps is not None and len(layer_maps):
+        figs.append(layer_map_heatmap(layer_maps))
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs)]
+    title = _html.escape(str(report.title))
+    score = float(report.depth_score)
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + title + "</title></head><body>"
+            f"<h1>{title}</h1><p>{report.n_layers} layers; depth score (centre of mass of the skip effect on "
+            f"the output, ||p - p'||_2): {score:.3f}</p>" + "".join(f"<div>{p}</div>" for p in parts)
+            + "</body></html>")
+
+
+def lens_layers_figure(df: pd.DataFrame | None, title: str = "") -> go.Figure:
+    """Logit lens per layer (averaged over tokens): KL to the final output, top-1 and top-5 agreement."""
+    title = title or "Logit lens per layer"
+    if df is None or not len(df):
+        return _empty(title, 300)
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(x=df["layer"], y=df["kl_to_final"], name="KL(final || lens)", marker_color="#1f77b4"))
+    for col, color in (("top1_agree", "#d62728"), ("top5_overlap", "#2ca02c")):
+        if col in df:
+            fig.add_trace(go.Scatter(x=df["layer"], y=df[col], name=col, mode="lines+markers",
+                                     line=dict(color=color)), secondary_y=True)
+    fig.update_xaxes(title_text="layer (residual entering it)", dtick=1)
+    fig.update_yaxes(title_text="KL [nats]", secondary_y=False)
+    fig.update_yaxes(title_text="share", range=[0, 1.02], secondary_y=True)
+    fig.update_layout(title=title, height=300, legend=dict(orientation="h", y=-0.3), **_LAYOUT)
     return fig
 
 
