@@ -15,6 +15,8 @@ def page(store):
 def test_page_shows_empty_figures_and_the_engines_merges(page):
     layout = page.__panel__()
     assert page.heatmap in layout.select(pn.pane.Plotly) and page.heatmap.object.data == ()
+    for pane in (page.cosines, page.knob_plot, page.sequence_plot):
+        assert pane in layout.select(pn.pane.Plotly) and pane.object.data == ()
     assert "model x domain" in page.heatmap.object.layout.title.text
     # the merge menu: the page's mixtures and every weight-space merge of the engine's registry
     assert page.merges.options == ["logit mean", "probability mixture", "gated mixture"] + [
@@ -72,6 +74,8 @@ def test_train_two_compose_and_sample(page, store):
     page.prompt.value = "~"  # not in the vocabulary
     page.sample()
     assert "not in the vocabulary" in page.errors.text
+    assert page.cosines.object.data != () and page.knob_plot.object.data == () and page.sequence_plot.object.data == ()
+    _new_merges_cosines_slerp_sweep_and_sequential_curve(page, store)
 
 
 def test_compose_refuses_specialists_on_different_substrates(page, store):
@@ -85,3 +89,36 @@ def test_compose_refuses_specialists_on_different_substrates(page, store):
     page.run_compose(wait=True)
     assert page.compose_task.status == "error"
     assert "different vocabularies" in page.compose_task.error
+
+
+def _new_merges_cosines_slerp_sweep_and_sequential_curve(page, store):
+    """DARE, SLERP, Model Stock and OPCM on the page (run on the specialists trained by the test above)."""
+    page.metric.value = "loss"
+    page.merges.value = ["slerp", "opcm", "dare", "model stock"]
+    page.t.value = 1.5
+    page.run_compose(wait=True)
+    assert "t must be a number in [0.0, 1.0]" in page.errors.text
+    page.t.value = 0.0
+    page.density.value = 1.0   # DARE at density 1 is task arithmetic
+    page.run_compose(wait=True)
+    assert page.compose_task.status == "done", page.compose_task.error
+    table = page.result["table"].set_index(["model", "domain", "metric"])["value"]
+    for domain in ("grammar", "arithmetic"):   # SLERP at t=0 is the first specialist
+        assert table["slerp", domain, "loss"] == table["grammar", domain, "loss"]
+    cos = page.cosines.object.data[0]
+    assert list(cos.x) == ["grammar", "arithmetic"] and cos.z[0][0] == pytest.approx(1.0)
+    ref = wb.compose.task_cosines(store.load(page.base.value).model, [page.result["models"]["grammar"],
+                                                                     page.result["models"]["arithmetic"]])
+    assert cos.z[0][1] == pytest.approx(ref["cosine"].iloc[1])
+    page.metric.value = "acc"
+    knob = page.knob_plot.object.data
+    assert [tr.name for tr in knob] == ["grammar", "arithmetic", "mean"] and list(knob[0].x) == [0, 0.25, 0.5, 0.75, 1]
+    seq = page.sequence_plot.object.data
+    assert [tr.name for tr in seq] == list(wb.compose.SEQUENTIAL) and list(seq[0].x) == [1, 2]
+    # one task merged: every method's merge is the first specialist (OPCM and averaging exactly scaled by 1)
+    assert seq[1].y[0] == pytest.approx(table["grammar", "grammar", "acc"], abs=0.02)
+    code = page.code.object.removeprefix("```python\n").removesuffix("\n```")
+    scope = {}
+    exec(code, scope)
+    assert scope["table"]["value"].round(5).tolist() == page.result["table"]["value"].round(5).tolist()
+    assert scope["sequence"]["value"].round(5).tolist() == page.result["sequence"]["value"].round(5).tolist()

@@ -1,10 +1,11 @@
-"""Figures for composed models: the domain-by-model table as a heat-map, and per-token gate weights."""
+"""Figures for composed models: the domain-by-model table as a heat-map, per-token gate weights, the cosine
+matrix of task vectors, accuracy against a merge's knob and against the number of sequentially merged tasks."""
 from __future__ import annotations
 
 import pandas as pd
 import plotly.graph_objects as go
 
-__all__ = ["domain_heatmap", "gate_weights"]
+__all__ = ["domain_heatmap", "gate_weights", "cosine_matrix", "knob_curve", "sequential_curve"]
 
 _SCALES = {"loss": "RdYlGn_r", "acc": "RdYlGn"}  # green is good in both
 
@@ -53,4 +54,54 @@ def gate_weights(weights: pd.DataFrame | None, title: str = "") -> go.Figure:
     fig.update_layout(barmode="stack", title=title or "gate: weight of each member per token", height=300,
                       template="plotly_white", yaxis=dict(range=[0, 1], title="weight"),
                       margin=dict(l=50, r=20, t=50, b=60), legend=dict(orientation="h", y=-0.3))
+    return fig
+
+
+def cosine_matrix(table: pd.DataFrame | None, title: str = "") -> go.Figure:
+    """Heat-map of the cosine of every pair of task vectors (tidy ``a, b, cosine`` from ``compose.task_cosines``)."""
+    fig = go.Figure()
+    if table is not None and len(table):
+        names = list(dict.fromkeys(table["a"]))
+        grid = table.pivot_table(index="a", columns="b", values="cosine").reindex(index=names, columns=names)
+        fig.add_trace(go.Heatmap(z=grid.values, x=names, y=names, zmin=-1, zmax=1, colorscale="RdBu_r",
+                                 text=[[format(v, ".2f") for v in row] for row in grid.values],
+                                 texttemplate="%{text}", colorbar=dict(title="cosine"),
+                                 hovertemplate="%{y} . %{x}<br>cosine %{z:.4f}<extra></extra>"))
+        fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title or "cosine of task vectors", template="plotly_white", height=340,
+                      margin=dict(l=120, r=20, t=50, b=60))
+    return fig
+
+
+def knob_curve(table: pd.DataFrame | None, metric: str = "acc", title: str = "") -> go.Figure:
+    """``metric`` on each domain, and their mean (thick), against a merge's knob (tidy table of ``compose.sweep``)."""
+    fig = go.Figure()
+    knob = "knob"
+    if table is not None and len(table):
+        sel = table[table["metric"] == metric]
+        knob = str(sel["knob"].iloc[0]) if len(sel) else knob
+        for domain, part in sel.groupby("domain", sort=False):
+            part = part.sort_values("x")
+            fig.add_trace(go.Scatter(x=part["x"], y=part["value"], mode="lines+markers", name=str(domain)))
+        mean = sel.groupby("x", sort=True)["value"].mean()
+        fig.add_trace(go.Scatter(x=mean.index, y=mean.values, mode="lines", name="mean", line=dict(width=4)))
+    fig.update_layout(title=title or f"validation {metric} against {knob}", template="plotly_white", height=320,
+                      xaxis_title=knob, yaxis_title=metric, margin=dict(l=50, r=20, t=50, b=40))
+    return fig
+
+
+def sequential_curve(table: pd.DataFrame | None, metric: str = "acc", title: str = "") -> go.Figure:
+    """Mean ``metric`` over the tasks seen so far against the number of merged tasks, one line per method.
+
+    ``table``: tidy ``method, n_tasks, task, metric, value`` (``compose.sequential``, methods concatenated).
+    """
+    fig = go.Figure()
+    if table is not None and len(table):
+        sel = table[table["metric"] == metric]
+        for method, part in sel.groupby("method", sort=False):
+            mean = part.groupby("n_tasks", sort=True)["value"].mean()
+            fig.add_trace(go.Scatter(x=mean.index, y=mean.values, mode="lines+markers", name=str(method)))
+    fig.update_layout(title=title or f"mean {metric} on the tasks seen so far", template="plotly_white",
+                      height=320, xaxis=dict(title="number of tasks merged", dtick=1), yaxis_title=metric,
+                      margin=dict(l=50, r=20, t=50, b=40))
     return fig

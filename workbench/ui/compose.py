@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import pandas as pd
 import panel as pn
 
 from .. import compose, data, models
-from ..figures.compose import domain_heatmap
+from ..figures.compose import cosine_matrix, domain_heatmap, knob_curve, sequential_curve
 from ..sampling import sample_text
 from ..training import TrainConfig
 from .common import BackgroundTask, dataset_from_spec, escape_md, html_labels, run_options, text_block
@@ -15,9 +16,12 @@ from .page import Page
 EXPLANATION = """Specialists are Transformers trained on different corpora over **one frozen substrate** (the
 same frozen embedding table and vocabulary). The *logit mixture* averages their logits (the Growing
 Transformers merge; the gated one learns per-token weights on a small calibration set). Weight-space
-merges (linear, task arithmetic, TIES, LiNeS) need specialists fine-tuned from **one base**. The heat-map
-is each model's validation loss (or accuracy) on each domain: a good merge is green everywhere, i.e.
-it beats its parts without forgetting either domain."""
+merges (linear, task arithmetic, TIES, LiNeS, DARE, SLERP, Model Stock, OPCM) need specialists fine-tuned
+from **one base**. The heat-map is each model's validation loss (or accuracy) on each domain: a good merge
+is green everywhere, i.e. it beats its parts without forgetting either domain. With a base, the cosine
+matrix shows how aligned the task vectors are; with SLERP chosen (two specialists) the page sweeps `t`
+from one specialist to the other, and with OPCM chosen it merges the specialists one at a time (in the
+order picked) and draws the mean score on the tasks seen so far for OPCM, averaging and task arithmetic."""
 
 CODE = """import workbench as wb
 from workbench import sampling
@@ -45,7 +49,10 @@ MIXTURES = {
     "probability mixture": "wb.compose.LogitMixture(ms, mode='probs')",
     "gated mixture": "wb.compose.LogitMixture(ms).fit_gate(domains, steps=150)",
 }
-_MERGE_OPTIONS = {"task_arithmetic": ("scale",), "ties": ("density", "scale"), "lines": ("beta",)}
+_MERGE_OPTIONS = {"task_arithmetic": ("scale",), "ties": ("density", "scale"), "lines": ("beta",),
+                  "dare": ("density", "scale"), "dare_ties": ("density", "scale"), "slerp": ("t",),
+                  "opcm": ("alpha",)}
+SLERP_TS = [0.0, 0.25, 0.5, 0.75, 1.0]   # the page's t sweep
 _WEIGHT_SPACE = {method.replace("_", " "): method for method in compose.MERGES}  # label -> compose.merge method
 MERGE_NAMES = list(MIXTURES) + list(_WEIGHT_SPACE)
 
@@ -80,6 +87,14 @@ def _code_for(specialist_ids: list[str], names: list[str], base_id: str | None, 
     refs = ", references={'base': base}" if weight_space else ""
     lines += [f"table = wb.compose.evaluate(members, merges, domains, max_examples=512{refs})",
               "wb.compose.summary(table)", "domain_heatmap(table, 'loss')"]
+    if weight_space:
+        lines += ["cosines = wb.compose.task_cosines(base, members)"]
+    if "slerp" in chosen:
+        lines += [f"sweep = wb.compose.sweep('slerp', base, ms, domains, 't', {SLERP_TS!r}, max_examples=256)"]
+    if "opcm" in chosen:
+        lines += ["import pandas as pd",
+                  "sequence = pd.concat([wb.compose.sequential(base, members, m, datasets=domains, max_examples=256, "
+                  f"alpha={options.get('alpha', 0.5)!r})[1] for m in wb.compose.SEQUENTIAL], ignore_index=True)"]
     return "\n".join(lines)
 
 
@@ -142,11 +157,14 @@ def _compose_job(ctx, store, specialist_ids: list[str], base_id: str | None, cho
     parents = {r.meta.get("parent") for r in runs}
     base_id = base_id or (parents.pop() if len(parents) == 1 else None)
     base = store.load(base_id).model if base_id and any(m in _WEIGHT_SPACE for m in chosen) else None
-    ms, skipped = list(members.values()), []
+    ms, skipped, unfit = list(members.values()), [], []
     merges = {}
     for m in chosen:
         if m in _WEIGHT_SPACE and base is None:
             skipped.append(m)
+            continue
+        if (m == "slerp" and len(ms) != 2) or (m == "model stock" and len(ms) < 2):
+            unfit.append(m)
             continue
         if m == "logit mean":
             merges[m] = compose.LogitMixture(ms)
@@ -159,11 +177,22 @@ def _compose_job(ctx, store, specialist_ids: list[str], base_id: str | None, cho
     ctx.report(None, progress=0.5, message="evaluating")
     refs = {"base": base} if base is not None else None
     table = compose.evaluate(members, merges, domains, max_examples=512, references=refs)
+    cosines = compose.task_cosines(base, members) if base is not None else None
+    sweep = sequence = None
+    if "slerp" in merges:
+        ctx.report(None, progress=0.7, message="sweeping SLERP's t")
+        sweep = compose.sweep("slerp", base, ms, domains, "t", SLERP_TS, max_examples=256)
+    if "opcm" in merges:
+        ctx.report(None, progress=0.85, message="merging the specialists one at a time")
+        sequence = pd.concat([compose.sequential(base, members, m, datasets=domains, max_examples=256,
+                                                 alpha=options.get("alpha", 0.5))[1] for m in compose.SEQUENTIAL],
+                             ignore_index=True)
     ctx.report(None, progress=1.0, message=f"done: {len(members) + len(merges)} models x {len(domains)} domains")
     done = [m for m in chosen if m in merges]
     code = _code_for(specialist_ids, names, base_id if base is not None else None, done, options)
     return {"table": table, "models": {**members, **merges}, "vocab": list(domains[names[0]].vocab),
-            "skipped": skipped, "base_id": base_id, "code": code, "members": names,
+            "skipped": skipped, "unfit": unfit, "base_id": base_id, "code": code, "members": names,
+            "cosines": cosines, "sweep": sweep, "sequence": sequence,
             "datasets": {name: dict(r.dataset) for name, r in zip(names, runs)}}
 
 
@@ -192,7 +221,10 @@ class ComposePage(Page):
         # merges
         self.merges = pn.widgets.CheckBoxGroup(name="merges", options=MERGE_NAMES,
                                                value=["logit mean", "gated mixture", "ties"], inline=False)
-        self.density = pn.widgets.FloatInput(name="TIES density", value=0.2, start=0.01, end=1.0, step=0.05, width=110)
+        self.density = pn.widgets.FloatInput(name="TIES / DARE density", value=0.2, start=0.01, end=1.0, step=0.05,
+                                             width=130)
+        self.t = pn.widgets.FloatInput(name="SLERP t", value=0.5, start=0.0, end=1.0, step=0.05, width=100)
+        self.alpha = pn.widgets.FloatInput(name="OPCM alpha", value=0.5, start=0.0, end=1.0, step=0.05, width=100)
         self.scale = pn.widgets.FloatInput(name="task-vector scale", value=1.0, start=0.0, end=3.0, step=0.1,
                                            width=120)
         self.beta = pn.widgets.FloatInput(name="LiNeS beta", value=0.5, start=0.0, end=2.0, step=0.1, width=110)
@@ -204,6 +236,9 @@ class ComposePage(Page):
         self.message = pn.pane.Markdown("")
         self.heatmap = pn.pane.Plotly(domain_heatmap(None), sizing_mode="stretch_width", height=380)
         self.summary = pn.pane.DataFrame(None, index=False, sizing_mode="stretch_width")
+        self.cosines = pn.pane.Plotly(cosine_matrix(None), sizing_mode="stretch_width", height=340)
+        self.knob_plot = pn.pane.Plotly(knob_curve(None), sizing_mode="stretch_width", height=320)
+        self.sequence_plot = pn.pane.Plotly(sequential_curve(None), sizing_mode="stretch_width", height=320)
         # sampling
         self.sample_model = pn.widgets.Select(name="sample from", options=[], width=220)
         self.prompt = pn.widgets.TextInput(name="prompt", value="", placeholder="(start of a line)", width=220)
@@ -236,7 +271,8 @@ class ComposePage(Page):
                 self.compose_button]
 
     def figures(self):
-        return [self.message, self.metric, self.heatmap, self.summary]
+        return [self.message, self.metric, self.heatmap, self.summary, self.cosines,
+                pn.Row(self.knob_plot, self.sequence_plot, sizing_mode="stretch_width")]
 
     def below(self):
         return [pn.pane.Markdown("**Sample text**", margin=(0, 10)),
@@ -244,7 +280,7 @@ class ComposePage(Page):
                 self.sample_out]
 
     def advanced(self):
-        return [pn.Row(self.density, self.scale, self.beta),
+        return [pn.Row(self.density, self.scale, self.beta, self.t, self.alpha),
                 pn.pane.Markdown("**No specialists stored? Train a base and two**", margin=(0, 10)),
                 pn.Row(self.corpus_a, self.corpus_b, self.train_steps, self.n_layers, self.embedding),
                 pn.Row(self.train_button, self.train_task.controls())]
@@ -253,7 +289,8 @@ class ComposePage(Page):
         return [self.compose_button]
 
     def _options(self) -> dict:
-        return {"density": self.density.value, "scale": self.scale.value, "beta": self.beta.value}
+        return {"density": self.density.value, "scale": self.scale.value, "beta": self.beta.value,
+                "t": self.t.value, "alpha": self.alpha.value}
 
     def as_code(self) -> str:
         if self.result is not None:
@@ -320,7 +357,8 @@ class ComposePage(Page):
             self.errors.show("pick at least one specialist run (or train two)")
             return
         options = self._options()
-        for key, lo, hi in (("density", 0.0, 1.0), ("scale", 0.0, 10.0), ("beta", 0.0, 10.0)):
+        for key, lo, hi in (("density", 0.0, 1.0), ("scale", 0.0, 10.0), ("beta", 0.0, 10.0), ("t", 0.0, 1.0),
+                            ("alpha", 0.0, 1.0)):
             v = options[key]
             if v is None or not (lo < v <= hi if key == "density" else lo <= v <= hi):
                 self.errors.show(f"{key} must be a number in {'(' if key == 'density' else '['}{lo}, {hi}], got {v!r}")
@@ -338,6 +376,9 @@ class ComposePage(Page):
         if result["skipped"]:
             notes.append(f"Skipped {escape_md(', '.join(result['skipped']))}: weight-space merges need a base run "
                          "(the specialists have no common parent; pick one).")
+        if result.get("unfit"):
+            notes.append(f"Skipped {escape_md(', '.join(result['unfit']))}: SLERP interpolates between exactly two "
+                         "specialists and Model Stock needs at least two.")
         registered = self._register_mixtures(result)
         if registered:
             notes.append(f"The Residual stream page can now open {', '.join(f'*{escape_md(n)}*' for n in registered)} "
@@ -364,6 +405,9 @@ class ComposePage(Page):
         table = self.result["table"]
         self.heatmap.object = domain_heatmap(table, self.metric.value)
         self.summary.object = compose.summary(table).round(4)
+        self.cosines.object = cosine_matrix(self.result.get("cosines"))
+        self.knob_plot.object = knob_curve(self.result.get("sweep"), self.metric.value)
+        self.sequence_plot.object = sequential_curve(self.result.get("sequence"), self.metric.value)
 
     def sample(self) -> None:
         self.errors.clear()
