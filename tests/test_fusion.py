@@ -162,3 +162,13 @@ def test_barrier_estimate_uses_the_cross_entropy_gradients(mlp_pair, digits):
                   for k, p in a.named_parameters() if k in names) / 4
         assert est.loc[gname, "estimate"] == pytest.approx(ref, rel=1e-4, abs=1e-7)
     assert (est["barrier"] >= 0).all()
+
+
+def test_fusion_curve_rows_and_parents(mlp_pair, digits):
+    a, b = mlp_pair
+    table, maps = lmc.fusion_curve(a, b, digits, regs=[0.05, 1.0], max_examples=128, fit_examples=64)
+    assert list(table["method"]) == ["A", "B", "vanilla", "emd", "sinkhorn", "sinkhorn"]
+    assert set(maps) == {("vanilla", None), ("emd", None), ("sinkhorn", 0.05), ("sinkhorn", 1.0)}
+    assert table.loc[0, "loss"] == pytest.approx(wb.evaluate(a, digits, "val", max_examples=128)["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="regs"):
+        lmc.fusion_curve(a, b, digits, regs=[])

@@ -1,6 +1,7 @@
 """Connectivity page driven from Python: pick runs, compute, train a pair, refuse mismatched pairs."""
 import dataclasses
 
+import numpy as np
 import pytest
 
 import workbench as wb
@@ -100,3 +101,39 @@ def test_train_pair_on_khop_uses_the_learnable_table_layout(page, store):
     assert page.task.status == "done", page.task.error
     spec = store.read_json(page.run_a.value)["dataset"]
     assert spec["name"] == "khop" and spec["layout"] == "table" and spec["hops"] == 1
+
+
+def test_fusion_fills_the_reg_plot_and_the_map_follows_the_widgets(page):
+    page.run_a.value, page.run_b.value = _ids(page, "seed0")[0], _ids(page, "seed1")[0]
+    page.max_examples.value = 128
+    page.run_fusion(wait=True)
+    assert page.task.status == "done", page.task.error
+    table = page.results["fusion"]
+    assert list(table["method"][:4]) == ["A", "B", "vanilla", "emd"]
+    names = {t.name for t in page.fusion_plot.object.data}
+    assert {"Sinkhorn (soft)", "vanilla averaging", "EMD (hard)", "parent A", "parent B"} <= names
+    assert page.fusion_layer.options[0] == "res"
+    page.fusion_method.value, page.fusion_layer.value = "emd", "hidden.0"
+    z = np.asarray(page.map_plot.object.data[0].z, dtype=float)
+    assert z.shape == (32, 32)
+    np.testing.assert_allclose(np.sort(z.ravel())[-32:], 1.0)    # n T of a hard map: a permutation matrix
+    np.testing.assert_allclose(np.sort(z.ravel())[:-32], 0.0)
+    page.fusion_method.value = "sinkhorn"
+    page.fusion_reg.value = 1.0
+    assert "reg 1" in page.map_plot.object.layout.title.text
+
+
+def test_layerwise_fills_both_base_tabs_before_and_after_alignment(page):
+    page.run_a.value, page.run_b.value = _ids(page, "seed0")[0], _ids(page, "seed1")[0]
+    page.n_alphas.value, page.max_examples.value = 6, 128
+    page.run_layerwise(wait=True)
+    assert page.task.status == "done", page.task.error
+    assert len(page.base_tabs) == 2
+    for base in ("A", "B"):
+        heat = page.base_heat[base].object
+        assert [t.type for t in heat.data] == ["heatmap", "heatmap"]        # before / after alignment
+        assert len(heat.data[0].y) == 4                                     # embed, block 0, block 1, readout
+    names = [t.name for t in page.base_cum["A"].object.data]
+    assert any("from input" in n for n in names) and any("from output" in n for n in names)
+    assert any("estimate" in n for n in names)
+    assert set(page.results["estimate"]["alignment"]) == {"none", "weights"}

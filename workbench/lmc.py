@@ -34,7 +34,7 @@ from .data import IGNORE, Dataset
 from .permute import check_model_data, check_same_architecture
 
 __all__ = ["curve", "barrier", "barrier_value", "interpolate", "align", "repair", "compare", "layerwise",
-           "layerwise_curves", "layer_groups", "fuse", "transport_maps", "barrier_estimate", "instability", "plane", "Plane", "train_pair", "evaluate_params", "Cancelled"]
+           "layerwise_curves", "layer_groups", "fuse", "transport_maps", "fusion_curve", "barrier_estimate", "instability", "plane", "Plane", "train_pair", "evaluate_params", "Cancelled"]
 
 Progress = Callable[[int, int, str], None]
 
@@ -857,6 +857,45 @@ def fuse(model_a: nn.Module, model_b: nn.Module, method: str = "emd", reg: float
     out = copy.deepcopy(model_a)
     out.load_state_dict(_perm._unview(fused))
     return out.eval()
+
+
+def fusion_curve(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, regs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
+                 ground: str = "activations", qk: str = "joint", split: str = "val", max_examples: int = 2048,
+                 fit_examples: int = 256, progress: Progress | None = None,
+                 stop: threading.Event | None = None) -> tuple[pd.DataFrame, dict]:
+    """Loss of the fused model against the Sinkhorn ``reg``, next to vanilla averaging, EMD and the parents.
+
+    Returns ``(table, maps)``: ``table`` has columns ``method`` (``"A"``, ``"B"``, ``"vanilla"``,
+    ``"emd"``, ``"sinkhorn"``), ``reg`` (NaN except for Sinkhorn), ``split, loss, acc, error``;
+    ``maps`` is ``{(method, reg or None): transport_maps(...)}`` for vanilla, EMD and each Sinkhorn ``reg``. The couplings are fitted
+    on ``fit_examples`` training inputs of ``dataset``; the losses are on ``split``.
+    """
+    _check_data(model_a, model_b, dataset)
+    if isinstance(regs, (str, bytes)) or not isinstance(regs, (list, tuple)) or not 1 <= len(regs) <= 50:
+        raise ValueError(f"regs must be a list of 1 to 50 numbers in [{REG_RANGE[0]}, {REG_RANGE[1]}], got {regs!r}")
+    regs = [checks.check_float("regs[]", r, *REG_RANGE) for r in regs]
+    checks.check_choice("split", split, SPLITS)
+    checks.check_int("max_examples", max_examples, 0)
+    checks.check_int("fit_examples", fit_examples, 1, 100_000)
+    jobs = [("A", None), ("B", None), ("vanilla", None), ("emd", None)] + [("sinkhorn", r) for r in regs]
+    rows, maps = [], {}
+    for i, (method, reg) in enumerate(jobs):
+        _check(stop)
+        if progress:
+            progress(i, len(jobs), f"fusion: {method}" + (f" reg={reg:g}" if reg else ""))
+        if method in ("A", "B"):
+            model = model_a if method == "A" else model_b
+        else:
+            m = transport_maps(model_a, model_b, method, reg or 0.08, dataset, ground, qk, fit_examples)
+            maps[(method, reg)] = m
+            model = fuse(model_a, model_b, method, qk=qk, maps=m)
+        loss, acc = _evaluate(model_a, {k: v.unsqueeze(0) for k, v in _params(model).items()}, dataset, split,
+                              max_examples)
+        rows.append({"method": method, "reg": float("nan") if reg is None else reg, "split": split,
+                     "loss": float(loss[0]), "acc": float(acc[0]), "error": 1 - float(acc[0])})
+    if progress:
+        progress(len(jobs), len(jobs), "done")
+    return pd.DataFrame(rows), maps
 
 
 # ----------------------------------------------------------------------------- barrier estimate

@@ -6,7 +6,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-__all__ = ["connectivity_curves", "barrier_table", "layerwise_bars", "instability_plot", "plane_contour"]
+__all__ = ["connectivity_curves", "barrier_table", "layerwise_bars", "instability_plot", "plane_contour",
+           "transport_map", "fusion_vs_reg", "layerwise_heatmap", "cumulative_barriers"]
 
 METHOD_COLORS = {"none": "#7f7f7f", "weights": "#1f77b4", "activations": "#2ca02c", "repair": "#d62728"}
 METHOD_LABELS = {"none": "no alignment", "weights": "weight matching", "activations": "activation matching",
@@ -105,4 +106,112 @@ def plane_contour(plane, title: str = "") -> go.Figure:
     fig.update_layout(title=title or f"{plane.split} loss over the plane through A, B, C", height=420,
                       xaxis_title="along B - A", yaxis_title="orthogonal, towards C", **_LAYOUT)
     fig.update_yaxes(scaleanchor="x", scaleratio=1)
+    return fig
+
+
+# ----------------------------------------------------------------------------- OT fusion and layer-wise LMC
+
+FUSION_COLORS = {"A": "#7f7f7f", "B": "#bcbd22", "vanilla": "#d62728", "emd": "#1f77b4", "sinkhorn": "#2ca02c"}
+ALIGN_DASH = {"none": "dot", "weights": "solid"}
+ALIGN_LABELS = {"none": "before alignment", "weights": "after weight matching"}
+
+
+def transport_map(coupling, name: str = "", title: str = "") -> go.Figure:
+    """Heat-map of one coupling (rows: A's units, columns: B's units), scaled by ``n`` so that a hard
+    (permutation) map has entries 0 and 1 and the uniform map ``1/n``."""
+    if coupling is None or not len(coupling):
+        return _empty(title or "transport map", 380)
+    n = len(coupling)
+    fig = go.Figure(go.Heatmap(z=[[float(v) * n for v in row] for row in coupling], colorscale="Blues",
+                               zmin=0, zmax=1, colorbar=dict(title="n T")))
+    fig.update_layout(title=title or f"transport map {name}".strip(), height=380, xaxis_title="unit of B",
+                      yaxis_title="unit of A", **_LAYOUT)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def fusion_vs_reg(table: pd.DataFrame | None, metric: str = "loss", title: str = "") -> go.Figure:
+    """Loss of the fused model against the Sinkhorn ``reg`` (log axis), with horizontal lines for
+    vanilla averaging, EMD and the two parents (the table of :func:`workbench.lmc.fusion_curve`)."""
+    if table is None or not len(table):
+        return _empty(title or f"fused model {metric} against reg")
+    fig = go.Figure()
+    soft = table[table["method"] == "sinkhorn"].sort_values("reg")
+    if len(soft):
+        fig.add_trace(go.Scatter(x=soft["reg"], y=soft[metric], mode="lines+markers", name="Sinkhorn (soft)",
+                                 line=dict(color=FUSION_COLORS["sinkhorn"])))
+    labels = {"A": "parent A", "B": "parent B", "vanilla": "vanilla averaging", "emd": "EMD (hard)"}
+    for method, label in labels.items():
+        row = table[table["method"] == method]
+        if len(row):
+            fig.add_hline(y=float(row[metric].iloc[0]), line=dict(color=FUSION_COLORS[method], dash="dash"),
+                          annotation_text=label, annotation_position="top left")
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=label,
+                                     line=dict(color=FUSION_COLORS[method], dash="dash")))
+    fig.update_xaxes(type="log", title_text="Sinkhorn reg (soft <- large, hard <- small)")
+    fig.update_layout(title=title or f"midpoint {metric} of the fused model", height=360, yaxis_title=metric,
+                      legend=dict(orientation="h", y=-0.3), **_LAYOUT)
+    return fig
+
+
+def layerwise_heatmap(curves: pd.DataFrame | None, base: str = "A", metric: str = "loss", title: str = "") -> go.Figure:
+    """Layers x alpha heat-map of ``metric`` when only that layer moves (single-layer paths of
+    :func:`workbench.lmc.layerwise_curves`), one panel per ``alignment`` (column optional)."""
+    if curves is None or not len(curves):
+        return _empty(title or f"layer-wise {metric}, base {base}", 360)
+    sel = curves[(curves["base"] == base) & (curves["direction"] == "single")]
+    if "alignment" not in sel:
+        sel = sel.assign(alignment="none")
+    aligns = list(dict.fromkeys(sel["alignment"]))
+    if not aligns:
+        return _empty(title or f"layer-wise {metric}, base {base}", 360)
+    fig = make_subplots(rows=1, cols=len(aligns), subplot_titles=[ALIGN_LABELS.get(a, a) for a in aligns],
+                        shared_yaxes=True, horizontal_spacing=0.08)
+    zmin, zmax = float(sel[metric].min()), float(sel[metric].max())
+    for i, al in enumerate(aligns):
+        g = sel[sel["alignment"] == al]
+        grid = g.pivot_table(index="group", columns="alpha", values=metric, sort=False)
+        fig.add_trace(go.Heatmap(z=grid.values, x=[f"{a:.2f}" for a in grid.columns], y=list(grid.index),
+                                 zmin=zmin, zmax=zmax, colorscale="Viridis", showscale=i == 0,
+                                 colorbar=dict(title=metric)), row=1, col=i + 1)
+    fig.update_xaxes(title_text=f"alpha (0 = {base})")
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title or f"{metric} with one layer interpolated, the rest from {base}", height=360,
+                      **_LAYOUT)
+    return fig
+
+
+def cumulative_barriers(barriers: pd.DataFrame | None, estimate: pd.DataFrame | None = None,
+                        metric: str = "loss", definition: str = "linear", base: str = "A",
+                        title: str = "") -> go.Figure:
+    """Barrier of the cumulative paths (layers ``1..k`` from the input, ``k..L`` from the output) against
+    the layer ``k``, one line style per alignment, and the single-layer measured barrier with the
+    first-order estimate as markers (``estimate``: :func:`workbench.lmc.barrier_estimate` rows, with an
+    optional ``alignment`` column)."""
+    if barriers is None or not len(barriers):
+        return _empty(title or "cumulative layer-wise barriers")
+    b = barriers[(barriers["metric"] == metric) & (barriers["definition"] == definition) & (barriers["base"] == base)]
+    if "alignment" not in b:
+        b = b.assign(alignment="none")
+    fig = go.Figure()
+    colors = {"from input": "#1f77b4", "from output": "#ff7f0e", "single": "#7f7f7f"}
+    for (al, direction), g in b.groupby(["alignment", "direction"], sort=False):
+        fig.add_trace(go.Scatter(x=g["group"], y=g["barrier"], mode="lines+markers",
+                                 name=f"{direction} ({ALIGN_LABELS.get(al, al)})",
+                                 line=dict(color=colors.get(direction), dash=ALIGN_DASH.get(al, "solid"))))
+    if estimate is not None and len(estimate):
+        est = estimate[estimate["group"] != "all"]
+        if "alignment" not in est:
+            est = est.assign(alignment="none")
+        for al, g in est.groupby("alignment", sort=False):
+            fig.add_trace(go.Scatter(x=g["group"], y=g["estimate"], mode="markers", name=f"first-order estimate "
+                                     f"({ALIGN_LABELS.get(al, al)})", marker=dict(symbol="x", size=10,
+                                                                                   color="#d62728")))
+            fig.add_trace(go.Scatter(x=g["group"], y=g["midpoint"], mode="markers", name=f"single layer, measured "
+                                     f"midpoint ({ALIGN_LABELS.get(al, al)})", marker=dict(symbol="circle-open",
+                                                                                           size=10,
+                                                                                           color="#d62728")))
+    fig.update_layout(title=title or f"cumulative {metric} barrier ({definition}), base {base}", height=360,
+                      xaxis_title="layer k", yaxis_title=f"{metric} barrier", legend=dict(orientation="h", y=-0.35),
+                      **_LAYOUT)
     return fig

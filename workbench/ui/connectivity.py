@@ -19,7 +19,10 @@ and REPAIR (rescaling the hidden units of the interpolated model to the interpol
 further. Barriers are given both ways: over the endpoints' mean (Git Re-Basin) and over the straight line
 between the endpoints (Entezari, Frankle). Layer-wise bars interpolate one layer at a time on the
 weight-matched pair (the rest from A, or from B); the contour shows the loss over the plane through A, B and
-weight-matched B; instability spawns two children from one parent at step k (Frankle et al. 2020)."""
+weight-matched B; instability spawns two children from one parent at step k (Frankle et al. 2020).
+Optimal-transport fusion transports B's units onto A's with a hard (EMD) or soft (Sinkhorn) map before
+averaging; the layer-wise heat-maps interpolate one layer at a time from base A or base B, with cumulative
+barriers from the input and from the output and the first-order barrier estimate (Adilova et al. 2024)."""
 
 CODE = """import dataclasses
 import workbench as wb
@@ -36,7 +39,14 @@ figs.layerwise_bars(wb.lmc.layerwise(a, b_w, ds, n_alphas={n_layer_alphas}, max_
 figs.plane_contour(wb.lmc.plane(a, b, b_w, ds, resolution={resolution}, max_examples={plane_examples}))
 tc = dataclasses.replace(run_a.train_config, steps={inst_steps}, eval_every={inst_steps})
 figs.instability_plot(wb.lmc.instability(a.config, ds, spawn_steps={spawn!r}, train_config=tc,
-                                         n_alphas={n_layer_alphas}, max_examples={max_examples}))"""
+                                         n_alphas={n_layer_alphas}, max_examples={max_examples}))
+table, maps = wb.lmc.fusion_curve(a, b, ds, max_examples={max_examples})     # vanilla, EMD, Sinkhorn by reg
+figs.fusion_vs_reg(table)
+figs.transport_map(maps[("emd", None)]["res"])
+lw = wb.lmc.layerwise_curves(a, b_w, ds, n_alphas={n_layer_alphas}, max_examples={max_examples})
+figs.layerwise_heatmap(lw, base="A")
+figs.cumulative_barriers(wb.lmc.layerwise(a, b_w, ds, mode="cumulative", max_examples={max_examples}),
+                         wb.lmc.barrier_estimate(a, b_w, ds, split="val", max_examples={max_examples}))"""
 PAIR_CODE = """import workbench as wb
 ds = wb.data.load({dataset!r}{options})
 config = wb.models.config_for(ds, {model})
@@ -73,6 +83,42 @@ def _analysis_job(ctx, run_a, run_b, n_alphas: int, resolution: int, max_example
             raise lmc.Cancelled("cancelled")
         plane = lmc.plane(a, b, b_w, ds, resolution=resolution, max_examples=min(max_examples, 1024))
     return {"curves": curves, "layerwise": layer, "plane": plane}
+
+
+FUSION_REGS = (0.01, 0.03, 0.08, 0.3, 1.0)   # the reg slider's stops (Imfeld et al.'s default 0.08 among them)
+
+
+def _fusion_job(ctx, run_a, run_b, ground: str, qk: str, max_examples: int):
+    """Fused models for vanilla, EMD and every Sinkhorn reg of the slider, and their couplings (worker thread)."""
+    ds = _dataset_of(run_a)
+    a, b = run_a.model.eval(), run_b.model.eval()
+    table, maps = lmc.fusion_curve(a, b, ds, regs=list(FUSION_REGS), ground=ground, qk=qk, max_examples=max_examples,
+                                   progress=lambda d, t, m: ctx.report(progress=d / max(t, 1), message=m),
+                                   stop=ctx.stop_event)
+    return {"fusion": table, "maps": maps}
+
+
+def _layerwise_job(ctx, run_a, run_b, n_alphas: int, max_examples: int):
+    """Single-layer curves, cumulative barriers and the barrier estimate, before and after weight matching."""
+    ds = _dataset_of(run_a)
+    a, b = run_a.model.eval(), run_b.model.eval()
+    pairs = (("none", b), ("weights", lmc.align(a, b, method="weights")))
+    curves, cumulative, estimate = [], [], []
+    for i, (alignment, other) in enumerate(pairs):
+        def progress(d, t, m, i=i):
+            ctx.report(progress=(i + 0.8 * d / max(t, 1)) / 2, message=f"{m} ({alignment})")
+
+        curves.append(lmc.layerwise_curves(a, other, ds, n_alphas=n_alphas, max_examples=max_examples,
+                                           progress=progress, stop=ctx.stop_event).assign(alignment=alignment))
+        cumulative.append(lmc.layerwise(a, other, ds, n_alphas=n_alphas, max_examples=max_examples, mode="cumulative",
+                                        stop=ctx.stop_event).assign(alignment=alignment))
+        if ctx.stopped:
+            raise lmc.Cancelled("cancelled")
+        estimate.append(lmc.barrier_estimate(a, other, ds, split="val", max_examples=max_examples,
+                                             n_alphas=n_alphas).assign(alignment=alignment))
+    return {"layer_curves": pd.concat(curves, ignore_index=True),
+            "cumulative": pd.concat(cumulative, ignore_index=True),
+            "estimate": pd.concat(estimate, ignore_index=True)}
 
 
 def _pair_options(dataset_name: str) -> dict:
@@ -138,6 +184,31 @@ class ConnectivityPage(Page):
         self.layer_plot = pn.pane.Plotly(figs.layerwise_bars(None), sizing_mode="stretch_width", height=330)
         self.plane_plot = pn.pane.Plotly(figs.plane_contour(None), sizing_mode="stretch_width", height=430)
         self.inst_plot = pn.pane.Plotly(figs.instability_plot(None), sizing_mode="stretch_width", height=330)
+        # OT fusion
+        self.fusion_method = pn.widgets.Select(name="fusion map", options=["vanilla", "emd", "sinkhorn"],
+                                               value="sinkhorn", width=110)
+        self.fusion_reg = pn.widgets.DiscreteSlider(name="Sinkhorn reg (soft <-> hard)", options=list(FUSION_REGS),
+                                                    value=0.08, width=220)
+        self.fusion_layer = pn.widgets.Select(name="layer", options=[], width=120)
+        self.fusion_ground = pn.widgets.Select(name="ground metric", options=["activations", "weights"],
+                                               value="activations", width=120)
+        self.fusion_qk = pn.widgets.Select(name="Q and K", options=["joint", "separate"], value="joint", width=100)
+        self.fusion_button = pn.widgets.Button(name="Fuse A and B (optimal transport)", width=240)
+        self.fusion_button.on_click(lambda _: self.run_fusion())
+        self.fusion_plot = pn.pane.Plotly(figs.fusion_vs_reg(None), sizing_mode="stretch_width", height=370)
+        self.map_plot = pn.pane.Plotly(figs.transport_map(None), sizing_mode="stretch_width", height=390)
+        for w in (self.fusion_method, self.fusion_reg, self.fusion_layer):
+            w.param.watch(lambda _: self._show_map(), "value")
+        # layer-wise LMC
+        self.layerwise_button = pn.widgets.Button(name="Layer-wise LMC + barrier estimate", width=250)
+        self.layerwise_button.on_click(lambda _: self.run_layerwise())
+        self.base_heat = {base: pn.pane.Plotly(figs.layerwise_heatmap(None, base), sizing_mode="stretch_width",
+                                               height=370) for base in ("A", "B")}
+        self.base_cum = {base: pn.pane.Plotly(figs.cumulative_barriers(None), sizing_mode="stretch_width",
+                                              height=370) for base in ("A", "B")}
+        self.base_tabs = pn.Tabs(*[(f"base {base}", pn.Column(self.base_heat[base], self.base_cum[base],
+                                                              sizing_mode="stretch_width")) for base in ("A", "B")],
+                                 sizing_mode="stretch_width")
         self.results: dict = {}
         self.pair_dataset.param.watch(self._fill_pair, "value")
         self._refresh_runs()
@@ -159,7 +230,16 @@ class ConnectivityPage(Page):
                 pn.pane.Markdown("**Barriers (validation split)**: loss and error, both definitions; "
                                  "peak alpha of the linear ones."),
                 self.barriers, pn.Row(self.layer_plot, self.plane_plot, sizing_mode="stretch_width"),
-                pn.Row(self.spawn_steps, self.inst_steps, self.inst_button), self.inst_plot]
+                pn.Row(self.spawn_steps, self.inst_steps, self.inst_button), self.inst_plot,
+                pn.pane.Markdown("**Optimal-transport fusion** (Imfeld et al. 2024): B's units transported onto "
+                                 "A's, then averaged; hard (EMD) or soft (Sinkhorn) maps."),
+                pn.Row(self.fusion_ground, self.fusion_qk, self.fusion_button),
+                pn.Row(self.fusion_method, self.fusion_reg, self.fusion_layer),
+                pn.Row(self.map_plot, self.fusion_plot, sizing_mode="stretch_width"),
+                pn.pane.Markdown("**Layer-wise LMC** (Adilova et al. 2024): one layer interpolated, the rest "
+                                 "from the base; cumulative from the input and from the output; crosses: the "
+                                 "first-order estimate; before and after weight matching."),
+                self.layerwise_button, self.base_tabs]
 
     def advanced(self):
         return [pn.Row(self.n_alphas, self.resolution, self.max_examples),
@@ -167,7 +247,7 @@ class ConnectivityPage(Page):
                 pn.Row(self.pair_dataset, self.pair_width, self.pair_layers, self.pair_steps, self.pair_button)]
 
     def run_buttons(self):
-        return [self.compute_button, self.pair_button, self.inst_button]
+        return [self.compute_button, self.pair_button, self.inst_button, self.fusion_button, self.layerwise_button]
 
     def on_store_change(self) -> None:
         self._refresh_runs()
@@ -282,6 +362,44 @@ class ConnectivityPage(Page):
         self._start(_instability_job, ra, steps, total, max(5, int(self.n_alphas.value) // 2),
                     int(self.max_examples.value), wait=wait)
 
+    def run_fusion(self, wait: bool = False) -> None:
+        """Fuse A and B by every method of the page (vanilla, EMD, Sinkhorn at each reg of the slider)."""
+        if self.task.busy():
+            return
+        self.errors.clear()
+        try:
+            ra, rb = self._load_pair()
+        except ValueError as e:
+            self.errors.show(e)
+            return
+        self._start(_fusion_job, ra, rb, self.fusion_ground.value, self.fusion_qk.value,
+                    int(self.max_examples.value), wait=wait)
+
+    def run_layerwise(self, wait: bool = False) -> None:
+        """Layer-wise curves (base A and B), cumulative barriers and the estimate, before and after alignment."""
+        if self.task.busy():
+            return
+        self.errors.clear()
+        try:
+            ra, rb = self._load_pair()
+        except ValueError as e:
+            self.errors.show(e)
+            return
+        self._start(_layerwise_job, ra, rb, max(3, int(self.n_alphas.value) // 2), int(self.max_examples.value),
+                    wait=wait)
+
+    def _show_map(self) -> None:
+        maps = self.results.get("maps")
+        if not maps:
+            return
+        method = self.fusion_method.value
+        key = (method, float(self.fusion_reg.value) if method == "sinkhorn" else None)
+        layer = self.fusion_layer.value
+        chosen = maps.get(key, {})
+        if layer in chosen:
+            label = f"{method}" + (f", reg {self.fusion_reg.value:g}" if method == "sinkhorn" else "")
+            self.map_plot.object = figs.transport_map(chosen[layer], title=f"transport map {layer} ({label})")
+
     # ---------------------------------------------------------------- results
     def on_update(self, payload) -> None:
         if isinstance(payload, dict):
@@ -307,3 +425,15 @@ class ConnectivityPage(Page):
             self.layer_plot.object = figs.layerwise_bars(payload["layerwise"])
         if "plane" in payload:
             self.plane_plot.object = figs.plane_contour(payload["plane"])
+        if "fusion" in payload:
+            self.fusion_plot.object = figs.fusion_vs_reg(payload["fusion"])
+            layers = list(next(iter(payload["maps"].values())))
+            self.fusion_layer.options = layers
+            if self.fusion_layer.value not in layers:
+                self.fusion_layer.value = layers[0]
+            self._show_map()
+        if "layer_curves" in payload:
+            for base in ("A", "B"):
+                self.base_heat[base].object = figs.layerwise_heatmap(payload["layer_curves"], base)
+                self.base_cum[base].object = figs.cumulative_barriers(
+                    payload["cumulative"], payload["estimate"] if base == "A" else None, base=base)
