@@ -15,6 +15,15 @@ Rows:
    figures; median milliseconds per choice against the 300 ms requirement. The first
    analysis of the input (all engine calls) is in the note.
 
+5. Memory (GPT-2-small shape: ``transformers.GPT2Config()`` defaults, random init, 124M, one sequence
+   of 1024 tokens; quick: 2 layers, 256 tokens): peak RSS above the loaded model of
+   ``contributions`` + ``logit_lens`` (streamed statistics) against one plain forward, each side in
+   its own fresh subprocess, RSS sampled every 2 ms by a thread (target <= 2x).
+6. Skip-effect matrix (``skip_effects``) wall time against (L + 1) plain forwards of the same input in
+   the same process (target <= 1.2x).
+7. Depth report (``residual.report``: contributions, lens, skips, IG with 2 steps, erasure; no patching)
+   wall time on 2 threads (no target; reported). Rows 5-7 only: ``--depth``.
+
 Times are CPU time of this process with torch on one thread, median of interleaved repeats
 (robust on a shared machine); wall-clock medians are in the notes. Model: d_model 128, 4 layers,
 4 heads, d_mlp 512, context 64, batch 32 x 64 tokens (quick: batch 4).
@@ -174,14 +183,103 @@ def run(quick: bool = False) -> list[dict]:
         torch.set_num_threads(threads)
 
 
+# ----------------------------------------------------------------------------- depth rows (5-7)
+
+_MEM_CHILD = r"""
+import gc, sys, threading, time, psutil, torch, transformers
+transformers.logging.set_verbosity_error()
+torch.set_num_threads(2)
+side, n_layer, T = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+cfg = transformers.GPT2Config(n_layer=n_layer)
+torch.manual_seed(0)
+model = transformers.GPT2LMHeadModel(cfg).eval()
+x = torch.randint(0, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+from workbench import residual
+residual.adapter(model)          # imports (adapters, transformers modules) before the baseline, both sides
+with torch.no_grad():
+    model(input_ids=x[:, :8])    # first-call allocations of torch itself, both sides
+gc.collect()
+proc = psutil.Process()
+base = proc.memory_info().rss
+peak = [base]
+stop = threading.Event()
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.002)
+th = threading.Thread(target=sample); th.start()
+with torch.no_grad():
+    if side == "forward":
+        model(input_ids=x)
+    else:
+        residual.contributions(model, x)
+        residual.logit_lens(model, x)
+stop.set(); th.join()
+print(peak[0] - base)
+"""
+
+
+def _memory_row(quick: bool) -> dict:
+    import subprocess
+    import sys
+    n_layer, T = (2, 256) if quick else (12, 1024)
+    out = {}
+    for side in ("forward", "analyses"):
+        res = subprocess.run([sys.executable, "-c", _MEM_CHILD, side, str(n_layer), str(T)], capture_output=True,
+                             text=True, check=True)
+        out[side] = int(res.stdout.strip().splitlines()[-1]) / 2**20
+    return _row(f"contributions + logit lens peak RSS above the model (GPT-2 shape, {n_layer} layers, {T} tokens)",
+                out["analyses"], out["forward"], "MiB", 2.0, "each side in a fresh subprocess; reference: one plain "
+                "forward (no_grad)")
+
+
+def _gpt2(quick: bool):
+    import transformers
+    transformers.logging.set_verbosity_error()
+    n_layer, T = (2, 256) if quick else (12, 1024)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=n_layer)).eval()
+    x = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    return model, x, n_layer, T
+
+
+def _skip_and_report_rows(quick: bool) -> list[dict]:
+    from workbench import residual
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model, x, L, T = _gpt2(quick)
+
+        def plain():
+            with torch.no_grad():
+                for _ in range(L + 1):
+                    model(input_ids=x)
+        t = _interleaved({"skip": lambda: residual.skip_effects(model, x), "plain": plain}, 1 if not quick else 2)
+        rows = [_row(f"skip-effect matrix vs (L + 1) plain forwards (GPT-2 shape, {L} layers, {T} tokens)",
+                     t["skip"][1], t["plain"][1], "s wall", 1.2, "median of interleaved repeats after a warm-up")]
+        w = time.perf_counter()
+        residual.report(model, x, steps=2)
+        rows.append(_row(f"depth report, 2 threads (GPT-2 shape, {L} layers, {T} tokens, IG 2 steps, no patching)",
+                         time.perf_counter() - w, None, "s wall", None, "contributions, lens, skips, IG, erasure"))
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_depth(quick: bool = False) -> list[dict]:
+    return [_memory_row(quick)] + _skip_and_report_rows(quick)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--depth", action="store_true", help="only rows 5-7 (GPT-2-shaped memory, skips, report)")
     args = parser.parse_args(argv)
     import pandas as pd
 
     with pd.option_context("display.max_colwidth", 90, "display.width", 220, "display.float_format", "{:.4g}".format):
-        print(pd.DataFrame(run(quick=args.quick)).to_string(index=False))
+        rows = run_depth(quick=args.quick) if args.depth else run(quick=args.quick) + run_depth(quick=args.quick)
+        print(pd.DataFrame(rows).to_string(index=False))
 
 
 if __name__ == "__main__":

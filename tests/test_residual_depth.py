@@ -218,3 +218,85 @@ def test_depth_report_html_is_self_contained_and_escaped(tmp_path):
     for fig in (FR.ig_heatmap(rep.ig), FR.patch_heatmap(rep.patching), FR.erasure_heatmap(rep.erasure),
                 FR.depth_difficulty_figure(None), FR.layer_map_heatmap(R.layer_map(model, model, _x(B=6), x))):
         assert fig.layout.title.text
+
+
+class _ParallelBlock(torch.nn.Module):
+    """``h + attn(ln1(h)) + mlp(ln2(h))``: attention and MLP read the same residual (NeoX/Phi layout)."""
+
+    def __init__(self, b):
+        super().__init__()
+        self.b = b
+        self.resid_pre, self.attn_out = wb.models.HookPoint(), wb.models.HookPoint()
+        self.mlp_out, self.resid_post = wb.models.HookPoint(), wb.models.HookPoint()
+
+    def forward(self, h):
+        h = self.resid_pre(h)
+        return self.resid_post(h + self.attn_out(self.b.attn(self.b.ln1(h))) + self.mlp_out(self.b.mlp(self.b.ln2(h))))
+
+
+class _ParallelModel(torch.nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.config = base, base.config
+        self.blocks = torch.nn.ModuleList(_ParallelBlock(b) for b in base.blocks)
+
+    def forward(self, x):
+        h = self.base.embed(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.base.unembed(h)
+
+
+class _ParallelAdapter(R.Adapter):
+    family, parallel = "transformer", True
+
+    def __init__(self, model):
+        self.model, self.n_layers, self.n_heads = model, len(model.blocks), model.config.n_heads
+        self._points = {f"blocks.{i}.{s}": getattr(b, s) for i, b in enumerate(model.blocks)
+                        for s in ("resid_pre", "attn_out", "mlp_out", "resid_post")}
+
+    def site_names(self):
+        return list(self._points)
+
+    def add_hook(self, name, fn):
+        return self._points[name].register_forward_hook(lambda m, a, out: (fn(out), None)[1])
+
+    def replace_hook(self, name, fn):
+        return self._points[name].register_forward_hook(lambda m, a, out: fn(out))
+
+    def forward(self, x):
+        return self.model(x)
+
+    def final_norm(self):
+        return self.model.base.final_norm
+
+    def readout(self):
+        return self.model.base.readout.weight, self.model.base.readout.bias
+
+    def block(self, layer):
+        return self.model.blocks[layer]
+
+
+def test_parallel_blocks_two_writers_reading_one_residual():
+    model = _ParallelModel(_model())
+    ad, x = _ParallelAdapter(model), _x()
+    df = R.contributions(ad, x).set_index(["layer", "sublayer"])
+    with torch.no_grad():
+        h = model.base.embed(x)
+        b = model.blocks[0].b
+        a, m = b.attn(b.ln1(h)), b.mlp(b.ln2(h))
+    assert df.loc[(0, "mlp"), "rel_norm"] == pytest.approx((m.norm(dim=-1) / h.norm(dim=-1)).mean().item(), rel=1e-5)
+    assert df.loc[(0, "layer"), "rel_norm"] == pytest.approx(((a + m).norm(dim=-1) / h.norm(dim=-1)).mean().item(),
+                                                             rel=1e-5)
+    res = R.skip_effects(ad, x)
+    with torch.no_grad():
+        h2 = model.base.embed(x)
+        for i, blk in enumerate(model.blocks):
+            h2 = h2 if i == 1 else blk(h2)
+        p, q = model(x).log_softmax(-1), model.base.unembed(h2).log_softmax(-1)
+    assert res.output.set_index("skipped").loc[1, "kl"] == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(),
+                                                                         rel=1e-4)
+    clean = _x(B=2, T=4)
+    corrupt = (clean + 1) % 13
+    pm = R.patch(ad, clean, corrupt, answer=(1, 2), site="mlp_out")
+    assert list(pm.columns) == ["layer", "position", "recovery"] and len(pm) == 3 * 4

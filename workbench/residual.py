@@ -574,7 +574,7 @@ def _mixture_attribution(mixture, x, target, per_head: bool) -> pd.DataFrame:
 
 
 LENS_STATS = ["kl_to_final", "top1_agree", "top5_overlap", "loss"]
-TOKEN_CHUNK = 128     # tokens per lens block: the (tokens, V) lens logits never exist for more at once
+TOKEN_CHUNK = 32      # tokens per lens block: the (tokens, V) lens logits never exist for more at once
 
 
 def _lens_stats(lens: torch.Tensor, logp_final: torch.Tensor, top_final: torch.Tensor,
