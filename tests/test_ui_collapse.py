@@ -59,7 +59,33 @@ def test_bad_values_get_a_message_and_do_not_start(store):
     assert "weight decay must be a number" in page.errors.text
 
 
-def test_etf_classifier_option_reaches_the_recipe(store):
+def test_classifier_menu_reaches_the_recipe(store):
     page = CollapsePage(DataStore(store))
-    page.etf.value = True
-    assert page.options()["etf_classifier"] is True
+    page.classifier.value = "etf"
+    assert page.options()["classifier"] == "etf" and "ebv_tau" not in page.options()
+    page.classifier.value, page.ebv_tau.value = "ebv", 0.2
+    assert page.options()["classifier"] == "ebv" and page.options()["ebv_tau"] == 0.2
+    page.ebv_tau.value = None
+    page.train(wait=True)
+    assert "EBV temperature must be a number" in page.errors.text
+    assert page.task.status == "idle"
+
+
+def test_ebv_head_with_mixup_fills_the_head_gram_and_mixup_figures(store):
+    page = CollapsePage(DataStore(store))
+    _small(page, epochs=2)
+    page.save.value = False
+    page.classifier.value, page.mixup.value = "ebv", 0.4
+    page.train(wait=True)
+    assert page.task.status == "done", page.task.error
+    assert page.run.model.config.classifier == "ebv"
+    head = page.head_plot.object
+    assert [t.type for t in head.data] == ["heatmap"] * 3
+    assert "threshold 0.05" in head.layout.title.text
+    # the identity target of EBV, next to the head's cosines (all |cos| <= threshold off the diagonal)
+    target = list(map(list, head.data[1].z))
+    assert target == [[1.0 if i == j else 0.0 for j in range(10)] for i in range(10)]
+    names = {t.name for t in page.mixup_plot.object.data}
+    assert {"different-class mixes", "same-class mixes, class 0", "same-class mixes, class 2"} <= names
+    cross = next(t for t in page.mixup_plot.object.data if t.name == "different-class mixes")
+    assert len(cross.x) == 3 * 30 * 11

@@ -54,13 +54,13 @@ import torch.nn.functional as F
 
 from . import checks, hooks, recipes
 from .data import IGNORE, Dataset
-from .models import FAMILIES, HookPoint, build
+from .models import FAMILIES, FixedReadout, HookPoint, build, ebv_rows, simplex_etf_rows, welch_bound
 from .training import Callback, TrainConfig, TrainState
 
 __all__ = [
     "metrics", "ClassStats", "class_stats", "layer_metrics", "collect", "sites", "track", "CollapseTracker", "class_means",
     "simplex_etf", "simplex_view", "gram", "geometry", "set_etf_classifier", "subsample", "imbalanced_counts",
-    "minority_collapse", "MixupLoss", "recipe", "train_collapse", "NC_METRICS", "RECIPE_NAMES",
+    "minority_collapse", "MixupLoss", "ebv", "head_gram", "mixup_geometry", "mixup_summary", "recipe", "train_collapse", "NC_METRICS", "RECIPE_NAMES",
 ]
 
 # Metric names returned by :func:`metrics`, in display order.
@@ -639,10 +639,53 @@ def simplex_etf(n_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
         raise ValueError(f"a simplex ETF of {C} classes built this way needs dim >= {C}, got {dim}")
     checks.check_int("dim", dim, C, max(C, MAX_ETF_ENTRIES // C))
     seed = checks.check_seed("seed", seed)
-    g = torch.Generator().manual_seed(seed)
-    u, _ = torch.linalg.qr(torch.randn(dim, C, generator=g, dtype=torch.float64))      # (d, C) orthonormal
-    centre = torch.eye(C, dtype=torch.float64) - 1.0 / C
-    return math.sqrt(C / (C - 1)) * centre @ u.T                                         # (C, d) float64
+    return simplex_etf_rows(C, dim, seed)                                                # (C, d) float64
+
+
+def ebv(n_classes: int, dim: int, threshold: float | None = None, seed: int = 0, max_steps: int = 2000) -> torch.Tensor:
+    """Equiangular Basis Vectors (Shen et al. 2023): ``(C, d)`` float64 unit rows whose pairwise ``|cos|``
+    is pushed below ``threshold`` by seeded projected gradient descent (``docs/definitions.md#ebv``).
+
+    ``threshold`` defaults to ``max(0.05, 1.02 x`` the Welch bound ``)``; below the Welch bound
+    ``sqrt((C-d)/(d(C-1)))`` no set of ``C`` unit vectors exists, so it is refused. With ``C = d + 1`` and
+    ``threshold = 1/(C-1)`` the only solutions are the simplex ETF's lines (rows up to sign); the
+    descent approaches them. Stops after ``max_steps`` when the threshold is not reached: check
+    ``gram(W)`` (the head of a model records what it reached in :func:`head_gram`).
+    """
+    C = checks.check_int("n_classes", n_classes, 2, MAX_CLASSES)
+    d = checks.check_int("dim", dim, 1, max(1, MAX_ETF_ENTRIES // C))
+    bound = welch_bound(C, d)
+    if threshold is None:
+        threshold = max(0.05, 1.02 * bound)
+    checks.check_float("threshold", threshold, 0.0, 1.0, hi_open=True)
+    if threshold < bound:
+        raise ValueError(f"threshold must be in [{bound:.4g}, 1) (the Welch bound of {C} unit vectors in {d} dims), "
+                         f"got {threshold}")
+    checks.check_int("max_steps", max_steps, 0, 1_000_000)
+    return ebv_rows(C, d, float(threshold), checks.check_seed("seed", seed), max_steps)
+
+
+def head_gram(model: nn.Module) -> dict:
+    """The readout's row cosines next to the Gram matrix its kind aims at (``docs/definitions.md#fixed-heads``).
+
+    ``kind``: the config's ``classifier`` (``"learned"``, ``"etf"``, ``"ebv"``); ``gram``: cosines of
+    the rows ``(C, C)``; ``target``: the simplex ETF's ``C/(C-1) I - 1/(C-1) 11^T`` for learned and ETF
+    heads (neural collapse drives a learned head there), the identity for EBV (``|cos| <= threshold``);
+    ``error``: ``||gram - target||_F``; ``max_abs_cos``: the largest off-diagonal ``|cos|``;
+    ``threshold``: EBV's (else None).
+    """
+    readout = getattr(model, "readout", None)
+    if not isinstance(readout, nn.Linear):
+        raise ValueError(f"model must be a workbench model with a linear readout, got {type(model).__name__}")
+    kind = getattr(getattr(model, "config", None), "classifier", "learned")
+    w = readout.weight.detach().to("cpu", torch.float64)
+    C = len(w)
+    g = gram(w)
+    target = torch.eye(C, dtype=torch.float64) if kind == "ebv" else \
+        torch.eye(C, dtype=torch.float64) * C / (C - 1) - 1.0 / (C - 1)
+    off = g[~torch.eye(C, dtype=torch.bool)]
+    return {"kind": kind, "gram": g.numpy(), "target": target.numpy(), "error": float((g - target).norm()),
+            "max_abs_cos": float(off.abs().max()), "threshold": model.config.ebv_threshold if kind == "ebv" else None}
 
 
 def simplex_view(means, n_components: int = 3) -> pd.DataFrame:
@@ -798,12 +841,116 @@ class MixupLoss:
         return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
 
 
+MAX_MIX_ROWS = 1_000_000   # mixup_geometry: pairs x lambdas x pair kinds
+
+
+@torch.no_grad()
+def mixup_geometry(model: nn.Module, x, y, classes=(0, 1, 2), lambdas=None, n_pairs: int = 30,
+                   seed: int = 0, batch_size: int = 4096) -> pd.DataFrame:
+    """Last-layer features of mixed examples projected on the plane of three classifier rows (Fisher, Meng
+    and Papyan 2024; ``docs/definitions.md#mixup-geometry``).
+
+    For the three ``classes`` ``(a, b, c)``: ``n_pairs`` seeded pairs of examples of each same-class kind
+    ``(a, a)``, ``(b, b)``, ``(c, c)`` and each cross-class kind ``(a, b)``, ``(a, c)``, ``(b, c)``; for each
+    ``lam`` of ``lambdas`` (default 11 points on [0, 1]) the mix ``lam x_i + (1 - lam) x_j`` goes through the
+    model (eval mode) and its ``features`` ``h`` (``normalize(h)`` for an EBV head, as its logits use) are
+    projected on an orthonormal basis ``(e1, e2)`` of the span of the three rows centred on their mean
+    (the plane where the three-way decision is made: ``w_a - w_b`` lies in it).
+
+    Tidy DataFrame, one row per mix: ``pair_kind`` (``"same"``/``"cross"``), ``class_a``, ``class_b``,
+    ``pair``, ``lam``, ``x``, ``y`` (coordinates), ``margin`` = ``z_a - z_b`` of the logits (cross pairs; for
+    same pairs ``z_a`` minus the best other of the three), ``cos`` = cosine of ``(x, y)`` with the projected
+    row of ``class_a``; plus one row per class with ``pair_kind="classifier"`` holding the projected rows.
+    """
+    x, y = _check_xy(model, x, y)
+    cfg = model.config
+    if cfg.data_kind != "vector":
+        raise ValueError("mixup_geometry mixes vector inputs (an MLP on digits or MNIST-1D)")
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, (list, tuple)) or len(classes) != 3:
+        raise ValueError(f"classes must be 3 distinct class indices, got {classes!r}")
+    cls = [checks.check_int("classes[]", c, 0, cfg.n_classes - 1) for c in classes]
+    if len(set(cls)) != 3:
+        raise ValueError(f"classes must be 3 distinct class indices, got {classes!r}")
+    lams = np.linspace(0.0, 1.0, 11) if lambdas is None else np.asarray(lambdas, dtype=float).ravel()
+    if lams.size < 1 or lams.size > 1001 or not np.all(np.isfinite(lams)) or lams.min() < 0 or lams.max() > 1:
+        raise ValueError(f"lambdas must be 1 to 1001 numbers in [0, 1], got {lambdas!r:.80}")
+    checks.check_int("n_pairs", n_pairs, 1, 100_000)
+    checks.check_int("batch_size", batch_size, 1)
+    if 6 * n_pairs * lams.size > MAX_MIX_ROWS:
+        raise ValueError(f"n_pairs x len(lambdas) must be at most {MAX_MIX_ROWS // 6}, got {n_pairs * lams.size}")
+    g = torch.Generator().manual_seed(checks.check_seed("seed", seed))
+    idx = {c: torch.nonzero(y == c).flatten() for c in cls}
+    for c, i in idx.items():
+        if len(i) < 2:
+            raise ValueError(f"class {c} needs at least 2 examples in x, got {len(i)}")
+    kinds = [("same", a, a) for a in cls] + [("cross", cls[i], cls[j]) for i in range(3) for j in range(i + 1, 3)]
+    device = next(model.parameters()).device
+    w = model.readout.weight.detach().to(device, torch.float64)
+    bias = model.readout.bias
+    b = torch.zeros(len(w), dtype=torch.float64, device=device) if bias is None else bias.detach().to(device, torch.float64)
+    w3 = w[cls]                                                                           # (3, d)
+    basis = torch.linalg.svd(w3 - w3.mean(0), full_matrices=False)[2][:2]                 # (2, d) orthonormal
+    rows_xy = (w3 @ basis.T).cpu().numpy()                                                # (3, 2)
+    lam_t = torch.as_tensor(lams, dtype=torch.float64)
+    frames = []
+    was_training = model.training
+    model.eval()
+    try:
+        for kind, a, c in kinds:
+            ia = idx[a][torch.randint(len(idx[a]), (n_pairs,), generator=g)]
+            if kind == "same":   # two different examples of the class
+                off = torch.randint(1, len(idx[a]), (n_pairs,), generator=g)
+                pos = (torch.searchsorted(idx[a], ia) + off) % len(idx[a])
+                ib = idx[a][pos]
+            else:
+                ib = idx[c][torch.randint(len(idx[c]), (n_pairs,), generator=g)]
+            xa, xb = x[ia].to(torch.float64), x[ib].to(torch.float64)                     # (P, d_in)
+            mixed = (lam_t[:, None, None] * xa + (1 - lam_t[:, None, None]) * xb).reshape(-1, x.shape[1])
+            feats = []
+            with _capture(model, ["features"]) as store:
+                for i in range(0, len(mixed), batch_size):
+                    model(mixed[i:i + batch_size].to(device=device, dtype=x.dtype))
+                    feats.append(store["features"].pop())
+            h = torch.cat(feats).to(torch.float64)                                         # (L*P, d)
+            if isinstance(model.readout, FixedReadout) and model.readout.normalize:
+                h = F.normalize(h, dim=1)
+            z = h @ w3.T + b[cls]                                                         # (L*P, 3) logits
+            ka = cls.index(a)
+            if kind == "same":
+                margin = z[:, ka] - torch.cat([z[:, :ka], z[:, ka + 1:]], 1).max(1).values
+            else:
+                margin = z[:, ka] - z[:, cls.index(c)]
+            xy = h @ basis.T                                                              # (L*P, 2)
+            ra = torch.as_tensor(rows_xy[ka], dtype=torch.float64, device=device)
+            cos = (xy @ ra) / (xy.norm(dim=1) * ra.norm()).clamp_min(1e-300)
+            frames.append(pd.DataFrame({
+                "pair_kind": kind, "class_a": a, "class_b": c,
+                "pair": np.tile(np.arange(n_pairs), len(lams)), "lam": np.repeat(lams, n_pairs),
+                "x": xy[:, 0].cpu().numpy(), "y": xy[:, 1].cpu().numpy(),
+                "margin": margin.cpu().numpy(), "cos": cos.cpu().numpy()}))
+    finally:
+        model.train(was_training)
+    frames.append(pd.DataFrame({"pair_kind": "classifier", "class_a": cls, "class_b": cls, "pair": -1,
+                                "lam": np.nan, "x": rows_xy[:, 0], "y": rows_xy[:, 1], "margin": np.nan,
+                                "cos": 1.0}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def mixup_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per ``pair_kind, class_a, class_b, lam`` of a :func:`mixup_geometry` table: the mean ``x, y``, ``cos``
+    and ``margin`` and the share of mixes predicted as ``class_a`` among the three (``margin > 0``)."""
+    t = table[table["pair_kind"] != "classifier"].assign(wins_a=lambda d: (d["margin"] > 0).astype(float))
+    return (t.groupby(["pair_kind", "class_a", "class_b", "lam"], as_index=False)
+             [["x", "y", "cos", "margin", "wins_a"]].mean())
+
+
 # The presets live in workbench.recipes.COLLAPSE (frozen CollapseRecipe dataclasses); their names, for menus:
 RECIPE_NAMES = tuple(recipes.COLLAPSE)
 
 
 def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None = None, n_minority: int = 5,
-           mixup: float = 0.0, etf_classifier: bool = False, weight_decay: float | None = None,
+           mixup: float = 0.0, etf_classifier: bool = False, classifier: str = "learned",
+           ebv_tau: float | None = None, ebv_threshold: float | None = None, weight_decay: float | None = None,
            epochs: int | None = None, n_layers: int | None = None, d_model: int | None = None,
            lr: float | None = None, batch_size: int | None = None, seed: int = 0, eval_every_epochs: int = 10,
            device: str | torch.device | None = None):
@@ -812,13 +959,22 @@ def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None 
     ``dataset_name``: ``"digits"`` or ``"mnist1d"``. ``imbalance``: per-class training counts,
     or a ratio in (0, 1] applied to the last ``n_minority`` classes (step imbalance).
     ``mixup``: Mixup's Beta parameter alpha (0 = off; train with ``loss_fn=MixupLoss(alpha)``,
-    which :func:`train_collapse` does). ``etf_classifier``: fix the readout to a simplex
-    ETF. The remaining arguments override the recipe's defaults (:data:`workbench.recipes.COLLAPSE`).
+    which :func:`train_collapse` does). ``classifier``: the model config's head, ``"learned"``,
+    ``"etf"`` (fixed simplex ETF) or ``"ebv"`` (fixed equiangular basis vectors, cosine logits over
+    ``ebv_tau``, rows below ``ebv_threshold``); the config records it, so a stored run rebuilds the head.
+    ``etf_classifier=True`` is ``classifier="etf"``. The remaining arguments override the recipe's defaults (:data:`workbench.recipes.COLLAPSE`).
     """
     if not isinstance(dataset_name, str) or dataset_name not in recipes.COLLAPSE:
         raise ValueError(f"dataset_name: recipes exist for {sorted(recipes.COLLAPSE)}, got {dataset_name!r}")
     checks.check_float("mixup", mixup, 0.0, 100.0)
     checks.check_bool("etf_classifier", etf_classifier)
+    checks.check_choice("classifier", classifier, ("learned", "etf", "ebv"))
+    if etf_classifier and classifier not in ("learned", "etf"):
+        raise ValueError(f"etf_classifier=True asks for classifier='etf', got classifier={classifier!r}")
+    classifier = "etf" if etf_classifier else str(classifier)
+    heads = {k: v for k, v in (("ebv_tau", ebv_tau), ("ebv_threshold", ebv_threshold)) if v is not None}
+    if heads and classifier != "ebv":
+        raise ValueError(f"{sorted(heads)} apply to classifier='ebv', got classifier={classifier!r}")
     checks.check_int("n_minority", n_minority, 0)
     seed = checks.check_seed("seed", seed)
     checks.check_int("eval_every_epochs", eval_every_epochs, 1, 100_000)
@@ -843,9 +999,7 @@ def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None 
             per_class = torch.bincount(ds.y_train, minlength=ds.n_classes).tolist()
             imbalance = imbalanced_counts(per_class, float(imbalance), n_minority)
         ds = subsample(ds, list(imbalance), seed)
-    model = build(r.model_config(ds, seed), device=device)
-    if etf_classifier:
-        set_etf_classifier(model, seed)
+    model = build(r.model_config(ds, seed, classifier=classifier, **heads), device=device)
     cfg = r.train_config(len(ds.x_train), eval_every_epochs, seed)
     return model, cfg, ds
 

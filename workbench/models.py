@@ -48,14 +48,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import (check_bool, check_choice, check_features, check_int, check_labels, check_seed, check_str,
+from .checks import (check_bool, check_choice, check_features, check_float, check_int, check_labels, check_seed, check_str,
                      check_tokens, env_limit)
 
 __all__ = [
     "HookPoint", "MLPConfig", "TransformerConfig", "ResidualMLP", "Transformer",
     "MLPBlock", "TransformerBlock", "Family", "FAMILIES", "family_of", "build", "config_from_dict", "config_to_dict",
     "glyph_images", "glyph_embedding", "count_params", "config_for", "estimate_memory", "check_memory",
-    "max_model_mb", "NOMINAL_BATCH", "GATE_BUFFERS",
+    "max_model_mb", "NOMINAL_BATCH", "GATE_BUFFERS", "FixedReadout", "simplex_etf_rows", "ebv_rows", "welch_bound",
 ]
 
 D_IN_MAX = 2**20        # input features of an MLP
@@ -169,9 +169,13 @@ class MLPConfig:
     activation: str = "relu"  # "relu" or "gelu"
     seed: int = 0             # initialisation seed
     layer_widths: list[int] | None = None  # per-block hidden units after growth.widen; None: d_hidden each
+    classifier: str = "learned"  # readout: "learned", "etf" (fixed simplex ETF) or "ebv" (fixed EBV, cosine logits)
+    ebv_tau: float = 0.1         # "ebv": logits = normalize(f) W^T / ebv_tau
+    ebv_threshold: float = 0.05  # "ebv": pairwise |cos| of the head's rows pushed below this (seeded descent)
 
     family = "mlp"            # key in FAMILIES (a class attribute, not a field)
-    CHOICES = MappingProxyType({"norm": ("none", "peri", "pre"), "activation": ("gelu", "relu")})  # string fields
+    CHOICES = MappingProxyType({"norm": ("none", "peri", "pre"), "activation": ("gelu", "relu"),
+                                "classifier": ("ebv", "etf", "learned")})  # string fields
     data_kind = "vector"      # the Dataset.kind this family takes
 
     def validate(self) -> "MLPConfig":
@@ -189,6 +193,10 @@ class MLPConfig:
         self.activation = _plain_str(check_choice("activation", self.activation, self.CHOICES["activation"]))
         self.seed = check_seed("seed", self.seed)
         self.layer_widths = _check_layer_widths(self.layer_widths, self.n_layers)
+        self.classifier = _plain_str(check_choice("classifier", self.classifier, self.CHOICES["classifier"]))
+        self.ebv_tau = check_float("ebv_tau", self.ebv_tau, 1e-4, 100.0)
+        self.ebv_threshold = check_float("ebv_threshold", self.ebv_threshold, 0.0, 1.0, hi_open=True)
+        _check_fixed_head(self.classifier, self.n_classes, self.d_model, self.ebv_threshold)
         check_memory(self)
         return self
 
@@ -255,7 +263,7 @@ class TransformerConfig:
     n_layers: int = 2               # number of blocks
     n_heads: int = 4                # attention heads; d_model must be divisible by it
     d_mlp: int = 512                # hidden units of each MLP
-    norm: str = "pre"               # "pre": x + f(LN(x)); "peri": x + LN(f(LN(x))) (Peri-LN)
+    norm: str = "pre"               # "pre": x + f(LN(x)); "peri": x + LN(f(LN(x))) (Peri-LN); "none": no LayerNorm
     tie_embeddings: bool = False    # readout weight shared with the token embedding
     embedding: str = "trainable"    # "trainable", "frozen-random" (seeded) or "glyph" (frozen)
     vocab: list[str] | None = None  # token strings; needed for "glyph" embeddings
@@ -264,7 +272,7 @@ class TransformerConfig:
     layer_widths: list[int] | None = None  # per-block MLP hidden units after growth.widen; None: d_mlp each
 
     family = "transformer"          # key in FAMILIES (a class attribute, not a field)
-    CHOICES = MappingProxyType({"norm": ("peri", "pre"), "embedding": ("frozen-random", "glyph", "trainable")})
+    CHOICES = MappingProxyType({"norm": ("none", "peri", "pre"), "embedding": ("frozen-random", "glyph", "trainable")})
     data_kind = "sequence"          # the Dataset.kind this family takes
 
     def validate(self) -> "TransformerConfig":
@@ -353,9 +361,10 @@ class TransformerConfig:
     def param_count(self) -> int:
         """Parameters of the model this (type-checked) config builds, counted from the shapes (tied weights once)."""
         d, v = self.d_model, self.vocab_size
-        blocks = sum(2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * m + m) + (m * d + d)
+        ln = 0 if self.norm == "none" else 2 * d  # one LayerNorm's gain and bias
+        blocks = sum(ln + (3 * d * d + 3 * d) + (d * d + d) + ln + (d * m + m) + (m * d + d)
                      + (4 * d if self.norm == "peri" else 0) for m in layer_widths(self))
-        return v * d + self.context * d + blocks + 2 * d + (0 if self.tie_embeddings else v * d)
+        return v * d + self.context * d + blocks + ln + (0 if self.tie_embeddings else v * d)
 
     def activation_floats(self, batch_size: int) -> int:
         """Activations kept for the backward pass of one batch, in floats (see :func:`estimate_memory`)."""
@@ -615,10 +624,10 @@ class TransformerBlock(_GatedBlock):
     def __init__(self, cfg: TransformerConfig, d_mlp: int | None = None):
         super().__init__()
         peri = cfg.norm == "peri"
-        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.ln1 = _norm(cfg.d_model, cfg.norm)  # "none": nn.Identity
         self.attn = CausalSelfAttention(cfg)
         self.ln1_post = nn.LayerNorm(cfg.d_model) if peri else nn.Identity()
-        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ln2 = _norm(cfg.d_model, cfg.norm)
         self.mlp = TransformerMLP(cfg, d_mlp)
         self.ln2_post = nn.LayerNorm(cfg.d_model) if peri else nn.Identity()
         self._init_gate()  # gate m of MSG-style fade-in
@@ -751,6 +760,84 @@ class _ResidualModel(nn.Module):
             blk.check_gate(f"blocks.{i}")
 
 
+# ----------------------------------------------------------------------------- fixed classifier heads
+
+
+def simplex_etf_rows(n_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """``sqrt(C/(C-1)) (I - 11^T/C) U^T`` ``(C, d)`` float64, ``U (d, C)`` a seeded random partial orthogonal
+    matrix (needs ``d >= C``): unit rows with pairwise cosine ``-1/(C-1)`` (``docs/definitions.md#simplex-etf``).
+    Unchecked core of :func:`workbench.collapse.simplex_etf`."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(dim, n_classes, generator=g, dtype=torch.float64))      # (d, C)
+    centre = torch.eye(n_classes, dtype=torch.float64) - 1.0 / n_classes
+    return math.sqrt(n_classes / (n_classes - 1)) * centre @ u.T
+
+
+def welch_bound(n_classes: int, dim: int) -> float:
+    """The least possible max pairwise ``|cos|`` of ``C`` unit vectors in ``d`` dims: ``sqrt((C-d)/(d(C-1)))``
+    for ``C > d``, else 0 (Welch 1974)."""
+    return math.sqrt((n_classes - dim) / (dim * (n_classes - 1))) if n_classes > dim else 0.0
+
+
+def ebv_rows(n_classes: int, dim: int, threshold: float, seed: int = 0, max_steps: int = 2000,
+             lr: float = 0.5) -> torch.Tensor:
+    """Equiangular Basis Vectors (Shen et al. 2023) ``(C, d)`` float64: seeded Gaussian rows on the sphere,
+    then projected gradient steps on ``1/2 sum_{i != j} relu(|cos_ij| - 0.98 threshold)^2`` (rows
+    renormalised after each step) until every pairwise ``|cos| <= threshold`` or ``max_steps``.
+    Unchecked core of :func:`workbench.collapse.ebv` (``docs/definitions.md#ebv``)."""
+    g = torch.Generator().manual_seed(seed)
+    u = F.normalize(torch.randn(n_classes, dim, generator=g, dtype=torch.float64), dim=1)
+    diag = torch.eye(n_classes, dtype=torch.bool)
+    for _ in range(max_steps):
+        cos = (u @ u.T).masked_fill_(diag, 0.0)
+        if float(cos.abs().max()) <= threshold:
+            break
+        push = torch.sign(cos) * (cos.abs() - 0.98 * threshold).clamp_min(0.0)   # d loss / d cos_ij
+        u = F.normalize(u - lr * (push @ u), dim=1)
+    return u
+
+
+def _check_fixed_head(kind: str, n_classes: int, dim: int, threshold: float) -> None:
+    if kind == "etf" and dim < n_classes:
+        raise ValueError(f"classifier='etf' of {n_classes} classes needs d_model >= {n_classes}, got {dim}")
+    if kind == "ebv" and threshold < welch_bound(n_classes, dim):
+        raise ValueError(f"ebv_threshold must be at least the Welch bound {welch_bound(n_classes, dim):.4g} for "
+                         f"{n_classes} unit vectors in d_model={dim} dims, got {threshold}")
+
+
+class FixedReadout(nn.Linear):
+    """A fixed (frozen) classifier head: weight and zero bias with ``requires_grad=False`` (a substrate).
+
+    ``"etf"``: logits ``f W^T`` with ``W`` a simplex ETF (:func:`simplex_etf_rows`); ``"ebv"``:
+    ``normalize(f) W^T / tau`` with ``W`` equiangular basis vectors (:func:`ebv_rows`). Built from the
+    config seed, so the config rebuilds it; the state dict (hence a stored run) holds it too.
+    """
+
+    def __init__(self, d_model: int, n_classes: int, normalize: bool = False, tau: float = 1.0):
+        super().__init__(d_model, n_classes)
+        self.normalize, self.tau = bool(normalize), float(tau)
+        self.requires_grad_(False)
+
+    @classmethod
+    def of(cls, cfg) -> "FixedReadout":
+        head = cls(cfg.d_model, cfg.n_classes, normalize=cfg.classifier == "ebv",
+                   tau=cfg.ebv_tau if cfg.classifier == "ebv" else 1.0)
+        w = (simplex_etf_rows(cfg.n_classes, cfg.d_model, cfg.seed) if cfg.classifier == "etf"
+             else ebv_rows(cfg.n_classes, cfg.d_model, cfg.ebv_threshold, cfg.seed))
+        with torch.no_grad():
+            head.weight.copy_(w)
+            head.bias.zero_()
+        return head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalize:
+            return F.linear(F.normalize(x, dim=-1), self.weight, self.bias) / self.tau
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, normalize={self.normalize}, tau={self.tau:g}"
+
+
 class ResidualMLP(_ResidualModel):
     """stem -> N residual MLP blocks -> final norm -> readout. Input ``(B, d_in)``, logits ``(B, n_classes)``."""
 
@@ -762,10 +849,13 @@ class ResidualMLP(_ResidualModel):
         self.blocks = nn.ModuleList(MLPBlock(cfg, h) for h in layer_widths(cfg))
         self.final_norm = _norm(cfg.d_model, cfg.norm)
         self.features = HookPoint()
-        self.readout = nn.Linear(cfg.d_model, cfg.n_classes)
+        self.readout = FixedReadout.of(cfg) if cfg.classifier != "learned" else nn.Linear(cfg.d_model, cfg.n_classes)
 
     def new_block(self) -> MLPBlock:
         return MLPBlock(self.config).to(self.device)
+
+    def substrate_parameters(self) -> list[nn.Parameter]:
+        return list(self.readout.parameters()) if isinstance(self.readout, FixedReadout) else []
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, d_in) -> (B, d_model)
         return self.embed_out(self.stem(x))
@@ -813,7 +903,7 @@ class Transformer(_ResidualModel):
         self.pos_embed = nn.Embedding(cfg.context, cfg.d_model)
         self.embed_out, self.pos_embed_out = HookPoint(), HookPoint()
         self.blocks = nn.ModuleList(TransformerBlock(cfg, m) for m in layer_widths(cfg))
-        self.final_norm = nn.LayerNorm(cfg.d_model)
+        self.final_norm = _norm(cfg.d_model, cfg.norm)  # "none": nn.Identity (no LayerNorm anywhere)
         self.features = HookPoint()
         self.readout = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

@@ -116,11 +116,12 @@ class CollapseRecipe:
     def steps_per_epoch(self, n_train: int) -> int:
         return math.ceil(n_train / min(self.batch_size, n_train))
 
-    def model_config(self, dataset, seed: int = 0):
+    def model_config(self, dataset, seed: int = 0, **overrides):
+        """The MLP config; ``overrides`` set other fields (e.g. ``classifier="etf"``)."""
         from . import models
 
         return models.MLPConfig(d_in=dataset.d_in, n_classes=dataset.n_classes, d_model=self.d_model,
-                                n_layers=self.n_layers, d_hidden=self.d_hidden, seed=seed).validate()
+                                n_layers=self.n_layers, d_hidden=self.d_hidden, seed=seed, **overrides).validate()
 
     def train_config(self, n_train: int, eval_every_epochs: int = 10, seed: int = 0):
         from .training import TrainConfig

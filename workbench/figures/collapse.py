@@ -12,7 +12,8 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-__all__ = ["nc_curves", "layer_curves", "minority_curve", "simplex_3d", "gram_heatmaps", "FLOOR"]
+__all__ = ["nc_curves", "layer_curves", "minority_curve", "simplex_3d", "gram_heatmaps", "head_gram_heatmaps",
+           "mixup_geometry", "FLOOR"]
 
 _LAYOUT = dict(template="plotly_white", margin=dict(l=55, r=20, t=60, b=40))
 FLOOR = 1e-5  # values at or below this (an exact 0 of NC4, say) are drawn at FLOOR on log axes
@@ -194,4 +195,75 @@ def gram_heatmaps(geometry: dict | None, title: str = "Gram matrices against the
                       row=1, col=i + 1)
         fig.update_yaxes(autorange="reversed", scaleanchor=f"x{i + 1}" if i else "x", row=1, col=i + 1)
     fig.update_layout(title=title, height=360, **_LAYOUT)
+    return fig
+
+
+_HEAD_NAMES = {"learned": "learned head", "etf": "fixed simplex-ETF head", "ebv": "fixed EBV head"}
+_TARGET_NAMES = {"learned": "simplex ETF (collapse target)", "etf": "simplex ETF", "ebv": "identity (|cos| ≤ threshold)"}
+
+
+def head_gram_heatmaps(head: dict | None, title: str | None = None) -> go.Figure:
+    """The classifier rows' cosines next to the Gram matrix the head aims at, and their difference.
+
+    ``head``: ``collapse.head_gram(model)`` (keys ``kind``, ``gram``, ``target``, ``error``, ``max_abs_cos``,
+    ``threshold``). One colour scale from -1 to 1.
+    """
+    if head is None:
+        return _empty(title or "Classifier head against its target", 340)
+    kind = head["kind"]
+    gram, target = np.asarray(head["gram"], dtype=float), np.asarray(head["target"], dtype=float)
+    panels = [(_HEAD_NAMES.get(kind, kind), gram), (_TARGET_NAMES.get(kind, "target"), target),
+              ("difference", gram - target)]
+    extra = f", max |cos| {head['max_abs_cos']:.3f}"
+    if head.get("threshold") is not None:
+        extra += f" (threshold {head['threshold']:g})"
+    title = title or f"Classifier head against its target: ‖G − target‖_F = {head['error']:.3g}{extra}"
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[p for p, _ in panels], horizontal_spacing=0.06)
+    for i, (name, mat) in enumerate(panels):
+        fig.add_trace(go.Heatmap(z=mat, zmin=-1, zmax=1, colorscale="RdBu_r", showscale=i == 2,
+                                 hovertemplate=f"{name}<br>%{{y}} · %{{x}}: %{{z:.3f}}<extra></extra>"),
+                      row=1, col=i + 1)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{i + 1}" if i else "x", row=1, col=i + 1)
+    fig.update_layout(title=title, height=360, **_LAYOUT)
+    return fig
+
+
+def mixup_geometry(table: pd.DataFrame | None, title: str = "Features of mixed examples on the plane of "
+                   "three classifier rows") -> go.Figure:
+    """Fisher, Meng and Papyan's (2024) view from a ``collapse.mixup_geometry`` table.
+
+    Cross-class mixes coloured by ``lam`` (one colour scale), same-class mixes in their class's colour
+    (crosses), the three classifier rows as lines from the origin (scaled to the largest feature) and
+    labelled by class.
+    """
+    if table is None or not len(table):
+        return _empty(title, 520)
+    rows = table[table["pair_kind"] == "classifier"]
+    mixes = table[table["pair_kind"] != "classifier"]
+    fig = go.Figure()
+    cross = mixes[mixes["pair_kind"] == "cross"]
+    if len(cross):
+        text = [f"classes {a}×{b}, λ={lam:.2f}" for a, b, lam in zip(cross["class_a"], cross["class_b"], cross["lam"])]
+        fig.add_trace(go.Scatter(x=cross["x"], y=cross["y"], mode="markers", name="different-class mixes",
+                                 text=text, hovertemplate="%{text}<extra></extra>",
+                                 marker=dict(size=5, color=cross["lam"], colorscale="Viridis", cmin=0, cmax=1,
+                                             colorbar=dict(title="λ", len=0.6), opacity=0.8)))
+    same = mixes[mixes["pair_kind"] == "same"]
+    for i, (c, grp) in enumerate(same.groupby("class_a")):
+        fig.add_trace(go.Scatter(x=grp["x"], y=grp["y"], mode="markers", name=f"same-class mixes, class {c}",
+                                 text=[f"class {c}×{c}, λ={lam:.2f}" for lam in grp["lam"]],
+                                 hovertemplate="%{text}<extra></extra>",
+                                 marker=dict(size=6, symbol="x", color=_PALETTE[int(c) % len(_PALETTE)])))
+    if len(rows):
+        reach = float(np.hypot(mixes["x"], mixes["y"]).max()) if len(mixes) else 1.0
+        scale = reach / max(float(np.hypot(rows["x"], rows["y"]).max()), 1e-12)
+        for _, r in rows.iterrows():
+            c = int(r["class_a"])
+            fig.add_trace(go.Scatter(x=[0, r["x"] * scale], y=[0, r["y"] * scale], mode="lines+text",
+                                     text=["", f"w_{c}"], textposition="top center", showlegend=False,
+                                     line=dict(color=_PALETTE[c % len(_PALETTE)], width=3),
+                                     hoverinfo="skip"))
+    fig.update_xaxes(title="e₁", zeroline=True)
+    fig.update_yaxes(title="e₂", zeroline=True, scaleanchor="x")
+    fig.update_layout(title=title, height=520, **_LAYOUT)
     return fig

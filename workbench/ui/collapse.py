@@ -23,7 +23,14 @@ Procrustes; the heat-maps compare their cosines with the ETF's (-1/(C-1) off the
 NC1 falls roughly geometrically with depth (He and Su 2022). **Imbalance**: the last classes keep only a
 fraction of their training examples; with strong imbalance their classifier rows drift together
 (*minority collapse*, Fang et al. 2021), visible as a bright block in the classifier heat-map and as the
-"minority collapse" curve. A fixed simplex-ETF classifier prevents it."""
+"minority collapse" curve. A fixed simplex-ETF classifier prevents it. **Fixed classifiers**: the head can be
+*learned*, a fixed *simplex ETF* (unit rows, cosine -1/(C-1)) or fixed *equiangular basis vectors* (EBV,
+Shen et al. 2023: unit rows with pairwise |cos| pushed below a threshold, cosine logits over a temperature);
+only the features train, and the heat-map compares the head's Gram matrix with its target. **Mixup
+geometry** (Fisher, Meng and Papyan 2024): after training, mixes λx + (1-λ)x' of training examples of three
+classes go through the network and their last-layer features are drawn on the plane of those classes'
+classifier rows. Trained with mixup, same-class mixes sit on their class's row whatever λ, and
+different-class mixes line up between two rows, crossing the decision boundary near λ = 1/2."""
 
 CODE = """import workbench as wb
 from workbench import collapse
@@ -33,14 +40,19 @@ run = wb.train(model, ds, cfg, callbacks=[tracker])
 wb.figures.collapse.nc_curves(tracker.table)
 wb.figures.collapse.layer_curves(tracker.table)
 geo = collapse.geometry(tracker.latest["means"], tracker.latest["classifier"])
-wb.figures.collapse.simplex_3d(geo["view"]); wb.figures.collapse.gram_heatmaps(geo)"""
+wb.figures.collapse.simplex_3d(geo["view"]); wb.figures.collapse.gram_heatmaps(geo)
+wb.figures.collapse.head_gram_heatmaps(collapse.head_gram(model))
+mix = collapse.mixup_geometry(model, ds.x_train, ds.y_train, classes=(0, 1, 2))
+wb.figures.collapse.mixup_geometry(mix)"""
 
 
 class _Progress(Callback):
     def __init__(self, ctx):
         self.ctx = ctx
+        self.dataset = None     # the training data (for the mixup geometry after training)
 
     def on_step(self, state):
+        self.dataset = state.dataset
         if state.step % 25 == 0:
             steps = state.config.steps
             self.ctx.report(progress=state.step / steps, message=f"step {state.step} / {steps}")
@@ -65,12 +77,18 @@ def _train_job(ctx, dataset_name: str, options: dict, every: int, max_samples: i
             ctx.report({"table": tracker.table, "geometry": collapse.geometry(latest["means"], latest["classifier"]),
                         "counts": latest["counts"], "epoch": latest["epoch"]})
 
+    progress = _Progress(ctx)
     run = collapse.train_collapse(dataset_name, every=every, max_samples=max_samples, on_record=send,
-                                  callbacks=[StopOnEvent(ctx.stop_event), _Progress(ctx)], **options)
+                                  callbacks=[StopOnEvent(ctx.stop_event), progress], **options)
     if seen:
         send(seen[0], force=True)
     ctx.report(message=f"{run.status} at step {int(run.metrics['step'].max())}")
-    return run, (store.save(run) if store is not None else None)
+    run_id = store.save(run) if store is not None else None
+    ds = progress.dataset
+    after = {"head": collapse.head_gram(run.model),
+             "mixup": None if ds is None else collapse.mixup_geometry(run.model, ds.x_train, ds.y_train,
+                                                                      classes=(0, 1, 2), n_pairs=30)}
+    return run, run_id, after
 
 
 class CollapsePage(Page):
@@ -94,7 +112,10 @@ class CollapsePage(Page):
                                                      step=0.01, value=1.0, width=220)
         self.n_minority = pn.widgets.IntSlider(name="minority classes", start=1, end=9, value=5, width=160)
         self.mixup = pn.widgets.FloatInput(name="mixup alpha (0 = off)", value=0.0, start=0.0, step=0.1, width=140)
-        self.etf = pn.widgets.Checkbox(name="fixed simplex-ETF classifier", value=False)
+        self.classifier = pn.widgets.Select(name="classifier head", options=["learned", "etf", "ebv"],
+                                            value="learned", width=120)
+        self.ebv_tau = pn.widgets.FloatInput(name="EBV temperature τ", value=0.1, start=1e-4, end=100.0, step=0.01,
+                                             width=130)
         self.save = pn.widgets.Checkbox(name="save the run", value=True)
         self.train_button = pn.widgets.Button(name="Train", button_type="primary", width=120)
         self.train_button.on_click(lambda _: self.train())
@@ -105,6 +126,8 @@ class CollapsePage(Page):
         self.layer_plot = pn.pane.Plotly(figs.layer_curves(None), sizing_mode="stretch_width", height=400)
         self.gram_plot = pn.pane.Plotly(figs.gram_heatmaps(None), sizing_mode="stretch_width", height=380)
         self.minority_plot = pn.pane.Plotly(figs.minority_curve(None), sizing_mode="stretch_width", height=320)
+        self.head_plot = pn.pane.Plotly(figs.head_gram_heatmaps(None), sizing_mode="stretch_width", height=380)
+        self.mixup_plot = pn.pane.Plotly(figs.mixup_geometry(None), sizing_mode="stretch_width", height=540)
         self.table = None        # the tracker's table of the last run
         self.run = None
         self.dataset.param.watch(self._fill_from_recipe, "value")
@@ -114,18 +137,18 @@ class CollapsePage(Page):
         """The chosen recipe's epochs and weight decay (the preset fills every field; balanced, no mixup)."""
         r = recipes.COLLAPSE[self.dataset.value]
         self.epochs.value, self.weight_decay.value = r.epochs, r.weight_decay
-        self.minority_ratio.value, self.mixup.value, self.etf.value = 1.0, 0.0, False
+        self.minority_ratio.value, self.mixup.value, self.classifier.value = 1.0, 0.0, "learned"
 
     def side(self):
         return [self.dataset, self.epochs, self.save, self.train_button]
 
     def figures(self):
         return [self.status, self.nc_plot, pn.Row(self.simplex_plot, self.layer_plot, sizing_mode="stretch_width"),
-                self.gram_plot, self.minority_plot]
+                self.gram_plot, self.minority_plot, self.head_plot, self.mixup_plot]
 
     def advanced(self):
         return [pn.Row(self.weight_decay, self.every), pn.Row(self.minority_ratio, self.n_minority),
-                pn.Row(self.mixup, self.etf)]
+                pn.Row(self.mixup, self.classifier, self.ebv_tau)]
 
     def run_buttons(self):
         return [self.train_button]
@@ -141,8 +164,10 @@ class CollapsePage(Page):
             opts.update(imbalance=float(self.minority_ratio.value), n_minority=int(self.n_minority.value))
         if self.mixup.value:
             opts["mixup"] = float(self.mixup.value)
-        if self.etf.value:
-            opts["etf_classifier"] = True
+        if self.classifier.value != "learned":
+            opts["classifier"] = self.classifier.value
+        if self.classifier.value == "ebv":
+            opts["ebv_tau"] = self.ebv_tau.value
         return opts
 
     def train(self, wait: bool = False) -> None:
@@ -161,6 +186,8 @@ class CollapsePage(Page):
             for name, v in (("weight decay", opts["weight_decay"]), ("mixup alpha", self.mixup.value)):
                 if v is None or v < 0:
                     raise ValueError(f"{name} must be a number >= 0 (0 switches it off), got {v!r}")
+            if "ebv_tau" in opts and (opts["ebv_tau"] is None or not 1e-4 <= opts["ebv_tau"] <= 100):
+                raise ValueError(f"EBV temperature must be a number in [0.0001, 100], got {opts['ebv_tau']!r}")
         except ValueError as e:
             self.errors.show(e)
             return
@@ -185,8 +212,11 @@ class CollapsePage(Page):
             self.minority_plot.object = figs.minority_curve(self.table)
 
     def on_done(self, result) -> None:
-        run, run_id = result  # saved by the worker (if asked to)
+        run, run_id, after = result  # saved by the worker (if asked to)
         self.run = run
+        with pn.io.hold():
+            self.head_plot.object = figs.head_gram_heatmaps(after["head"])
+            self.mixup_plot.object = figs.mixup_geometry(after["mixup"])
         meta = run.meta.get("collapse", {})
         share = meta.get("track_seconds", 0) / max(meta.get("total_seconds", 1e-9), 1e-9)
         text = (f"**{escape_md(run.status)}** after {int(run.metrics['step'].max())} steps; validation accuracy "
