@@ -181,3 +181,42 @@ def test_grow_on_the_other_sequence_tasks(store, task, options):
     assert page.last_run.model.config.n_layers == 2
     assert page.last_run.dataset["name"] == task
     assert sorted(page.datastore.runs["stage"].tolist()) == [0, 1]
+
+
+def test_natural_criterion_growth_draws_the_eta_trace_and_timeline(store):
+    page = GrowPage(DataStore(store))
+    _small(page)
+    page.model_widgets["d_model"].value, page.model_widgets["d_hidden"].value = 8, 4
+    page.mode.value = next(k for k in page.mode.options if k.startswith("Natural"))
+    assert page.criterion_box.visible and page.eta_plot.visible and not page.preset.visible
+    page.tau.value = 0.5
+    page.start(wait=True)
+    assert "tau must be a finite number in [1.0, 1000000000.0], got 0.5" in page.errors.text and page.last_run is None
+    page.tau.value, page.total_steps.value, page.check_every.value, page.score_examples.value = 1.0, 6, 3, 8
+    page.start(wait=True)
+    assert page.task.status == "done", page.task.error
+    run = page.last_run
+    trace = growth.trace_table(run)
+    assert trace["accepted"].sum() == 1 and set(trace["step"]) == {3}   # tau=1: the best proposal is taken
+    names = [d.name for d in page.eta_plot.object.data]
+    assert "eta" in names and any(n.endswith("accepted") for n in names if n != "eta' accepted")
+    depth, width = page.timeline.object.data
+    assert list(depth.y) == growth.timeline_table(run)["n_layers"].tolist()
+    assert list(width.y) == growth.timeline_table(run)["width"].tolist() and len(width.y) == 2
+    assert "1 proposals accepted" in page.result.object
+    assert 'criterion="natural"' in page.code.object and "tau=1.0" in page.code.object
+    assert sorted(page.datastore.runs["stage"].tolist()) == [0, 1]
+
+
+def test_widen_stage_from_the_table(store):
+    page = GrowPage(DataStore(store))
+    _small(page, steps=2)
+    page.model_widgets["d_hidden"].value = 4
+    assert "widen" in page.stages.editors["op"]["values"] and "orthogonal" in page.stages.editors["init"]["values"]
+    page.stages.value = pd.DataFrame([{"op": "train", "steps": 2, "freeze": "", "lr": "", "init": "zero"},
+                                      {"op": "widen", "steps": 2, "freeze": "", "lr": "", "init": "orthogonal"}])
+    page.start(wait=True)
+    assert page.task.status == "done", page.task.error
+    assert page.last_run.model.blocks[0].fc.out_features == 8
+    assert list(page.timeline.object.data[1].y) == [4, 8]
+    assert "hidden units 8" in page.result.object

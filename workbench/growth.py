@@ -49,7 +49,7 @@ __all__ = ["INITS", "OPS", "PRESETS", "khop_baseline", "add_layer", "stack", "fr
            "schedule_depths", "GrowControl", "grow_stage", "StageResult", "grow", "compare", "Comparison", "depth_sweep", "flops_to_reach",
            "WIDEN_INITS", "widen", "width_table", "TemplateLinear", "MixtureMLP", "MIXTURE_INITS", "mixture_grow",
            "fit_mixture", "CRITERIA", "CANDIDATES", "natural_score", "expansion_candidates", "score_candidates",
-           "trace_table", "timeline_table"]
+           "check_criterion", "trace_table", "timeline_table"]
 
 INITS = ("zero", "copy", "random", "fade")
 WIDEN_INITS = ("zero", "copy", "orthogonal")   # widen
@@ -799,14 +799,12 @@ def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = 
         checks.check_choice("criterion", criterion, CRITERIA)
         if schedule is not None:
             raise ValueError("give a schedule or a criterion, not both (criterion='natural' plans its own stages)")
-        tau = checks.check_float("tau", tau, 1.0, 1e9)
-        check_every = checks.check_int("check_every", check_every, 1, config.steps) if check_every is not None \
-            else max(1, config.steps // 10)
-        checks.check_choices("candidates", list(candidates), CANDIDATES)
-        widen_factor = checks.check_float("widen_factor", widen_factor, 1.0, 64.0, lo_open=True)
-        score_examples = checks.check_int("score_examples", score_examples, 1, MAX_SCORE_EXAMPLES)
-        damping = checks.check_float("damping", damping, 0.0, 1e6, lo_open=True)
-        max_growths = checks.check_int("max_growths", max_growths, 0, MAX_STAGES)
+        opts = check_criterion(config, len(_blocks(model)), tau=tau, check_every=check_every, candidates=candidates,
+                               widen_factor=widen_factor, score_examples=score_examples, damping=damping,
+                               max_growths=max_growths)
+        tau, check_every, candidates = opts["tau"], opts["check_every"], opts["candidates"]
+        widen_factor, score_examples, damping = opts["widen_factor"], opts["score_examples"], opts["damping"]
+        max_growths = opts["max_growths"]
         stages = []
     for arg, v in (("group", group), ("name", name)):
         if v is not None:
@@ -887,6 +885,28 @@ def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = 
     if criterion is not None:
         run.meta.update(criterion=criterion, tau=tau, trace=trace)
     return run
+
+
+def check_criterion(config: TrainConfig, n_layers: int, *, tau: float = 2.0, check_every: int | None = None,
+                    candidates=CANDIDATES, widen_factor: float = 2.0, score_examples: int = 64,
+                    damping: float = 1e-4, max_growths: int = 8) -> dict:
+    """Validate the options of ``grow(criterion="natural", ...)`` for ``config`` and a model of ``n_layers``
+    blocks; returns them checked (``check_every`` filled in: ``config.steps // 10`` by default)."""
+    config = config.validate()
+    tau = checks.check_float("tau", tau, 1.0, 1e9)
+    check_every = checks.check_int("check_every", check_every, 1, config.steps) if check_every is not None \
+        else max(1, config.steps // 10)
+    if isinstance(candidates, str) or not hasattr(candidates, "__iter__"):
+        raise ValueError(f"candidates must be a non-empty list of distinct values from {list(CANDIDATES)}, "
+                         f"got {candidates!r}")
+    candidates = list(checks.check_choices("candidates", list(candidates), CANDIDATES))
+    if n_layers == 0 and "add_layer" not in candidates:
+        raise ValueError("candidates: a model with 0 blocks can only grow by 'add_layer'; include it")
+    return {"tau": tau, "check_every": check_every, "candidates": candidates,
+            "widen_factor": checks.check_float("widen_factor", widen_factor, 1.0, 64.0, lo_open=True),
+            "score_examples": checks.check_int("score_examples", score_examples, 1, MAX_SCORE_EXAMPLES),
+            "damping": checks.check_float("damping", damping, 0.0, 1e6, lo_open=True),
+            "max_growths": checks.check_int("max_growths", max_growths, 0, MAX_STAGES)}
 
 
 def trace_table(run):

@@ -8,7 +8,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-__all__ = ["stage_boundaries", "growth_curves", "block_strip", "compare_curves", "depth_sweep_figure", "glyph_grid"]
+__all__ = ["stage_boundaries", "growth_curves", "block_strip", "compare_curves", "depth_sweep_figure", "glyph_grid",
+           "eta_trace", "width_depth_timeline"]
 
 _SPLIT_COLORS = {"batch": "#c7c7c7", "train": "#1f77b4", "val": "#d62728"}
 _METHOD_COLORS = {"grown": "#2ca02c", "scratch": "#7f7f7f"}
@@ -154,4 +155,64 @@ def glyph_grid(images, labels, columns: int = 12, title: str = "") -> go.Figure:
     fig.update_yaxes(visible=False, scaleanchor="x")
     fig.update_layout(title=title or None, height=max(160, 70 * rows + 40), template="plotly_white",
                       margin=dict(l=10, r=10, t=40 if title else 10, b=10))
+    return fig
+
+
+def eta_trace(trace: pd.DataFrame, tau: float | None = None, title: str = "") -> go.Figure:
+    """The natural expansion score at every check of ``grow(criterion="natural")``.
+
+    ``trace``: :func:`workbench.growth.trace_table` (``step, candidate, op, eta, eta_new, eta_ratio,
+    accepted``). Left: ``eta`` of the model against step (log), with the accepted proposals' ``eta'`` as
+    stars. Right: every proposal's ``eta'/eta`` (circles rejected, stars accepted, coloured by operation)
+    against step, ``tau`` dashed.
+    """
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("eta = g^T F^-1 g", "proposals: eta' / eta"),
+                        horizontal_spacing=0.12)
+    colors = {"add_layer": "#1f77b4", "widen": "#ff7f0e"}
+    if trace is not None and len(trace):
+        base = trace.groupby("step", as_index=False)["eta"].first().sort_values("step")
+        fig.add_trace(go.Scatter(x=base["step"].tolist(), y=base["eta"].tolist(), mode="lines+markers", name="eta",
+                                 line=dict(color="#333333")), row=1, col=1)
+        acc = trace[trace["accepted"].astype(bool)]
+        if len(acc):
+            fig.add_trace(go.Scatter(x=acc["step"].tolist(), y=acc["eta_new"].tolist(), mode="markers",
+                                     name="eta' accepted", marker=dict(symbol="star", size=13, color="#2ca02c"),
+                                     text=acc["candidate"].tolist(), hovertemplate="%{text}: %{y:.4g}"),
+                          row=1, col=1)
+        for op, g in trace.groupby("op", sort=False):
+            for accepted, sel in g.groupby(g["accepted"].astype(bool)):
+                fig.add_trace(go.Scatter(
+                    x=sel["step"].tolist(), y=sel["eta_ratio"].tolist(), mode="markers",
+                    name=f"{op} {'accepted' if accepted else 'rejected'}", text=sel["candidate"].tolist(),
+                    hovertemplate="%{text}: eta'/eta = %{y:.4g}",
+                    marker=dict(symbol="star" if accepted else "circle-open", size=13 if accepted else 8,
+                                color=colors.get(op, "#7f7f7f"))), row=1, col=2)
+    if tau is not None and math.isfinite(tau):
+        fig.add_hline(y=tau, line=dict(color="black", dash="dash", width=1), annotation_text=f"tau = {tau:g}",
+                      annotation_position="top left", row=1, col=2)
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_xaxes(title_text="step")
+    fig.update_layout(title=title or None, height=340, **_LAYOUT)
+    return fig
+
+
+def width_depth_timeline(timeline: pd.DataFrame, title: str = "") -> go.Figure:
+    """Depth (blocks) and total MLP width (hidden units over all blocks) against step, as steps.
+
+    ``timeline``: :func:`workbench.growth.timeline_table` (``stage, op, step, n_layers, width``).
+    """
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    if timeline is not None and len(timeline):
+        t = timeline.sort_values("step")
+        ops = [f"{o}" for o in t["op"]]
+        fig.add_trace(go.Scatter(x=t["step"].tolist(), y=t["n_layers"].tolist(), mode="lines+markers",
+                                 line=dict(shape="hv", color="#1f77b4"), name="depth (blocks)", text=ops,
+                                 hovertemplate="step %{x}: %{y} blocks (%{text})"), secondary_y=False)
+        fig.add_trace(go.Scatter(x=t["step"].tolist(), y=t["width"].tolist(), mode="lines+markers",
+                                 line=dict(shape="hv", color="#ff7f0e", dash="dot"), name="width (hidden units)",
+                                 text=ops, hovertemplate="step %{x}: %{y} units (%{text})"), secondary_y=True)
+    fig.update_yaxes(title_text="blocks", rangemode="tozero", dtick=1, secondary_y=False)
+    fig.update_yaxes(title_text="hidden units", rangemode="tozero", secondary_y=True)
+    fig.update_xaxes(title_text="step")
+    fig.update_layout(title=title or None, height=300, **_LAYOUT)
     return fig

@@ -8,7 +8,7 @@ import pandas as pd
 import panel as pn
 
 from .. import data, growth, models, recipes
-from ..figures.growth import block_strip, growth_curves
+from ..figures.growth import block_strip, eta_trace, growth_curves, width_depth_timeline
 from ..training import Callback, TrainConfig
 from .common import TextUpload, config_widgets, escape_md, values_from_widgets
 from .page import Page
@@ -22,7 +22,16 @@ blocks cost no backward pass), with stage boundaries dotted. The strip shows the
 grey, with their parameter counts. Every stage is saved to the run store (one entry per stage), so
 the other pages can open any stage. **Add a layer now** grows the running model between two steps. The
 **text** task trains on a file you upload (or a built-in corpus). Closing the tab does not lose the run: it
-finishes its schedule and every stage is saved (find it under **Runs**)."""
+finishes its schedule and every stage is saved (find it under **Runs**).
+
+**widen** (a stage operation) doubles the MLP hidden units of one block (the top one unless the code says
+otherwise) keeping the function: new units with zero outgoing weights (**zero**, **orthogonal**: incoming
+weights orthogonal to the old) or Net2WiderNet's **copy** (duplicated units, outgoing weights split).
+**Growth by the natural criterion** lets the model decide: every few steps it scores the natural expansion
+score eta = g^T F^-1 g (the gradient's size measured by the empirical diagonal Fisher) of the model and of
+each candidate addition (a zero block at every position, each block widened), and takes the best one when
+eta'/eta > tau. The eta trace shows every proposal, accepted ones as stars; the timeline shows depth and
+width as the run grows."""
 
 CODE = """import workbench as wb
 from workbench import growth
@@ -31,6 +40,16 @@ model = wb.models.build(wb.models.config_for(ds{model}))
 schedule = {schedule}
 run = growth.grow(model, ds, schedule, wb.TrainConfig({train}), store=wb.RunStore())
 wb.figures.growth.growth_curves(run.metrics, x="flops")"""
+
+CRITERION_CODE = """import workbench as wb
+from workbench import growth
+ds = wb.data.load({name!r}{opts})
+model = wb.models.build(wb.models.config_for(ds{model}))
+run = growth.grow(model, ds, config=wb.TrainConfig({train}), criterion="natural", {criterion}, store=wb.RunStore())
+wb.figures.growth.eta_trace(growth.trace_table(run), tau=run.meta["tau"])
+wb.figures.growth.width_depth_timeline(growth.timeline_table(run))"""
+
+MODES = {"Schedule": "schedule", "Natural criterion (grow when eta'/eta > tau)": "natural"}
 
 PRESET_LABELS = {
     "One layer at a time, lower layers frozen": "layerwise",
@@ -101,7 +120,9 @@ class _Live(Callback):
 
     def on_stage(self, run) -> None:
         self.previous = run.metrics
-        self.ctx.report({"metrics": run.metrics, "blocks": growth.block_table(run.model), "stage_done": True})
+        self.ctx.report({"metrics": run.metrics, "blocks": growth.block_table(run.model), "stage_done": True,
+                         "trace": growth.trace_table(run) if "trace" in (run.meta or {}) else None,
+                         "tau": (run.meta or {}).get("tau")})
 
     def on_step(self, state) -> None:
         if state.step % self.every:
@@ -114,12 +135,17 @@ class _Live(Callback):
                                 f"loss {state.loss:.4f}")
 
 
-def _grow_job(ctx, dataset_name, dataset_options, model_config, train_config, schedule, store, control, name):
+def _grow_job(ctx, dataset_name, dataset_options, model_config, train_config, schedule, store, control, name,
+              criterion=None):
+    """``criterion``: None (follow ``schedule``) or the keyword arguments of ``grow(criterion="natural", ...)``."""
     ds = data.load(dataset_name, **dataset_options)
     model = models.build(model_config)
-    total = sum(s.steps for s in schedule)
+    total = sum(s.steps for s in schedule) if criterion is None else train_config.steps
     live = _Live(ctx, total)
     control.stop_event = ctx.stop_event
+    if criterion is not None:
+        return growth.grow(model, ds, None, train_config, store=store, callbacks=[live], control=control,
+                           on_stage=live.on_stage, name=name, criterion="natural", **criterion)
     return growth.grow(model, ds, schedule, train_config, store=store, callbacks=[live], control=control,
                        on_stage=live.on_stage, name=name)
 
@@ -151,7 +177,7 @@ class GrowPage(Page):
         self.stages = pn.widgets.Tabulator(
             stages_to_frame([]), show_index=False, height=200, width=520, layout="fit_columns",
             editors={"op": {"type": "list", "values": list(growth.OPS)},
-                     "init": {"type": "list", "values": list(growth.INITS)},
+                     "init": {"type": "list", "values": list(dict.fromkeys(growth.INITS + growth.WIDEN_INITS))},
                      "steps": {"type": "number"}, "freeze": {"type": "input"}, "lr": {"type": "input"}})
         self.add_stage = pn.widgets.Button(name="+ stage", width=80)
         self.add_stage.on_click(lambda _: self._add_row())
@@ -163,10 +189,23 @@ class GrowPage(Page):
         self.add_init = pn.widgets.Select(name="new block init", options=list(growth.INITS), value="zero", width=110)
         self.add_now = pn.widgets.Button(name="Add a layer now", button_type="success", width=140, disabled=True)
         self.add_now.on_click(lambda _: self.request_layer())
+        self.mode = pn.widgets.RadioBoxGroup(name="growth", options=list(MODES), value="Schedule")
+        self.tau = pn.widgets.FloatInput(name="tau (accept when eta'/eta > tau)", value=2.0, width=150)
+        self.total_steps = pn.widgets.IntInput(name="total steps", value=300, width=110)
+        self.check_every = pn.widgets.IntInput(name="check every (steps)", value=30, width=130)
+        self.candidates = pn.widgets.CheckButtonGroup(name="candidates", options=list(growth.CANDIDATES),
+                                                      value=list(growth.CANDIDATES))
+        self.widen_factor = pn.widgets.FloatInput(name="widen factor", value=2.0, width=100)
+        self.score_examples = pn.widgets.IntInput(name="examples scored", value=64, width=110)
+        self.criterion_box = pn.Column(pn.Row(self.tau, self.total_steps), pn.Row(self.check_every, self.widen_factor),
+                                       self.candidates, self.score_examples, visible=False, margin=0)
+        self.mode.param.watch(self._on_mode, "value")
         self.upload = TextUpload()
         self.upload_box = pn.Column(margin=0)
         self.plot = pn.pane.Plotly(growth_curves(None), sizing_mode="stretch_width", height=360)
         self.strip = pn.pane.Plotly(block_strip(None), sizing_mode="stretch_width", height=160)
+        self.eta_plot = pn.pane.Plotly(eta_trace(None), sizing_mode="stretch_width", height=360, visible=False)
+        self.timeline = pn.pane.Plotly(width_depth_timeline(None), sizing_mode="stretch_width", height=310)
         self.stage_table = pn.pane.DataFrame(pd.DataFrame(), index=False, sizing_mode="stretch_width")
         self.result = pn.pane.Markdown("")
         self.control = growth.GrowControl()
@@ -198,11 +237,12 @@ class GrowPage(Page):
         self.fill_preset()
 
     def side(self):
-        return [self.recipe, self.dataset, self.upload_box, self.preset, self.stage_steps, self.apply_preset,
-                pn.Row(self.start_button, self.add_now), self.add_init]
+        return [self.recipe, self.dataset, self.upload_box, self.mode, self.criterion_box, self.preset,
+                self.stage_steps, self.apply_preset, pn.Row(self.start_button, self.add_now), self.add_init]
 
     def figures(self):
-        return [self.result, pn.Row(pn.pane.Markdown("x axis:", margin=(8, 5)), self.x_axis), self.plot, self.strip]
+        return [self.result, pn.Row(pn.pane.Markdown("x axis:", margin=(8, 5)), self.x_axis), self.plot, self.strip,
+                self.eta_plot, self.timeline]
 
     def below(self):
         return [self.stage_table]
@@ -218,6 +258,22 @@ class GrowPage(Page):
         return [self.start_button]
 
     # ---------------------------------------------------------------- forms
+    def natural(self) -> bool:
+        """Whether the page grows by the natural criterion (else: by the stage table)."""
+        return MODES[self.mode.value] == "natural"
+
+    def _on_mode(self, _=None) -> None:
+        natural = self.natural()
+        self.criterion_box.visible = natural
+        self.eta_plot.visible = natural
+        for w in (self.preset, self.stage_steps, self.apply_preset):
+            w.visible = not natural
+
+    def criterion_options(self) -> dict:
+        """The criterion's keyword arguments for ``growth.grow`` (checked there; ValueError names the field)."""
+        return {"tau": self.tau.value, "check_every": self.check_every.value, "candidates": list(self.candidates.value),
+                "widen_factor": self.widen_factor.value, "score_examples": self.score_examples.value}
+
     def _rebuild_forms(self, _=None) -> None:
         name = self.dataset.value
         defaults = DEFAULT_KHOP if name == "khop" else {}
@@ -301,11 +357,17 @@ class GrowPage(Page):
         overrides = values_from_widgets(self.model_widgets)
         start = self.start_layers.value
         key = PRESET_LABELS[self.preset.value]
-        n_layers = self.final_layers.value if key == "scratch" else start
+        n_layers = self.final_layers.value if key == "scratch" and not self.natural() else start
         if n_layers is None:
             raise ValueError("start blocks must be an integer >= 0")
         mc = models.config_for(ds, n_layers=n_layers, **overrides)
         values = values_from_widgets(self.train_widgets)
+        if self.natural():
+            if self.total_steps.value is None:
+                raise ValueError("total steps must be an integer >= 1, got nothing")
+            tc = TrainConfig(steps=self.total_steps.value, **values).validate()
+            crit = growth.check_criterion(tc, mc.n_layers, **self.criterion_options())
+            return opts, mc, tc, crit
         tc = TrainConfig(steps=1, **values).validate()
         stages = growth.check_schedule(frame_to_stages(self.stages.value), mc.n_layers)
         return opts, mc, tc, stages
@@ -325,14 +387,21 @@ class GrowPage(Page):
         self.result.object = ""
         self.metrics = None
         self.control = growth.GrowControl()
-        args = (self.dataset.value, opts, mc, tc, stages, self.datastore.store, self.control,
-                f"{self.dataset.value}-grow")
+        crit = stages if isinstance(stages, dict) else None
+        args = (self.dataset.value, opts, mc, tc, [] if crit else stages, self.datastore.store, self.control,
+                f"{self.dataset.value}-grow", crit)
         self.start_task(_grow_job, *args, wait=wait)
 
     def _code(self, opts, mc, tc, stages) -> str:
         shown = {k: v for k, v in opts.items() if k != "text"}
         upload = (f"text=open({self.upload.filename or 'my_text.txt'!r}, encoding='utf-8').read()"
                   if "text" in opts else "")
+        if isinstance(stages, dict):  # the natural criterion's options
+            return CRITERION_CODE.format(
+                name=self.dataset.value, opts="".join(", " + part for part in (upload, _kwargs(shown)) if part),
+                model=", " + _kwargs({k: getattr(mc, k) for k in (*self.model_widgets, "n_layers")}),
+                train=_kwargs({k: v for k, v in dataclasses.asdict(tc).items() if k != "warmup"}),
+                criterion=_kwargs(stages))
         return CODE.format(
             name=self.dataset.value, opts="".join(", " + part for part in (upload, _kwargs(shown)) if part),
             model=", " + _kwargs({k: getattr(mc, k) for k in (*self.model_widgets, "n_layers")}),
@@ -358,6 +427,8 @@ class GrowPage(Page):
         self.metrics = payload["metrics"]
         self._redraw()
         self.strip.object = block_strip(payload["blocks"])
+        if payload.get("trace") is not None:
+            self.eta_plot.object = eta_trace(payload["trace"], payload.get("tau"))
         if payload.get("stage_done"):
             self.datastore.refresh()
 
@@ -366,6 +437,9 @@ class GrowPage(Page):
         self.metrics = run.metrics
         self._redraw()
         self.strip.object = block_strip(growth.block_table(run.model))
+        self.timeline.object = width_depth_timeline(growth.timeline_table(run))
+        if "trace" in run.meta:
+            self.eta_plot.object = eta_trace(growth.trace_table(run), run.meta.get("tau"))
         stages = pd.DataFrame(run.meta["stages"])
         if len(stages):
             stages = stages[["stage", "op", "steps_done", "n_layers", "freeze", "init", "interrupted", "flops"]]
@@ -373,7 +447,11 @@ class GrowPage(Page):
                                    flops=stages["flops"].map(lambda f: f"{f:.3g}"))
         self.stage_table.object = stages
         self.datastore.refresh()
-        self.result.object = (f"**{escape_md(run.status)}**: {run.model.config.n_layers} blocks, val loss "
+        widths = growth.width_table(run.model)["width"].tolist()
+        accepted = int(growth.trace_table(run)["accepted"].sum()) if "trace" in run.meta else None
+        self.result.object = (f"**{escape_md(run.status)}**: {run.model.config.n_layers} blocks (hidden units "
+                              f"{escape_md(', '.join(map(str, widths)) or 'none')}"
+                              + (f"; {accepted} proposals accepted" if accepted is not None else "") + "), val loss "
                               f"{run.final('loss'):.4f}, val acc {run.final('acc'):.3f}, "
                               f"{run.meta['flops']:.3g} training FLOPs; {len(run.meta['stage_run_ids'])} stages "
                               f"saved (group {escape_md(run.meta['group'])})")
