@@ -5,14 +5,18 @@ layer or a token only re-slices the cached tables and redraws, so it stays fast.
 """
 from __future__ import annotations
 
+import io
 import json
+import re
 import time
+from pathlib import Path
 
 import pandas as pd
 import panel as pn
 import torch
 
 from .. import interop, residual, roots
+from ..figures import interventions as ifigs
 from ..figures import residual as figs
 from .common import dataset_from_spec, escape_md, run_options
 from .page import Page
@@ -27,7 +31,16 @@ A **logit mixture** built on the Compose page has one residual stream per member
 contributions, lens (against the mixture's output) and skip effects inside the mixture; the attribution
 splits the mixture's logit over all members' components, each scaled by the member's weight. A **Hugging Face
 model** is picked from the model folders the server offers (`WORKBENCH_MODEL_ROOTS`: by default the run store
-and the local Hugging Face cache; a folder with `config.json` and `*.safetensors` weights)."""
+and the local Hugging Face cache; a folder with `config.json` and `*.safetensors` weights) or, when the server
+is online, named on the Hub; typed text then goes through the model's own tokenizer. GPT-2, Pythia (GPT-NeoX),
+Llama, Mistral, Qwen 2/3, Gemma and Phi are read.
+
+**Click a cell of the logit-lens heat-map** (a layer and a token) to intervene there: *erase* replaces that
+residual by the mean residual and shows the change downstream and in the output distribution; *skip from here*
+replaces the layer by the identity from that token on; *patch* puts the clean run's residual into a corrupt run
+(type the corrupt text, same length) and shows how much of the clean answer comes back. **Depth report** runs
+every analysis at once (integrated gradients, depth score, erasure, patching) and gives an HTML file to keep;
+its estimated memory and time are shown before it starts."""
 
 NO_RUN_CODE = """import workbench as wb
 # no stored run chosen yet: train or grow one (or pick a Hugging Face model); this box then shows the calls"""
@@ -49,6 +62,8 @@ NO_HF_MODELS = ("No Hugging Face model folders found in the model roots (`WORKBE
 NO_MIXTURE = ("No mixture in this session yet: build a logit mixture on the **Compose** page first "
               "(*Compose and evaluate* with *logit mean* or *gated mixture*), then come back here.")
 INPUTS = ["Dataset sample", "Typed text"]
+INTERVENTIONS = ["erase", "skip from here", "patch"]
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 VECTOR_BATCH = 256  # vector datasets: analyse this many validation examples at once
 
 
@@ -130,6 +145,8 @@ class ResidualPage(Page):
         self.hf_model = pn.widgets.Select(label="Hugging Face model (from the model folders)", options={},
                                           width=320, visible=False)
         self.hf_refresh = pn.widgets.Button(name="Refresh", width=80, visible=False)
+        self.hub_name = pn.widgets.TextInput(name="or a Hub name (the server must be online)",
+                                             placeholder="EleutherAI/pythia-70m", width=320, visible=False)
         self.hf_refresh.on_click(lambda _: self.refresh_models())
         self.no_hf_models = pn.pane.Markdown(NO_HF_MODELS, visible=False, sizing_mode="stretch_width")
         self._hf_listed = False
@@ -142,8 +159,19 @@ class ResidualPage(Page):
         self.sample = pn.widgets.IntInput(label="sample (validation split)", value=0, start=0, width=170)
         self.text = pn.widgets.TextInput(label="text (characters of the vocabulary, or token ids '3 1 4')",
                                          placeholder="The cat sees the moon.", width=320, visible=False)
+        self.corrupt_text = pn.widgets.TextInput(name="corrupt text (for patching; same number of tokens)",
+                                                 width=320, visible=False)
         self.analyse_button = pn.widgets.Button(label="Analyse", button_type="primary", width=100)
         self.analyse_button.on_click(lambda _: self.analyse())
+        self.report_button = pn.widgets.Button(label="Depth report", button_type="primary", width=120)
+        self.report_button.on_click(lambda _: self.run_report())
+        self.report_file = pn.widgets.FileDownload(label="Download the report (HTML)", filename="depth_report.html",
+                                                   visible=False, width=260, embed=False)
+        self.intervention = pn.widgets.RadioButtonGroup(name="intervention", options=INTERVENTIONS,
+                                                        value=INTERVENTIONS[0])
+        self.intervene_button = pn.widgets.Button(label="Intervene at (layer, token)", width=200)
+        self.intervene_button.on_click(lambda _: self.intervene())
+        self.estimate_note = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.stage = pn.widgets.DiscreteSlider(label="growth stage", options={"-": None}, visible=False, width=300)
         self.layer = pn.widgets.IntSlider(label="layer", start=0, end=1, value=0, width=260, disabled=True)
         self.position = pn.widgets.IntSlider(label="token position", start=0, end=1, value=0, width=260,
@@ -158,10 +186,20 @@ class ResidualPage(Page):
         self.attr_pane = pn.pane.Plotly(figs.attribution_figure(None), sizing_mode="stretch_width", height=380)
         self.stages_pane = pn.pane.Plotly(figs.stages_figure(None), sizing_mode="stretch_width", height=320,
                                           visible=False)
+        self.intervene_note = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.intervene_pane = pn.pane.Plotly(figs.erasure_heatmap(None), sizing_mode="stretch_width", height=340)
+        self.intervene_out_pane = pn.pane.Plotly(ifigs.output_change_figure(None), sizing_mode="stretch_width",
+                                                 height=340)
+        self.report_note = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.ig_pane = pn.pane.Plotly(figs.ig_heatmap(None), sizing_mode="stretch_width", height=340)
+        self.report_patch_pane = pn.pane.Plotly(figs.patch_heatmap(None), sizing_mode="stretch_width", height=340)
+        self.report = None                   # the last DepthReport
+        self.last_intervention = None        # (kind, layer, position, result)
         self.analysis: Analysis | None = None
         self.last_redraw_ms = 0.0
         self._cache: dict = {}       # (model key, input key) -> Analysis
         self._models: dict = {}      # model key -> (model, vocab, dataset spec)
+        self._tokenizers: dict = {}  # model key -> the Hugging Face model's own tokenizer (or absent)
         self._datasets: dict = {}    # dataset spec json -> Dataset
         self._stage_stats: dict = {}  # (group, input key) -> DataFrame with a stage column
         self._known_runs: set[str] | None = None  # run ids seen at the last refresh
@@ -175,6 +213,7 @@ class ResidualPage(Page):
         self.layer.param.watch(self._layer_changed, "value")
         self.position.param.watch(self._position_changed, "value")
         self.lens_metric.param.watch(self._position_changed, "value")
+        self.lens_pane.param.watch(self._lens_clicked, "click_data")
         self._refresh_runs()
 
     def _layer_changed(self, _=None) -> None:
@@ -187,20 +226,29 @@ class ResidualPage(Page):
         self._refresh_runs()
 
     def on_done(self, result) -> None:
-        self._on_done(result)
+        kind, value = result
+        if kind == "analysis":
+            self._on_done(value)
+        elif kind == "report":
+            self._report_done(value)
+        else:
+            self._intervention_done(value)
 
     def side(self):
-        return [self.source, self.run_select, self.hf_model, self.hf_refresh, self.no_hf_models, self.mixture_select,
-                self.member, self.no_mixture, self.input_kind, self.domain, self.sample, self.text, self.stage,
-                self.analyse_button, self.layer, self.position, self.lens_metric]
+        return [self.source, self.run_select, self.hf_model, self.hf_refresh, self.hub_name, self.no_hf_models,
+                self.mixture_select, self.member, self.no_mixture, self.input_kind, self.domain, self.sample, self.text,
+                self.corrupt_text, self.stage, self.analyse_button, self.layer, self.position, self.lens_metric,
+                self.intervention, self.intervene_button, self.report_button, self.report_file, self.estimate_note]
 
     def figures(self):
         return [self.summary, self.contrib_pane, self.stages_pane,
                 pn.Row(self.lens_pane, self.attr_pane, sizing_mode="stretch_width"), self.position_pane,
-                pn.Row(self.skip_pane, self.skip_out_pane, sizing_mode="stretch_width")]
+                pn.Row(self.skip_pane, self.skip_out_pane, sizing_mode="stretch_width"),
+                self.intervene_note, pn.Row(self.intervene_pane, self.intervene_out_pane, sizing_mode="stretch_width"),
+                self.report_note, pn.Row(self.ig_pane, self.report_patch_pane, sizing_mode="stretch_width")]
 
     def run_buttons(self):
-        return [self.analyse_button]
+        return [self.analyse_button, self.intervene_button, self.report_button]
 
     def as_code(self) -> str:
         """The engine calls for the chosen model and input (a stored run or model folder; a mixture: a note)."""
@@ -218,11 +266,22 @@ class ResidualPage(Page):
             lines += [f"run = wb.RunStore().load({run_id!r})",
                       "model, vocab, spec = run.model, getattr(run.model.config, 'vocab', None), run.dataset"]
         else:
-            if not self.hf_model.value:
+            hub = self.hub_name.value.strip()
+            if not (self.hf_model.value or hub):
                 return NO_RUN_CODE
             sequence = True
-            lines += [f"model, meta = wb.interop.load_gpt2(wb.roots.resolve_model({self.hf_model.value!r}))",
-                      "vocab, spec = meta.get('vocab'), meta.get('dataset')"]
+            if hub:
+                lines += [f"model, tokenizer = wb.interop.load_hf({hub!r})", "vocab, spec = None, None"]
+            elif (Path(self.hf_model.value) / interop.EXPORT_META).is_file():
+                lines += [f"model, meta = wb.interop.load_gpt2(wb.roots.resolve_model({self.hf_model.value!r}))",
+                          "vocab, spec = meta.get('vocab'), meta.get('dataset')"]
+            else:
+                lines += [f"model, tokenizer = wb.interop.load_hf(wb.roots.resolve_model({self.hf_model.value!r}))",
+                          "vocab, spec = None, None"]
+                if self.input_kind.value == INPUTS[1]:
+                    lines += [f"x, y = torch.tensor([tokenizer({self.text.value!r})['input_ids']]), None"]
+                    lines.append(ANALYSIS_CODE.format(seq=True, first=""))
+                    return "\n".join(lines)
         if self.input_kind.value == INPUTS[1]:
             _, _, vocab, _ = self._model()
             lines += [f"x, y = torch.tensor([{_encode(self.text.value, vocab)!r}]), None  # {self.text.value!r}"]
@@ -290,13 +349,14 @@ class ResidualPage(Page):
             self.refresh_models()  # the first look at the model folders (then on Refresh)
             return
         self.run_select.visible = self.source.value == SOURCES[0]
-        self.hf_model.visible = self.hf_refresh.visible = hf
+        self.hf_model.visible = self.hf_refresh.visible = self.hub_name.visible = hf
         self.no_hf_models.visible = hf and not self.hf_model.options
         has_mixtures = bool(self.mixture_select.options)
         self.mixture_select.visible = self.member.visible = mix and has_mixtures
         self.no_mixture.visible = mix and not has_mixtures
         typed = self.input_kind.value == INPUTS[1]
         self.text.visible, self.sample.visible = typed, not typed
+        self.corrupt_text.visible = typed
         self.domain.visible = mix and has_mixtures and not typed
         self._sync_stages()
 
@@ -364,6 +424,15 @@ class ResidualPage(Page):
             vocab = info.get("vocab") or getattr(model.config, "vocab", None)
             return key, model, vocab, spec
         else:
+            hub = self.hub_name.value.strip()
+            if hub:
+                key = ("hub", _check_hub_name(hub))
+                if key not in self._models:
+                    model, tokenizer = interop.load_hf(hub)
+                    self._tokenizers[key] = tokenizer
+                    self._models[key] = (model, _tokenizer_vocab(tokenizer), None)
+                model, vocab, spec = self._models[key]
+                return key, model, vocab, spec
             choice = self.hf_model.value
             if not choice:
                 raise ValueError(NO_HF_MODELS.replace("**", "").replace("`", ""))
@@ -372,12 +441,29 @@ class ResidualPage(Page):
             if key not in self._models:
                 label = next((k for k, v in self.hf_model.options.items() if v == choice), "the chosen model")
                 try:
-                    model, meta = interop.load_gpt2(path)
+                    if (path / interop.EXPORT_META).is_file():   # one of ours, exported with its vocabulary
+                        model, meta = interop.load_gpt2(path)
+                        self._models[key] = (model, meta.get("vocab"), meta.get("dataset"))
+                    else:                                        # any supported family, its own tokenizer
+                        model, tokenizer = interop.load_hf(path)
+                        self._tokenizers[key] = tokenizer
+                        self._models[key] = (model, _tokenizer_vocab(tokenizer), None)
                 except ValueError as e:  # name the model by its label, not by its place on the server
                     raise ValueError(str(e).replace(str(path), label)) from None
-                self._models[key] = (model, meta.get("vocab"), meta.get("dataset"))
         model, vocab, spec = self._models[key]
         return key, model, vocab, spec
+
+    def _tokenizer(self):
+        key = self._model()[0]
+        return self._tokenizers.get(key)
+
+    def _encode_text(self, text: str, vocab, tokenizer, field: str = "text") -> list[int]:
+        if tokenizer is not None:
+            ids = list(tokenizer(text)["input_ids"])
+            if not ids:
+                raise ValueError(f"{field}: the tokenizer gives no tokens for this text")
+            return ids
+        return _encode(text, vocab)
 
     def _input(self, model, vocab, spec):
         """``(input key, x, tokens, y)`` for the chosen input."""
@@ -389,7 +475,8 @@ class ResidualPage(Page):
             text = self.text.value
             if not text:
                 raise ValueError("type some text (or choose a dataset sample)")
-            ids = _encode(text, vocab)
+            tokenizer = self._tokenizer()
+            ids = self._encode_text(text, vocab, tokenizer)
             n_vocab = int(model.config.vocab_size)
             if any(not 0 <= i < n_vocab for i in ids):
                 raise ValueError(f"token ids must be in [0, {n_vocab - 1}]")
@@ -434,9 +521,23 @@ class ResidualPage(Page):
             return
         job_args = (cache_key, model, x, tokens, vocab, y, group, input_key)
         self.show_code()
+        self._show_estimate(model, x)
         self.start_task(self._job, *job_args, wait=wait)
 
+    def _show_estimate(self, model, x) -> None:
+        """The depth report's estimated memory and time for this input, shown before anything long starts."""
+        if residual.is_mixture(model) or residual.adapter(model).family != "transformer":
+            self.estimate_note.object = ""
+            return
+        est = residual.estimate(model, int(x.numel()), "report")
+        self.estimate_note.object = (f"Depth report on these {int(x.numel())} tokens: about "
+                                     f"{est['bytes'] / 2**20:.0f} MB above the model and {est['seconds']:.1f} s "
+                                     f"({est['forwards']:.0f} forwards).")
+
     def _job(self, ctx, cache_key, model, x, tokens, vocab, y, group, input_key):
+        return "analysis", self._analysis_job(ctx, cache_key, model, x, tokens, vocab, y, group, input_key)
+
+    def _analysis_job(self, ctx, cache_key, model, x, tokens, vocab, y, group, input_key):
         ctx.report(message="analysing", progress=0.1)
         analysis = self._cache.get(cache_key) or Analysis(model, x, tokens, vocab, y)
         stages = None
@@ -454,6 +555,123 @@ class ResidualPage(Page):
                 stages = pd.concat(frames, ignore_index=True) if frames else None
                 self._stage_stats[gkey] = stages
         return cache_key, analysis, stages
+
+    # ---------------------------------------------------------------- interventions and the depth report
+    def _sequence_input(self, what: str):
+        """``(model, x, tokens, x_corrupt or None)`` of the chosen single sequence model and input."""
+        key, model, vocab, spec = self._model()
+        if residual.is_mixture(model):
+            raise ValueError(f"{what} reads one model: choose a stored run or a Hugging Face model, not a mixture")
+        if residual.adapter(model).family != "transformer":
+            raise ValueError(f"{what} needs a sequence model (token positions); this is a vector model")
+        _, x, tokens, _ = self._input(model, vocab, spec)
+        corrupt = None
+        if self.input_kind.value == INPUTS[1] and self.corrupt_text.value:
+            ids = self._encode_text(self.corrupt_text.value, vocab, self._tokenizer(), "corrupt text")
+            if len(ids) != x.shape[1]:
+                raise ValueError(f"corrupt text must have as many tokens as the text ({x.shape[1]}), got {len(ids)}")
+            n_vocab = int(model.config.vocab_size)
+            if any(not 0 <= i < n_vocab for i in ids):
+                raise ValueError(f"corrupt text: token ids must be in [0, {n_vocab - 1}]")
+            corrupt = torch.tensor([ids])
+        return model, x, tokens, corrupt
+
+    def _lens_clicked(self, event) -> None:
+        """A click on the logit-lens heat-map: that cell's layer and token become the choice, then intervene."""
+        points = (event.new or {}).get("points") or []
+        a = self.analysis
+        if not points or a is None or not a.sequence:
+            return
+        pt = points[0]
+        number = pt.get("pointNumber")
+        if isinstance(number, (list, tuple)) and len(number) == 2:
+            layer, pos = int(number[0]), int(number[1])
+        else:
+            try:
+                layer, pos = int(pt.get("y")), int(pt.get("x"))
+            except (TypeError, ValueError):
+                return
+        if not (0 <= layer < max(a.n_layers, 1) and 0 <= pos < a.n_positions):
+            return   # the lens' last row is the output, not a layer to intervene on
+        with pn.io.hold():
+            self.layer.value, self.position.value = layer, pos
+        self.intervene()
+
+    def intervene(self, wait: bool = False) -> None:
+        """Erase, skip or patch the chosen (layer, token) and show the change downstream and at the output."""
+        if self.task.busy():
+            return
+        self.errors.clear()
+        kind = self.intervention.value
+        try:
+            model, x, tokens, corrupt = self._sequence_input("an intervention")
+            layer, pos = int(self.layer.value), int(self.position.value)
+            if kind == "patch" and corrupt is None:
+                raise ValueError("patch needs a corrupt input: choose 'Typed text' and type the corrupt text "
+                                 "(same number of tokens)")
+        except Exception as e:
+            self.errors.show(e)
+            return
+        self.start_task(_intervention_job, kind, model, x, tokens, corrupt, layer, pos, wait=wait)
+
+    def _intervention_done(self, value) -> None:
+        kind, layer, pos, tokens, result = value
+        self.last_intervention = (kind, layer, pos, result)
+        self.task.message = ""
+        with pn.io.hold():
+            if kind == "erase":
+                self.intervene_pane.object = figs.erasure_heatmap(result.residual, tokens)
+                self.intervene_out_pane.object = ifigs.output_change_figure(
+                    result.output, tokens, title=f"Output change after erasing layer {layer}, token {pos}")
+                worst = result.output.loc[result.output["kl"].idxmax()]
+                self.intervene_note.object = (
+                    f"**Erased** the residual entering layer {layer} at token {pos} (replaced by the mean residual): "
+                    f"largest output change at token {int(worst.position)}, KL {worst.kl:.3f}.")
+            elif kind == "skip from here":
+                heat, out = result
+                self.intervene_pane.object = figs.skip_heatmap(heat, None)
+                self.intervene_out_pane.object = ifigs.output_change_figure(
+                    out, tokens, title=f"Output change with layer {layer} skipped from token {pos} on")
+                self.intervene_note.object = (
+                    f"**Skipped** layer {layer} from token {pos} on: later layers' contributions change by up to "
+                    f"{heat['effect'].max() if len(heat) else 0.0:.3f} (relative); output KL up to "
+                    f"{out['kl'].max():.3f}.")
+            else:
+                self.intervene_pane.object = figs.with_shapes(figs.patch_heatmap(result, tokens).to_dict(),
+                                                              [figs.cell_box(pos, layer)])
+                self.intervene_out_pane.object = ifigs.output_change_figure(None)
+                cell = result[(result["layer"] == layer) & (result["position"] == pos)]["recovery"]
+                at = f"{float(cell.iloc[0]):.2f}" if len(cell) else "n/a"
+                self.intervene_note.object = (
+                    f"**Patched** the clean residual into the corrupt run: recovery at layer {layer}, token {pos} "
+                    f"= {at} (1: the clean answer fully back; 0: no effect).")
+
+    def run_report(self, wait: bool = False) -> None:
+        """Every depth analysis at once on the chosen input, as a background job; then an HTML file to keep."""
+        if self.task.busy():
+            return
+        self.errors.clear()
+        try:
+            model, x, tokens, corrupt = self._sequence_input("the depth report")
+        except Exception as e:
+            self.errors.show(e)
+            return
+        self._show_estimate(model, x)
+        self.start_task(_report_job, model, x, tokens, corrupt, wait=wait)
+
+    def _report_done(self, value) -> None:
+        rep, tokens, html = value
+        self.report = rep
+        self.task.message = ""
+        with pn.io.hold():
+            self.ig_pane.object = figs.ig_heatmap(rep.ig, tokens)
+            self.report_patch_pane.object = figs.patch_heatmap(rep.patching if len(rep.patching) else None, tokens)
+            self.report_file.file = io.BytesIO(html.encode("utf-8"))
+            self.report_file.visible = True
+            self.report_note.object = (
+                f"**Depth report**: {rep.n_layers} layers, depth score {rep.depth_score:.2f} (centre of mass of the "
+                f"skip effect on the output). " + ("" if len(rep.patching) else
+                                                  "Type a corrupt text of the same length to add patching."))
 
     def _on_done(self, result) -> None:
         cache_key, analysis, stages = result
@@ -551,9 +769,44 @@ class ResidualPage(Page):
         self.last_redraw_ms = 1000 * (time.perf_counter() - t0)
 
 
+def _intervention_job(ctx, kind, model, x, tokens, corrupt, layer, pos):
+    ctx.report(message=f"{kind} at layer {layer}, token {pos}", progress=0.1)
+    if kind == "erase":
+        result = residual.erase(model, x, layer, pos)
+    elif kind == "skip from here":
+        sk = residual.skip_effects(model, x, from_position=pos)
+        heat = sk.heatmap[sk.heatmap["skipped"] == layer].reset_index(drop=True)
+        out = sk.output[sk.output["skipped"] == layer].reset_index(drop=True)
+        result = (heat, out.assign(position=pos))
+    else:
+        result = residual.patch(model, x, corrupt)
+    return "intervention", (kind, layer, pos, tokens, result)
+
+
+def _report_job(ctx, model, x, tokens, corrupt):
+    ctx.report(message="depth report: every analysis", progress=0.05)
+    rep = residual.report(model, x, corrupt=corrupt)
+    return "report", (rep, tokens, figs.depth_report_html(rep, tokens))
+
+
+def _check_hub_name(name: str) -> str:
+    """A Hub name ``owner/name`` and nothing that could name a place on the server."""
+    if not HUB_NAME.fullmatch(name) or ".." in name or Path(name).expanduser().exists():
+        raise ValueError(f"Hub name must look like 'owner/name' (letters, digits, '-', '_', '.'), got {name!r}")
+    return name
+
+
+def _tokenizer_vocab(tokenizer) -> list[str] | None:
+    """Token strings by id (for labels), or None without a tokenizer."""
+    if tokenizer is None:
+        return None
+    return list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+
+
 def _context(model) -> int:
     cfg = model.config
-    return int(getattr(cfg, "context", None) or getattr(cfg, "n_positions"))
+    return int(getattr(cfg, "context", None) or getattr(cfg, "n_positions", None)
+               or getattr(cfg, "max_position_embeddings"))
 
 
 def _encode(text: str, vocab: list[str] | None) -> list[int]:
