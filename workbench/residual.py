@@ -11,6 +11,13 @@ Every function takes a model and an input batch and works on every model an adap
 :func:`logit_attribution`   direct logit attribution of each component to a target token
 :func:`logit_lens`          per layer: KL to the final distribution, top-1 agreement, loss
 :func:`skip_effects`        skipped x affected layer heat-map and output change per skip
+:func:`integrated_gradients` per-layer IG (sequence-mean baseline): layer x position table
+:func:`depth_score`         centre of mass of the skip effect on the output; :func:`depth_vs_difficulty`
+:func:`erase`               token erasure (mean residual) and its downstream change
+:func:`layer_map`           linear maps between the layers of two models, relative error per pair
+:func:`patch`               activation patching: recovery per layer and position
+:func:`estimate`            rough bytes and seconds of an analysis before it runs
+:func:`report`              all of them at once: :class:`DepthReport` (``.to_html(path)``)
 ==========================  ==================================================================
 
 Hook names follow :mod:`workbench.models` (TransformerLens style): ``embed_out``,
@@ -41,7 +48,8 @@ Norm denominators are clamped at ``EPS = 1e-6``. All functions run in eval mode 
 gradients (the model's mode is restored afterwards) on the model's own device.
 
 Definitions: ``docs/definitions.md#relative-contribution``, ``#decomposition``, ``#logit-attribution``,
-``#logit-lens``, ``#skip-effects``.
+``#logit-lens``, ``#skip-effects``, ``#local-skip``, ``#parallel-blocks``, ``#residual-memory``,
+``#integrated-gradients``, ``#depth-score``, ``#erasure``, ``#layer-map``, ``#patching``.
 """
 from __future__ import annotations
 
@@ -712,8 +720,9 @@ class SkipEffects:
     ``heatmap``: ``skipped, affected, effect`` for every ``affected > skipped``, effect =
     mean over tokens of ``||d_l - d~_l|| / ||d_l||`` where ``d_l`` is layer ``l``'s whole-layer
     contribution ``y_l - x_l`` and ``d~_l`` the same with layer ``skipped`` replaced by the
-    identity. ``output``: ``skipped, kl, top1_changed, loss, loss_change`` per skipped layer:
-    KL(p || p_skipped) of the output distribution, share of tokens whose top-1 changes, and
+    identity (mean, or max with ``reduce="max"``). ``output``: ``skipped, kl, l2, top1_changed, loss,
+    loss_change`` per skipped layer: KL(p || p_skipped) of the output distribution,
+    ``l2 = ||p - p_skipped||_2``, share of tokens whose top-1 changes, and
     the loss with the layer skipped and its change (NaN without targets).
 
     For a logit mixture both tables start with a ``member`` column, ``n_layers`` is the deepest
