@@ -73,7 +73,7 @@ def test_classifier_menu_reaches_the_recipe(store):
 
 def test_ebv_head_with_mixup_fills_the_head_gram_and_mixup_figures(store):
     page = CollapsePage(DataStore(store))
-    _small(page, epochs=2)
+    page.epochs.value, page.every.value = 1, 1
     page.save.value = False
     page.classifier.value, page.mixup.value = "ebv", 0.4
     page.train(wait=True)
