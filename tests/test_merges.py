@@ -271,3 +271,25 @@ def test_task_cosines_and_sweep(trio):
     assert math.isclose(got["a", "b"], ref, rel_tol=1e-5) and math.isclose(got["a", "a"], 1.0, rel_tol=1e-6)
     with pytest.raises(ValueError, match="names"):
         compose.task_cosines(base, [a, b], names=["a"])
+
+
+def test_figures_draw_the_tables():
+    import pandas as pd
+
+    from workbench.figures.compose import cosine_matrix, knob_curve, sequential_curve
+
+    cos = pd.DataFrame({"a": ["x", "x", "y", "y"], "b": ["x", "y", "x", "y"], "cosine": [1.0, 0.25, 0.25, 1.0]})
+    heat = cosine_matrix(cos).data[0]
+    assert list(heat.x) == ["x", "y"] and [list(r) for r in heat.z] == [[1.0, 0.25], [0.25, 1.0]]
+    sweep = pd.DataFrame({"method": "slerp", "knob": "t", "x": [0.0, 0.0, 1.0, 1.0], "domain": ["p", "q", "p", "q"],
+                          "metric": "acc", "value": [0.9, 0.1, 0.3, 0.7]})
+    fig = knob_curve(sweep)
+    assert [t.name for t in fig.data] == ["p", "q", "mean"] and list(fig.data[2].y) == pytest.approx([0.5, 0.5])
+    assert fig.layout.xaxis.title.text == "t"
+    seq = pd.DataFrame({"method": ["opcm"] * 3 + ["average"] * 3, "n_tasks": [1, 2, 2] * 2,
+                        "task": ["a", "a", "b"] * 2, "metric": "acc", "value": [1.0, 0.5, 0.7, 1.0, 0.8, 0.8]})
+    fig = sequential_curve(seq)
+    assert [t.name for t in fig.data] == ["opcm", "average"]
+    assert list(fig.data[0].x) == [1, 2] and list(fig.data[0].y) == pytest.approx([1.0, 0.6])
+    for f in (cosine_matrix, knob_curve, sequential_curve):
+        assert f(None).data == ()

@@ -20,7 +20,12 @@ Logit mixtures (:class:`LogitMixture`) need only a shared vocabulary and substra
 merges (:func:`linear`, :func:`task_arithmetic`, :func:`ties`, :func:`lines`) also need the same
 architecture and a shared parent ``base``: a task vector is ``theta_i - theta_base``.
 
-Definitions: ``docs/definitions.md#task-arithmetic``, ``#ties``, ``#lines``, ``#logit-mixture``.
+DARE, SLERP and Model Stock are further weight-space merges, all reached through :func:`merge`;
+:func:`sequential` merges models one at a time as their tasks arrive (OPCM, averaging, task arithmetic)
+and scores each merge on every task seen so far.
+
+Definitions: ``docs/definitions.md#task-arithmetic``, ``#ties``, ``#lines``, ``#logit-mixture``, ``#dare``,
+``#slerp``, ``#model-stock``, ``#task-vector-cosine``, ``#opcm``.
 """
 from __future__ import annotations
 
@@ -768,7 +773,7 @@ def sequential(base: nn.Module, models, method: str = "opcm", datasets=None, alp
     from .permute import check_model_data
 
     checks.check_choice("method", method, SEQUENTIAL)
-    alpha = checks.check_float("alpha", alpha, 0.0, 1.0)
+    alpha = checks.check_float("alpha", alpha, 0.0, 1.0, hi_open=True)
     scale = checks.check_float("scale", scale, -100.0, 100.0)
     checks.check_choice("split", split, ("train", "val"))
     checks.check_int("max_examples", max_examples, 0)

@@ -224,7 +224,7 @@ class ComposePage(Page):
         self.density = pn.widgets.FloatInput(name="TIES / DARE density", value=0.2, start=0.01, end=1.0, step=0.05,
                                              width=130)
         self.t = pn.widgets.FloatInput(name="SLERP t", value=0.5, start=0.0, end=1.0, step=0.05, width=100)
-        self.alpha = pn.widgets.FloatInput(name="OPCM alpha", value=0.5, start=0.0, end=1.0, step=0.05, width=100)
+        self.alpha = pn.widgets.FloatInput(name="OPCM alpha", value=0.5, start=0.0, end=0.99, step=0.05, width=100)
         self.scale = pn.widgets.FloatInput(name="task-vector scale", value=1.0, start=0.0, end=3.0, step=0.1,
                                            width=120)
         self.beta = pn.widgets.FloatInput(name="LiNeS beta", value=0.5, start=0.0, end=2.0, step=0.1, width=110)
@@ -358,7 +358,7 @@ class ComposePage(Page):
             return
         options = self._options()
         for key, lo, hi in (("density", 0.0, 1.0), ("scale", 0.0, 10.0), ("beta", 0.0, 10.0), ("t", 0.0, 1.0),
-                            ("alpha", 0.0, 1.0)):
+                            ("alpha", 0.0, 0.99)):
             v = options[key]
             if v is None or not (lo < v <= hi if key == "density" else lo <= v <= hi):
                 self.errors.show(f"{key} must be a number in {'(' if key == 'density' else '['}{lo}, {hi}], got {v!r}")
