@@ -254,6 +254,9 @@ def test_grow_by_the_natural_criterion():
     assert [o for o, _ in grown] == acc["op"].tolist()
     never = growth.grow(build(mc), ds, config=cfg, criterion="natural", tau=1e9, check_every=3, score_examples=8)
     assert not growth.trace_table(never)["accepted"].any() and never.model.config.n_layers == 1
+    cool = growth.grow(build(mc), ds, config=cfg, criterion="natural", tau=1.0, check_every=3, score_examples=8,
+                       cooldown=1)                  # the check after a growth is skipped
+    assert growth.trace_table(cool)["step"].unique().tolist() == [3]
     with pytest.raises(ValueError, match="not both"):
         growth.grow(build(mc), ds, [growth.Stage("train", 1)], cfg, criterion="natural")
     with pytest.raises(ValueError, match="tau must be"):

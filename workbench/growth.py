@@ -756,7 +756,7 @@ def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = 
          group: str | None = None, name: str | None = None, callbacks=(), control: GrowControl | None = None,
          optimizer: torch.optim.Optimizer | None = None, on_stage=None, criterion: str | None = None,
          tau: float = 2.0, check_every: int | None = None, candidates=CANDIDATES, widen_factor: float = 2.0,
-         score_examples: int = 64, damping: float = 1e-4, max_growths: int = 8):
+         score_examples: int = 64, damping: float = 1e-4, max_growths: int = 8, cooldown: int = 0):
     """Train ``model`` in place through a growth ``schedule``; returns one :class:`~workbench.training.Run`.
 
     Each stage is one :func:`grow_stage`: it applies its operation (``train``: none,
@@ -778,7 +778,8 @@ def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = 
     the natural expansion score ``eta`` (:func:`natural_score`, ``score_examples`` training examples,
     ``damping``) of the model and ``eta'`` of every candidate (:func:`expansion_candidates`: a zero block
     at each insertion point, each block widened by ``widen_factor``) are computed; the best candidate is
-    applied (function preserving) when ``eta'/eta > tau``, at most ``max_growths`` times. The trace, one
+    applied (function preserving) when ``eta'/eta > tau``, at most ``max_growths`` times, and the next
+    ``cooldown`` checks after a growth are skipped (Deaconu et al.'s cool-down). The trace, one
     row per candidate and check (``step, candidate, op, eta, eta_new, eta_ratio, accepted, n_layers,
     widths``), is ``run.meta["trace"]`` (:func:`trace_table`). Definition: ``docs/definitions.md#natural-growth``.
     """
@@ -801,10 +802,10 @@ def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = 
             raise ValueError("give a schedule or a criterion, not both (criterion='natural' plans its own stages)")
         opts = check_criterion(config, len(_blocks(model)), tau=tau, check_every=check_every, candidates=candidates,
                                widen_factor=widen_factor, score_examples=score_examples, damping=damping,
-                               max_growths=max_growths)
+                               max_growths=max_growths, cooldown=cooldown)
         tau, check_every, candidates = opts["tau"], opts["check_every"], opts["candidates"]
         widen_factor, score_examples, damping = opts["widen_factor"], opts["score_examples"], opts["damping"]
-        max_growths = opts["max_growths"]
+        max_growths, cooldown = opts["max_growths"], opts["cooldown"]
         stages = []
     for arg, v in (("group", group), ("name", name)):
         if v is not None:
@@ -818,7 +819,7 @@ def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = 
     stage_idx = 0
     last_cfg = config
     trace: list[dict] = []
-    growths, steps_left = 0, config.steps if criterion is not None else 0
+    growths, steps_left, cool = 0, config.steps if criterion is not None else 0, 0
     if criterion is not None:
         pending = [Stage("train", min(check_every, steps_left))]
     while pending:
@@ -858,7 +859,9 @@ def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = 
             if steps_left <= 0:
                 break
             nxt = Stage("train", min(check_every, steps_left))
-            if growths < max_growths:
+            if cool > 0:
+                cool -= 1
+            elif growths < max_growths:
                 x, y = _sample(ds, score_examples, config.seed + stage_idx)
                 x, y = x.to(model.device), y.to(model.device)
                 eta, rows = score_candidates(model, x, y, candidates, factor=widen_factor, damping=damping)
@@ -870,7 +873,7 @@ def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = 
                                   "accepted": bool(accept and r is best), "n_layers": len(_blocks(model)),
                                   "widths": _widths_of(model)})
                 if accept:
-                    growths += 1
+                    growths, cool = growths + 1, cooldown
                     if best["op"] == "add_layer":
                         nxt = Stage("add_layer", nxt.steps, init="zero", position=best["position"])
                     else:
@@ -889,7 +892,7 @@ def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = 
 
 def check_criterion(config: TrainConfig, n_layers: int, *, tau: float = 2.0, check_every: int | None = None,
                     candidates=CANDIDATES, widen_factor: float = 2.0, score_examples: int = 64,
-                    damping: float = 1e-4, max_growths: int = 8) -> dict:
+                    damping: float = 1e-4, max_growths: int = 8, cooldown: int = 0) -> dict:
     """Validate the options of ``grow(criterion="natural", ...)`` for ``config`` and a model of ``n_layers``
     blocks; returns them checked (``check_every`` filled in: ``config.steps // 10`` by default)."""
     config = config.validate()
@@ -906,7 +909,8 @@ def check_criterion(config: TrainConfig, n_layers: int, *, tau: float = 2.0, che
             "widen_factor": checks.check_float("widen_factor", widen_factor, 1.0, 64.0, lo_open=True),
             "score_examples": checks.check_int("score_examples", score_examples, 1, MAX_SCORE_EXAMPLES),
             "damping": checks.check_float("damping", damping, 0.0, 1e6, lo_open=True),
-            "max_growths": checks.check_int("max_growths", max_growths, 0, MAX_STAGES)}
+            "max_growths": checks.check_int("max_growths", max_growths, 0, MAX_STAGES),
+            "cooldown": checks.check_int("cooldown", cooldown, 0, MAX_STAGES)}
 
 
 def trace_table(run):
@@ -1261,7 +1265,7 @@ def fit_mixture(model: MixtureMLP, x: torch.Tensor, y: torch.Tensor, steps: int 
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
