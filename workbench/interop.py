@@ -253,6 +253,14 @@ def _config_dtype(cfg) -> torch.dtype:
     return d if d in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
 
 
+def _safetensors_error() -> type:
+    try:
+        from safetensors import SafetensorError
+        return SafetensorError
+    except ImportError:
+        return OSError
+
+
 def _count_params(cfg) -> int:
     """Exact parameter count of the causal LM ``cfg`` describes, built on the meta device (no memory, no weights)."""
     from transformers import AutoModelForCausalLM
@@ -332,8 +340,8 @@ def load_hf(name_or_directory, dtype: str | None = None, device=None):
             model = AutoModelForCausalLM.from_pretrained(str(path) if local else src, config=cfg,
                                                          local_files_only=offline, use_safetensors=True,
                                                          dtype=torch_dtype)
-    except (OSError, ValueError) as e:   # a missing shard, no safetensors on the Hub, a download error
-        raise ValueError(f"{where}: cannot read the safetensors weights ({e})") from None
+    except (OSError, ValueError, RuntimeError, _safetensors_error()) as e:   # a missing shard, a corrupt file,
+        raise ValueError(f"{where}: cannot read the safetensors weights ({e})") from None   # none on the Hub
     model = model.to(dev).eval()
     tokenizer = None
     if not local or any((path / f).is_file() for f in _TOKENIZER_FILES):
