@@ -6,6 +6,7 @@ import torch
 
 import workbench as wb
 from workbench import residual as R
+from workbench.figures import residual as figs
 
 
 def _model(n_layers=3, seed=0):
@@ -210,7 +211,7 @@ def test_estimate_and_report():
 def test_depth_report_html_is_self_contained_and_escaped(tmp_path):
     model, x = _model(n_layers=2), _x(B=2, T=4)
     rep = R.report(model, x, corrupt=(x + 1) % 13, steps=2, title="<b>mine</b>")
-    path = rep.to_html(tmp_path / "r.html")
+    path = figs.save_depth_report(rep, tmp_path / "r.html")
     text = open(path, encoding="utf-8").read()
     assert "&lt;b&gt;mine&lt;/b&gt;" in text and "<b>mine</b>" not in text
     assert "<script src=" not in text.replace(" ", "") and "<script src" not in text and text.count("Plotly.newPlot") >= 7

@@ -17,7 +17,7 @@ Every function takes a model and an input batch and works on every model an adap
 :func:`layer_map`           linear maps between the layers of two models, relative error per pair
 :func:`patch`               activation patching: recovery per layer and position
 :func:`estimate`            rough bytes and seconds of an analysis before it runs
-:func:`report`              all of them at once: :class:`DepthReport` (``.to_html(path)``)
+:func:`report`              all of them at once: :class:`DepthReport` (as one HTML file: ``figures.residual.save_depth_report``)
 ==========================  ==================================================================
 
 Hook names follow :mod:`workbench.models` (TransformerLens style): ``embed_out``,
@@ -1339,18 +1339,6 @@ class DepthReport:
     def tables(self) -> dict:
         return {k: getattr(self, k) for k in ("contributions", "lens", "skip", "skip_output", "ig", "erasure",
                                                "patching", "depth_vs_difficulty")}
-
-    def to_html(self, path) -> str:
-        """Write one self-contained HTML file (plotly.js inline, no CDN; text escaped); returns the path.
-
-        The figures come from :mod:`workbench.figures.residual` (loaded here, at call time, so this
-        engine module does not import plotly)."""
-        import pathlib
-        import workbench
-        html = workbench.figures.residual.depth_report_html(self)
-        p = pathlib.Path(path)
-        p.write_text(html, encoding="utf-8")
-        return str(p)
 
 
 def report(model: nn.Module, inputs, corrupt=None, sets: dict | None = None, steps: int = 16,

@@ -299,6 +299,15 @@ def depth_report_html(report, tokens: list[str] | None = None) -> str:
             + "</body></html>")
 
 
+def save_depth_report(report, path, tokens: list[str] | None = None) -> str:
+    """Write :func:`depth_report_html` of ``report`` to ``path`` (UTF-8); returns the path as a string."""
+    from pathlib import Path
+
+    p = Path(path)
+    p.write_text(depth_report_html(report, tokens), encoding="utf-8")
+    return str(p)
+
+
 def lens_layers_figure(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     """Logit lens per layer (averaged over tokens): KL to the final output, top-1 and top-5 agreement."""
     title = title or "Logit lens per layer"
