@@ -80,3 +80,22 @@ def test_bad_choices_get_a_message_and_do_not_start(store):
     page.analyse(wait=True)
     assert "fine-tune steps must be an integer" in page.errors.text
     assert page.task.status == "idle"
+
+
+def test_as_code_reproduces_the_page(store):
+    page = UnrollPage(DataStore(store))
+    page.source.value = "train a model"
+    _small(page)
+    page.min_depth.value, page.max_depth.value = 2, 2
+    page.aux_layers.value, page.aux_steps.value, page.child_steps.value = 2, 3, 2
+    page.analyse(wait=True)
+    assert page.task.status == "done", page.task.error
+    code = page.as_code()
+    assert code.count("import workbench as wb") == 1
+    scope: dict = {}
+    exec(compile(code, "<as code>", "exec"), scope)
+    import pandas as pd
+
+    mine = scope["unroll"].gap(scope["model"], *scope["ds"].split("val"), unit="block", max_examples=64)
+    pd.testing.assert_frame_equal(mine, page.results["gap"])
+    assert set(scope["table"]["depth"]) == {2}
