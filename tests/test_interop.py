@@ -133,6 +133,12 @@ def test_export_round_trip(tmp_path, tie):
 def test_export_refuses_what_gpt2_cannot_express(tmp_path):
     with pytest.raises(ValueError, match="Peri-LN"):
         interop.to_gpt2(_ours(norm="peri"))
+    with pytest.raises(ValueError, match="norm='none' model cannot be exported"):
+        interop.to_gpt2(_ours(norm="none"))
+    widened = _ours()
+    wb.growth.widen(widened, 0, factor=2)   # in place
+    with pytest.raises(ValueError, match="different MLP widths"):
+        interop.to_gpt2(widened)
     with pytest.raises(ValueError, match="only workbench Transformers"):
         interop.to_gpt2(wb.models.build(wb.models.MLPConfig(d_in=4, n_classes=3)))
     model = _ours()

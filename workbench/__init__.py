@@ -23,7 +23,8 @@ __all__ = ["data", "models", "train", "evaluate", "TrainConfig", "Run", "Callbac
            "recipes"]
 
 _LAZY = {"growth", "residual", "lmc", "collapse", "compose", "figures", "store", "training", "sampling", "interop",
-         "flops", "permute", "hooks", "adapters", "recipes", "checks", "roots", "jobs", "sweeps", "classroom"}
+         "flops", "permute", "hooks", "adapters", "recipes", "checks", "roots", "jobs", "sweeps", "classroom",
+         "grokking", "scaling", "unroll", "learngene"}
 
 
 def __getattr__(name: str):

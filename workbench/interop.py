@@ -70,8 +70,13 @@ def _check_exportable(model) -> None:
         raise ValueError(f"only workbench Transformers can be exported to GPT-2, got {type(model).__name__}")
     cfg = model.config
     if cfg.norm != "pre":
-        raise ValueError(f"a {cfg.norm!r}-norm (Peri-LN) model cannot be exported to GPT-2: GPT-2 blocks have no "
-                         "LayerNorm after the attention and MLP outputs; only norm='pre' models export exactly")
+        why = ("GPT-2 blocks have no LayerNorm after the attention and MLP outputs (Peri-LN)" if cfg.norm == "peri"
+               else "GPT-2 blocks always normalise the input of attention and MLP")
+        raise ValueError(f"a norm={cfg.norm!r} model cannot be exported to GPT-2: {why}; only norm='pre' models "
+                         "export exactly")
+    if getattr(cfg, "layer_widths", None) is not None:
+        raise ValueError(f"a model whose blocks have different MLP widths (layer_widths={cfg.layer_widths}) cannot be "
+                         "exported to GPT-2: GPT-2 has one n_inner for every block")
     fading = [i for i, b in enumerate(model.blocks) if float(b.residual_scale) != 1.0]
     if fading:
         raise ValueError(f"blocks {fading} are fading in (residual_scale != 1); finish the fade before exporting")

@@ -106,7 +106,8 @@ def _facts(ad: Adapter) -> tuple[int | None, int | None, int | None]:
     """``(vocab_size, context, d_in)`` of the model behind ``ad`` (None where it has no such bound)."""
     cfg = getattr(ad.model, "config", None)
     vocab = getattr(cfg, "vocab_size", None) if ad.family == "transformer" else None
-    context = getattr(cfg, "context", None) or getattr(cfg, "n_positions", None) if ad.family == "transformer" else None
+    context = (getattr(cfg, "context", None) or getattr(cfg, "n_positions", None)
+               or getattr(cfg, "max_position_embeddings", None)) if ad.family == "transformer" else None
     d_in = getattr(cfg, "d_in", None) if ad.family == "mlp" else None
     return vocab, context, d_in
 

@@ -60,6 +60,18 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def replace_output_hook(names, name, module_of, fn):
+    """A forward hook on the module that writes ``name`` (``blocks.l.attn_out`` / ``blocks.l.mlp_out``)
+    whose return value, ``fn(output)``, replaces that output (tuple outputs keep their other items)."""
+    parts = name.split(".")
+    if name not in names or len(parts) != 3 or parts[2] not in ("attn_out", "mlp_out"):
+        raise KeyError(f"site {name!r} cannot be replaced: only blocks.<l>.attn_out and blocks.<l>.mlp_out")
+
+    def hook(module, args, out):
+        return (fn(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else fn(out)
+    return module_of(int(parts[1]), parts[2]).register_forward_hook(hook)
+
+
 class HFDecoderAdapter(Adapter):
     """A Hugging Face decoder-only causal LM under the workbench's hook names (see the module docstring)."""
 
@@ -143,6 +155,12 @@ class HFDecoderAdapter(Adapter):
                 fn(z.view(*z.shape[:-1], H, z.shape[-1] // H))
             return self._o_proj(layer).register_forward_pre_hook(pre)
         raise KeyError(f"no hook site {name!r}")
+
+    def replace_hook(self, name, fn):
+        """Replace site ``blocks.l.attn_out`` or ``blocks.l.mlp_out`` by ``fn(activation)`` (activation
+        patching); returns a removable handle. The module's other outputs (attention weights, caches) pass."""
+        return replace_output_hook(self._names, name, lambda layer, site: resolve(
+            self.blocks[layer], self.attn if site == "attn_out" else self.mlp), fn)
 
     def forward(self, x):
         return self.model(input_ids=x).logits

@@ -86,6 +86,12 @@ class GPT2Adapter(Adapter):
             return block.attn.c_proj.register_forward_pre_hook(pre)
         raise KeyError(f"no hook site {name!r}")
 
+    def replace_hook(self, name, fn):
+        """Replace site ``blocks.l.attn_out`` or ``blocks.l.mlp_out`` by ``fn(activation)``; a removable handle."""
+        from .hf_common import replace_output_hook
+        return replace_output_hook(self._names, name, lambda layer, site: getattr(
+            self.tf.h[layer], "attn" if site == "attn_out" else "mlp"), fn)
+
     def forward(self, x):
         return self.model(input_ids=x).logits
 
