@@ -53,8 +53,12 @@ browser:
 	  else echo "Install Chromium (/usr/bin/chromium) for the browser tests, e.g. sudo apt-get install chromium"; exit 1; fi; \
 	fi
 
+# Two pytest workers (pytest-xdist), one torch thread each; a file's tests stay on one worker (module
+# fixtures, a notebook's cells in order, one browser server per file).
+TEST_WORKERS ?= 2
 test: setup browser
-	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider \
+	  -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Everything but the browser tests and notebooks (a quick check while editing).
 test-quick: setup
