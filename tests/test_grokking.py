@@ -123,3 +123,18 @@ def test_tian_model_is_quadratic_in_one_hot_inputs_and_threshold_table():
     assert list(t["n"]) == [round(7 * math.log(7)), round(2 * 7 * math.log(7))]
     with pytest.raises(ValueError, match=r"ratios\[0\]"):
         g.tian_threshold(ratios=(-1.0,), M=7, epochs=1)
+
+
+def test_nanda_init_scales_biases_and_seed():
+    cfg = g.GrokConfig(p=53, d_model=64, d_mlp=256)
+    ds = g.dataset_for(cfg.validate())
+    model = g.model_for(cfg, ds)
+    v = model.config.vocab_size
+    assert model.readout.weight.std().item() == pytest.approx(1 / math.sqrt(v), rel=0.05)
+    assert model.blocks[0].mlp.fc.weight.std().item() == pytest.approx(1 / math.sqrt(64), rel=0.05)
+    assert model.tok_embed.weight.std().item() == pytest.approx(1 / math.sqrt(64), rel=0.05)
+    assert all(float(b.abs().max()) == 0.0 for n, b in model.named_parameters() if n.endswith("bias"))
+    again = g.model_for(cfg, ds)
+    other = g.model_for(g.GrokConfig(seed=1).validate(), ds)
+    assert torch.equal(again.readout.weight, model.readout.weight)
+    assert not torch.equal(other.readout.weight, model.readout.weight)
