@@ -46,8 +46,15 @@ class GrokConfig:
     ``N(0, 0.02)`` these defaults had not memorised after 1000 steps (train/val accuracy 0.76/0.70).
     Measured here (seed 0, one torch thread, a 2-core machine shared with other jobs):
 
+    - the defaults (40% train): train accuracy 0.99 by step 100, validation 0.5 at step 2100 and
+      0.99 at step 3200 (evaluated every 100 steps); 6000 steps in 559 s wall (about 0.09 s a step,
+      validation 0.99 reached after about 310 s), of which 7.9 s (1.4%) in the progress measures.
     - ``train_fraction=0.6``: train accuracy 0.99 at step 200, validation 0.99 at step 800
-      (1500 steps in 400 s wall, about 0.27 s a step on the loaded machine, 0.08 s unloaded).
+      (1500 steps in 400 s wall, about 0.27 s a step with three runs sharing the two cores).
+    - ``p=31, train_fraction=0.6`` (notebook 07): 0.99 train at step 100, validation at step 850.
+
+    The earlier ~0.5 s a step was the loaded machine, not the measures (measured every 100 steps
+    they cost about 1% of the run; ``bench/bench_grokking.py`` measures the overhead).
     """
 
     p: int = 53                   # modulus (prime)
@@ -242,8 +249,8 @@ def model_for(config: GrokConfig, dataset: data.Dataset) -> models.Transformer:
 def nanda_init_(model: models.Transformer, seed: int = 0) -> models.Transformer:
     """Nanda et al.'s (2023) initialisation, in place: every weight ``N(0, 1/d_model)`` (std
     ``1/sqrt(d_model)``) except the readout, ``N(0, 1/vocab_size)``; biases 0. GPT-2's ``N(0, 0.02)``
-    starts the weights so small that weight decay 1.0 keeps the network near zero and it never
-    memorises cleanly (measured: train/val accuracy 0.76/0.70 after 1000 steps)."""
+    starts the weights so small that weight decay 1.0 keeps the network near zero: the defaults had
+    not memorised after 1000 steps (train/val accuracy 0.76/0.70, an earlier measurement)."""
     d, v = model.config.d_model, model.config.vocab_size
     gen = torch.Generator().manual_seed(check_seed("seed", seed))
     for m in model.modules():
