@@ -113,7 +113,7 @@ def test_every_page_renders_without_console_errors_with_a_figure_above_the_fold(
     """Each registered page at 1400 x 1000: a screenshot, and a figure whose top is inside the window."""
     ARTIFACTS.mkdir(exist_ok=True)
     assert page.viewport_size == {"width": 1400, "height": 1000}
-    page.goto(server)
+    page.goto(server, timeout=120_000)
     page.wait_for_selector("text=Depth Workbench")
     tops = {}
     for title in PAGES:
@@ -132,7 +132,7 @@ def test_every_page_renders_without_console_errors_with_a_figure_above_the_fold(
 
 
 def test_short_training_run_draws_a_curve(server, page):
-    page.goto(server)
+    page.goto(server, timeout=120_000)
     _open(page, "Train")
     _type(page, "steps", "60")
     _click(page, "Train")
@@ -146,7 +146,7 @@ def test_short_training_run_draws_a_curve(server, page):
 
 def test_grow_then_read_the_grown_model_in_the_residual_stream(server, page):
     """Across pages through the store: grow a model on the Grow page, analyse it on Residual stream."""
-    page.goto(server)
+    page.goto(server, timeout=120_000)
     _open(page, "Grow")
     _type(page, "steps per stage", "20")
     _open_advanced(page)
@@ -208,7 +208,7 @@ def _fill_every_text_field(page, value: str) -> None:
 
 def test_script_payloads_in_names_and_fields_never_run(server, page, planted):
     """Stored payloads (run names, a model folder's name, an uploaded file's name) and typed ones, on every tab."""
-    page.goto(server)
+    page.goto(server, timeout=120_000)
     page.wait_for_selector("text=Depth Workbench")
     for title in PAGES:
         _open(page, title)
@@ -222,7 +222,7 @@ def test_script_payloads_in_names_and_fields_never_run(server, page, planted):
         _no_script_ran(page, f"typing into {title}")
 
     # Train on an uploaded file whose name is a payload, under a payload run name
-    page.goto(server)
+    page.goto(server, timeout=120_000)
     _open(page, "Train")
     page.locator(".bk-input-group", has_text="dataset").locator("select").first.select_option("text")
     page.wait_for_timeout(800)
