@@ -362,31 +362,30 @@ class ConnectivityPage(Page):
         self._start(_instability_job, ra, steps, total, max(5, int(self.n_alphas.value) // 2),
                     int(self.max_examples.value), wait=wait)
 
-    def run_fusion(self, wait: bool = False) -> None:
-        """Fuse A and B by every method of the page (vanilla, EMD, Sinkhorn at each reg of the slider)."""
+    def _pair_for_start(self):
+        """The chosen stored pair ``(run_a, run_b)``, or None (with the reason shown) when a job runs or the choice is bad."""
         if self.task.busy():
-            return
+            return None
         self.errors.clear()
         try:
-            ra, rb = self._load_pair()
+            return self._load_pair()
         except ValueError as e:
             self.errors.show(e)
-            return
-        self._start(_fusion_job, ra, rb, self.fusion_ground.value, self.fusion_qk.value,
-                    int(self.max_examples.value), wait=wait)
+            return None
+
+    def run_fusion(self, wait: bool = False) -> None:
+        """Fuse A and B by every method of the page (vanilla, EMD, Sinkhorn at each reg of the slider)."""
+        pair = self._pair_for_start()
+        if pair is not None:
+            self._start(_fusion_job, *pair, self.fusion_ground.value, self.fusion_qk.value,
+                        int(self.max_examples.value), wait=wait)
 
     def run_layerwise(self, wait: bool = False) -> None:
         """Layer-wise curves (base A and B), cumulative barriers and the estimate, before and after alignment."""
-        if self.task.busy():
-            return
-        self.errors.clear()
-        try:
-            ra, rb = self._load_pair()
-        except ValueError as e:
-            self.errors.show(e)
-            return
-        self._start(_layerwise_job, ra, rb, max(3, int(self.n_alphas.value) // 2), int(self.max_examples.value),
-                    wait=wait)
+        pair = self._pair_for_start()
+        if pair is not None:
+            self._start(_layerwise_job, *pair, max(3, int(self.n_alphas.value) // 2), int(self.max_examples.value),
+                        wait=wait)
 
     def _show_map(self) -> None:
         maps = self.results.get("maps")
