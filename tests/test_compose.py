@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import workbench as wb
 from workbench import compose, sampling
 from workbench.compose import LogitMixture, SubstrateError
+from perturb import perturbed
 
 
 def _cfg(**kw):
@@ -19,21 +20,10 @@ def _cfg(**kw):
     return wb.models.TransformerConfig(**{**base, **kw})
 
 
-def _perturbed(model, seed, scale=0.05):
-    """A copy of ``model`` whose trainable tensors moved by seeded noise (a stand-in for fine-tuning)."""
-    out = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in out.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=g))
-    return out.eval()
-
-
 @pytest.fixture(scope="module")
 def trio():
     base = wb.models.build(_cfg()).eval()
-    return base, _perturbed(base, 1), _perturbed(base, 2)
+    return base, perturbed(base, 1), perturbed(base, 2)
 
 
 @pytest.fixture(scope="module")

@@ -9,26 +9,18 @@ import torch
 import workbench as wb
 from workbench import growth, recipes
 from workbench.models import MLPConfig, TransformerConfig, build
-
-
-def _perturb(model, seed=1, scale=0.3):
-    """Move every parameter away from its init (LN gains != 1, biases != 0) so tests are not trivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g) * (p.std() if p.numel() > 1 and p.std() > 0 else 1.0))
-    return model
+from perturb import perturb_
 
 
 def _mlp(norm="pre", n_layers=2, seed=0):
-    return _perturb(build(MLPConfig(d_in=10, n_classes=5, d_model=16, d_hidden=24, n_layers=n_layers, norm=norm,
+    return perturb_(build(MLPConfig(d_in=10, n_classes=5, d_model=16, d_hidden=24, n_layers=n_layers, norm=norm,
                                     seed=seed)))
 
 
 def _tf(norm="pre", n_layers=2, seed=0, **kw):
     cfg = TransformerConfig(vocab_size=11, context=8, d_model=16, n_heads=2, d_mlp=32, n_layers=n_layers,
                             norm=norm, seed=seed, **kw)
-    return _perturb(build(cfg))
+    return perturb_(build(cfg))
 
 
 def _inputs(model, n=6):

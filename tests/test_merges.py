@@ -13,16 +13,7 @@ import torch
 
 import workbench as wb
 from workbench import compose
-
-
-def _perturbed(model, seed, scale=0.05):
-    out = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in out.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=g))
-    return out.eval()
+from perturb import perturbed
 
 
 @pytest.fixture(scope="module", params=["transformer", "mlp"])
@@ -33,7 +24,7 @@ def trio(request):
     else:
         cfg = wb.models.MLPConfig(d_in=6, n_classes=4, d_model=12, n_layers=2, d_hidden=16)
     base = wb.models.build(cfg).eval()
-    return base, _perturbed(base, 1), _perturbed(base, 2)
+    return base, perturbed(base, 1), perturbed(base, 2)
 
 
 def _state(model):
@@ -220,7 +211,7 @@ def test_opcm_projection_is_orthogonal_to_the_top_singular_directions():
 
 def test_sequential_opcm_rescales_to_the_mean_norm_and_matches_a_hand_step(trio):
     base, a, b = trio
-    c = _perturbed(base, 3, scale=0.1)
+    c = perturbed(base, 3, scale=0.1)
     merged, table = compose.sequential(base, [a, b, c], "opcm", alpha=0.5)
     assert len(merged) == 3 and table.empty
     taus = compose.task_vectors(base, [a, b, c])
@@ -244,7 +235,7 @@ def test_sequential_average_and_task_arithmetic_with_a_table():
     tasks = compose.class_tasks(ds, [[0, 1], [2, 3]])
     assert set(tasks["classes 0,1"].y_val.tolist()) == {0, 1} and tasks["classes 2,3"].n_classes == 10
     base = wb.models.build(wb.models.config_for(ds, d_model=16, n_layers=1, d_hidden=16)).eval()
-    ms = {k: _perturbed(base, i) for i, k in enumerate(tasks)}
+    ms = {k: perturbed(base, i) for i, k in enumerate(tasks)}
     merged, table = compose.sequential(base, ms, "average", datasets=tasks, max_examples=64)
     assert _equal(merged[0], ms["classes 0,1"]) or all(
         torch.allclose(x, y, atol=1e-6) for x, y in zip(merged[0].state_dict().values(), ms["classes 0,1"].state_dict().values()))

@@ -10,24 +10,16 @@ import workbench as wb
 from workbench import growth
 from workbench.flops import flops_per_example
 from workbench.models import MLPConfig, TransformerConfig, build
-
-
-def _perturb(model, seed=1, scale=0.3):
-    """Move every parameter away from its init (LN gains != 1, biases != 0) so preservation is not trivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g) * (p.std() if p.numel() > 1 and p.std() > 0 else 1.0))
-    return model
+from perturb import perturb_
 
 
 def _mlp(norm="pre", n_layers=2, d_hidden=6, d_model=16):
-    return _perturb(build(MLPConfig(d_in=10, n_classes=5, d_model=d_model, d_hidden=d_hidden, n_layers=n_layers,
+    return perturb_(build(MLPConfig(d_in=10, n_classes=5, d_model=d_model, d_hidden=d_hidden, n_layers=n_layers,
                                     norm=norm)))
 
 
 def _tf(norm="pre", n_layers=2):
-    return _perturb(build(TransformerConfig(vocab_size=11, context=8, d_model=16, n_heads=2, d_mlp=12,
+    return perturb_(build(TransformerConfig(vocab_size=11, context=8, d_model=16, n_heads=2, d_mlp=12,
                                             n_layers=n_layers, norm=norm)))
 
 
@@ -155,7 +147,7 @@ def test_single_block_widening_records_widths():
 
 
 def test_mixture_grow_zero_reproduces_the_members():
-    members = [_perturb(growth.MixtureMLP(6, 3, width=5, n_layers=2, n_templates=2, seed=s), seed=s + 10)
+    members = [perturb_(growth.MixtureMLP(6, 3, width=5, n_layers=2, n_templates=2, seed=s), seed=s + 10)
                for s in (0, 1)]
     grown = growth.mixture_grow(members, init="zero")
     x = torch.randn(7, 6, generator=torch.Generator().manual_seed(0))
@@ -219,7 +211,7 @@ def test_natural_score_matches_a_hand_computation():
 
 def test_candidates_add_the_new_parameters_score():
     ds = wb.data.load("digits")
-    model = _perturb(build(MLPConfig(d_in=64, n_classes=10, d_model=8, d_hidden=4, n_layers=1)))
+    model = perturb_(build(MLPConfig(d_in=64, n_classes=10, d_model=8, d_hidden=4, n_layers=1)))
     x, y = ds.x_train[:24], ds.y_train[:24]
     eta, rows = growth.score_candidates(model, x, y)
     assert [r["candidate"] for r in rows] == ["add_layer@0", "add_layer@1", "widen@0"]
