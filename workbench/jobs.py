@@ -86,7 +86,8 @@ from .checks import check_float, check_int, check_str, env_limit
 from .training import Callback
 
 __all__ = ["JobQueue", "Job", "Context", "current", "QueueFull", "JobCancelled", "Diverged", "Executor",
-           "ThreadExecutor", "DaskExecutor", "TrainProgress", "settings", "STATUSES", "FINAL_STATUSES", "cores"]
+           "ThreadExecutor", "DaskExecutor", "TrainProgress", "RemoteStore", "settings", "STATUSES", "FINAL_STATUSES",
+           "cores"]
 
 STATUSES = ("waiting", "running", "done", "cancelled", "failed", "diverged")
 FINAL_STATUSES = frozenset({"done", "cancelled", "failed", "diverged"})
@@ -205,6 +206,51 @@ class Context:
     def _send(self, progress, message, payload) -> None:
         pass
 
+    def call(self, service: str, *args) -> Any:
+        """Run the named *service* in the process that submitted the job and return its answer.
+
+        The submitter names its services (``JobQueue.submit(..., services={"store.save": fn})``);
+        a task on a Dask worker reaches the server's run store this way (:class:`RemoteStore`).
+        Arguments and answers must be plain data (bytes, str, numbers, bools, None, lists, dicts).
+        A failing or unknown service raises ``RuntimeError`` with the server's message. Outside a
+        job there is nobody to ask: ``RuntimeError``.
+        """
+        raise RuntimeError(f"Context.call({service!r}) works only inside a job of a workbench.jobs.JobQueue "
+                           "(this code runs outside one, so there is no server to ask)")
+
+
+def _run_service(services: Mapping | None, service, args) -> Any:
+    """``services[service](*args)``, with a message naming what is wrong (the thread context, the server side)."""
+    if not isinstance(service, str) or not service:
+        raise RuntimeError(f"service must be a non-empty string, got {service!r}")
+    known = dict(services or {})
+    if service not in known:
+        raise RuntimeError(f"unknown service {service[:80]!r}: this job was submitted with "
+                           f"{sorted(known) or 'no services'}")
+    return known[service](*args)
+
+
+_PLAIN_ATOMS = (str, bytes, bool, int, float, type(None))
+
+
+def _check_plain(name: str, value, depth: int = 0) -> None:
+    """Raise ``TypeError`` unless ``value`` is msgpack-able plain data (no pickle crosses the topic)."""
+    if depth > 50:
+        raise TypeError(f"{name} is nested too deeply")
+    if isinstance(value, _PLAIN_ATOMS):
+        return
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _check_plain(name, v, depth + 1)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{name}: dict keys must be str or int, got {type(k).__name__}")
+            _check_plain(name, v, depth + 1)
+        return
+    raise TypeError(f"{name} must be plain data (bytes, str, numbers, lists, dicts), got {type(value).__name__}")
+
 
 _NULL_CONTEXT = Context()
 _CURRENT: contextvars.ContextVar[Context] = contextvars.ContextVar("workbench_job_context", default=_NULL_CONTEXT)
@@ -219,9 +265,13 @@ def current() -> Context:
 
 
 class _ThreadContext(Context):
-    def __init__(self, stop: threading.Event, report: Callable, threads: int, report_interval: float):
+    def __init__(self, stop: threading.Event, report: Callable, threads: int, report_interval: float,
+                 services: Mapping | None = None):
         super().__init__(threads, report_interval)
-        self._stop, self._report = stop, report
+        self._stop, self._report, self._services = stop, report, services
+
+    def call(self, service: str, *args) -> Any:
+        return _run_service(self._services, service, args)   # same process: a direct call
 
     @property
     def stopped(self) -> bool:
@@ -274,6 +324,84 @@ class TrainProgress(Callback):
         self._context().report(*self._progress(), payload, force=True)
 
 
+# ----------------------------------------------------------------------------- the server's store, from a worker
+
+
+class RemoteStore:
+    """A picklable stand-in for the server's run store, for a job that runs on a Dask worker.
+
+    ``save(run, name=None, owner=None) -> run_id`` sends the run's files (:func:`workbench.store.pack_run`:
+    safetensors, run.json, metrics.csv; no pickle) to the server's ``"store.save"`` service, which
+    saves them in its store (the store's only writer); ``load(run_id)`` and ``read_json(run_id)``
+    ask ``"store.load"`` / ``"store.read_json"``. Who owns a saved run and who may open which run
+    is the server's store object's business (a ``UserStore`` in classroom mode): ``owner`` and
+    ``user`` given here are ignored. :meth:`services` makes the three services for a store object.
+    """
+
+    def __init__(self, label: str = "the server's run store"):
+        self.label = label
+        self._saved: dict[int, tuple[Any, str]] = {}   # id(run) -> (run, run_id): runs saved from this process
+
+    def __getstate__(self):
+        return {"label": self.label}
+
+    def __setstate__(self, state):
+        self.label, self._saved = state["label"], {}
+
+    def save(self, run, name: str | None = None, owner=None) -> str:
+        from .store import pack_run
+
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"name must be a non-empty str or None, got {name!r}")
+        run_id = current().call("store.save", pack_run(run), name)
+        if not isinstance(run_id, str):
+            raise RuntimeError(f"store.save answered {type(run_id).__name__}, not a run id")
+        run.run_id = run_id
+        self._saved[id(run)] = (run, run_id)
+        return run_id
+
+    def saved_id(self, run) -> str | None:
+        """The id ``run`` (this very object) was saved under through this stand-in, or None."""
+        entry = self._saved.get(id(run))
+        return entry[1] if entry is not None and entry[0] is run else None
+
+    def load(self, run_id: str, device=None, *, allow_nonfinite: bool = False, user=None):
+        from .store import unpack_run
+
+        check_str("run_id", run_id, 1000)
+        if not isinstance(allow_nonfinite, bool):
+            raise ValueError(f"allow_nonfinite must be True or False, got {allow_nonfinite!r}")
+        run = unpack_run(current().call("store.load", run_id, allow_nonfinite), device,
+                         allow_nonfinite=allow_nonfinite)
+        run.run_id = run_id
+        return run
+
+    def read_json(self, run_id: str) -> dict:
+        check_str("run_id", run_id, 1000)
+        return current().call("store.read_json", run_id)
+
+    @staticmethod
+    def services(store) -> dict[str, Callable]:
+        """``{"store.save", "store.load", "store.read_json": function}`` acting on ``store`` (a ``RunStore``
+        or ``UserStore``), for ``JobQueue.submit(services=...)``; they do not need a browser session."""
+        from .store import pack_run, unpack_run
+
+        def save(files, name=None):
+            # what the worker trained, as it trained it (a diverged run's NaN weights are saved, as locally)
+            return store.save(unpack_run(files, allow_nonfinite=True), name=name)
+
+        def load(run_id, allow_nonfinite=False):
+            return pack_run(store.load(run_id, allow_nonfinite=bool(allow_nonfinite)))
+
+        def read_json(run_id):
+            return store.read_json(run_id)
+
+        return {"store.save": save, "store.load": load, "store.read_json": read_json}
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({self.label!r})"
+
+
 # ----------------------------------------------------------------------------- jobs
 
 
@@ -304,6 +432,8 @@ class Job:
         self._done = threading.Event()
         self._listeners: list[Callable] = []
         self.executor_state: Any = None       # the executor's own bookkeeping (a Dask future, ...)
+        self.services: dict[str, Callable] = {}   # what the task may ask of the submitter (Context.call)
+        self.local = False                    # run on this process's threads even when the queue is on Dask
 
     # -- reading
 
@@ -449,7 +579,7 @@ class ThreadExecutor(Executor):
                          daemon=True).start()
 
     def _run(self, job: Job, report: Callable, done: Callable) -> None:
-        ctx = _ThreadContext(job.stop_event, report, job.threads, self.report_interval)
+        ctx = _ThreadContext(job.stop_event, report, job.threads, self.report_interval, job.services)
         token = _CURRENT.set(ctx)
         try:
             _set_torch_threads(job.threads)
@@ -466,10 +596,42 @@ class ThreadExecutor(Executor):
 
 
 class _DaskContext(Context):
-    def __init__(self, key: str, topic: str, event_name: str, threads: int, report_interval: float):
+    def __init__(self, key: str, topic: str, event_name: str, threads: int, report_interval: float,
+                 call_timeout: float = 300.0):
         super().__init__(threads, report_interval)
         self.key, self.topic, self.event_name = key, topic, event_name
+        self.call_timeout = call_timeout
         self._stopped, self._checked, self._event = False, None, None
+
+    def call(self, service: str, *args) -> Any:
+        """Ask the submitting server: the call goes through the job's topic, its arguments and the answer
+        through two ``distributed.Queue``s (a topic's events stay in the scheduler's log, the last
+        ``distributed.admin.low-level-log-length`` of them: no weights there)."""
+        from distributed import Queue, get_worker
+
+        service = check_str("service", service, MAX_NAME_CHARS)
+        args = list(args)
+        _check_plain(f"the arguments of {service!r}", args)
+        reply = f"{self.key}-call-{uuid.uuid4().hex[:12]}"
+        inbox, outbox = Queue(f"{reply}-args"), Queue(reply)
+        try:
+            inbox.put(args)
+            get_worker().log_event(self.topic, {"job": self.key, "call": service, "reply": reply})
+            try:
+                answer = outbox.get(timeout=self.call_timeout)
+            except TimeoutError:
+                raise RuntimeError(f"the server did not answer {service!r} within {self.call_timeout:g} s "
+                                   "(is it still running?)") from None
+        finally:
+            for q in (inbox, outbox):
+                try:
+                    q.close()
+                except Exception:
+                    pass
+        if isinstance(answer, dict) and "ok" in answer:
+            return answer["ok"]
+        message = answer.get("error") if isinstance(answer, dict) else None
+        raise RuntimeError(f"{service}: {message or f'a malformed answer {type(answer).__name__}'}")
 
     @property
     def stopped(self) -> bool:
@@ -496,10 +658,11 @@ class _DaskContext(Context):
                                                 "message": f"{message} (payload not sendable)".strip()})
 
 
-def _run_on_worker(fn, args, kwargs, key: str, topic: str, event_name: str, threads: int, report_interval: float):
+def _run_on_worker(fn, args, kwargs, key: str, topic: str, event_name: str, threads: int, report_interval: float,
+                   call_timeout: float = 300.0):
     """The Dask task: set torch threads and the job's context, then run ``fn``. Runs on a worker."""
     _set_torch_threads(threads)
-    token = _CURRENT.set(_DaskContext(key, topic, event_name, threads, report_interval))
+    token = _CURRENT.set(_DaskContext(key, topic, event_name, threads, report_interval, call_timeout))
     try:
         return fn(*args, **kwargs)
     finally:
@@ -513,13 +676,18 @@ class DaskExecutor(Executor):
     ``WORKBENCH_THREADS``); default 1, as a worker runs several tasks, one per worker thread.
     ``priority``: Dask priority of our tasks against other clients' (sweeps: -10).
     ``cancel_grace``: seconds after a stop request before ``future.cancel()`` frees the slot.
+    ``call_timeout``: how long a task waits for the server to answer a :meth:`Context.call`.
+    Calls are answered on a small pool of this process's threads (never on Dask's event loop); a
+    task whose future was cancelled (Stop, then the grace) may still call for ``late_calls``
+    seconds, so a stopped training that returns late still saves what it has.
     A client made here (from an address) is synchronous, runs its own event loop thread and is
     closed by :meth:`close`; a client passed in is left open and must be synchronous (the queue
     is called from plain threads: an ``asynchronous=True`` client is refused).
     """
 
     def __init__(self, client_or_address, *, threads: int = 1, priority: int = 0, cancel_grace: float = 10.0,
-                 report_interval: float = 0.5, timeout: float = 30.0):
+                 report_interval: float = 0.5, timeout: float = 30.0, call_timeout: float = 300.0,
+                 late_calls: float = 600.0):
         from concurrent.futures import ThreadPoolExecutor
 
         from distributed import Client
@@ -529,6 +697,8 @@ class DaskExecutor(Executor):
         self.cancel_grace = check_float("cancel_grace", cancel_grace, 0.0, 3600.0)
         self.report_interval = check_float("report_interval", report_interval, 0.0, 60.0)
         check_float("timeout", timeout, 0.0, 3600.0, lo_open=True)
+        self.call_timeout = check_float("call_timeout", call_timeout, 0.0, 86400.0, lo_open=True)
+        self.late_calls = check_float("late_calls", late_calls, 0.0, 86400.0)
         if isinstance(client_or_address, Client):
             if client_or_address.asynchronous:
                 raise ValueError("the Dask client must be synchronous (the job queue calls it from plain threads); "
@@ -541,6 +711,8 @@ class DaskExecutor(Executor):
         self._active: dict[str, tuple[Job, Callable, Callable]] = {}
         self._lock = threading.Lock()
         self._events = ThreadPoolExecutor(1, thread_name_prefix="workbench-dask-events")
+        self._calls = ThreadPoolExecutor(4, thread_name_prefix="workbench-dask-calls")
+        self._services: dict[str, tuple[dict, float | None]] = {}   # key -> (services, expiry of a cancelled one)
         self.client.subscribe_topic(self.topic, self._on_event)
 
     def slots(self) -> int | None:
@@ -556,10 +728,52 @@ class DaskExecutor(Executor):
         self._events.submit(self._deliver, msg)
 
     def _deliver(self, msg) -> None:
+        if isinstance(msg, dict) and "call" in msg:
+            self._calls.submit(self._answer, msg)
+            return
         with self._lock:
             entry = self._active.get(msg.get("job")) if isinstance(msg, dict) else None
         if entry is not None:
             entry[1](msg.get("progress"), msg.get("message", ""), msg.get("payload"))
+
+    def _answer(self, msg) -> None:
+        """A task's :meth:`Context.call`: fetch its arguments, run the service here, put the answer.
+
+        Every failure is an ``{"error": ...}`` answer (the worker never waits for nothing); a reply
+        name that is not one of our jobs' is ignored (the worker times out with a message)."""
+        from distributed import Queue
+
+        key, reply = msg.get("job"), msg.get("reply")
+        if not isinstance(reply, str) or not isinstance(key, str) or not reply.startswith(f"{key}-call-"):
+            return
+        now = time.monotonic()
+        with self._lock:
+            for k, (_, expiry) in list(self._services.items()):
+                if expiry is not None and expiry < now:
+                    del self._services[k]
+            entry = self._services.get(key)
+        inbox, outbox = Queue(f"{reply}-args", client=self.client), Queue(reply, client=self.client)
+        try:
+            try:
+                args = inbox.get(timeout=30)
+                if entry is None:
+                    raise RuntimeError(f"job {key!r} is not running here any more (finished, or cancelled over "
+                                       f"{self.late_calls:g} s ago)")
+                value = _run_service(entry[0], msg.get("call"), args if isinstance(args, list) else [args])
+                _check_plain(f"the answer of {msg.get('call')!r}", value)
+                answer = {"ok": value}
+            except Exception as e:  # noqa: BLE001 -- the worker hears of every failure
+                answer = {"error": f"{type(e).__name__}: {e}"[:MAX_MESSAGE_CHARS]}
+            outbox.put(answer)
+        except Exception as e:   # the scheduler is gone: nothing to answer to
+            warnings.warn(f"answering {msg.get('call')!r} of job {key!r} failed: {type(e).__name__}: {e}",
+                          RuntimeWarning)
+        finally:
+            for q in (inbox, outbox):
+                try:
+                    q.close()
+                except Exception:
+                    pass
 
     def _event_name(self, job: Job) -> str:
         if job.executor_state is None:
@@ -572,14 +786,20 @@ class DaskExecutor(Executor):
         key = job.executor_state["key"]
         with self._lock:
             self._active[key] = (job, report, done)
+            self._services[key] = (dict(job.services), None)
         future = self.client.submit(_run_on_worker, job.fn, job.args, job.kwargs, key, self.topic, event_name,
-                                    job.threads, self.report_interval, key=key, pure=False, priority=self.priority)
+                                    job.threads, self.report_interval, self.call_timeout, key=key, pure=False,
+                                    priority=self.priority)
         job.executor_state["future"] = future
         future.add_done_callback(lambda f, key=key: self._on_done(key, f))
 
     def _on_done(self, key: str, future) -> None:
         with self._lock:
             entry = self._active.pop(key, None)
+            if future.status == "cancelled" and key in self._services:   # the task may still be running
+                self._services[key] = (self._services[key][0], time.monotonic() + self.late_calls)
+            else:
+                self._services.pop(key, None)
         if entry is None:
             return
         job, _, done = entry
@@ -624,6 +844,7 @@ class DaskExecutor(Executor):
         except Exception:
             pass
         self._events.shutdown(wait=False)
+        self._calls.shutdown(wait=False)
         if self._own:
             self.client.close()
 
@@ -645,6 +866,8 @@ class JobQueue:
         # validate every argument before anything is connected
         settings(max_jobs, queue_size, jobs_per_user, threads)
         self.executor = self._make_executor(executor, report_interval)
+        self._report_interval = report_interval
+        self._local_executor: ThreadExecutor | None = None   # made for the first ``local`` job on Dask
         if max_jobs is None and not os.environ.get("WORKBENCH_MAX_JOBS", "").strip():
             max_jobs = self.executor.slots()
         s = settings(max_jobs, queue_size, jobs_per_user, threads, default_threads=self.executor.default_threads)
@@ -763,12 +986,17 @@ class JobQueue:
         return None
 
     def submit(self, fn: Callable, *args, user: str = "local", name: str | None = None,
-               on_progress: Callable | None = None, **kwargs) -> Job:
+               on_progress: Callable | None = None, services: Mapping[str, Callable] | None = None,
+               local: bool = False, **kwargs) -> Job:
         """Queue ``fn(*args, **kwargs)`` for ``user``; it starts as soon as a slot is free and its turn comes.
 
         Raises :class:`QueueFull` at once (with the reason) when the user's share or the queue is
-        full. ``on_progress(job)`` is called on each progress report. (``user``, ``name`` and
-        ``on_progress`` are the queue's own keywords: pass a ``functools.partial`` if ``fn`` takes them.)
+        full. ``on_progress(job)`` is called on each progress report. ``services``: ``{name: function}``
+        the task may run here, in this process, through :meth:`Context.call` (on Dask: a worker asks
+        the server, e.g. to save a run in the server's store). ``local=True``: run on this process's
+        threads even when the queue's executor is Dask (a job that cannot be shipped); it takes one
+        of the same ``max_jobs`` slots. (``user``, ``name``, ``on_progress``, ``services`` and ``local``
+        are the queue's own keywords: pass a ``functools.partial`` if ``fn`` takes them.)
         """
         if not callable(fn):
             raise ValueError(f"fn must be callable, got {fn!r}")
@@ -780,6 +1008,13 @@ class JobQueue:
         name = check_str("name", name, MAX_NAME_CHARS)
         if on_progress is not None and not callable(on_progress):
             raise ValueError(f"on_progress must be callable or None, got {on_progress!r}")
+        if services is None:
+            services = {}
+        if not isinstance(services, Mapping) or not all(
+                isinstance(k, str) and k and callable(v) for k, v in services.items()):
+            raise ValueError(f"services must be a dict of non-empty names to functions, got {services!r}"[:300])
+        if not isinstance(local, bool):
+            raise ValueError(f"local must be True or False, got {local!r}")
         with self._lock:
             why = self._refusal(user)
             if why:
@@ -787,6 +1022,7 @@ class JobQueue:
             self._seq += 1
             job = Job(self, self._seq, fn, args, kwargs, user, name)
             job.threads = self.threads
+            job.services, job.local = dict(services), local
             if on_progress is not None:
                 job._listeners.append(lambda j, event: on_progress(j) if event == "progress" else None)
             self._waiting.setdefault(user, deque()).append(job)
@@ -832,7 +1068,7 @@ class JobQueue:
             self._complete(job, value, has_value, error, tb, cancelled)
 
         try:
-            self.executor.start(job, report, done)
+            self._executor_of(job).start(job, report, done)
         except Exception as e:  # the backend refused (cluster gone, ...): the job fails, its slot is freed
             tb = traceback.format_exc()
             threading.Thread(target=done, kwargs={"error": e, "tb": tb}, daemon=True).start()
@@ -890,7 +1126,7 @@ class JobQueue:
                 return False
         if stop:
             try:
-                self.executor.stop(job)
+                self._executor_of(job).stop(job)
             except Exception as e:
                 warnings.warn(f"stopping job {job.name!r} failed: {type(e).__name__}: {e}", RuntimeWarning)
         self._fire(events)
@@ -921,6 +1157,15 @@ class JobQueue:
             for j in running:
                 j.wait(max(0.0, deadline - time.monotonic()))
         self.executor.close()
+
+    def _executor_of(self, job: Job) -> Executor:
+        """The job's backend: the queue's executor, or this process's threads for a ``local`` job."""
+        if not job.local or isinstance(self.executor, ThreadExecutor):
+            return self.executor
+        with self._lock:
+            if self._local_executor is None:
+                self._local_executor = ThreadExecutor(self._report_interval)
+            return self._local_executor
 
     def __enter__(self) -> "JobQueue":
         return self

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import importlib
 import os
+import pickle
 import queue as queue_module
 import re
 import threading
@@ -21,8 +23,8 @@ import param
 from .. import data, jobs
 from ..checks import env_limit
 from .. import models
-from ..store import RunStore, StoreError, check_user
-from ..training import TrainConfig
+from ..store import RunStore, StoreError, check_user, pack_run, unpack_run
+from ..training import Run, TrainConfig
 
 __all__ = ["DataStore", "UserStore", "BackgroundTask", "ErrorBox", "config_widgets", "values_from_widgets",
            "run_options", "CHOICES", "allowed_values", "RUN_COLUMNS", "escape_html", "escape_md", "code_block", "text_block", "html_labels",
@@ -336,6 +338,259 @@ class TaskContext:
             self._task.poll()
 
 
+# ----------------------------------------------------------------------------- page jobs on Dask workers
+# With the server's queue on Dask (WORKBENCH_DASK), BackgroundTask ships a page job as
+# _run_page_job(fn, args, kwargs): the store arguments become RemoteStores (saving and loading are
+# services run by the server on its own store object), Run arguments and results travel as their
+# run-folder files (pack_run), payloads as plain data (_encode_payload). See BackgroundTask.
+
+
+class _PackedRun:
+    """A Run as its run folder's files (safetensors, run.json, metrics.csv), to cross to or from a worker."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = files
+
+
+class _SavedRun:
+    """A Run the job saved through its RemoteStore: the server opens it from its store by id."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+
+def _walk(value, fn, depth: int = 0):
+    """``value`` with ``fn`` applied to every leaf of its tuples, lists and dict values (same containers)."""
+    if depth > 20:
+        return fn(value)
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_walk(v, fn, depth + 1) for v in value)
+    if isinstance(value, list):
+        return [_walk(v, fn, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {k: _walk(v, fn, depth + 1) for k, v in value.items()}
+    return fn(value)
+
+
+def _importable(fn) -> bool:
+    """Whether workers can import ``fn`` by name (a module-level function of the ``workbench`` package)."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not isinstance(module, str) or not module.startswith("workbench.") or "<" in qualname or "." in qualname:
+        return False
+    try:
+        return getattr(importlib.import_module(module), qualname) is fn
+    except (ImportError, AttributeError):
+        return False
+
+
+def remote_plan(fn, args: tuple, kwargs: dict):
+    """How a page job would be shipped to a Dask worker: ``(args, kwargs, store)`` with the store
+    arguments replaced by one :class:`workbench.jobs.RemoteStore` and Runs by their files, or a
+    string saying why it runs on the server's threads instead.
+
+    Runs on the server's threads: a function that is not a module-level function of ``workbench``
+    (a bound method talks to its page: the Residual page's analysis), one marked ``fn.remote = False``,
+    arguments holding a model object (``torch.nn.Module``: the Residual page's models may be
+    Hugging Face models of gigabytes, held by the session), a live object shared with the page
+    (a ``GrowControl``: "add a block now" reaches only a job in this process), two different
+    stores, or anything else that cannot be pickled.
+    """
+    import torch
+
+    from .. import growth
+
+    if not _importable(fn):
+        return f"{getattr(fn, '__qualname__', fn)!r} is not a module-level function of workbench (workers import it)"
+    if getattr(fn, "remote", True) is False:
+        return f"{fn.__qualname__} is marked remote = False"
+    stores, why = [], []
+
+    def swap(v):
+        if isinstance(v, (RunStore, UserStore)):
+            if not any(v is s for s in stores):
+                stores.append(v)
+            return jobs.RemoteStore()
+        if isinstance(v, Run):
+            return _PackedRun(pack_run(v))
+        if isinstance(v, torch.nn.Module):
+            why.append(f"it takes a model object ({type(v).__name__}), which stays in this process")
+        elif isinstance(v, growth.GrowControl):
+            why.append("it takes a GrowControl (live requests from the page reach only a job in this process)")
+        return v
+
+    try:
+        new_args, new_kwargs = _walk(tuple(args), swap), _walk(dict(kwargs), swap)
+    except (StoreError, ValueError) as e:   # a Run that cannot be packed
+        return f"an argument cannot be sent as a run folder ({e})"
+    if why:
+        return why[0]
+    if len(stores) > 1:
+        return "it takes two different run stores"
+    try:
+        pickle.dumps((new_args, new_kwargs))
+    except Exception as e:  # noqa: BLE001 -- whatever pickle refuses
+        return f"an argument cannot be sent to a worker ({type(e).__name__}: {e})"[:300]
+    return new_args, new_kwargs, (stores[0] if stores else None)
+
+
+def _encode_payload(value, depth: int = 0):
+    """A page payload as plain data for Dask's topic (never pickle): DataFrames, numpy arrays and scalars,
+    tensors and tuples become tagged dicts and lists; ``TypeError`` for anything else."""
+    import numpy as np
+    import torch
+
+    if depth > 30:
+        raise TypeError("payload nested too deeply")
+    if value is None or isinstance(value, (str, bytes, bool, int, float)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            return {"__list__": _encode_payload(value.tolist(), depth + 1)}
+        return {"__ndarray__": np.ascontiguousarray(value).tobytes(), "dtype": value.dtype.str,
+                "shape": list(value.shape)}
+    if isinstance(value, pd.DataFrame):
+        return {"__frame__": {"columns": [_encode_payload(c, depth + 1) for c in value.columns],
+                              "dtypes": [str(t) for t in value.dtypes],
+                              "index": _encode_payload(value.index.tolist(), depth + 1),
+                              "data": [_encode_payload(value[c].tolist(), depth + 1) for c in value.columns]}}
+    if isinstance(value, pd.Series):
+        return {"__series__": _encode_payload(value.to_frame(name=value.name), depth + 1)}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode_payload(v, depth + 1) for v in value]}
+    if isinstance(value, list):
+        return [_encode_payload(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError("payload dict keys must be strings")
+        return {("\\" + k if k.startswith("__") or k.startswith("\\") else k): _encode_payload(v, depth + 1)
+                for k, v in value.items()}
+    raise TypeError(f"a page payload cannot hold {type(value).__name__}")
+
+
+def _decode_payload(value):
+    """The inverse of :func:`_encode_payload` (on the server)."""
+    import numpy as np
+
+    if isinstance(value, list):
+        return [_decode_payload(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__ndarray__" in value:
+        return np.frombuffer(value["__ndarray__"], dtype=np.dtype(value["dtype"])).reshape(value["shape"]).copy()
+    if "__list__" in value:
+        return np.array(_decode_payload(value["__list__"]), dtype=object)
+    if "__tuple__" in value:
+        return tuple(_decode_payload(v) for v in value["__tuple__"])
+    if "__series__" in value:
+        frame = _decode_payload(value["__series__"])
+        return frame[frame.columns[0]]
+    if "__frame__" in value:
+        f = value["__frame__"]
+        columns = [_decode_payload(c) for c in f["columns"]]
+        df = pd.DataFrame({i: _decode_payload(col) for i, col in enumerate(f["data"])},
+                          index=_decode_payload(f["index"]) or None)
+        if not len(columns):
+            df = pd.DataFrame(index=_decode_payload(f["index"]))
+        df.columns = columns
+        for c, t in zip(columns, f["dtypes"]):
+            try:
+                df[c] = df[c].astype(t)
+            except (TypeError, ValueError):
+                pass
+        if list(df.index) == list(range(len(df))):
+            df.index = pd.RangeIndex(len(df))
+        return df
+    return {(k[1:] if k.startswith("\\") else k): _decode_payload(v) for k, v in value.items()}
+
+
+class _RemoteStopEvent:
+    """``ctx.stop_event`` on a worker: ``is_set()`` asks the job's Dask stop signal (polled, throttled)."""
+
+    def __init__(self, ctx: "_RemoteTaskContext"):
+        self._ctx, self._set = ctx, False
+
+    def is_set(self) -> bool:
+        return self._set or self._ctx._job.stopped
+
+    def set(self) -> None:
+        self._set = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+
+class _RemoteTaskContext:
+    """The :class:`TaskContext` API of a page job on a Dask worker (no browser session here)."""
+
+    session_gone = False
+
+    def __init__(self):
+        self._job = jobs.current()
+        self.stop_event = _RemoteStopEvent(self)
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_event.is_set()
+
+    def report(self, payload: Any = None, progress: float | None = None, message: str | None = None) -> None:
+        if progress is not None:
+            progress = max(0.0, min(1.0, float(progress)))
+        try:
+            encoded = _encode_payload(payload)
+        except TypeError as e:   # shown as a note; the job goes on
+            encoded, message = None, f"{message or ''} (payload not sendable: {e})".strip()
+        wrapped = {"__page__": encoded, "has_payload": payload is not None, "progress": progress,
+                   "message": message}
+        self._job.report(progress, "" if message is None else str(message), payload=wrapped,
+                         force=payload is not None)
+
+
+def _run_page_job(fn, args, kwargs):
+    """A page job on a Dask worker: ``fn(ctx, *args, **kwargs)`` with a worker-side context; Run
+    arguments unpacked; Runs in the result sent back by id (saved through the job's RemoteStore) or
+    as their files."""
+    def unpack(v):
+        return unpack_run(v.files, allow_nonfinite=True) if isinstance(v, _PackedRun) else v
+
+    args, kwargs = _walk(tuple(args), unpack), _walk(dict(kwargs), unpack)
+    stores = []
+    _walk((args, kwargs), lambda v: stores.append(v) if isinstance(v, jobs.RemoteStore) else None)
+    result = fn(_RemoteTaskContext(), *args, **kwargs)
+
+    def pack(v):
+        if isinstance(v, Run):
+            saved = next((s.saved_id(v) for s in stores if s.saved_id(v) is not None), None)
+            return _SavedRun(saved) if saved is not None else _PackedRun(pack_run(v))
+        return v
+
+    return _walk(result, pack)
+
+
+def _open_result(value, store):
+    """A remote job's result on the server: saved runs opened from ``store``, packed ones unpacked."""
+    def open_(v):
+        if isinstance(v, _SavedRun):
+            if store is None:
+                raise RuntimeError(f"the job returned the saved run {v.run_id!r} but had no store")
+            return store.load(v.run_id, allow_nonfinite=True)
+        if isinstance(v, _PackedRun):
+            return unpack_run(v.files, allow_nonfinite=True)
+        return v
+
+    return _walk(value, open_)
+
+
 class BackgroundTask(param.Parameterized):
     """Runs ``fn(ctx, *args)`` as a job of the :func:`job_queue`; UI updates happen in ``poll`` on the
     session's thread.
@@ -358,6 +613,21 @@ class BackgroundTask(param.Parameterized):
     is stopped with ``on_session_end="stop"`` and runs to its end with ``"finish"``. Either way
     ``on_done`` is not called any more (no session, no poll), so a job whose result must outlive the
     tab (a training run) saves it in the worker itself, before it returns.
+
+    On Dask (the queue's executor is a :class:`workbench.jobs.DaskExecutor`: ``WORKBENCH_DASK``) a
+    page job runs on a worker as ``_run_page_job(fn, args, kwargs)`` (``fn`` is imported there by
+    name): every ``RunStore``/``UserStore`` argument becomes a :class:`workbench.jobs.RemoteStore`
+    whose saves and loads are services run here, on the session's own store object (so owners and
+    viewers stay the server's: a student's job saves as that student and opens only what they may),
+    also after the tab was closed; Run arguments travel as their run-folder files
+    (:func:`workbench.store.pack_run`). On the worker ``ctx`` has the same API (``stopped``,
+    ``stop_event``, ``session_gone`` -- always False there --, ``report``); payloads cross Dask's topic
+    as plain data (DataFrames, arrays and tuples tagged, never pickle) and reach ``on_update`` here.
+    A Run in the job's result comes back by id when the job saved it through its store (``on_done``
+    gets the run opened from the server's store: exactly what was saved), else as its files. A job
+    that cannot be shipped (:func:`remote_plan` says why: a bound method, a model object, a
+    ``GrowControl``) runs on the server's threads (``local=True``), with the reason in
+    :attr:`where`.
     """
 
     status = param.Selector(default="idle", objects=["idle", "running", "done", "cancelled", "error"])
@@ -383,6 +653,8 @@ class BackgroundTask(param.Parameterized):
         self._direct = False
         self._lock = threading.RLock()
         self._default_user = session_user()   # read in the session (the page is built there)
+        self.where = ""   # where the last job runs: "threads", "dask", or "threads (why not Dask)"
+        self._box: dict | None = None
         if pn.state.curdoc is not None:
             pn.state.on_session_destroyed(self.session_destroyed)
 
@@ -427,17 +699,56 @@ class BackgroundTask(param.Parameterized):
             item = ("error", e, None, traceback.format_exc())
         box["delivered"] = True
         if self.orphaned:
+            box["final"].set()
             return  # nobody polls any more; whatever had to persist was saved by fn itself
         self._queue.put(item)
+        box["final"].set()
         if self._direct:
             self.poll()
+
+    def _remote_news(self, job, box: dict) -> bool:
+        """A remote job's progress report (a page payload) or its end: queue the update; True if handled."""
+        if job.done:
+            if box["delivered"]:
+                return True
+            box["delivered"] = True
+            if self.orphaned:
+                box["final"].set()
+                return True
+            if job.has_value:
+                try:
+                    item = ("done", _open_result(job.value, box.get("store")), None, None)
+                except Exception as e:  # noqa: BLE001 -- e.g. the saved run cannot be opened: say so
+                    item = ("error", e, None, traceback.format_exc())
+            elif job.status == "cancelled":
+                item = ("cancelled", "stopped" if job.started is not None else "waiting", None, None)
+            else:
+                item = ("error", job.error or RuntimeError(job.status_line()), None, job.traceback)
+            self._queue.put(item)
+            box["final"].set()
+            return True
+        payload = job.payload
+        if isinstance(payload, dict) and "__page__" in payload and job.status == "running":
+            if box.get("seen") is payload:
+                return False   # a status event after it: the status line, not the update again
+            box["seen"] = payload
+            if not self.orphaned:
+                update = _decode_payload(payload["__page__"]) if payload.get("has_payload") else None
+                self._queue.put(("update", update, payload.get("progress"), payload.get("message")))
+            return True
+        return False
 
     def _on_job(self, job, event, box: dict) -> None:
         """The queue's news of our job (any thread): the status line, a stop from elsewhere, a job that
         ended without running our worker (cancelled while waiting, refused by the backend)."""
         if job.status == "running" and job.stop_requested:
             self.stop_event.set()   # stopped from elsewhere (the teacher view, the server closing)
+        if box.get("remote") and self._remote_news(job, box):
+            if self._direct and not self.orphaned:
+                self.poll()
+            return
         if self.orphaned:
+            box["final"].set()
             return
         if job.done:
             if box["delivered"]:
@@ -447,6 +758,7 @@ class BackgroundTask(param.Parameterized):
                 self._queue.put(("cancelled", None, None, None))
             else:
                 self._queue.put(("error", job.error or RuntimeError(job.status_line()), None, job.traceback))
+            box["final"].set()
         else:
             self._queue.put(("queue", job, None, job.status_line()))
         if self._direct:
@@ -458,10 +770,26 @@ class BackgroundTask(param.Parameterized):
         self.stop_event.clear()
         self.status, self.progress, self.message, self.error, self.notice = "running", 0.0, "", "", ""
         self._direct = direct
-        box = {"delivered": False}
+        box = {"delivered": False, "final": threading.Event()}
+        self._box = box
         try:
             queue_ = self.queue if self.queue is not None else job_queue()
-            job = queue_.submit(self._work, fn, args, kwargs, box, user=self.owner(), name=self.job_name)
+            if isinstance(queue_.executor, jobs.DaskExecutor):
+                plan = remote_plan(fn, args, kwargs)
+                if isinstance(plan, tuple):
+                    remote_args, remote_kwargs, store = plan
+                    box.update(remote=True, store=store)
+                    services = jobs.RemoteStore.services(store) if store is not None else {}
+                    self.where = "dask"
+                    job = queue_.submit(_run_page_job, fn, remote_args, remote_kwargs, user=self.owner(),
+                                        name=self.job_name, services=services)
+                else:
+                    self.where = f"threads ({plan})"
+                    job = queue_.submit(self._work, fn, args, kwargs, box, user=self.owner(), name=self.job_name,
+                                        local=True)
+            else:
+                self.where = "threads"
+                job = queue_.submit(self._work, fn, args, kwargs, box, user=self.owner(), name=self.job_name)
         except jobs.QueueFull as e:   # refused at once: say why, start nothing
             self.status, self.notice = "idle", str(e)
             return False
@@ -485,6 +813,7 @@ class BackgroundTask(param.Parameterized):
         if not self._submit(fn, args, kwargs, direct=True):
             return False
         self.job.wait()
+        self._box["final"].wait(60)   # the final item is queued just after the job ends (a listener)
         self.poll()
         return True
 
@@ -531,8 +860,10 @@ class BackgroundTask(param.Parameterized):
                     self._callback.stop()
                     self._callback = None
                 self.notice = ""
-                if kind == "cancelled":   # left the queue before it ran
-                    self.status, self.message = "cancelled", "cancelled before it started"
+                if kind == "cancelled":   # left the queue before it ran (or, on Dask, returned nothing)
+                    self.status = "cancelled"
+                    self.message = ("stopped: the worker returned nothing in time" if payload == "stopped"
+                                    else "cancelled before it started")
                 elif kind == "done":
                     self.status = "cancelled" if self.stop_event.is_set() else "done"
                     if self.status == "done":
