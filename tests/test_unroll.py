@@ -115,7 +115,7 @@ def test_compare_and_layouts_on_digits():
     lay = unroll.compare_layouts(ds, model.config, wb.TrainConfig(steps=5, eval_every=100, eval_max=128), seeds=(0,))
     p = lay.query("metric == 'params'").set_index("layout")["value"]
     assert p["sequential"] == p["parallel"] == models.count_params(model)
-    assert set(lay["metric"]) == {"loss", "acc", "params"}
+    assert set(lay["metric"]) == {"loss", "acc", "params", "best_loss", "best_acc", "best_step", "train_loss"}
 
 
 def test_bad_arguments_are_refused_by_name():

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .checks import check_float, check_int, check_seed
 from .data import IGNORE, Dataset
 from .models import FAMILIES, build, config_for
-from .training import Run, TrainConfig, loss_and_correct, train as train_model
+from .training import Callback, Run, TrainConfig, loss_and_correct, train as train_model
 
 __all__ = ["Learngene", "LearngeneModel", "fit", "train", "experiment", "expansion", "block_parameter_names"]
 
@@ -133,6 +133,10 @@ class LearngeneModel(nn.Module):
     blocks) plus the embedding, final norm and readout; ``forward`` materialises
     ``W_l = W_base + (l/L) W_slope`` and runs the native model with them (``torch.func.functional_call``).
 
+    Initialisation (as TLEG's): ``W_base`` is a freshly initialised block (block 0 of ``build(config)``);
+    ``W_slope`` of a weight matrix is another one (block 1, an independent draw at the same scale), of a
+    bias or norm parameter 0.
+
     ``config`` is the native model's, so :func:`workbench.training.train` checks data against it.
     """
 
@@ -148,8 +152,14 @@ class LearngeneModel(nn.Module):
         self.n_layers = L
         self._names = block_parameter_names(self.template)
         first = dict(self.template.blocks[0].named_parameters())
+        # TLEG initialises W_ilayer like W_base for the weight matrices (trunc-normal, same scale) and at 0 for
+        # biases and norms: here the matrices start at another freshly initialised block's (independent of
+        # block 0), so W_slope starts at the weights' own scale.
+        other = dict(self.template.blocks[1].named_parameters()) if L >= 2 else {}
         self.base = nn.ParameterDict({self._key(n): nn.Parameter(first[n].detach().clone()) for n in self._names})
-        self.slope = nn.ParameterDict({self._key(n): nn.Parameter(torch.zeros_like(first[n])) for n in self._names})
+        self.slope = nn.ParameterDict({
+            self._key(n): nn.Parameter(other[n].detach().clone() if first[n].dim() >= 2 and n in other
+                                       else torch.zeros_like(first[n])) for n in self._names})
         for blk in self.template.blocks:  # replaced at every forward pass; not trained
             for p in blk.parameters():
                 p.requires_grad_(False)
@@ -198,13 +208,14 @@ class _Distill:
 
 
 def train(dataset: Dataset, config=None, train_config: TrainConfig | None = None, teacher=None,
-          alpha: float = 0.5, temperature: float = 1.0, callbacks=(), **overrides) -> tuple[Learngene, Run]:
+          alpha: float = 1.0, temperature: float = 1.0, callbacks=(), **overrides) -> tuple[Learngene, Run]:
     """Train a learngene in a constrained auxiliary model; returns ``(learngene, run)``.
 
     ``config``: the auxiliary model's config (its ``n_layers`` is the auxiliary depth); default
     :func:`workbench.models.config_for` of ``dataset`` with ``overrides``. ``teacher``: a model or a
     :class:`~workbench.training.Run` whose logits the auxiliary model is distilled from, with weight
-    ``alpha`` and temperature ``temperature`` (``docs/definitions.md#learngene``).
+    ``alpha`` and temperature ``temperature`` (``docs/definitions.md#learngene``; TLEG's runs use soft
+    distillation with ``alpha = 1``, the default here, and ``T = 1``).
     """
     if config is None:
         config = config_for(dataset, **overrides)
@@ -229,13 +240,37 @@ def train(dataset: Dataset, config=None, train_config: TrainConfig | None = None
     return aux.learngene(), run
 
 
+def _check_budgets(budgets, steps: int) -> list[int]:
+    out = sorted({check_int("budget", b, 1, steps) for b in budgets})
+    return out
+
+
+class _ValAt(Callback):
+    """Callback: the validation loss and accuracy after each of ``steps`` optimizer steps."""
+
+    def __init__(self, dataset: Dataset, steps, eval_max: int):
+        self.dataset, self.steps, self.eval_max, self.values = dataset, set(steps), eval_max, {}
+
+    def on_step(self, state):
+        if state.step in self.steps:
+            from .training import evaluate
+
+            self.values[state.step] = evaluate(state.model, self.dataset, "val", self.eval_max)
+            state.model.train()
+
+
 def expansion(dataset: Dataset, gene: Learngene, depths=range(2, 9), train_config: TrainConfig | None = None,
-              seeds=(0,), callbacks=()) -> pd.DataFrame:
+              seeds=(0,), callbacks=(), budgets=()) -> pd.DataFrame:
     """Descendants of each depth from ``gene`` against random initialisation, after the same training.
 
     Tidy DataFrame ``depth, init, seed, split, metric, value`` (``init`` in ``"learngene"``,
     ``"random"``; validation ``loss`` and ``acc`` after training, and ``loss_at_init``). A random
-    descendant is ``build(config with n_layers=depth, seed=seed)``; ``seed`` is also the data order.
+    descendant is ``build(config with n_layers=depth, seed=seed)``; ``seed`` is also the data order; both
+    arms get the same ``train_config`` (steps, learning rate, schedule, minibatches).
+
+    ``budgets``: step counts below ``train_config.steps`` at which the same run is also evaluated, as
+    metrics ``"loss@<steps>"`` and ``"acc@<steps>"`` (the budget curve; with the default constant
+    schedule a run read at step ``s`` is exactly a run of ``s`` steps).
     """
     if not isinstance(gene, Learngene):
         raise ValueError(f"gene must be a Learngene, got {type(gene).__name__}")
@@ -246,6 +281,7 @@ def expansion(dataset: Dataset, gene: Learngene, depths=range(2, 9), train_confi
     if train_config is not None and not isinstance(train_config, TrainConfig):
         raise ValueError(f"train_config must be a TrainConfig or None, got {type(train_config).__name__}")
     train_config = train_config or TrainConfig(steps=100, eval_every=100)
+    budgets = _check_budgets(budgets, train_config.steps)
     from .training import evaluate
 
     rows = []
@@ -255,20 +291,55 @@ def expansion(dataset: Dataset, gene: Learngene, depths=range(2, 9), train_confi
                 model = gene.expand(depth) if init == "learngene" else \
                     build(dataclasses.replace(gene.config, n_layers=depth, seed=seed))
                 start = evaluate(model, dataset, "val", train_config.eval_max)
-                run = train_model(model, dataset, dataclasses.replace(train_config, seed=seed), callbacks=callbacks)
+                at = _ValAt(dataset, budgets, train_config.eval_max)
+                run = train_model(model, dataset, dataclasses.replace(train_config, seed=seed),
+                                  callbacks=[*callbacks, at] if budgets else callbacks)
                 base = {"depth": depth, "init": init, "seed": seed, "split": "val"}
                 rows.append({**base, "metric": "loss_at_init", "value": start["loss"]})
                 rows += [{**base, "metric": m, "value": run.final(m)} for m in ("loss", "acc")]
+                for b in budgets:
+                    got = at.values.get(b, {})
+                    rows += [{**base, "metric": f"{m}@{b}", "value": float(got.get(m, float("nan")))}
+                             for m in ("loss", "acc")]
     return pd.DataFrame(rows, columns=["depth", "init", "seed", "split", "metric", "value"])
 
 
-def experiment(dataset: Dataset, depths=range(2, 9), aux_layers: int = 4, learngene_train: TrainConfig | None = None,
-               train_config: TrainConfig | None = None, seeds=(0,), teacher=None, callbacks=(),
+def experiment(dataset: Dataset, depths=range(2, 9), aux_layers: int | None = None,
+               learngene_train: TrainConfig | None = None, train_config: TrainConfig | None = None, seeds=(0,),
+               teacher=None, alpha: float = 1.0, temperature: float = 1.0, callbacks=(), budgets=(),
                **overrides) -> tuple[Learngene, pd.DataFrame]:
-    """Train one learngene (auxiliary depth ``aux_layers``) on ``dataset``, then :func:`expansion`.
+    """TLEG's protocol: per seed, train a learngene, then :func:`expansion` of it with that seed.
 
-    ``overrides``: model config fields (``d_model``, ...). Returns ``(learngene, table)``.
+    ``aux_layers``: the auxiliary model's depth; default the deepest descendant, ``max(depths)`` (TLEG's
+    auxiliary models have the 12 blocks of the deepest descendant, which then inherits ``W_l`` exactly).
+    ``teacher``: ``None`` (plain cross-entropy), a model or :class:`~workbench.training.Run` to distil
+    from, or ``"train"``: per seed, an unconstrained model of the auxiliary depth trained with
+    ``learngene_train`` first (TLEG distils its auxiliary model from a trained teacher; ``alpha`` and
+    ``temperature`` as in :func:`train`). Each seed has its own learngene (initialisation and data order),
+    so the spread over seeds includes the learngene's. ``overrides``: model config fields (``d_model``,
+    ...). Returns ``(learngene of the first seed, table)``; the table is :func:`expansion`'s.
     """
-    aux_layers = check_int("aux_layers", aux_layers, 1, 64)
-    gene, _ = train(dataset, train_config=learngene_train, teacher=teacher, n_layers=aux_layers, **overrides)
-    return gene, expansion(dataset, gene, depths, train_config, seeds, callbacks)
+    depths = [check_int("depth", d, 1, 64) for d in depths]
+    if not depths:
+        raise ValueError("depths must list at least one value")
+    aux_layers = max(depths) if aux_layers is None else check_int("aux_layers", aux_layers, 1, 64)
+    seeds = [check_seed("seed", s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must list at least one seed")
+    if isinstance(teacher, str) and teacher != "train":
+        raise ValueError(f"teacher must be None, a model, a Run or 'train', got {teacher!r}")
+    learngene_train = learngene_train or TrainConfig(steps=500, eval_every=500)
+    if not isinstance(learngene_train, TrainConfig):
+        raise ValueError(f"learngene_train must be a TrainConfig or None, got {type(learngene_train).__name__}")
+    first, tables = None, []
+    for seed in seeds:
+        cfg = config_for(dataset, **{**overrides, "n_layers": aux_layers, "seed": seed})
+        tcfg = dataclasses.replace(learngene_train, seed=seed)
+        t = teacher
+        if teacher == "train":
+            t = build(cfg)
+            train_model(t, dataset, tcfg, callbacks=callbacks, name=f"teacher-{dataset.name}")
+        gene, _ = train(dataset, cfg, tcfg, teacher=t, alpha=alpha, temperature=temperature, callbacks=callbacks)
+        first = gene if first is None else first
+        tables.append(expansion(dataset, gene, depths, train_config, [seed], callbacks, budgets))
+    return first, pd.concat(tables, ignore_index=True)

@@ -253,14 +253,30 @@ def compare(model: nn.Module, dataset: Dataset, finetune: TrainConfig | None = N
     return pd.DataFrame(rows)
 
 
+def _best(run, metric: str = "loss") -> tuple[float, int]:
+    """The lowest validation ``metric`` over a run's evaluations and the step it was reached at."""
+    m = run.metrics
+    sel = m[(m["metric"] == metric) & (m["split"] == "val")]
+    if not len(sel):
+        return float("nan"), -1
+    i = int(sel["value"].to_numpy().argmin())
+    return float(sel["value"].iloc[i]), int(sel["step"].iloc[i])
+
+
 def compare_layouts(dataset: Dataset, config, train_config: TrainConfig | None = None, seeds=(0, 1, 2),
                     unit: str = "block", callbacks=()) -> pd.DataFrame:
     """Both layouts trained from scratch at equal parameters (Bermeitinger et al. 2023, Table 2).
 
     For each seed, ``build(config with that seed)`` is trained as the deep (sequential) stack, and the same
-    initialisation as the first-order (parallel) layout: the two have the same parameters, one for one.
-    Returns a tidy DataFrame ``layout, seed, split, metric, value`` (validation loss and accuracy at the
-    end, and ``params``).
+    initialisation as the first-order (parallel) layout: the two have the same parameters, one for one,
+    the same embedding, final norm and readout, and see the same minibatches.
+
+    Returns a tidy DataFrame ``layout, seed, split, metric, value`` (``docs/definitions.md#unroll-layouts``)
+    with, on the validation split: ``loss`` and ``acc`` at the end of training; ``best_loss`` (the lowest
+    validation loss over the evaluations, every ``train_config.eval_every`` steps: the early-stopping
+    point, the comparison at convergence when the budget is long enough for both layouts to overfit),
+    ``best_acc`` (the accuracy at that evaluation) and ``best_step``; ``train_loss`` at the end (split
+    ``"train"``); and ``params``.
     """
     import dataclasses
 
@@ -279,9 +295,13 @@ def compare_layouts(dataset: Dataset, config, train_config: TrainConfig | None =
             model = build(cfg)
             net = model if layout == "sequential" else parallel(model, unit, copy_model=False)
             run = train(net, dataset, dataclasses.replace(train_config, seed=seed), callbacks=callbacks)
-            for metric in ("loss", "acc"):
-                rows.append({"layout": layout, "seed": seed, "split": "val", "metric": metric,
-                             "value": run.final(metric)})
-            rows.append({"layout": layout, "seed": seed, "split": "val", "metric": "params",
-                         "value": float(count_params(net))})
+            base = {"layout": layout, "seed": seed, "split": "val"}
+            best, step = _best(run)
+            m = run.metrics
+            at = m[(m["split"] == "val") & (m["metric"] == "acc") & (m["step"] == step)]["value"]
+            vals = {"loss": run.final("loss"), "acc": run.final("acc"), "best_loss": best,
+                    "best_acc": float(at.iloc[-1]) if len(at) else float("nan"), "best_step": float(step),
+                    "params": float(count_params(net))}
+            rows += [{**base, "metric": k, "value": v} for k, v in vals.items()]
+            rows.append({**base, "split": "train", "metric": "train_loss", "value": run.final("loss", "train")})
     return pd.DataFrame(rows)
