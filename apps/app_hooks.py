@@ -3,10 +3,14 @@
 Every page's long computation goes through this queue (``workbench.ui.common.job_queue`` finds it in
 ``pn.state.cache``). Its settings come from the environment (``WORKBENCH_MAX_JOBS``,
 ``WORKBENCH_QUEUE_SIZE``, ``WORKBENCH_JOBS_PER_USER``, ``WORKBENCH_THREADS``; see ``workbench.jobs``).
-The queue runs the pages' jobs on threads of this process -- they report to the browser session that
-started them, so they cannot be shipped to Dask workers -- and gives each job floor(cores / max jobs)
-torch threads; the Sweeps page sends its points to the Dask scheduler named by ``WORKBENCH_DASK`` when
-that is set.
+Backend: ``WORKBENCH_DASK=tcp://host:port`` puts the queue on that Dask cluster, so the pages' jobs
+(train, grow, connectivity, collapse, compose, unroll, grokking) run on its workers: progress comes back
+through Dask's topics, Stop is cooperative then ``future.cancel()``, and runs come back as their files
+(safetensors, run.json, metrics.csv) that this server -- the store's only writer -- saves through the
+job's services (``workbench.ui.common.BackgroundTask``); one torch thread per task unless
+``WORKBENCH_THREADS`` is set. Jobs that cannot be shipped (the Residual page's analyses hold the
+session's model objects) run on this process's threads in the same queue. Unset: every job runs on
+threads of this process with floor(cores / max jobs) torch threads each.
 """
 import panel as pn
 
@@ -17,8 +21,9 @@ def on_server_loaded(server_context):
     from workbench import jobs
     from workbench.ui.common import QUEUE_KEY
 
-    queue = jobs.JobQueue(executor="threads")
-    torch.set_num_threads(queue.threads)   # also for the little torch work done in UI callbacks
+    queue = jobs.JobQueue()   # WORKBENCH_DASK if set, else threads
+    if isinstance(queue.executor, jobs.ThreadExecutor):
+        torch.set_num_threads(queue.threads)   # also for the little torch work done in UI callbacks
     pn.state.cache[QUEUE_KEY] = queue
 
 

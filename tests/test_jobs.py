@@ -568,3 +568,78 @@ def test_dask_task_that_ignores_stop_is_cancelled_after_the_grace(dask_client):
     assert stubborn.wait(20) and stubborn.status == "cancelled" and not stubborn.has_value
     assert nxt.result(30)["n"] == 3                       # the slot was freed; the queue moved on
     q.close()
+
+
+# ============================================================================ Context.call (task -> server)
+
+
+def _calls(*names):
+    ctx = jobs.current()
+    out = []
+    for name in names:
+        try:
+            out.append(("ok", ctx.call(name, b"\x00\x01", 3)))
+        except (RuntimeError, ValueError) as e:   # Dask: RuntimeError with the server's message; threads: its own
+            out.append(("error", f"{type(e).__name__}: {e}"))
+    return out
+
+
+def _services():
+    def echo(data, n):
+        return {"bytes": data * n, "n": n}
+
+    def boom(data, n):
+        raise ValueError("n_alphas must be an integer in [2, 1001], got -3")
+
+    return {"echo": echo, "boom": boom, "object": lambda data, n: object()}
+
+
+def test_context_call_outside_a_job_says_so():
+    with pytest.raises(RuntimeError, match="only inside a job"):
+        jobs.current().call("store.save", b"")
+
+
+def test_context_call_on_threads_runs_the_service_directly():
+    q = JobQueue(max_jobs=1, executor="threads")
+    out = q.submit(_calls, "echo", "boom", "missing", services=_services()).result(30)
+    assert out[0] == ("ok", {"bytes": b"\x00\x01" * 3, "n": 3})
+    assert out[1] == ("error", "ValueError: n_alphas must be an integer in [2, 1001], got -3")
+    assert out[2][0] == "error" and "unknown service 'missing'" in out[2][1] and "echo" in out[2][1]
+    with pytest.raises(ValueError, match="services must be"):
+        q.submit(_calls, services={"x": 3})
+    q.close()
+
+
+def test_context_call_on_dask_answers_or_fails_clearly_and_never_hangs(dask_client):
+    q = JobQueue(max_jobs=1, executor=jobs.DaskExecutor(dask_client, call_timeout=30))
+    out = q.submit(_calls, "echo", "boom", "missing", "object", services=_services()).result(60)
+    assert out[0] == ("ok", {"bytes": b"\x00\x01" * 3, "n": 3})      # bytes through the queues, intact
+    assert out[1][0] == "error" and "ValueError: n_alphas must be an integer" in out[1][1]
+    assert out[2][0] == "error" and "unknown service 'missing'" in out[2][1]
+    assert out[3][0] == "error" and "plain data" in out[3][1]           # never pickled through the topic
+    q.close()
+
+
+def test_remote_store_saves_and_loads_through_the_server_store_on_dask(dask_client, tmp_path):
+    import workbench as wb
+
+    store = wb.RunStore(tmp_path / "home")
+    q = JobQueue(max_jobs=1, executor=jobs.DaskExecutor(dask_client))
+    run_id = q.submit(_train_and_save, jobs.RemoteStore(), services=jobs.RemoteStore.services(store)).result(120)
+    assert list(store.list()["run_id"]) == [run_id]
+    again = q.submit(_load_remote, jobs.RemoteStore(), run_id, services=jobs.RemoteStore.services(store)).result(60)
+    assert again == (run_id, store.read_json(run_id)["name"], int(store.load(run_id).metrics["step"].max()))
+    q.close()
+
+
+def _train_and_save(remote):
+    import workbench as wb
+
+    ds = wb.data.load("digits")
+    model = wb.models.build(wb.models.config_for(ds, d_model=8, n_layers=1, d_hidden=8))
+    return remote.save(wb.train(model, ds, wb.TrainConfig(steps=3, eval_every=3)), "remote-save")
+
+
+def _load_remote(remote, run_id):
+    run = remote.load(run_id)
+    return run.run_id, remote.read_json(run_id)["name"], int(run.metrics["step"].max())

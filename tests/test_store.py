@@ -650,3 +650,29 @@ def test_two_stores_opening_an_old_index_at_once_both_migrate_it(store):
     db = sqlite3.connect(store.index_path)
     assert [r[1] for r in db.execute("PRAGMA table_info(runs)")] == store_mod._COLUMNS
     db.close()
+
+
+def test_pack_and_unpack_a_trained_run_gives_the_same_run(store):
+    """pack_run -> unpack_run: identical weights, metrics and configs, the same outputs; validated as load is."""
+    from workbench.store import StoreError, pack_run, unpack_run
+
+    ds = wb.data.load("digits")
+    model = wb.models.build(wb.models.config_for(ds, d_model=16, n_layers=2, d_hidden=16))
+    run = wb.train(model, ds, wb.TrainConfig(steps=6, eval_every=3, seed=1))
+    files = pack_run(run)
+    assert sorted(files) == ["metrics.csv", "model.safetensors", "run.json"] and run.run_id is None
+    back = unpack_run(files)
+    reference = store.load(store.save(run))         # what the store itself round-trips
+    a, b = run.model.state_dict(), back.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pd.testing.assert_frame_equal(back.metrics, reference.metrics)
+    assert back.train_config == run.train_config and back.model.config == run.model.config
+    assert back.dataset == run.dataset and back.status == run.status and back.run_id is None
+    x = torch.as_tensor(ds.x_val[:16])
+    run.model.eval()
+    with torch.no_grad():
+        assert torch.equal(back.model(x), run.model(x))
+    with pytest.raises(ValueError, match="exactly the keys"):
+        unpack_run({"run.json": files["run.json"]})
+    with pytest.raises(StoreError, match="safetensors"):
+        unpack_run({**files, "model.safetensors": files["model.safetensors"][:100]})

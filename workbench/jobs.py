@@ -212,8 +212,9 @@ class Context:
         The submitter names its services (``JobQueue.submit(..., services={"store.save": fn})``);
         a task on a Dask worker reaches the server's run store this way (:class:`RemoteStore`).
         Arguments and answers must be plain data (bytes, str, numbers, bools, None, lists, dicts).
-        A failing or unknown service raises ``RuntimeError`` with the server's message. Outside a
-        job there is nobody to ask: ``RuntimeError``.
+        On Dask a failing or unknown service raises ``RuntimeError`` with the server's message (the
+        worker never waits forever: ``call_timeout``); on threads the call is direct and the service's
+        own exception propagates. Outside a job there is nobody to ask: ``RuntimeError``.
         """
         raise RuntimeError(f"Context.call({service!r}) works only inside a job of a workbench.jobs.JobQueue "
                            "(this code runs outside one, so there is no server to ask)")

@@ -373,9 +373,10 @@ def _walk(value, fn, depth: int = 0):
 
 
 def _importable(fn) -> bool:
-    """Whether workers can import ``fn`` by name (a module-level function of the ``workbench`` package)."""
+    """Whether workers can import ``fn`` by name: a module-level function of an importable module (the
+    pages' jobs live in ``workbench``; the workers must have the same package)."""
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
-    if not isinstance(module, str) or not module.startswith("workbench.") or "<" in qualname or "." in qualname:
+    if not isinstance(module, str) or module == "__main__" or "<" in qualname or "." in qualname:
         return False
     try:
         return getattr(importlib.import_module(module), qualname) is fn
@@ -388,7 +389,7 @@ def remote_plan(fn, args: tuple, kwargs: dict):
     arguments replaced by one :class:`workbench.jobs.RemoteStore` and Runs by their files, or a
     string saying why it runs on the server's threads instead.
 
-    Runs on the server's threads: a function that is not a module-level function of ``workbench``
+    Runs on the server's threads: a function that is not a module-level function of a module
     (a bound method talks to its page: the Residual page's analysis), one marked ``fn.remote = False``,
     arguments holding a model object (``torch.nn.Module``: the Residual page's models may be
     Hugging Face models of gigabytes, held by the session), a live object shared with the page
@@ -400,7 +401,7 @@ def remote_plan(fn, args: tuple, kwargs: dict):
     from .. import growth
 
     if not _importable(fn):
-        return f"{getattr(fn, '__qualname__', fn)!r} is not a module-level function of workbench (workers import it)"
+        return f"{getattr(fn, '__qualname__', fn)!r} is not a module-level function (workers import it by name)"
     if getattr(fn, "remote", True) is False:
         return f"{fn.__qualname__} is marked remote = False"
     stores, why = [], []
