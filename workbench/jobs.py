@@ -58,6 +58,17 @@ raised :class:`Diverged` or returned something whose ``status`` (attribute or ke
   mid-task: Dask reruns the task elsewhere (``allowed-failures``), then the job fails with
   ``KilledWorker``; it is never silently lost.
 
+*Task-to-server calls*: ``submit(..., services={"store.save": fn, ...})`` names functions the task may
+run in the submitting process, ``current().call("store.save", files, name)``. On threads the call is
+direct; on Dask the worker logs ``{"job", "call", "reply"}`` on the job's topic, its arguments and
+the answer (``{"ok": value}`` or ``{"error": message}``) go through two ``distributed.Queue``s (a
+topic keeps its last events in the scheduler: no weights there), and the server answers on its own
+thread pool. Arguments and answers are plain data (bytes, str, numbers, lists, dicts). A
+:class:`RemoteStore` is the server's run store seen from a worker: runs travel as their files
+(``workbench.store.pack_run``) and the server's store object saves them (owners stay its business).
+``submit(..., local=True)`` runs one job on this process's threads even on Dask (a job that cannot
+be shipped; the pages' ``BackgroundTask`` decides).
+
 Listeners (:meth:`Job.add_listener`, :meth:`JobQueue.add_listener`) are called outside the
 queue's lock, from whatever thread made the change (a job's thread, Dask's callback thread, the
 caller of submit/cancel): keep them short and hand UI work to the UI's own loop. A listener that
