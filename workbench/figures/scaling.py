@@ -15,10 +15,11 @@ _LAYOUT = dict(template="plotly_white", margin=dict(l=55, r=20, t=60, b=40))
 
 
 def power_law(x, y, fit=None, heldout: dict | None = None, xlabel: str = "x", ylabel: str = "loss",
-              title: str = "Power-law fit", level: float = 0.9) -> go.Figure:
+              title: str = "Power-law fit", level: float = 0.9, reference=None) -> go.Figure:
     """Log-log scatter of ``(x, y)``; with ``fit`` (a ``PowerLaw``) its curve over the whole range, the
     ``level`` bootstrap band and the asymptote ``c``; with ``heldout`` (from ``extrapolation``) the held-out
-    points and their predictions with the relative error in the legend."""
+    points and their predictions with the relative error in the legend; ``reference`` (another
+    ``PowerLaw``, e.g. the fit of all points next to the small-end fit) drawn dashed."""
     fig = go.Figure()
     x, y = np.asarray(x, float), np.asarray(y, float)
     if not len(x):
@@ -40,6 +41,10 @@ def power_law(x, y, fit=None, heldout: dict | None = None, xlabel: str = "x", yl
         fig.add_trace(go.Scatter(x=grid, y=fit.predict(grid), mode="lines",
                                  name=f"{fit.a:.3g} x^-{fit.alpha:.3f} + {fit.c:.3g}"))
         fig.add_hline(y=fit.c, line_dash="dot", annotation_text=f"asymptote c = {fit.c:.3g}")
+    if reference is not None:
+        grid = np.geomspace(x.min(), x.max(), 200)
+        fig.add_trace(go.Scatter(x=grid, y=reference.predict(grid), mode="lines", line=dict(dash="dash"),
+                                 name=f"all points: {reference.a:.3g} x^-{reference.alpha:.3f} + {reference.c:.3g}"))
     if heldout is not None:
         err = ", ".join(f"{e:.1%}" for e in np.asarray(heldout["rel_error"]))
         fig.add_trace(go.Scatter(x=heldout["x"], y=heldout["y"], mode="markers", name="held out",
