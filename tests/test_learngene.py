@@ -104,6 +104,40 @@ def test_expansion_table_shape_and_init_losses():
     assert at_init == pytest.approx(wb.training.evaluate(_trained, ds, max_examples=128)["loss"], rel=1e-5)
 
 
+def test_slope_starts_at_an_independent_block_and_biases_at_zero():
+    cfg = models.MLPConfig(d_in=6, n_classes=3, d_model=8, n_layers=3, d_hidden=10, seed=4)
+    aux = learngene.LearngeneModel(cfg)
+    ref = models.build(cfg)                                # the same seed: the template's blocks
+    torch.testing.assert_close(aux.base["fc__weight"].detach(), ref.blocks[0].fc.weight.detach())
+    torch.testing.assert_close(aux.slope["fc__weight"].detach(), ref.blocks[1].fc.weight.detach())
+    assert torch.count_nonzero(aux.slope["fc__bias"]) == 0 and torch.count_nonzero(aux.slope["pre_norm__weight"]) == 0
+
+
+def test_budget_curve_is_the_shorter_run_and_the_experiment_protocol():
+    ds = wb.data.load("digits")
+    cfg = models.config_for(ds, d_model=8, d_hidden=8, n_layers=2)
+    gene = learngene.fit(models.build(cfg))
+    tc = dict(lr=3e-3, **FAST)
+    long = learngene.expansion(ds, gene, depths=[3], train_config=wb.TrainConfig(steps=6, **tc), budgets=(3,))
+    short = learngene.expansion(ds, gene, depths=[3], train_config=wb.TrainConfig(steps=3, **tc))
+    for init in ("learngene", "random"):
+        a = long.query(f"init == '{init}' and metric == 'loss@3'")["value"].item()
+        b = short.query(f"init == '{init}' and metric == 'loss'")["value"].item()
+        assert a == pytest.approx(b, rel=1e-5)             # constant schedule: step 3 of 6 is a 3-step run
+    assert long.query("metric == 'loss@3'")["value"].ne(long.query("metric == 'loss'")["value"].values).all()
+    # the auxiliary model is as deep as the deepest descendant; each seed trains its own learngene
+    g, table = learngene.experiment(ds, depths=[3], seeds=(0, 1), teacher="train", d_model=8, d_hidden=8,
+                                    learngene_train=wb.TrainConfig(steps=4, **FAST),
+                                    train_config=wb.TrainConfig(steps=2, **FAST))
+    assert g.n_layers == 3 and set(table["seed"]) == {0, 1}
+    init = table.query("init == 'learngene' and metric == 'loss_at_init' and depth == 3")["value"]
+    assert init.nunique() == 2                             # two learngenes, not one reused
+    with pytest.raises(ValueError, match="teacher must be None, a model, a Run or 'train'"):
+        learngene.experiment(ds, depths=[2], teacher="yes")
+    with pytest.raises(ValueError, match=r"budget must be an integer in \[1, 2\]"):
+        learngene.expansion(ds, gene, depths=[2], train_config=wb.TrainConfig(steps=2, **FAST), budgets=(5,))
+
+
 def test_bad_arguments_are_refused_by_name():
     with pytest.raises(ValueError, match="at least 2 blocks"):
         learngene.fit(_mlp(1))
