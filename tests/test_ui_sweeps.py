@@ -171,16 +171,23 @@ def test_parse_list_types_values():
     assert parse_list("v", "-2") == [-2]
 
 
-def test_with_workbench_dask_the_points_run_on_that_cluster_with_the_same_numbers(store, queue, monkeypatch):
+def test_on_a_dask_queue_the_points_run_on_that_cluster_with_the_same_numbers(store, queue):
+    """With WORKBENCH_DASK the server's one queue is on Dask (app_hooks): the page's points are its jobs,
+    they run on the cluster's worker (not on the server's threads) and give the same numbers."""
     distributed = pytest.importorskip("distributed")
     local = _page(store)
     assert local.run_sweep(wait=True)
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
                                   dashboard_address=None) as cluster:
-        monkeypatch.setenv("WORKBENCH_DASK", cluster.scheduler_address)
-        seen = []
-        queue.add_listener(lambda q, job, event: seen.append(job))
-        remote = _page(store)
-        assert remote.run_sweep(wait=True), remote.errors.text
-        assert seen == []                                          # not a job of the server's thread queue
+        remote_queue = jobs.JobQueue(executor=cluster.scheduler_address, threads=1)
+        pn.state.cache[QUEUE_KEY] = remote_queue
+        try:
+            ran_on = []
+            remote_queue.add_listener(lambda q, job, event: ran_on.append(threading.current_thread().name))
+            remote = _page(store)
+            assert remote.run_sweep(wait=True), remote.errors.text
+            assert ran_on and not any(name.startswith("workbench-job-") for name in ran_on)  # no server thread
+            assert isinstance(remote_queue.executor, jobs.DaskExecutor)
+        finally:
+            remote_queue.close()
         pd.testing.assert_frame_equal(remote.result, local.result)

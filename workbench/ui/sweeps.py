@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import io
-import os
 import re
 import threading
 
@@ -259,8 +258,8 @@ class SweepsPage(Page):
     def run_sweep(self, wait: bool = False) -> bool:
         """Check the form and start the sweep (``wait=True``: until it has finished, for tests).
 
-        Points go to the session's job queue as this session's user, or to the Dask cluster named
-        by ``WORKBENCH_DASK``. Returns whether it started.
+        Points go to the server's job queue as this session's user (the queue runs them on the Dask
+        cluster named by ``WORKBENCH_DASK`` when that is set). Returns whether it started.
         """
         if self.running:
             self.status_line.object = "**a sweep is running: wait for it or press Cancel**"
@@ -271,23 +270,14 @@ class SweepsPage(Page):
         except (ValueError, TypeError) as e:
             self.errors.show(e)
             return False
-        address = os.environ.get("WORKBENCH_DASK", "").strip()
-        where = {"address": address} if address else {"queue": job_queue(), "user": self.datastore.queue_user}
+        # the server's queue: on Dask already when WORKBENCH_DASK is set, and its caps hold for sweeps too
+        where = {"queue": job_queue(), "user": self.datastore.queue_user}
         self._direct = pn.state.curdoc is None
         box: dict = {}
-
-        def start():
-            try:
-                box["sweep"] = sweeps.start(task, grid, seeds=seeds, on_progress=self._on_progress, **where, **fixed)
-            except Exception as e:  # noqa: BLE001 -- a cluster that cannot be reached: say so, keep the page
-                box["error"] = e
-
-        if address:   # a synchronous Dask client must not be made on the server's event loop thread
-            thread = threading.Thread(target=start, name="workbench-sweep-connect", daemon=True)
-            thread.start()
-            thread.join()
-        else:
-            start()
+        try:
+            box["sweep"] = sweeps.start(task, grid, seeds=seeds, on_progress=self._on_progress, **where, **fixed)
+        except Exception as e:  # noqa: BLE001 -- a backend that refuses: say so, keep the page
+            box["error"] = e
         if "error" in box:
             self.errors.show(box["error"])
             return False
