@@ -165,3 +165,44 @@ def test_a_job_that_cannot_be_shipped_runs_on_the_server_threads_and_says_why(qu
 
 def _model_job(ctx, model):
     return id(model)
+
+
+def test_grow_page_on_a_worker_honours_add_a_block_now(queue, store, monkeypatch):
+    """The Grow page's live control crosses to the worker: "add a block now", pressed on the page while
+    the job runs on Dask, reaches growth.grow there (through the job's control services)."""
+    import threading
+
+    from workbench.ui import common
+    from workbench.ui.grow import GrowPage
+
+    monkeypatch.setattr(common._RemoteGrowControl, "poll_interval", 0.0)  # ask the page at every step
+    page = GrowPage(DataStore(store))
+    page.dataset.value = "digits"
+    page.model_widgets["d_model"].value = 16
+    page.model_widgets["d_hidden"].value = 16
+    page.train_widgets["eval_every"].value = 3
+    page.train_widgets["eval_max"].value = 200
+    page.stage_steps.value = 80
+    page.preset.value = "Scratch"
+    page.final_layers.value = 1
+    page.fill_preset()
+    pressed = threading.Event()
+    original = page.on_update
+
+    def press_once(payload):
+        original(payload)
+        if not pressed.is_set():
+            pressed.set()
+            page.add_now.clicks += 1   # the button, as a user would press it
+
+    page.task.on_update = press_once
+    page.start()
+    page.task.join(timeout=300)
+    assert page.task.status == "done", page.task.error
+    assert page.task.where == "dask"
+    assert pressed.is_set()
+    run = page.last_run
+    assert run.model.config.n_layers == 2
+    assert [s["op"] for s in run.meta["stages"]] == ["train", "add_layer"]
+    assert sum(s["steps_done"] for s in run.meta["stages"]) == 80
+    assert len(store.list()) == 2            # one saved run per stage, saved by the server

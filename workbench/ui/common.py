@@ -20,7 +20,7 @@ import pandas as pd
 import panel as pn
 import param
 
-from .. import data, jobs
+from .. import data, growth as growth_module, jobs
 from ..checks import env_limit
 from .. import models
 from ..store import RunStore, StoreError, check_user, pack_run, unpack_run
@@ -389,12 +389,15 @@ def remote_plan(fn, args: tuple, kwargs: dict):
     arguments replaced by one :class:`workbench.jobs.RemoteStore` and Runs by their files, or a
     string saying why it runs on the server's threads instead.
 
+    A :class:`~workbench.growth.GrowControl` (the Grow page's "add a block now") becomes a
+    :class:`_RemoteGrowControl` that asks the page's own control through the job's services; the
+    fourth element of the plan is those services (``{}`` without one).
+
     Runs on the server's threads: a function that is not a module-level function of a module
     (a bound method talks to its page: the Residual page's analysis), one marked ``fn.remote = False``,
     arguments holding a model object (``torch.nn.Module``: the Residual page's models may be
-    Hugging Face models of gigabytes, held by the session), a live object shared with the page
-    (a ``GrowControl``: "add a block now" reaches only a job in this process), two different
-    stores, or anything else that cannot be pickled.
+    Hugging Face models of gigabytes, held by the session), two different stores or controls, or
+    anything else that cannot be pickled.
     """
     import torch
 
@@ -404,7 +407,7 @@ def remote_plan(fn, args: tuple, kwargs: dict):
         return f"{getattr(fn, '__qualname__', fn)!r} is not a module-level function (workers import it by name)"
     if getattr(fn, "remote", True) is False:
         return f"{fn.__qualname__} is marked remote = False"
-    stores, why = [], []
+    stores, controls, why = [], [], []
 
     def swap(v):
         if isinstance(v, (RunStore, UserStore)):
@@ -416,7 +419,9 @@ def remote_plan(fn, args: tuple, kwargs: dict):
         if isinstance(v, torch.nn.Module):
             why.append(f"it takes a model object ({type(v).__name__}), which stays in this process")
         elif isinstance(v, growth.GrowControl):
-            why.append("it takes a GrowControl (live requests from the page reach only a job in this process)")
+            if not any(v is c for c in controls):
+                controls.append(v)
+            return _RemoteGrowControl()
         return v
 
     try:
@@ -427,11 +432,14 @@ def remote_plan(fn, args: tuple, kwargs: dict):
         return why[0]
     if len(stores) > 1:
         return "it takes two different run stores"
+    if len(controls) > 1:
+        return "it takes two different GrowControls"
     try:
         pickle.dumps((new_args, new_kwargs))
     except Exception as e:  # noqa: BLE001 -- whatever pickle refuses
         return f"an argument cannot be sent to a worker ({type(e).__name__}: {e})"[:300]
-    return new_args, new_kwargs, (stores[0] if stores else None)
+    services = _RemoteGrowControl.services(controls[0]) if controls else {}
+    return new_args, new_kwargs, (stores[0] if stores else None), services
 
 
 def _encode_payload(value, depth: int = 0):
@@ -506,6 +514,46 @@ def _decode_payload(value):
             df.index = pd.RangeIndex(len(df))
         return df
     return {(k[1:] if k.startswith("\\") else k): _decode_payload(v) for k, v in value.items()}
+
+
+class _RemoteGrowControl(growth_module.GrowControl):
+    """A page's :class:`~workbench.growth.GrowControl` seen from a Dask worker: :func:`workbench.growth.grow`
+    asks ``pending()`` between steps, which here asks the page's control on the server through the job's
+    ``control.pending`` service at most every ``poll_interval`` seconds (one scheduler round trip), and
+    ``take()`` takes the request there. Stop comes through the job's stop signal (``ctx.stop_event``)."""
+
+    poll_interval = 0.5
+
+    def __init__(self):   # no lock, no local requests: the page's control keeps them
+        self.stop_event = threading.Event()   # replaced by the job's ctx.stop_event
+        self._checked, self._pending = None, False
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    @staticmethod
+    def services(control: "growth_module.GrowControl") -> dict:
+        """The server side: the page's own control answers."""
+        return {"control.pending": control.pending, "control.take": control.take}
+
+    def request_layer(self, init: str = "zero") -> None:
+        raise RuntimeError("a block is requested on the page's own GrowControl, not on a worker")
+
+    def pending(self) -> bool:
+        import time
+
+        now = time.monotonic()
+        if self._checked is None or now - self._checked >= self.poll_interval:
+            self._checked = now
+            self._pending = bool(jobs.current().call("control.pending"))
+        return self._pending
+
+    def take(self) -> str | None:
+        self._pending = False
+        return jobs.current().call("control.take")
 
 
 class _RemoteStopEvent:
@@ -778,9 +826,10 @@ class BackgroundTask(param.Parameterized):
             if isinstance(queue_.executor, jobs.DaskExecutor):
                 plan = remote_plan(fn, args, kwargs)
                 if isinstance(plan, tuple):
-                    remote_args, remote_kwargs, store = plan
+                    remote_args, remote_kwargs, store, services = plan
                     box.update(remote=True, store=store)
-                    services = jobs.RemoteStore.services(store) if store is not None else {}
+                    if store is not None:
+                        services = {**services, **jobs.RemoteStore.services(store)}
                     self.where = "dask"
                     job = queue_.submit(_run_page_job, fn, remote_args, remote_kwargs, user=self.owner(),
                                         name=self.job_name, services=services)
