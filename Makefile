@@ -25,9 +25,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# The server's launch environment: torch's OpenMP threads sleep when idle instead of spinning (read when
+# torch loads, so it must be set at process start). README "Classroom mode"; measured in bench/bench_classroom.py.
+SERVE_ENV ?= OMP_WAIT_POLICY=PASSIVE
 # Local only: bound to 127.0.0.1 (no sign-in yet); serving to others is the classroom mode (with sign-in).
 serve: setup
-	$(BIN)/python -m panel serve apps/ --port $(PORT) --address 127.0.0.1 \
+	$(SERVE_ENV) $(BIN)/python -m panel serve apps/ --port $(PORT) --address 127.0.0.1 \
 	  --allow-websocket-origin=localhost:$(PORT) --allow-websocket-origin=127.0.0.1:$(PORT) --show
 
 # Classroom mode (README "Classroom mode"): sign-in with a credentials file (Panel --basic-auth), every
@@ -42,7 +45,7 @@ COOKIE_SECRET ?=
 classroom: setup
 	@if [ ! -e "$(CREDENTIALS)" ] && [ -n "$(CLASS_LIST)" ]; then \
 	  $(BIN)/python -m workbench.classroom credentials "$(CLASS_LIST)" -o "$(CREDENTIALS)"; fi
-	@WORKBENCH_COOKIE_SECRET="$(COOKIE_SECRET)" $(BIN)/python -m workbench.classroom serve \
+	@$(SERVE_ENV) WORKBENCH_COOKIE_SECRET="$(COOKIE_SECRET)" $(BIN)/python -m workbench.classroom serve \
 	  --credentials "$(CREDENTIALS)" --host "$(CLASS_HOST)" --port $(PORT) --session-seconds $(CLASS_SECONDS)
 
 # Chromium for the browser tests (Debian/Ubuntu as root); fonts-unifont for glyph embeddings.
