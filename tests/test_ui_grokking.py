@@ -1,5 +1,7 @@
 """Grokking page driven from Python: a tiny config trains through the page's task and fills every figure;
 bad fields are refused with a message naming the field."""
+import math
+
 import pytest
 
 pn = pytest.importorskip("panel")
@@ -16,6 +18,10 @@ def _tiny(page):
         page.inputs[name].value = value
 
 
+def _tiny_threshold(page):
+    page.t_ratios.value, page.t_M.value, page.t_hidden.value, page.t_epochs.value = "0.5, 1.5", 11, 16, 20
+
+
 def test_page_is_registered_and_form_holds_the_defaults(store):
     assert GrokkingPage in pages()
     page = GrokkingPage(DataStore(store))
@@ -26,6 +32,7 @@ def test_tiny_run_fills_curves_heatmap_and_measures(store):
     page = GrokkingPage(DataStore(store))
     page.__panel__()
     _tiny(page)
+    _tiny_threshold(page)   # the "As code" box holds the threshold sweep too, run below
     page.train(wait=True)
     assert page.task.status == "done", page.task.error
     assert page.errors.text == ""
@@ -56,3 +63,49 @@ def test_bad_fields_get_a_message_and_do_not_start(store):
     page.inputs["n_key"].value = 4
     page.train(wait=True)
     assert "n_key must be an integer in [1, 3], got 4" in page.errors.text
+
+
+def test_threshold_section_runs_per_ratio_and_matches_its_code(store):
+    page = GrokkingPage(DataStore(store))
+    page.__panel__()
+    _tiny(page)
+    _tiny_threshold(page)
+    seen = []
+    shown = page.on_update
+    page.on_update = lambda payload: (seen.append(len(payload["threshold"])) if isinstance(payload, dict)
+                                      and "threshold" in payload else None, shown(payload))
+    page.run_threshold(wait=True)
+    assert page.task.status == "done", page.task.error
+    assert page.errors.text == ""
+    assert seen == [1, 2]                    # progress per ratio
+    t = page.threshold
+    assert list(t["ratio"]) == [0.5, 1.5] and list(t["n"]) == [round(r * 11 * math.log(11)) for r in (0.5, 1.5)]
+    names = [tr.name for tr in page.threshold_plot.object.data]
+    assert names == ["test accuracy (here)", "train accuracy", "Tian 2025"]
+    assert list(page.threshold_plot.object.data[2].x) == list(grokking.TIAN_REPORTED)
+    lines = [s for s in page.threshold_plot.object.layout.shapes if s.x0 == s.x1]
+    assert [s.x0 for s in lines] == [grokking.TIAN_CRITICAL]    # the critical line
+    assert "test accuracy here" in page.threshold_status.object
+    assert page.results == {}                # the grokking run's results are left alone
+    code = page.code.object
+    assert "grokking.tian_threshold(ratios=[0.5, 1.5], M=11, epochs=20, hidden=16" in code
+    scope = {}   # the whole "As code" box (the grokking run tiny too) gives the same table
+    exec(compile(code.removeprefix("```python\n").removesuffix("\n```"), "<as code>", "exec"), scope)
+    assert scope["table"]["test_acc"].tolist() == t["test_acc"].tolist()
+    assert scope["table"]["train_acc"].tolist() == t["train_acc"].tolist()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("t_ratios", "1.0, x", "ratios: value 2 must be a finite number in (0, 4.587), got 'x'"),
+    ("t_ratios", "1.0, 5.0", "ratios: value 2 must be a finite number in (0, 4.587), got 5.0"),
+    ("t_epochs", 0, "epochs must be an integer in [1, 100000], got 0"),
+    ("t_M", 2, "M must be an integer in [3, 211], got 2"),
+    ("t_weight_decay", -1.0, "weight decay must be a finite number in [0, 10], got -1.0"),
+])
+def test_threshold_bad_fields_get_a_message_and_do_not_start(store, field, value, message):
+    page = GrokkingPage(DataStore(store))
+    page.t_M.value, page.t_ratios.value = 11, "1.0, 2.0"
+    getattr(page, field).value = value
+    page.run_threshold(wait=True)
+    assert message in page.errors.text
+    assert page.threshold is None and page.task.status == "idle"

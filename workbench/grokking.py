@@ -26,16 +26,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data, models
-from .checks import check_float, check_int, check_seed
+from .checks import check_choice, check_float, check_int, check_seed
 from .training import Callback, Run, TrainConfig, TrainState, train
 
 __all__ = ["GrokConfig", "run", "ProgressMeasures", "fourier_basis", "fourier_norms", "key_frequencies",
            "grid_logits", "nanda_init_", "restricted_excluded", "squared_weights", "phases", "tian_model", "tian_threshold",
-           "TIAN_REPORTED", "TIAN_CRITICAL"]
+           "TIAN_REPORTED", "TIAN_CRITICAL", "TIAN_OPTIMIZERS"]
 
 TIAN_CRITICAL = 2.75  # Tian (2025): predicted critical ratio n / (M ln M)
 # Tian (2025), M = 71, 3000 full-batch epochs: test accuracy at n / (M ln M)
 TIAN_REPORTED = {1.67: 0.00, 2.75: 0.02, 4.16: 0.81, 5.0: 0.97}
+_TIAN_COLUMNS = ["ratio", "n", "train_acc", "test_acc", "seconds"]
 
 
 @dataclass
@@ -327,31 +328,55 @@ class TianModel(nn.Module):
         self.V = nn.Linear(hidden, M, bias=False)
 
     def forward(self, ab: torch.Tensor) -> torch.Tensor:  # (N, 2) int -> (N, M)
-        h = self.W.weight[:, ab[:, 0]] + self.W.weight[:, self.M + ab[:, 1]]  # W [e_a; e_b], (hidden, N)
-        return self.V(h.T ** 2)
+        Wt = self.W.weight.T                                               # (2M, hidden)
+        h = F.embedding(ab[:, 0], Wt) + F.embedding(self.M + ab[:, 1], Wt)  # W [e_a; e_b], (N, hidden)
+        return self.V(h ** 2)
 
 
 def tian_model(M: int = 71, hidden: int = 512, seed: int = 0) -> TianModel:
-    """Tian's two-layer model, PyTorch default init under ``seed`` (global RNG untouched)."""
+    """Tian's two-layer model initialised as his code does (``docs/definitions.md#grok-threshold``): the
+    ``a`` and ``b`` halves of ``W`` are two ``nn.Linear(M, hidden)``, so ``U(-1/sqrt(M), 1/sqrt(M))`` (not the
+    ``1/sqrt(2M)`` of one ``Linear(2M, hidden)``); ``V`` PyTorch's default ``U(-1/sqrt(hidden), 1/sqrt(hidden))``.
+    Seeded (global RNG untouched)."""
     check_int("M", M, 3, 1000)
     check_int("hidden", hidden, 1, 65536)
     with models.seeded(check_seed("seed", seed)):
-        return TianModel(M, hidden)
+        model = TianModel(M, hidden)
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(M)
+            model.W.weight.uniform_(-bound, bound)
+        return model
+
+
+TIAN_OPTIMIZERS = ("adam", "adamw")
 
 
 def tian_threshold(ratios=(1.67, 2.75, 4.16, 5.0), M: int = 71, epochs: int = 3000, hidden: int = 512,
-                   lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0) -> pd.DataFrame:
+                   lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, *, optimizer: str = "adam",
+                   progress=None, stop=None) -> pd.DataFrame:
     """Test accuracy against ``n / (M ln M)`` (``docs/definitions.md#grok-threshold``).
 
     For each ratio, ``n = round(ratio M ln M)`` of the ``M^2`` pairs (a seeded permutation) train
-    Tian's model full-batch for ``epochs`` Adam steps (lr, decoupled weight decay) with
-    cross-entropy; the rest test. Returns columns ``ratio, n, train_acc, test_acc, seconds``.
+    Tian's model full-batch for ``epochs`` steps with cross-entropy; the rest test. ``optimizer="adam"``
+    (his code): ``torch.optim.Adam`` with ``weight_decay`` as an L2 term added to the gradient, which
+    Adam's normalisation makes strong once the data gradient has vanished; ``"adamw"``: decoupled decay
+    (``lr * weight_decay`` per step, 1e-7 at the defaults: in effect none, and no generalisation).
+    Returns columns ``ratio, n, train_acc, test_acc, seconds``.
+
+    ``progress(done, total, table)``, if given, is called after each ratio with the rows so far;
+    ``stop()``, if given, is polled every 50 epochs: once it returns True the sweep ends and returns
+    the ratios finished (the interrupted one is dropped).
     """
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress must be a callable or None, got {type(progress).__name__}")
+    if stop is not None and not callable(stop):
+        raise ValueError(f"stop must be a callable or None, got {type(stop).__name__}")
     check_int("M", M, 3, 1000)
     check_int("epochs", epochs, 1, 1_000_000)
     check_float("lr", lr, 0, 1, lo_open=True)
     check_float("weight_decay", weight_decay, 0, 10)
     check_seed("seed", seed)
+    check_choice("optimizer", optimizer, TIAN_OPTIMIZERS)
     if isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__len__") or not len(ratios):
         raise ValueError(f"ratios must be a non-empty list of numbers in (0, {M / math.log(M):.3g}), got {ratios!r}")
     ratios = [check_float(f"ratios[{i}]", r, 0, M / math.log(M), lo_open=True, hi_open=True)
@@ -364,9 +389,12 @@ def tian_threshold(ratios=(1.67, 2.75, 4.16, 5.0), M: int = 71, epochs: int = 30
         n = max(1, min(M * M - 1, round(r * M * math.log(M))))
         tr, te = perm[:n], perm[n:]
         model = tian_model(M, hidden, seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW)(model.parameters(), lr=lr,
+                                                                                weight_decay=weight_decay)
         t0 = time.perf_counter()
-        for _ in range(epochs):
+        for epoch in range(epochs):
+            if stop is not None and epoch % 50 == 0 and stop():
+                return pd.DataFrame(rows, columns=_TIAN_COLUMNS)
             loss = F.cross_entropy(model(ab[tr]), y[tr])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -376,4 +404,6 @@ def tian_threshold(ratios=(1.67, 2.75, 4.16, 5.0), M: int = 71, epochs: int = 30
             te_acc = float((model(ab[te]).argmax(1) == y[te]).float().mean())
         rows.append({"ratio": r, "n": n, "train_acc": tr_acc, "test_acc": te_acc,
                      "seconds": time.perf_counter() - t0})
-    return pd.DataFrame(rows)
+        if progress is not None:
+            progress(len(rows), len(ratios), pd.DataFrame(rows, columns=_TIAN_COLUMNS))
+    return pd.DataFrame(rows, columns=_TIAN_COLUMNS)

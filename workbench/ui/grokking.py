@@ -1,18 +1,21 @@
 """Grokking page: edit a :class:`~workbench.grokking.GrokConfig`, train it through the page's task with
 live loss/accuracy curves, then the Fourier heat-map of the embedding and the progress measures (Nanda
-et al. 2023). No math here: the engine (``workbench.grokking``) computes, the figure builders draw."""
+et al. 2023); and Tian's (2025) training-fraction threshold, swept through the same task. No math here: the engine (``workbench.grokking``) computes, the figure builders draw."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pandas as pd
 import panel as pn
 
 from .. import grokking
+from ..checks import check_choice, check_float, check_int, check_seed
 from ..figures import grokking as figs
 from ..training import Callback, StopOnEvent
 from .common import escape_md
 from .page import Page
+from .sweeps import parse_list
 
 EXPLANATION = """**Grokking** (Power et al. 2022; Nanda et al. 2023): a one-layer Transformer without
 LayerNorm, trained full-batch with AdamW and strong weight decay on a + b mod p, first memorises the
@@ -21,7 +24,14 @@ al.'s progress measures show why: the embedding concentrates on a few key Fourie
 heat-map), the *restricted loss* (only those frequencies kept) falls before the validation loss does, the
 *excluded loss* (those frequencies removed, on the training set) rises as the memorising part is cleaned up,
 and the sum of squared weights shrinks. The shaded phases are memorisation, circuit formation and
-clean-up (definitions: docs/definitions.md#grok-phases)."""
+clean-up (definitions: docs/definitions.md#grok-phases).
+
+**Training-fraction threshold** (Tian 2025): in his two-layer model (frozen one-hot inputs, quadratic
+activation, y = V (W [e_a; e_b])^2) generalisation needs about n ≈ 2.75 M ln M training pairs: below, the
+model memorises and tests at chance; above, the features it learns are Fourier features and it generalises.
+The sweep trains one model per ratio n / (M ln M) (full batch, Adam with an L2 weight-decay term, as in his
+code) and draws test accuracy against the ratio with his critical line and his reported points
+(docs/definitions.md#grok-threshold)."""
 
 CODE = """import workbench as wb
 from workbench import grokking
@@ -30,6 +40,10 @@ ph = grokking.phases(run.metrics)
 wb.figures.grokking.loss_curves(run.metrics, ph)
 wb.figures.grokking.fourier_heatmap(run.metrics)
 wb.figures.grokking.measure_curves(run.metrics, ph)"""
+THRESHOLD_CODE = """table = grokking.tian_threshold(ratios={ratios!r}, M={M}, epochs={epochs}, hidden={hidden}, lr={lr!r},
+                                weight_decay={weight_decay!r}, seed={seed}, optimizer={optimizer!r})
+wb.figures.grokking.threshold_curve(table, critical=grokking.TIAN_CRITICAL, reported=grokking.TIAN_REPORTED)"""
+THRESHOLD_RATIOS = "1.67, 2.75, 4.16, 5.0"
 
 # the fields the form edits, in order (all of GrokConfig)
 FIELDS = [f.name for f in dataclasses.fields(grokking.GrokConfig)]
@@ -55,6 +69,18 @@ def _grok_job(ctx, config: grokking.GrokConfig):
     return {"metrics": run.metrics, "phases": grokking.phases(run.metrics), "run": run}
 
 
+def _threshold_job(ctx, options: dict):
+    """Worker thread: Tian's sweep, one ratio at a time (the table reported after each)."""
+    n = len(options["ratios"])
+    ctx.report(progress=0.0, message=f"ratio 1 / {n}")
+
+    def progress(done, total, table):
+        ctx.report({"threshold": table}, progress=done / total,
+                   message=f"ratio {done + 1} / {total}" if done < total else "done")
+
+    return {"threshold": grokking.tian_threshold(**options, progress=progress, stop=lambda: ctx.stopped)}
+
+
 class GrokkingPage(Page):
     """A GrokConfig editor, a Train button (the page's task), live curves, the Fourier heat-map, the measures."""
 
@@ -77,6 +103,21 @@ class GrokkingPage(Page):
         self.fourier_plot = pn.pane.Plotly(figs.fourier_heatmap(None), sizing_mode="stretch_width", height=420)
         self.measure_plot = pn.pane.Plotly(figs.measure_curves(None), sizing_mode="stretch_width", height=420)
         self.results: dict = {}
+        # Tian's training-fraction threshold
+        self.t_ratios = pn.widgets.TextInput(name="ratios n / (M ln M)", value=THRESHOLD_RATIOS, width=200)
+        self.t_epochs = pn.widgets.IntInput(name="epochs", value=3000, width=100)
+        self.t_M = pn.widgets.IntInput(name="M", value=71, width=80)
+        self.t_hidden = pn.widgets.IntInput(name="hidden", value=512, width=90)
+        self.t_lr = pn.widgets.FloatInput(name="lr", value=1e-3, width=90)
+        self.t_weight_decay = pn.widgets.FloatInput(name="weight decay", value=1e-4, width=100)
+        self.t_optimizer = pn.widgets.Select(name="optimizer", options=list(grokking.TIAN_OPTIMIZERS), value="adam",
+                                             width=90)
+        self.t_seed = pn.widgets.IntInput(name="seed", value=0, width=80)
+        self.threshold_button = pn.widgets.Button(name="Run threshold sweep", width=180)
+        self.threshold_button.on_click(lambda _: self.run_threshold())
+        self.threshold_status = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.threshold_plot = pn.pane.Plotly(figs.threshold_curve(None), sizing_mode="stretch_width", height=380)
+        self.threshold: pd.DataFrame | None = None
 
     # ---------------------------------------------------------------- layout
     def side(self):
@@ -88,21 +129,41 @@ class GrokkingPage(Page):
         return [pn.Row(*[self.inputs[n] for n in FIELDS if n not in main])]
 
     def figures(self):
-        return [self.status, self.loss_plot, self.fourier_plot, self.measure_plot]
+        return [self.status, self.loss_plot, self.fourier_plot, self.measure_plot,
+                pn.pane.Markdown("### Training-fraction threshold (Tian 2025)", margin=(0, 10)),
+                pn.Row(self.t_ratios, self.t_epochs, self.t_M, self.t_hidden),
+                pn.Row(self.t_lr, self.t_weight_decay, self.t_optimizer, self.t_seed),
+                self.threshold_button, self.threshold_status, self.threshold_plot]
 
     def run_buttons(self):
-        return [self.train_button]
+        return [self.train_button, self.threshold_button]
 
     # ---------------------------------------------------------------- choices
     def config(self) -> grokking.GrokConfig:
         """The form as a validated GrokConfig (ValueError naming the field otherwise)."""
         return grokking.GrokConfig(**{n: w.value for n, w in self.inputs.items()}).validate()
 
+    def threshold_options(self) -> dict:
+        """The threshold sweep's arguments from its widgets (ValueError naming the field otherwise)."""
+        M = check_int("M", self.t_M.value, 3, 211)
+        hi = M / math.log(M)
+        raw = parse_list("ratios", self.t_ratios.value)
+        if len(raw) > 24:
+            raise ValueError(f"ratios must hold at most 24 numbers, got {len(raw)}")
+        ratios = [check_float(f"ratios: value {i + 1}", r, 0, math.floor(hi * 1000) / 1000, lo_open=True, hi_open=True)
+                  for i, r in enumerate(raw)]
+        return {"ratios": ratios, "M": M, "epochs": check_int("epochs", self.t_epochs.value, 1, 100_000),
+                "hidden": check_int("hidden", self.t_hidden.value, 1, 4096),
+                "lr": check_float("lr", self.t_lr.value, 0, 1, lo_open=True),
+                "weight_decay": check_float("weight decay", self.t_weight_decay.value, 0, 10),
+                "seed": check_seed("seed", self.t_seed.value),
+                "optimizer": check_choice("optimizer", self.t_optimizer.value, grokking.TIAN_OPTIMIZERS)}
+
     def as_code(self) -> str:
         c = self.config()
         default = grokking.GrokConfig()
         fields = ", ".join(f"{n}={getattr(c, n)!r}" for n in FIELDS if getattr(c, n) != getattr(default, n))
-        return CODE.format(fields=fields)
+        return CODE.format(fields=fields) + "\n" + THRESHOLD_CODE.format(**self.threshold_options())
 
     # ---------------------------------------------------------------- actions
     def train(self, wait: bool = False) -> None:
@@ -119,6 +180,21 @@ class GrokkingPage(Page):
         self.show_code()
         self.start_task(_grok_job, config, wait=wait)
 
+    def run_threshold(self, wait: bool = False) -> None:
+        """Validate the threshold widgets and start Tian's sweep (``wait=True``: synchronously, for tests)."""
+        if self.task.busy():
+            return
+        self.errors.clear()
+        try:
+            options = self.threshold_options()
+        except (ValueError, TypeError) as e:
+            self.errors.show(e)
+            return
+        self.threshold = None
+        self.threshold_status.object = ""
+        self.show_code()
+        self.start_task(_threshold_job, options, wait=wait)
+
     # ---------------------------------------------------------------- results
     def on_update(self, payload) -> None:
         if isinstance(payload, dict):
@@ -128,7 +204,21 @@ class GrokkingPage(Page):
         if isinstance(result, dict):
             self._show(result)
 
+    def _show_threshold(self, table: pd.DataFrame) -> None:
+        self.threshold = table
+        self.threshold_plot.object = figs.threshold_curve(table, critical=grokking.TIAN_CRITICAL,
+                                                          reported=grokking.TIAN_REPORTED)
+        if len(table):
+            here = ", ".join(f"{a:.2f} at {r:g}" for r, a in zip(table["ratio"], table["test_acc"]))
+            tian = ", ".join(f"{a:.2f} at {r:g}" for r, a in grokking.TIAN_REPORTED.items())
+            self.threshold_status.object = escape_md(
+                f"test accuracy here: {here} (train accuracy {table['train_acc'].min():.2f} or more); "
+                f"Tian 2025 (M = 71, 3000 epochs): {tian}; predicted critical ratio {grokking.TIAN_CRITICAL:g}")
+
     def _show(self, payload: dict) -> None:
+        if "threshold" in payload:
+            self._show_threshold(payload["threshold"])
+            return
         self.results.update(payload)
         metrics, phases = payload.get("metrics"), payload.get("phases")
         if metrics is None:
