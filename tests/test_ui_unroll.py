@@ -99,3 +99,14 @@ def test_as_code_reproduces_the_page(store):
     mine = scope["unroll"].gap(scope["model"], *scope["ds"].split("val"), unit="block", max_examples=64)
     pd.testing.assert_frame_equal(mine, page.results["gap"])
     assert set(scope["table"]["depth"]) == {2}
+
+
+def test_learngene_depth_follows_the_deepest_descendant_until_set(store):
+    """TLEG's auxiliary model is as deep as the deepest descendant: the field follows "to"."""
+    page = UnrollPage(DataStore(store))
+    assert page.aux_layers.value == page.max_depth.value == 8
+    page.max_depth.value = 6
+    assert page.aux_layers.value == 6
+    page.aux_layers.value = 3          # the user's own choice is kept
+    page.max_depth.value = 7
+    assert page.aux_layers.value == 3
