@@ -31,7 +31,8 @@ spins: on a quiet machine the spinning main thread hands work to its team faster
 0.7x as fast), and on a loaded one the spinning threads take the cores their partners need (the same
 2-job digits run: 56-69 s and 28 s CPU in the main thread against 3.6-4.4 s on a worker thread, load
 average 5-7). Passive waiting removes both: main and worker threads wait the same way. The variable
-is read when libgomp loads (``import torch``), so it must be in the environment at process start.
+is read when libgomp loads (``import torch``), so it must be in the environment at process start
+(``OMP_DISPLAY_ENV=VERBOSE`` shows ``GOMP_SPINCOUNT = '300000'`` by default, ``'0'`` with it).
 
 *Throughput* (no thrashing): driving 30 trainings through 30 browsers is too slow here, so the 30
 sessions' jobs are submitted to a :class:`workbench.jobs.JobQueue` with the default settings (the
