@@ -3,6 +3,7 @@ bad fields are refused with a message naming the field."""
 import math
 
 import pytest
+import torch
 
 pn = pytest.importorskip("panel")
 
@@ -65,7 +66,17 @@ def test_bad_fields_get_a_message_and_do_not_start(store):
     assert "n_key must be an integer in [1, 3], got 4" in page.errors.text
 
 
-def test_threshold_section_runs_per_ratio_and_matches_its_code(store):
+@pytest.fixture
+def one_thread():
+    """Tiny models on one torch thread: on the shared 2-core machine two threads made these ~10x slower
+    (thread contention: 70 s against 6 s for the same sweep)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_threshold_section_runs_per_ratio_and_matches_its_code(store, one_thread):
     page = GrokkingPage(DataStore(store))
     page.__panel__()
     _tiny(page)

@@ -4,6 +4,7 @@ bad fields refused with a message naming the field."""
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 pn = pytest.importorskip("panel")
 
@@ -35,7 +36,7 @@ def test_page_is_registered_between_sweeps_and_unroll():
     assert titles.index("Sweeps") < titles.index("Scaling laws") < titles.index("Unroll & learngene")
 
 
-def test_planted_power_law_through_the_fit_path(store):
+def test_planted_power_law_through_the_fit_path(store, one_thread):
     page = ScalingPage(DataStore(store))
     page.__panel__()
     table, clean = _planted()
@@ -66,7 +67,17 @@ def test_planted_power_law_through_the_fit_path(store):
     assert page.results["extrapolation"] is None and "predicted" not in page.status.object
 
 
-def test_tiny_sweep_reports_each_point_and_matches_its_code(store):
+@pytest.fixture
+def one_thread():
+    """Tiny models on one torch thread: on the shared 2-core machine two threads made these ~10x slower
+    (thread contention: 70 s against 6 s for the same sweep)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tiny_sweep_reports_each_point_and_matches_its_code(store, one_thread):
     page = ScalingPage(DataStore(store))
     page.__panel__()
     page.values.value, page.steps.value = "2, 4, 8, 16, 32", 3
