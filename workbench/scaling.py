@@ -165,7 +165,8 @@ SWEEP_COLUMNS = ["axis", "value", "params", "n_train", "val_loss", "val_acc", "t
 
 def sweep(axis: str = "width", values=(8, 16, 32, 64, 128), *, dataset: str = "digits", steps: int = 300,
           seed: int = 0, lr: float = 3e-3, progress=None, stop=None) -> pd.DataFrame:
-    """Validation loss of MLPs on ``dataset`` (a vector task) against ``axis`` (a plain loop, one seed).
+    """Validation loss of MLPs on ``dataset`` (a vector task) against ``axis`` (a plain loop, one seed;
+    ``docs/definitions.md#scaling-sweep``).
 
     ``width``: ``d_model`` (``d_hidden = 2 d_model``), 2 blocks; ``depth``: blocks at width 32;
     ``data``: training examples (the first n of the training split) at width 32, 2 blocks.

@@ -104,7 +104,7 @@ class GrokkingPage(Page):
         self.measure_plot = pn.pane.Plotly(figs.measure_curves(None), sizing_mode="stretch_width", height=420)
         self.results: dict = {}
         # Tian's training-fraction threshold
-        self.t_ratios = pn.widgets.TextInput(name="ratios n / (M ln M)", value=THRESHOLD_RATIOS, width=200)
+        self.t_ratios = pn.widgets.TextInput(name="ratios n ÷ (M ln M)", value=THRESHOLD_RATIOS, width=200)
         self.t_epochs = pn.widgets.IntInput(name="epochs", value=3000, width=100)
         self.t_M = pn.widgets.IntInput(name="M", value=71, width=80)
         self.t_hidden = pn.widgets.IntInput(name="hidden", value=512, width=90)
