@@ -4,7 +4,10 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Torch threads per test process: OMP_NUM_THREADS when set (`make test` runs two xdist workers with one
+# thread each, so the two cores are not oversubscribed), else at most two.
+_threads = os.environ.get("OMP_NUM_THREADS", "").strip()
+torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0 else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture
