@@ -11,8 +11,19 @@ job's services (``workbench.ui.common.BackgroundTask``); one torch thread per ta
 ``WORKBENCH_THREADS`` is set. Jobs that cannot be shipped (the Residual page's analyses hold the
 session's model objects) run on this process's threads in the same queue. Unset: every job runs on
 threads of this process with floor(cores / max jobs) torch threads each.
+
+OpenMP threads wait passively here (``OMP_WAIT_POLICY=PASSIVE`` unless the environment says otherwise;
+``make serve`` and ``make classroom`` set it too): libgomp reads it when torch loads, and on a loaded
+class server busy-waiting OpenMP threads took the cores their partners needed (measured in
+``bench/bench_classroom.py``; the README gives the numbers).
 """
-import panel as pn
+import os
+import sys
+
+if "torch" not in sys.modules:   # only before torch (libgomp) is loaded does it take effect
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import panel as pn  # noqa: E402
 
 
 def on_server_loaded(server_context):
