@@ -113,6 +113,8 @@ def test_three_sessions_share_one_slot_each_sees_its_own_place_and_finds_its_own
         pg.console_errors = []
         pg.on("console", lambda m, pg=pg: m.type == "error" and pg.console_errors.append(m.text))
         pg.on("pageerror", lambda e, pg=pg: pg.console_errors.append(str(e)))
+        pg.failed_requests = []   # which resource a "Failed to load resource" console error was about
+        pg.on("requestfailed", lambda r, pg=pg: pg.failed_requests.append(f"{r.url[:200]} ({r.failure})"))
         contexts.append(ctx)
         pages.append(pg)
     try:
@@ -171,7 +173,7 @@ def test_three_sessions_share_one_slot_each_sees_its_own_place_and_finds_its_own
             pg.wait_for_selector(f".js-plotly-plot >> text={name}")   # the curves are titled with the run's name
             pg.screenshot(path=str(ARTIFACTS / f"load-{name}-runs.png"), full_page=True)
         for pg, name in zip(pages, NAMES):
-            assert pg.console_errors == [], (name, pg.console_errors)
+            assert pg.console_errors == [], (name, pg.console_errors[:5], "failed requests:", pg.failed_requests[:10])
     finally:
         for ctx in contexts:
             ctx.close()

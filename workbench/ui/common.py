@@ -862,14 +862,21 @@ class BackgroundTask(param.Parameterized):
         """Submit and wait until it has finished (tests, notebooks); refused like :meth:`start`."""
         if not self._submit(fn, args, kwargs, direct=True):
             return False
-        self.job.wait()
-        self._box["final"].wait(60)   # the final item is queued just after the job ends (a listener)
+        self.wait()
         self.poll()
         return True
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the job has finished (or ``timeout`` s); returns whether it has. No UI update."""
-        return self.job.wait(timeout) if self.job is not None else True
+        """Block until the job has finished (or ``timeout`` s) and its final item is queued (a remote job's
+        result is queued by a listener just after the job ends); returns whether it has. No UI update."""
+        if self.job is None:
+            return True
+        if not self.job.wait(timeout):
+            return False
+        box = getattr(self, "_box", None)
+        if box is not None:
+            box["final"].wait(60)
+        return True
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the job (up to ``timeout`` s), then apply its updates (:meth:`poll`)."""
