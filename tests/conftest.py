@@ -11,6 +11,16 @@ torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0 
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for this test (tiny models: on the shared 2-core machine two threads made them
+    ~10x slower, 70 s against 6 s for the same sweep, through thread contention)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def store(tmp_path, monkeypatch):
     """An empty RunStore in a temporary directory (also exported as WORKBENCH_HOME)."""
     import workbench as wb

@@ -140,16 +140,6 @@ def test_nanda_init_scales_biases_and_seed():
     assert not torch.equal(other.readout.weight, model.readout.weight)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on one torch thread: on the shared 2-core machine two threads made these ~10x slower
-    (thread contention: 70 s against 6 s for the same sweep)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_tian_threshold_shape_at_a_small_size(one_thread):
     """Below Tian's critical ratio the model memorises and tests near chance; well above it generalises, but
     only with his optimiser (Adam with the L2 term in the gradient): AdamW's decoupled 1e-4 decay does not

@@ -3,7 +3,6 @@ bad fields are refused with a message naming the field."""
 import math
 
 import pytest
-import torch
 
 pn = pytest.importorskip("panel")
 
@@ -64,16 +63,6 @@ def test_bad_fields_get_a_message_and_do_not_start(store):
     page.inputs["n_key"].value = 4
     page.train(wait=True)
     assert "n_key must be an integer in [1, 3], got 4" in page.errors.text
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models on one torch thread: on the shared 2-core machine two threads made these ~10x slower
-    (thread contention: 70 s against 6 s for the same sweep)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_threshold_section_runs_per_ratio_and_matches_its_code(store, one_thread):

@@ -4,7 +4,6 @@ bad fields refused with a message naming the field."""
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 pn = pytest.importorskip("panel")
 
@@ -65,16 +64,6 @@ def test_planted_power_law_through_the_fit_path(store, one_thread):
     page.n_heldout.value = 0
     page.fit_table(table, wait=True)
     assert page.results["extrapolation"] is None and "predicted" not in page.status.object
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models on one torch thread: on the shared 2-core machine two threads made these ~10x slower
-    (thread contention: 70 s against 6 s for the same sweep)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_tiny_sweep_reports_each_point_and_matches_its_code(store, one_thread):
