@@ -29,7 +29,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
 NAMES = ["load-alpha", "load-bravo", "load-charlie"]   # distinct run names (their store slugs are the same text)
-STEPS = "120"   # a few seconds of digits training each: long enough that the others are seen waiting
+STEPS = "400"   # several seconds of digits training each: long enough that the others are seen waiting
 
 QUEUED = re.compile(r"queued: position (\d+) of (\d+)")
 STEP = re.compile(r"^step \d+/\d+, loss")

@@ -24,4 +24,9 @@ class App(pn.viewable.Viewer):
 
     def template(self):
         """The served page: Panel's Bootstrap template (no external fonts or CDN assets when served)."""
-        return pn.template.BootstrapTemplate(title="Depth Workbench", main=[self], header_background="#2f3e4e")
+        # A busy indicator of this session's own: the template's default is one LoadingSpinner shared by
+        # every session of the process, and with several sessions opening at once its stylesheet was
+        # sometimes rendered with Panel's CDN address (seen in the three-session browser test) -- the
+        # served page must load nothing from the internet.
+        return pn.template.BootstrapTemplate(title="Depth Workbench", main=[self], header_background="#2f3e4e",
+                                             busy_indicator=pn.indicators.LoadingSpinner(width=20, height=20))
