@@ -607,6 +607,15 @@ class ThreadExecutor(Executor):
         job.stop_event.set()
 
 
+def _close_queues(*queues) -> None:
+    """Close a call's two ``distributed.Queue``s; one already gone with the scheduler is no error."""
+    for q in queues:
+        try:
+            q.close()
+        except Exception:
+            pass
+
+
 class _DaskContext(Context):
     def __init__(self, key: str, topic: str, event_name: str, threads: int, report_interval: float,
                  call_timeout: float = 300.0):
@@ -635,11 +644,7 @@ class _DaskContext(Context):
                 raise RuntimeError(f"the server did not answer {service!r} within {self.call_timeout:g} s "
                                    "(is it still running?)") from None
         finally:
-            for q in (inbox, outbox):
-                try:
-                    q.close()
-                except Exception:
-                    pass
+            _close_queues(inbox, outbox)
         if isinstance(answer, dict) and "ok" in answer:
             return answer["ok"]
         message = answer.get("error") if isinstance(answer, dict) else None
@@ -781,11 +786,7 @@ class DaskExecutor(Executor):
             warnings.warn(f"answering {msg.get('call')!r} of job {key!r} failed: {type(e).__name__}: {e}",
                           RuntimeWarning)
         finally:
-            for q in (inbox, outbox):
-                try:
-                    q.close()
-                except Exception:
-                    pass
+            _close_queues(inbox, outbox)
 
     def _event_name(self, job: Job) -> str:
         if job.executor_state is None:
