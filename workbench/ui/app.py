@@ -24,9 +24,11 @@ class App(pn.viewable.Viewer):
 
     def template(self):
         """The served page: Panel's Bootstrap template (no external fonts or CDN assets when served)."""
-        # A busy indicator of this session's own: the template's default is one LoadingSpinner shared by
-        # every session of the process, and with several sessions opening at once its stylesheet was
-        # sometimes rendered with Panel's CDN address (seen in the three-session browser test) -- the
-        # served page must load nothing from the internet.
+        # No busy indicator: Panel's busy state is one per process (any session's callback sets every
+        # session's indicator), so under a class it would spin for everyone when anyone clicks -- each page
+        # says what its own job is doing in its status line instead. The indicator was also the one
+        # component whose stylesheet was sometimes rendered with Panel's CDN address when several sessions
+        # were busy at once (the three-session browser test, in fresh-clone CI), and the served page must
+        # load nothing from the internet.
         return pn.template.BootstrapTemplate(title="Depth Workbench", main=[self], header_background="#2f3e4e",
-                                             busy_indicator=pn.indicators.LoadingSpinner(width=20, height=20))
+                                             busy_indicator=None)
