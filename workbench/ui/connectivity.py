@@ -320,29 +320,18 @@ class ConnectivityPage(Page):
 
         Refused, with a notice next to the progress bar, while a computation runs (so for the other buttons).
         """
-        if self.task.busy():
-            return
-        self.errors.clear()
-        try:
-            ra, rb = self._load_pair()
-        except ValueError as e:
-            self.errors.show(e)
+        pair = self.read_form(self._load_pair)
+        if pair is None:
             return
         self.results = {}
-        self._start(_analysis_job, ra, rb, int(self.n_alphas.value), int(self.resolution.value),
+        self._start(_analysis_job, *pair, int(self.n_alphas.value), int(self.resolution.value),
                     int(self.max_examples.value), wait=wait)
 
     def train_pair(self, wait: bool = False) -> None:
-        if self.task.busy():
-            return
-        self.errors.clear()
-        name = self.pair_dataset.value
-        try:
-            _, config, tc = self._pair_config()
-        except (ValueError, TypeError) as e:
-            self.errors.show(e)
-            return
-        self._start(_pair_job, name, config, tc, wait=wait)
+        configs = self.read_form(self._pair_config)
+        if configs is not None:
+            _, config, tc = configs
+            self._start(_pair_job, self.pair_dataset.value, config, tc, wait=wait)
 
     def run_instability(self, wait: bool = False) -> None:
         if self.task.busy():
@@ -362,27 +351,16 @@ class ConnectivityPage(Page):
         self._start(_instability_job, ra, steps, total, max(5, int(self.n_alphas.value) // 2),
                     int(self.max_examples.value), wait=wait)
 
-    def _pair_for_start(self):
-        """The chosen stored pair ``(run_a, run_b)``, or None (with the reason shown) when a job runs or the choice is bad."""
-        if self.task.busy():
-            return None
-        self.errors.clear()
-        try:
-            return self._load_pair()
-        except ValueError as e:
-            self.errors.show(e)
-            return None
-
     def run_fusion(self, wait: bool = False) -> None:
         """Fuse A and B by every method of the page (vanilla, EMD, Sinkhorn at each reg of the slider)."""
-        pair = self._pair_for_start()
+        pair = self.read_form(self._load_pair)
         if pair is not None:
             self._start(_fusion_job, *pair, self.fusion_ground.value, self.fusion_qk.value,
                         int(self.max_examples.value), wait=wait)
 
     def run_layerwise(self, wait: bool = False) -> None:
         """Layer-wise curves (base A and B), cumulative barriers and the estimate, before and after alignment."""
-        pair = self._pair_for_start()
+        pair = self.read_form(self._load_pair)
         if pair is not None:
             self._start(_layerwise_job, *pair, max(3, int(self.n_alphas.value) // 2), int(self.max_examples.value),
                         wait=wait)
@@ -400,10 +378,6 @@ class ConnectivityPage(Page):
             self.map_plot.object = figs.transport_map(chosen[layer], title=f"transport map {layer} ({label})")
 
     # ---------------------------------------------------------------- results
-    def on_update(self, payload) -> None:
-        if isinstance(payload, dict):
-            self._show(payload)
-
     def on_done(self, result) -> None:
         if isinstance(result, list):  # a trained pair
             ids = [self.datastore.save(r) for r in result]
@@ -412,9 +386,9 @@ class ConnectivityPage(Page):
             self.results["instability"] = result
             self.inst_plot.object = figs.instability_plot(result)
         elif isinstance(result, dict):
-            self._show(result)
+            self.show(result)
 
-    def _show(self, payload: dict) -> None:
+    def show(self, payload: dict) -> None:
         self.results.update(payload)
         if "curves" in payload:
             self.results["barriers"] = lmc.barrier(payload["curves"])

@@ -168,13 +168,8 @@ class GrokkingPage(Page):
     # ---------------------------------------------------------------- actions
     def train(self, wait: bool = False) -> None:
         """Validate the form and start training (``wait=True``: synchronously, for tests)."""
-        if self.task.busy():
-            return
-        self.errors.clear()
-        try:
-            config = self.config()
-        except (ValueError, TypeError) as e:
-            self.errors.show(e)
+        config = self.read_form(self.config)
+        if config is None:
             return
         self.results = {}
         self.show_code()
@@ -182,13 +177,8 @@ class GrokkingPage(Page):
 
     def run_threshold(self, wait: bool = False) -> None:
         """Validate the threshold widgets and start Tian's sweep (``wait=True``: synchronously, for tests)."""
-        if self.task.busy():
-            return
-        self.errors.clear()
-        try:
-            options = self.threshold_options()
-        except (ValueError, TypeError) as e:
-            self.errors.show(e)
+        options = self.read_form(self.threshold_options)
+        if options is None:
             return
         self.threshold = None
         self.threshold_status.object = ""
@@ -196,14 +186,6 @@ class GrokkingPage(Page):
         self.start_task(_threshold_job, options, wait=wait)
 
     # ---------------------------------------------------------------- results
-    def on_update(self, payload) -> None:
-        if isinstance(payload, dict):
-            self._show(payload)
-
-    def on_done(self, result) -> None:
-        if isinstance(result, dict):
-            self._show(result)
-
     def _show_threshold(self, table: pd.DataFrame) -> None:
         self.threshold = table
         self.threshold_plot.object = figs.threshold_curve(table, critical=grokking.TIAN_CRITICAL,
@@ -215,7 +197,7 @@ class GrokkingPage(Page):
                 f"test accuracy here: {here} (train accuracy {table['train_acc'].min():.2f} or more); "
                 f"Tian 2025 (M = 71, 3000 epochs): {tian}; predicted critical ratio {grokking.TIAN_CRITICAL:g}")
 
-    def _show(self, payload: dict) -> None:
+    def show(self, payload: dict) -> None:
         if "threshold" in payload:
             self._show_threshold(payload["threshold"])
             return

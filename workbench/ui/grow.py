@@ -375,14 +375,10 @@ class GrowPage(Page):
     # ---------------------------------------------------------------- actions
     def start(self, wait: bool = False) -> None:
         """Validate and start growing (``wait=True``: synchronously, for tests); refused while one runs."""
-        if self.task.busy():
+        configs = self.read_form(self.configs)
+        if configs is None:
             return
-        self.errors.clear()
-        try:
-            opts, mc, tc, stages = self.configs()
-        except (ValueError, TypeError) as e:
-            self.errors.show(e)
-            return
+        opts, mc, tc, stages = configs
         self.show_code(self._code(opts, mc, tc, stages))
         self.result.object = ""
         self.metrics = None

@@ -128,10 +128,17 @@ class Page(pn.viewable.Viewer):
         return "import workbench as wb"
 
     def on_update(self, payload) -> None:
-        pass
+        """A progress payload of the task; by default a dict goes to :meth:`show`."""
+        if isinstance(payload, dict):
+            self.show(payload)
 
     def on_done(self, result) -> None:
-        pass
+        """The task's result; by default a dict goes to :meth:`show`."""
+        if isinstance(result, dict):
+            self.show(result)
+
+    def show(self, payload: dict) -> None:
+        """Draw a job's partial or final results (pages whose jobs send dicts)."""
 
     def on_status(self, status: str) -> None:
         pass
@@ -156,6 +163,19 @@ class Page(pn.viewable.Viewer):
     @param.depends("datastore.version", watch=True)
     def _store_changed(self) -> None:
         self.on_store_change()
+
+    def read_form(self, read):
+        """The start prologue of every Run button: ``read()`` (the form's validated values, never None), or
+        None when the page's job is still running or a field is out of range -- the error box then names
+        the field and its allowed range (``read`` raises ValueError or TypeError saying so)."""
+        if self.task is not None and self.task.busy():
+            return None
+        self.errors.clear()
+        try:
+            return read()
+        except (ValueError, TypeError) as e:
+            self.errors.show(e)
+            return None
 
     def start_task(self, fn, *args, wait: bool = False) -> bool:
         """Start ``fn(ctx, *args)`` on the page's task (``wait=True``: synchronously, for tests)."""

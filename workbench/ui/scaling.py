@@ -185,15 +185,14 @@ class ScalingPage(Page):
     # ---------------------------------------------------------------- actions
     def run_sweep(self, wait: bool = False) -> None:
         """Validate the form and start the sweep and fit (``wait=True``: synchronously, for tests)."""
-        if self.task.busy():
-            return
-        self.errors.clear()
-        try:
+        def read():
             s = self.sweep_options()
-            f = self.fit_options(len(s["values"]))
-        except (ValueError, TypeError) as e:
-            self.errors.show(e)
+            return s, self.fit_options(len(s["values"]))
+
+        options = self.read_form(read)
+        if options is None:
             return
+        s, f = options
         self.results = {}
         self.status.object = ""
         self.show_code()
@@ -201,16 +200,14 @@ class ScalingPage(Page):
 
     def fit_table(self, table: pd.DataFrame, wait: bool = False) -> None:
         """Fit ``table`` (columns of :data:`workbench.scaling.SWEEP_COLUMNS`) with the form's fit options."""
-        if self.task.busy():
-            return
-        self.errors.clear()
-        try:
+        def read():
             missing = [c for c in scaling.SWEEP_COLUMNS if c not in getattr(table, "columns", ())]
             if missing:
                 raise ValueError(f"table must have the columns {scaling.SWEEP_COLUMNS}, missing {missing}")
-            f = self.fit_options(len(table))
-        except (ValueError, TypeError) as e:
-            self.errors.show(e)
+            return self.fit_options(len(table))
+
+        f = self.read_form(read)
+        if f is None:
             return
         self.results = {}
         self.start_task(_fit_job, table, f, wait=wait)
@@ -225,15 +222,7 @@ class ScalingPage(Page):
         self.fit_table(table, wait=wait)
 
     # ---------------------------------------------------------------- results
-    def on_update(self, payload) -> None:
-        if isinstance(payload, dict):
-            self._show(payload)
-
-    def on_done(self, result) -> None:
-        if isinstance(result, dict):
-            self._show(result)
-
-    def _show(self, payload: dict) -> None:
+    def show(self, payload: dict) -> None:
         self.results.update(payload)
         table = payload.get("table")
         if table is not None:

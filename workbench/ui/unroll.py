@@ -200,10 +200,7 @@ class UnrollPage(Page):
     # ---------------------------------------------------------------- actions
     def analyse(self, wait: bool = False) -> None:
         """Validate the choices and start the analysis (``wait=True``: synchronously, for tests)."""
-        if self.task.busy():
-            return
-        self.errors.clear()
-        try:
+        def read():
             c = self._train_choices()
             finetune = self._int("fine-tune steps", self.finetune.value, 1, 100_000)
             max_examples = self._int("examples for the gap", self.max_examples.value, 1, 100_000)
@@ -214,37 +211,27 @@ class UnrollPage(Page):
                 run = self.datastore.load(self.run.value)
                 if getattr(getattr(run.model, "config", None), "family", None) not in models.FAMILIES:
                     raise ValueError("the stored run is not a native ResidualMLP or Transformer")
-        except ValueError as e:
-            self.errors.show(e)
+            return c, finetune, max_examples, run
+
+        choices = self.read_form(read)
+        if choices is None:
             return
+        c, finetune, max_examples, run = choices
         self.results = {}
         self.show_code()
         self.start_task(_analysis_job, run, self.dataset.value, {"d_model": c["d_model"], "n_layers": c["n_layers"]},
                         c["steps"], self.unit.value, finetune, max_examples, wait=wait)
 
     def expand(self, wait: bool = False) -> None:
-        if self.task.busy():
-            return
-        self.errors.clear()
-        try:
-            e = self._expansion_choices()
-        except ValueError as err:
-            self.errors.show(err)
+        e = self.read_form(self._expansion_choices)
+        if e is None:
             return
         self.show_code()
         self.start_task(_expansion_job, self.dataset.value, e["d_model"], e["depths"], e["aux"], e["aux_steps"],
                         e["steps"], wait=wait)
 
     # ---------------------------------------------------------------- results
-    def on_update(self, payload) -> None:
-        if isinstance(payload, dict):
-            self._show(payload)
-
-    def on_done(self, result) -> None:
-        if isinstance(result, dict):
-            self._show(result)
-
-    def _show(self, payload: dict) -> None:
+    def show(self, payload: dict) -> None:
         self.results.update(payload)
         if "gap" in payload:
             self.gap_plot.object = figs.gap_curve(payload["gap"])
