@@ -138,6 +138,9 @@ def test_growth_run_can_be_stepped_stage_by_stage(store):
         parent = store.save(run)
         ids.append(parent)
     page = ResidualPage(DataStore(store))
+    # a page opened after the growth shows its newest run, the last stage (filling the stage slider
+    # used to reset it to stage 0 and pull the run choice along)
+    assert page.run_select.value == ids[2] and page.stage.value == ids[2]
     page.run_select.value = ids[0]
     assert page.stage.visible and list(page.stage.options.values()) == ids
     page.analyse(wait=True)

@@ -203,6 +203,7 @@ class ResidualPage(Page):
         self._datasets: dict = {}    # dataset spec json -> Dataset
         self._stage_stats: dict = {}  # (group, input key) -> DataFrame with a stage column
         self._known_runs: set[str] | None = None  # run ids seen at the last refresh
+        self._syncing_stages = False  # the stage slider is being refilled (not a user's choice)
         self._known_mixtures: list[str] = []
         self.source.param.watch(self._sync_visibility, "value")
         self.input_kind.param.watch(self._sync_visibility, "value")
@@ -382,14 +383,20 @@ class ResidualPage(Page):
         group = self._group_runs()
         if len(group) > 1:
             opts = {f"stage {int(r.stage)} ({int(r.n_layers)} layers)": r.run_id for r in group.itertuples()}
-            self.stage.options = opts
-            if self.run_select.value in opts.values():
-                self.stage.value = self.run_select.value
+            self._syncing_stages = True   # new options reset the slider to stage 0: not the user's choice
+            try:
+                self.stage.options = opts
+                if self.run_select.value in opts.values():
+                    self.stage.value = self.run_select.value
+            finally:
+                self._syncing_stages = False
             self.stage.visible = True
         else:
             self.stage.visible = False
 
     def _stage_changed(self, event) -> None:
+        if self._syncing_stages:
+            return
         if event.new and event.new != self.run_select.value and event.new in self.run_select.options.values():
             self.run_select.value = event.new
             if self.analysis is not None:
