@@ -17,6 +17,7 @@ from workbench import jobs  # noqa: E402
 from workbench.ui.common import QUEUE_KEY, BackgroundTask, DataStore  # noqa: E402
 from workbench.ui.grokking import GrokkingPage  # noqa: E402
 from workbench.ui.train import TrainPage  # noqa: E402
+from growpage import grow_pressing_add_now  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -170,34 +171,12 @@ def _model_job(ctx, model):
 def test_grow_page_on_a_worker_honours_add_a_block_now(queue, store, monkeypatch):
     """The Grow page's live control crosses to the worker: "add a block now", pressed on the page while
     the job runs on Dask, reaches growth.grow there (through the job's control services)."""
-    import threading
-
     from workbench.ui import common
     from workbench.ui.grow import GrowPage
 
     monkeypatch.setattr(common._RemoteGrowControl, "poll_interval", 0.0)  # ask the page at every step
     page = GrowPage(DataStore(store))
-    page.dataset.value = "digits"
-    page.model_widgets["d_model"].value = 16
-    page.model_widgets["d_hidden"].value = 16
-    page.train_widgets["eval_every"].value = 3
-    page.train_widgets["eval_max"].value = 200
-    page.stage_steps.value = 80
-    page.preset.value = "Scratch"
-    page.final_layers.value = 1
-    page.fill_preset()
-    pressed = threading.Event()
-    original = page.on_update
-
-    def press_once(payload):
-        original(payload)
-        if not pressed.is_set():
-            pressed.set()
-            page.add_now.clicks += 1   # the button, as a user would press it
-
-    page.task.on_update = press_once
-    page.start()
-    page.task.join(timeout=300)
+    pressed = grow_pressing_add_now(page, steps=80)
     assert page.task.status == "done", page.task.error
     assert page.task.where == "dask"
     assert pressed.is_set()

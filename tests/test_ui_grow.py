@@ -1,6 +1,5 @@
 """Grow page driven from Python: presets fill the stage editor, a run lands in the store per stage,
 bad stages show a message, and "add a layer now" grows the running model between steps."""
-import threading
 
 import pandas as pd
 import pytest
@@ -10,15 +9,7 @@ pn = pytest.importorskip("panel")
 from workbench import data, growth, recipes  # noqa: E402
 from workbench.ui.common import DataStore  # noqa: E402
 from workbench.ui.grow import GrowPage, frame_to_stages, stages_to_frame  # noqa: E402
-
-
-def _small(page, steps=6):
-    page.dataset.value = "digits"
-    page.model_widgets["d_model"].value = 16
-    page.model_widgets["d_hidden"].value = 16
-    page.train_widgets["eval_every"].value = 3
-    page.train_widgets["eval_max"].value = 200
-    page.stage_steps.value = steps
+from growpage import grow_pressing_add_now, small  # noqa: E402
 
 
 def test_presets_fill_the_stage_editor(store):
@@ -59,7 +50,7 @@ def test_stage_table_round_trip():
 
 def test_grow_run_updates_plots_strip_and_store(store):
     page = GrowPage(DataStore(store))
-    _small(page)
+    small(page)
     page.final_layers.value = 3
     page.fill_preset()  # one layer at a time, 1 -> 3 blocks, lower layers frozen
     page.start(wait=True)
@@ -80,7 +71,7 @@ def test_grow_run_updates_plots_strip_and_store(store):
 
 def test_bad_stage_shows_a_message(store):
     page = GrowPage(DataStore(store))
-    _small(page)
+    small(page)
     page.stages.value = pd.DataFrame([{"op": "train", "steps": 0, "freeze": "", "lr": "", "init": "zero"}])
     page.start(wait=True)
     assert "steps must be an integer" in page.errors.text and page.errors.text.endswith("got 0")
@@ -91,23 +82,7 @@ def test_bad_stage_shows_a_message(store):
 
 def test_add_a_layer_now_during_a_run(store):
     page = GrowPage(DataStore(store))
-    _small(page, steps=40)
-    page.preset.value = "Scratch"
-    page.final_layers.value = 1
-    page.fill_preset()
-    pressed = threading.Event()
-    original = page.on_update
-
-    def press_once(payload):
-        original(payload)
-        if not pressed.is_set():
-            pressed.set()
-            assert not page.add_now.disabled
-            page.add_now.clicks += 1  # the button, as a user would press it
-
-    page.task.on_update = press_once
-    page.start()
-    page.task.join(timeout=300)
+    pressed = grow_pressing_add_now(page, steps=40)
     assert page.task.status == "done", page.task.error
     assert pressed.is_set()
     run = page.last_run
@@ -185,7 +160,7 @@ def test_grow_on_the_other_sequence_tasks(store, task, options):
 
 def test_natural_criterion_growth_draws_the_eta_trace_and_timeline(store):
     page = GrowPage(DataStore(store))
-    _small(page)
+    small(page)
     page.model_widgets["d_model"].value, page.model_widgets["d_hidden"].value = 8, 4
     page.mode.value = next(k for k in page.mode.options if k.startswith("Natural"))
     assert page.criterion_box.visible and page.eta_plot.visible and not page.preset.visible
@@ -210,7 +185,7 @@ def test_natural_criterion_growth_draws_the_eta_trace_and_timeline(store):
 
 def test_widen_stage_from_the_table(store):
     page = GrowPage(DataStore(store))
-    _small(page, steps=2)
+    small(page, steps=2)
     page.model_widgets["d_hidden"].value = 4
     assert "widen" in page.stages.editors["op"]["values"] and "orthogonal" in page.stages.editors["init"]["values"]
     page.stages.value = pd.DataFrame([{"op": "train", "steps": 2, "freeze": "", "lr": "", "init": "zero"},
