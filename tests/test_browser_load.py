@@ -31,6 +31,12 @@ ARTIFACTS = ROOT / "artifacts"
 NAMES = ["load-alpha", "load-bravo", "load-charlie"]   # distinct run names (their store slugs are the same text)
 STEPS = "400"   # several seconds of digits training each: long enough that the others are seen waiting
 
+# Panel 1.9.4's Plotly view: remove() purges the plot but leaves _rendered set, so the 25 ms throttled
+# resize_layout() scheduled by the last layout pass can still call Plotly.relayout on the purged div when a
+# tab is switched within those 25 ms (here: right after a full-page screenshot resized the viewport). The
+# figure is already gone from the page, nothing the user sees changes; every other console error counts.
+PURGED_PLOT_RELAYOUT = "Cannot read properties of undefined (reading '_guiEditing')"
+
 QUEUED = re.compile(r"queued: position (\d+) of (\d+)")
 STEP = re.compile(r"^step \d+/\d+, loss")
 
@@ -173,7 +179,8 @@ def test_three_sessions_share_one_slot_each_sees_its_own_place_and_finds_its_own
             pg.wait_for_selector(f".js-plotly-plot >> text={name}")   # the curves are titled with the run's name
             pg.screenshot(path=str(ARTIFACTS / f"load-{name}-runs.png"), full_page=True)
         for pg, name in zip(pages, NAMES):
-            assert pg.console_errors == [], (name, pg.console_errors[:5], "failed requests:", pg.failed_requests[:10])
+            errors = [e for e in pg.console_errors if e != PURGED_PLOT_RELAYOUT]
+            assert errors == [], (name, errors[:5], "failed requests:", pg.failed_requests[:10])
     finally:
         for ctx in contexts:
             ctx.close()

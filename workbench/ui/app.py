@@ -1,23 +1,78 @@
 """The dashboard: one DataStore per browser session and a tab per registered page (``page.pages()``)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import panel as pn
+from panel.io.state import set_curdoc
 
 from .common import DataStore
-from .page import pages
+from .page import Page, pages
+
+
+class LazyPages(Mapping):
+    """The session's pages by title, each built on first use (``pages[title]``, or its tab first shown).
+
+    Building every page's widgets and empty figures took ~1.2 s of server CPU per session (most of it
+    plotly's templates), paid again by every student who opens the dashboard although a session sees
+    few of the tabs; now a session pays for the tab it lands on. Iterating gives the titles in the
+    registry's order without building anything; ``values()``/``items()`` build them all. A page is built
+    in the session's document (the one current when the mapping was made), wherever it is first asked
+    for, so its job still belongs to the session: closing the tab ends it as it ends the others.
+    """
+
+    def __init__(self, datastore: DataStore):
+        self._datastore = datastore
+        self._doc = pn.state.curdoc
+        self._classes = {cls.title: cls for cls in pages()}
+        self._built: dict[str, Page] = {}
+
+    def __getitem__(self, title: str) -> Page:
+        if title not in self._built:
+            cls = self._classes[title]   # KeyError for an unknown title
+            if self._doc is not None and pn.state.curdoc is not self._doc:
+                with set_curdoc(self._doc):
+                    self._built[title] = cls(self._datastore)
+            else:
+                self._built[title] = cls(self._datastore)
+        return self._built[title]
+
+    def __iter__(self):
+        return iter(self._classes)
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+    def built(self) -> list[str]:
+        """The titles of the pages built so far."""
+        return list(self._built)
 
 
 class App(pn.viewable.Viewer):
     """All pages over one run store. ``App(store=RunStore(path))`` to use another store.
 
     ``user``: the signed-in user (default ``pn.state.user`` of the session; None without sign-in).
+    ``pages``: a :class:`LazyPages`; each tab holds a column that receives its page when the tab is
+    first shown (the first tab's page at once).
     """
 
     def __init__(self, store=None, user: str | None = None, **params):
         super().__init__(**params)
         self.datastore = DataStore(store, user=user)
-        self.pages = {cls.title: cls(self.datastore) for cls in pages()}
-        self.tabs = pn.Tabs(*self.pages.items(), dynamic=True, sizing_mode="stretch_width")
+        self.pages = LazyPages(self.datastore)
+        self._holders = {title: pn.Column(sizing_mode="stretch_width") for title in self.pages}
+        self.tabs = pn.Tabs(*self._holders.items(), dynamic=True, sizing_mode="stretch_width")
+        self.tabs.param.watch(lambda event: self.show(list(self._holders)[event.new]), "active")
+        if self._holders:
+            self.show(next(iter(self._holders)))
+
+    def show(self, title: str) -> Page:
+        """Build the page ``title`` if needed and put it into its tab (does not switch tabs)."""
+        page = self.pages[title]
+        holder = self._holders[title]
+        if not holder.objects:
+            holder.objects = [page]
+        return page
 
     def __panel__(self):
         return self.tabs
