@@ -42,6 +42,19 @@ def test_every_page_is_registered_in_order_and_the_app_shows_the_registry(app):
     assert all(isinstance(p, Page) and p.datastore is app.datastore for p in app.pages.values())
 
 
+def test_a_session_builds_the_first_tab_at_once_and_each_other_page_when_its_tab_is_shown(store):
+    app = App(store=store)
+    assert app.pages.built() == ["Train"]                      # the tab a session lands on
+    assert app.tabs[0].objects == [app.pages["Train"].__panel__()]  # the page's layout, built once
+    assert all(not holder.objects for holder in list(app.tabs)[1:])
+    app.tabs.active = TITLES.index("Grokking")                 # a click on the tab, as the browser sends it
+    assert app.pages.built() == ["Train", "Grokking"]
+    assert app.tabs[TITLES.index("Grokking")].objects == [app.pages["Grokking"].__panel__()]
+    app.tabs.active = 0
+    app.tabs.active = TITLES.index("Grokking")                 # shown again: the same page, not a new one
+    assert app.pages.built() == ["Train", "Grokking"] and len(app.tabs[TITLES.index("Grokking")].objects) == 1
+
+
 def test_a_new_subclass_registers_itself():
     class Extra(Page):
         title = "Extra (test)"
