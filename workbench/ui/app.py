@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 
 import panel as pn
 from panel.io.state import set_curdoc
@@ -30,10 +31,7 @@ class LazyPages(Mapping):
     def __getitem__(self, title: str) -> Page:
         if title not in self._built:
             cls = self._classes[title]   # KeyError for an unknown title
-            if self._doc is not None and pn.state.curdoc is not self._doc:
-                with set_curdoc(self._doc):
-                    self._built[title] = cls(self._datastore)
-            else:
+            with set_curdoc(self._doc) if self._doc is not None else nullcontext():
                 self._built[title] = cls(self._datastore)
         return self._built[title]
 
