@@ -94,6 +94,7 @@ from collections import deque
 from typing import Any, Callable, Mapping
 
 from .checks import check_float, check_int, check_str, env_limit
+from .monitor import MAX_MESSAGE_CHARS, Context, current, _CURRENT
 from .training import Callback
 
 __all__ = ["JobQueue", "Job", "Context", "current", "QueueFull", "JobCancelled", "Diverged", "Executor",
@@ -109,7 +110,6 @@ MAX_PER_USER = 100_000
 MAX_THREADS = 1024
 MAX_USER_CHARS = 256
 MAX_NAME_CHARS = 200
-MAX_MESSAGE_CHARS = 1000
 _ADDRESS = re.compile(r"^(tcp|tls|inproc|ucx)://\S+$")
 
 
@@ -178,59 +178,6 @@ def _check_address(name: str, address) -> str:
 # ----------------------------------------------------------------------------- the task's context
 
 
-class Context:
-    """What a running task sees (:func:`current`): whether it should stop, and a way to report progress.
-
-    This base class is the context outside any job: never stopped, reports go nowhere.
-    """
-
-    def __init__(self, threads: int = 1, report_interval: float = 0.25):
-        self.threads = threads
-        self.report_interval = report_interval
-        self._last_report: float | None = None
-
-    @property
-    def stopped(self) -> bool:
-        """True once Stop was pressed for this job: end early (e.g. set ``state.stop`` in a training callback)."""
-        return False
-
-    def report(self, progress: float | None = None, message: str = "", payload: Any = None, *,
-               force: bool = False) -> bool:
-        """Send progress (``progress`` in [0, 1] or None, a short ``message``, small plain-data ``payload``).
-
-        Throttled: a report within ``report_interval`` seconds of the last one sent is dropped, unless
-        ``force`` or ``progress >= 1``. Returns whether it was sent.
-        """
-        if progress is not None:
-            progress = check_float("progress", progress, 0.0, 1.0)
-        if not isinstance(message, str):
-            raise ValueError(f"message must be a string, got {type(message).__name__}")
-        message = message[:MAX_MESSAGE_CHARS]
-        now = time.monotonic()
-        if not force and (progress is None or progress < 1) and self._last_report is not None \
-                and now - self._last_report < self.report_interval:
-            return False
-        self._last_report = now
-        self._send(progress, message, payload)
-        return True
-
-    def _send(self, progress, message, payload) -> None:
-        pass
-
-    def call(self, service: str, *args) -> Any:
-        """Run the named *service* in the process that submitted the job and return its answer.
-
-        The submitter names its services (``JobQueue.submit(..., services={"store.save": fn})``);
-        a task on a Dask worker reaches the server's run store this way (:class:`RemoteStore`).
-        Arguments and answers must be plain data (bytes, str, numbers, bools, None, lists, dicts).
-        On Dask a failing or unknown service raises ``RuntimeError`` with the server's message (the
-        worker never waits forever: ``call_timeout``); on threads the call is direct and the service's
-        own exception propagates. Outside a job there is nobody to ask: ``RuntimeError``.
-        """
-        raise RuntimeError(f"Context.call({service!r}) works only inside a job of a workbench.jobs.JobQueue "
-                           "(this code runs outside one, so there is no server to ask)")
-
-
 def _run_service(services: Mapping | None, service, args) -> Any:
     """``services[service](*args)``, with a message naming what is wrong (the thread context, the server side)."""
     if not isinstance(service, str) or not service:
@@ -262,18 +209,6 @@ def _check_plain(name: str, value, depth: int = 0) -> None:
             _check_plain(name, v, depth + 1)
         return
     raise TypeError(f"{name} must be plain data (bytes, str, numbers, lists, dicts), got {type(value).__name__}")
-
-
-_NULL_CONTEXT = Context()
-_CURRENT: contextvars.ContextVar[Context] = contextvars.ContextVar("workbench_job_context", default=_NULL_CONTEXT)
-
-
-def current() -> Context:
-    """The context of the job running in this thread (a never-stopped, silent one outside a job).
-
-    Threads started by a task do not inherit it: pass the context on to them.
-    """
-    return _CURRENT.get()
 
 
 class _ThreadContext(Context):

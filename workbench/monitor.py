@@ -1,0 +1,95 @@
+"""The one progress-and-stop protocol of every long-running engine function.
+
+A long computation (a training, a sweep of models, a lens fit, a search) takes ``monitor=None``: an
+object with ``stopped`` (True once the user pressed Stop: return early with what you have) and
+``report(progress, message, payload)`` (``progress`` in [0, 1] or None). ``None`` means
+:func:`current`: the context of the job running this thread (:mod:`workbench.jobs` sets it), or a
+silent, never-stopped one outside a job. So a notebook call, a page job and a Dask worker run the same
+code. :class:`workbench.jobs.TrainProgress` adapts a monitor to :func:`workbench.train`'s callbacks.
+"""
+from __future__ import annotations
+
+import contextvars
+import time
+from typing import Any
+
+from .checks import check_float
+
+__all__ = ["Context", "current", "resolve", "MAX_MESSAGE_CHARS"]
+
+MAX_MESSAGE_CHARS = 1000
+
+
+class Context:
+    """What a running task sees (:func:`current`): whether it should stop, and a way to report progress.
+
+    This base class is the context outside any job: never stopped, reports go nowhere.
+    """
+
+    def __init__(self, threads: int = 1, report_interval: float = 0.25):
+        self.threads = threads
+        self.report_interval = report_interval
+        self._last_report: float | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """True once Stop was pressed for this job: end early (e.g. set ``state.stop`` in a training callback)."""
+        return False
+
+    def report(self, progress: float | None = None, message: str = "", payload: Any = None, *,
+               force: bool = False) -> bool:
+        """Send progress (``progress`` in [0, 1] or None, a short ``message``, small plain-data ``payload``).
+
+        Throttled: a report within ``report_interval`` seconds of the last one sent is dropped, unless
+        ``force`` or ``progress >= 1``. Returns whether it was sent.
+        """
+        if progress is not None:
+            progress = check_float("progress", progress, 0.0, 1.0)
+        if not isinstance(message, str):
+            raise ValueError(f"message must be a string, got {type(message).__name__}")
+        message = message[:MAX_MESSAGE_CHARS]
+        now = time.monotonic()
+        if not force and (progress is None or progress < 1) and self._last_report is not None \
+                and now - self._last_report < self.report_interval:
+            return False
+        self._last_report = now
+        self._send(progress, message, payload)
+        return True
+
+    def _send(self, progress, message, payload) -> None:
+        pass
+
+    def call(self, service: str, *args) -> Any:
+        """Run the named *service* in the process that submitted the job and return its answer.
+
+        The submitter names its services (``JobQueue.submit(..., services={"store.save": fn})``);
+        a task on a Dask worker reaches the server's run store this way (:class:`RemoteStore`).
+        Arguments and answers must be plain data (bytes, str, numbers, bools, None, lists, dicts).
+        On Dask a failing or unknown service raises ``RuntimeError`` with the server's message (the
+        worker never waits forever: ``call_timeout``); on threads the call is direct and the service's
+        own exception propagates. Outside a job there is nobody to ask: ``RuntimeError``.
+        """
+        raise RuntimeError(f"Context.call({service!r}) works only inside a job of a workbench.jobs.JobQueue "
+                           "(this code runs outside one, so there is no server to ask)")
+
+
+_NULL_CONTEXT = Context()
+_CURRENT: contextvars.ContextVar[Context] = contextvars.ContextVar("workbench_job_context", default=_NULL_CONTEXT)
+
+
+def current() -> Context:
+    """The context of the job running in this thread (a never-stopped, silent one outside a job).
+
+    Threads started by a task do not inherit it: pass the context on to them.
+    """
+    return _CURRENT.get()
+
+
+def resolve(monitor: "Context | None") -> Context:
+    """``monitor`` itself, or :func:`current` when it is None (the argument every long function takes)."""
+    if monitor is None:
+        return current()
+    if not hasattr(monitor, "stopped") or not callable(getattr(monitor, "report", None)):
+        raise ValueError(f"monitor must be None or an object with .stopped and .report(progress, message, payload) "
+                         f"(a workbench.monitor.Context), got {type(monitor).__name__}")
+    return monitor
