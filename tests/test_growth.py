@@ -233,7 +233,7 @@ def test_flop_count_matches_flop_counter(family, norm, frozen):
     if frozen == "middle":
         growth.freeze(model, layers=[1])
     elif frozen == "embed-only":
-        for m in growth._embedding_modules(model):
+        for m in growth.operators._embedding_modules(model):
             m.requires_grad_(False)
     elif frozen is not None:
         growth.freeze(model, below=frozen)

@@ -218,7 +218,7 @@ def test_candidates_add_the_new_parameters_score():
     for r in rows:
         trial = copy.deepcopy(model)
         old = {id(p) for p in trial.parameters()}
-        growth._apply_candidate(trial, r)
+        growth.natural._apply_candidate(trial, r)
         new = [p for p in trial.parameters() if id(p) not in old]
         if r["op"] == "widen":  # widen replaces fc/proj: their old entries are unchanged, the new ones count
             new = None
