@@ -52,7 +52,7 @@ def test_curve_equals_naive_per_alpha_evaluation(pair, digits):
 def test_vmap_and_loop_evaluations_agree(family, pair, tf_pair, digits, khop):
     a, b = pair if family == "mlp" else tf_pair
     ds = digits if family == "mlp" else khop
-    stacked = lmc._lerp_stack(lmc._params(a), lmc._params(b), torch.linspace(0, 1, 4))
+    stacked = lmc.interpolation._lerp_stack(lmc.interpolation._params(a), lmc.interpolation._params(b), torch.linspace(0, 1, 4))
     lv, av = lmc.evaluate_params(a, stacked, ds, "val", use_vmap=True)
     ll, al = lmc.evaluate_params(a, stacked, ds, "val", use_vmap=False)
     np.testing.assert_allclose(lv, ll, rtol=1e-5)

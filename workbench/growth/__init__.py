@@ -40,7 +40,7 @@ from .natural import (
 )
 from .width import WIDEN_INITS, widen, width_table
 from .mixture import TemplateLinear, MixtureMLP, MIXTURE_INITS, mixture_grow, fit_mixture
-from .compare import compare, Comparison, depth_sweep, flops_to_reach
+from .comparison import compare, Comparison, depth_sweep, flops_to_reach
 
 __all__ = [
     "INITS", "OPS", "PRESETS", "khop_baseline", "add_layer", "stack", "freeze", "unfreeze", "frozen_layers",
