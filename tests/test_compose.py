@@ -158,10 +158,10 @@ def test_ties_steps_on_a_hand_example():
     t1 = {"w": torch.tensor([3.0, -1.0, 0.5, 2.0, 0.0])}
     t2 = {"w": torch.tensor([-2.0, -1.0, 0.1, 4.0, -0.2])}
     # elected signs from summed mass: [+, -, +, +, -]; mean of the agreeing, non-zero entries
-    out = compose._ties_vector([t1, t2], density=1.0)["w"]
+    out = compose.merges._ties_vector([t1, t2], density=1.0)["w"]
     assert torch.allclose(out, torch.tensor([3.0, -1.0, 0.3, 3.0, -0.2]))
     # density 0.4 keeps the 2 largest of each: t1 -> [3, 0, 0, 2, 0], t2 -> [-2, 0, 0, 4, 0]
-    out = compose._ties_vector([t1, t2], density=0.4)["w"]
+    out = compose.merges._ties_vector([t1, t2], density=0.4)["w"]
     assert torch.allclose(out, torch.tensor([3.0, 0.0, 0.0, 3.0, 0.0]))
 
 

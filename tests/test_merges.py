@@ -54,7 +54,7 @@ def test_dare_is_seeded_and_unbiased(trio):
     taus = compose.task_vectors(base, [a, b])
     ta = {k: taus[0][k] + taus[1][k] for k in taus[0]}
     # kept entries are the task vector's divided by density; about a density fraction is kept
-    dropped = compose._dare_vectors(taus, 0.3, "density", 0)
+    dropped = compose.merges._dare_vectors(taus, 0.3, "density", 0)
     kept = torch.cat([(d[k] != 0).flatten().float() for d in dropped for k in d])
     assert abs(float(kept.mean()) - 0.3) < 0.03
     for d, t in zip(dropped, taus):
@@ -65,14 +65,14 @@ def test_dare_is_seeded_and_unbiased(trio):
     n = 200
     mean = {k: torch.zeros_like(v) for k, v in ta.items()}
     for s in range(n):
-        for d in compose._dare_vectors(taus, 0.3, "density", s):
+        for d in compose.merges._dare_vectors(taus, 0.3, "density", s):
             for k in d:
                 mean[k] += d[k] / n
     err = torch.cat([(mean[k] - ta[k]).flatten() for k in ta])
     spread = torch.cat([torch.sqrt((taus[0][k] ** 2 + taus[1][k] ** 2) * (1 / 0.3 - 1) / n).flatten() for k in ta])
     assert float((err.abs() / spread.clamp_min(1e-12)).mean()) < 1.0   # |error| ~ 0.8 sigma on average
     flat_ta = torch.cat([v.flatten() for v in ta.values()])
-    one = compose._dare_vectors(taus, 0.3, "density", 0)
+    one = compose.merges._dare_vectors(taus, 0.3, "density", 0)
     one = torch.cat([(one[0][k] + one[1][k]).flatten() for k in ta])
     # relative error: about sqrt((1/density - 1) / n) = 0.11 for the mean, about 1.5 for one draw
     assert float(err.norm() / flat_ta.norm()) < 0.16 < 1.0 < float((one - flat_ta).norm() / flat_ta.norm())
@@ -81,13 +81,13 @@ def test_dare_is_seeded_and_unbiased(trio):
 def test_dare_l1_rescale_keeps_each_tensors_l1_norm(trio):
     base, a, b = trio
     taus = compose.task_vectors(base, [a, b])
-    dropped = compose._dare_vectors(taus, 0.4, "l1", 1)
+    dropped = compose.merges._dare_vectors(taus, 0.4, "l1", 1)
     for d, t in zip(dropped, taus):
         for k in t:
             assert math.isclose(float(d[k].abs().sum()), float(t[k].abs().sum()), rel_tol=1e-5)
     kept = torch.cat([(d[k] != 0).flatten().float() for d in dropped for k in d])
     assert 0.3 < float(kept.mean()) < 0.5
-    for d, t in zip(compose._dare_vectors(taus, 0.4, "none", 1), taus):
+    for d, t in zip(compose.merges._dare_vectors(taus, 0.4, "none", 1), taus):
         for k in t:
             nz = d[k] != 0
             assert torch.equal(d[k][nz], t[k][nz])
@@ -96,8 +96,8 @@ def test_dare_l1_rescale_keeps_each_tensors_l1_norm(trio):
 def test_dare_ties_hand_example():
     # with density 1 nothing is dropped: dare_ties is TIES without trimming (sign election, disjoint mean)
     taus = [{"w": torch.tensor([1.0, -2.0, 3.0, 0.5])}, {"w": torch.tensor([3.0, 1.0, -1.0, -0.25])}]
-    dropped = compose._dare_vectors(taus, 1.0, "density", 0)
-    out = compose._ties_vector(dropped, 1.0)["w"]
+    dropped = compose.merges._dare_vectors(taus, 1.0, "density", 0)
+    out = compose.merges._ties_vector(dropped, 1.0)["w"]
     # signs of the sums: +, -, +, +  -> means over agreeing entries: 2, -2, 3, 0.5
     assert torch.allclose(out, torch.tensor([2.0, -2.0, 3.0, 0.5]))
 
@@ -215,14 +215,14 @@ def test_sequential_opcm_rescales_to_the_mean_norm_and_matches_a_hand_step(trio)
     merged, table = compose.sequential(base, [a, b, c], "opcm", alpha=0.5)
     assert len(merged) == 3 and table.empty
     taus = compose.task_vectors(base, [a, b, c])
-    norms = [compose._norm(t) for t in taus]
+    norms = [compose.online._norm(t) for t in taus]
     for n, m in enumerate(merged, 1):
         tv = {k: m.state_dict()[k].float() - base.state_dict()[k].float() for k in taus[0]}
-        assert math.isclose(compose._norm(tv), sum(norms[:n]) / n, rel_tol=1e-4)
+        assert math.isclose(compose.online._norm(tv), sum(norms[:n]) / n, rel_tol=1e-4)
     # step 2 by hand: tau_1 + projected tau_2 (2-D tensors) or tau_2 (others), rescaled
     acc = {k: taus[0][k] + (compose.opcm_project(taus[1][k], taus[0][k], 0.5) if taus[1][k].dim() == 2
                             else taus[1][k]) for k in taus[0]}
-    f = (norms[0] + norms[1]) / 2 / compose._norm(acc)
+    f = (norms[0] + norms[1]) / 2 / compose.online._norm(acc)
     for k in acc:
         assert torch.allclose(merged[1].state_dict()[k], base.state_dict()[k] + f * acc[k], atol=1e-6)
     assert _equal(compose.merge("opcm", base, [a, b, c]), merged[-1])
