@@ -156,3 +156,65 @@ def test_text_corpus_option_builds_other_domains_and_keeps_the_default():
     assert arith.spec()["corpus"] == "arithmetic"
     with pytest.raises(ValueError, match=r"text.corpus must be one of \['arithmetic', 'code', 'grammar'\]"):
         wb.data.load("text", corpus="poetry")
+
+
+# ----------------------------------------------------------------------------- kind and shape from the options
+
+SHAPE_CASES = [
+    ("digits", {}), ("digits", {"val_fraction": 0.33}), ("mnist1d", {"num_samples": 1234}),
+    ("khop", {"hops": 3, "nodes": 7, "queries": 2, "n_train": 50, "n_val": 20}),
+    ("khop", {"layout": "table", "nodes": 9, "queries": 3, "n_train": 40, "n_val": 10}),
+    ("khop", {"nodes": 10, "length": 6, "n_train": 30, "n_val": 10}),
+    ("modadd", {"p": 13, "train_fraction": 0.3}),
+    ("text", {"corpus": "code", "corpus_chars": 3000, "context": 20, "seed": 4}),
+    ("text", {"corpus": "arithmetic", "corpus_chars": 1000, "context": 8}),
+    ("text", {"text": "the cat sees the moon. " * 30, "context": 16, "val_fraction": 0.2}),
+    ("text", {"text": "abcab" * 100, "vocab": "cbaxyz", "context": 10}),
+]
+
+
+@pytest.mark.parametrize("name, options", SHAPE_CASES)
+def test_shape_of_agrees_with_the_built_dataset(name, options):
+    shape, ds = wb.data.shape_of(name, **options), wb.data.load(name, **options)   # reference: the data itself
+    assert shape.kind == ds.kind == wb.data.kind_of(name)
+    assert shape.d_in == ds.d_in and shape.n_classes == ds.n_classes == shape.vocab_size
+    assert (shape.n_train, shape.n_val) == (len(ds.x_train), len(ds.x_val))
+    assert (list(shape.vocab) if shape.vocab is not None else None) == ds.vocab
+    assert wb.models.config_for(shape) == wb.models.config_for(ds)   # a model config from the options alone
+
+
+@pytest.mark.parametrize("corpus", ["grammar", "arithmetic", "code"])
+@pytest.mark.parametrize("n_chars, seed", [(1000, 0), (1001, 5), (4000, 2), (250_000, 1)])
+def test_the_corpus_vocabulary_is_that_of_the_whole_corpus(corpus, n_chars, seed):
+    shape = wb.data.shape_of("text", corpus=corpus, corpus_chars=n_chars, seed=seed, context=8)
+    assert list(shape.vocab) == sorted(set(wb.data.CORPORA[corpus](n_chars, seed)))
+
+
+def test_shape_of_the_largest_corpus_is_found_without_building_it(monkeypatch):
+    pieces, read = wb.data._PIECES["arithmetic"], []
+
+    def counted(seed):
+        for piece in pieces(seed):
+            read.append(len(piece))
+            yield piece
+    monkeypatch.setitem(wb.data._PIECES, "arithmetic", counted)
+    shape = wb.data.shape_of("text", corpus="arithmetic", corpus_chars=10_000_000, context=64)
+    assert list(shape.vocab) == sorted("0123456789+-*=\n")
+    assert shape.n_train == (9_000_000 - 65) // 64 + 1
+    assert 0 < sum(read) < 100_000        # read until every character appeared, not 10 million
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda: wb.data.kind_of("imagenet"), "dataset must be one of"),
+    (lambda: wb.data.shape_of("khop", n_train=1_000_001), "khop.n_train must be in [10, 1000000]"),
+    (lambda: wb.data.shape_of("khop", nodes=4, length=6), "khop.length must be in [1, nodes=4]"),
+    (lambda: wb.data.shape_of("khop", layout="table", nodes=6, length=3), "khop.length must be 0 or nodes=6"),
+    (lambda: wb.data.shape_of("khop", n_train=1_000_000, n_val=100_000, nodes=52),
+     "more than the limit of 1024 MB (WORKBENCH_MAX_DATA_MB)"),
+    (lambda: wb.data.shape_of("text", text="ab" * 10, context=16), "too short for context 16"),
+    (lambda: wb.data.shape_of("text", text="abc" * 100, vocab="ab"), "text.vocab: 1 characters of the text"),
+])
+def test_shape_of_refuses_what_load_refuses(call, fragment):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert fragment in str(e.value)

@@ -37,8 +37,8 @@ import torch
 
 from .checks import SEED_MAX, check_bool, check_choice, env_limit
 
-__all__ = ["Dataset", "load", "from_spec", "check_spec", "check_options", "names", "options_spec", "IGNORE", "grammar_corpus",
-           "CORPORA", "max_text_bytes"]
+__all__ = ["Dataset", "Shape", "load", "from_spec", "check_spec", "check_options", "names", "options_spec", "kind_of",
+           "shape_of", "IGNORE", "grammar_corpus", "CORPORA", "max_text_bytes"]
 
 IGNORE = -100
 TEXT_SOURCES = ("path", "text", "corpus")  # the text dataset takes exactly one
@@ -115,6 +115,37 @@ class Dataset:
                 f"val={tuple(self.x_val.shape)}, classes={self.n_classes})")
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What a dataset's options fix about it, known without generating it (:func:`shape_of`).
+
+    The attributes a model config reads from a :class:`Dataset` (``kind``, ``d_in``, ``n_classes`` /
+    ``vocab_size``, ``seq_len``, ``vocab``), so :func:`workbench.models.config_for` takes either; plus
+    the sizes of the splits. ``d_in`` is the input features (vector data) or the sequence length
+    (sequence data), as on :class:`Dataset`.
+    """
+
+    name: str
+    kind: str                   # "vector" or "sequence"
+    d_in: int                   # features (vector) or positions per sequence (sequence)
+    n_classes: int              # classes (vector) or vocabulary size (sequence)
+    n_train: int                # examples (vector) or sequences (sequence) of the train split
+    n_val: int
+    vocab: tuple[str, ...] | None = None    # token strings (sequence datasets)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_classes
+
+    @property
+    def seq_len(self) -> int:
+        return self.d_in
+
+    @property
+    def sequence_length(self) -> int | None:
+        return self.d_in if self.kind == "sequence" else None
+
+
 # ----------------------------------------------------------------------------- options
 
 # name -> {option: (default, type, low, high)}; None bounds are open. Seeds fit numpy's 32 bits.
@@ -131,6 +162,8 @@ _SPECS: dict[str, dict[str, tuple]] = {
              "corpus_chars": (200_000, int, 1000, 10_000_000), "seed": (0, int, 0, SEED_MAX),
              "corpus": ("grammar", str, None, None)},
 }
+# name -> Dataset.kind: what a dataset holds, known from its name alone (the model family follows from it).
+_KINDS = {"digits": "vector", "mnist1d": "vector", "khop": "sequence", "modadd": "sequence", "text": "sequence"}
 # Options for which None is a documented value ("not given"); None is refused everywhere else.
 _NONE_OK = {("text", "path"), ("text", "text"), ("text", "vocab"), ("text", "corpus")}
 
@@ -146,8 +179,15 @@ def options_spec(name: str) -> dict[str, tuple]:
 
 
 def _check_name(name: str) -> None:
-    if name not in _SPECS:
-        raise ValueError(f"dataset must be one of {names()}, got {name!r}")
+    if not isinstance(name, str) or name not in _SPECS:
+        raise ValueError(f"dataset must be one of {names()}, got {_short(name)}")
+
+
+def kind_of(name: str) -> str:
+    """``"vector"`` (features and one label per example) or ``"sequence"`` (tokens and per-position targets):
+    the :attr:`Dataset.kind` of dataset ``name``, without building it."""
+    _check_name(name)
+    return _KINDS[name]
 
 
 def max_text_bytes() -> int:
@@ -244,8 +284,16 @@ def _resolve_options(name: str, options: dict) -> dict:
         elif out["corpus"] is None:
             out["corpus"] = spec["corpus"][0]  # corpus=None with no other source: the documented default
     if name == "khop":
+        _check_khop_combination(out)
         _check_khop_size(out)
     return out
+
+
+def _check_khop_combination(o: dict) -> None:
+    if o["layout"] == "table" and o["length"] not in (0, o["nodes"]):
+        raise ValueError(f"khop.length must be 0 or nodes={o['nodes']} with layout='table', got {o['length']}")
+    if o["length"] > o["nodes"]:
+        raise ValueError(f"khop.length must be in [1, nodes={o['nodes']}] (or 0: nodes), got {o['length']}")
 
 
 def _check_khop_size(o: dict) -> None:
@@ -277,6 +325,72 @@ def load(name: str, **options) -> Dataset:
     _check_name(name)
     opts = _resolve_options(name, options)
     return _LOADERS[name](**opts)
+
+
+def shape_of(name: str, **options) -> Shape:
+    """The :class:`Shape` of ``load(name, **options)`` -- input size, classes or vocabulary (with its tokens),
+    sequence length, split sizes -- computed from the options alone: no tensor is generated, so a form
+    can be checked and a model config built at once, whatever sizes the options ask for.
+
+    Options are checked as :func:`load` checks them (same messages). The ``text`` dataset's vocabulary
+    is the set of its characters: of the given text, or of the built-in corpus's first ``corpus_chars``
+    characters (found by generating the corpus only until every character it can write has appeared).
+    """
+    _check_name(name)
+    o = _resolve_options(name, options)
+    return _SHAPES[name](o)
+
+
+def _digits_shape(o: dict) -> Shape:
+    n = 1797   # scikit-learn's bundled digits; train_test_split puts ceil(fraction * n) in the test split
+    n_val = math.ceil(o["val_fraction"] * n)
+    return Shape("digits", "vector", 64, 10, n - n_val, n_val)
+
+
+def _mnist1d_shape(o: dict) -> Shape:
+    from mnist1d.data import get_dataset_args
+
+    args = get_dataset_args()
+    n = o["num_samples"] // 10 * 10   # make_dataset draws num_samples // 10 per class
+    n_train = int(n * args.train_split)
+    return Shape("mnist1d", "vector", int(args.final_seq_length), 10, n_train, n - n_train)
+
+
+def _khop_shape(o: dict) -> Shape:
+    nodes, queries = o["nodes"], o["queries"]
+    length = o["length"] or nodes
+    seq = nodes + 1 + queries if o["layout"] == "table" else 2 * length + 1 + 2 * queries
+    vocab = tuple(_NODE_SYMBOLS[:nodes]) + ("|", "?")
+    return Shape("khop", "sequence", seq, len(vocab), o["n_train"], o["n_val"], vocab)
+
+
+def _modadd_shape(o: dict) -> Shape:
+    p = o["p"]
+    n_train = max(1, min(p * p - 1, round(o["train_fraction"] * p * p)))
+    vocab = tuple(str(i) for i in range(p)) + ("+", "=")
+    return Shape("modadd", "sequence", 4, len(vocab), n_train, p * p - n_train, vocab)
+
+
+def _text_shape(o: dict) -> Shape:
+    if o["path"] is not None or o["text"] is not None:
+        text = _read_text_file(o["path"]) if o["path"] is not None else o["text"]
+        n_chars, present = len(text), set(text)
+    else:
+        n_chars, present = o["corpus_chars"], set(_corpus_alphabet(o["corpus"], o["corpus_chars"], o["seed"]))
+    chars = sorted(present) if o["vocab"] is None else list(dict.fromkeys(o["vocab"]))
+    unknown = sorted(present - set(chars))
+    if unknown:
+        raise ValueError(f"text.vocab: {len(unknown)} characters of the text are missing from it, e.g. {unknown[:5]}")
+    context, fraction = o["context"], o["val_fraction"]
+    n_val_chars = int(n_chars * fraction)
+    _check_text_length(n_chars, n_val_chars, context, fraction)
+    windows = lambda n: (n - (context + 1)) // context + 1   # noqa: E731 -- unfold(0, context + 1, context)
+    return Shape("text", "sequence", context, len(chars), windows(n_chars - n_val_chars), windows(n_val_chars),
+                 tuple(chars))
+
+
+_SHAPES = {"digits": _digits_shape, "mnist1d": _mnist1d_shape, "khop": _khop_shape, "modadd": _modadd_shape,
+           "text": _text_shape}
 
 
 def from_spec(spec: dict, *, allow_path: bool = True) -> Dataset:
@@ -492,14 +606,20 @@ _ADVERBS = ["slowly", "today", "again", "at noon", "in the rain", "every morning
 _JOINS = [", and then", ", but", " because", " while", ", so"]
 
 
-def grammar_corpus(n_chars: int = 200_000, seed: int = 0) -> str:
-    """A deterministic English-like corpus from a small grammar (Python's ``random.Random``).
-
-    Offline default for the ``text`` dataset: the same on every machine for a given seed.
-    """
-    rng = random.Random(seed)
+def _take(pieces, n_chars: int) -> str:
+    """The first ``n_chars`` characters of the concatenated ``pieces``."""
     parts, size = [], 0
-    while size < n_chars:
+    for piece in pieces:
+        if size >= n_chars:
+            break
+        parts.append(piece)
+        size += len(piece)
+    return "".join(parts)[:n_chars]
+
+
+def _grammar_pieces(seed: int):
+    rng = random.Random(seed)
+    while True:
         clause = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
         if rng.random() < 0.5:
             clause += " " + rng.choice(_ADVERBS)
@@ -507,9 +627,29 @@ def grammar_corpus(n_chars: int = 200_000, seed: int = 0) -> str:
             clause += f"{rng.choice(_JOINS)} {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
         sentence = clause[0].upper() + clause[1:] + rng.choice([".", ".", ".", "!", "?"])
         sentence += "\n" if rng.random() < 0.2 else " "
-        parts.append(sentence)
-        size += len(sentence)
-    return "".join(parts)[:n_chars]
+        yield sentence
+
+
+def grammar_corpus(n_chars: int = 200_000, seed: int = 0) -> str:
+    """A deterministic English-like corpus from a small grammar (Python's ``random.Random``).
+
+    Offline default for the ``text`` dataset: the same on every machine for a given seed.
+    """
+    return _take(_grammar_pieces(seed), n_chars)
+
+
+def _arithmetic_pieces(seed: int):
+    rng = random.Random(seed)
+    while True:
+        op = rng.choice("++-*")
+        if op == "*":
+            a, b = rng.randrange(13), rng.randrange(13)
+            yield f"{a}*{b}={a * b}\n"
+        else:
+            a, b = rng.randrange(100), rng.randrange(100)
+            if op == "-" and b > a:
+                a, b = b, a
+            yield f"{a}{op}{b}={a + b if op == '+' else a - b}\n"
 
 
 def arithmetic_corpus(n_chars: int = 200_000, seed: int = 0) -> str:
@@ -517,32 +657,16 @@ def arithmetic_corpus(n_chars: int = 200_000, seed: int = 0) -> str:
 
     Operands below 100 for ``+``/``-`` (results never negative), below 13 for ``*``.
     """
-    rng = random.Random(seed)
-    parts, size = [], 0
-    while size < n_chars:
-        op = rng.choice("++-*")
-        if op == "*":
-            a, b = rng.randrange(13), rng.randrange(13)
-            line = f"{a}*{b}={a * b}\n"
-        else:
-            a, b = rng.randrange(100), rng.randrange(100)
-            if op == "-" and b > a:
-                a, b = b, a
-            line = f"{a}{op}{b}={a + b if op == '+' else a - b}\n"
-        parts.append(line)
-        size += len(line)
-    return "".join(parts)[:n_chars]
+    return _take(_arithmetic_pieces(seed), n_chars)
 
 
 _FUNCS = ["add", "scale", "mix", "clip", "step", "shift", "count", "blend"]
 _VARS = ["x", "y", "n", "k", "total", "value", "item", "size"]
 
 
-def code_corpus(n_chars: int = 200_000, seed: int = 0) -> str:
-    """Deterministic Python-like functions (assignments, ``if``, ``for`` loops, ``return``)."""
+def _code_pieces(seed: int):
     rng = random.Random(seed)
-    parts, size = [], 0
-    while size < n_chars:
+    while True:
         a, b, c = rng.sample(_VARS, 3)
         lines = [f"def {rng.choice(_FUNCS)}({a}, {b}):", f"    {c} = {a} {rng.choice('+-*')} {b}"]
         if rng.random() < 0.5:
@@ -550,13 +674,37 @@ def code_corpus(n_chars: int = 200_000, seed: int = 0) -> str:
         if rng.random() < 0.5:
             lines += [f"    for i in range({rng.randrange(2, 10)}):", f"        {c} = {c} + i"]
         lines += [f"    return {c}", "", ""]
-        chunk = "\n".join(lines)
-        parts.append(chunk)
-        size += len(chunk)
-    return "".join(parts)[:n_chars]
+        yield "\n".join(lines)
+
+
+def code_corpus(n_chars: int = 200_000, seed: int = 0) -> str:
+    """Deterministic Python-like functions (assignments, ``if``, ``for`` loops, ``return``)."""
+    return _take(_code_pieces(seed), n_chars)
 
 
 CORPORA = {"grammar": grammar_corpus, "arithmetic": arithmetic_corpus, "code": code_corpus}
+_PIECES = {"grammar": _grammar_pieces, "arithmetic": _arithmetic_pieces, "code": _code_pieces}
+# every character each built-in corpus can write (a superset is safe: the alphabet search then reads on)
+_DIGITS = "0123456789"
+_CAN_WRITE = {
+    "grammar": frozenset("".join(_SUBJECTS + _VERBS + _OBJECTS + _ADVERBS + _JOINS) + " .!?\n"
+                         + "".join(s[0].upper() for s in _SUBJECTS)),
+    "arithmetic": frozenset(_DIGITS + "+-*=\n"),
+    "code": frozenset("".join(_FUNCS + _VARS) + _DIGITS + "def(, ):=+-*if>forinrange()return \n"),
+}
+
+
+def _corpus_alphabet(corpus: str, n_chars: int, seed: int) -> list[str]:
+    """``sorted(set(CORPORA[corpus](n_chars, seed)))`` without generating all of it: the corpus is read piece
+    by piece until ``n_chars`` characters or until every character it can write has appeared (a few
+    thousand characters), so a 10-million-character corpus costs as little as a short one."""
+    seen, size, every = set(), 0, _CAN_WRITE[corpus]
+    for piece in _PIECES[corpus](seed):
+        if size >= n_chars or seen >= every:
+            break
+        seen.update(piece[: n_chars - size])
+        size += len(piece)
+    return sorted(seen)
 
 
 def _read_text_file(path: str) -> str:
@@ -573,6 +721,13 @@ def _read_text_file(path: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"text.path: {str(p)!r} is not UTF-8 text ({e.reason})") from None
+
+
+def _check_text_length(n_chars: int, n_val_chars: int, context: int, val_fraction: float) -> None:
+    if n_chars - n_val_chars < context + 1 or n_val_chars < context + 1:
+        raise ValueError(f"text: {n_chars} characters is too short for context {context} "
+                         f"(need at least {math.ceil((context + 1) / val_fraction)} with val_fraction "
+                         f"{val_fraction})")
 
 
 def _text(path, text, context: int, val_fraction: float, vocab, corpus_chars: int, seed: int,
@@ -600,10 +755,7 @@ def _text(path, text, context: int, val_fraction: float, vocab, corpus_chars: in
         raise ValueError(f"text.vocab: {len(unknown)} characters of the text are missing from it, e.g. {unknown[:5]}")
     ids = torch.tensor([index[c] for c in text], dtype=torch.long)
     n_val_chars = int(len(ids) * val_fraction)
-    if len(ids) - n_val_chars < context + 1 or n_val_chars < context + 1:
-        raise ValueError(f"text: {len(ids)} characters is too short for context {context} "
-                         f"(need at least {math.ceil((context + 1) / val_fraction)} with val_fraction "
-                         f"{val_fraction})")
+    _check_text_length(len(ids), n_val_chars, context, val_fraction)
 
     def windows(t: torch.Tensor):
         w = t.unfold(0, context + 1, context)  # (N, context + 1)
