@@ -33,20 +33,26 @@ serve: setup
 	$(SERVE_ENV) $(BIN)/python -m panel serve apps/ --port $(PORT) --address 127.0.0.1 \
 	  --allow-websocket-origin=localhost:$(PORT) --allow-websocket-origin=127.0.0.1:$(PORT) --show
 
-# Classroom mode (README "Classroom mode"): sign-in with a credentials file (Panel --basic-auth), every
-# interface, one process (one job queue). CLASS_LIST (one user name a line) creates CREDENTIALS if missing;
-# COOKIE_SECRET empty: a new random one each start (everyone signs in again after a restart).
-CREDENTIALS   ?= classroom-users.json
-CLASS_LIST    ?=
-CLASS_HOST    ?= $(shell hostname)
-CLASS_SECONDS ?= 7200
-COOKIE_SECRET ?=
+# Classroom mode (README "Classroom mode", docs/security.md): our sign-in (apps/auth.py) with a credentials
+# file, every interface, one process (one job queue). CLASS_LIST (one user name a line) creates CREDENTIALS
+# if missing. The cookie secret never goes on a command line: export WORKBENCH_COOKIE_SECRET, or name a
+# file (mode 600) in COOKIE_SECRET_FILE; neither: a new random one each start (everyone signs in again).
+# TLS: SSL_CERTFILE and SSL_KEYFILE (both).
+CREDENTIALS      ?= classroom-users.json
+CLASS_LIST       ?=
+CLASS_HOST       ?= $(shell hostname)
+CLASS_SECONDS    ?= 7200
+COOKIE_SECRET_FILE ?=
+SSL_CERTFILE     ?=
+SSL_KEYFILE      ?=
 .PHONY: classroom
 classroom: setup
 	@if [ ! -e "$(CREDENTIALS)" ] && [ -n "$(CLASS_LIST)" ]; then \
 	  $(BIN)/python -m workbench.classroom credentials "$(CLASS_LIST)" -o "$(CREDENTIALS)"; fi
-	@$(SERVE_ENV) WORKBENCH_COOKIE_SECRET="$(COOKIE_SECRET)" $(BIN)/python -m workbench.classroom serve \
-	  --credentials "$(CREDENTIALS)" --host "$(CLASS_HOST)" --port $(PORT) --session-seconds $(CLASS_SECONDS)
+	@$(SERVE_ENV) $(BIN)/python -m workbench.classroom serve \
+	  --credentials "$(CREDENTIALS)" --host "$(CLASS_HOST)" --port $(PORT) --session-seconds $(CLASS_SECONDS) \
+	  $(if $(COOKIE_SECRET_FILE),--cookie-secret-file "$(COOKIE_SECRET_FILE)") \
+	  $(if $(SSL_CERTFILE),--ssl-certfile "$(SSL_CERTFILE)" --ssl-keyfile "$(SSL_KEYFILE)")
 
 # Chromium for the browser tests (Debian/Ubuntu as root); fonts-unifont for glyph embeddings.
 browser:

@@ -12,6 +12,11 @@ job's services (``workbench.ui.common.BackgroundTask``); one torch thread per ta
 session's model objects) run on this process's threads in the same queue. Unset: every job runs on
 threads of this process with floor(cores / max jobs) torch threads each.
 
+It also keeps one server per store (an advisory lock on ``WORKBENCH_HOME/server.lock``: a second server
+on the same store refuses to start, naming the first), and installs :func:`workbench.ui.serving.install`:
+the guard of Panel's component route, one log line for a widget value the browser forged, and the
+per-student bound on open sessions (``WORKBENCH_SESSIONS_PER_USER``).
+
 OpenMP threads wait passively here (``OMP_WAIT_POLICY=PASSIVE`` unless the environment says otherwise;
 ``make serve`` and ``make classroom`` set it too): libgomp reads it when torch loads, and on a loaded
 class server busy-waiting OpenMP threads took the cores their partners needed (measured in
@@ -26,11 +31,34 @@ if "torch" not in sys.modules:   # only before torch (libgomp) is loaded does it
 import panel as pn  # noqa: E402
 
 
+HOME_LOCK_KEY = "workbench.home_lock"
+
+
+def _port() -> str:
+    """The port of this ``panel serve`` (read from its command line; Bokeh's default 5006)."""
+    argv = sys.argv
+    for i, arg in enumerate(argv):
+        if arg == "--port" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--port="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("BOKEH_PORT", "5006")
+
+
 def on_server_loaded(server_context):
     import torch
 
-    from workbench import jobs
+    from workbench import classroom, jobs
+    from workbench.store import default_home
+    from workbench.ui import serving
     from workbench.ui.common import QUEUE_KEY
+
+    try:
+        pn.state.cache[HOME_LOCK_KEY] = classroom.hold_home(default_home(), _port())
+    except classroom.HomeInUse as e:
+        print(f"workbench: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None   # out of the event loop: the server stops
+    serving.install()
 
     queue = jobs.JobQueue()   # WORKBENCH_DASK if set, else threads
     if isinstance(queue.executor, jobs.ThreadExecutor):
@@ -44,3 +72,6 @@ def on_server_unloaded(server_context):
     queue = pn.state.cache.pop(QUEUE_KEY, None)
     if queue is not None:
         queue.close(wait=30)   # running trainings stop and save what they have
+    from workbench import classroom
+
+    classroom.release_home(pn.state.cache.pop(HOME_LOCK_KEY, None))

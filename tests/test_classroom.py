@@ -4,6 +4,7 @@ RunStore, a fake signed-in user), and one bounded real server with --basic-auth 
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -132,24 +133,25 @@ def _panel_args(cmd):
 
 
 def test_serve_command_is_the_classroom_line():
-    secret = "s3cr3t-" * 6
-    cmd = classroom.serve_command("classroom-users.json", host="teacher.school.example", port=5007,
-                                  cookie_secret=secret, session_seconds=5400)
+    cmd = classroom.serve_command(host="teacher.school.example", port=5007, session_seconds=5400)
     assert shlex.join(cmd) == (
-        f"panel serve apps/ --port 5007 --basic-auth classroom-users.json --cookie-secret {secret} "
+        "panel serve apps/ --port 5007 --auth-module apps/auth.py "
         "--address 0.0.0.0 --allow-websocket-origin teacher.school.example:5007 "
         "--session-token-expiration 5400 --num-procs 1")
     a = _panel_args(cmd)
-    assert a.files == ["apps/"] and a.port == 5007 and a.basic_auth == "classroom-users.json"
-    assert a.cookie_secret == secret and a.address == "0.0.0.0"
+    assert a.files == ["apps/"] and a.port == 5007 and a.auth_module == "apps/auth.py"
+    assert a.cookie_secret is None and a.basic_auth is None and a.address == "0.0.0.0"
     assert a.allow_websocket_origin == ["teacher.school.example:5007"]
     assert a.session_token_expiration == 5400 and a.num_procs == 1
-    py = classroom.serve_command("u.json", host="10.0.0.5", cookie_secret=secret, python="/usr/bin/python3")
+    assert a.ssl_certfile is None and a.ssl_keyfile is None
+    py = classroom.serve_command(host="10.0.0.5", python="/usr/bin/python3")
     assert py[:3] == ["/usr/bin/python3", "-m", "panel"]
     a = _panel_args(py)
     assert a.port == 5006 and a.session_token_expiration == classroom.CLASS_SECONDS
-    assert _panel_args(classroom.serve_command("u.json", host="[::1]", cookie_secret=secret)
-                       ).allow_websocket_origin == ["[::1]:5006"]
+    assert _panel_args(classroom.serve_command(host="[::1]")).allow_websocket_origin == ["[::1]:5006"]
+    tls = _panel_args(classroom.serve_command(host="h", ssl_certfile="cert.pem", ssl_keyfile="key.pem"))
+    assert tls.ssl_certfile == "cert.pem" and tls.ssl_keyfile == "key.pem"
+    assert _panel_args(classroom.serve_command(host="h", apps="/srv/wb/apps")).auth_module == "/srv/wb/apps/auth.py"
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -162,20 +164,46 @@ def test_serve_command_is_the_classroom_line():
     ({"port": True}, r"port must be an integer"),
     ({"session_seconds": 60}, r"session_seconds must be an integer in \[300, 604800\], got 60"),
     ({"session_seconds": 3600.0}, r"session_seconds must be an integer"),
-    ({"cookie_secret": "short"}, "cookie_secret must be a string of 32 to 256"),
-    ({"cookie_secret": "a b" * 20}, "without spaces"),
-    ({"cookie_secret": None}, "cookie_secret must be"),
+    ({"ssl_certfile": "c.pem"}, "ssl_certfile and ssl_keyfile must be given together"),
+    ({"ssl_keyfile": "k.pem"}, "ssl_certfile and ssl_keyfile must be given together"),
+    ({"ssl_certfile": "", "ssl_keyfile": "k.pem"}, "ssl_certfile must be the path of a PEM file"),
+    ({"auth_module": "auth.txt"}, "auth_module must be the path of a .py file"),
 ])
 def test_serve_command_refuses_bad_arguments(kwargs, match):
-    args = {"host": "teacher.local", "cookie_secret": classroom.new_cookie_secret(), **kwargs}
+    args = {"host": "teacher.local", **kwargs}
     with pytest.raises(ValueError, match=match):
-        classroom.serve_command("u.json", **args)
+        classroom.serve_command(**args)
+
+
+@pytest.mark.parametrize("secret, match", [
+    ("short", "cookie secret must be a string of 32 to 256"),
+    ("a b" * 20, "without spaces"),
+    (None, "cookie secret must be"),
+    ("x" * 257, "32 to 256"),
+])
+def test_bad_cookie_secrets_are_refused(secret, match):
+    with pytest.raises(ValueError, match=match):
+        classroom.serve_environment("u.json", cookie_secret=secret)
 
 
 def test_new_cookie_secrets_are_random_and_accepted():
     a, b = classroom.new_cookie_secret(), classroom.new_cookie_secret()
     assert a != b and len(a) >= 43
-    assert classroom.serve_command("u.json", host="h", cookie_secret=a)[8] == a
+    assert classroom.serve_environment("u.json", cookie_secret=a)["PANEL_COOKIE_SECRET"] == a
+
+
+def test_serve_environment_carries_the_secret_and_drops_other_sign_in_settings(tmp_path):
+    secret = classroom.new_cookie_secret()
+    base = {"PATH": "/bin", "PANEL_BASIC_AUTH": "pw", "PANEL_OAUTH_PROVIDER": "github", "PANEL_OAUTH_KEY": "k",
+            "BOKEH_AUTH_MODULE": "/tmp/evil.py", "BOKEH_COOKIE_SECRET": "old", "PANEL_COOKIE_SECRET": "old",
+            "WORKBENCH_COOKIE_SECURE": "1", "OMP_WAIT_POLICY": "ACTIVE"}
+    env = classroom.serve_environment(tmp_path / "u.json", cookie_secret=secret, session_seconds=600, base=base)
+    assert env == {"PATH": "/bin", "OMP_WAIT_POLICY": "ACTIVE", "PANEL_COOKIE_SECRET": secret,
+                   "WORKBENCH_CREDENTIALS": str((tmp_path / "u.json").resolve()), "WORKBENCH_SESSION_SECONDS": "600"}
+    tls = classroom.serve_environment("u.json", cookie_secret=secret, tls=True, base={})
+    assert tls["WORKBENCH_COOKIE_SECURE"] == "1" and tls["OMP_WAIT_POLICY"] == "PASSIVE"
+    with pytest.raises(ValueError, match=r"session_seconds must be an integer in \[300, 604800\]"):
+        classroom.serve_environment("u.json", cookie_secret=secret, session_seconds=10)
 
 
 @pytest.mark.parametrize("version, ok", [("1.7.5", True), ("1.7.6", True), ("1.9.4", True), ("2.0.0", True),
@@ -196,7 +224,7 @@ def test_installed_panel_passes_the_gate():
     assert classroom.check_panel() == panel.__version__
 
 
-def test_cli_prints_the_line_with_the_secret_hidden_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
+def test_cli_prints_the_line_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
     users = tmp_path / "class.txt"
     users.write_text("ann\nteach\n")
     creds = tmp_path / "users.json"
@@ -209,13 +237,81 @@ def test_cli_prints_the_line_with_the_secret_hidden_and_refuses_bad_input(tmp_pa
     assert classroom.main(["serve", "--credentials", str(creds), "--host", "h.local", "--print"]) == 0
     line = capsys.readouterr().out.strip()
     assert "x" * 40 not in line
-    expected = classroom.serve_command(str(creds), host="h.local", cookie_secret="x" * 40, python=sys.executable)
-    expected[expected.index("--cookie-secret") + 1] = "<secret>"
-    assert line == shlex.join(expected)
+    assert line == shlex.join(classroom.serve_command(host="h.local", python=sys.executable))
     assert classroom.main(["serve", "--credentials", str(tmp_path / "none.json"), "--print"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert classroom.main(["serve", "--credentials", str(creds), "--host", "bad host", "--print"]) == 2
     assert "host must be" in capsys.readouterr().err
+    monkeypatch.setenv("WORKBENCH_COOKIE_SECRET", "short")
+    assert classroom.main(["serve", "--credentials", str(creds), "--host", "h.local", "--print"]) == 2
+    assert "cookie secret must be a string of 32 to 256" in capsys.readouterr().err
+
+
+def _exec_of(monkeypatch, argv):
+    """Run ``classroom.main(argv)`` up to its exec: ``(path, args, env, umask)`` it would have exec'd."""
+    seen = {}
+    monkeypatch.setattr(classroom.os, "execve", lambda path, args, env: seen.update(path=path, args=args, env=env))
+    monkeypatch.setattr(classroom.os, "umask", lambda mask: seen.update(umask=mask) or 0o022)
+    assert classroom.main(argv) == 0
+    return seen["path"], seen["args"], seen["env"], seen.get("umask")
+
+
+def test_the_cookie_secret_is_in_no_command_line(tmp_path, monkeypatch, capsys):
+    creds = tmp_path / "users.json"
+    classroom.make_credentials(["ann", "teach"], creds)
+    secret = "S3cr3t-" + "q" * 40
+    monkeypatch.setenv("WORKBENCH_COOKIE_SECRET", secret)
+    monkeypatch.setenv("PANEL_BASIC_AUTH", "pw")                     # would replace our sign-in: dropped
+    path, args, env, umask = _exec_of(monkeypatch, ["serve", "--credentials", str(creds), "--host", "h.local"])
+    assert path == sys.executable == args[0]
+    assert not any(secret in a for a in args)                         # ps shows nothing secret
+    assert secret not in capsys.readouterr().err                      # nor does the printed line
+    assert env["PANEL_COOKIE_SECRET"] == secret                       # Panel reads it from there
+    assert "WORKBENCH_COOKIE_SECRET" not in env and "PANEL_BASIC_AUTH" not in env
+    assert env["WORKBENCH_CREDENTIALS"] == str(creds.resolve()) and umask == 0o077
+    a = _panel_args(args)
+    assert a.cookie_secret is None and a.auth_module == "apps/auth.py"
+
+    monkeypatch.delenv("WORKBENCH_COOKIE_SECRET")                     # none given: a new random one
+    _, args2, env2, _ = _exec_of(monkeypatch, ["serve", "--credentials", str(creds), "--host", "h.local"])
+    assert len(env2["PANEL_COOKIE_SECRET"]) >= 43 and env2["PANEL_COOKIE_SECRET"] != secret
+    assert not any(env2["PANEL_COOKIE_SECRET"] in a for a in args2)
+
+    kept = tmp_path / "cookie-secret"                                 # or a file of the teacher's, mode 600
+    kept.write_text(secret + "\n")
+    os.chmod(kept, 0o600)
+    _, args3, env3, _ = _exec_of(monkeypatch, ["serve", "--credentials", str(creds), "--host", "h.local",
+                                               "--cookie-secret-file", str(kept)])
+    assert env3["PANEL_COOKIE_SECRET"] == secret and not any(secret in a for a in args3)
+    if os.name == "posix":
+        os.chmod(kept, 0o644)
+        assert classroom.main(["serve", "--credentials", str(creds), "--host", "h", "--cookie-secret-file",
+                               str(kept), "--print"]) == 2
+        assert "readable by others (mode 644)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):                                    # the old option is gone
+        classroom.main(["serve", "--credentials", str(creds), "--cookie-secret", secret, "--print"])
+
+
+def test_tls_options_reach_panel_serve_and_make_cookies_secure(tmp_path, monkeypatch, capsys):
+    creds = tmp_path / "users.json"
+    classroom.make_credentials(["ann"], creds)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    os.chmod(key, 0o600)
+    _, args, env, _ = _exec_of(monkeypatch, ["serve", "--credentials", str(creds), "--host", "h.local",
+                                             "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)])
+    a = _panel_args(args)
+    assert a.ssl_certfile == str(cert) and a.ssl_keyfile == str(key) and env["WORKBENCH_COOKIE_SECURE"] == "1"
+    if os.name == "posix":
+        os.chmod(key, 0o640)
+        assert classroom.main(["serve", "--credentials", str(creds), "--host", "h", "--ssl-certfile", str(cert),
+                               "--ssl-keyfile", str(key), "--print"]) == 2
+        err = capsys.readouterr().err
+        assert "TLS key file" in err and "readable by others (mode 640)" in err
+    assert classroom.main(["serve", "--credentials", str(creds), "--host", "h", "--ssl-certfile",
+                           str(tmp_path / "none.pem"), "--ssl-keyfile", str(key), "--print"]) == 2
+    assert "TLS certificate" in capsys.readouterr().err
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,24 +322,33 @@ def test_readme_shows_the_exact_line_serve_command_builds():
         readme = f.read()
     section = readme.split("## Classroom mode", 1)[1].split("\n## ", 1)[0]
     block = section.split(".venv/bin/python -m panel serve", 1)[1].split("```", 1)[0]
-    shown = shlex.split((".venv/bin/python -m panel serve" + block).replace("\\\n", " ").replace("<secret>", "S" * 40))
-    built = classroom.serve_command("classroom-users.json", host="teacher.school.example", cookie_secret="S" * 40,
-                                    python=".venv/bin/python")
+    shown = shlex.split((".venv/bin/python -m panel serve" + block).replace("\\\n", " "))
+    built = classroom.serve_command(host="teacher.school.example", python=".venv/bin/python")
     assert shown == built
     for variable in ("WORKBENCH_TEACHERS", "WORKBENCH_MAX_JOBS", "WORKBENCH_QUEUE_SIZE", "WORKBENCH_JOBS_PER_USER",
-                     "WORKBENCH_THREADS", "WORKBENCH_DASK", "127.0.0.1", "make classroom"):
+                     "WORKBENCH_THREADS", "WORKBENCH_DASK", "127.0.0.1", "make classroom", "WORKBENCH_COOKIE_SECRET",
+                     "COOKIE_SECRET_FILE", "SSL_CERTFILE", "WORKBENCH_SESSIONS_PER_USER", "docs/security.md"):
         assert variable in section, variable
 
 
 @pytest.mark.skipif(not shutil.which("make"), reason="needs make")
 def test_make_classroom_runs_the_classroom_command():
+    secret = "m4ke-" + "z" * 40
+    env = {**os.environ, "WORKBENCH_COOKIE_SECRET": secret}
     out = subprocess.run(["make", "-n", "classroom", "CLASS_HOST=h.example", "PORT=5011", "CLASS_SECONDS=3600",
-                          "CLASS_LIST=class.txt"], cwd=REPO, capture_output=True, text=True, timeout=60)
+                          "CLASS_LIST=class.txt"], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.replace("\\\n", " ").split())
     assert '.venv/bin/python -m workbench.classroom credentials "class.txt" -o "classroom-users.json"' in text
     assert ('.venv/bin/python -m workbench.classroom serve --credentials "classroom-users.json" --host "h.example" '
             '--port 5011 --session-seconds 3600') in text
+    assert secret not in out.stdout and "--cookie-secret " not in text and "cookie-secret-file" not in text
+    out = subprocess.run(["make", "-n", "classroom", "CLASS_HOST=h.example", "COOKIE_SECRET_FILE=/srv/wb/secret",
+                          "SSL_CERTFILE=cert.pem", "SSL_KEYFILE=key.pem"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, env=env)
+    text = " ".join(out.stdout.replace("\\\n", " ").split())
+    assert out.returncode == 0 and secret not in out.stdout
+    assert '--cookie-secret-file "/srv/wb/secret" --ssl-certfile "cert.pem" --ssl-keyfile "key.pem"' in text
 
 
 # ============================================================================ the Teacher page
@@ -451,43 +556,52 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_basic_auth_server_refuses_an_unauthenticated_request(tmp_path):
+def test_signed_in_server_refuses_an_unauthenticated_request(tmp_path):
     app = tmp_path / "app.py"
     app.write_text("import panel as pn\npn.panel('the-secret-page').servable()\n")
     creds = tmp_path / "users.json"
     passwords = classroom.make_credentials(["ann"], creds)
     port = _free_port()
-    cmd = classroom.serve_command(str(creds), host="127.0.0.1", port=port, cookie_secret=classroom.new_cookie_secret(),
-                                  apps=str(app), python=sys.executable)
+    cmd = classroom.serve_command(host="127.0.0.1", port=port, apps=str(app), python=sys.executable,
+                                  auth_module=os.path.join(REPO, "apps", "auth.py"))
     cmd[cmd.index("0.0.0.0")] = "127.0.0.1"           # the test listens on this machine only
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PANEL_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PANEL_")}
+    env = classroom.serve_environment(creds, cookie_secret=classroom.new_cookie_secret(), base=base)
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
     try:
-        base = f"http://127.0.0.1:{port}"
+        base_url = f"http://127.0.0.1:{port}"
         opener = urllib.request.build_opener(_NoRedirect)
         deadline = time.monotonic() + 90
         while True:
             try:
-                opener.open(f"{base}/login", timeout=5).read()
+                form = opener.open(f"{base_url}/login", timeout=5)
                 break
             except (urllib.error.URLError, ConnectionError):
                 assert server.poll() is None, server.stderr.read().decode()[-3000:]
                 assert time.monotonic() < deadline, "panel serve did not start within 90 s"
                 time.sleep(0.5)
+        token = re.search(r'name="_xsrf" value="([^"]+)"', form.read().decode()).group(1)
+        xsrf = re.search(r"workbench_xsrf=([^;]+)", form.headers.get("Set-Cookie")).group(1)
         with pytest.raises(urllib.error.HTTPError) as refused:        # no cookie: sent to the login page
-            opener.open(f"{base}/app", timeout=10)
+            opener.open(f"{base_url}/app", timeout=10)
         assert refused.value.code in (302, 401, 403)
         assert "login" in (refused.value.headers.get("Location") or "login")
         assert b"the-secret-page" not in refused.value.read()
-        body = urllib.parse.urlencode({"username": "ann", "password": "wrong"}).encode()
-        with pytest.raises(urllib.error.HTTPError) as wrong:
-            opener.open(f"{base}/login", data=body, timeout=10)
-        assert "error" in wrong.value.headers.get("Location", "")
-        assert "user=" not in (wrong.value.headers.get("Set-Cookie") or "")
-        body = urllib.parse.urlencode({"username": "ann", "password": passwords["ann"]}).encode()
-        with pytest.raises(urllib.error.HTTPError) as ok:                # signed in: redirected with a cookie
-            opener.open(f"{base}/login", data=body, timeout=10)
-        assert "user=" in ", ".join(ok.value.headers.get_all("Set-Cookie") or [])
+
+        def post(password):
+            body = urllib.parse.urlencode({"username": "ann", "password": password, "_xsrf": token}).encode()
+            req = urllib.request.Request(f"{base_url}/login", data=body,
+                                         headers={"Cookie": f"workbench_xsrf={xsrf}", "Origin": base_url})
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                opener.open(req, timeout=10)
+            return answer.value
+
+        wrong = post("wrong")
+        assert wrong.code == 401 and b"Wrong user name or password" in wrong.read()
+        assert "user=" not in (wrong.headers.get("Set-Cookie") or "")
+        ok = post(passwords["ann"])                                      # signed in: redirected with a cookie
+        assert ok.code == 302
+        assert "user=" in ", ".join(ok.headers.get_all("Set-Cookie") or [])
     finally:
         server.kill()
         server.wait(timeout=30)
