@@ -607,8 +607,12 @@ def _lens_stats(lens: torch.Tensor, logp_final: torch.Tensor, top_final: torch.T
 
 
 def _lens_reduce(ad: Adapter, resid: list[torch.Tensor], final_logits: torch.Tensor, tgt, parts: dict,
-                 key: tuple = ()) -> None:
-    """Lens statistics of every layer, ``TOKEN_CHUNK`` positions at a time (bounded memory)."""
+                 key: tuple = (), readout: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Lens statistics of every layer, ``TOKEN_CHUNK`` positions at a time (bounded memory).
+
+    ``readout(layer, h)``: lens logits of the residual ``h`` entering ``layer`` (default: the logit
+    lens ``ad.unembed(h)``; :mod:`workbench.lenses` passes its tuned and Jacobian lenses)."""
+    readout = readout or (lambda l, h: ad.unembed(h))
     L = len(resid)
     T = final_logits.shape[1]
     chunk: dict = {}
@@ -620,7 +624,7 @@ def _lens_reduce(ad: Adapter, resid: list[torch.Tensor], final_logits: torch.Ten
         top5_final = fin.topk(min(5, fin.shape[-1]), dim=-1).indices
         tt = None if tgt is None else tgt[:, ts]
         for l in range(L + 1):
-            lens = ad.unembed(resid[l][:, ts]) if l < L else fin
+            lens = readout(l, resid[l][:, ts]) if l < L else fin
             for stat, v in _lens_stats(lens, logp_final, top_final, tt, top5_final).items():
                 chunk.setdefault(key + (l, stat), []).append(v)
             del lens
