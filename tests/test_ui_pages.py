@@ -199,6 +199,7 @@ def test_a_corrupt_index_is_reported_and_rebuilt_from_the_page(tmp_path, monkeyp
     # every page offers the repair; pressing it rebuilds the index and lists the run again
     assert all(p.index_notice.layout.visible for p in app.pages.values())
     notice.button.clicks += 1
+    notice.task.join(60)                                  # a job of the queue, not the click handler
     assert ds_.index_error == "" and not notice.layout.visible
     assert list(runs.table.value["run_id"]) == [run_id] and list(runs.table.value["name"]) == ["<b>kept</b>"]
     assert app.pages["Residual stream"].run_select.value == run_id

@@ -37,8 +37,9 @@ Index rows whose directory is gone (a ``delete`` killed half-way) are dropped, a
 Reading. A missing, corrupt or foreign ``index.sqlite`` never stops the store from opening:
 ``RunStore()`` records the problem in ``index_error`` and ``list``/``save``/``delete``
 raise it as a :class:`StoreError` that names the file and says to call
-:meth:`RunStore.rebuild_index` (which moves the file aside, never deleting it, and builds a
-new index from the run directories). ``load`` reads the run directory and works without the
+:meth:`RunStore.rebuild_index` (which moves the file aside, keeping the newest
+:data:`INDEX_BACKUPS` such copies, and builds a new index from the run directories under the store's
+lock, so that no save made meanwhile is missing from it). ``load`` reads the run directory and works without the
 index. Loading validates ``run.json`` with the configs' own ``validate()`` and the dataset
 module's option checks, the weights against the config (names, shapes, finite values) and
 the metrics table, and raises :class:`StoreError` naming the run, the file and the field.
@@ -46,7 +47,7 @@ the metrics table, and raises :class:`StoreError` naming the run, the file and t
 Owners (classroom mode). ``save(run, owner=user)`` records the signed-in user in ``run.json`` and
 the index; ``owner=None`` (no sign-in, a laptop) is a run of nobody in particular, as before.
 ``list(user=...)`` gives that user's own runs plus the runs marked shared (:meth:`RunStore.share`),
-``load(..., user=...)`` opens only those, and ``delete(..., user=...)`` refuses another owner's run;
+``load(..., user=...)`` and ``read_metrics(..., user=...)`` open only those, and ``delete(..., user=...)`` refuses another owner's run;
 ``user=None`` (a teacher, a notebook, the laptop) sees and may delete everything. An uploaded text
 lives in its run's dataset spec, so a user's uploads are their runs' and follow the same rules. The
 owner and the shared flag live in ``run.json`` (the truth), the index repeats them; an index
@@ -78,7 +79,7 @@ from . import models as _models
 from .training import Run, TrainConfig
 
 __all__ = ["RunStore", "StoreError", "default_home", "STALE_TMP_SECONDS", "check_user", "USER_MAX_CHARS", "pack_run",
-           "unpack_run", "PACKED_FILES"]
+           "unpack_run", "PACKED_FILES", "check_run_name", "NAME_MAX_CHARS", "META_MAX_BYTES", "INDEX_BACKUPS"]
 
 FORMAT = "depth-workbench-run"
 VERSION = 1
@@ -89,6 +90,7 @@ _ADDED = {"owner": "owner TEXT", "shared": "shared INTEGER NOT NULL DEFAULT 0"} 
 _TABLE = f"runs ({', '.join(_OLD_COLUMNS + list(_ADDED.values()))}, PRIMARY KEY (run_id))"
 _METRIC_COLUMNS = ["step", "split", "metric", "value"]
 _RUN_ID = re.compile(r"[A-Za-z0-9_.-]+")
+_BACKUP = re.compile(r"index\.sqlite\.bak-(\d{8}-\d{6})(?:-(\d+))?")   # rebuild_index's old files
 
 STALE_TMP_SECONDS = 15 * 60   # a temporary file or directory of an unknown writer untouched this long is junk
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
@@ -203,6 +205,42 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+LOCK_TIMEOUT = 120.0   # seconds a save waits for a rebuild of the index (2.4 s for 337 runs was measured)
+INDEX_BACKUPS = 3      # index.sqlite.bak-* files kept by rebuild_index (the newest; older ones are removed)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, exclusive: bool, timeout: float = LOCK_TIMEOUT, what: str = "the run index"):
+    """An advisory lock on ``path`` (``flock``: shared for writers of single runs, exclusive for a rebuild),
+    held by every thread and process that uses the store (each acquisition opens its own descriptor, so
+    threads of one process exclude each other too). Waits up to ``timeout`` seconds, then StoreError.
+    Without ``fcntl`` (Windows) nothing is locked: do not rebuild while another process saves."""
+    try:
+        import fcntl
+    except ImportError:   # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{path}: {what} is busy (rebuilding) for over {timeout:g} s; "
+                                     "try again in a moment") from None
+                time.sleep(0.02)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:40] or "run"
 
@@ -217,6 +255,21 @@ def _required_fields(cls) -> list[str]:
 
 _DOC_FIELDS = {"format": str, "version": int, "name": str, "created": str, "status": str,
                "model": dict, "train": dict, "dataset": dict}
+NAME_MAX_CHARS = 200        # run.json "name": typed by a user, listed at every listing (and shown in every picker)
+META_MAX_BYTES = 2 * 2**20  # run.json "meta" as JSON: the engine's notes (growth stages, collapse recipe, ...)
+
+
+def check_run_name(value, field: str = "name") -> str:
+    """A run name: ``value`` itself, or ValueError naming ``field`` (1 to :data:`NAME_MAX_CHARS` characters).
+
+    Names are untrusted (a text box of the dashboard): bounded here, where they are stored, so that no
+    listing reads a megabyte per run. Markup in a name is kept as text; every page escapes it.
+    """
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{field} must be a non-empty str, got {value!r}"[:300])
+    if len(value) > NAME_MAX_CHARS:
+        raise ValueError(f"{field} must be at most {NAME_MAX_CHARS} characters, got {len(value):,}")
+    return value
 
 
 def _validate_doc(doc: dict, where: str) -> tuple:
@@ -305,6 +358,14 @@ def _check_metrics(metrics: pd.DataFrame, where: str) -> None:
             raise StoreError(f"{where}: metrics column {c!r} must be numeric, got dtype {metrics[c].dtype}")
 
 
+def _bounded(text):
+    """A stored string as the index holds it: at most :data:`NAME_MAX_CHARS` characters (a run saved before
+    names were bounded keeps its whole name in run.json; listings read this)."""
+    if isinstance(text, str) and len(text) > NAME_MAX_CHARS:
+        return text[:NAME_MAX_CHARS - 1] + "…"
+    return text
+
+
 def _row(run_id: str, doc: dict, metrics: pd.DataFrame) -> list:
     """The index row of a run (the same whether written by save or rebuilt from its directory)."""
     val = metrics[metrics["split"] == "val"] if len(metrics) else metrics
@@ -319,8 +380,8 @@ def _row(run_id: str, doc: dict, metrics: pd.DataFrame) -> list:
     step = metrics["step"].max() if len(metrics) else 0
     steps = int(step) if pd.notna(step) else 0
     m, meta = doc["model"], doc.get("meta", {})
-    return [run_id, doc["name"], doc["created"], doc["dataset"].get("name"), m["family"], m.get("n_layers"),
-            m.get("d_model"), steps, doc["status"], last("loss"), last("acc"), meta.get("group"), meta.get("stage"),
+    return [run_id, _bounded(doc["name"]), doc["created"], doc["dataset"].get("name"), m["family"], m.get("n_layers"),
+            m.get("d_model"), steps, doc["status"], last("loss"), last("acc"), _bounded(meta.get("group")), meta.get("stage"),
             meta.get("parent"), doc.get("owner"), int(doc.get("shared", False))]
 
 
@@ -337,6 +398,7 @@ class RunStore:
         self.runs_dir = self.root / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self._index = self.root / "index.sqlite"
+        self._lock_path = self.root / ".index.lock"   # shared: a save, delete or share; exclusive: rebuild_index
         self.index_error: StoreError | None = None   # set when index.sqlite is corrupt or foreign
         self._broken: dict[str, str] = {}
         self.reconcile()
@@ -461,48 +523,67 @@ class RunStore:
     def rebuild_index(self) -> dict:
         """Build a new index from the run directories and put it in place of ``index.sqlite``.
 
-        The old file (corrupt, foreign or fine) is moved aside to ``index.sqlite.bak-<UTC time>``
-        in the store's root, never deleted. Directories that fail validation are not indexed and
-        are reported (also by :meth:`broken`). Do not run it while another process is saving to
-        this store: a row that process commits to the old file is not in the new one until the
-        next :meth:`reconcile` (its directory is, so nothing is lost). Returns
-        ``{"indexed": [run ids], "broken": {run_id: reason}, "moved_to": Path | None}``.
+        The old file (corrupt, foreign or fine) is moved aside to ``index.sqlite.bak-<UTC time>`` in the
+        store's root; the newest :data:`INDEX_BACKUPS` of those are kept, older ones removed. Directories
+        that fail validation are not indexed and are reported (also by :meth:`broken`). The rebuild holds
+        the store's lock exclusively from the scan of the run directories to the replacement of the file,
+        and every save, delete and share holds it (shared) from its directory change to its index commit,
+        so a run saved meanwhile -- by any thread or process -- is in the new index. A teacher's action
+        on a class server (the pages refuse it to students). Returns ``{"indexed": [run ids], "broken":
+        {run_id: reason}, "moved_to": Path | None, "removed": [old backups]}``.
         """
         self._remove_stale()
-        rows, broken = self._rows_for(sorted(self._run_dirs()))
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".index.sqlite.{_writer_tag()}", suffix=".tmp")
-        os.close(fd)
-        moved = None
-        try:
-            db = sqlite3.connect(tmp)
+        with _file_lock(self._lock_path, exclusive=True):
+            rows, broken = self._rows_for(sorted(self._run_dirs()))
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".index.sqlite.{_writer_tag()}", suffix=".tmp")
+            os.close(fd)
+            moved = None
             try:
-                db.execute(f"CREATE TABLE {_TABLE}")
-                db.executemany(f"INSERT OR IGNORE INTO runs VALUES ({', '.join('?' * len(_COLUMNS))})", rows)
-                db.commit()
-            finally:
-                db.close()
-            _fsync(tmp)
-            if self._index.exists():
-                stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-                moved = self.root / f"index.sqlite.bak-{stamp}"
-                n = 1
-                while moved.exists():
-                    n += 1
-                    moved = self.root / f"index.sqlite.bak-{stamp}-{n}"
-                os.replace(self._index, moved)
-                for suffix in ("-journal", "-wal", "-shm"):   # a hot journal belongs to the old file
-                    side = self.root / f"index.sqlite{suffix}"
-                    if side.exists():
-                        os.replace(side, Path(f"{moved}{suffix}"))
-            os.replace(tmp, self._index)
-            _fsync(self.root, directory=True)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+                db = sqlite3.connect(tmp)
+                try:
+                    db.execute(f"CREATE TABLE {_TABLE}")
+                    db.executemany(f"INSERT OR IGNORE INTO runs VALUES ({', '.join('?' * len(_COLUMNS))})", rows)
+                    db.commit()
+                finally:
+                    db.close()
+                _fsync(tmp)
+                if self._index.exists():
+                    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+                    n = 1 + max((int(m.group(2) or 1) for m in map(_BACKUP.fullmatch, (
+                        p.name for p in self.root.glob(f"index.sqlite.bak-{stamp}*"))) if m and m.group(1) == stamp),
+                                default=0)   # later than every backup of this second, pruned or not
+                    moved = self.root / (f"index.sqlite.bak-{stamp}" + (f"-{n}" if n > 1 else ""))
+                    os.replace(self._index, moved)
+                    for suffix in ("-journal", "-wal", "-shm"):   # a hot journal belongs to the old file
+                        side = self.root / f"index.sqlite{suffix}"
+                        if side.exists():
+                            os.replace(side, Path(f"{moved}{suffix}"))
+                os.replace(tmp, self._index)
+                _fsync(self.root, directory=True)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
         self.index_error = None
         self._broken = broken
-        return {"indexed": [r[0] for r in rows], "broken": dict(broken), "moved_to": moved}
+        return {"indexed": [r[0] for r in rows], "broken": dict(broken), "moved_to": moved,
+                "removed": self._prune_backups()}
+
+    def _prune_backups(self) -> list[str]:
+        """Remove all but the newest :data:`INDEX_BACKUPS` ``index.sqlite.bak-*`` files (with their journals)."""
+        found = []
+        for p in self.root.glob("index.sqlite.bak-*"):
+            m = _BACKUP.fullmatch(p.name)
+            if m:
+                found.append(((m.group(1), int(m.group(2) or 1)), p))
+        found.sort(key=lambda t: t[0])
+        removed = []
+        for _, p in found[:max(0, len(found) - INDEX_BACKUPS)]:
+            for q in (p, *(Path(f"{p}{suffix}") for suffix in ("-journal", "-wal", "-shm"))):
+                with contextlib.suppress(FileNotFoundError):
+                    q.unlink()
+            removed.append(str(p))
+        return removed
 
     def broken(self) -> pd.DataFrame:
         """Run directories that are not indexed because they fail validation (as of the last
@@ -554,9 +635,7 @@ class RunStore:
         checked before anything is written; if indexing fails the directory is taken back, so a
         failed save leaves nothing. Once ``save`` returns, the run is on disk and indexed.
         """
-        name = name or run.name
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        name = check_run_name(name or run.name)
         if owner is not None:
             check_user("owner", owner)
         created = _dt.datetime.now(_dt.timezone.utc)
@@ -571,6 +650,9 @@ class RunStore:
         }
         text = json.dumps(doc, indent=2, default=str)
         doc = json.loads(text)                      # exactly what load() will read
+        meta_bytes = len(json.dumps(doc["meta"]).encode("utf-8"))
+        if meta_bytes > META_MAX_BYTES:
+            raise ValueError(f"meta must be at most {META_MAX_BYTES:,} bytes as JSON, got {meta_bytes:,}")
         _validate_doc(doc, f"run {name!r} (not saved)")
         if not isinstance(run.metrics, pd.DataFrame):
             raise StoreError(f"run {name!r} (not saved): metrics must be a DataFrame, got {type(run.metrics).__name__}")
@@ -585,20 +667,21 @@ class RunStore:
             _write_weights(tmp_dir / "model.safetensors", run.model, state)
             _atomic_write(tmp_dir / "metrics.csv", lambda p: run.metrics.to_csv(p, index=False))
             _atomic_write(tmp_dir / "run.json", lambda p: Path(p).write_text(text, encoding="utf-8"))
-            os.replace(tmp_dir, final)
-            _fsync(self.runs_dir, directory=True)
+            with _file_lock(self._lock_path, exclusive=False):   # a rebuild of the index sees all of this or none
+                os.replace(tmp_dir, final)
+                _fsync(self.runs_dir, directory=True)
+                try:
+                    with self._session() as db:
+                        # OR REPLACE: another store's reconcile may have indexed this directory already
+                        db.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(_COLUMNS))})", row)
+                except BaseException:
+                    trash = self.runs_dir / f".del-{run_id}"
+                    with contextlib.suppress(OSError):
+                        os.replace(final, trash)
+                        shutil.rmtree(trash, ignore_errors=True)
+                    raise
         except BaseException:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise
-        try:
-            with self._session() as db:
-                # OR REPLACE: another store's reconcile may have indexed this directory already
-                db.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(_COLUMNS))})", row)
-        except BaseException:
-            trash = self.runs_dir / f".del-{run_id}"
-            with contextlib.suppress(OSError):
-                os.replace(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(tmp_dir, ignore_errors=True)   # already renamed (and taken back) when the commit failed
             raise
         run.run_id = run_id
         return run_id
@@ -640,22 +723,24 @@ class RunStore:
         """
         if not isinstance(shared, bool):
             raise ValueError(f"shared must be True or False, got {shared!r}")
-        doc = self.read_json(run_id)
+        self.read_json(run_id)
         with self._usable_index():
             pass
         path = self._dir(run_id) / "run.json"
-        if doc.get("shared", False) != shared:
-            doc["shared"] = shared
-            text = json.dumps(doc, indent=2)
-            stamp = path.stat()
+        with _file_lock(self._lock_path, exclusive=False):
+            doc = self.read_json(run_id)
+            if doc.get("shared", False) != shared:
+                doc["shared"] = shared
+                text = json.dumps(doc, indent=2)
+                stamp = path.stat()
 
-            def write(p):
-                Path(p).write_text(text, encoding="utf-8")
-                os.utime(p, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))   # keeps the saving order of rebuilds
+                def write(p):
+                    Path(p).write_text(text, encoding="utf-8")
+                    os.utime(p, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))   # keeps the saving order of rebuilds
 
-            _atomic_write(path, write)
-        with self._session() as db:
-            db.execute("UPDATE runs SET shared = ? WHERE run_id = ?", (int(shared), run_id))
+                _atomic_write(path, write)
+            with self._session() as db:
+                db.execute("UPDATE runs SET shared = ? WHERE run_id = ?", (int(shared), run_id))
 
     def _dir(self, run_id: str) -> Path:
         if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or run_id.startswith("."):
@@ -697,7 +782,10 @@ class RunStore:
         _read_weights(d / "model.safetensors", model, f"run {run_id!r}", allow_nonfinite=allow_nonfinite,
                       diverged=doc["status"] == "diverged")
         _apply_frozen(model, doc.get("frozen", []), f"run {run_id!r}: {d / 'run.json'}")
-        path = d / "metrics.csv"
+        return doc, model, self._read_metrics(run_id)
+
+    def _read_metrics(self, run_id: str) -> pd.DataFrame:
+        path = self._dir(run_id) / "metrics.csv"
         try:
             metrics = pd.read_csv(path)
         except FileNotFoundError:
@@ -705,7 +793,21 @@ class RunStore:
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
             raise StoreError(f"run {run_id!r}: {path}: unreadable ({e})") from None
         _check_metrics(metrics, f"run {run_id!r}: {path}")
-        return doc, model, metrics
+        return metrics
+
+    def read_metrics(self, run_id: str, user: str | None = None) -> pd.DataFrame:
+        """The run's metrics table (``metrics.csv``, validated) without building its model.
+
+        ``run_id`` must be a run id of this store (no path: checked as every method checks it) and,
+        with ``user``, one that user may open (their own or shared; None: any run). What the Runs
+        page shows and exports: no file of a run is read but through here, ``read_json`` and ``load``.
+        """
+        if user is not None:
+            check_user("user", user)
+        doc = self.read_json(run_id)
+        if not self._visible(doc, user):
+            raise StoreError(f"run {run_id!r} belongs to another user and is not shared: {user!r} cannot open it")
+        return self._read_metrics(run_id)
 
     def load(self, run_id: str, device: str | torch.device | None = None, *, allow_nonfinite: bool = False,
              user: str | None = None) -> Run:
@@ -748,9 +850,10 @@ class RunStore:
         with self._usable_index():
             pass
         trash = self.runs_dir / f".del-{run_id}"
-        os.replace(d, trash)  # atomic: the run disappears at once
-        with self._session() as db:
-            db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+        with _file_lock(self._lock_path, exclusive=False):
+            os.replace(d, trash)  # atomic: the run disappears at once
+            with self._session() as db:
+                db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
         shutil.rmtree(trash, ignore_errors=True)
 
 

@@ -100,11 +100,15 @@ RUN_COLUMNS = ["run_id", "name", "created", "dataset", "family", "n_layers", "d_
 class UserStore:
     """The run store as one signed-in user sees it (classroom mode); everything else is the store's.
 
-    ``save`` records ``owner``; ``list``, ``load``, ``read_json`` and ``delete`` act for ``viewer``:
-    a student (``viewer`` = their name) lists and opens their own runs and the shared ones and deletes
-    only their own; a teacher (``viewer=None``) sees and deletes every run. Only a teacher shares.
-    The arguments a caller passes for these (``owner=``, ``user=``) are ignored: the session decides.
+    ``save`` records ``owner``; ``list``, ``load``, ``read_json``, ``read_metrics`` and ``delete`` act for
+    ``viewer``: a student (``viewer`` = their name) lists and opens their own runs and the shared ones and
+    deletes only their own; a teacher (``viewer=None``) sees and deletes every run. Only a teacher shares
+    and rebuilds the index. The arguments a caller passes for these (``owner=``, ``user=``) are ignored:
+    the session decides. Nothing else of the store is reachable through the view but its locations
+    (``root``, ``runs_dir``, ``index_path``) and ``index_error``.
     """
+
+    _FORWARDED = frozenset({"root", "runs_dir", "index_path", "index_error"})
 
     def __init__(self, store: RunStore, owner: str, viewer: str | None):
         self._store, self.owner, self.viewer = store, owner, viewer
@@ -125,6 +129,15 @@ class UserStore:
                              f"{self.viewer!r} cannot open it")
         return doc
 
+    def read_metrics(self, run_id: str, user=None) -> pd.DataFrame:
+        return self._store.read_metrics(run_id, user=self.viewer)
+
+    def rebuild_index(self) -> dict:
+        if self.viewer is not None:
+            raise StoreError(f"only a teacher can rebuild the run index; {self.viewer!r} is not one "
+                             "(WORKBENCH_TEACHERS)")
+        return self._store.rebuild_index()
+
     def delete(self, run_id: str, user=None) -> None:
         self._store.delete(run_id, user=self.viewer)
 
@@ -138,8 +151,10 @@ class UserStore:
         broken = self._store.broken()
         return broken if self.viewer is None else broken.iloc[:0]
 
-    def __getattr__(self, name):   # root, runs_dir, rebuild_index, owner(), ...
-        return getattr(self._store, name)
+    def __getattr__(self, name):
+        if name in UserStore._FORWARDED:
+            return getattr(self._store, name)
+        raise AttributeError(f"a signed-in user's view of the run store has no {name!r}")
 
     def __repr__(self) -> str:
         return f"UserStore({self._store!r}, owner={self.owner!r}, viewer={self.viewer!r})"
@@ -225,8 +240,17 @@ class DataStore(param.Parameterized):
         self.runs, self.index_error = runs, error
         self.version += 1
 
+    @property
+    def may_rebuild(self) -> bool:
+        """Whether this session may rebuild the run index: no sign-in (a laptop), or a teacher."""
+        return self.user is None or self.is_teacher
+
     def rebuild_index(self) -> dict:
-        """``RunStore.rebuild_index()`` (the old file is kept aside), then :meth:`refresh`."""
+        """``RunStore.rebuild_index()`` (the old file is kept aside), then :meth:`refresh`. A teacher's (or the
+        laptop's) action: a student gets a StoreError saying so. Slow on a large store: the pages run it
+        as a job (:class:`workbench.ui.page.IndexNotice`)."""
+        if not self.may_rebuild:
+            raise StoreError(f"only a teacher can rebuild the run index; {self.user!r} is not one (WORKBENCH_TEACHERS)")
         report = self.store.rebuild_index()
         self.refresh()
         return report

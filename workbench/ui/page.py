@@ -36,8 +36,27 @@ def pages() -> list[type["Page"]]:
     return sorted(REGISTRY.values(), key=lambda cls: (cls.order, cls.title))
 
 
+NOT_YOURS_TO_REBUILD = ("Rebuilding the run index is a teacher's action on a classroom server: ask your teacher "
+                        "(your runs are safe in their folders; only the listing is affected).")
+
+
+def _rebuild_job(ctx, store):
+    """The page job of "Rebuild index": ``store.rebuild_index()`` (a ``RunStore``, or a teacher's view of it)."""
+    ctx.report(message="rebuilding the run index from the run folders")
+    return store.rebuild_index()
+
+
+_rebuild_job.remote = False   # the server's own store, on the server's threads (never shipped to a worker)
+
+
 class IndexNotice(pn.viewable.Viewer):
-    """Shown when the run index is corrupt or foreign: the store's message and a "Rebuild index" button."""
+    """Shown when the run index is corrupt or foreign: the store's message and a "Rebuild index" button.
+
+    Rebuilding reads every run folder (seconds on a class's store) and holds the store's lock, so it runs
+    as a job of the queue (:func:`_rebuild_job`), never in the click handler. It is a teacher's action
+    (or the laptop's, without sign-in): a student sees no button, and a click that reaches the server
+    anyway (an unhidden button) is refused here, in the action, and again by the student's store view.
+    """
 
     datastore = param.ClassSelector(class_=DataStore)
 
@@ -46,22 +65,48 @@ class IndexNotice(pn.viewable.Viewer):
         self.alert = pn.pane.Alert("", alert_type="warning", sizing_mode="stretch_width")
         self.button = pn.widgets.Button(name="Rebuild index", button_type="warning", width=140)
         self.button.on_click(lambda _: self.rebuild())
-        self.layout = pn.Column(self.alert, self.button, visible=False, sizing_mode="stretch_width")
+        self.status = pn.pane.Markdown("", margin=(0, 10))
+        self.layout = pn.Column(self.alert, pn.Row(self.button, self.status), visible=False,
+                                sizing_mode="stretch_width")
+        self.task: BackgroundTask | None = None   # made at the first rebuild (pages are built at every session start)
         self._sync()
 
     @param.depends("datastore.index_error", watch=True)
     def _sync(self) -> None:
         error = self.datastore.index_error
-        self.alert.object = (f"**The run index cannot be read**: {escape_md(error)}" if error else "")
+        allowed = self.datastore.may_rebuild
+        self.alert.object = (f"**The run index cannot be read**: {escape_md(error)}"
+                             + ("" if allowed else f"\n\n{escape_md(NOT_YOURS_TO_REBUILD)}") if error else "")
+        self.button.visible = allowed
         self.layout.visible = bool(error)
 
-    def rebuild(self) -> None:
-        """``RunStore.rebuild_index()`` and a fresh listing; a failure is shown in the notice."""
-        try:
-            self.datastore.rebuild_index()
-        except Exception as e:  # e.g. a read-only store: say so, keep the page
-            self.alert.object = f"**Rebuilding the index failed**: {escape_md(f'{type(e).__name__}: {e}')}"
+    def rebuild(self) -> bool:
+        """Start ``RunStore.rebuild_index()`` as a job (then a fresh listing); returns whether it started.
+        Refused, with the reason in the notice, for a student and while a rebuild runs; a failure is
+        shown in the notice."""
+        if not self.datastore.may_rebuild:
+            self.alert.object = f"**Rebuild index refused**: {escape_md(NOT_YOURS_TO_REBUILD)}"
             self.layout.visible = True
+            return False
+        if self.task is None:
+            self.task = BackgroundTask(on_done=self._rebuilt, on_session_end="finish",
+                                       user=lambda: self.datastore.queue_user, job_name="rebuild index")
+            self.task.param.watch(self._task_changed, ["status", "message", "error", "notice"])
+        started = self.task.start(_rebuild_job, self.datastore.store)
+        self._task_changed()
+        return started
+
+    def _task_changed(self, *_) -> None:
+        t = self.task
+        if t.error:
+            self.alert.object = f"**Rebuilding the index failed**: {escape_md(t.error)}"
+            self.layout.visible = True
+        self.status.object = escape_md(t.status_text()) if t.status in ("running", "error") or t.notice else ""
+
+    def _rebuilt(self, report) -> None:
+        self.datastore.refresh()
+        self.status.object = escape_md(f"index rebuilt: {len(report['indexed'])} runs, {len(report['broken'])} "
+                                       "folder(s) failing validation")
 
     def __panel__(self):
         return self.layout

@@ -1,4 +1,10 @@
-"""Runs page: the stored runs as a table; curves and config of the selected one; delete; CSV export."""
+"""Runs page: the stored runs as a table; curves and config of the selected one; delete; CSV export.
+
+The browser is not trusted with run ids: Panel's Tabulator takes ``value`` (the rows) and ``selection``
+from the client even when the table is disabled, so a forged row could name any run id or a path. The
+page keeps the listing it showed in ``rows`` (server side) and maps a selection to it by position only,
+bounds-checked; every file of a run is read through the session's store view, which checks the id and
+the owner (:meth:`workbench.store.RunStore.read_metrics`, ``read_json``)."""
 from __future__ import annotations
 
 import io
@@ -57,6 +63,7 @@ class RunsPage(Page):
         self.plot = pn.pane.Plotly(training_curves(None), sizing_mode="stretch_width", height=340)
         self.config_view = pn.widgets.Tabulator(pd.DataFrame(columns=["field", "value"]), disabled=True,
                                                 show_index=False, height=300, width=420)
+        self.rows = pd.DataFrame(columns=_SHOWN)   # what the table shows, as the server listed it
         self.table.param.watch(self._show_selected, "selection")
         self._refresh_table()
 
@@ -65,13 +72,18 @@ class RunsPage(Page):
 
     @property
     def selected_id(self) -> str | None:
+        """The run id of the selected row of the server's own listing (``rows``); None unless exactly one
+        row in range is selected (the selection comes from the browser: only its position is used)."""
         sel = self.table.selection
-        if not sel or sel[0] >= len(self.table.value):
+        if not isinstance(sel, list) or len(sel) != 1:
             return None
-        return str(self.table.value.iloc[sel[0]]["run_id"])
+        i = sel[0]
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.rows):
+            return None
+        return str(self.rows["run_id"].iloc[i])
 
     def select(self, run_id: str) -> None:
-        ids = list(self.table.value["run_id"])
+        ids = list(self.rows["run_id"])
         self.table.selection = [ids.index(run_id)]
 
     def _columns(self) -> list[str]:
@@ -81,8 +93,9 @@ class RunsPage(Page):
         runs = self.datastore.runs
         cols = self._columns()
         if runs is not None and len(runs):
-            runs = runs.reindex(columns=cols)
-        self.table.value = runs if runs is not None and len(runs) else pd.DataFrame(columns=cols)
+            runs = runs.reindex(columns=cols).reset_index(drop=True)
+        self.rows = runs if runs is not None and len(runs) else pd.DataFrame(columns=cols)
+        self.table.value = self.rows.copy()   # the browser's copy: may be forged, never read back
         self.table.selection = []
         broken = self.datastore.broken()
         self.broken_view.value = broken
@@ -107,7 +120,7 @@ class RunsPage(Page):
             return
         try:
             doc = self.datastore.store.read_json(run_id)
-            metrics = pd.read_csv(self.datastore.store.runs_dir / run_id / "metrics.csv")
+            metrics = self.datastore.store.read_metrics(run_id)
         except Exception as e:  # a corrupt run must not break the page
             self.errors.show(e)
             return
@@ -124,12 +137,22 @@ class RunsPage(Page):
         return CODE + (CODE_RUN.format(run_id=run_id) if run_id else "")
 
     def _metrics_csv(self):
+        """The selected run's metrics as CSV, read through the owner-checked store. Nothing selected (a
+        click on the button forged while it is disabled) or a refusal: the error box says why and the
+        download is empty."""
         run_id = self.selected_id
-        metrics = pd.read_csv(self.datastore.store.runs_dir / run_id / "metrics.csv")
+        if run_id is None:
+            self.errors.show("Export metrics CSV: select one run in the table first")
+            return io.StringIO("")
+        try:
+            metrics = self.datastore.store.read_metrics(run_id)
+        except (StoreError, ValueError) as e:
+            self.errors.show(f"Export metrics CSV: {e}")
+            return io.StringIO("")
         return io.StringIO(metrics.to_csv(index=False))
 
     def _owner(self, run_id: str):
-        rows = self.table.value
+        rows = self.rows
         if "owner" not in rows:
             return None
         owner = rows.loc[rows["run_id"] == run_id, "owner"]
