@@ -110,6 +110,14 @@ class Adapter:
         so that ``attn_out = einsum('bthd,hdc->btc', z, W) + bias``."""
         raise NotImplementedError
 
+    def watch_patterns(self, fn: Callable[[int, torch.Tensor], None], layers: Iterable[int]):
+        """Context: while open, each forward calls ``fn(layer, pattern)`` once per layer in ``layers``,
+        ``pattern`` the attention weights ``(B, H, T, T)`` (query, key) of that layer, one layer at a
+        time (the caller keeps what it needs: memory stays one layer's patterns). A family without
+        attention weights raises ``ValueError``. See ``docs/definitions.md#attention-pattern``."""
+        raise ValueError(f"model: {type(self.model).__name__} has no attention weights to read (its adapter "
+                         f"{type(self).__name__} does not implement watch_patterns)")
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

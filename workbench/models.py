@@ -582,25 +582,66 @@ class MLPBlock(_GatedBlock):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention on the fused ``scaled_dot_product_attention`` path.
+
+    The per-head pattern ``softmax(q k^T / sqrt(D) + causal mask)`` ``(B, H, T, T)`` exists only on
+    request: :meth:`pattern` recomputes it from an input, and inside :meth:`watch_pattern` the forward
+    takes the explicit path (pattern, then ``pattern @ v``) and hands each pattern to a function.
+    Definition: ``docs/definitions.md#attention-pattern``.
+    """
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # rows: [q; k; v], head-major inside each
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self._pattern_fns: list = []   # set by watch_pattern only; empty: the fused path
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)
+        return tuple(t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+
+    @staticmethod
+    def _pattern(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        T = q.shape[-2]
+        scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        return scores.masked_fill(future, float("-inf")).softmax(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=-1)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        q, k, v = self._heads(x)
+        if self._pattern_fns:   # asked for the pattern: the explicit path
+            p = self._pattern(q, k)
+            for fn in list(self._pattern_fns):
+                out = fn(p)
+                p = p if out is None else out
+            y = p.to(v.dtype) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def pattern(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention pattern ``(B, H, T, T)`` (query, key) of the input ``x`` ``(B, T, C)`` (after ``ln1``)."""
+        q, k, _ = self._heads(x)
+        return self._pattern(q, k)
+
+    @contextlib.contextmanager
+    def watch_pattern(self, fn):
+        """While open, each forward computes the pattern explicitly and calls ``fn(pattern)`` with it
+        (``(B, H, T, T)``); a tensor ``fn`` returns replaces the pattern. The fused path returns on exit."""
+        self._pattern_fns.append(fn)
+        try:
+            yield
+        finally:
+            self._pattern_fns.remove(fn)
 
     def head_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Per-head contributions ``(B, T, H, C)`` whose sum over H plus ``proj.bias`` is ``forward(x)``."""
         B, T, C = x.shape
         H, D = self.n_heads, C // self.n_heads
-        q, k, v = self.qkv(x).split(C, dim=-1)
-        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self._heads(x)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)  # (B, T, H, D)
         w = self.proj.weight.view(C, H, D)  # (C_out, H, D)
         return torch.einsum("bthd,chd->bthc", y, w)

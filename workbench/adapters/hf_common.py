@@ -18,6 +18,7 @@ Nothing here imports ``transformers``: the adapters only read the model they are
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn as nn
 
 from ..hooks import Adapter
 
-__all__ = ["HFDecoderAdapter", "causal_lm", "resolve"]
+__all__ = ["HFDecoderAdapter", "causal_lm", "resolve", "eager_patterns"]
 
 
 def resolve(root: nn.Module, path: str) -> nn.Module:
@@ -70,6 +71,51 @@ def replace_output_hook(names, name, module_of, fn):
     def hook(module, args, out):
         return (fn(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else fn(out)
     return module_of(int(parts[1]), parts[2]).register_forward_hook(hook)
+
+
+def _set_attention(model: nn.Module, implementation) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if callable(setter) and implementation is not None:
+        setter(implementation)
+    else:
+        model.config._attn_implementation = implementation
+
+
+@contextlib.contextmanager
+def eager_patterns(model: nn.Module, modules: dict[int, nn.Module], fn):
+    """Context: ``model`` runs with ``transformers``' eager attention and each attention module in
+    ``modules`` (``{layer: module}``) hands its weights ``(B, H, T, T)`` to ``fn(layer, weights)``.
+
+    Eager attention is the library's reference implementation of each family (rotary or learned
+    positions, grouped-query heads, q/k norms, sliding windows, soft-capping): its weights are exactly
+    the pattern the model uses, which a recomputation from q and k would have to re-derive per family.
+    The weights are dropped from the module's output after ``fn`` (the decoder layer discards them), so
+    one layer's pattern lives at a time. The model's attention implementation is restored on exit.
+    """
+    before = getattr(model.config, "_attn_implementation", None)
+    _set_attention(model, "eager")
+    if getattr(model.config, "_attn_implementation", None) != "eager":
+        _set_attention(model, before)
+        raise ValueError(f"model: {type(model).__name__} cannot switch to eager attention, so its attention "
+                         "weights cannot be read")
+
+    def hook_for(layer):
+        def hook(module, args, out):
+            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if weights is None:
+                raise ValueError(f"model: the attention of layer {layer} ({type(module).__name__}) returned no "
+                                 "weights under eager attention")
+            fn(layer, weights)
+            return (out[0], None) + tuple(out[2:])
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(layer)) for layer, module in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        _set_attention(model, before)
 
 
 class HFDecoderAdapter(Adapter):
@@ -175,6 +221,10 @@ class HFDecoderAdapter(Adapter):
 
     def block(self, layer):
         return self.blocks[layer]
+
+    def watch_patterns(self, fn, layers):
+        """Attention weights from ``transformers``' eager attention (:func:`eager_patterns`)."""
+        return eager_patterns(self.model, {l: resolve(self.blocks[l], self.attn) for l in layers}, fn)
 
     def head_projection(self, layer):
         """``(H, D, C)`` from the output projection's ``(C, H * D)`` weight, and its bias (or ``None``)."""

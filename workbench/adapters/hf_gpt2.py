@@ -92,6 +92,11 @@ class GPT2Adapter(Adapter):
         return replace_output_hook(self._names, name, lambda layer, site: getattr(
             self.tf.h[layer], "attn" if site == "attn_out" else "mlp"), fn)
 
+    def watch_patterns(self, fn, layers):
+        """Attention weights from ``transformers``' eager attention (:func:`.hf_common.eager_patterns`)."""
+        from .hf_common import eager_patterns
+        return eager_patterns(self.model, {l: self.tf.h[l].attn for l in layers}, fn)
+
     def forward(self, x):
         return self.model(input_ids=x).logits
 

@@ -5,6 +5,8 @@ the per-head attention outputs ``(B, T, H, D)`` entering each block's output pro
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch.nn as nn
 
 from .. import models as _models
@@ -57,6 +59,18 @@ class NativeAdapter(Adapter):
 
     def block(self, layer):
         return self.model.blocks[layer]
+
+    @contextlib.contextmanager
+    def watch_patterns(self, fn, layers):
+        """The explicit attention path of the chosen blocks (:meth:`CausalSelfAttention.watch_pattern`);
+        the other blocks stay on the fused path."""
+        if self.family != "transformer":
+            raise ValueError(f"model: a {type(self.model).__name__} has no attention (it takes vectors); attention "
+                             "patterns need a Transformer")
+        with contextlib.ExitStack() as stack:
+            for layer in layers:
+                stack.enter_context(self.model.blocks[layer].attn.watch_pattern(lambda p, layer=layer: fn(layer, p)))
+            yield
 
     def head_projection(self, layer):
         block = self.model.blocks[layer]
