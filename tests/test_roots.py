@@ -1,5 +1,6 @@
 """workbench.roots: the model roots, the bounded listing and the resolver that refuses anything outside."""
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,9 @@ def test_anything_outside_the_roots_is_refused_with_one_message(tree, tmp_path):
 def test_roots_come_from_the_environment(tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     monkeypatch.setenv(roots.ENV, os.pathsep.join([str(a), "", str(b), str(a)]))
-    assert roots.model_roots() == [a.resolve(), b.resolve()]
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    shared = (tmp_path / "home" / "hub" / "shared").resolve()   # the dashboard's shared Hub downloads
+    assert roots.model_roots() == [a.resolve(), b.resolve(), shared]
     _model(b / "m")
     assert list(roots.list_models().values()) == [(b / "m").resolve()]
     assert roots.resolve_model(b / "m") == (b / "m").resolve()
@@ -94,7 +97,8 @@ def test_default_roots_are_the_store_and_the_hugging_face_cache(tmp_path, monkey
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert roots.model_roots() == [(tmp_path / "home").resolve(), (tmp_path / "hf" / "hub").resolve()]
+    assert roots.model_roots() == [(tmp_path / "home").resolve(), (tmp_path / "hf" / "hub").resolve(),
+                                   (tmp_path / "home" / "hub" / "shared").resolve()]
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     assert roots.model_roots()[1] == (tmp_path / "cache").resolve()
     monkeypatch.delenv("HF_HUB_CACHE")
@@ -126,3 +130,57 @@ def test_the_walk_is_bounded(tmp_path, monkeypatch):
     assert roots.list_models([root]) == {}  # stopped after 10 entries, before reaching zz
     monkeypatch.setattr(roots, "MAX_ENTRIES", 1000)
     assert list(roots.list_models([root]).values()) == [(root / "zz").resolve()]
+
+
+def _snapshot(cache: Path, repo: str, rev: str) -> Path:
+    """A Hugging Face cache snapshot as hf_hub_download leaves it: files are relative links into blobs/."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    (folder / "blobs" / f"conf-{rev}").write_text('{"model_type": "gpt2"}')
+    (folder / "blobs" / f"weights-{rev}").write_bytes(b"\0" * 8)
+    snap = folder / "snapshots" / rev
+    snap.mkdir(parents=True)
+    os.symlink(f"../../blobs/conf-{rev}", snap / "config.json")
+    os.symlink(f"../../blobs/weights-{rev}", snap / "model.safetensors")
+    return snap
+
+
+def test_a_users_downloads_are_offered_to_that_user_only_until_a_teacher_shares_them(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.delenv(roots.ENV, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    alice = _snapshot(roots.hub_cache("alice", home), "org/tiny", "r1").resolve()
+    planted = _model(roots.hub_cache("alice", home) / "m").resolve()   # 4 levels below the home root
+    label = "org/tiny @ r1"
+    assert roots.list_models(user="alice", home=home)[label] == alice
+    assert planted in roots.list_models(user="alice", home=home).values()
+    for other in ("bob", None):                                     # another student; no sign-in
+        offered = roots.list_models(user=other, home=home).values()
+        assert alice not in offered and planted not in offered
+        for choice in (alice, planted, label):
+            with pytest.raises(ValueError, match=re.escape(roots.REFUSED)):
+                roots.resolve_model(choice, user=other, home=home)
+    monkeypatch.setenv(roots.ENV, str(tmp_path))                    # a configured root above the home
+    assert not {alice, planted} & set(roots.list_models(user="bob", home=home).values())
+    monkeypatch.delenv(roots.ENV)
+    assert roots.resolve_model(alice, user="alice", home=home) == alice
+    assert roots.label_of(alice, user="alice", home=home) == label
+
+    rows = roots.user_downloads(home)
+    assert {(r["user"], r["label"], r["repo"]) for r in rows} >= {("alice", label, "models--org--tiny")}
+    carol = _snapshot(roots.hub_cache("carol", home), "org/tiny", "r2").resolve()
+    shared = roots.share_model("alice", "models--org--tiny", home)
+    assert roots.share_model("carol", "models--org--tiny", home) == shared   # merged: both revisions
+    for user in ("bob", None, "alice"):
+        offered = roots.list_models(user=user, home=home)
+        assert {offered["org/tiny @ r1"], offered["org/tiny @ r2"]} == {shared.resolve() / "snapshots" / "r1",
+                                                                       shared.resolve() / "snapshots" / "r2"}
+        assert (offered["org/tiny @ r2"] / "model.safetensors").read_bytes() == b"\0" * 8   # links still hold
+    assert not alice.exists() and not carol.exists()
+    with pytest.raises(ValueError, match="has no download"):
+        roots.share_model("alice", "models--org--tiny", home)
+    for bad in ("../users/bob", "models--x/../..", "", "models--"):
+        with pytest.raises(ValueError, match="repo must be"):
+            roots.share_model("alice", bad, home)
+    with pytest.raises(ValueError, match="user must be"):
+        roots.hub_cache("../bob", home)

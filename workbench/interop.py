@@ -26,19 +26,26 @@ safetensors weights (a pickle checkpoint, ``pytorch_model.bin``, is never unpick
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
 import re
+import stat
+import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from . import checks
 from . import models as _models
+from . import monitor as _monitor
 from .adapters.hf_gpt2 import GPT2Adapter, is_gpt2   # re-exported: they live in workbench/adapters/hf_gpt2.py
 
 __all__ = ["is_gpt2", "GPT2Adapter", "to_gpt2", "export_gpt2", "from_gpt2", "load_gpt2", "load_hf", "EXPORT_META",
-           "SAFETENSORS_FILES"]
+           "SAFETENSORS_FILES", "open_model", "OpenModel", "ModelCache", "MODELS", "Stopped", "hub_allowed",
+           "check_hub_name", "hub_files", "plan_download", "check_download", "hub_limits", "tokenizer_vocab"]
 
 EXPORT_META = "workbench.json"   # written next to config.json: our config and the vocabulary
 _FORMAT = "depth-workbench-gpt2-export"
@@ -391,3 +398,440 @@ def from_gpt2(hf_model) -> _models.Transformer:
             model.readout.weight.copy_(hf_model.lm_head.weight)
     p = next(hf_model.parameters())
     return model.to(device=p.device, dtype=p.dtype).eval()
+
+
+# ============================================================================ opening a model for the dashboard
+#
+# The dashboard opens a Hugging Face model in a page's job, never on the server's event loop:
+# open_model is the one call (a model folder under the roots, or a Hub name), with the policy that used to
+# live in the Residual page. Hub names are opt-in on a class server (hub_allowed), downloads are capped
+# per model and in total before anything is fetched, and every opened model sits in one process-wide,
+# memory-bounded cache (MODELS) that all sessions share.
+
+ALLOW_HUB_ENV = "WORKBENCH_ALLOW_HUB"        # "1": signed-in users may name Hub models
+HUB_MAX_ENV = "WORKBENCH_HUB_MAX_MB"         # largest download of one model (default 1024)
+HUB_CACHE_ENV = "WORKBENCH_HUB_CACHE_MB"     # the dashboard's downloads on disk, all users (default 4096)
+MODEL_CACHE_ENV = "WORKBENCH_MODEL_CACHE_MB"  # memory of the shared cache of opened models (default 2048)
+HUB_TIMEOUT = 20.0                           # seconds a request to the Hub may take
+HUB_REFUSED = ("Hub name: Hub models are switched off on this class server; pick a model from the model folders "
+               "(the teacher can allow Hub names: classroom serve --allow-hub, WORKBENCH_ALLOW_HUB=1)")
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+_HUB_EXTRA = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+class Stopped(RuntimeError):
+    """Opening a model was stopped (the job's Stop) before it finished."""
+
+
+def hub_allowed(signed_in: bool) -> bool:
+    """Whether Hub names may be opened: always without sign-in (a laptop: the owner decides); with sign-in
+    (a class server) only when the teacher allowed them, ``WORKBENCH_ALLOW_HUB=1`` (read at call time)."""
+    if not signed_in:
+        return True
+    return os.environ.get(ALLOW_HUB_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_hub_name(name) -> str:
+    """A Hub name ``owner/name`` (letters, digits, ``- _ .``), and nothing that could name a place on the server."""
+    if not isinstance(name, str) or not _HUB_NAME.fullmatch(name) or ".." in name \
+            or Path(name).expanduser().exists():
+        raise ValueError(f"Hub name must look like 'owner/name' (letters, digits, '-', '_', '.'), got {name!r:.120}")
+    return name
+
+
+def hub_limits() -> tuple[float, float]:
+    """``(per model, all downloads)`` in MB: ``WORKBENCH_HUB_MAX_MB`` (1024), ``WORKBENCH_HUB_CACHE_MB`` (4096)."""
+    return checks.env_limit(HUB_MAX_ENV, 1024), checks.env_limit(HUB_CACHE_ENV, 4096)
+
+
+def _watched(fn, monitor, what: str):
+    """``fn()`` on a helper thread, watched: its result (or its exception), or :class:`Stopped` as soon as the
+    monitor says stop. A request hanging on a dead Hub then holds no job slot: the helper thread is left to
+    end at its own timeout."""
+    box, done = {}, threading.Event()
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 -- handed to the waiting thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name=f"workbench-open: {what[:60]}").start()
+    while not done.wait(0.1):
+        if monitor.stopped:
+            raise Stopped(f"{what}: stopped")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _dir_bytes(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (links not followed: each blob once)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(root, f))
+            except OSError:
+                continue
+            if not stat.S_ISLNK(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def hub_files(name: str, revision: str | None = None, *, monitor=None) -> tuple[str, dict]:
+    """``(commit sha, {file: size in bytes or None})`` of a Hub model, from the Hub's file listing (one request,
+    ``HfApi.model_info(files_metadata=True)`` at ``$HF_ENDPOINT``, at most :data:`HUB_TIMEOUT` s); stoppable."""
+    from huggingface_hub import HfApi
+
+    monitor = _monitor.resolve(monitor)
+    api = HfApi(endpoint=_endpoint())
+    try:
+        info = _watched(lambda: api.model_info(name, revision=revision, files_metadata=True, timeout=HUB_TIMEOUT),
+                        monitor, f"{name}: the Hub's file listing")
+    except Stopped:
+        raise
+    except Exception as e:  # noqa: BLE001 -- no network, no such model, gated, a timeout: say which
+        raise ValueError(f"Hub name {name!r}: cannot read its file listing from the Hub ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
+    return str(info.sha), {s.rfilename: getattr(s, "size", None) for s in (info.siblings or [])}
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("HF_ENDPOINT") or None   # read now (huggingface_hub reads it once, at import)
+
+
+def plan_download(name: str, files: dict) -> list[str]:
+    """The files to fetch of a Hub model listed as ``files``: its config, tokenizer files and safetensors
+    weights (never a pickle checkpoint). ``ValueError`` when it has no config or no safetensors weights."""
+    top = {f for f in files if "/" not in f}
+    if "config.json" not in top:
+        raise ValueError(f"Hub name {name!r}: the model has no config.json")
+    if "model.safetensors" in top:
+        weights = ["model.safetensors"]
+    elif "model.safetensors.index.json" in top:
+        weights = ["model.safetensors.index.json"] + sorted(f for f in top if f.endswith(".safetensors"))
+    else:
+        raise ValueError(f"Hub name {name!r}: the model has no safetensors weights (model.safetensors); the "
+                         "workbench does not read pickle checkpoints (pytorch_model.bin)")
+    return ["config.json"] + [f for f in _HUB_EXTRA if f in top] + weights
+
+
+def check_download(name: str, files: dict, plan: list[str], hub_root, present=()) -> int:
+    """Refuse a download over the caps, before anything is fetched; returns its size in bytes.
+
+    ``files``: the Hub's listing (sizes); ``plan``: what would be fetched; ``present``: files of ``plan``
+    already on disk (not fetched again); ``hub_root``: the folder every dashboard download lives in (its
+    current size counts against ``WORKBENCH_HUB_CACHE_MB``).
+    """
+    per_model, total_cap = hub_limits()
+    unknown = [f for f in plan if not isinstance(files.get(f), int)]
+    if unknown:
+        raise ValueError(f"Hub name {name!r}: the Hub gave no size for {unknown[:3]}; not downloaded (the size "
+                         f"is checked against {HUB_MAX_ENV} first)")
+    size = sum(files[f] for f in plan)
+    if size > per_model * 2**20:
+        raise ValueError(f"Hub name {name!r}: the model's files are {_models._fmt_bytes(size)}, more than the "
+                         f"limit of {per_model:g} MB for one download ({HUB_MAX_ENV})")
+    new = sum(files[f] for f in plan if f not in set(present))
+    used = _dir_bytes(Path(hub_root)) if Path(hub_root).is_dir() else 0
+    if used + new > total_cap * 2**20:
+        raise ValueError(f"Hub name {name!r}: downloading {_models._fmt_bytes(new)} would take the dashboard's "
+                         f"downloads to {_models._fmt_bytes(used + new)}, more than the limit of {total_cap:g} MB "
+                         f"({HUB_CACHE_ENV}); ask the teacher to make room")
+    return size
+
+
+def _repo_folder(name: str) -> str:
+    return "models--" + name.replace("/", "--")
+
+
+def _local_snapshot(name: str, caches: list[Path]) -> Path | None:
+    """The newest complete snapshot of ``name`` (its ``refs/main`` one first) in one of ``caches``, or None."""
+    for cache in caches:
+        folder = Path(cache) / _repo_folder(name)
+        ref = folder / "refs" / "main"
+        revs = [ref.read_text().strip()] if ref.is_file() else []
+        snaps = folder / "snapshots"
+        if snaps.is_dir():
+            revs += sorted((p.name for p in snaps.iterdir()), key=lambda r: -(snaps / r).stat().st_mtime)
+        for rev in revs:
+            snap = snaps / rev
+            if (snap / "config.json").is_file() and any((snap / f).is_file() for f in SAFETENSORS_FILES):
+                return snap
+    return None
+
+
+def _download(name: str, sha: str, plan: list[str], files: dict, cache: Path, monitor) -> Path:
+    """Fetch ``plan`` of ``name`` at ``sha`` into the Hugging Face cache ``cache``, file by file, stoppable;
+    a file growing past its listed size is cut off (the listing is what the caps were checked against)."""
+    from huggingface_hub import hf_hub_download
+    from tqdm.auto import tqdm
+
+    stop = threading.Event()
+
+    def fetch(filename: str) -> str:
+        limit = files[filename]
+
+        class Guard(tqdm):   # hf_hub_download reports every chunk here
+            seen = 0
+
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **{**kwargs, "disable": True})
+
+            def update(self, n=1):
+                Guard.seen += n or 0
+                if stop.is_set():
+                    raise Stopped(f"{name}: download stopped")
+                if Guard.seen > limit:
+                    raise ValueError(f"Hub name {name!r}: {filename} is larger than the Hub's listing says; "
+                                     "download stopped")
+                return super().update(n)
+
+        return hf_hub_download(name, filename, revision=sha, cache_dir=str(cache), endpoint=_endpoint(),
+                               etag_timeout=HUB_TIMEOUT, tqdm_class=Guard)
+
+    shards = None
+    for k, filename in enumerate(plan):
+        if filename.endswith(".safetensors") and shards is not None and filename not in shards:
+            continue   # a sharded model: only the shards its index names
+        monitor.report(progress=0.1 + 0.6 * k / len(plan),
+                       message=f"downloading {name}: {filename} ({_models._fmt_bytes(files[filename])})")
+        try:
+            path = _watched(lambda f=filename: fetch(f), monitor, f"{name}: {filename}")
+        except Stopped:
+            stop.set()
+            raise
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- the network, a full disk: say which file
+            raise ValueError(f"Hub name {name!r}: downloading {filename} failed ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from None
+        if filename == "model.safetensors.index.json":
+            try:
+                shards = set(json.loads(Path(path).read_text()).get("weight_map", {}).values())
+            except (OSError, ValueError, AttributeError):
+                raise ValueError(f"Hub name {name!r}: model.safetensors.index.json is not a valid index") from None
+    return cache / _repo_folder(name) / "snapshots" / sha
+
+
+@dataclasses.dataclass(eq=False)
+class OpenModel:
+    """An opened Hugging Face model as the dashboard uses it (:func:`open_model`).
+
+    ``vocab``: token strings by id (an export's vocabulary, else the tokenizer's), or None; ``dataset``:
+    the dataset spec an export recorded, else None; ``tokenizer``: the model's own, or None. ``key``
+    identifies the resolved model (a folder and its files' times, or a Hub name and commit); ``label``
+    names it without its place on the server. The model is shared by every session that opened it:
+    hold ``lock`` while running it (hooks are registered on its modules, so two analyses at once would
+    see each other's), and never change its weights.
+    """
+
+    model: Any
+    vocab: list | None
+    dataset: dict | None
+    tokenizer: Any
+    key: tuple
+    label: str
+    nbytes: int
+    lock: Any = dataclasses.field(default_factory=threading.RLock, repr=False)
+
+
+def _model_bytes(model) -> int:
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n
+
+
+class ModelCache:
+    """The opened models of the whole server process, shared by every session (:data:`MODELS`).
+
+    Keyed by the resolved model (a folder with its files' modification times, or a Hub name and its
+    commit), each entry records who holds it (a page's token). Within the memory budget
+    (``WORKBENCH_MODEL_CACHE_MB``, default 2048, read at each change) the least recently opened
+    models no one holds are dropped; held ones stay (their sessions keep them in memory anyway).
+    Two sessions opening one model at once load it once: the second waits for the first (stoppable).
+    """
+
+    def __init__(self, budget_mb: float | None = None):
+        self._budget_mb = budget_mb
+        self._lock = threading.Lock()
+        self._entries: dict = {}          # key -> [OpenModel, set of holders], oldest first
+        self._loading: dict = {}          # key -> Event set when that load ends
+
+    def budget_bytes(self) -> int:
+        mb = self._budget_mb if self._budget_mb is not None else checks.env_limit(MODEL_CACHE_ENV, 2048)
+        return int(mb * 2**20)
+
+    def open(self, key: tuple, load, holder: str, monitor=None) -> OpenModel:
+        """The cached model of ``key`` (held by ``holder`` from now on), or ``load()`` (an OpenModel) once."""
+        monitor = _monitor.resolve(monitor)
+        while True:
+            with self._lock:
+                entry = self._entries.pop(key, None)
+                if entry is not None:
+                    self._entries[key] = entry   # most recently used last
+                    entry[1].add(holder)
+                    return entry[0]
+                loading = self._loading.get(key)
+                mine = loading is None
+                if mine:
+                    loading = self._loading[key] = threading.Event()
+            if not mine:
+                while not loading.wait(0.1):   # another session loads it: wait, then look again
+                    if monitor.stopped:
+                        raise Stopped("stopped while another session opened the same model")
+                continue
+            try:
+                opened = load()
+                with self._lock:
+                    self._entries[key] = [opened, {holder}]
+                    self._evict()
+                return opened
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
+                loading.set()
+
+    def release(self, holder: str, key: tuple | None = None) -> None:
+        """``holder`` no longer holds ``key`` (None: any model); over the budget, unheld models are dropped."""
+        with self._lock:
+            for k, entry in self._entries.items():
+                if key is None or k == key:
+                    entry[1].discard(holder)
+            self._evict()
+
+    def _evict(self) -> None:
+        budget = self.budget_bytes()
+        total = sum(e[0].nbytes for e in self._entries.values())
+        for k in list(self._entries):
+            if total <= budget:
+                break
+            opened, holders = self._entries[k]
+            if not holders:
+                del self._entries[k]
+                total -= opened.nbytes
+
+    def entries(self) -> list[dict]:
+        """``{"label", "key", "bytes", "holders"}`` of each cached model, least recently opened first."""
+        with self._lock:
+            return [{"label": e[0].label, "key": k, "bytes": e[0].nbytes, "holders": len(e[1])}
+                    for k, e in self._entries.items()]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+MODELS = ModelCache()
+
+
+def _open_loaded(model, vocab, dataset, tokenizer, key, label) -> OpenModel:
+    return OpenModel(model, vocab, dataset, tokenizer, key, label, _model_bytes(model))
+
+
+def tokenizer_vocab(tokenizer) -> list[str] | None:
+    """Token strings by id (for labels), or None without a tokenizer."""
+    if tokenizer is None:
+        return None
+    return list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+
+
+def _open_folder(path: Path, key: tuple, label: str) -> OpenModel:
+    try:
+        if (path / EXPORT_META).is_file():   # one of ours, exported with its vocabulary and dataset
+            model, meta = load_gpt2(path)
+            return _open_loaded(model, meta.get("vocab"), meta.get("dataset"), None, key, label)
+        model, tokenizer = load_hf(path)     # any supported family, its own tokenizer
+    except ValueError as e:                  # name the model by its label, not by its place on the server
+        raise ValueError(str(e).replace(str(path), label)) from None
+    return _open_loaded(model, tokenizer_vocab(tokenizer), None, tokenizer, key, label)
+
+
+def _files_stamp(path: Path) -> tuple:
+    """When the folder's config and weights last changed (a re-exported folder is another model)."""
+    stamps = []
+    for f in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+        try:
+            stamps.append((f.name, os.stat(f).st_mtime_ns))
+        except OSError:
+            continue
+    return tuple(stamps)
+
+
+def open_model(*, folder=None, hub: str | None = None, user: str | None = None, home=None, roots=None,
+               holder: str = "notebook", monitor=None, cache: ModelCache | None = None) -> OpenModel:
+    """Open a Hugging Face model for the dashboard: exactly one of ``folder`` (a choice from
+    :func:`workbench.roots.list_models` for ``user``; anything else is refused with
+    :data:`workbench.roots.REFUSED`) or ``hub`` (a Hub name ``owner/name``).
+
+    Folders: an export of ours (``workbench.json``) is read by :func:`load_gpt2` with its vocabulary and
+    dataset spec, any other supported family by :func:`load_hf` with its tokenizer; messages name the
+    model by its label, never by its place on the server.
+
+    Hub names: refused for a signed-in ``user`` unless :func:`hub_allowed`. Online, the Hub's file listing
+    gives the commit and the sizes; the config, tokenizer and safetensors files are checked against
+    ``WORKBENCH_HUB_MAX_MB`` and, with what the dashboard has downloaded so far, ``WORKBENCH_HUB_CACHE_MB``
+    (:func:`check_download`) before anything is fetched, then downloaded into :func:`workbench.roots.hub_cache`
+    (the user's own folder on a class server, offered to nobody else until a teacher shares it; the shared
+    one without sign-in). Offline (``HF_HUB_OFFLINE``) only what is on disk is read.
+
+    ``home``: the run store's folder (default :func:`workbench.store.default_home`). ``holder``: who holds the
+    model in ``cache`` (default :data:`MODELS`; release it with ``cache.release(holder)``). ``monitor``:
+    progress and Stop (:class:`Stopped` is raised when stopped; a hanging Hub is left behind at once).
+    """
+    from . import roots as _roots
+
+    monitor = _monitor.resolve(monitor)
+    cache = MODELS if cache is None else cache
+    if (folder is None) == (hub is None):
+        raise ValueError("open_model takes exactly one of folder or hub")
+    if folder is not None:
+        path = _roots.resolve_model(folder, roots, user=user, home=home)   # inside a root, or one fixed message
+        label = _roots.label_of(path, roots, user=user, home=home)
+        key = ("folder", str(path), _files_stamp(path))
+        monitor.report(progress=0.05, message=f"loading {label}")
+        return cache.open(key, lambda: _open_folder(path, key, label), holder, monitor)
+    name = check_hub_name(hub.strip() if isinstance(hub, str) else hub)
+    if not hub_allowed(user is not None):
+        raise ValueError(HUB_REFUSED)
+    target = _roots.hub_cache(user, home)
+    caches = [target, _roots.hub_cache(None, home)] + ([] if user is not None else [Path(_roots.hf_hub_cache())])
+    monitor.report(progress=0.02, message=f"loading {name}: asking the Hub")
+    if _hub_offline():
+        snap = _local_snapshot(name, caches)
+        if snap is None:
+            raise ValueError(f"Hub name {name!r}: not downloaded yet, and the Hub is offline on this server "
+                             "(HF_HUB_OFFLINE); pick a model from the model folders")
+        sha = snap.name
+    else:
+        sha, files = hub_files(name, monitor=monitor)
+        if not re.fullmatch(r"[0-9a-f]{40}", sha):
+            raise ValueError(f"Hub name {name!r}: the Hub gave no commit for it")
+        snap = next((c / _repo_folder(name) / "snapshots" / sha for c in caches
+                     if (c / _repo_folder(name) / "snapshots" / sha / "config.json").is_file()), None)
+    key = ("hub", name, sha)
+    label = f"{name} @ {sha[:10]}"
+
+    def load() -> OpenModel:
+        where = snap
+        if where is None:
+            plan = plan_download(name, files)
+            present = {f for f in plan if (target / _repo_folder(name) / "snapshots" / sha / f).is_file()}
+            check_download(name, files, plan, _roots.hub_dir(home), present)
+            target.mkdir(parents=True, exist_ok=True)
+            where = _download(name, sha, plan, files, target, monitor)
+        monitor.report(progress=0.75, message=f"loading {label}")
+        try:
+            model, tokenizer = load_hf(where)
+        except ValueError as e:
+            raise ValueError(str(e).replace(str(where), label)) from None
+        return _open_loaded(model, tokenizer_vocab(tokenizer), None, tokenizer, key, label)
+
+    return cache.open(key, load, holder, monitor)

@@ -1062,8 +1062,9 @@ def _config_types() -> tuple[type, ...]:
 
 
 def family_of(of) -> Family:
-    """The :class:`Family` of a family name, a config, a model, or a :class:`~workbench.data.Dataset`
-    (the family taking its ``kind``). Raises ``ValueError`` listing the families for anything else.
+    """The :class:`Family` of a family name, a config, a model, or a :class:`~workbench.data.Dataset` or
+    :class:`~workbench.data.Shape` (the family taking its ``kind``). Raises ``ValueError`` listing the
+    families for anything else.
     """
     if isinstance(of, str) and of in FAMILIES:
         return FAMILIES[of]
@@ -1071,7 +1072,7 @@ def family_of(of) -> Family:
         if isinstance(of, (f.config, f.model)):
             return f
     kind = getattr(of, "kind", None)
-    if isinstance(kind, str) and hasattr(of, "x_train"):
+    if isinstance(kind, str) and (hasattr(of, "x_train") or hasattr(of, "n_train")):
         for f in FAMILIES.values():
             if f.data_kind == kind:
                 return f

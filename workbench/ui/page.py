@@ -203,6 +203,8 @@ class Page(pn.viewable.Viewer):
         running = self.task is not None and self.task.status == "running"
         for button in self.run_buttons():
             button.disabled = running
+        if self.task is not None and self.task.status == "error" and self.task.error:
+            self.errors.show(self.task.error)   # a refusal found in the job (a vanished run, a model) is shown as one
         self.on_status(self.task.status if self.task is not None else "idle")
 
     @param.depends("datastore.version", watch=True)

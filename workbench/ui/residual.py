@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import time
-from pathlib import Path
+import uuid
 
 import pandas as pd
 import panel as pn
@@ -63,7 +62,6 @@ NO_MIXTURE = ("No mixture in this session yet: build a logit mixture on the **Co
               "(*Compose and evaluate* with *logit mean* or *gated mixture*), then come back here.")
 INPUTS = ["Dataset sample", "Typed text"]
 INTERVENTIONS = ["erase", "skip from here", "patch"]
-HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 VECTOR_BATCH = 256  # vector datasets: analyse this many validation examples at once
 
 
@@ -198,8 +196,8 @@ class ResidualPage(Page):
         self.analysis: Analysis | None = None
         self.last_redraw_ms = 0.0
         self._cache: dict = {}       # (model key, input key) -> Analysis
-        self._models: dict = {}      # model key -> (model, vocab, dataset spec)
-        self._tokenizers: dict = {}  # model key -> the Hugging Face model's own tokenizer (or absent)
+        self._opened: dict = {}      # model key -> interop.OpenModel (opened in the job)
+        self._holder = f"residual-page-{uuid.uuid4().hex}"   # who holds a model in the shared cache
         self._datasets: dict = {}    # dataset spec json -> Dataset
         self._stage_stats: dict = {}  # (group, input key) -> DataFrame with a stage column
         self._known_runs: set[str] | None = None  # run ids seen at the last refresh
@@ -215,6 +213,8 @@ class ResidualPage(Page):
         self.position.param.watch(self._position_changed, "value")
         self.lens_metric.param.watch(self._position_changed, "value")
         self.lens_pane.param.watch(self._lens_clicked, "click_data")
+        if pn.state.curdoc is not None:
+            pn.state.on_session_destroyed(self._release_models)
         self._refresh_runs()
 
     def _layer_changed(self, _=None) -> None:
@@ -228,6 +228,8 @@ class ResidualPage(Page):
 
     def on_done(self, result) -> None:
         kind, value = result
+        if kind == "stopped":
+            return
         if kind == "analysis":
             self._on_done(value)
         elif kind == "report":
@@ -267,13 +269,18 @@ class ResidualPage(Page):
             lines += [f"run = wb.RunStore().load({run_id!r})",
                       "model, vocab, spec = run.model, getattr(run.model.config, 'vocab', None), run.dataset"]
         else:
-            hub = self.hub_name.value.strip()
+            hub = (self.hub_name.value or "").strip()
             if not (self.hf_model.value or hub):
                 return NO_RUN_CODE
             sequence = True
+            try:
+                folder = None if hub else roots.resolve_model(self.hf_model.value, user=self.datastore.user,
+                                                              home=self._home())
+            except ValueError:
+                return NO_RUN_CODE
             if hub:
                 lines += [f"model, tokenizer = wb.interop.load_hf({hub!r})", "vocab, spec = None, None"]
-            elif (Path(self.hf_model.value) / interop.EXPORT_META).is_file():
+            elif (folder / interop.EXPORT_META).is_file():
                 lines += [f"model, meta = wb.interop.load_gpt2(wb.roots.resolve_model({self.hf_model.value!r}))",
                           "vocab, spec = meta.get('vocab'), meta.get('dataset')"]
             else:
@@ -284,8 +291,9 @@ class ResidualPage(Page):
                     lines.append(ANALYSIS_CODE.format(seq=True, first=""))
                     return "\n".join(lines)
         if self.input_kind.value == INPUTS[1]:
-            _, _, vocab, _ = self._model()
-            lines += [f"x, y = torch.tensor([{_encode(self.text.value, vocab)!r}]), None  # {self.text.value!r}"]
+            lines += [f"text = {self.text.value!r}",
+                      "ids = [vocab.index(c) for c in text] if vocab else [int(t) for t in text.split()]",
+                      "x, y = torch.tensor([ids]), None"]
         else:
             i = int(self.sample.value or 0)
             lines += ["ds = wb.data.from_spec(spec)", "x_val, y_val = ds.split('val')"]
@@ -336,9 +344,11 @@ class ResidualPage(Page):
         self.domain.options = list(info.get("datasets") or {})
 
     def refresh_models(self) -> None:
-        """List the model folders under the configured roots again (``workbench.roots.list_models``)."""
+        """List the model folders under the configured roots again (``workbench.roots.list_models``: with
+        sign-in, the user's own Hub downloads and the shared ones, not other students')."""
         current = self.hf_model.value
-        options = {label: str(path) for label, path in roots.list_models().items()}
+        options = {label: str(path) for label, path in
+                   roots.list_models(user=self.datastore.user, home=self._home()).items()}
         self.hf_model.options = options
         self.hf_model.value = current if current in options.values() else next(iter(options.values()), None)
         self._hf_listed = True
@@ -350,7 +360,8 @@ class ResidualPage(Page):
             self.refresh_models()  # the first look at the model folders (then on Refresh)
             return
         self.run_select.visible = self.source.value == SOURCES[0]
-        self.hf_model.visible = self.hf_refresh.visible = self.hub_name.visible = hf
+        self.hf_model.visible = self.hf_refresh.visible = hf
+        self.hub_name.visible = hf and self._hub_allowed()   # on a class server only when the teacher allows it
         self.no_hf_models.visible = hf and not self.hf_model.options
         has_mixtures = bool(self.mixture_select.options)
         self.mixture_select.visible = self.member.visible = mix and has_mixtures
@@ -402,67 +413,92 @@ class ResidualPage(Page):
             if self.analysis is not None:
                 self.analyse()
 
-    # ---------------------------------------------------------------- loading
+    # ---------------------------------------------------------------- the request (read at the click; nothing opened)
+    def _home(self):
+        return self.datastore.raw_store.root
+
+    def _hub_allowed(self) -> bool:
+        return interop.hub_allowed(self.datastore.classroom)
+
+    def _request(self) -> dict:
+        """What the form asks for, checked without opening a model or building data (cheap, on the event loop):
+        the source and its choice (a folder is resolved inside the roots, or refused with the one message),
+        the input and the keys under which analyses are cached."""
+        src = self.source.value
+        req = {"source": src, "input": self.input_kind.value, "text": self.text.value or "",
+               "corrupt": self.corrupt_text.value or "", "sample": int(self.sample.value or 0)}
+        if src == SOURCES[0]:
+            run_id = self.run_select.value
+            if not run_id:
+                raise ValueError("no stored run chosen: train or grow one first (or pick a Hugging Face model)")
+            req.update(run_id=run_id, model_key=("run", run_id))
+        elif src == SOURCES[2]:
+            name = self.mixture_select.value
+            if not name or name not in self.datastore.session_models:
+                raise ValueError(NO_MIXTURE.replace("**", "").replace("*", ""))
+            model = self.datastore.session_models[name]   # a re-composed mixture of the same name is another model
+            req.update(mixture=name, domain=self.domain.value, model_key=("session", name, id(model)))
+        else:
+            hub = (self.hub_name.value or "").strip()
+            if hub:
+                interop.check_hub_name(hub)
+                if not self._hub_allowed():
+                    raise ValueError(interop.HUB_REFUSED)
+                req.update(hub=hub, model_key=("hub", hub))
+            else:
+                choice = self.hf_model.value
+                if not choice:
+                    raise ValueError(NO_HF_MODELS.replace("**", "").replace("`", ""))
+                path = roots.resolve_model(choice, user=self.datastore.user, home=self._home())  # or the one refusal
+                req.update(folder=str(path), model_key=("hf", str(path)))
+        if req["input"] == INPUTS[1]:
+            if not req["text"]:
+                raise ValueError("type some text (or choose a dataset sample)")
+            req["input_key"] = ("text", req["text"])
+        else:
+            req["input_key"] = ("sample", req.get("domain"), req["sample"])
+        return req
+
+    # ---------------------------------------------------------------- opening (in the page's job)
     def _dataset(self, spec: dict):
         key = json.dumps(spec, sort_keys=True, default=str)
         if key not in self._datasets:
             self._datasets[key] = dataset_from_spec(spec)  # never a server path
         return self._datasets[key]
 
-    def _model(self):
-        """``(key, model, vocab, dataset spec or None)`` of the chosen source (cached)."""
-        if self.source.value == SOURCES[0]:
-            run_id = self.run_select.value
-            if not run_id:
-                raise ValueError("no stored run chosen: train or grow one first (or pick a Hugging Face model)")
-            key = ("run", run_id)
-            if key not in self._models:
-                run = self.datastore.load(run_id)
-                vocab = getattr(run.model.config, "vocab", None)
-                self._models[key] = (run.model, vocab, run.dataset)
-        elif self.source.value == SOURCES[2]:
-            name = self.mixture_select.value
-            if not name or name not in self.datastore.session_models:
+    def _open(self, ctx, req) -> interop.OpenModel:
+        """The chosen model, opened in the job (cached on the page; Hugging Face models in the server's shared
+        cache, :data:`workbench.interop.MODELS`, this page holding one at a time)."""
+        key = req["model_key"]
+        if req["source"] == SOURCES[2]:
+            model = self.datastore.session_models.get(req["mixture"])
+            if model is None or id(model) != key[2]:
                 raise ValueError(NO_MIXTURE.replace("**", "").replace("*", ""))
-            model, info = self.datastore.session_models[name], self.datastore.session_info.get(name, {})
-            key = ("session", name, id(model))  # a re-composed mixture of the same name is another model
+            info = self.datastore.session_info.get(req["mixture"], {})
             datasets = info.get("datasets") or {}
-            spec = datasets.get(self.domain.value) or next(iter(datasets.values()), None)
+            spec = datasets.get(req["domain"]) or next(iter(datasets.values()), None)
             vocab = info.get("vocab") or getattr(model.config, "vocab", None)
-            return key, model, vocab, spec
+            return interop.OpenModel(model, vocab, spec, None, key, req["mixture"], 0)
+        opened = self._opened.get(key)
+        if opened is not None:
+            return opened
+        if req["source"] == SOURCES[0]:
+            ctx.report(message=f"loading run {req['run_id']}", progress=0.02)
+            run = self.datastore.load(req["run_id"])   # a vanished or foreign run: StoreError, shown as the refusal
+            opened = interop.OpenModel(run.model, getattr(run.model.config, "vocab", None), run.dataset, None, key,
+                                       run.name, 0)
         else:
-            hub = self.hub_name.value.strip()
-            if hub:
-                key = ("hub", _check_hub_name(hub))
-                if key not in self._models:
-                    model, tokenizer = interop.load_hf(hub)
-                    self._tokenizers[key] = tokenizer
-                    self._models[key] = (model, _tokenizer_vocab(tokenizer), None)
-                model, vocab, spec = self._models[key]
-                return key, model, vocab, spec
-            choice = self.hf_model.value
-            if not choice:
-                raise ValueError(NO_HF_MODELS.replace("**", "").replace("`", ""))
-            path = roots.resolve_model(choice)  # inside a model root, or one fixed message
-            key = ("hf", str(path))
-            if key not in self._models:
-                label = next((k for k, v in self.hf_model.options.items() if v == choice), "the chosen model")
-                try:
-                    if (path / interop.EXPORT_META).is_file():   # one of ours, exported with its vocabulary
-                        model, meta = interop.load_gpt2(path)
-                        self._models[key] = (model, meta.get("vocab"), meta.get("dataset"))
-                    else:                                        # any supported family, its own tokenizer
-                        model, tokenizer = interop.load_hf(path)
-                        self._tokenizers[key] = tokenizer
-                        self._models[key] = (model, _tokenizer_vocab(tokenizer), None)
-                except ValueError as e:  # name the model by its label, not by its place on the server
-                    raise ValueError(str(e).replace(str(path), label)) from None
-        model, vocab, spec = self._models[key]
-        return key, model, vocab, spec
+            opened = interop.open_model(folder=req.get("folder"), hub=req.get("hub"), user=self.datastore.user,
+                                        home=self._home(), holder=self._holder, monitor=ctx)
+            for k in [k for k in self._opened if k[0] in ("hf", "hub") and k != key]:   # one held at a time
+                interop.MODELS.release(self._holder, self._opened.pop(k).key)
+        self._opened[key] = opened
+        return opened
 
-    def _tokenizer(self):
-        key = self._model()[0]
-        return self._tokenizers.get(key)
+    def _release_models(self, *_) -> None:
+        """The session ended: the shared cache may drop the Hugging Face model this page held."""
+        self._opened = {k: v for k, v in self._opened.items() if k[0] not in ("hf", "hub")}
+        interop.MODELS.release(self._holder)
 
     def _encode_text(self, text: str, vocab, tokenizer, field: str = "text") -> list[int]:
         if tokenizer is not None:
@@ -472,18 +508,16 @@ class ResidualPage(Page):
             return ids
         return _encode(text, vocab)
 
-    def _input(self, model, vocab, spec):
-        """``(input key, x, tokens, y)`` for the chosen input."""
+    def _input(self, opened: interop.OpenModel, req: dict):
+        """``(input key, x, tokens, y)`` for the chosen input (in the job: a dataset is built here)."""
+        model, vocab, spec = opened.model, opened.vocab, opened.dataset
         single = model.members[0] if residual.is_mixture(model) else model
         sequence = residual.adapter(single).family == "transformer"
-        if self.input_kind.value == INPUTS[1]:
+        if req["input"] == INPUTS[1]:
             if not sequence:
                 raise ValueError("typed text needs a sequence model; vector models take dataset samples")
-            text = self.text.value
-            if not text:
-                raise ValueError("type some text (or choose a dataset sample)")
-            tokenizer = self._tokenizer()
-            ids = self._encode_text(text, vocab, tokenizer)
+            text = req["text"]
+            ids = self._encode_text(text, vocab, opened.tokenizer)
             n_vocab = int(model.config.vocab_size)
             if any(not 0 <= i < n_vocab for i in ids):
                 raise ValueError(f"token ids must be in [0, {n_vocab - 1}]")
@@ -491,12 +525,12 @@ class ResidualPage(Page):
             if len(ids) > context:
                 raise ValueError(f"the text has {len(ids)} tokens; this model's context is {context}")
             tokens = [vocab[i] for i in ids] if vocab else [str(i) for i in ids]
-            return ("text", text), torch.tensor([ids]), tokens, None
+            return req["input_key"], torch.tensor([ids]), tokens, None
         if not spec:
             raise ValueError("this model has no dataset recorded; type text (or token ids) instead")
         ds = self._dataset(spec)
         x_val, y_val = ds.split("val")
-        i = int(self.sample.value or 0)
+        i = req["sample"]
         if sequence:
             if not 0 <= i < len(x_val):
                 raise ValueError(f"sample must be in [0, {len(x_val) - 1}], got {i}")
@@ -505,49 +539,98 @@ class ResidualPage(Page):
             y = y_val[i:i + 1]
             if ds.name == "text":
                 y = None  # next-token targets of the window itself
-            return ("sample", json.dumps(spec, sort_keys=True, default=str), i), x, tokens, y
+            return req["input_key"], x, tokens, y
         start = min(max(i, 0), max(len(x_val) - VECTOR_BATCH, 0))
-        return ("batch", start), x_val[start:start + VECTOR_BATCH], None, y_val[start:start + VECTOR_BATCH]
+        return req["input_key"], x_val[start:start + VECTOR_BATCH], None, y_val[start:start + VECTOR_BATCH]
 
-    # ---------------------------------------------------------------- analysis
-    def analyse(self, wait: bool = False) -> None:
-        """Load the model and input, then run every analysis (cached per model and input); refused while one runs."""
-        if self.task.busy():
-            return
-        self.errors.clear()
+    def _sequence_input(self, opened: interop.OpenModel, req: dict, what: str):
+        """``(model, x, tokens, x_corrupt or None)`` of the chosen single sequence model and input."""
+        model = opened.model
+        if residual.is_mixture(model):
+            raise ValueError(f"{what} reads one model: choose a stored run or a Hugging Face model, not a mixture")
+        if residual.adapter(model).family != "transformer":
+            raise ValueError(f"{what} needs a sequence model (token positions); this is a vector model")
+        _, x, tokens, _ = self._input(opened, req)
+        corrupt = None
+        if req["input"] == INPUTS[1] and req["corrupt"]:
+            ids = self._encode_text(req["corrupt"], opened.vocab, opened.tokenizer, "corrupt text")
+            if len(ids) != x.shape[1]:
+                raise ValueError(f"corrupt text must have as many tokens as the text ({x.shape[1]}), got {len(ids)}")
+            n_vocab = int(model.config.vocab_size)
+            if any(not 0 <= i < n_vocab for i in ids):
+                raise ValueError(f"corrupt text: token ids must be in [0, {n_vocab - 1}]")
+            corrupt = torch.tensor([ids])
+        return model, x, tokens, corrupt
+
+    # ---------------------------------------------------------------- the job: open, then analyse / intervene / report
+    def _job(self, ctx, action: str, req: dict):
+        """Every model load, dataset build and analysis of the page happens here, in the page's job."""
         try:
-            key, model, vocab, spec = self._model()
-            input_key, x, tokens, y = self._input(model, vocab, spec)
-        except Exception as e:  # shown on the page; the session keeps working
-            self.errors.show(e)
-            return
-        cache_key = (key, input_key)
-        group = self._group_runs()
-        if cache_key in self._cache and (len(group) <= 1 or (tuple(group["run_id"]), input_key) in self._stage_stats):
-            self._on_done((cache_key, self._cache[cache_key], None))
-            return
-        job_args = (cache_key, model, x, tokens, vocab, y, group, input_key)
-        self.show_code()
-        self._show_estimate(model, x)
-        self.start_task(self._job, *job_args, wait=wait)
+            opened = self._open(ctx, req)
+        except interop.Stopped:
+            return "stopped", None
+        lock = opened.lock   # a shared model runs one analysis at a time (hooks live on its modules)
+        while not lock.acquire(timeout=0.2):
+            if ctx.stopped:
+                return "stopped", None
+        try:
+            if action == "analysis":
+                return "analysis", self._analysis_job(ctx, opened, req)
+            what = "an intervention" if action == "intervention" else "the depth report"
+            model, x, tokens, corrupt = self._sequence_input(opened, req, what)
+            if action == "intervention" and req["kind"] == "patch" and corrupt is None:
+                raise ValueError("patch needs a corrupt input: choose 'Typed text' and type the corrupt text "
+                                 "(same number of tokens)")
+            self._report_estimate(ctx, model, x)
+            if action == "intervention":
+                return _intervention_job(ctx, req["kind"], model, x, tokens, corrupt, req["layer"], req["position"])
+            return _report_job(ctx, model, x, tokens, corrupt)
+        finally:
+            lock.release()
 
-    def _show_estimate(self, model, x) -> None:
-        """The depth report's estimated memory and time for this input, shown before anything long starts."""
+    def _report_estimate(self, ctx, model, x) -> None:
+        """The depth report's estimated memory and time for this input, sent before anything long starts."""
         if residual.is_mixture(model) or residual.adapter(model).family != "transformer":
-            self.estimate_note.object = ""
+            ctx.report({"estimate": ""})
             return
         est = residual.estimate(model, int(x.numel()), "report")
-        self.estimate_note.object = (f"Depth report on these {int(x.numel())} tokens: about "
-                                     f"{est['bytes'] / 2**20:.0f} MB above the model and {est['seconds']:.1f} s "
-                                     f"({est['forwards']:.0f} forwards).")
+        ctx.report({"estimate": f"Depth report on these {int(x.numel())} tokens: about {est['bytes'] / 2**20:.0f} MB "
+                                f"above the model and {est['seconds']:.1f} s ({est['forwards']:.0f} forwards)."})
 
-    def _job(self, ctx, cache_key, model, x, tokens, vocab, y, group, input_key):
-        return "analysis", self._analysis_job(ctx, cache_key, model, x, tokens, vocab, y, group, input_key)
+    def on_update(self, payload) -> None:
+        if isinstance(payload, dict) and "estimate" in payload:
+            self.estimate_note.object = payload["estimate"]
 
-    def _analysis_job(self, ctx, cache_key, model, x, tokens, vocab, y, group, input_key):
+    # ---------------------------------------------------------------- analysis
+    def _start(self, action: str, wait: bool, **extra) -> None:
+        """Read the form and start the page's job (refused while it runs; a bad choice is named at once)."""
+        req = self.read_form(self._request)
+        if req is None:
+            return
+        req.update(extra)
+        if action == "analysis":
+            req["group"] = self._group_runs()
+            cache_key = (req["model_key"], req["input_key"])
+            group = req["group"]
+            if cache_key in self._cache and (len(group) <= 1 or
+                                             (tuple(group["run_id"]), req["input_key"]) in self._stage_stats):
+                self._on_done((cache_key, self._cache[cache_key], None))
+                return
+            self.show_code()
+        self.start_task(self._job, action, req, wait=wait)
+
+    def analyse(self, wait: bool = False) -> None:
+        """Open the model and build the input in the page's job, then run every analysis (cached per model and
+        input); refused while one runs."""
+        self._start("analysis", wait)
+
+    def _analysis_job(self, ctx, opened, req):
+        input_key, x, tokens, y = self._input(opened, req)
+        self._report_estimate(ctx, opened.model, x)
         ctx.report(message="analysing", progress=0.1)
-        analysis = self._cache.get(cache_key) or Analysis(model, x, tokens, vocab, y)
-        stages = None
+        cache_key = (req["model_key"], input_key)
+        analysis = self._cache.get(cache_key) or Analysis(opened.model, x, tokens, opened.vocab, y)
+        stages, group = None, req["group"]
         if len(group) > 1:
             gkey = (tuple(group["run_id"]), input_key)
             stages = self._stage_stats.get(gkey)
@@ -564,25 +647,6 @@ class ResidualPage(Page):
         return cache_key, analysis, stages
 
     # ---------------------------------------------------------------- interventions and the depth report
-    def _sequence_input(self, what: str):
-        """``(model, x, tokens, x_corrupt or None)`` of the chosen single sequence model and input."""
-        key, model, vocab, spec = self._model()
-        if residual.is_mixture(model):
-            raise ValueError(f"{what} reads one model: choose a stored run or a Hugging Face model, not a mixture")
-        if residual.adapter(model).family != "transformer":
-            raise ValueError(f"{what} needs a sequence model (token positions); this is a vector model")
-        _, x, tokens, _ = self._input(model, vocab, spec)
-        corrupt = None
-        if self.input_kind.value == INPUTS[1] and self.corrupt_text.value:
-            ids = self._encode_text(self.corrupt_text.value, vocab, self._tokenizer(), "corrupt text")
-            if len(ids) != x.shape[1]:
-                raise ValueError(f"corrupt text must have as many tokens as the text ({x.shape[1]}), got {len(ids)}")
-            n_vocab = int(model.config.vocab_size)
-            if any(not 0 <= i < n_vocab for i in ids):
-                raise ValueError(f"corrupt text: token ids must be in [0, {n_vocab - 1}]")
-            corrupt = torch.tensor([ids])
-        return model, x, tokens, corrupt
-
     def _lens_clicked(self, event) -> None:
         """A click on the logit-lens heat-map: that cell's layer and token become the choice, then intervene."""
         points = (event.new or {}).get("points") or []
@@ -606,20 +670,8 @@ class ResidualPage(Page):
 
     def intervene(self, wait: bool = False) -> None:
         """Erase, skip or patch the chosen (layer, token) and show the change downstream and at the output."""
-        if self.task.busy():
-            return
-        self.errors.clear()
-        kind = self.intervention.value
-        try:
-            model, x, tokens, corrupt = self._sequence_input("an intervention")
-            layer, pos = int(self.layer.value), int(self.position.value)
-            if kind == "patch" and corrupt is None:
-                raise ValueError("patch needs a corrupt input: choose 'Typed text' and type the corrupt text "
-                                 "(same number of tokens)")
-        except Exception as e:
-            self.errors.show(e)
-            return
-        self.start_task(_intervention_job, kind, model, x, tokens, corrupt, layer, pos, wait=wait)
+        self._start("intervention", wait, kind=self.intervention.value, layer=int(self.layer.value),
+                    position=int(self.position.value))
 
     def _intervention_done(self, value) -> None:
         kind, layer, pos, tokens, result = value
@@ -655,16 +707,7 @@ class ResidualPage(Page):
 
     def run_report(self, wait: bool = False) -> None:
         """Every depth analysis at once on the chosen input, as a background job; then an HTML file to keep."""
-        if self.task.busy():
-            return
-        self.errors.clear()
-        try:
-            model, x, tokens, corrupt = self._sequence_input("the depth report")
-        except Exception as e:
-            self.errors.show(e)
-            return
-        self._show_estimate(model, x)
-        self.start_task(_report_job, model, x, tokens, corrupt, wait=wait)
+        self._start("report", wait)
 
     def _report_done(self, value) -> None:
         rep, tokens, html = value
@@ -794,20 +837,6 @@ def _report_job(ctx, model, x, tokens, corrupt):
     ctx.report(message="depth report: every analysis", progress=0.05)
     rep = residual.report(model, x, corrupt=corrupt)
     return "report", (rep, tokens, figs.depth_report_html(rep, tokens))
-
-
-def _check_hub_name(name: str) -> str:
-    """A Hub name ``owner/name`` and nothing that could name a place on the server."""
-    if not HUB_NAME.fullmatch(name) or ".." in name or Path(name).expanduser().exists():
-        raise ValueError(f"Hub name must look like 'owner/name' (letters, digits, '-', '_', '.'), got {name!r}")
-    return name
-
-
-def _tokenizer_vocab(tokenizer) -> list[str] | None:
-    """Token strings by id (for labels), or None without a tokenizer."""
-    if tokenizer is None:
-        return None
-    return list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
 
 
 def _context(model) -> int:
