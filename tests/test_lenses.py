@@ -591,6 +591,7 @@ def test_bad_input_is_named():
         LZ.train_tuned_lens(model, x, max_passes=0)
     with pytest.raises(ValueError, match=r"k must be an integer in \[1, 13\]"):
         LZ.diagnostics(model, x, k=14)
+    assert LZ.diagnostics(_transformer(vocab=3), _tokens(V=3)).attrs["k"] == 3      # default: min(5, V)
     no_blocks = _transformer(n_layers=0)
     with pytest.raises(ValueError, match="at least one block"):
         LZ.TunedLens(no_blocks)

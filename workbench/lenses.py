@@ -370,6 +370,7 @@ def train_tuned_lens(model, x, steps: int = 250, batch_size: int = 32, lr_scale:
     max_passes = checks.check_int("max_passes", max_passes, 1, 10**6)
     seed = checks.check_seed("seed", seed)
     mon = _monitor.resolve(monitor)
+    x = _as_batch(ad, x)
     if lens is None:
         lens = TunedLens(ad)
     elif not isinstance(lens, TunedLens):
@@ -377,12 +378,12 @@ def train_tuned_lens(model, x, steps: int = 250, batch_size: int = 32, lr_scale:
     else:
         lens.check_model(ad)
         lens.to(ad.device)
-    x = _as_batch(ad, x)
     N = len(x)
     T = x.shape[1] if ad.family == "transformer" else 1
     L = ad.n_layers
     g = torch.Generator().manual_seed(seed)
-    batches = torch.cat([torch.randperm(N, generator=g) for _ in range(max_passes)]).split(batch_size)
+    passes = min(max_passes, -(-steps * batch_size // N))           # only the passes the steps can use
+    batches = torch.cat([torch.randperm(N, generator=g) for _ in range(passes)]).split(batch_size)
     runnable = min(steps, len(batches))
     params = list(lens.parameters())
     opt = torch.optim.SGD(params, lr=lr_scale * (1 - momentum), momentum=momentum, nesterov=momentum > 0,
@@ -684,13 +685,14 @@ def compare(model, x, y=None, tuned: TunedLens | None = None, jacobian: Jacobian
 DIAGNOSTICS = ["top1_agree", "topk_agree", "kurtosis", "autocorr", "eff_dim"]
 
 
-def diagnostics(model, x, tuned: TunedLens | None = None, jacobian: JacobianLens | None = None, k: int = 5,
+def diagnostics(model, x, tuned: TunedLens | None = None, jacobian: JacobianLens | None = None, k: int | None = None,
                 layers=None, batch_size: int | None = 256) -> pd.DataFrame:
     """Fidelity diagnostics per lens and layer (Gurnee et al. 2026), a tidy frame.
 
     Columns ``lens, layer, top1_agree, topk_agree, kurtosis, autocorr, eff_dim``:
 
-    - ``topk_agree``: share of tokens whose model top-1 is among the lens's top-``k`` (``top1_agree``: k = 1);
+    - ``topk_agree``: share of tokens whose model top-1 is among the lens's top-``k`` (default ``min(5, V)``;
+      ``top1_agree``: k = 1; ``k`` is kept in ``df.attrs["k"]``);
     - ``kurtosis``: excess kurtosis of the lens logits over the vocabulary, mean over tokens
       (``E[(z - mean)^4] / var^2 - 3``; 0 for Gaussian logits, large when a few tokens stand out);
     - ``autocorr``: share of adjacent positions ``(t, t+1)`` of a sequence whose lens top-1 tokens are
@@ -709,7 +711,7 @@ def diagnostics(model, x, tuned: TunedLens | None = None, jacobian: JacobianLens
     with _inference(ad.model):
         x = _as_batch(ad, x)
         V = int(ad.readout()[0].shape[0])
-        k = checks.check_int("k", k, 1, V)
+        k = min(5, V) if k is None else checks.check_int("k", k, 1, V)
         for sl in _chunks(len(x), batch_size):
             hs, logits = _resid_stream(ad, x[sl])
             logits = logits if logits.dim() == 3 else logits[:, None]
