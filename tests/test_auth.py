@@ -2,6 +2,7 @@
 logins, throttling, session slots, the login page), then one served classroom attacked with hand-made HTTP
 requests: anonymous routes, forged and replayed cookies, cross-site posts, a removed student, guessed
 passwords. Each attack asserts that nothing is read, imported or changed."""
+import functools
 import http.client
 import http.cookiejar
 import json
@@ -432,3 +433,42 @@ def test_the_classroom_server_keeps_its_files_to_itself(room):
     assert not loose
     assert stat.S_IMODE(room.preexisting.stat().st_mode) == 0o644        # an existing file is left as it was
     assert room.preexisting.read_text() == "the teacher's"
+
+
+# ============================================================================ the server's log
+
+
+def _raised_in(fn):
+    try:
+        fn()
+    except Exception as e:   # noqa: BLE001 - the test keeps whatever was raised
+        return e.with_traceback(e.__traceback__.tb_next)   # from the raising call down, as Panel catches it
+
+
+def test_a_refused_browser_value_is_one_line_and_our_own_errors_keep_their_traceback(caplog):
+    import logging
+
+    from panel.util import indexOf
+
+    from workbench.ui import serving
+
+    refused = _raised_in(functools.partial(indexOf, "zzz", ["a", "b"]))   # what a Select does with a forged value
+
+    def our_callback():
+        raise ValueError("a bug of ours")
+
+    ours = _raised_in(our_callback)
+    f = serving.RefusedValueFilter()
+    record = logging.LogRecord("panel.reactive", logging.ERROR, "reactive.py", 1,
+                               "Callback failed for object named 'preset' \n", None, (ValueError, refused,
+                                                                                       refused.__traceback__))
+    assert f.filter(record) and record.exc_info is None and record.levelname == "WARNING"
+    assert record.getMessage() == "refused a value sent by the browser for widget 'preset': ValueError: zzz not in list"
+    record = logging.LogRecord("panel.reactive", logging.ERROR, "reactive.py", 1,
+                               "Callback failed for object named 'x' \n", None, (ValueError, ours, ours.__traceback__))
+    assert f.filter(record) and record.exc_info[1] is ours and record.levelname == "ERROR"   # kept whole
+    with caplog.at_level(logging.INFO, logger="workbench.server"):
+        serving._exception_handler(refused)                            # logged once already: nothing more
+        assert not caplog.records
+        serving._exception_handler(ours)
+        assert len(caplog.records) == 1 and caplog.records[0].exc_info[1] is ours
