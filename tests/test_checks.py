@@ -83,3 +83,30 @@ def test_check_choices():
                      (["val", "val"], "must not repeat a split")]:
         with pytest.raises(ValueError, match=msg):
             checks.check_choices("splits", bad, ["train", "val"])
+
+
+def test_declared_constraints_check_fields_and_say_their_range():
+    import dataclasses
+
+    from workbench.checks import Interval, OneOf, bounded, check_fields, constraints
+
+    @dataclasses.dataclass
+    class Config:
+        width: int = bounded(8, Interval(int, 1, 64))
+        rate: float = bounded(0.5, Interval(float, 0.0, 1.0, lo_open=True))
+        mode: str = bounded("a", OneOf(("a", "b")))
+        free: int = 3
+
+    assert list(constraints(Config)) == ["width", "rate", "mode"]
+    assert str(constraints(Config)["width"]) == "an integer in [1, 64]"
+    assert str(constraints(Config)["rate"]) == "a finite number in (0.0, 1.0]"
+    assert check_fields(Config(width=np.int64(64))).width == 64 and type(Config(width=np.int64(3)).width) is not int
+    assert type(check_fields(Config(width=np.int64(3))).width) is int
+    for bad, message in [({"width": 65}, "width must be an integer in [1, 64], got 65"),
+                         ({"width": True}, "width must be an integer in [1, 64], got True"),
+                         ({"rate": 0.0}, "rate must be a finite number in (0.0, 1.0], got 0.0"),
+                         ({"mode": "c"}, "mode must be one of ['a', 'b'], got 'c'")]:
+        with pytest.raises(ValueError) as e:
+            check_fields(Config(**bad))
+        assert str(e.value) == message
+    assert check_fields(Config(free=-5)).free == -5   # no constraint declared: not checked here

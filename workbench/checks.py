@@ -7,6 +7,7 @@ call time so a server's settings apply without re-importing.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -15,7 +16,8 @@ from typing import Any, Iterable
 import torch
 
 __all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_choices", "check_seed", "check_str", "check_labels",
-           "check_tokens", "check_features", "env_limit", "SEED_MAX"]
+           "check_tokens", "check_features", "env_limit", "SEED_MAX", "Interval", "OneOf", "bounded", "constraints",
+           "check_fields"]
 
 SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's seeds must fit in 32 bits
 
@@ -160,3 +162,63 @@ def env_limit(variable: str, default: float) -> float:
 
 def _is_numpy_bool(value) -> bool:
     return type(value).__name__ == "bool_"
+
+
+# ----------------------------------------------------------------------------- declared constraints
+# A bound is declared once, next to the field it bounds (scikit-learn's ``_parameter_constraints``, as
+# dataclass field metadata): ``d_model: int = bounded(128, Interval(int, 1, 8192))``. ``validate()``
+# checks the fields with :func:`check_fields`; sweeps, growth limits, the dashboard's widgets and the
+# property tests read the same objects through :func:`constraints`.
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A number of ``kind`` (``int`` or ``float``) in ``[lo, hi]``, either end open when asked, None unbounded."""
+
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def check(self, name: str, value: Any):
+        if self.kind is int:
+            return check_int(name, value, self.lo, self.hi)
+        return check_float(name, value, self.lo, self.hi, lo_open=self.lo_open, hi_open=self.hi_open)
+
+    def __str__(self) -> str:
+        what = "an integer" if self.kind is int else "a finite number"
+        return what + _range(self.lo, self.hi, self.lo_open, self.hi_open)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """One of ``values`` (a string field's choices)."""
+
+    values: tuple
+
+    def check(self, name: str, value: Any):
+        return check_choice(name, value, self.values)
+
+    def __str__(self) -> str:
+        return f"one of {list(self.values)}"
+
+
+def bounded(default: Any, constraint: "Interval | OneOf") -> Any:
+    """A dataclass field with ``default`` and its ``constraint`` (read by :func:`constraints`)."""
+    return dataclasses.field(default=default, metadata={"constraint": constraint})
+
+
+def constraints(cls_or_obj) -> dict[str, "Interval | OneOf"]:
+    """``{field: constraint}`` of a dataclass's declared bounds, in field order."""
+    return {f.name: f.metadata["constraint"] for f in dataclasses.fields(cls_or_obj) if "constraint" in f.metadata}
+
+
+def check_fields(obj, skip: Iterable[str] = ()):
+    """Check every field of dataclass ``obj`` that declares a constraint; checked values are stored back
+    (a ``numpy.int64`` becomes an ``int``). Returns ``obj``."""
+    skip = set(skip)
+    for name, constraint in constraints(obj).items():
+        if name not in skip:
+            setattr(obj, name, constraint.check(name, getattr(obj, name)))
+    return obj
