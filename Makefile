@@ -37,7 +37,7 @@ serve: setup
 # file, every interface, one process (one job queue). CLASS_LIST (one user name a line) creates CREDENTIALS
 # if missing. The cookie secret never goes on a command line: export WORKBENCH_COOKIE_SECRET, or name a
 # file (mode 600) in COOKIE_SECRET_FILE; neither: a new random one each start (everyone signs in again).
-# TLS: SSL_CERTFILE and SSL_KEYFILE (both).
+# TLS: SSL_CERTFILE and SSL_KEYFILE (both). ALLOW_HUB=1: students may name Hugging Face Hub models.
 CREDENTIALS      ?= classroom-users.json
 CLASS_LIST       ?=
 CLASS_HOST       ?= $(shell hostname)
@@ -45,6 +45,7 @@ CLASS_SECONDS    ?= 7200
 COOKIE_SECRET_FILE ?=
 SSL_CERTFILE     ?=
 SSL_KEYFILE      ?=
+ALLOW_HUB        ?=
 .PHONY: classroom
 classroom: setup
 	@if [ ! -e "$(CREDENTIALS)" ] && [ -n "$(CLASS_LIST)" ]; then \
@@ -52,7 +53,8 @@ classroom: setup
 	@$(SERVE_ENV) $(BIN)/python -m workbench.classroom serve \
 	  --credentials "$(CREDENTIALS)" --host "$(CLASS_HOST)" --port $(PORT) --session-seconds $(CLASS_SECONDS) \
 	  $(if $(COOKIE_SECRET_FILE),--cookie-secret-file "$(COOKIE_SECRET_FILE)") \
-	  $(if $(SSL_CERTFILE),--ssl-certfile "$(SSL_CERTFILE)" --ssl-keyfile "$(SSL_KEYFILE)")
+	  $(if $(SSL_CERTFILE),--ssl-certfile "$(SSL_CERTFILE)" --ssl-keyfile "$(SSL_KEYFILE)") \
+	  $(if $(ALLOW_HUB),--allow-hub)
 
 # Chromium for the browser tests (Debian/Ubuntu as root); fonts-unifont for glyph embeddings.
 browser:

@@ -101,6 +101,11 @@ def test_a_removed_student_or_a_new_password_ends_their_logins(tmp_path):
     assert sessions.user(a) is None and sessions.user(b) is None
     _creds(tmp_path, {"alice": "pw-a", "bob": "pw-b2"})               # back again: the old logins stay ended
     assert sessions.user(a) is None and sessions.user(b) is None
+    c, d = sessions.open("alice"), sessions.open("bob")
+    _creds(tmp_path, {"bob": "pw-b2"})                                 # alice removed ...
+    assert sessions.user(d) == "bob"                                    # ... seen at anyone's next request
+    _creds(tmp_path, {"alice": "pw-a", "bob": "pw-b2"})               # and back before her own next request
+    assert sessions.user(c) is None and sessions.user(d) == "bob"
 
 
 def test_logins_are_bounded_per_user(tmp_path):

@@ -262,6 +262,7 @@ def test_the_cookie_secret_is_in_no_command_line(tmp_path, monkeypatch, capsys):
     secret = "S3cr3t-" + "q" * 40
     monkeypatch.setenv("WORKBENCH_COOKIE_SECRET", secret)
     monkeypatch.setenv("PANEL_BASIC_AUTH", "pw")                     # would replace our sign-in: dropped
+    monkeypatch.delenv("WORKBENCH_ALLOW_HUB", raising=False)
     path, args, env, umask = _exec_of(monkeypatch, ["serve", "--credentials", str(creds), "--host", "h.local"])
     assert path == sys.executable == args[0]
     assert not any(secret in a for a in args)                         # ps shows nothing secret
@@ -269,6 +270,9 @@ def test_the_cookie_secret_is_in_no_command_line(tmp_path, monkeypatch, capsys):
     assert env["PANEL_COOKIE_SECRET"] == secret                       # Panel reads it from there
     assert "WORKBENCH_COOKIE_SECRET" not in env and "PANEL_BASIC_AUTH" not in env
     assert env["WORKBENCH_CREDENTIALS"] == str(creds.resolve()) and umask == 0o077
+    assert "WORKBENCH_ALLOW_HUB" not in env                            # Hub names: only when the teacher says so
+    assert _exec_of(monkeypatch, ["serve", "--credentials", str(creds), "--host", "h", "--allow-hub"]
+                    )[2]["WORKBENCH_ALLOW_HUB"] == "1"
     a = _panel_args(args)
     assert a.cookie_secret is None and a.auth_module == "apps/auth.py"
 
@@ -344,11 +348,11 @@ def test_make_classroom_runs_the_classroom_command():
             '--port 5011 --session-seconds 3600') in text
     assert secret not in out.stdout and "--cookie-secret " not in text and "cookie-secret-file" not in text
     out = subprocess.run(["make", "-n", "classroom", "CLASS_HOST=h.example", "COOKIE_SECRET_FILE=/srv/wb/secret",
-                          "SSL_CERTFILE=cert.pem", "SSL_KEYFILE=key.pem"], cwd=REPO, capture_output=True, text=True,
-                         timeout=60, env=env)
+                          "SSL_CERTFILE=cert.pem", "SSL_KEYFILE=key.pem", "ALLOW_HUB=1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60, env=env)
     text = " ".join(out.stdout.replace("\\\n", " ").split())
     assert out.returncode == 0 and secret not in out.stdout
-    assert '--cookie-secret-file "/srv/wb/secret" --ssl-certfile "cert.pem" --ssl-keyfile "key.pem"' in text
+    assert '--cookie-secret-file "/srv/wb/secret" --ssl-certfile "cert.pem" --ssl-keyfile "key.pem" --allow-hub' in text
 
 
 # ============================================================================ the Teacher page

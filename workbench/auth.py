@@ -77,6 +77,7 @@ class Credentials:
         self._stamp = None
         self._users: dict[str, str] = {}
         self.error: str | None = None
+        self.version = 0   # counts the reads of a changed file
         self.users()   # a broken file at start is logged at start
 
     def users(self) -> dict[str, str]:
@@ -96,6 +97,7 @@ class Credentials:
                     self._users, self.error = {}, str(e)
                     log.error("credentials unusable, nobody can sign in until it is fixed: %s", e)
                 self._stamp = stamp
+                self.version += 1
             return self._users
 
     def check(self, user: str, password: str) -> bool:
@@ -138,6 +140,20 @@ class Sessions:
         self._clock = clock
         self._lock = threading.Lock()
         self._logins: dict[str, _Login] = {}
+        self._seen = credentials.version
+
+    def _sweep(self) -> None:
+        """After the credentials file changed: end every login whose user left it or changed password, so
+        that adding them back later does not revive an old cookie."""
+        self.credentials.users()
+        if self.credentials.version == self._seen:
+            return
+        with self._lock:
+            self._seen = self.credentials.version
+            logins = list(self._logins.items())
+        for sid, login in logins:
+            if self.credentials.fingerprint(login.user) != login.fingerprint:
+                self.revoke(sid)
 
     def open(self, user: str) -> str:
         """A new login of ``user`` (who must be in the credentials file): its id, for the signed cookie."""
@@ -160,6 +176,7 @@ class Sessions:
         the same password, and the same as ``claimed`` when given); else None (and the login is dropped)."""
         if not isinstance(sid, str):
             return None
+        self._sweep()
         with self._lock:
             login = self._logins.get(sid)
         if login is None:

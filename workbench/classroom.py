@@ -437,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
                         "else a new random one (never on the command line)")
     s.add_argument("--ssl-certfile", default=None, help="serve over TLS with this certificate (PEM)")
     s.add_argument("--ssl-keyfile", default=None, help="... and this private key (PEM, mode 600)")
+    s.add_argument("--allow-hub", action="store_true",
+                   help="let students name Hugging Face Hub models (sets WORKBENCH_ALLOW_HUB=1; default: the "
+                        "model folders only)")
     s.add_argument("--apps", default="apps/")
     s.add_argument("--print", action="store_true", help="print the command line and exit")
     args = parser.parse_args(argv)
@@ -462,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         env = serve_environment(args.credentials, cookie_secret=secret, session_seconds=args.session_seconds,
                                 tls=bool(args.ssl_certfile))
         env.pop("WORKBENCH_COOKIE_SECRET", None)
+        if args.allow_hub:
+            env["WORKBENCH_ALLOW_HUB"] = "1"
         teachers_ = teachers()
     except (ValueError, ClassroomError, OSError) as e:
         print(f"classroom: {e}", file=sys.stderr)
