@@ -24,7 +24,8 @@ __all__ = ["data", "models", "train", "evaluate", "TrainConfig", "Run", "Callbac
 
 _LAZY = {"growth", "residual", "lmc", "collapse", "compose", "figures", "store", "training", "sampling", "interop",
          "flops", "permute", "hooks", "adapters", "recipes", "checks", "roots", "jobs", "sweeps", "classroom",
-         "grokking", "scaling", "unroll", "learngene", "lenses"}
+         "attention", "tracing",
+         "grokking", "scaling", "unroll", "learngene", "lenses", "depthlab", "earlyexit"}
 
 
 def __getattr__(name: str):

@@ -78,6 +78,7 @@ def _check_exportable(model) -> None:
     cfg = model.config
     if cfg.norm != "pre":
         why = ("GPT-2 blocks have no LayerNorm after the attention and MLP outputs (Peri-LN)" if cfg.norm == "peri"
+               else "GPT-2 blocks have no 1/sqrt(l) LayerNorm Scaling" if cfg.norm == "lns"
                else "GPT-2 blocks always normalise the input of attention and MLP")
         raise ValueError(f"a norm={cfg.norm!r} model cannot be exported to GPT-2: {why}; only norm='pre' models "
                          "export exactly")

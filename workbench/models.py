@@ -53,7 +53,7 @@ from .checks import (check_bool, check_choice, check_features, check_float, chec
 
 __all__ = [
     "HookPoint", "MLPConfig", "TransformerConfig", "ResidualMLP", "Transformer",
-    "MLPBlock", "TransformerBlock", "Family", "FAMILIES", "family_of", "build", "config_from_dict", "config_to_dict",
+    "MLPBlock", "TransformerBlock", "ScaledLayerNorm", "Family", "FAMILIES", "family_of", "build", "config_from_dict", "config_to_dict",
     "glyph_images", "glyph_embedding", "count_params", "config_for", "estimate_memory", "check_memory",
     "max_model_mb", "NOMINAL_BATCH", "GATE_BUFFERS", "FixedReadout", "simplex_etf_rows", "ebv_rows", "welch_bound",
 ]
@@ -165,7 +165,8 @@ class MLPConfig:
     d_model: int = 128        # width of the residual stream
     n_layers: int = 2         # number of residual blocks
     d_hidden: int = 256       # hidden units inside each block
-    norm: str = "pre"         # "pre": x + f(LN(x)); "peri": x + LN(f(LN(x))); "none": x + f(x)
+    norm: str = "pre"         # "pre": x + f(LN(x)); "peri": x + LN(f(LN(x))); "none": x + f(x);
+    #                           "lns": x + f(LN(x) / sqrt(l)) (LayerNorm Scaling, l the 1-based block index)
     activation: str = "relu"  # "relu" or "gelu"
     seed: int = 0             # initialisation seed
     layer_widths: list[int] | None = None  # per-block hidden units after growth.widen; None: d_hidden each
@@ -174,7 +175,7 @@ class MLPConfig:
     ebv_threshold: float = 0.05  # "ebv": pairwise |cos| of the head's rows pushed below this (seeded descent)
 
     family = "mlp"            # key in FAMILIES (a class attribute, not a field)
-    CHOICES = MappingProxyType({"norm": ("none", "peri", "pre"), "activation": ("gelu", "relu"),
+    CHOICES = MappingProxyType({"norm": ("lns", "none", "peri", "pre"), "activation": ("gelu", "relu"),
                                 "classifier": ("ebv", "etf", "learned")})  # string fields
     data_kind = "vector"      # the Dataset.kind this family takes
 
@@ -263,7 +264,8 @@ class TransformerConfig:
     n_layers: int = 2               # number of blocks
     n_heads: int = 4                # attention heads; d_model must be divisible by it
     d_mlp: int = 512                # hidden units of each MLP
-    norm: str = "pre"               # "pre": x + f(LN(x)); "peri": x + LN(f(LN(x))) (Peri-LN); "none": no LayerNorm
+    norm: str = "pre"               # "pre": x + f(LN(x)); "peri": x + LN(f(LN(x))) (Peri-LN); "none": no LayerNorm;
+    #                                 "lns": x + f(LN(x) / sqrt(l)) (LayerNorm Scaling, l the 1-based block index)
     tie_embeddings: bool = False    # readout weight shared with the token embedding
     embedding: str = "trainable"    # "trainable", "frozen-random" (seeded) or "glyph" (frozen)
     vocab: list[str] | None = None  # token strings; needed for "glyph" embeddings
@@ -272,7 +274,8 @@ class TransformerConfig:
     layer_widths: list[int] | None = None  # per-block MLP hidden units after growth.widen; None: d_mlp each
 
     family = "transformer"          # key in FAMILIES (a class attribute, not a field)
-    CHOICES = MappingProxyType({"norm": ("none", "peri", "pre"), "embedding": ("frozen-random", "glyph", "trainable")})
+    CHOICES = MappingProxyType({"norm": ("lns", "none", "peri", "pre"),
+                                "embedding": ("frozen-random", "glyph", "trainable")})
     data_kind = "sequence"          # the Dataset.kind this family takes
 
     def validate(self) -> "TransformerConfig":
@@ -421,6 +424,41 @@ def _norm(d: int, kind: str) -> nn.Module:
     return nn.LayerNorm(d) if kind != "none" else nn.Identity()
 
 
+class ScaledLayerNorm(nn.LayerNorm):
+    """LayerNorm Scaling (Sun et al. 2025, "The Curse of Depth"): ``LN(x) * depth_scale`` with
+    ``depth_scale = 1 / sqrt(l)``, ``l`` the 1-based index of the block it sits in.
+
+    ``depth_scale`` is a 0-d buffer (in the state dict, so a checkpoint keeps it) fixed when the block
+    is placed: a block keeps its scale when blocks are inserted below it or removed, so growth with
+    a zero block stays function preserving and removing a block equals skipping it. A block made by
+    ``new_block()`` is placed by the model's ``sync_config()`` (``pending``); see
+    ``docs/definitions.md#layernorm-scaling``.
+    """
+
+    def __init__(self, d: int, layer: int = 0):
+        super().__init__(d)
+        self.register_buffer("depth_scale", torch.tensor(1.0 / math.sqrt(layer + 1)))
+        self.pending = False
+
+    def place(self, layer: int) -> None:
+        """Set ``depth_scale = 1 / sqrt(layer + 1)`` (``layer`` 0-based) and clear ``pending``."""
+        self.depth_scale.fill_(1.0 / math.sqrt(layer + 1))
+        self.pending = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.depth_scale
+
+
+def _block_norm(d: int, kind: str, layer: int | None) -> nn.Module:
+    """The norm in front of a block's sublayer: ``"lns"`` scales it by ``1/sqrt(layer + 1)``; ``layer=None``:
+    not placed yet (scale of layer 0 until ``sync_config`` places it)."""
+    if kind != "lns":
+        return _norm(d, kind)
+    norm = ScaledLayerNorm(d, layer or 0)
+    norm.pending = layer is None
+    return norm
+
+
 # The fade-in gate of a block, as persistent buffers (so state_dict(), hence every checkpoint,
 # holds them), with the values of a block that is not fading: gate 1, no ramp. A state dict
 # saved before these buffers existed loads as "fully faded in".
@@ -522,7 +560,8 @@ class _GatedBlock(nn.Module):
     def zero_output_(self) -> "_GatedBlock":
         """Make the block add exactly 0 to the stream (function preserving), in place; returns it.
 
-        Pre-LN / no norm: zero the output projections (weights and biases). Peri-LN: the
+        Pre-LN, LayerNorm Scaling (``"lns"``) and no norm: zero the output projections (weights and
+        biases). Peri-LN: the
         output passes through a LayerNorm, and ``LN(0) = bias``, so zero the output norms'
         gains and biases instead (the projections keep their init so that the gains receive a
         gradient from the first step).
@@ -547,10 +586,10 @@ class _GatedBlock(nn.Module):
 class MLPBlock(_GatedBlock):
     """``x + s * post_norm(proj(act(fc(pre_norm(x)))))``; ``s = residual_scale`` (1 unless fading in)."""
 
-    def __init__(self, cfg: MLPConfig, d_hidden: int | None = None):  # d_hidden: this block's width
-        super().__init__()
+    def __init__(self, cfg: MLPConfig, d_hidden: int | None = None, layer: int | None = None):
+        super().__init__()  # d_hidden: this block's width; layer: its index (the "lns" scale)
         h = cfg.d_hidden if d_hidden is None else d_hidden
-        self.pre_norm = _norm(cfg.d_model, cfg.norm)
+        self.pre_norm = _block_norm(cfg.d_model, cfg.norm, layer)
         self.fc = nn.Linear(cfg.d_model, h)
         self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
         self.proj = nn.Linear(h, cfg.d_model)
@@ -660,15 +699,16 @@ class TransformerMLP(nn.Module):
 
 
 class TransformerBlock(_GatedBlock):
-    """Pre-LN: ``x + attn(LN(x))``; Peri-LN: ``x + LN(attn(LN(x)))``; then the same for the MLP."""
+    """Pre-LN: ``x + attn(LN(x))``; Peri-LN: ``x + LN(attn(LN(x)))``; LNS: ``x + attn(LN(x) / sqrt(l))``;
+    then the same for the MLP."""
 
-    def __init__(self, cfg: TransformerConfig, d_mlp: int | None = None):
-        super().__init__()
+    def __init__(self, cfg: TransformerConfig, d_mlp: int | None = None, layer: int | None = None):
+        super().__init__()  # layer: the block's index (the "lns" scale)
         peri = cfg.norm == "peri"
-        self.ln1 = _norm(cfg.d_model, cfg.norm)  # "none": nn.Identity
+        self.ln1 = _block_norm(cfg.d_model, cfg.norm, layer)  # "none": nn.Identity
         self.attn = CausalSelfAttention(cfg)
         self.ln1_post = nn.LayerNorm(cfg.d_model) if peri else nn.Identity()
-        self.ln2 = _norm(cfg.d_model, cfg.norm)
+        self.ln2 = _block_norm(cfg.d_model, cfg.norm, layer)
         self.mlp = TransformerMLP(cfg, d_mlp)
         self.ln2_post = nn.LayerNorm(cfg.d_model) if peri else nn.Identity()
         self._init_gate()  # gate m of MSG-style fade-in
@@ -759,6 +799,10 @@ class _ResidualModel(nn.Module):
         base = getattr(self.config, "d_hidden", None) or self.config.d_mlp
         self.config = dataclasses.replace(self.config, n_layers=len(self.blocks), layer_widths=None if all(
             w == base for w in widths) else widths).validate()
+        for i, blk in enumerate(self.blocks):  # "lns": a block made by new_block() gets its position's scale
+            for norm in blk.modules():
+                if isinstance(norm, ScaledLayerNorm) and norm.pending:
+                    norm.place(i)
 
     # -- family knowledge
 
@@ -887,7 +931,7 @@ class ResidualMLP(_ResidualModel):
         self.config = cfg.validate()
         self.stem = nn.Linear(cfg.d_in, cfg.d_model)
         self.embed_out = HookPoint()
-        self.blocks = nn.ModuleList(MLPBlock(cfg, h) for h in layer_widths(cfg))
+        self.blocks = nn.ModuleList(MLPBlock(cfg, h, layer=i) for i, h in enumerate(layer_widths(cfg)))
         self.final_norm = _norm(cfg.d_model, cfg.norm)
         self.features = HookPoint()
         self.readout = FixedReadout.of(cfg) if cfg.classifier != "learned" else nn.Linear(cfg.d_model, cfg.n_classes)
@@ -943,7 +987,7 @@ class Transformer(_ResidualModel):
         self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.context, cfg.d_model)
         self.embed_out, self.pos_embed_out = HookPoint(), HookPoint()
-        self.blocks = nn.ModuleList(TransformerBlock(cfg, m) for m in layer_widths(cfg))
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, m, layer=i) for i, m in enumerate(layer_widths(cfg)))
         self.final_norm = _norm(cfg.d_model, cfg.norm)  # "none": nn.Identity (no LayerNorm anywhere)
         self.features = HookPoint()
         self.readout = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

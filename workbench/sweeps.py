@@ -91,11 +91,13 @@ def _load(dataset: str, data_options) -> Any:
 def train_task(dataset: str = "digits", *, seed: int = 0, steps: int = 100, lr: float = 1e-3, batch_size: int = 64,
                eval_max: int = 0, d_model: int | None = None, n_layers: int | None = None,
                d_hidden: int | None = None, n_heads: int | None = None, d_mlp: int | None = None,
-               data_options: dict | None = None) -> dict:
+               data_options: dict | None = None, effective_depth: bool = False) -> dict:
     """One model trained from ``seed`` (initialisation and data order) for ``steps``: final train/val loss and acc.
 
     The model is the family's fit for the dataset (:func:`workbench.models.config_for`) with the
     size options given (``d_hidden`` for MLPs, ``n_heads``/``d_mlp`` for Transformers).
+    ``effective_depth=True`` adds ``effective_depth`` and ``effective_depth_ratio``
+    (:func:`workbench.depthlab.effective_depth` on the first 256 validation examples, scored tokens only).
     """
     from . import models
     from .training import TrainConfig, train
@@ -107,6 +109,13 @@ def train_task(dataset: str = "digits", *, seed: int = 0, steps: int = 100, lr: 
     run = train(models.build(cfg), ds, tc, callbacks=[jobs.TrainProgress()])
     rows = [{"metric": f"{split}_{m}", "value": run.final(m, split)} for split in ("train", "val")
             for m in ("loss", "acc")]
+    if checks.check_bool("effective_depth", effective_depth):
+        from . import depthlab
+
+        x, y = ds.x_val[:256], ds.y_val[:256]
+        eff = depthlab.effective_depth(run.model, x, y=y, mask=(y != -100) if y.shape == x.shape else None)
+        rows += [{"metric": "effective_depth", "value": eff["effective_depth"]},
+                 {"metric": "effective_depth_ratio", "value": eff["ratio"]}]
     return {"status": _status(run.status), "rows": rows}
 
 
@@ -253,10 +262,10 @@ _SIZE_CHECKS = {"d_model": _opt(_int(1, 8192)), "n_layers": _opt(_int(0, 256)), 
                 "n_heads": _opt(_int(1, 256)), "d_mlp": _opt(_int(1, 65536))}
 _TRAIN_CHECKS = {"dataset": _dataset_name, "seed": checks.check_seed, "steps": _int(1, MAX_STEPS),
                  "lr": _float(0, 10, lo_open=True), "batch_size": _int(1, 1_000_000), "eval_max": _int(0, 100_000_000),
-                 "data_options": _options, **_SIZE_CHECKS}
+                 "data_options": _options, "effective_depth": checks.check_bool, **_SIZE_CHECKS}
 _CHECKS: dict[str, dict[str, Callable]] = {
     "train": _TRAIN_CHECKS,
-    "barrier": {**{k: v for k, v in _TRAIN_CHECKS.items() if k != "eval_max"}, "seed_b": _opt(checks.check_seed),
+    "barrier": {**{k: v for k, v in _TRAIN_CHECKS.items() if k not in ("eval_max", "effective_depth")}, "seed_b": _opt(checks.check_seed),
                 "n_alphas": _int(2, 1001),
                 "split": lambda n, v: checks.check_choice(n, v, ("train", "val")), "max_examples": _int(0, None)},
     "collapse": {"dataset": lambda n, v: checks.check_choice(n, v, ("digits", "mnist1d")), "seed": checks.check_seed,
