@@ -2,6 +2,7 @@
 argument parser), the Panel version gate, the Teacher page driven in Python (a real JobQueue and
 RunStore, a fake signed-in user), and one bounded real server with --basic-auth on 127.0.0.1."""
 import argparse
+import http.client
 import json
 import os
 import re
@@ -606,6 +607,64 @@ def test_signed_in_server_refuses_an_unauthenticated_request(tmp_path):
         ok = post(passwords["ann"])                                      # signed in: redirected with a cookie
         assert ok.code == 302
         assert "user=" in ", ".join(ok.headers.get_all("Set-Cookie") or [])
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not shutil.which("openssl"), reason="makes a self-signed certificate with openssl")
+def test_tls_serving_sets_secure_cookies(tmp_path):
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    os.chmod(key, 0o600)
+    classroom.check_tls_files(cert, key)
+    app = tmp_path / "app.py"
+    app.write_text("import panel as pn\npn.panel('the-secret-page').servable()\n")
+    creds = tmp_path / "users.json"
+    passwords = classroom.make_credentials(["ann"], creds)
+    port = _free_port()
+    cmd = classroom.serve_command(host="127.0.0.1", port=port, apps=str(app), python=sys.executable,
+                                  auth_module=os.path.join(REPO, "apps", "auth.py"), ssl_certfile=str(cert),
+                                  ssl_keyfile=str(key))
+    cmd[cmd.index("0.0.0.0")] = "127.0.0.1"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PANEL_", "WORKBENCH_"))}
+    env = classroom.serve_environment(creds, cookie_secret=classroom.new_cookie_secret(), tls=True, base=base)
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+    opener = urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=context))
+    url = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                form = opener.open(f"{url}/login", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None, server.stderr.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "panel serve did not start within 90 s"
+                time.sleep(0.5)
+        assert "secure" in form.headers.get("Set-Cookie").lower()          # even the form's token cookie
+        token = re.search(r'name="_xsrf" value="([^"]+)"', form.read().decode()).group(1)
+        xsrf = re.search(r"workbench_xsrf=([^;]+)", form.headers.get("Set-Cookie")).group(1)
+        body = urllib.parse.urlencode({"username": "ann", "password": passwords["ann"], "_xsrf": token}).encode()
+        req = urllib.request.Request(f"{url}/login", data=body, headers={"Cookie": f"workbench_xsrf={xsrf}",
+                                                                          "Origin": url})
+        with pytest.raises(urllib.error.HTTPError) as ok:
+            opener.open(req, timeout=10)
+        assert ok.value.code == 302
+        cookies = [c.lower() for c in ok.value.headers.get_all("Set-Cookie")]
+        signed_in = [c for c in cookies if c.startswith(("user=", "workbench_session="))]
+        assert len(signed_in) == 2
+        assert all("; secure" in c and "httponly" in c and "samesite=strict" in c for c in signed_in)
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=10).read()   # no plain HTTP
     finally:
         server.kill()
         server.wait(timeout=30)
