@@ -12,6 +12,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .safe import builder
+
 __all__ = ["pattern_figure", "score_map", "scores_across"]
 
 _LAYOUT = dict(template="plotly_white", margin=dict(l=70, r=20, t=60, b=60))
@@ -36,6 +38,7 @@ def _axis_labels(frame: pd.DataFrame, position: str, token: str, n: int) -> list
     return [f"{i}:{''.join(_SHOW.get(c, c) for c in names[i])}" if i in names else str(i) for i in range(n)]
 
 
+@builder
 def pattern_figure(frame: pd.DataFrame | None, title: str = "") -> go.Figure:
     """The attention pattern viewer: query (y, top to bottom) x key (x) per head, a menu to pick the head.
 
@@ -75,6 +78,7 @@ def _map(df: pd.DataFrame) -> tuple[np.ndarray, list[int], list[int]]:
     return grid.to_numpy(float), [int(i) for i in grid.index], [int(c) for c in grid.columns]
 
 
+@builder
 def score_map(scores: pd.DataFrame | None, kind: str | None = None, title: str = "") -> go.Figure:
     """Heads (x) x layers (y) heat-map of the ``kind`` score (``None``: one panel per score kind).
 
@@ -100,6 +104,7 @@ def score_map(scores: pd.DataFrame | None, kind: str | None = None, title: str =
     return fig
 
 
+@builder
 def scores_across(frame: pd.DataFrame | None, kind: str = "induction", column: str | None = None,
                   title: str = "") -> go.Figure:
     """The ``kind`` score across stages or checkpoints: one line per layer, the best head of that layer

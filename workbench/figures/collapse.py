@@ -12,6 +12,8 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
+from .safe import builder
+
 __all__ = ["nc_curves", "layer_curves", "minority_curve", "simplex_3d", "gram_heatmaps", "head_gram_heatmaps",
            "mixup_geometry", "FLOOR"]
 
@@ -48,6 +50,7 @@ def _final_site(table: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
+@builder
 def nc_curves(table: pd.DataFrame | None, x: str = "epoch", title: str = "Neural collapse over training",
               terminal_phase: bool = True) -> go.Figure:
     """Four log-scale panels (NC1..NC4) against ``x`` from a tracker table (site ``features``).
@@ -90,6 +93,7 @@ def nc_curves(table: pd.DataFrame | None, x: str = "epoch", title: str = "Neural
     return fig
 
 
+@builder
 def layer_curves(table: pd.DataFrame | None, metric: str = "nc1", max_lines: int = 8,
                  title: str | None = None, by: str = "epoch") -> go.Figure:
     """``metric`` (log scale) against layer, one line per value of ``by`` (light = early, dark = late).
@@ -122,6 +126,7 @@ def layer_curves(table: pd.DataFrame | None, metric: str = "nc1", max_lines: int
     return fig
 
 
+@builder
 def minority_curve(table: pd.DataFrame | None, title: str = "Minority collapse") -> go.Figure:
     """Mean pairwise cosine of the minority classes' classifier rows against epoch (linear axis).
 
@@ -144,6 +149,7 @@ def minority_curve(table: pd.DataFrame | None, title: str = "Minority collapse")
     return fig
 
 
+@builder
 def simplex_3d(view: pd.DataFrame | None, title: str = "Class means (PCA) and the ideal simplex",
                class_names: list[str] | None = None, counts=None) -> go.Figure:
     """3-D scatter of the class means next to the Procrustes-aligned simplex (``collapse.simplex_view``).
@@ -176,6 +182,7 @@ def simplex_3d(view: pd.DataFrame | None, title: str = "Class means (PCA) and th
     return fig
 
 
+@builder
 def gram_heatmaps(geometry: dict | None, title: str = "Gram matrices against the simplex ETF") -> go.Figure:
     """Heat-maps of the means' cosine Gram matrix, the ideal ETF's, and (if present) the classifier rows'.
 
@@ -202,6 +209,7 @@ _HEAD_NAMES = {"learned": "learned head", "etf": "fixed simplex-ETF head", "ebv"
 _TARGET_NAMES = {"learned": "simplex ETF (collapse target)", "etf": "simplex ETF", "ebv": "identity (|cos| ≤ threshold)"}
 
 
+@builder
 def head_gram_heatmaps(head: dict | None, title: str | None = None) -> go.Figure:
     """The classifier rows' cosines next to the Gram matrix the head aims at, and their difference.
 
@@ -228,6 +236,7 @@ def head_gram_heatmaps(head: dict | None, title: str | None = None) -> go.Figure
     return fig
 
 
+@builder
 def mixup_geometry(table: pd.DataFrame | None, title: str = "Features of mixed examples on the plane of "
                    "three classifier rows") -> go.Figure:
     """Fisher, Meng and Papyan's (2024) view from a ``collapse.mixup_geometry`` table.

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
+from .safe import builder
+
 __all__ = ["domain_heatmap", "gate_weights", "cosine_matrix", "knob_curve", "sequential_curve"]
 
 _SCALES = {"loss": "RdYlGn_r", "acc": "RdYlGn"}  # green is good in both
 
 
+@builder
 def domain_heatmap(table: pd.DataFrame | None, metric: str = "loss", title: str = "") -> go.Figure:
     """Heat-map of ``metric`` for every model (rows: specialists, then merges, then references) on every domain.
 
@@ -38,6 +41,7 @@ def domain_heatmap(table: pd.DataFrame | None, metric: str = "loss", title: str 
     return fig
 
 
+@builder
 def gate_weights(weights: pd.DataFrame | None, title: str = "") -> go.Figure:
     """Stacked bars: the weight of each member at each position of a text.
 
@@ -57,6 +61,7 @@ def gate_weights(weights: pd.DataFrame | None, title: str = "") -> go.Figure:
     return fig
 
 
+@builder
 def cosine_matrix(table: pd.DataFrame | None, title: str = "") -> go.Figure:
     """Heat-map of the cosine of every pair of task vectors (tidy ``a, b, cosine`` from ``compose.task_cosines``)."""
     fig = go.Figure()
@@ -73,6 +78,7 @@ def cosine_matrix(table: pd.DataFrame | None, title: str = "") -> go.Figure:
     return fig
 
 
+@builder
 def knob_curve(table: pd.DataFrame | None, metric: str = "acc", title: str = "") -> go.Figure:
     """``metric`` on each domain, and their mean (thick), against a merge's knob (tidy table of ``compose.sweep``)."""
     fig = go.Figure()
@@ -90,6 +96,7 @@ def knob_curve(table: pd.DataFrame | None, metric: str = "acc", title: str = "")
     return fig
 
 
+@builder
 def sequential_curve(table: pd.DataFrame | None, metric: str = "acc", title: str = "") -> go.Figure:
     """Mean ``metric`` over the tasks seen so far against the number of merged tasks, one line per method.
 

@@ -11,6 +11,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .safe import builder
+
 __all__ = ["loss_curves", "fourier_heatmap", "measure_curves", "threshold_curve", "PHASE_COLOURS"]
 
 _LAYOUT = dict(template="plotly_white", margin=dict(l=55, r=20, t=60, b=40))
@@ -40,6 +42,7 @@ def _phase_spans(phases: dict | None) -> list[tuple[str, float, float]]:
     return [(n, a, b) for n, a, b in spans if b > a]
 
 
+@builder
 def loss_curves(metrics: pd.DataFrame | None, phases: dict | None = None,
                 title: str = "Grokking: train and validation loss") -> go.Figure:
     """Train/val loss (log-log, steps from 1) and accuracy, the phases shaded (``phases`` from the engine)."""
@@ -65,6 +68,7 @@ def loss_curves(metrics: pd.DataFrame | None, phases: dict | None = None,
     return fig
 
 
+@builder
 def fourier_heatmap(metrics: pd.DataFrame | None, title: str = "Fourier norms of the embedding") -> go.Figure:
     """Heat-map: frequency k (rows) x measured step (columns), colour the norm of frequency k in ``W_E``."""
     if metrics is None or not len(metrics):
@@ -85,6 +89,7 @@ _MEASURES = [("restricted_loss", "restricted loss (key frequencies only, all pai
              ("sum_sq_weights", "sum of squared weights", 2)]
 
 
+@builder
 def measure_curves(metrics: pd.DataFrame | None, phases: dict | None = None,
                    title: str = "Progress measures") -> go.Figure:
     """Restricted and excluded loss (log y) and the sum of squared weights against step, phases shaded."""
@@ -109,6 +114,7 @@ def measure_curves(metrics: pd.DataFrame | None, phases: dict | None = None,
     return fig
 
 
+@builder
 def threshold_curve(table: pd.DataFrame | None, critical: float = 2.75, reported: dict | None = None,
                     title: str = "Test accuracy against n / (M ln M)") -> go.Figure:
     """Test (and train) accuracy against the ratio, the critical line at ``critical``; ``reported``

@@ -8,6 +8,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .safe import builder
+
 __all__ = ["stage_boundaries", "growth_curves", "block_strip", "compare_curves", "depth_sweep_figure", "glyph_grid",
            "eta_trace", "width_depth_timeline"]
 
@@ -37,6 +39,7 @@ def _add_boundaries(fig, metrics, x, rows_cols):
                            xanchor="left", yanchor="bottom", row=1, col=1)
 
 
+@builder
 def growth_curves(metrics: pd.DataFrame, x: str = "step", title: str = "") -> go.Figure:
     """Loss (log) and accuracy against ``x`` (``"step"`` or ``"flops"``), stage boundaries dotted."""
     if x not in ("step", "flops"):
@@ -69,6 +72,7 @@ def _fmt(n: float) -> str:
     return f"{int(n)}"
 
 
+@builder
 def block_strip(blocks: pd.DataFrame, title: str = "") -> go.Figure:
     """The model as a strip of boxes, embedding -> blocks -> head; frozen parts shaded.
 
@@ -98,6 +102,7 @@ def block_strip(blocks: pd.DataFrame, title: str = "") -> go.Figure:
     return fig
 
 
+@builder
 def compare_curves(metrics: pd.DataFrame, target_loss: float | None = None, title: str = "") -> go.Figure:
     """Validation loss against training FLOPs for grown and scratch (``method`` column), target dashed."""
     fig = go.Figure()
@@ -118,6 +123,7 @@ def compare_curves(metrics: pd.DataFrame, target_loss: float | None = None, titl
     return fig
 
 
+@builder
 def depth_sweep_figure(sweep: pd.DataFrame, metric: str = "acc", split: str = "val", title: str = "") -> go.Figure:
     """``metric`` against depth, one line per task (mean over seeds, seeds as markers)."""
     fig = go.Figure()
@@ -133,6 +139,7 @@ def depth_sweep_figure(sweep: pd.DataFrame, metric: str = "acc", split: str = "v
     return fig
 
 
+@builder
 def glyph_grid(images, labels, columns: int = 12, title: str = "") -> go.Figure:
     """Glyph bitmaps ``(V, H, W)`` (e.g. :func:`workbench.models.glyph_images`) as a grid of small images."""
     import numpy as np
@@ -158,6 +165,7 @@ def glyph_grid(images, labels, columns: int = 12, title: str = "") -> go.Figure:
     return fig
 
 
+@builder
 def eta_trace(trace: pd.DataFrame, tau: float | None = None, title: str = "") -> go.Figure:
     """The natural expansion score at every check of ``grow(criterion="natural")``.
 
@@ -196,6 +204,7 @@ def eta_trace(trace: pd.DataFrame, tau: float | None = None, title: str = "") ->
     return fig
 
 
+@builder
 def width_depth_timeline(timeline: pd.DataFrame, title: str = "") -> go.Figure:
     """Depth (blocks) and total MLP width (hidden units over all blocks) against step, as steps.
 

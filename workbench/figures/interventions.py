@@ -10,10 +10,12 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from .residual import token_labels
+from .safe import builder
 
 __all__ = ["output_change_figure"]
 
 
+@builder
 def output_change_figure(df: pd.DataFrame | None, tokens: list[str] | None = None, title: str = "") -> go.Figure:
     """KL(p || p') and ||p - p'||_2 of the output distribution at each position (grouped bars)."""
     title = title or "Change of the output distribution"

@@ -7,6 +7,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .safe import builder
+
 __all__ = ["r2_bars", "expansion_curves"]
 
 _LAYOUT = dict(template="plotly_white", margin=dict(l=55, r=20, t=50, b=45), legend=dict(orientation="h", y=-0.25))
@@ -18,6 +20,7 @@ def _empty(fig: go.Figure, text: str) -> go.Figure:
     return fig
 
 
+@builder
 def r2_bars(table: pd.DataFrame | None, title: str = "") -> go.Figure:
     """``Learngene.table()``: r2 of ``W_l = W_base + (l/L) W_slope`` per block parameter."""
     fig = go.Figure()
@@ -32,6 +35,7 @@ def r2_bars(table: pd.DataFrame | None, title: str = "") -> go.Figure:
     return fig
 
 
+@builder
 def expansion_curves(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     """``learngene.expansion`` table: validation accuracy and loss against depth, learngene vs random
     (mean over seeds; the loss at initialisation dotted)."""

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .residual import _LAYOUT, _empty, token_labels
+from .safe import builder
 
 __all__ = ["LENS_COLORS", "lens_comparison_figure", "lens_token_heatmap", "lens_diagnostics_figure"]
 
@@ -37,6 +38,7 @@ def _lines(fig: go.Figure, df: pd.DataFrame, column: str, row: int, col: int, le
                                  showlegend=legend, line=dict(color=LENS_COLORS.get(name))), row=row, col=col)
 
 
+@builder
 def lens_comparison_figure(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     """KL(final || lens) (left) and top-1 agreement with the model (right) per layer, one line per lens.
 
@@ -63,6 +65,7 @@ def _token_text(ids, vocab: list[str] | None) -> list[str]:
     return [show.get(vocab[int(i)], vocab[int(i)]) if 0 <= int(i) < len(vocab) else str(int(i)) for i in ids]
 
 
+@builder
 def lens_token_heatmap(tokens: pd.DataFrame | None, commitment: pd.DataFrame | None = None, lens: str = "logit",
                        batch: int = 0, criterion: str = "top1", vocab: list[str] | None = None,
                        input_tokens: list[str] | None = None, strip: str = "under", title: str = "") -> go.Figure:
@@ -132,6 +135,7 @@ _DIAG_TITLES = {"topk_agree": "model top-1 within lens top-k", "kurtosis": "exce
                 "autocorr": "adjacent positions with the same lens top-1", "eff_dim": "effective dimension of the map"}
 
 
+@builder
 def lens_diagnostics_figure(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     """Fidelity diagnostics per layer (2 x 2 panels), one line per lens.
 

@@ -6,6 +6,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .safe import builder
+
 __all__ = ["connectivity_curves", "barrier_table", "layerwise_bars", "instability_plot", "plane_contour",
            "transport_map", "fusion_vs_reg", "layerwise_heatmap", "cumulative_barriers"]
 
@@ -22,6 +24,7 @@ def _empty(title: str, height: int = 340) -> go.Figure:
     return fig
 
 
+@builder
 def connectivity_curves(curves: pd.DataFrame | None, title: str = "") -> go.Figure:
     """Loss and error against alpha: one colour per method (``method`` column, optional), solid val, dashed train."""
     if curves is None or not len(curves):
@@ -61,6 +64,7 @@ def barrier_table(barriers: pd.DataFrame, split: str = "val") -> pd.DataFrame:
     return table.round(4).reset_index()
 
 
+@builder
 def layerwise_bars(layerwise: pd.DataFrame | None, metric: str = "loss", definition: str = "linear",
                    title: str = "") -> go.Figure:
     """Barrier when only one group is interpolated, the rest from A (and from B)."""
@@ -75,6 +79,7 @@ def layerwise_bars(layerwise: pd.DataFrame | None, metric: str = "loss", definit
     return fig
 
 
+@builder
 def instability_plot(instability: pd.DataFrame | None, title: str = "") -> go.Figure:
     """Error and loss barrier between two children against the step where they were spawned."""
     if instability is None or not len(instability):
@@ -93,6 +98,7 @@ def instability_plot(instability: pd.DataFrame | None, title: str = "") -> go.Fi
     return fig
 
 
+@builder
 def plane_contour(plane, title: str = "") -> go.Figure:
     """Contour of the loss over the plane through three models (a :class:`workbench.lmc.Plane`)."""
     if plane is None:
@@ -116,6 +122,7 @@ ALIGN_DASH = {"none": "dot", "weights": "solid"}
 ALIGN_LABELS = {"none": "before alignment", "weights": "after weight matching"}
 
 
+@builder
 def transport_map(coupling, name: str = "", title: str = "") -> go.Figure:
     """Heat-map of one coupling (rows: A's units, columns: B's units), scaled by ``n`` so that a hard
     (permutation) map has entries 0 and 1 and the uniform map ``1/n``."""
@@ -130,6 +137,7 @@ def transport_map(coupling, name: str = "", title: str = "") -> go.Figure:
     return fig
 
 
+@builder
 def fusion_vs_reg(table: pd.DataFrame | None, metric: str = "loss", title: str = "") -> go.Figure:
     """Loss of the fused model against the Sinkhorn ``reg`` (log axis), with horizontal lines for
     vanilla averaging, EMD and the two parents (the table of :func:`workbench.lmc.fusion_curve`)."""
@@ -154,6 +162,7 @@ def fusion_vs_reg(table: pd.DataFrame | None, metric: str = "loss", title: str =
     return fig
 
 
+@builder
 def layerwise_heatmap(curves: pd.DataFrame | None, base: str = "A", metric: str = "loss", title: str = "") -> go.Figure:
     """Layers x alpha heat-map of ``metric`` when only that layer moves (single-layer paths of
     :func:`workbench.lmc.layerwise_curves`), one panel per ``alignment`` (column optional)."""
@@ -181,6 +190,7 @@ def layerwise_heatmap(curves: pd.DataFrame | None, base: str = "A", metric: str 
     return fig
 
 
+@builder
 def cumulative_barriers(barriers: pd.DataFrame | None, estimate: pd.DataFrame | None = None,
                         metric: str = "loss", definition: str = "linear", base: str = "A",
                         title: str = "") -> go.Figure:

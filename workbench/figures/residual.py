@@ -6,6 +6,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .safe import builder, escape_figure, text
+
 __all__ = ["contributions_figure", "stages_figure", "position_figure", "lens_heatmap", "skip_heatmap",
            "skip_output_figure", "attribution_figure", "token_labels", "ig_heatmap", "depth_difficulty_figure",
            "layer_map_heatmap", "patch_heatmap", "erasure_heatmap", "lens_layers_figure", "depth_report_html"]
@@ -39,6 +41,7 @@ def _highlight(fig: go.Figure, layer, row=None, col=None) -> None:
     fig.add_vrect(x0=layer - 0.5, x1=layer + 0.5, fillcolor="#999", opacity=0.15, line_width=0, **kw)
 
 
+@builder
 def contributions_figure(df: pd.DataFrame | None, highlight_layer: int | None = None, title: str = "") -> go.Figure:
     """Relative contribution (bars) and cosine with the residual (lines) per layer and sublayer.
 
@@ -64,6 +67,7 @@ def contributions_figure(df: pd.DataFrame | None, highlight_layer: int | None = 
     return fig
 
 
+@builder
 def stages_figure(df: pd.DataFrame | None, sublayer: str = "layer", metric: str = "rel_norm",
                   title: str = "") -> go.Figure:
     """One line per growth stage: ``metric`` of ``sublayer`` against layer (``df`` has a ``stage`` column)."""
@@ -84,6 +88,7 @@ def stages_figure(df: pd.DataFrame | None, sublayer: str = "layer", metric: str 
     return fig
 
 
+@builder
 def position_figure(df: pd.DataFrame | None, layer: int, tokens: list[str] | None = None,
                     highlight_position: int | None = None) -> go.Figure:
     """Relative contribution of one layer's sublayers at every position (per-position contributions)."""
@@ -113,6 +118,7 @@ _LENS_TITLES = {"kl_to_final": "KL(final || lens) [nats]", "top1_agree": "lens t
                 "top5_overlap": "top-5 overlap with the final output", "loss": "lens loss [nats]"}
 
 
+@builder
 def lens_heatmap(df: pd.DataFrame | None, metric: str = "kl_to_final", tokens: list[str] | None = None,
                  highlight: tuple[int, int] | None = None) -> go.Figure:
     """Logit lens over positions (x) and layers (y); ``df`` is ``logit_lens(..., per_position=True)``.
@@ -140,6 +146,7 @@ def lens_heatmap(df: pd.DataFrame | None, metric: str = "kl_to_final", tokens: l
     return fig
 
 
+@builder
 def skip_heatmap(heatmap: pd.DataFrame | None, n_layers: int | None = None, highlight_layer: int | None = None,
                  title: str = "") -> go.Figure:
     """Skipped layer (y) x affected later layer (x): relative change of the later layer's contribution."""
@@ -162,6 +169,7 @@ def skip_heatmap(heatmap: pd.DataFrame | None, n_layers: int | None = None, high
     return fig
 
 
+@builder
 def skip_output_figure(output: pd.DataFrame | None, title: str = "") -> go.Figure:
     """Per skipped layer: KL (and ``||softmax - softmax'||_2`` when the table has ``l2``) of the output
     distribution, and share of changed top-1 predictions."""
@@ -181,6 +189,7 @@ def skip_output_figure(output: pd.DataFrame | None, title: str = "") -> go.Figur
     return fig
 
 
+@builder
 def attribution_figure(df: pd.DataFrame | None, position: int = 0, batch: int = 0, target_label: str | None = None,
                        title: str = "") -> go.Figure:
     """Direct logit attribution of each component to the target token at one position (horizontal bars).
@@ -218,6 +227,7 @@ def _grid(df: pd.DataFrame, index: str, columns: str, values: str, title: str, x
     return fig
 
 
+@builder
 def ig_heatmap(df: pd.DataFrame | None, tokens: list[str] | None = None, title: str = "") -> go.Figure:
     """Per-layer integrated gradients: layer (y) x position (x); ``df`` is ``integrated_gradients`` output."""
     title = title or "Integrated gradients per layer (baseline: the sequence mean)"
@@ -228,6 +238,7 @@ def ig_heatmap(df: pd.DataFrame | None, tokens: list[str] | None = None, title: 
                  token_labels(tokens, n))
 
 
+@builder
 def depth_difficulty_figure(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     """Depth score (y) against difficulty (x); ``df`` is ``depth_vs_difficulty`` output."""
     title = title or "Depth score against problem difficulty"
@@ -241,6 +252,7 @@ def depth_difficulty_figure(df: pd.DataFrame | None, title: str = "") -> go.Figu
     return fig
 
 
+@builder
 def layer_map_heatmap(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     """Relative error of the linear map from layer ``layer_a`` (y) of A to ``layer_b`` (x) of B."""
     title = title or "Layer map A -> B: relative error of a linear map (low: corresponding depth)"
@@ -249,6 +261,7 @@ def layer_map_heatmap(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     return _grid(df, "layer_a", "layer_b", "rel_error", title, "layer of B", "layer of A", "Viridis")
 
 
+@builder
 def patch_heatmap(df: pd.DataFrame | None, tokens: list[str] | None = None, site: str = "resid_pre",
                   title: str = "") -> go.Figure:
     """Activation patching: recovery per layer (y) and position (x); ``df`` is ``patch`` output."""
@@ -259,6 +272,7 @@ def patch_heatmap(df: pd.DataFrame | None, tokens: list[str] | None = None, site
     return _grid(df, "layer", "position", "recovery", title, "position", "layer", "RdBu", 0.0, token_labels(tokens, n))
 
 
+@builder
 def erasure_heatmap(df: pd.DataFrame | None, tokens: list[str] | None = None, title: str = "") -> go.Figure:
     """Token erasure: relative change of the residual per later layer (y) and position (x)."""
     title = title or "Token erasure: relative change of the residual downstream"
@@ -308,6 +322,7 @@ def save_depth_report(report, path, tokens: list[str] | None = None) -> str:
     return str(p)
 
 
+@builder
 def lens_layers_figure(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     """Logit lens per layer (averaged over tokens): KL to the final output, top-1 and top-5 agreement."""
     title = title or "Logit lens per layer"
@@ -350,15 +365,16 @@ def row_box(row: int, n_cols: int, xref: str = "x", yref: str = "y") -> dict:
 
 
 def with_shapes(fig: dict, shapes: list[dict], title: str | None = None) -> dict:
-    """A shallow copy of a figure dict with extra shapes (and optionally a new title)."""
+    """A shallow copy of a figure dict with extra shapes (and optionally a new title, escaped as text)."""
     layout = dict(fig["layout"])
     layout["shapes"] = list(fig["layout"].get("shapes", ())) + list(shapes)
     if title is not None:
-        layout["title"] = dict(layout.get("title") or {}, text=title)
+        layout["title"] = dict(layout.get("title") or {}, text=text(title))
     return {"data": fig["data"], "layout": layout}
 
 
 def with_traces(fig: dict, updates: list[dict]) -> dict:
-    """A shallow copy of a figure dict whose i-th trace is updated with ``updates[i]``."""
-    data = [dict(trace, **upd) for trace, upd in zip(fig["data"], updates)] + list(fig["data"][len(updates):])
+    """A shallow copy of a figure dict whose i-th trace is updated with ``updates[i]`` (its strings escaped)."""
+    data = [dict(trace, **escape_figure(dict(upd))) for trace, upd in zip(fig["data"], updates)] \
+        + list(fig["data"][len(updates):])
     return {"data": data, "layout": fig["layout"]}

@@ -9,11 +9,14 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from .safe import builder
+
 __all__ = ["power_law"]
 
 _LAYOUT = dict(template="plotly_white", margin=dict(l=55, r=20, t=60, b=40))
 
 
+@builder
 def power_law(x, y, fit=None, heldout: dict | None = None, xlabel: str = "x", ylabel: str = "loss",
               title: str = "Power-law fit", level: float = 0.9, reference=None) -> go.Figure:
     """Log-log scatter of ``(x, y)``; with ``fit`` (a ``PowerLaw``) its curve over the whole range, the

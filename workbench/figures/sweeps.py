@@ -14,6 +14,8 @@ import pandas as pd
 import plotly.colors
 import plotly.graph_objects as go
 
+from .safe import builder
+
 __all__ = ["summarize", "metric_plot", "barrier_vs_width", "nc_vs_epochs", "flops_to_loss", "SPREADS"]
 
 SPREADS = ("minmax", "std", "none")
@@ -75,6 +77,7 @@ def summarize(df: pd.DataFrame, x: str, metric: str, color: str | None = None, o
     return out[out_cols].reset_index(drop=True)
 
 
+@builder
 def metric_plot(df: pd.DataFrame | None, x: str, metric: str, color: str | None = None, *, spread: str = "minmax",
                 over: str = "seed", where: dict | None = None, title: str | None = None, log_x: bool = False,
                 log_y: bool = False, labels: dict | None = None) -> go.Figure:
@@ -113,7 +116,7 @@ def metric_plot(df: pd.DataFrame | None, x: str, metric: str, color: str | None 
     note = f"mean over {over}s ({int(n.min())}" + (f"-{int(n.max())}" if n.max() != n.min() else "") + " each)"
     if spread != "none":
         note += "; band: " + ("min to max" if spread == "minmax" else "mean +- 1 std")
-    fig.update_layout(title=dict(text=f"{title}<br><sup>{note}</sup>"), height=380, xaxis_title=x,
+    fig.update_layout(title=dict(text=title, subtitle=dict(text=note)), height=380, xaxis_title=x,
                       yaxis_title=metric, legend=dict(orientation="h", y=-0.2), **_LAYOUT)
     if log_x:
         fig.update_xaxes(type="log")
@@ -122,6 +125,7 @@ def metric_plot(df: pd.DataFrame | None, x: str, metric: str, color: str | None 
     return fig
 
 
+@builder
 def barrier_vs_width(df: pd.DataFrame | None, width: str = "d_model", metric: str = "loss_barrier",
                      **kwargs) -> go.Figure:
     """The ``"barrier"`` sweep: the barrier against ``width``, one line before and one after weight matching."""
@@ -129,12 +133,14 @@ def barrier_vs_width(df: pd.DataFrame | None, width: str = "d_model", metric: st
                        labels={"none": "no alignment", "weights": "weight matching"}, **kwargs)
 
 
+@builder
 def nc_vs_epochs(df: pd.DataFrame | None, metric: str = "nc1", color: str | None = None, **kwargs) -> go.Figure:
     """The ``"collapse"`` sweep: an NC metric against epochs (log scale), one line per ``color`` (a grid key)."""
     kwargs.setdefault("log_y", metric == "nc1")
     return metric_plot(df, "epoch", metric, color=color, title=f"{metric} against epochs", **kwargs)
 
 
+@builder
 def flops_to_loss(df: pd.DataFrame | None, x: str, metric: str = "flops_to_target", **kwargs) -> go.Figure:
     """The ``"grow"`` sweep: FLOPs to reach scratch's final loss against ``x``, grown against scratch."""
     kwargs.setdefault("log_y", True)

@@ -12,6 +12,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .safe import builder
+
 __all__ = ["trace_heatmap", "patching_comparison"]
 
 _LAYOUT = dict(template="plotly_white", margin=dict(l=80, r=20, t=60, b=50))
@@ -40,6 +42,7 @@ def _labels(tokens, n: int, subject=None) -> list[str]:
     return out
 
 
+@builder
 def trace_heatmap(frame: pd.DataFrame | None, tokens: list[str] | None = None, subject=None, title: str = "",
                   answer: str | None = None) -> go.Figure:
     """Causal trace: position (y, top to bottom, subject positions starred) x layer (x), colour = the answer's
@@ -69,6 +72,7 @@ def trace_heatmap(frame: pd.DataFrame | None, tokens: list[str] | None = None, s
     return fig
 
 
+@builder
 def patching_comparison(grid: pd.DataFrame | None, correlation: pd.DataFrame | None = None, site: str | None = None,
                         tokens: list[str] | None = None, title: str = "") -> go.Figure:
     """Exact patching beside AtP and AtP-IG for one ``site``: layer (y) x position (x) per method, one shared

@@ -5,11 +5,14 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .safe import builder
+
 __all__ = ["training_curves", "config_table"]
 
 _COLORS = {"batch": "#bbbbbb", "train": "#1f77b4", "val": "#d62728"}
 
 
+@builder
 def training_curves(metrics: pd.DataFrame, title: str = "") -> go.Figure:
     """Loss (log scale) and accuracy against step: minibatch loss in grey, train and val evaluations."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "accuracy"), horizontal_spacing=0.1)

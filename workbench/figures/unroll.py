@@ -6,6 +6,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .safe import builder
+
 __all__ = ["gap_curve", "compare_bars", "layout_bars"]
 
 _LAYOUT = dict(template="plotly_white", margin=dict(l=55, r=20, t=50, b=45), legend=dict(orientation="h", y=-0.25))
@@ -21,6 +23,7 @@ def _empty(fig: go.Figure, text: str) -> go.Figure:
     return fig
 
 
+@builder
 def gap_curve(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     """``unroll.gap`` table: the gap and second-order terms against depth (left), accuracy of the readout
     reading the deep and the first-order stream (right, when labels were given)."""
@@ -40,6 +43,7 @@ def gap_curve(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     return fig
 
 
+@builder
 def compare_bars(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     """``unroll.compare`` table: validation accuracy and loss of deep, unrolled, unrolled + fine-tuned."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("validation accuracy", "validation loss"))
@@ -54,6 +58,7 @@ def compare_bars(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     return fig
 
 
+@builder
 def layout_bars(df: pd.DataFrame | None, metric: str = "loss", title: str = "") -> go.Figure:
     """``unroll.compare_layouts`` table: mean (and each seed) of a validation metric per layout."""
     fig = go.Figure()
