@@ -218,14 +218,13 @@ def score_patterns(patterns: torch.Tensor, masks: dict[str, torch.Tensor]) -> di
     1 for a head that does exactly that, 0 for one that never does; NaN when no query has a target.
     (TransformerLens divides by all queries, so a perfect previous-token head scores ``(T-1)/T`` there.)"""
     p = patterns.float()
-    out = {}
-    for kind, m in masks.items():
-        d = m.to(p.dtype)
-        rows = m.any(-1)                                                   # (B, T) queries with a target
-        mass = torch.einsum("bhtj,btj->bht", p, d)                         # (B, H, T)
-        n = rows.sum()
-        out[kind] = (mass * rows[:, None, :]).sum((0, 2)) / n if n > 0 else torch.full((p.shape[1],), float("nan"))
-    return out
+    kinds = list(masks)
+    m = torch.stack([masks[k] for k in kinds])                            # (K, B, T, T)
+    rows = m.any(-1)                                                      # (K, B, T) queries with a target
+    mass = torch.einsum("bhtj,kbtj->kbht", p, m.to(p.dtype))              # (K, B, H, T)
+    n = rows.sum((1, 2)).to(p.dtype)                                      # (K,)
+    score = (mass * rows[:, :, None, :]).sum((1, 3)) / n[:, None]         # (K, H); NaN where n = 0
+    return {k: score[i] for i, k in enumerate(kinds)}
 
 
 def _check_kinds(kinds) -> list[str]:
