@@ -155,7 +155,7 @@ def repeated_tokens(vocab_size: int, half: int, batch: int = 8, seed: int = 0, l
 
     Tokens are drawn from ``[low, vocab_size)`` (default ``low = 1``: id 0 is often padding or a BOS),
     without replacement within a sequence when the range allows (then the only repeats are the copy,
-    and every score's target positions are unambiguous), seeded."""
+    and every score's target positions are unambiguous), seeded. See ``docs/definitions.md#head-scores``."""
     vocab_size = checks.check_int("vocab_size", vocab_size, 2)
     low = checks.check_int("low", low, 0, vocab_size - 1)
     half = checks.check_int("half", half, 1)
@@ -216,7 +216,8 @@ def score_patterns(patterns: torch.Tensor, masks: dict[str, torch.Tensor]) -> di
     Score of a head = the attention mass on the target keys, averaged over the query positions that
     have at least one target key (over the batch too): ``sum_{b,t in Q} sum_j A[b,h,t,j] D[b,t,j] / |Q|``.
     1 for a head that does exactly that, 0 for one that never does; NaN when no query has a target.
-    (TransformerLens divides by all queries, so a perfect previous-token head scores ``(T-1)/T`` there.)"""
+    (TransformerLens divides by all queries, so a perfect previous-token head scores ``(T-1)/T`` there.)
+    See ``docs/definitions.md#head-scores``."""
     p = patterns.float()
     kinds = list(masks)
     m = torch.stack([masks[k] for k in kinds])                            # (K, B, T, T)
@@ -275,7 +276,7 @@ def head_scores_across(models, tokens=None, kinds=KINDS, column: str = "stage", 
     The models must share a vocabulary (the default tokens are drawn once, from the first model).
     "When does the induction head form, and in which layer?": the first label where some head's
     ``induction`` value passes a threshold (``figures.attention.scores_across`` draws it).
-    Stops early (returning the labels done) when ``monitor.stopped``."""
+    Stops early (returning the labels done) when ``monitor.stopped``. See ``docs/definitions.md#head-scores``."""
     mon = _monitor.resolve(monitor)
     column = checks.check_choice("column", column, ("stage", "step", "label"))
     if isinstance(models, (str, bytes)) or not hasattr(models, "__iter__"):
