@@ -46,9 +46,9 @@ def test_compare_fills_every_figure(page):
 
 def test_mismatched_configs_get_a_clear_message(page):
     page.run_a.value, page.run_b.value = _ids(page, "seed0")[0], _ids(page, "wider")[0]
-    page.compute(wait=True)
+    page.compute(wait=True)   # checked in the job, which opens the runs (never the event loop)
     assert "different configs" in page.errors.text and "d_hidden" in page.errors.text
-    assert page.task.status == "idle"
+    assert page.task.status == "error"
     page.run_b.value = page.run_a.value
     page.compute(wait=True)
     assert "same run" in page.errors.text
@@ -81,7 +81,7 @@ def test_instability_runs_and_checks_its_input(page):
 def test_stop_cancels_a_running_analysis(page):
     page.run_a.value, page.run_b.value = _ids(page, "seed0")[0], _ids(page, "seed1")[0]
     page.task.stop_event.set()
-    ra, rb = page._load_pair()
+    store, id_a, id_b = page._pair()
     from workbench.ui.connectivity import _analysis_job
 
     class Ctx:
@@ -91,7 +91,7 @@ def test_stop_cancels_a_running_analysis(page):
             pass
 
     with pytest.raises(wb.lmc.Cancelled):
-        _analysis_job(Ctx(), ra, rb, 5, 5, 128)
+        _analysis_job(Ctx(), store, id_a, id_b, 5, 5, 128)
 
 
 def test_train_pair_on_khop_uses_the_learnable_table_layout(page, store):
@@ -137,3 +137,22 @@ def test_layerwise_fills_both_base_tabs_before_and_after_alignment(page):
     assert any("from input" in n for n in names) and any("from output" in n for n in names)
     assert any("estimate" in n for n in names)
     assert set(page.results["estimate"]["alignment"]) == {"none", "weights"}
+
+
+def test_a_run_that_vanished_or_was_forged_is_refused_by_every_action(page, store, tmp_path):
+    """Item 11 of issue 21: the refusal names the field and says why, in the page's error box (no server path)."""
+    seed0, seed1 = _ids(page, "seed0")[0], _ids(page, "seed1")[0]
+    actions = [page.compute, page.run_fusion, page.run_layerwise, page.run_instability]
+    page.spawn_steps.value, page.inst_steps.value = "0", 10
+    for forged in ("not-a-run", "../../etc", seed1[:-1] + ("0" if seed1[-1] != "0" else "1")):
+        page.run_a.value, page.run_b.value = seed0, seed1
+        page.run_b.param.update(value=forged)           # what a hostile client can send
+        for act in actions:
+            act(wait=True)
+            assert page.task.status == "error" and page.errors.text.startswith("model B: ")
+            assert str(tmp_path) not in page.errors.text and "/" not in page.errors.text.replace("../../", "")
+    store.delete(seed0)                                 # vanishes after it was offered
+    page.run_a.value, page.run_b.value = seed0, seed1
+    for act in actions:
+        act(wait=True)
+        assert page.errors.text.startswith("model A: ") and "does not exist" in page.errors.text

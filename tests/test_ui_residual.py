@@ -274,3 +274,17 @@ def test_residual_page_opens_a_mixture_built_on_the_compose_page(store, monkeypa
     page.text.value = "1+2=3"
     page.analyse(wait=True)
     assert page.errors.text == "" and page.analysis.tokens == list("1+2=3") and page.analysis.member == 1
+
+
+def test_a_run_that_vanished_or_was_forged_is_refused_in_the_page(page_with_run, store, tmp_path):
+    page, run, _ = page_with_run
+    run_id = page.run_select.value
+    for forged in ("not-a-run", "../../etc", run_id[:-1] + ("0" if run_id[-1] != "0" else "1")):
+        page.run_select.param.update(value=forged)        # what a hostile client can send
+        page.analyse(wait=True)
+        assert page.task.status == "error" and page.errors.text.startswith("run: ")
+        assert str(tmp_path) not in page.errors.text
+    page.run_select.value = run_id
+    store.delete(run_id)                                   # vanishes after it was offered
+    page.analyse(wait=True)
+    assert page.errors.text.startswith("run: ") and "does not exist" in page.errors.text

@@ -110,3 +110,30 @@ def test_learngene_depth_follows_the_deepest_descendant_until_set(store):
     page.aux_layers.value = 3          # the user's own choice is kept
     page.max_depth.value = 7
     assert page.aux_layers.value == 3
+
+
+def test_a_stored_run_that_vanished_or_was_forged_is_refused_in_the_page(store, tmp_path):
+    """Item 11 of issue 21: the refusal names the field and says why, in the error box (no server path)."""
+    ds = wb.data.load("digits")
+    model = models.build(models.config_for(ds, d_model=16, d_hidden=16, n_layers=2))
+    run_id = store.save(wb.train(model, ds, wb.TrainConfig(steps=2, eval_every=2, eval_max=16)))
+    page = UnrollPage(DataStore(store))
+    _small(page)
+    for forged in ("not-a-run", "../../etc/passwd", run_id[:-1] + ("0" if run_id[-1] != "0" else "1")):
+        page.run.param.update(value=forged)              # what a hostile client can send
+        page.analyse(wait=True)
+        assert page.task.status == "error" and page.errors.text.startswith("stored run: ")
+        assert str(tmp_path) not in page.errors.text
+    page.run.value = run_id
+    store.delete(run_id)                                 # vanishes after it was offered
+    page.analyse(wait=True)
+    assert page.errors.text.startswith("stored run: ") and "does not exist" in page.errors.text
+
+
+def test_a_width_the_model_cannot_take_is_named_before_anything_runs(store):
+    page = UnrollPage(DataStore(store))
+    page.source.value, page.dataset.value = "train a model", "text"
+    _small(page)
+    page.d_model.value = 18                                  # not divisible by the Transformer's 4 heads
+    page.analyse(wait=True)
+    assert "d_model (18) must be divisible by n_heads (4)" in page.errors.text and page.task.status == "idle"

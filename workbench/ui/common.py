@@ -28,7 +28,7 @@ from ..training import Run, TrainConfig
 
 __all__ = ["DataStore", "UserStore", "BackgroundTask", "ErrorBox", "config_widgets", "values_from_widgets",
            "run_options", "CHOICES", "allowed_values", "RUN_COLUMNS", "escape_html", "escape_md", "code_block", "text_block", "html_labels",
-           "dataset_from_spec", "short_spec", "BUSY", "TextUpload", "UPLOAD_ENV", "job_queue", "session_user",
+           "dataset_from_spec", "short_spec", "open_run", "BUSY", "TextUpload", "UPLOAD_ENV", "job_queue", "session_user",
            "QUEUE_KEY"]
 
 
@@ -270,6 +270,19 @@ class DataStore(param.Parameterized):
     def delete(self, run_id: str) -> None:
         self.store.delete(run_id)
         self.refresh()
+
+
+_SERVER_PATH = re.compile(r"(?<![\w.])/[^\s:'\"]+")
+
+
+def open_run(store, run_id, field: str):
+    """The stored run ``run_id`` for a page's job (``store.load``, owner-checked). A run id that vanished, was
+    forged or is another user's is refused as a ``ValueError`` naming the ``field`` (e.g. "model A") with
+    the store's reason, server paths left out."""
+    try:
+        return store.load(run_id)
+    except StoreError as e:
+        raise ValueError(f"{field}: {_SERVER_PATH.sub('(the run store)', str(e))}") from None
 
 
 def run_options(runs: pd.DataFrame | None, family: str | None = None) -> dict[str, str]:

@@ -9,7 +9,7 @@ import panel as pn
 from .. import data, lmc, models, recipes
 from ..figures import lmc as figs
 from ..training import TrainConfig
-from .common import dataset_from_spec, run_options, short_spec
+from .common import dataset_from_spec, open_run, run_options, short_spec
 from .page import Page
 
 EXPLANATION = """Two networks trained from different seeds reach similar accuracy, yet the straight line
@@ -60,10 +60,23 @@ def _dataset_of(run) -> data.Dataset:
     return dataset_from_spec(run.dataset)  # never a server path
 
 
-def _analysis_job(ctx, run_a, run_b, n_alphas: int, resolution: int, max_examples: int):
+def open_pair(store, id_a: str, id_b: str):
+    """Runs A and B from the store, in the job: the same architecture and data, or a ValueError saying why (a
+    run id that vanished, was forged or is another user's is refused naming "model A" or "model B")."""
+    ra, rb = open_run(store, id_a, "model A"), open_run(store, id_b, "model B")
+    lmc.check_same_architecture(ra.model, rb.model)  # ValueError naming the differing fields
+    if ra.dataset != rb.dataset:
+        raise ValueError(f"the runs were trained on different data ({short_spec(ra.dataset)} vs "
+                         f"{short_spec(rb.dataset)}); connectivity compares two solutions of the same task")
+    return ra, rb
+
+
+def _analysis_job(ctx, store, id_a: str, id_b: str, n_alphas: int, resolution: int, max_examples: int):
     """Curves for every method, barriers, layer-wise barriers and the plane (worker thread)."""
     import torch
 
+    ctx.report(progress=0.0, message="loading the runs")
+    run_a, run_b = open_pair(store, id_a, id_b)
     with torch.no_grad():
         ds = _dataset_of(run_a)
         a, b = run_a.model.eval(), run_b.model.eval()
@@ -88,8 +101,9 @@ def _analysis_job(ctx, run_a, run_b, n_alphas: int, resolution: int, max_example
 FUSION_REGS = (0.01, 0.03, 0.08, 0.3, 1.0)   # the reg slider's stops (Imfeld et al.'s default 0.08 among them)
 
 
-def _fusion_job(ctx, run_a, run_b, ground: str, qk: str, max_examples: int):
+def _fusion_job(ctx, store, id_a: str, id_b: str, ground: str, qk: str, max_examples: int):
     """Fused models for vanilla, EMD and every Sinkhorn reg of the slider, and their couplings (worker thread)."""
+    run_a, run_b = open_pair(store, id_a, id_b)
     ds = _dataset_of(run_a)
     a, b = run_a.model.eval(), run_b.model.eval()
     table, maps = lmc.fusion_curve(a, b, ds, regs=list(FUSION_REGS), ground=ground, qk=qk, max_examples=max_examples,
@@ -98,8 +112,9 @@ def _fusion_job(ctx, run_a, run_b, ground: str, qk: str, max_examples: int):
     return {"fusion": table, "maps": maps}
 
 
-def _layerwise_job(ctx, run_a, run_b, n_alphas: int, max_examples: int):
+def _layerwise_job(ctx, store, id_a: str, id_b: str, n_alphas: int, max_examples: int):
     """Single-layer curves, cumulative barriers and the barrier estimate, before and after weight matching."""
+    run_a, run_b = open_pair(store, id_a, id_b)
     ds = _dataset_of(run_a)
     a, b = run_a.model.eval(), run_b.model.eval()
     pairs = (("none", b), ("weights", lmc.align(a, b, method="weights")))
@@ -141,7 +156,9 @@ def _pair_job(ctx, dataset_name: str, model_config, train_config: TrainConfig):
     return runs
 
 
-def _instability_job(ctx, run_a, spawn_steps: list[int], steps: int, n_alphas: int, max_examples: int):
+def _instability_job(ctx, store, id_a: str, id_b: str, spawn_steps: list[int], steps: int, n_alphas: int,
+                     max_examples: int):
+    run_a, _ = open_pair(store, id_a, id_b)
     ds = _dataset_of(run_a)
     tc = dataclasses.replace(run_a.train_config, steps=steps, eval_every=steps)
     return lmc.instability(run_a.model.config, ds, spawn_steps, train_config=tc, n_alphas=n_alphas,
@@ -258,10 +275,7 @@ class ConnectivityPage(Page):
         overrides = dict(d_model=self.pair_width.value, n_layers=self.pair_layers.value)
         if name == recipes.TRANSFORMER_PAIR.dataset:
             overrides = {**recipes.TRANSFORMER_PAIR.model_options, **overrides}
-        if name == "mnist1d":  # MNIST-1D is slow to generate; its shape is fixed
-            config = models.MLPConfig(d_in=40, n_classes=10, **overrides).validate()
-        else:
-            config = models.config_for(data.load(name, **_pair_options(name)), **overrides)
+        config = models.config_for(data.shape_of(name, **_pair_options(name)), **overrides)   # no data built
         steps = self.pair_steps.value
         tc = TrainConfig(steps=steps, lr=3e-3, eval_every=steps if isinstance(steps, int) and steps > 0 else 1)
         return _pair_options(name), config, tc.validate()
@@ -301,18 +315,13 @@ class ConnectivityPage(Page):
         self.show_code()
         self.start_task(fn, *args, wait=wait)
 
-    def _load_pair(self):
+    def _pair(self):
+        """``(store, id A, id B)`` of the chosen pair, checked without opening them (the job opens them)."""
         if not self.run_a.value or not self.run_b.value:
             raise ValueError("pick two stored runs (or train a pair first)")
         if self.run_a.value == self.run_b.value:
             raise ValueError("model A and model B are the same run; pick two different runs")
-        ra, rb = self.datastore.load(self.run_a.value), self.datastore.load(self.run_b.value)
-        lmc.check_same_architecture(ra.model, rb.model)  # ValueError naming the differing fields
-        if ra.dataset != rb.dataset:
-            raise ValueError(f"the runs were trained on different data ({short_spec(ra.dataset)} vs "
-                             f"{short_spec(rb.dataset)}); "
-                             "connectivity compares two solutions of the same task")
-        return ra, rb
+        return self.datastore.store, self.run_a.value, self.run_b.value
 
     # ---------------------------------------------------------------- actions
     def compute(self, wait: bool = False) -> None:
@@ -320,7 +329,7 @@ class ConnectivityPage(Page):
 
         Refused, with a notice next to the progress bar, while a computation runs (so for the other buttons).
         """
-        pair = self.read_form(self._load_pair)
+        pair = self.read_form(self._pair)
         if pair is None:
             return
         self.results = {}
@@ -339,7 +348,7 @@ class ConnectivityPage(Page):
         self.errors.clear()
         try:
             steps = sorted({int(s) for s in self.spawn_steps.value.replace(",", " ").split()})
-            ra, _ = self._load_pair()
+            pair = self._pair()
         except ValueError as e:
             self.errors.show(e if "invalid literal" not in str(e) else
                              "spawn steps: give whole numbers separated by commas, e.g. 0, 25, 50")
@@ -348,19 +357,19 @@ class ConnectivityPage(Page):
         if not steps or steps[0] < 0 or steps[-1] >= total:
             self.errors.show(f"spawn steps must lie in [0, {total - 1}] (total steps {total})")
             return
-        self._start(_instability_job, ra, steps, total, max(5, int(self.n_alphas.value) // 2),
+        self._start(_instability_job, *pair, steps, total, max(5, int(self.n_alphas.value) // 2),
                     int(self.max_examples.value), wait=wait)
 
     def run_fusion(self, wait: bool = False) -> None:
         """Fuse A and B by every method of the page (vanilla, EMD, Sinkhorn at each reg of the slider)."""
-        pair = self.read_form(self._load_pair)
+        pair = self.read_form(self._pair)
         if pair is not None:
             self._start(_fusion_job, *pair, self.fusion_ground.value, self.fusion_qk.value,
                         int(self.max_examples.value), wait=wait)
 
     def run_layerwise(self, wait: bool = False) -> None:
         """Layer-wise curves (base A and B), cumulative barriers and the estimate, before and after alignment."""
-        pair = self.read_form(self._load_pair)
+        pair = self.read_form(self._pair)
         if pair is not None:
             self._start(_layerwise_job, *pair, max(3, int(self.n_alphas.value) // 2), int(self.max_examples.value),
                         wait=wait)

@@ -160,10 +160,9 @@ class GrowPage(Page):
 
     def __init__(self, datastore=None, **params):
         super().__init__(datastore, **params)
-        seq = [n for n in data.names() if n in ("khop", "modadd", "text")] + ["digits", "mnist1d"]
+        tasks = sorted(data.names(), key=lambda n: data.kind_of(n) != "sequence")   # sequence tasks first
         self.recipe = pn.widgets.Select(name="recipe", options=list(RECIPES), width=300)
-        self.dataset = pn.widgets.Select(name="task", options=[n for n in seq if n in data.names()], value="khop",
-                                         width=130)
+        self.dataset = pn.widgets.Select(name="task", options=tasks, value="khop", width=130)
         self.dataset_box = pn.FlexBox()
         self.model_box = pn.FlexBox()
         self.train_widgets = config_widgets(TrainConfig(batch_size=64, lr=3e-3, eval_every=50),
@@ -290,7 +289,7 @@ class GrowPage(Page):
             self.dataset_widgets[key] = widget(name=key, value=value, width=100)
         self.upload_box.objects = [self.upload] if name == "text" else []
         self.dataset_box.objects = list(self.dataset_widgets.values())
-        if name in ("digits", "mnist1d"):
+        if data.kind_of(name) == "vector":
             template = models.MLPConfig(d_in=1, n_classes=2, d_model=64, n_layers=1, d_hidden=128)
             skip = ("d_in", "n_classes", "n_layers")
         else:
@@ -346,14 +345,14 @@ class GrowPage(Page):
             if text is not None:  # the upload replaces the built-in corpus
                 opts["text"] = text
                 opts.pop("corpus", None)
-        data.check_options(name, **opts)  # type and range of each option, named
+        data.shape_of(name, **opts)  # type and range of each option, and their combinations, named
         return opts
 
     def configs(self):
         """Validated (dataset options, model config, train config, stages); ValueError names the field."""
         name = self.dataset.value
         opts = self.dataset_options()
-        ds = data.load(name, **opts)  # also checks combinations (e.g. khop.length with layout='table')
+        ds = data.shape_of(name, **opts)  # from the options alone (the job builds the data); checks combinations
         overrides = values_from_widgets(self.model_widgets)
         start = self.start_layers.value
         key = PRESET_LABELS[self.preset.value]

@@ -17,7 +17,7 @@ import torch
 from .. import interop, residual, roots
 from ..figures import interventions as ifigs
 from ..figures import residual as figs
-from .common import dataset_from_spec, escape_md, run_options
+from .common import dataset_from_spec, escape_md, open_run, run_options
 from .page import Page
 
 EXPLANATION = """Each layer adds its attention and MLP outputs to the residual stream. **Relative
@@ -484,7 +484,7 @@ class ResidualPage(Page):
             return opened
         if req["source"] == SOURCES[0]:
             ctx.report(message=f"loading run {req['run_id']}", progress=0.02)
-            run = self.datastore.load(req["run_id"])   # a vanished or foreign run: StoreError, shown as the refusal
+            run = open_run(self.datastore.store, req["run_id"], "run")   # vanished, forged or foreign: refused
             opened = interop.OpenModel(run.model, getattr(run.model.config, "vocab", None), run.dataset, None, key,
                                        run.name, 0)
         else:
@@ -640,7 +640,7 @@ class ResidualPage(Page):
                     if ctx.stopped:
                         break
                     ctx.report(message=f"stage {int(r.stage)}", progress=0.2 + 0.8 * k / len(group))
-                    m = self.datastore.load(r.run_id).model
+                    m = open_run(self.datastore.store, r.run_id, f"growth stage {int(r.stage)}").model
                     frames.append(residual.contributions(m, x).assign(stage=int(r.stage)))
                 stages = pd.concat(frames, ignore_index=True) if frames else None
                 self._stage_stats[gkey] = stages

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import panel as pn
 
-from .. import scaling
+from .. import data, scaling
 from ..checks import check_choice, check_float, check_int, check_seed
 from ..figures import scaling as figs
 from .common import escape_md
@@ -36,7 +36,7 @@ print(ext["rel_error"])
 wb.figures.scaling.power_law(x, y, ext["fit"], heldout=ext, reference=fit, xlabel={xlabel!r}, ylabel={y!r})"""
 PLOT_ALL = """wb.figures.scaling.power_law(x, y, fit, xlabel={xlabel!r}, ylabel={y!r})"""
 
-DATASETS = ("digits", "mnist1d")
+DATASETS = tuple(n for n in data.names() if data.kind_of(n) == "vector")   # the sweep trains MLPs
 DEFAULT_VALUES = {"width": "4, 8, 16, 32, 64, 128", "depth": "1, 2, 3, 4, 6, 8",
                   "data": "50, 100, 200, 400, 800, 1400"}
 X_CHOICES = {"parameters (width, depth) / examples (data)": "auto", "the swept value": "value"}

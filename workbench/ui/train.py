@@ -154,8 +154,7 @@ class TrainPage(Page):
             self.dataset_widgets[key] = w
         self.upload_box.objects = [self.upload] if name == "text" else []
         self.dataset_box.objects = list(self.dataset_widgets.values())
-        kind = "vector" if name in ("digits", "mnist1d") else "sequence"
-        if kind == "vector":
+        if data.kind_of(name) == "vector":
             template = models.MLPConfig(d_in=1, n_classes=2, d_model=128, n_layers=2, d_hidden=256)
             skip = ("d_in", "n_classes")
         else:
@@ -180,18 +179,15 @@ class TrainPage(Page):
             if text is not None:  # the upload replaces the built-in corpus
                 opts["text"] = text
                 opts.pop("corpus", None)
-        data.check_options(self.dataset.value, **opts)  # raises ValueError naming option and range
         return opts
 
     def configs(self):
-        """Validated (dataset options, model config, train config); raises ValueError naming the field."""
+        """Validated (dataset options, model config, train config); raises ValueError naming the field.
+
+        From the options alone (``data.shape_of``): the data is built in the job, never at the click."""
         opts = self._dataset_options()
-        ds_probe = data.load(self.dataset.value, **opts) if self.dataset.value != "mnist1d" else None
         overrides = values_from_widgets(self.model_widgets)
-        if ds_probe is not None:
-            model_config = models.config_for(ds_probe, **overrides)
-        else:  # MNIST-1D is slow to generate; its shape is fixed
-            model_config = models.MLPConfig(d_in=40, n_classes=10, **overrides).validate()
+        model_config = models.config_for(data.shape_of(self.dataset.value, **opts), **overrides)
         train_config = TrainConfig(**values_from_widgets(self.train_widgets)).validate()
         return opts, model_config, train_config
 

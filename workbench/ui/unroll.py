@@ -9,7 +9,7 @@ from .. import data, learngene, models, unroll
 from ..figures import learngene as lg_figs
 from ..figures import unroll as figs
 from ..training import StopOnEvent, TrainConfig, train
-from .common import dataset_from_spec, escape_md, run_options
+from .common import dataset_from_spec, escape_md, open_run, run_options
 from .page import Page
 
 EXPLANATION = """A residual stack computes (I + F_L)...(I + F_1) x0. To first order that is
@@ -54,9 +54,15 @@ def _load(name: str):
     return data.load(name, **DATA_OPTIONS[name])
 
 
-def _analysis_job(ctx, run, dataset_name: str, overrides: dict, steps: int, unit: str, finetune: int,
-                  max_examples: int):
-    """Worker thread: (train a model, or take the stored run's), then gap, compare and learngene fit."""
+def _analysis_job(ctx, store, run_id: str | None, dataset_name: str, overrides: dict, steps: int, unit: str,
+                  finetune: int, max_examples: int):
+    """Worker thread: (train a model, or open the stored run ``run_id``), then gap, compare and learngene fit."""
+    run = None
+    if run_id is not None:
+        ctx.report(progress=0.0, message="loading the stored run")
+        run = open_run(store, run_id, "stored run")   # vanished, forged or another user's: refused naming the field
+        if getattr(getattr(run.model, "config", None), "family", None) not in models.FAMILIES:
+            raise ValueError("stored run: not a native ResidualMLP or Transformer")
     if run is None:
         ds = _load(dataset_name)
         model = models.build(models.config_for(ds, **overrides))
@@ -169,9 +175,15 @@ class UnrollPage(Page):
         return value
 
     def _train_choices(self) -> dict:
-        return {"d_model": self._int("d_model", self.d_model.value, 4, 1024),
-                "n_layers": self._int("n_layers", self.n_layers.value, 1, 24),
-                "steps": self._int("steps", self.steps.value, 1, 100_000)}
+        c = {"d_model": self._int("d_model", self.d_model.value, 4, 1024),
+             "n_layers": self._int("n_layers", self.n_layers.value, 1, 24),
+             "steps": self._int("steps", self.steps.value, 1, 100_000)}
+        name = self.dataset.value
+        if name not in DATASETS:
+            raise ValueError(f"dataset must be one of {list(DATASETS)}, got {str(name)[:80]!r}")
+        # the model the job would build, from the data's options alone: a bad width is named now, not in the job
+        models.config_for(data.shape_of(name, **DATA_OPTIONS[name]), d_model=c["d_model"], n_layers=c["n_layers"])
+        return c
 
     def _expansion_choices(self) -> dict:
         lo = self._int("depths from", self.min_depth.value, 1, 16)
@@ -204,23 +216,22 @@ class UnrollPage(Page):
             c = self._train_choices()
             finetune = self._int("fine-tune steps", self.finetune.value, 1, 100_000)
             max_examples = self._int("examples for the gap", self.max_examples.value, 1, 100_000)
-            run = None
+            run_id = None
             if self.source.value == "stored run":
                 if not self.run.value:
                     raise ValueError("no stored run to analyse: train a model here (or on the Train page) first")
-                run = self.datastore.load(self.run.value)
-                if getattr(getattr(run.model, "config", None), "family", None) not in models.FAMILIES:
-                    raise ValueError("the stored run is not a native ResidualMLP or Transformer")
-            return c, finetune, max_examples, run
+                run_id = self.run.value   # opened in the job
+            return c, finetune, max_examples, run_id
 
         choices = self.read_form(read)
         if choices is None:
             return
-        c, finetune, max_examples, run = choices
+        c, finetune, max_examples, run_id = choices
         self.results = {}
         self.show_code()
-        self.start_task(_analysis_job, run, self.dataset.value, {"d_model": c["d_model"], "n_layers": c["n_layers"]},
-                        c["steps"], self.unit.value, finetune, max_examples, wait=wait)
+        self.start_task(_analysis_job, self.datastore.store, run_id, self.dataset.value,
+                        {"d_model": c["d_model"], "n_layers": c["n_layers"]}, c["steps"], self.unit.value, finetune,
+                        max_examples, wait=wait)
 
     def expand(self, wait: bool = False) -> None:
         e = self.read_form(self._expansion_choices)
