@@ -123,7 +123,7 @@ def test_composing_payload_named_specialists_renders_them_escaped(payload_store)
     assert "Residual stream page can now open" in page.message.object
     page.sample_model.value = PAYLOAD
     page.prompt.value = "the "
-    page.sample()
+    page.sample(wait=True)
     assert page.errors.text == ""
     _assert_no_raw_tag(page, PAYLOAD, SCRIPT)
     # the Residual page opens the mixture; its summary names the member

@@ -25,7 +25,7 @@ def test_page_shows_empty_figures_and_the_engines_merges(page):
     page.run_compose(wait=True)
     page.run_compose(wait=True)
     assert "at least one specialist" in page.errors.text
-    page.sample()
+    page.sample(wait=True)
     assert "compose first" in page.errors.text
 
 
@@ -67,12 +67,12 @@ def test_train_two_compose_and_sample(page, store):
     page.sample_model.value = "logit mean"
     page.prompt.value = "The "
     page.n_chars.value = 30
-    page.sample()
+    page.sample(wait=True)
     assert page.errors.text == ""
     text = page.sample_out.object
     assert "The " in text and len(text) > 30
     page.prompt.value = "~"  # not in the vocabulary
-    page.sample()
+    page.sample(wait=True)
     assert "not in the vocabulary" in page.errors.text
     assert page.cosines.object.data != () and page.knob_plot.object.data == () and page.sequence_plot.object.data == ()
     _new_merges_cosines_slerp_sweep_and_sequential_curve(page, store)

@@ -132,6 +132,11 @@ def _train_job(ctx, corpora: list[str], steps: int, n_layers: int, embedding: st
     return {"base": base_run, "specialists": specialists}
 
 
+def _sample_job(ctx, model, vocab, prompt: str, n_chars: int, temperature: float, seed: int):
+    ctx.report(progress=0.0, message=f"sampling {n_chars} characters")
+    return {"sample": sample_text(model, vocab, prompt=prompt, n_chars=n_chars, temperature=temperature, seed=seed)}
+
+
 def _domain_name(run) -> str:
     spec = run.dataset
     builtin = spec.get("name") == "text" and not spec.get("path") and not spec.get("text")
@@ -261,7 +266,10 @@ class ComposePage(Page):
         self.train_button.disabled = event.new == "running"
 
     def on_done(self, result) -> None:
-        self._on_composed(result)
+        if isinstance(result, dict) and "sample" in result:
+            self.sample_out.object = text_block(result["sample"])
+        else:
+            self._on_composed(result)
 
     def on_store_change(self) -> None:
         self._refresh_options()
@@ -286,7 +294,7 @@ class ComposePage(Page):
                 pn.Row(self.train_button, self.train_task.controls())]
 
     def run_buttons(self):
-        return [self.compose_button]
+        return [self.compose_button, self.sample_button]
 
     def _options(self) -> dict:
         return {"density": self.density.value, "scale": self.scale.value, "beta": self.beta.value,
@@ -409,16 +417,14 @@ class ComposePage(Page):
         self.knob_plot.object = knob_curve(self.result.get("sweep"), self.metric.value)
         self.sequence_plot.object = sequential_curve(self.result.get("sequence"), self.metric.value)
 
-    def sample(self) -> None:
-        self.errors.clear()
-        if self.result is None or self.sample_model.value not in self.result["models"]:
-            self.errors.show("compose first, then pick a model to sample from")
-            return
-        try:
-            text = sample_text(self.result["models"][self.sample_model.value], self.result["vocab"],
-                               prompt=self.prompt.value, n_chars=self.n_chars.value,
-                               temperature=self.temperature.value, seed=self.seed.value or 0)
-        except (ValueError, TypeError) as e:
-            self.errors.show(e)
-            return
-        self.sample_out.object = text_block(text)
+    def sample(self, wait: bool = False) -> None:
+        """Sample text from the chosen model in the page's job (thousands of forward passes: never at the click)."""
+        def read():
+            if self.result is None or self.sample_model.value not in self.result["models"]:
+                raise ValueError("compose first, then pick a model to sample from")
+            return (self.result["models"][self.sample_model.value], self.result["vocab"], self.prompt.value,
+                    self.n_chars.value, self.temperature.value, self.seed.value or 0)
+
+        args = self.read_form(read)
+        if args is not None:
+            self.start_task(_sample_job, *args, wait=wait)
