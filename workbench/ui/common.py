@@ -1043,12 +1043,20 @@ class TextUpload(pn.viewable.Viewer):
 
     At most ``$WORKBENCH_MAX_UPLOAD_MB`` megabytes (default 2), decoded as UTF-8 (a leading byte-order
     mark is dropped). :meth:`text` is ``None`` when nothing was uploaded (the built-in corpus is used).
+
+    An upload is checked the moment it arrives, at the widget: one too large or not UTF-8 text is dropped
+    at once (the widget's value here and the copy the page's document keeps are cleared, and the
+    browser's input reset), and the note under the widget says why; :meth:`text` then raises that
+    message (so Train refuses rather than falling back to the built-in corpus) until another file comes.
     """
 
     def __init__(self, **params):
         super().__init__(**params)
         self.file = pn.widgets.FileInput(accept=UPLOAD_ACCEPT, multiple=False, width=260)
         self.note = pn.pane.Markdown(self._note(), margin=(0, 10), styles={"font-size": "90%"})
+        self.refused = ""   # why the last upload was dropped ("" when none was)
+        self._dropping = False
+        self.file.param.watch(self._arrived, "value")
 
     @staticmethod
     def limit_mb() -> float:
@@ -1061,11 +1069,7 @@ class TextUpload(pn.viewable.Viewer):
     def filename(self) -> str | None:
         return self.file.filename if self.file.value is not None else None
 
-    def text(self) -> str | None:
-        """The uploaded file's text, or ``None``; ValueError when it is too large or not UTF-8 text."""
-        raw = self.file.value
-        if raw is None:
-            return None
+    def _decode(self, raw) -> str:
         if not isinstance(raw, bytes):
             raise ValueError("text file: upload one plain-text file")
         limit = self.limit_mb()
@@ -1077,7 +1081,50 @@ class TextUpload(pn.viewable.Viewer):
             raise ValueError(f"text file {self.file.filename!r} is not UTF-8 text (byte {e.start}); "
                              "upload a plain-text file such as .txt") from None
 
+    def _arrived(self, event) -> None:
+        """A file came from the browser: keep it if it is small UTF-8 text, else drop it now and say why."""
+        if self._dropping:
+            return
+        if event.new is None:
+            self.refused = ""
+            self.note.object = self._note()
+            return
+        try:
+            self._decode(event.new)
+        except ValueError as e:
+            self.refused = str(e)
+            self._drop()
+            self.note.object = f"{self._note()}  \n**Refused:** {escape_md(self.refused)}"
+        else:
+            self.refused = ""
+            self.note.object = self._note()
+
+    def _drop(self) -> None:
+        """Forget the upload: the value here, the base64 copy on the document's model, the browser's input."""
+        self._dropping = True
+        try:
+            self.file.param.update(value=None, filename=None, mime_type=None)
+            for model, _ in list(self.file._models.values()):
+                for prop in ("value", "filename", "mime_type"):   # read-only for Python: set as a client would
+                    model.set_from_json(prop, "")
+            if self.file._models:
+                self.file.clear()
+        finally:
+            self._dropping = False
+
+    def text(self) -> str | None:
+        """The uploaded file's text, or ``None``; ValueError when it is too large or not UTF-8 text (also when
+        such an upload was just dropped at the widget)."""
+        raw = self.file.value
+        if raw is None:
+            if self.refused:
+                raise ValueError(self.refused)
+            return None
+        return self._decode(raw)
+
     def clear(self) -> None:
+        self.refused = ""
+        self.note.object = self._note()
         self.file.clear() if hasattr(self.file, "clear") else setattr(self.file, "value", None)
 
     def __panel__(self):
