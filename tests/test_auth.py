@@ -281,6 +281,7 @@ def _refused(status, headers):
     return status in (401, 403, 404) or (status == 302 and "login" in headers.get("Location", ""))
 
 
+@pytest.mark.slow
 def test_anonymous_visitors_reach_no_route_that_runs_code(room):
     anon = room.opener()
     for path in ["/", "/apps", "/apps/", "/apps/ws", "/apps/metadata", "/apps/autoload.js?bokeh-autoload-element=x",
@@ -302,6 +303,7 @@ def test_anonymous_visitors_reach_no_route_that_runs_code(room):
     conn.close()
 
 
+@pytest.mark.slow
 def test_signed_in_students_reach_no_other_module_either(room):
     alice, _, status = room.http_sign_in("alice")
     assert status == 302
@@ -317,6 +319,7 @@ def _set_cookies(headers) -> list[str]:
     return [v for k, v in headers.items() if k.lower() == "set-cookie"]
 
 
+@pytest.mark.slow
 def test_login_cookies_are_httponly_strict_and_live_as_long_as_the_class(room):
     jar = http.cookiejar.CookieJar()
     opener = room.opener(jar)
@@ -339,6 +342,7 @@ def test_login_cookies_are_httponly_strict_and_live_as_long_as_the_class(room):
     assert 3600 - 120 < left <= 3600 + 5                                 # the class (3600 s here), not 24 h
 
 
+@pytest.mark.slow
 def test_forged_cookies_are_refused(room):
     from tornado.web import create_signed_value
 
@@ -367,6 +371,7 @@ def test_forged_cookies_are_refused(room):
     assert room.request(anon, "/apps", headers={"Cookie": header})[0] == 200   # the real pair works
 
 
+@pytest.mark.slow
 def test_a_cookie_replayed_after_logout_is_refused(room):
     alice, jar, _ = room.http_sign_in("alice")
     saved = "; ".join(f"{c.name}={c.value}" for c in jar)
@@ -384,6 +389,7 @@ def test_a_cookie_replayed_after_logout_is_refused(room):
     conn.close()
 
 
+@pytest.mark.slow
 def test_cross_site_and_tokenless_login_posts_are_refused(room):
     for headers, with_token in [({"Origin": "http://evil.example"}, True), ({"Origin": "null"}, True),
                                 ({"Referer": "http://evil.example/phish"}, True), ({"Origin": room.url}, False)]:
@@ -402,6 +408,7 @@ def test_cross_site_and_tokenless_login_posts_are_refused(room):
     assert "sign-in refused: a cross-site post" in room.log()
 
 
+@pytest.mark.slow
 def test_a_removed_student_is_out_at_the_next_page_load(room):
     carol_pw = "carol-pw-" + "c" * 10
     room.write_credentials({**room.passwords, "carol": carol_pw})
@@ -416,6 +423,7 @@ def test_a_removed_student_is_out_at_the_next_page_load(room):
     assert room.proc.poll() is None
 
 
+@pytest.mark.slow
 def test_guessed_passwords_are_slowed_down_and_logged(room):
     room.write_credentials({**room.passwords, "dave": "dave-pw-" + "d" * 10})
     statuses = [room.http_sign_in("dave", f"guess{i}")[2] for i in range(5)]
@@ -427,6 +435,7 @@ def test_guessed_passwords_are_slowed_down_and_logged(room):
     assert room.http_sign_in("alice")[2] == 302                          # another student is not held up
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from /proc")
 def test_the_classroom_server_keeps_its_files_to_itself(room):
     status = open(f"/proc/{room.proc.pid}/status").read()
