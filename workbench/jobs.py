@@ -69,6 +69,18 @@ thread pool. Arguments and answers are plain data (bytes, str, numbers, lists, d
 ``submit(..., local=True)`` runs one job on this process's threads even on Dask (a job that cannot
 be shipped; the pages' ``BackgroundTask`` decides).
 
+*Budgets*: a student's job on a class server may use at most :attr:`JobQueue.student_budget`
+(:class:`Budget`: training steps over every training in the job, and seconds of running time), so that
+nobody holds one of the class's few slots for hours (a job goes on after its tab is closed). The UI marks
+a signed-in student's queue user with :meth:`JobQueue.add_student`; their jobs get the budget current
+at submission (:meth:`JobQueue.budget_for`), teachers' and a laptop's jobs none. The steps are counted in
+the task's process: :func:`workbench.train` asks ``current().take_steps(1)`` before each step and stops
+where the budget ends; the context then reads as stopped (so :class:`TrainProgress` and the pages' own
+callbacks stop what follows) and tells the queue. The time is the queue's: a timer from the start. Either
+way the queue stops the job as Stop does, with :attr:`Job.over_budget` naming the budget; the task ends
+with what it has. The teacher changes the budget at run time (:meth:`JobQueue.set_student_budget`,
+the Teacher page).
+
 Listeners (:meth:`Job.add_listener`, :meth:`JobQueue.add_listener`) are called outside the
 queue's lock, from whatever thread made the change (a job's thread, Dask's callback thread, the
 caller of submit/cancel): keep them short and hand UI work to the UI's own loop. A listener that
@@ -78,11 +90,14 @@ Settings (read when a queue is made; each names its variable when it is wrong):
 ``WORKBENCH_MAX_JOBS`` (running at once, default ``max(1, cores - 1)``), ``WORKBENCH_QUEUE_SIZE``
 (waiting jobs, default 40), ``WORKBENCH_JOBS_PER_USER`` (waiting + running per user, default 2),
 ``WORKBENCH_THREADS`` (torch threads per job, default ``floor(cores / max_jobs)``, at least 1;
-1 on Dask), ``WORKBENCH_DASK`` (a scheduler address; unset: threads).
+1 on Dask), ``WORKBENCH_DASK`` (a scheduler address; unset: threads), ``WORKBENCH_STUDENT_MAX_STEPS``
+and ``WORKBENCH_STUDENT_MAX_SECONDS`` (a student's job budget, default 20,000 steps and 1200 s; ``none``:
+no cap).
 """
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import os
 import re
 import threading
@@ -99,7 +114,7 @@ from .training import Callback
 
 __all__ = ["JobQueue", "Job", "Context", "current", "QueueFull", "JobCancelled", "Diverged", "Executor",
            "ThreadExecutor", "DaskExecutor", "TrainProgress", "RemoteStore", "settings", "STATUSES", "FINAL_STATUSES",
-           "cores"]
+           "cores", "Budget", "student_budget", "STUDENT_STEPS_ENV", "STUDENT_SECONDS_ENV"]
 
 STATUSES = ("waiting", "running", "done", "cancelled", "failed", "diverged")
 FINAL_STATUSES = frozenset({"done", "cancelled", "failed", "diverged"})
@@ -168,6 +183,76 @@ def settings(max_jobs: int | None = None, queue_size: int | None = None, jobs_pe
     return out
 
 
+STUDENT_STEPS_ENV = "WORKBENCH_STUDENT_MAX_STEPS"
+STUDENT_SECONDS_ENV = "WORKBENCH_STUDENT_MAX_SECONDS"
+STUDENT_STEPS = 20_000          # defaults of a student's job: a class's slots are free again within minutes
+STUDENT_SECONDS = 20 * 60
+MAX_BUDGET_STEPS = 10**9
+MAX_BUDGET_SECONDS = 7 * 24 * 3600
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:g} s" if seconds < 120 else f"{seconds / 60:.3g} min"
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What one job may use: at most ``max_steps`` training steps (over every training in the job) and
+    ``max_seconds`` of running time (waiting does not count); None: no cap. A student's jobs on a class
+    server get the queue's :attr:`JobQueue.student_budget`; teachers and the laptop have none."""
+
+    max_steps: int | None = None
+    max_seconds: float | None = None
+
+    def __post_init__(self):
+        if self.max_steps is not None:
+            check_int("max_steps", self.max_steps, 1, MAX_BUDGET_STEPS)
+        if self.max_seconds is not None:
+            object.__setattr__(self, "max_seconds",
+                               check_float("max_seconds", self.max_seconds, 1.0, float(MAX_BUDGET_SECONDS)))
+
+    @property
+    def capped(self) -> bool:
+        return self.max_steps is not None or self.max_seconds is not None
+
+    def describe(self) -> str:
+        """``"20,000 steps, 20 min"``, or ``"no limit"``."""
+        parts = ([f"{self.max_steps:,} steps"] if self.max_steps is not None else []) + \
+            ([_minutes(self.max_seconds)] if self.max_seconds is not None else [])
+        return ", ".join(parts) or "no limit"
+
+    def over(self, kind: str) -> str:
+        """The message of a job stopped by this budget (``kind``: ``"steps"`` or ``"seconds"``)."""
+        if kind == "steps":
+            what = f"the step budget: a student's job may take at most {self.max_steps:,} training steps"
+        else:
+            what = f"the time budget: a student's job may run at most {_minutes(self.max_seconds)}"
+        return (f"stopped at {what} (the teacher sets it on the Teacher page); it ended there as a Stop does, "
+                "keeping what it had")
+
+
+def _env_budget(variable: str, default, cast, hi):
+    raw = os.environ.get(variable)
+    if raw is None or raw.strip() == "":
+        return default
+    if raw.strip().lower() in ("none", "off", "0"):
+        return None
+    try:
+        value = cast(raw.strip())
+    except ValueError:
+        raise ValueError(f"{variable} must be a positive number (or 'none' for no limit), got {raw!r}") from None
+    if not 1 <= value <= hi:
+        raise ValueError(f"{variable} must be in [1, {hi}] (or 'none' for no limit), got {raw!r}")
+    return value
+
+
+def student_budget() -> Budget:
+    """A student's job budget from the environment: ``WORKBENCH_STUDENT_MAX_STEPS`` (default 20,000) and
+    ``WORKBENCH_STUDENT_MAX_SECONDS`` (default 1200); ``none`` lifts a cap. ValueError names the variable."""
+    return Budget(_env_budget(STUDENT_STEPS_ENV, STUDENT_STEPS, int, MAX_BUDGET_STEPS),
+                  _env_budget(STUDENT_SECONDS_ENV, STUDENT_SECONDS, float, MAX_BUDGET_SECONDS))
+
+
 def _check_address(name: str, address) -> str:
     if not isinstance(address, str) or not _ADDRESS.match(address) or len(address) > 1000:
         shown = address if not isinstance(address, str) else address[:60]
@@ -211,18 +296,43 @@ def _check_plain(name: str, value, depth: int = 0) -> None:
     raise TypeError(f"{name} must be plain data (bytes, str, numbers, lists, dicts), got {type(value).__name__}")
 
 
+_BUDGET_KEY = "__budget__"   # a report whose payload is {_BUDGET_KEY: kind}: the job went over its budget
+
+
+class _Steps:
+    """A job's step budget, counted in the task's process (``take_steps``); ``send(kind)`` tells the queue once."""
+
+    def __init__(self, max_steps: int | None, send: Callable):
+        self.max_steps, self.done, self.over, self._send = max_steps, 0, False, send
+
+    def take(self, n: int) -> bool:
+        if self.max_steps is None:
+            return True
+        if self.over or self.done + n > self.max_steps:
+            if not self.over:
+                self.over = True
+                self._send("steps")
+            return False
+        self.done += n
+        return True
+
+
 class _ThreadContext(Context):
     def __init__(self, stop: threading.Event, report: Callable, threads: int, report_interval: float,
-                 services: Mapping | None = None):
+                 services: Mapping | None = None, max_steps: int | None = None):
         super().__init__(threads, report_interval)
         self._stop, self._report, self._services = stop, report, services
+        self._steps = _Steps(max_steps, lambda kind: self._report(None, "over budget", {_BUDGET_KEY: kind}))
 
     def call(self, service: str, *args) -> Any:
         return _run_service(self._services, service, args)   # same process: a direct call
 
     @property
     def stopped(self) -> bool:
-        return self._stop.is_set()
+        return self._stop.is_set() or self._steps.over
+
+    def take_steps(self, n: int = 1) -> bool:
+        return self._steps.take(n)
 
     def _send(self, progress, message, payload) -> None:
         self._report(progress, message, payload)
@@ -230,7 +340,8 @@ class _ThreadContext(Context):
 
 class TrainProgress(Callback):
     """Connects :func:`workbench.train` (and the growth and pair trainers) to the job: stops the training
-    when the job is stopped, reports the steps done.
+    when the job is stopped (by Stop, or once its step budget is used up: ``train`` itself asks the job
+    before each step), reports the steps done.
 
     Steps are counted over every training the callback is given to (the stages of a growth schedule,
     both models of a pair), out of ``total_steps`` (default: the first training's ``config.steps``).
@@ -357,7 +468,9 @@ class Job:
 
     ``id``, ``user``, ``name``, ``status`` (:data:`STATUSES`), ``progress`` (None or [0, 1]),
     ``message``, ``payload`` (the last report's), ``error`` and ``traceback`` (failed jobs),
-    ``submitted``/``started``/``finished`` (``time.time()``), ``stop_requested``.
+    ``submitted``/``started``/``finished`` (``time.time()``), ``stop_requested``, ``budget`` (a
+    :class:`Budget` for a student's job, else None) and ``over_budget`` (the message naming the budget when
+    the queue stopped it for going over, else "").
     """
 
     def __init__(self, queue: "JobQueue", seq: int, fn: Callable, args: tuple, kwargs: dict, user: str, name: str):
@@ -381,6 +494,9 @@ class Job:
         self.executor_state: Any = None       # the executor's own bookkeeping (a Dask future, ...)
         self.services: dict[str, Callable] = {}   # what the task may ask of the submitter (Context.call)
         self.local = False                    # run on this process's threads even when the queue is on Dask
+        self.budget: Budget | None = None     # a student's job: its step and time caps (None: none)
+        self.over_budget = ""                 # why the queue stopped it, naming the budget ("" otherwise)
+        self._timer: threading.Timer | None = None
 
     # -- reading
 
@@ -399,7 +515,8 @@ class Job:
         if pos is not None:
             return f"queued: position {pos[0]} of {pos[1]}"
         if self.status == "running":
-            parts = ["stopping" if self.stop_requested else "running"]
+            parts = [("stopping (over budget)" if self.over_budget else "stopping") if self.stop_requested
+                     else "running"]
             detail = " ".join(p for p in (f"{100 * self.progress:.0f}%" if self.progress is not None else "",
                                           self.message) if p)
             return f"{parts[0]}: {detail}" if detail else parts[0]
@@ -412,7 +529,8 @@ class Job:
         pos = self.position()
         return {"id": self.id, "user": self.user, "name": self.name, "status": self.status,
                 "position": pos[0] if pos else None, "progress": self.progress, "message": self.message,
-                "submitted": self.submitted, "started": self.started, "finished": self.finished}
+                "submitted": self.submitted, "started": self.started, "finished": self.finished,
+                "budget": self.budget.describe() if self.budget is not None else "", "over_budget": self.over_budget}
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, user={self.user!r}, name={self.name!r}, status={self.status!r})"
@@ -526,7 +644,8 @@ class ThreadExecutor(Executor):
                          daemon=True).start()
 
     def _run(self, job: Job, report: Callable, done: Callable) -> None:
-        ctx = _ThreadContext(job.stop_event, report, job.threads, self.report_interval, job.services)
+        ctx = _ThreadContext(job.stop_event, report, job.threads, self.report_interval, job.services,
+                             job.budget.max_steps if job.budget is not None else None)
         token = _CURRENT.set(ctx)
         try:
             _set_torch_threads(job.threads)
@@ -553,11 +672,19 @@ def _close_queues(*queues) -> None:
 
 class _DaskContext(Context):
     def __init__(self, key: str, topic: str, event_name: str, threads: int, report_interval: float,
-                 call_timeout: float = 300.0):
+                 call_timeout: float = 300.0, max_steps: int | None = None):
         super().__init__(threads, report_interval)
         self.key, self.topic, self.event_name = key, topic, event_name
         self.call_timeout = call_timeout
         self._stopped, self._checked, self._event = False, None, None
+        self._steps = _Steps(max_steps, self._over_budget)
+
+    def _over_budget(self, kind: str) -> None:
+        self._stopped = True   # at once here; the server stops the job when the report arrives
+        self._send(None, "over budget", {_BUDGET_KEY: kind})
+
+    def take_steps(self, n: int = 1) -> bool:
+        return self._steps.take(n)
 
     def call(self, service: str, *args) -> Any:
         """Ask the submitting server: the call goes through the job's topic, its arguments and the answer
@@ -611,10 +738,10 @@ class _DaskContext(Context):
 
 
 def _run_on_worker(fn, args, kwargs, key: str, topic: str, event_name: str, threads: int, report_interval: float,
-                   call_timeout: float = 300.0):
+                   call_timeout: float = 300.0, max_steps: int | None = None):
     """The Dask task: set torch threads and the job's context, then run ``fn``. Runs on a worker."""
     _set_torch_threads(threads)
-    token = _CURRENT.set(_DaskContext(key, topic, event_name, threads, report_interval, call_timeout))
+    token = _CURRENT.set(_DaskContext(key, topic, event_name, threads, report_interval, call_timeout, max_steps))
     try:
         return fn(*args, **kwargs)
     finally:
@@ -736,7 +863,8 @@ class DaskExecutor(Executor):
             self._active[key] = (job, report, done)
             self._services[key] = (dict(job.services), None)
         future = self.client.submit(_run_on_worker, job.fn, job.args, job.kwargs, key, self.topic, event_name,
-                                    job.threads, self.report_interval, self.call_timeout, key=key, pure=False,
+                                    job.threads, self.report_interval, self.call_timeout,
+                                    job.budget.max_steps if job.budget is not None else None, key=key, pure=False,
                                     priority=self.priority)
         job.executor_state["future"] = future
         future.add_done_callback(lambda f, key=key: self._on_done(key, f))
@@ -828,6 +956,8 @@ class JobQueue:
         self._seq = 0
         self._closed = False
         self._listeners: list[Callable] = []
+        self._student_budget = student_budget()   # WORKBENCH_STUDENT_MAX_STEPS / _SECONDS; the teacher may change it
+        self._students: set[str] = set()         # users whose jobs get it (signed-in students: workbench.ui)
 
     @staticmethod
     def _make_executor(executor, report_interval: float) -> Executor:
@@ -905,6 +1035,33 @@ class JobQueue:
         with self._lock:
             return len(self._waiting.get(user, ())) + sum(j.user == user for j in self._running.values())
 
+    # -- budgets
+
+    @property
+    def student_budget(self) -> Budget:
+        """What each job of a student may use (:class:`Budget`): from the environment, then the teacher's."""
+        return self._student_budget
+
+    def set_student_budget(self, max_steps: int | None = None, max_seconds: float | None = None) -> Budget:
+        """The teacher's budget for students' jobs submitted from now on (None: no cap); ValueError names the
+        argument. Running and waiting jobs keep the budget they were submitted with."""
+        budget = Budget(max_steps, max_seconds)
+        with self._lock:
+            self._student_budget = budget
+        return budget
+
+    def add_student(self, user: str) -> None:
+        """Give ``user``'s jobs the student budget from now on (the UI calls it for a signed-in student)."""
+        user = check_str("user", user, MAX_USER_CHARS)
+        with self._lock:
+            self._students.add(user)
+
+    def budget_for(self, user: str) -> Budget | None:
+        """The budget a job of ``user`` would get now: the student budget for a student, else None."""
+        with self._lock:
+            budget = self._student_budget if user in self._students else None
+        return budget if budget is not None and budget.capped else None
+
     def add_listener(self, callback: Callable) -> Callable:
         """Call ``callback(queue, job, event)`` on every change of any job (the teacher view)."""
         if not callable(callback):
@@ -971,6 +1128,7 @@ class JobQueue:
             job = Job(self, self._seq, fn, args, kwargs, user, name)
             job.threads = self.threads
             job.services, job.local = dict(services), local
+            job.budget = self.budget_for(user)
             if on_progress is not None:
                 job._listeners.append(lambda j, event: on_progress(j) if event == "progress" else None)
             self._waiting.setdefault(user, deque()).append(job)
@@ -1015,13 +1173,32 @@ class JobQueue:
         def done(value=None, has_value=False, error=None, tb="", cancelled=False, job=job):
             self._complete(job, value, has_value, error, tb, cancelled)
 
+        if job.budget is not None and job.budget.max_seconds is not None:
+            job._timer = threading.Timer(job.budget.max_seconds, self._over_budget, args=(job, "seconds"))
+            job._timer.daemon = True
+            job._timer.start()
         try:
             self._executor_of(job).start(job, report, done)
         except Exception as e:  # the backend refused (cluster gone, ...): the job fails, its slot is freed
             tb = traceback.format_exc()
             threading.Thread(target=done, kwargs={"error": e, "tb": tb}, daemon=True).start()
 
+    def _over_budget(self, job: Job, kind: str) -> None:
+        """``job`` used up its budget (``kind``: ``"steps"``, counted by the task; ``"seconds"``, the timer):
+        record the message naming the budget, then stop it as Stop does (the task ends with what it has)."""
+        with self._lock:
+            if job.budget is None or job.over_budget or job.status == "waiting":
+                return
+            job.over_budget = job.budget.over(kind)   # also when a worker's report comes after its result
+            running = job.status == "running"
+        if running:
+            self._cancel(job)
+
     def _report(self, job: Job, progress, message, payload) -> None:
+        if isinstance(payload, dict) and set(payload) == {_BUDGET_KEY} and payload[_BUDGET_KEY] in ("steps",
+                                                                                                  "seconds"):
+            self._over_budget(job, payload[_BUDGET_KEY])
+            return
         with self._lock:
             if job.status != "running":
                 return
@@ -1033,6 +1210,8 @@ class JobQueue:
         self._fire(events)
 
     def _complete(self, job: Job, value, has_value: bool, error, tb: str, cancelled: bool) -> None:
+        if job._timer is not None:
+            job._timer.cancel()
         with self._lock:
             if job.done:
                 return

@@ -2,7 +2,8 @@
 
 A long computation (a training, a sweep of models, a lens fit, a search) takes ``monitor=None``: an
 object with ``stopped`` (True once the user pressed Stop: return early with what you have) and
-``report(progress, message, payload)`` (``progress`` in [0, 1] or None). ``None`` means
+``report(progress, message, payload)`` (``progress`` in [0, 1] or None), and ``take_steps(n)`` (False once a
+budgeted job's training steps are used up; :func:`workbench.train` asks before each step). ``None`` means
 :func:`current`: the context of the job running this thread (:mod:`workbench.jobs` sets it), or a
 silent, never-stopped one outside a job. So a notebook call, a page job and a Dask worker run the same
 code. :class:`workbench.jobs.TrainProgress` adapts a monitor to :func:`workbench.train`'s callbacks.
@@ -58,6 +59,12 @@ class Context:
 
     def _send(self, progress, message, payload) -> None:
         pass
+
+    def take_steps(self, n: int = 1) -> bool:
+        """Whether the job may take ``n`` more training steps: False once they would exceed its step budget
+        (a student's job on a class server, :class:`workbench.jobs.Budget`; the job is then being stopped).
+        :func:`workbench.train` asks before every step. Outside a budgeted job: always True."""
+        return True
 
     def call(self, service: str, *args) -> Any:
         """Run the named *service* in the process that submitted the job and return its answer.

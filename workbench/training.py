@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .checks import check_choice, check_float, check_int, check_seed
 from .data import IGNORE, Dataset
+from .monitor import current as _current_job
 
 __all__ = ["TrainConfig", "Run", "TrainState", "Callback", "ProgressBar", "StopOnEvent", "train", "evaluate",
            "loss_and_correct", "make_optimizer", "check_pairing", "diverged", "BLOWUP_FACTOR", "BLOWUP_FLOOR"]
@@ -290,7 +291,9 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None,
     (:func:`workbench.models.check_memory`). A NaN or infinite minibatch loss stops training
     with ``status="diverged"``; so does an evaluation whose train or validation loss blew up
     (:func:`diverged`: more than 100x the split's best and above 10), which also records
-    ``run.meta["diverged"]`` (step, split, loss, best).
+    ``run.meta["diverged"]`` (step, split, loss, best). Run as a job with a step budget
+    (:func:`workbench.monitor.current`'s ``take_steps``), training stops as ``"cancelled"`` where the
+    budget ends, with a final evaluation, like a Stop.
     """
     if config is not None and not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig or None, got {type(config).__name__}")
@@ -332,9 +335,13 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None,
 
     for cb in callbacks:
         cb.on_start(state)
+    job = _current_job()   # a job's step budget (a student's on a class server) counts every training in it
     model.train()
     with torch.enable_grad():
         for i in range(config.steps):
+            if not job.take_steps(1):
+                status = "cancelled"
+                break
             idx = next(batches).to(device)
             factor = _lr_factor(i, config)
             for g, lr in zip(optimizer.param_groups, base_lrs):

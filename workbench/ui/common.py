@@ -215,9 +215,23 @@ class DataStore(param.Parameterized):
         return self.user is None or self.is_teacher or owner == self.user
 
     @property
+    def is_student(self) -> bool:
+        """Whether this session is a signed-in user who is not a teacher: their jobs have a budget."""
+        return self.user is not None and not self.is_teacher
+
+    @property
     def queue_user(self) -> str:
-        """Who this session's jobs belong to in the job queue: the signed-in user, else the session."""
-        return self.user or self.session_id
+        """Who this session's jobs belong to in the job queue: the signed-in user, else the session. A student
+        is marked as one in the server's queue here (``JobQueue.add_student``: their jobs get the teacher's
+        budget), so every page and the sweeps, which all submit as this user, are covered."""
+        user = self.user or self.session_id
+        if self.is_student:
+            job_queue().add_student(user)
+        return user
+
+    def job_budget(self) -> "jobs.Budget | None":
+        """The budget this session's next job gets (a student's: steps and seconds), or None (no cap)."""
+        return job_queue().budget_for(self.queue_user)
 
     def add_session_model(self, name: str, model, **info) -> str:
         """Register ``model`` under ``name`` for this session only (replacing one of that name); bumps ``version``.
@@ -724,8 +738,10 @@ class BackgroundTask(param.Parameterized):
 
     def __init__(self, on_update: Callable | None = None, on_done: Callable | None = None, period: int = 250,
                  on_session_end: str = "stop", user: str | Callable[[], str] | None = None,
-                 queue: "jobs.JobQueue | None" = None, job_name: str = "task", **params):
+                 queue: "jobs.JobQueue | None" = None, job_name: str = "task",
+                 student: Callable[[], bool] | None = None, **params):
         super().__init__(**params)
+        self.student = student   # whether the owner is a student (their jobs get the queue's budget)
         if on_session_end not in ("stop", "finish"):
             raise ValueError(f"on_session_end must be one of ['stop', 'finish'], got {on_session_end!r}")
         self.on_update, self.on_done, self.period = on_update, on_done, period
@@ -860,6 +876,8 @@ class BackgroundTask(param.Parameterized):
         self._box = box
         try:
             queue_ = self.queue if self.queue is not None else job_queue()
+            if self.student is not None and self.student():
+                queue_.add_student(self.owner())
             if isinstance(queue_.executor, jobs.DaskExecutor):
                 plan = remote_plan(fn, args, kwargs)
                 if isinstance(plan, tuple):
@@ -969,6 +987,8 @@ class BackgroundTask(param.Parameterized):
                             self.error, self.status = f"{type(e).__name__}: {e}", "error"
                 else:
                     self.error, self.status = _describe(payload), "error"
+                if self.job is not None and self.job.over_budget:   # stopped by the teacher's budget: say which
+                    self.notice = self.job.over_budget
 
     def status_text(self) -> str:
         """What the status line says (plain text): the error, else the notice and the message or status."""

@@ -140,7 +140,8 @@ class Page(pn.viewable.Viewer):
         datastore = datastore if datastore is not None else DataStore()
         task = (BackgroundTask(on_update=self._task_update, on_done=self._task_done,
                                on_session_end=self.on_session_end, user=lambda: self.datastore.queue_user,
-                               job_name=self.title) if self.on_session_end else None)
+                               job_name=self.title, student=lambda: self.datastore.is_student)
+                if self.on_session_end else None)
         super().__init__(datastore=datastore, task=task, **params)
         self.errors = ErrorBox()
         self.code = pn.pane.Markdown("", sizing_mode="stretch_width")
@@ -223,6 +224,17 @@ class Page(pn.viewable.Viewer):
         except (ValueError, TypeError) as e:
             self.errors.show(e)
             return None
+
+    def check_steps(self, steps, field: str = "steps") -> None:
+        """Refuse a form asking for more training steps than this session's job budget (a student's on a class
+        server; ``steps``: what the job would train in all): ValueError naming ``field``, for the error box.
+        Without a budget, or when ``steps`` is not a number yet (the form's own check says so), nothing."""
+        budget = self.datastore.job_budget()
+        if budget is None or budget.max_steps is None or isinstance(steps, bool) or not isinstance(steps, int):
+            return
+        if steps > budget.max_steps:
+            raise ValueError(f"{field} must be at most {budget.max_steps:,} in all for a student's job (the teacher's "
+                             f"step budget), got {steps:,}")
 
     def start_task(self, fn, *args, wait: bool = False) -> bool:
         """Start ``fn(ctx, *args)`` on the page's task (``wait=True``: synchronously, for tests)."""

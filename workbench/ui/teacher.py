@@ -1,4 +1,6 @@
-"""Teacher page (classroom mode): who is running and waiting, Stop for any job, runs marked shared.
+"""Teacher page (classroom mode): who is running and waiting, Stop for any job, runs marked shared, and the
+budget of a student's job (training steps and minutes; ``WORKBENCH_STUDENT_MAX_STEPS`` /
+``WORKBENCH_STUDENT_MAX_SECONDS`` until the teacher changes it here, see :class:`workbench.jobs.Budget`).
 
 Only the signed-in users named in ``WORKBENCH_TEACHERS`` see it (:func:`workbench.classroom.is_teacher`);
 everyone else, and everyone on a server without sign-in, gets one line saying so. Every action
@@ -15,13 +17,15 @@ imports Panel (``tests/test_import_graph.py`` counts function-level imports too)
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from typing import Any
 
 import pandas as pd
 import panel as pn
 
-from .. import classroom
+from .. import classroom, jobs
 from .common import escape_html, escape_md
+from .downloads import HubDownloads
 from .page import Page
 
 __all__ = ["TeacherPage", "current_user", "server_queue", "QUEUE_CACHE_KEY", "NOT_A_TEACHER"]
@@ -34,14 +38,19 @@ _LABEL_CHARS = 60   # of a user-provided string in a picker label
 
 EXPLANATION = """The server's job queue: every training of every student, running or waiting (in the
 order they will start). Stop cancels a waiting job or asks a running one to stop (it stops at its
-next step and is saved as stopped). A run marked shared appears, read-only, in every student's
-Runs list; students can open it but not delete it."""
+next step and is saved as stopped). A student's job may train at most so many steps and run at most so
+many minutes (the budget; 0 lifts a cap): a form asking for more is refused, and a job that gets there
+stops as if Stop was pressed, keeping what it has. A new budget applies to jobs submitted from then on;
+teachers' jobs have none. A run marked shared appears, read-only, in every student's Runs list; students
+can open it but not delete it."""
 
 CODE = """import workbench as wb
 store = wb.RunStore()                  # the server's store ($WORKBENCH_HOME)
 store.list()                           # every run, with its owner and shared flag
 store.share(run_id)                    # every signed-in user lists and opens it
-store.list(user="student1")            # what student1 sees: their runs and the shared ones"""
+store.list(user="student1")            # what student1 sees: their runs and the shared ones
+# the budget of a student's job (the server's queue; WORKBENCH_STUDENT_MAX_STEPS / _SECONDS at start)
+# queue.set_student_budget(max_steps=20_000, max_seconds=1200)"""
 
 
 def current_user() -> str | None:
@@ -73,7 +82,8 @@ def _clock(t) -> str:
     return _dt.datetime.fromtimestamp(float(t)).strftime("%H:%M:%S")
 
 
-_JOB_COLUMNS = ["id", "user", "name", "status", "position", "progress", "message", "submitted", "started"]
+_JOB_COLUMNS = ["id", "user", "name", "status", "position", "progress", "message", "budget", "submitted", "started"]
+MAX_BUDGET_MINUTES = 7 * 24 * 60
 
 
 def jobs_html(snapshot: list[dict]) -> str:
@@ -90,6 +100,8 @@ def jobs_html(snapshot: list[dict]) -> str:
                 v = "" if v is None else f"{100 * float(v):.0f}%"
             elif c in ("submitted", "started"):
                 v = _clock(v)
+            elif c == "budget":
+                v = job.get("over_budget") and "over budget: stopping" or v or "none"
             elif v is None:
                 v = ""
             cells.append(f"<td style='padding:2px 8px'>{escape_html(_short(v, 120))}</td>")
@@ -127,9 +139,18 @@ class TeacherPage(Page):
         self.share_button.on_click(lambda _: self.share_selected(True))
         self.unshare_button.on_click(lambda _: self.share_selected(False))
         self.shared_view = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.budget_steps = pn.widgets.IntInput(name="steps per student job (0: no limit)", value=0, start=0,
+                                                width=150)
+        self.budget_minutes = pn.widgets.FloatInput(name="minutes per student job (0: no limit)", value=0.0,
+                                                    start=0.0, width=150)
+        self.budget_button = pn.widgets.Button(name="Set budget", button_type="primary", width=120)
+        self.budget_button.on_click(lambda _: self.set_budget())
+        self.budget_note = pn.pane.Markdown("", sizing_mode="stretch_width")
         self._callback = None
+        self.downloads = HubDownloads(self.datastore.raw_store.root, self._teacher) if self.allowed else None
         if self.allowed:
             self.refresh()
+            self._show_budget(fill=True)
 
     # ---------------------------------------------------------------- reading
     @property
@@ -159,7 +180,22 @@ class TeacherPage(Page):
                    + (f" (position {j['position']})" if j.get("position") else ""): str(j["id"]) for j in snapshot}
         self._set_options(self.job_select, options)
         self.stop_button.disabled = not options
+        self._show_budget()
         self._refresh_runs()
+
+    def _show_budget(self, fill: bool = False) -> None:
+        """The budget line (and with ``fill`` the two fields) from the queue's student budget."""
+        q = self.queue
+        if q is None:
+            self.budget_note.object = "No job queue on this server: no budget to set."
+            self.budget_button.disabled = True
+            return
+        b = q.student_budget
+        self.budget_button.disabled = False
+        self.budget_note.object = escape_md(f"Each student job: {b.describe()} (teachers' jobs: no limit).")
+        if fill:
+            self.budget_steps.value = b.max_steps or 0
+            self.budget_minutes.value = round(b.max_seconds / 60, 3) if b.max_seconds else 0.0
 
     def _refresh_runs(self) -> None:
         try:
@@ -226,16 +262,45 @@ class TeacherPage(Page):
         self._refresh_runs()
         return True
 
+    def set_budget(self) -> bool:
+        """Set the budget of students' jobs from the two fields (0: no cap). Returns whether it acted; a bad
+        value is refused in the error box, naming the field."""
+        if not self.allowed or not self._teacher():
+            return False
+        q = self.queue
+        if q is None:
+            self.errors.show("Set budget: this server has no job queue")
+            return False
+        steps, minutes = self.budget_steps.value, self.budget_minutes.value
+        try:
+            if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= jobs.MAX_BUDGET_STEPS:
+                raise ValueError(f"steps per student job must be a whole number in [0, {jobs.MAX_BUDGET_STEPS:,}] "
+                                 f"(0: no limit), got {steps!r}")
+            if (isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not math.isfinite(minutes)
+                    or not (minutes == 0 or 1 / 60 <= minutes <= MAX_BUDGET_MINUTES)):
+                raise ValueError(f"minutes per student job must be 0 (no limit) or in [1/60, {MAX_BUDGET_MINUTES:,}], "
+                                 f"got {minutes!r}")
+            budget = q.set_student_budget(max_steps=steps or None, max_seconds=minutes * 60 if minutes else None)
+        except ValueError as e:
+            self.errors.show(e)
+            return False
+        self.errors.clear()
+        self.status.object = escape_md(f"Budget of a student's job: {budget.describe()} (jobs submitted from now on).")
+        self._show_budget()
+        return True
+
     def as_code(self) -> str:
         return CODE
 
     # ---------------------------------------------------------------- layout
     def side(self):
         return [self.refresh_button, self.job_select, self.stop_button, self.run_select,
-                pn.Row(self.share_button, self.unshare_button), self.status]
+                pn.Row(self.share_button, self.unshare_button), self.status,
+                pn.pane.Markdown("**Budget of a student's job**", margin=(10, 10, 0, 10)),
+                pn.Row(self.budget_steps, self.budget_minutes), self.budget_button, self.budget_note]
 
     def figures(self):
-        return [pn.pane.Markdown("### Job queue"), self.jobs_view, self.shared_view]
+        return [pn.pane.Markdown("### Job queue"), self.jobs_view, self.shared_view, self.downloads]
 
     def __panel__(self):
         if not self.allowed:

@@ -7,6 +7,7 @@ import panel as pn
 
 from .. import data, models, recipes
 from ..figures.training import training_curves
+from ..store import check_run_name
 from ..training import Callback, TrainConfig, train
 from .common import TextUpload, config_widgets, escape_md, values_from_widgets
 from .page import Page
@@ -189,6 +190,9 @@ class TrainPage(Page):
         overrides = values_from_widgets(self.model_widgets)
         model_config = models.config_for(data.shape_of(self.dataset.value, **opts), **overrides)
         train_config = TrainConfig(**values_from_widgets(self.train_widgets)).validate()
+        self.check_steps(train_config.steps, "steps")          # a student's job budget, refused at once
+        if isinstance(self.run_name.value, str) and self.run_name.value.strip():
+            check_run_name(self.run_name.value.strip(), "run name")
         return opts, model_config, train_config
 
     # ---------------------------------------------------------------- actions
