@@ -219,3 +219,25 @@ def test_the_step_budget_holds_on_dask_workers(monkeypatch):
     finally:
         client.close()
         cluster.close()
+
+
+def test_other_pages_refuse_a_form_over_the_budget_naming_the_field(store, queue, monkeypatch):
+    from workbench.ui.grokking import GrokkingPage
+    from workbench.ui.grow import GrowPage
+
+    monkeypatch.setenv("WORKBENCH_TEACHERS", "teach")
+    queue.set_student_budget(max_steps=100)
+    grok = GrokkingPage(DataStore(store, user="alice"))
+    grok.inputs["steps"].value = 101
+    grok.train(wait=True)
+    assert "steps must be at most 100 in all for a student's job (the teacher's step budget), got 101" \
+        in grok.errors.text
+    assert grok.task.job is None
+    grow = GrowPage(DataStore(store, user="alice"))
+    grow.stage_steps.value = 60
+    grow.fill_preset()
+    grow.start(wait=True)
+    assert "steps of the stages must be at most 100" in grow.errors.text and grow.task.job is None
+    grok_teacher = GrokkingPage(DataStore(store, user="teach"))
+    grok_teacher.inputs["steps"].value = 101
+    assert grok_teacher.config().steps == 101

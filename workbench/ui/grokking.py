@@ -141,7 +141,9 @@ class GrokkingPage(Page):
     # ---------------------------------------------------------------- choices
     def config(self) -> grokking.GrokConfig:
         """The form as a validated GrokConfig (ValueError naming the field otherwise)."""
-        return grokking.GrokConfig(**{n: w.value for n, w in self.inputs.items()}).validate()
+        config = grokking.GrokConfig(**{n: w.value for n, w in self.inputs.items()}).validate()
+        self.check_steps(config.steps, "steps")   # a student's job budget, refused at once
+        return config
 
     def threshold_options(self) -> dict:
         """The threshold sweep's arguments from its widgets (ValueError naming the field otherwise)."""

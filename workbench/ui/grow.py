@@ -366,9 +366,11 @@ class GrowPage(Page):
                 raise ValueError("total steps must be an integer >= 1, got nothing")
             tc = TrainConfig(steps=self.total_steps.value, **values).validate()
             crit = growth.check_criterion(tc, mc.n_layers, **self.criterion_options())
+            self.check_steps(tc.steps, "total steps")   # a student's job budget, refused at once
             return opts, mc, tc, crit
         tc = TrainConfig(steps=1, **values).validate()
         stages = growth.check_schedule(frame_to_stages(self.stages.value), mc.n_layers)
+        self.check_steps(sum(s.steps for s in stages), "steps of the stages")
         return opts, mc, tc, stages
 
     # ---------------------------------------------------------------- actions
