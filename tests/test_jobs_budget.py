@@ -241,3 +241,14 @@ def test_other_pages_refuse_a_form_over_the_budget_naming_the_field(store, queue
     grok_teacher = GrokkingPage(DataStore(store, user="teach"))
     grok_teacher.inputs["steps"].value = 101
     assert grok_teacher.config().steps == 101
+
+
+def test_compose_refuses_a_students_stages_over_the_budget(store, queue, monkeypatch):
+    from workbench.ui.compose import ComposePage
+
+    monkeypatch.setenv("WORKBENCH_TEACHERS", "teach")
+    queue.set_student_budget(max_steps=100)
+    page = ComposePage(DataStore(store, user="alice"))
+    page.train_steps.value = 34
+    page.train_two(wait=True)
+    assert "steps per stage (x 3 stages) must be at most 100" in page.errors.text and page.train_task.job is None

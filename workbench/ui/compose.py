@@ -336,6 +336,11 @@ class ComposePage(Page):
         if not isinstance(self.train_steps.value, int) or self.train_steps.value < 1:
             self.errors.show(f"steps per stage must be an integer >= 1, got {self.train_steps.value!r}")
             return
+        try:   # a base and two specialists: three stages against a student's job budget
+            self.check_steps(3 * self.train_steps.value, "steps per stage (x 3 stages)")
+        except ValueError as e:
+            self.errors.show(e)
+            return
         args = (corpora, self.train_steps.value, self.n_layers.value, self.embedding.value, self.seed.value or 0)
         (self.train_task.run_now if wait else self.train_task.start)(_train_job, *args)
 
