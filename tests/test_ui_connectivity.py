@@ -156,3 +156,23 @@ def test_a_run_that_vanished_or_was_forged_is_refused_by_every_action(page, stor
     for act in actions:
         act(wait=True)
         assert page.errors.text.startswith("model A: ") and "does not exist" in page.errors.text
+
+
+@pytest.mark.parametrize("field, value, message, actions", [
+    ("n_alphas", None, "alphas must be an integer in [3, 101], got None", "compute layerwise instability"),
+    ("resolution", 10_000, "plane resolution must be an integer in [3, 61], got 10000", "compute"),
+    ("max_examples", -1, "examples per split must be an integer in [0, 1000000], got -1",
+     "compute fusion layerwise instability"),
+    ("inst_steps", 10**9, "total steps must be an integer in [2, 100000], got 1000000000", "instability"),
+    ("spawn_steps", ", ".join(map(str, range(20))), "spawn steps: at most 16", "instability"),
+    ("fusion_qk", "<b>both</b>", "Q and K must be one of ['joint', 'separate']", "fusion"),
+])
+def test_an_emptied_or_forged_number_is_named_and_starts_nothing(page, field, value, message, actions):
+    page.run_a.value, page.run_b.value = _ids(page, "seed0")[0], _ids(page, "seed1")[0]
+    page.inst_steps.value = 300
+    getattr(page, field).param.update(value=value)          # what a hostile client can send
+    for action in actions.split():
+        act = getattr(page, action if action == "compute" else f"run_{action}")
+        page.errors.clear()
+        act(wait=True)
+        assert message in page.errors.text and page.task.job is None, (action, page.errors.text)

@@ -6,7 +6,7 @@ import dataclasses
 import pandas as pd
 import panel as pn
 
-from .. import data, lmc, models, recipes
+from .. import checks, data, lmc, models, recipes
 from ..figures import lmc as figs
 from ..training import TrainConfig
 from .common import dataset_from_spec, open_run, run_options, short_spec
@@ -98,6 +98,9 @@ def _analysis_job(ctx, store, id_a: str, id_b: str, n_alphas: int, resolution: i
     return {"curves": curves, "layerwise": layer, "plane": plane}
 
 
+MAX_EXAMPLES = 1_000_000          # "examples per split" (0: all of them)
+MAX_INSTABILITY_STEPS = 100_000   # "total steps" of the instability children
+MAX_SPAWNS = 16                   # spawn steps (two children trained at each)
 FUSION_REGS = (0.01, 0.03, 0.08, 0.3, 1.0)   # the reg slider's stops (Imfeld et al.'s default 0.08 among them)
 
 
@@ -323,18 +326,27 @@ class ConnectivityPage(Page):
             raise ValueError("model A and model B are the same run; pick two different runs")
         return self.datastore.store, self.run_a.value, self.run_b.value
 
+    def _numbers(self) -> dict:
+        """The numeric fields, checked (an emptied or forged field is named with its range)."""
+        return {"n_alphas": checks.check_int("alphas", self.n_alphas.value, 3, 101),
+                "resolution": checks.check_int("plane resolution", self.resolution.value, 3, 61),
+                "max_examples": checks.check_int("examples per split", self.max_examples.value, 0, MAX_EXAMPLES)}
+
+    def _pair_and_numbers(self):
+        return self._pair(), self._numbers()
+
     # ---------------------------------------------------------------- actions
     def compute(self, wait: bool = False) -> None:
         """Check the pair and start the analysis (``wait=True`` runs synchronously, for tests).
 
         Refused, with a notice next to the progress bar, while a computation runs (so for the other buttons).
         """
-        pair = self.read_form(self._pair)
-        if pair is None:
+        form = self.read_form(self._pair_and_numbers)
+        if form is None:
             return
+        pair, n = form
         self.results = {}
-        self._start(_analysis_job, *pair, int(self.n_alphas.value), int(self.resolution.value),
-                    int(self.max_examples.value), wait=wait)
+        self._start(_analysis_job, *pair, n["n_alphas"], n["resolution"], n["max_examples"], wait=wait)
 
     def train_pair(self, wait: bool = False) -> None:
         configs = self.read_form(self._pair_config)
@@ -347,32 +359,43 @@ class ConnectivityPage(Page):
             return
         self.errors.clear()
         try:
-            steps = sorted({int(s) for s in self.spawn_steps.value.replace(",", " ").split()})
-            pair = self._pair()
+            text = self.spawn_steps.value or ""
+            if len(text) > 200:
+                raise ValueError(f"spawn steps: at most 200 characters, got {len(text)}")
+            steps = sorted({int(s) for s in text.replace(",", " ").split()})
+            pair, n = self._pair_and_numbers()
+            total = checks.check_int("total steps", self.inst_steps.value, 2, MAX_INSTABILITY_STEPS)
         except ValueError as e:
             self.errors.show(e if "invalid literal" not in str(e) else
                              "spawn steps: give whole numbers separated by commas, e.g. 0, 25, 50")
             return
-        total = int(self.inst_steps.value)
         if not steps or steps[0] < 0 or steps[-1] >= total:
             self.errors.show(f"spawn steps must lie in [0, {total - 1}] (total steps {total})")
             return
-        self._start(_instability_job, *pair, steps, total, max(5, int(self.n_alphas.value) // 2),
-                    int(self.max_examples.value), wait=wait)
+        if len(steps) > MAX_SPAWNS:
+            self.errors.show(f"spawn steps: at most {MAX_SPAWNS} (each trains two children), got {len(steps)}")
+            return
+        self._start(_instability_job, *pair, steps, total, max(5, n["n_alphas"] // 2), n["max_examples"], wait=wait)
 
     def run_fusion(self, wait: bool = False) -> None:
         """Fuse A and B by every method of the page (vanilla, EMD, Sinkhorn at each reg of the slider)."""
-        pair = self.read_form(self._pair)
-        if pair is not None:
-            self._start(_fusion_job, *pair, self.fusion_ground.value, self.fusion_qk.value,
-                        int(self.max_examples.value), wait=wait)
+        form = self.read_form(self._pair_and_numbers)
+        if form is not None:
+            pair, n = form
+            try:
+                ground, qk = (checks.check_choice(w.name, w.value, w.options) for w in (self.fusion_ground,
+                                                                                      self.fusion_qk))
+            except ValueError as e:   # a forged value: named, nothing started
+                self.errors.show(e)
+                return
+            self._start(_fusion_job, *pair, ground, qk, n["max_examples"], wait=wait)
 
     def run_layerwise(self, wait: bool = False) -> None:
         """Layer-wise curves (base A and B), cumulative barriers and the estimate, before and after alignment."""
-        pair = self.read_form(self._pair)
-        if pair is not None:
-            self._start(_layerwise_job, *pair, max(3, int(self.n_alphas.value) // 2), int(self.max_examples.value),
-                        wait=wait)
+        form = self.read_form(self._pair_and_numbers)
+        if form is not None:
+            pair, n = form
+            self._start(_layerwise_job, *pair, max(3, n["n_alphas"] // 2), n["max_examples"], wait=wait)
 
     def _show_map(self) -> None:
         maps = self.results.get("maps")

@@ -14,7 +14,7 @@ import pandas as pd
 import panel as pn
 import torch
 
-from .. import interop, residual, roots
+from .. import checks, interop, residual, roots
 from ..figures import interventions as ifigs
 from ..figures import residual as figs
 from .common import dataset_from_spec, escape_md, open_run, run_options
@@ -426,7 +426,7 @@ class ResidualPage(Page):
         the input and the keys under which analyses are cached."""
         src = self.source.value
         req = {"source": src, "input": self.input_kind.value, "text": self.text.value or "",
-               "corrupt": self.corrupt_text.value or "", "sample": int(self.sample.value or 0)}
+               "corrupt": self.corrupt_text.value or "", "sample": checks.check_int("sample", self.sample.value or 0, 0)}
         if src == SOURCES[0]:
             run_id = self.run_select.value
             if not run_id:
@@ -568,10 +568,12 @@ class ResidualPage(Page):
         try:
             opened = self._open(ctx, req)
         except interop.Stopped:
+            ctx.report(message="stopped: the model was not opened")
             return "stopped", None
         lock = opened.lock   # a shared model runs one analysis at a time (hooks live on its modules)
         while not lock.acquire(timeout=0.2):
             if ctx.stopped:
+                ctx.report(message="stopped while another session was analysing the same model")
                 return "stopped", None
         try:
             if action == "analysis":
@@ -602,12 +604,12 @@ class ResidualPage(Page):
             self.estimate_note.object = payload["estimate"]
 
     # ---------------------------------------------------------------- analysis
-    def _start(self, action: str, wait: bool, **extra) -> None:
-        """Read the form and start the page's job (refused while it runs; a bad choice is named at once)."""
-        req = self.read_form(self._request)
+    def _start(self, action: str, wait: bool, extra=None) -> None:
+        """Read the form (and ``extra()``, more fields) and start the page's job (refused while it runs; a bad
+        choice is named at once)."""
+        req = self.read_form(lambda: {**self._request(), **(extra() if extra is not None else {})})
         if req is None:
             return
-        req.update(extra)
         if action == "analysis":
             req["group"] = self._group_runs()
             cache_key = (req["model_key"], req["input_key"])
@@ -670,8 +672,10 @@ class ResidualPage(Page):
 
     def intervene(self, wait: bool = False) -> None:
         """Erase, skip or patch the chosen (layer, token) and show the change downstream and at the output."""
-        self._start("intervention", wait, kind=self.intervention.value, layer=int(self.layer.value),
-                    position=int(self.position.value))
+        self._start("intervention", wait, lambda: {
+            "kind": checks.check_choice("intervention", self.intervention.value, INTERVENTIONS),
+            "layer": checks.check_int("layer", self.layer.value, 0), "position": checks.check_int(
+                "token position", self.position.value, 0)})
 
     def _intervention_done(self, value) -> None:
         kind, layer, pos, tokens, result = value
