@@ -777,7 +777,9 @@ def skip_effects(model: nn.Module, x, y=None, mask=None, batch_size: int | None 
     the effect on layer ``l`` is its direct dependence on ``d_s`` (not mediated by layers between);
     the output columns then compare ``unembed(h_L - d_s)`` with the output.
     Output columns: ``skipped, kl, l2, top1_changed, loss, loss_change`` with ``l2`` =
-    ``||softmax - softmax'||_2`` per token. Cost: one base forward plus one per layer (L + 1).
+    ``||softmax - softmax'||_2`` per token. Cost: one base forward, then per skipped layer ``s`` only the
+    blocks after ``s`` and the readout (the blocks before ``s`` replay the base forward's outputs): at
+    most L + 1 forwards, about ``L / 2`` block passes fewer.
 
     For a :class:`~workbench.compose.LogitMixture` (either mode), each member's layers are
     skipped in turn inside the mixture: the heat-map is within that member's residual stream and
@@ -820,6 +822,10 @@ def _with_first(out, new):
     return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
 
+def _block_input(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
 @contextlib.contextmanager
 def _replace_input(block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
     """Feed ``block`` ``fn(its input)`` instead of its input (positional or ``hidden_states``)."""
@@ -840,13 +846,95 @@ def _replace_input(block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor])
 def _replace_output(block: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     """Replace ``block``'s (first) output by ``fn(input, output)``."""
     def post(module, args, kwargs, output):
-        h = args[0] if args else kwargs["hidden_states"]
-        return _with_first(output, fn(h, _first(output)))
+        return _with_first(output, fn(_block_input(args, kwargs), _first(output)))
     h = block.register_forward_hook(post, with_kwargs=True)
     try:
         yield
     finally:
         h.remove()
+
+
+@contextlib.contextmanager
+def _block_outputs(ad: Adapter):
+    """``{layer: output}``: every block's whole output (tensor or tuple, as the model returns it) of the
+    forwards run inside the context; what :func:`_cached_blocks` replays."""
+    outs: dict = {}
+    handles = []
+    try:
+        for l in range(ad.n_layers):
+            handles.append(ad.block(l).register_forward_hook(lambda m, a, o, l=l: outs.__setitem__(l, o)))
+        yield outs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _distinct_blocks(ad: Adapter) -> bool:
+    """Whether every layer is its own module (a block object used twice cannot be replayed per layer)."""
+    return len({id(ad.block(l)) for l in range(ad.n_layers)}) == ad.n_layers
+
+
+@contextlib.contextmanager
+def _cached_blocks(ad: Adapter, outputs: dict):
+    """Blocks that do not run: block ``l`` returns ``outputs[l](input)`` instead of computing.
+
+    A block whose input is what it was in a recorded forward returns that forward's output
+    (:func:`_block_outputs`), so an intervention at layer ``s`` runs only the blocks after ``s``
+    (the prefix of the network is the same; its residuals are cached, not recomputed). The block's
+    hooks still fire, on the replayed output. The instance's own ``forward`` is restored on exit."""
+    saved = {}
+    try:
+        for l, make in outputs.items():
+            block = ad.block(l)
+            saved[l] = block.__dict__.get("forward")
+
+            def stub(*args, make=make, **kwargs):
+                return make(_block_input(args, kwargs))
+            block.forward = stub
+        yield
+    finally:
+        for l, old in saved.items():
+            block = ad.block(l)
+            if old is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = old
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward whose remaining modules are not needed."""
+
+
+def _run_blocks(ad: Adapter, forward: Callable[[torch.Tensor], object], x: torch.Tensor) -> torch.Tensor:
+    """Run ``forward(x)`` up to the end of the last block and return the final residual (not detached);
+    the final norm and readout do not run. Hooks registered before the call fire as usual."""
+    final = []
+
+    def stop(module, args, output):
+        final.append(_first(output))
+        raise _Stop
+    h = ad.block(ad.n_layers - 1).register_forward_hook(stop)
+    try:
+        forward(x)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if not final:
+        raise RuntimeError(f"the forward of {type(ad.model).__name__} never ran its last block")
+    return _tokens(final[0])
+
+
+def _readout_is_unembed(ad: Adapter, final: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether ``ad.unembed`` of the final residual gives the model's own logits on this input (then
+    an analysis may read out only the positions it needs); False for a head that does more (e.g. a
+    logit soft-cap the adapter does not know)."""
+    got = ad.unembed(final).float()
+    want = logits.float()
+    if got.shape != want.shape:
+        return False
+    tol = 64 * torch.finfo(logits.dtype).eps * (1.0 + float(want.abs().max()))
+    return bool(((got - want).abs() <= tol).all())
 
 
 def _skip_layer(ad: Adapter, layer: int, from_position: int | None):
@@ -861,6 +949,18 @@ def _skip_layer(ad: Adapter, layer: int, from_position: int | None):
     return _replace_output(ad.block(layer), keep_early)
 
 
+def _skipped_output(cached, from_position: int | None):
+    """Replayed output of a skipped block: its input (the identity), at positions ``>= from_position``
+    only when given (earlier positions keep the block's recorded output)."""
+    def make(h):
+        if from_position is None:
+            return _with_first(cached, h)
+        out = _first(cached).clone()
+        out[:, from_position:] = h[:, from_position:]
+        return _with_first(cached, out)
+    return make
+
+
 def _reduce(v: torch.Tensor, mask: torch.Tensor | None, how: str) -> float:
     return _masked_mean(v, mask) if how == "mean" else _masked_max(v, mask)
 
@@ -873,18 +973,57 @@ def _masked_max(v: torch.Tensor, mask: torch.Tensor | None) -> float:
     return float(torch.where(ok, v, torch.full_like(v, -float("inf"))).max()) if ok.any() else float("nan")
 
 
-def _out_effects(base_logp: torch.Tensor, logp: torch.Tensor, tgt, base_loss) -> dict:
-    p, q = base_logp.exp(), logp.exp()
-    return {"kl": (p * (base_logp - logp)).sum(-1), "l2": (p - q).norm(dim=-1),
-            "top1_changed": (logp.argmax(-1) != base_logp.argmax(-1)).float(),
-            "loss": _token_loss(logp, tgt), "base_loss": base_loss}
+OUT_CHUNK = 1 << 20   # elements per CPU thread of the (rows, V) output block compared at once (cache-sized)
+
+
+def _out_base(base: torch.Tensor, tgt: torch.Tensor | None) -> dict:
+    """What every skipped run is compared with, once per batch: the base log-probabilities and
+    probabilities ``(N, V)`` (``N = B T``), their top-1 ids ``(N,)``, the targets and the loss ``(B, T)``."""
+    shape, V = base.shape[:2], base.shape[-1]
+    logp = base.float().log_softmax(-1)
+    return {"shape": shape, "logp": logp.reshape(-1, V), "p": logp.exp().reshape(-1, V),
+            "top": logp.argmax(-1).reshape(-1), "tgt": None if tgt is None else tgt.reshape(-1),
+            "loss": _token_loss(logp, tgt)}
+
+
+def _out_effects(base: dict, logits: torch.Tensor) -> dict:
+    """Per token ``(B, T)``: ``kl`` = KL(p || q), ``l2`` = ``||p - q||_2``, ``top1_changed`` and ``loss`` of
+    ``q = softmax(logits)`` against the base output ``p`` (:func:`_out_base`), and ``base_loss``.
+
+    On the CPU formed ``OUT_CHUNK`` elements per thread at a time, so that the temporaries of each
+    operation stay in cache (the same per-row formulas; elsewhere in one block)."""
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V)
+    N, dev = z.shape[0], z.device
+    rows = max(1, OUT_CHUNK * torch.get_num_threads() // V) if dev.type == "cpu" else max(N, 1)
+    kl, l2 = torch.empty(N, device=dev), torch.empty(N, device=dev)
+    changed, loss = torch.empty(N, device=dev), torch.full((N,), float("nan"), device=dev)
+    tgt = base["tgt"]
+    for r0 in range(0, N, rows):
+        r = slice(r0, min(r0 + rows, N))
+        logq = z[r].float().log_softmax(-1)
+        p = base["p"][r]
+        kl[r] = torch.sub(base["logp"][r], logq).mul_(p).sum(-1)
+        changed[r] = (logq.argmax(-1) != base["top"][r]).float()
+        if tgt is not None:
+            loss[r] = F.nll_loss(logq, tgt[r], ignore_index=IGNORE, reduction="none")
+        l2[r] = logq.exp_().sub_(p).norm(dim=-1)
+    if tgt is not None:
+        loss = torch.where(tgt == IGNORE, torch.full_like(loss, float("nan")), loss)
+    shape = base["shape"]
+    return {"kl": kl.reshape(shape), "l2": l2.reshape(shape), "top1_changed": changed.reshape(shape),
+            "loss": loss.reshape(shape), "base_loss": base["loss"]}
 
 
 def _skip(ad: Adapter, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, yy, mask,
           batch_size: int | None, reduce: str = "mean", from_position: int | None = None,
           local: bool = False) -> SkipEffects:
     """Skip each of ``ad``'s layers; ``forward(x)`` gives the output logits ``(B, T, V)`` to compare
-    (the model's own, or a mixture's that runs ``ad``'s model inside it)."""
+    (the model's own, or a mixture's that runs ``ad``'s model inside it).
+
+    Cost: the base forward, then for skipped layer ``s`` only the blocks after ``s`` and the readout
+    (blocks ``< s`` replay the base forward's outputs: :func:`_cached_blocks`); ``local`` runs no
+    readout (its output is ``unembed(h_L - d_s)``) and no forward at all for the last layer."""
     L = ad.n_layers
     effects: dict = {}
     outs: dict = {}
@@ -899,20 +1038,23 @@ def _skip(ad: Adapter, forward: Callable[[torch.Tensor], torch.Tensor], x: torch
         late[:, from_position:] = True
         m = late if m is None else (m & late)
     names = ["blocks.*.resid_pre", "blocks.*.resid_post"]
+    replay = L > 0 and _distinct_blocks(ad)
+    own_skip = type(ad).skip is not Adapter.skip      # an adapter's own skip is used as it is
     for sl in _chunks(len(x), batch_size):
         if L == 0:
             break
-        with record(ad, names=names) as cache:
+        with record(ad, names=names) as cache, _block_outputs(ad) as block_out:
             base = forward(x[sl])
         pre = [cache[f"blocks.{l}.resid_pre"] for l in range(L)]
         final = cache[f"blocks.{L - 1}.resid_post"]
         d = [_tokens(cache[f"blocks.{l}.resid_post"]).float() - _tokens(pre[l]).float() for l in range(L)]
         raw_d = [cache[f"blocks.{l}.resid_post"] - pre[l] for l in range(L)]
         tgt = None if yy is None else yy[sl].reshape(base.shape[:2])
-        base_logp = base.float().log_softmax(-1)
-        base_loss = _token_loss(base_logp, tgt)
+        compare = _out_base(base, tgt)
+        del base
         for s in range(L):
             with contextlib.ExitStack() as stack:
+                cache = stack.enter_context(record(ad, names=names, layers=range(s + 1, L)))
                 if local:
                     ds = raw_d[s]
                     if from_position is not None:
@@ -920,19 +1062,31 @@ def _skip(ad: Adapter, forward: Callable[[torch.Tensor], torch.Tensor], x: torch
                         ds[:, :from_position] = 0
                     for l in range(s + 1, L):
                         stack.enter_context(_replace_input(ad.block(l), lambda h, l=l, ds=ds: pre[l] - ds))
+                    if s + 1 < L:    # blocks 0 .. s: their outputs are replaced before anyone reads them
+                        if replay:
+                            stack.enter_context(_cached_blocks(
+                                ad, {l: (lambda h, o=block_out[l]: o) for l in range(s + 1)}))
+                        _run_blocks(ad, forward, x[sl])
                 else:
-                    stack.enter_context(_skip_layer(ad, s, from_position))
-                cache = stack.enter_context(record(ad, names=names, layers=range(s + 1, L)))
-                skipped = forward(x[sl])
+                    if replay:
+                        prefix = {l: (lambda h, o=block_out[l]: o) for l in range(s)}
+                        if own_skip and from_position is None:
+                            stack.enter_context(_skip_layer(ad, s, None))
+                        else:
+                            prefix[s] = _skipped_output(block_out[s], from_position)
+                        stack.enter_context(_cached_blocks(ad, prefix))
+                    else:
+                        stack.enter_context(_skip_layer(ad, s, from_position))
+                    skipped = forward(x[sl])
                 for l in range(s + 1, L):
                     dt = _tokens(cache[f"blocks.{l}.resid_post"]).float() - _tokens(cache[f"blocks.{l}.resid_pre"]).float()
                     effects.setdefault((s, l), []).append(_rel(d[l] - dt, d[l]))
             if local:
                 skipped = ad.unembed(final - ds)
                 skipped = skipped if skipped.dim() == 3 else skipped[:, None]
-            logp = skipped.float().log_softmax(-1)
-            for stat, v in _out_effects(base_logp, logp, tgt, base_loss).items():
+            for stat, v in _out_effects(compare, skipped).items():
                 outs.setdefault((s, stat), []).append(v)
+            del skipped
     heat = [{"skipped": s, "affected": l, "effect": _reduce(torch.cat(v), m, reduce)} for (s, l), v in effects.items()]
     rows = {}
     for (s, stat), v in outs.items():
@@ -1014,6 +1168,10 @@ def integrated_gradients(model: nn.Module, x, target=None, steps: int = 32, laye
     ``target``: ``None`` = the model's top-1 at the last position, a token id, or one per example.
     ``layers``: block indices ``0 .. L`` (default all). Returns ``layer, position, attribution``
     (mean over the batch) -- ``docs/definitions.md#integrated-gradients``.
+
+    Cost per layer ``l`` and step: a forward and backward of the blocks from ``l`` on (the blocks before
+    ``l`` replay their recorded outputs) and the readout of the last position only (when the adapter's
+    ``unembed`` is the model's own head on this input; else the model's whole forward).
     """
     ad = adapter(model)
     if ad.family != "transformer":
@@ -1027,10 +1185,13 @@ def integrated_gradients(model: nn.Module, x, target=None, steps: int = 32, laye
     ad.model.eval()
     try:
         x = _as_batch(ad, x)
-        with torch.no_grad():
+        with torch.no_grad(), _block_outputs(ad) as block_out:
             hs, logits = _resid_stream(ad, x)
+            last_only = _readout_is_unembed(ad, hs[L][:, -1:], logits[:, -1:])
         tgt = _last_target(target, logits)
+        del logits
         idx = torch.arange(len(x), device=ad.device)
+        replay = _distinct_blocks(ad)
         for l in chosen:
             h = hs[l].detach()
             base = h.mean(1, keepdim=True).expand_as(h)
@@ -1039,11 +1200,18 @@ def integrated_gradients(model: nn.Module, x, target=None, steps: int = 32, laye
                 a = (k + 0.5) / steps
                 hi = (base + a * (h - base)).clone().requires_grad_(True)
                 with torch.enable_grad():
-                    if l < L:
-                        with _replace_input(ad.block(l), lambda _h, hi=hi: hi):
-                            out = _logits(ad, x)
+                    if l == L:
+                        out = ad.unembed(hi[:, -1:])
                     else:
-                        out = ad.unembed(hi)
+                        with contextlib.ExitStack() as stack:
+                            if replay:    # blocks before l: their recorded outputs (no gradient reaches them)
+                                stack.enter_context(_cached_blocks(ad, {m: (lambda _h, o=block_out[m]: o)
+                                                                        for m in range(l)}))
+                            stack.enter_context(_replace_input(ad.block(l), lambda _h, hi=hi: hi))
+                            if last_only:   # the readout of the last position only: F reads no other
+                                out = ad.unembed(_run_blocks(ad, ad.forward, x)[:, -1:])
+                            else:
+                                out = _logits(ad, x)
                     f = out[:, -1].float().softmax(-1)[idx, tgt].sum()
                     (g,) = torch.autograd.grad(f, hi)
                 total += (g.float() * (h - base).float()).sum(-1)
