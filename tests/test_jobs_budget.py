@@ -252,3 +252,14 @@ def test_compose_refuses_a_students_stages_over_the_budget(store, queue, monkeyp
     page.train_steps.value = 34
     page.train_two(wait=True)
     assert "steps per stage (x 3 stages) must be at most 100" in page.errors.text and page.train_task.job is None
+
+
+def test_connectivity_refuses_a_students_pair_over_the_budget(store, queue, monkeypatch):
+    from workbench.ui.connectivity import ConnectivityPage
+
+    monkeypatch.setenv("WORKBENCH_TEACHERS", "teach")
+    queue.set_student_budget(max_steps=100)
+    page = ConnectivityPage(DataStore(store, user="alice"))
+    page.pair_steps.value = 60
+    page.train_pair(wait=True)
+    assert "steps (x 2 models) must be at most 100" in page.errors.text and page.task.job is None

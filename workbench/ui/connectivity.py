@@ -281,7 +281,9 @@ class ConnectivityPage(Page):
         config = models.config_for(data.shape_of(name, **_pair_options(name)), **overrides)   # no data built
         steps = self.pair_steps.value
         tc = TrainConfig(steps=steps, lr=3e-3, eval_every=steps if isinstance(steps, int) and steps > 0 else 1)
-        return _pair_options(name), config, tc.validate()
+        tc = tc.validate()
+        self.check_steps(2 * tc.steps, "steps (x 2 models)")   # a student's job budget, refused at once
+        return _pair_options(name), config, tc
 
     def as_code(self) -> str:
         if self.run_a.value and self.run_b.value:
