@@ -273,6 +273,7 @@ def test_strategy_sequences():
     shuffled = D.strategy_sequence(6, "shuffle", 1, 4, seed=3)
     assert shuffled[0] == 0 and shuffled[5] == 5 and sorted(shuffled[1:5]) == [1, 2, 3, 4]
     assert shuffled == D.strategy_sequence(6, "shuffle", 1, 4, seed=3)
+    assert all(D.strategy_sequence(3, "shuffle", 0, 2, seed=s) == [1, 0, 2] for s in range(8))   # never the own order
     assert D.sequence_label([0, (1, 2), 3]) == "0 (1|2) 3"
 
 
@@ -492,6 +493,16 @@ def test_exhaustive_oracle_equals_brute_force_and_greedy_is_an_upper_bound(khop)
     assert skip_only.n_chains <= 8
     assert ((skip_only.examples["oracle_length"] >= o.examples["oracle_length"]) |
             skip_only.examples["oracle_length"].isna()).all()
+
+
+def test_width_for_params_picks_the_closest_budget(khop):
+    for L in (1, 3):
+        cfg = D.width_for_params(khop, L, 5000)
+        assert cfg.n_layers == L and cfg.d_mlp == 2 * cfg.d_model and cfg.d_model % 2 == 0
+        for d in (cfg.d_model - 2, cfg.d_model + 2):
+            other = wb.models.config_for(khop, n_layers=L, d_model=d, n_heads=2, d_mlp=2 * d)
+            assert abs(other.param_count() - 5000) >= abs(cfg.param_count() - 5000)
+    assert D.width_for_params(wb.data.load("digits"), 2, 3000, mlp_ratio=1).d_hidden > 0
 
 
 def test_oracle_histogram_and_summary_by_hops():

@@ -25,7 +25,7 @@ __all__ = ["data", "models", "train", "evaluate", "TrainConfig", "Run", "Callbac
 _LAZY = {"growth", "residual", "lmc", "collapse", "compose", "figures", "store", "training", "sampling", "interop",
          "flops", "permute", "hooks", "adapters", "recipes", "checks", "roots", "jobs", "sweeps", "classroom",
          "attention", "tracing",
-         "grokking", "scaling", "unroll", "learngene", "lenses"}
+         "grokking", "scaling", "unroll", "learngene", "lenses", "depthlab", "earlyexit"}
 
 
 def __getattr__(name: str):

@@ -16,6 +16,7 @@ Growth builds depth; this module asks the opposite questions of a trained model.
 :func:`depth_profile`           per layer: residual norm growth, in/out cosine, relative contribution, ||J - I||
 :func:`deep_half`               how much of a per-layer measure the deep half of the stack carries
 :func:`effective_depth`         the layer where the blocks stop feeding later blocks, and its ratio to L
+:func:`width_for_params`        the config of a given depth closest to a parameter budget (depth x width sweeps)
 :func:`effective_depth_stages`  that ratio at every stage of a growth group (:func:`group_runs`)
 ==============================  ==================================================================
 
@@ -49,13 +50,13 @@ import torch.nn.functional as F
 from . import checks
 from . import monitor as _monitor
 from .hooks import Adapter, adapter, record
-from .residual import EPS, IGNORE, _as_batch, _inference, _targets, _tokens, contributions, depth_score, skip_effects
+from .residual import EPS, IGNORE, _as_batch, _targets, _tokens, contributions, depth_score, skip_effects
 from .training import Callback
 
 __all__ = ["STRATEGIES", "RANK_METHODS", "PRUNE_METHODS", "MAX_LOOP", "BlockRunner", "Similarity", "layer_similarity",
            "Rankings", "rankings", "prune", "prune_run", "prune_heal_curve", "strategy_sequence", "sequence_label",
            "run_sequence", "strategies", "Oracle", "oracle_depth", "hop_tagged_khop", "depth_profile", "deep_half",
-           "effective_depth", "effective_depth_stages", "group_runs"]
+           "width_for_params", "effective_depth", "effective_depth_stages", "group_runs"]
 
 STRATEGIES = ("skip", "swap", "reverse", "shuffle", "parallel", "loop")
 RANK_METHODS = ("block_influence", "angular", "skip")       # importance scores; low = first to remove
@@ -75,6 +76,20 @@ def _read(model, name: str = "model") -> Adapter:
     except TypeError as e:
         raise ValueError(f"{name}: {type(model).__name__} has no residual stack of blocks the workbench can run "
                          f"block by block ({e})") from None
+
+
+@contextlib.contextmanager
+def _inference(model: nn.Module):
+    """Eval mode (switched only when the model is training: toggling walks every module) without gradients."""
+    was = model.training
+    if was:
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was:
+            model.train(True)
 
 
 def _is_native(model) -> bool:
@@ -192,15 +207,15 @@ def _targets_for(run: BlockRunner, x: torch.Tensor, y, need: bool = True) -> tor
     return tgt
 
 
-def _scores(logits: torch.Tensor, tgt: torch.Tensor) -> dict:
-    """Per example: correct scored tokens, scored tokens, summed loss, and whether every scored token is right."""
-    V = logits.shape[-1]
-    scored = tgt != IGNORE
-    right = (logits.argmax(-1) == tgt) & scored
-    loss = F.cross_entropy(logits.float().reshape(-1, V), tgt.reshape(-1), ignore_index=IGNORE,
-                           reduction="none").reshape(tgt.shape)
-    return {"correct": right.sum(1), "scored": scored.sum(1), "loss": loss.sum(1),
-            "all": (right.sum(1) == scored.sum(1)) & (scored.sum(1) > 0)}
+def _tally(run: "BlockRunner", h: torch.Tensor, tgt: torch.Tensor) -> dict:
+    """Correct scored tokens, scored tokens and summed loss of a final residual ``h`` against ``tgt`` ``(B, T)``,
+    reading out (final norm, readout) only the scored positions."""
+    sel = tgt != IGNORE
+    logits = run.ad.unembed(_tokens(h)[sel])
+    t = tgt[sel]
+    right = int((logits.argmax(-1) == t).sum())
+    loss = float(F.cross_entropy(logits.float(), t, reduction="sum")) if len(t) else 0.0
+    return {"correct": torch.tensor([right]), "scored": torch.tensor([len(t)]), "loss": torch.tensor([loss])}
 
 
 def _acc_loss(parts: list[dict]) -> tuple[float, float]:
@@ -297,41 +312,33 @@ def layer_similarity(model: nn.Module, x, mask=None, positions: str = "paper",
     if L == 0:
         raise ValueError("model: layer similarity needs at least one block, got n_layers = 0")
     bi_sum = torch.zeros(L, dtype=torch.float64)
-    ang_sum = {(l, n): 0.0 for n in range(1, L + 1) for l in range(L - n + 1)}
-    ang1_sum = torch.zeros(L, dtype=torch.float64)
+    ang_sum = torch.zeros(L + 1, L + 1, dtype=torch.float64)         # [l, m]: summed arccos(cos(h_l, h_m)) / pi
     n_all, n_last = 0, 0
     with _inference(run.model):
         x = run.batch(x)
         m_all = _mask_for(run, x, mask)
         for sl in _chunks(len(x), batch_size):
-            hs = [F.normalize(h, dim=-1, eps=EPS) for h in _stream(run, x[sl])]
+            hs = F.normalize(torch.stack(_stream(run, x[sl])), dim=-1, eps=EPS)     # (L + 1, B, T, C) unit rows
             m = m_all[sl]
             last = _last_index(m)
-            keep = last >= 0
-            rows = torch.arange(len(last), device=last.device)[keep]
-            at_last = [h[rows, last[keep]] for h in hs]                     # (B', C) per layer
-            pick_bi = m if positions in ("paper", "all") else _only(last, m.shape)
-            pick_ang = m if positions == "all" else _only(last, m.shape)
+            at_last = _only(last, m.shape)
+            pick_bi = m if positions in ("paper", "all") else at_last
+            pick_ang = m if positions == "all" else at_last
             n_all += int(pick_bi.sum())
             n_last += int(pick_ang.sum())
-            for l in range(L):
-                cos = (hs[l] * hs[l + 1]).sum(-1)
-                bi_sum[l] += float((1 - cos)[pick_bi].double().sum())
-            if positions == "all":
-                for (l, n) in ang_sum:
-                    cos = (hs[l] * hs[l + n]).sum(-1)[pick_ang].clamp(-1, 1)
-                    ang_sum[(l, n)] += float(torch.arccos(cos).double().sum() / math.pi)
-            else:
-                for (l, n) in ang_sum:
-                    cos = (at_last[l] * at_last[l + n]).sum(-1).clamp(-1, 1)
-                    ang_sum[(l, n)] += float(torch.arccos(cos).double().sum() / math.pi)
+            cos = (hs[:-1] * hs[1:]).sum(-1)                                         # (L, B, T)
+            bi_sum += (1 - cos[:, pick_bi]).double().sum(1).cpu()
+            u = hs[:, pick_ang]                                                       # (L + 1, S, C)
+            gram = torch.einsum("lsc,msc->lms", u, u).clamp(-1, 1)                    # (L + 1, L + 1, S)
+            ang_sum += (torch.arccos(gram) / math.pi).double().sum(-1).cpu()
     if n_all == 0 or n_last == 0:
         raise ValueError("mask: no token is selected, so there is nothing to average")
-    angular = pd.DataFrame([(l, n, v / n_last) for (l, n), v in ang_sum.items()],
-                           columns=["start", "n", "distance"]).sort_values(["n", "start"], ignore_index=True)
-    one = angular[angular["n"] == 1].set_index("start")["distance"]
-    influence = pd.DataFrame({"layer": list(range(L)), "block_influence": (bi_sum / n_all).tolist(),
-                              "angular_distance": [float(one[l]) for l in range(L)]})
+    dist = (ang_sum / n_last).numpy()
+    start, n = zip(*[(l, k) for k in range(1, L + 1) for l in range(L - k + 1)])
+    start, n = np.array(start), np.array(n)
+    angular = pd.DataFrame({"start": start, "n": n, "distance": dist[start, start + n]})
+    influence = pd.DataFrame({"layer": np.arange(L), "block_influence": (bi_sum / n_all).numpy(),
+                              "angular_distance": dist[np.arange(L), np.arange(L) + 1]})
     return Similarity(influence, angular, L, positions)
 
 
@@ -624,7 +631,8 @@ def strategy_sequence(n_layers: int, strategy: str, start: int, n: int = 2, k: i
     """The block order an execution strategy runs, on the span of ``n`` blocks ``start .. start+n-1``.
 
     - ``skip``: the span left out; ``swap``: blocks ``start`` and ``start+1`` exchanged (``n = 2``);
-    - ``reverse``: the span in reverse order; ``shuffle``: the span in a seeded random order (``seed``);
+    - ``reverse``: the span in reverse order; ``shuffle``: the span in a seeded random order other than its
+      own (``seed``; an identity draw is drawn again);
     - ``parallel``: every block of the span reads the same input and their outputs are averaged
       (Sun, Pickett et al. 2025, "Transformer Layers as Painters"), repeated ``k`` times (``k = 1``: plain
       parallel; more: looped parallel);
@@ -650,7 +658,10 @@ def strategy_sequence(n_layers: int, strategy: str, start: int, n: int = 2, k: i
         mid = span[::-1]
     elif strategy == "shuffle":
         g = torch.Generator().manual_seed(seed)
-        mid = [span[i] for i in torch.randperm(n, generator=g).tolist()]
+        perm = torch.randperm(n, generator=g).tolist()
+        while perm == list(range(n)):            # a new order: the identity is drawn again
+            perm = torch.randperm(n, generator=g).tolist()
+        mid = [span[i] for i in perm]
     elif strategy == "parallel":
         mid = [tuple(span)] * k
     else:
@@ -750,7 +761,7 @@ def strategies(model: nn.Module, x, y=None, strategies=STRATEGIES, spans=None, k
             parts = []
             for c, sl in enumerate(chunks):
                 h0 = starts[c] if starts is not None else run.begin(xb[sl])
-                parts.append(_scores(run.logits(run.run(seq, h0)), tgt[sl]))
+                parts.append(_tally(run, run.run(seq, h0), tgt[sl]))
             acc, loss = _acc_loss(parts)
             length = sum(len(it) if isinstance(it, tuple) else 1 for it in seq)
             rows.append((s, start, n, kk, sequence_label(seq), length, acc, loss))
@@ -1142,6 +1153,32 @@ def deep_half(profile: pd.DataFrame, metrics=("rel_norm", "jac_dev", "skip_l2"))
 
 
 # ============================================================================ 7. effective depth
+
+
+def width_for_params(dataset, n_layers: int, params: int, mlp_ratio: int = 2, **overrides):
+    """The model config for ``dataset`` with ``n_layers`` blocks whose parameter count is closest to ``params``.
+
+    The width ``d_model`` (a multiple of ``n_heads`` for Transformers, default 2 heads) is searched in
+    ``[1, 1024]``; the MLP width is ``mlp_ratio * d_model`` (``d_mlp`` or ``d_hidden``). For a depth x
+    width sweep at fixed parameters (Petty et al. 2024). ``overrides`` set other config fields.
+    """
+    from .models import config_for, family_of
+
+    n_layers = checks.check_int("n_layers", n_layers, 1, 256)
+    params = checks.check_int("params", params, 1, 10**10)
+    mlp_ratio = checks.check_int("mlp_ratio", mlp_ratio, 1, 64)
+    seq = family_of(dataset).name == "transformer"
+    heads = checks.check_int("n_heads", overrides.pop("n_heads", 2), 1, 256) if seq else 1
+    best = None
+    for d in range(heads, 1025, heads):
+        size = {"d_mlp": mlp_ratio * d, "n_heads": heads} if seq else {"d_hidden": mlp_ratio * d}
+        cfg = config_for(dataset, n_layers=n_layers, d_model=d, **size, **overrides)
+        gap = abs(cfg.param_count() - params)
+        if best is None or gap < best[0]:
+            best = (gap, cfg)
+        elif cfg.param_count() > params:
+            break
+    return best[1]
 
 
 def _effective(heatmap: pd.DataFrame, L: int, threshold: float) -> dict:

@@ -26,8 +26,8 @@ import torch.nn as nn
 
 from . import checks
 from . import monitor as _monitor
-from .depthlab import BlockRunner, _acc_loss, _chunks, _is_native, _scores, _Stop, _targets_for
-from .residual import _facts, _inference
+from .depthlab import BlockRunner, _acc_loss, _chunks, _inference, _is_native, _Stop, _tally, _targets_for
+from .residual import _facts
 from .training import loss_and_correct
 
 __all__ = ["dropout_rates", "LayerSkipLoss", "train_layerskip", "exit_curve", "SpecResult", "speculate",
@@ -135,7 +135,7 @@ def exit_curve(model: nn.Module, x, y=None, batch_size: int | None = 256) -> pd.
             for e in range(L + 1):
                 if e:
                     h = run.block(e - 1, h)
-                parts[e].append(_scores(run.logits(h), tgt[sl]))
+                parts[e].append(_tally(run, h, tgt[sl]))
     rows = [(e, *_acc_loss(parts[e])) for e in range(L + 1)]
     return pd.DataFrame(rows, columns=["exit", "acc", "loss"])
 
