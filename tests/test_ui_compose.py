@@ -122,3 +122,12 @@ def _new_merges_cosines_slerp_sweep_and_sequential_curve(page, store):
     exec(code, scope)
     assert scope["table"]["value"].round(5).tolist() == page.result["table"]["value"].round(5).tolist()
     assert scope["sequence"]["value"].round(5).tolist() == page.result["sequence"]["value"].round(5).tolist()
+
+
+def test_a_specialist_or_base_that_vanished_or_was_forged_is_refused_in_the_page(page, store, tmp_path):
+    """Item 11 of issue 21: the refusal names the field and says why, in the error box (no server path)."""
+    page.merges.value = ["logit mean", "ties"]
+    page.specialists.param.update(value=["not-a-run"])       # what a hostile client can send
+    page.run_compose(wait=True)
+    assert page.compose_task.status == "error" and page.errors.text.startswith("specialists: ")
+    assert str(tmp_path) not in page.errors.text

@@ -10,7 +10,7 @@ from .. import compose, data, models
 from ..figures.compose import cosine_matrix, domain_heatmap, knob_curve, sequential_curve
 from ..sampling import sample_text
 from ..training import TrainConfig
-from .common import BackgroundTask, dataset_from_spec, escape_md, html_labels, run_options, text_block
+from .common import BackgroundTask, dataset_from_spec, escape_md, html_labels, open_run, run_options, text_block
 from .page import Page
 
 EXPLANATION = """Specialists are Transformers trained on different corpora over **one frozen substrate** (the
@@ -146,7 +146,7 @@ def _domain_name(run) -> str:
 def _compose_job(ctx, store, specialist_ids: list[str], base_id: str | None, chosen: list[str], options: dict):
     if len(specialist_ids) < 1:
         raise ValueError("pick at least one specialist run (or train two)")
-    runs = [store.load(i) for i in specialist_ids]
+    runs = [open_run(store, i, "specialists") for i in specialist_ids]   # vanished, forged, foreign: refused
     if any(r.model.config.family != "transformer" for r in runs):
         raise ValueError("specialists must be Transformer runs")
     names = []
@@ -161,7 +161,8 @@ def _compose_job(ctx, store, specialist_ids: list[str], base_id: str | None, cho
     ctx.report(None, progress=0.2, message="building merges")
     parents = {r.meta.get("parent") for r in runs}
     base_id = base_id or (parents.pop() if len(parents) == 1 else None)
-    base = store.load(base_id).model if base_id and any(m in _WEIGHT_SPACE for m in chosen) else None
+    base = (open_run(store, base_id, "base for weight-space merges").model
+            if base_id and any(m in _WEIGHT_SPACE for m in chosen) else None)
     ms, skipped, unfit = list(members.values()), [], []
     merges = {}
     for m in chosen:
