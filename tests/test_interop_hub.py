@@ -4,6 +4,7 @@ Hub names are opt-in on a class server, downloads are capped per model and in to
 file listing before anything is fetched, a student's download is offered to that student only, a
 hanging Hub is left behind at Stop, and opened models are shared through one memory-bounded cache.
 """
+import socket
 import threading
 import time
 
@@ -61,6 +62,12 @@ def test_a_hub_name_is_downloaded_once_into_the_shared_folder_and_opened(hub, ti
         (roots.hub_cache(None, home) / f"models--org--tiny/snapshots/{hub.sha[REPO]}").resolve()]
     again = interop.open_model(hub=REPO, home=home, holder="page-2", cache=cache)
     assert again is opened and len(hub.downloads()) == len(tiny_files[0])  # shared: not loaded or fetched twice
+    snap = roots.hub_cache(None, home) / f"models--org--tiny/snapshots/{hub.sha[REPO]}"
+    (snap / "model.safetensors").resolve().unlink()                       # a download cut short: no weights
+    (snap / "model.safetensors").unlink()
+    reopened = interop.open_model(hub=REPO, home=home, cache=interop.ModelCache())
+    assert _same_logits(reopened.model, tiny_files[1]) and hub.downloads()[len(tiny_files[0]):] == [
+        "model.safetensors"]                                               # only the missing file again
 
 
 def test_on_a_class_server_hub_names_wait_for_the_teacher_and_a_download_is_the_students_own(hub, tmp_path,
@@ -129,6 +136,14 @@ def test_offline_only_what_is_on_disk_opens(hub, tiny_files, tmp_path, monkeypat
     opened = interop.open_model(hub=REPO, home=home, cache=interop.ModelCache())
     assert _same_logits(opened.model, tiny_files[1]) and len(hub.requests) == asked
     with pytest.raises(ValueError, match="not downloaded yet, and the Hub is offline"):
+        interop.open_model(hub="org/other", home=home, cache=interop.ModelCache())
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with socket.socket() as s:                                    # a port nothing listens on: the Hub is down
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+    opened = interop.open_model(hub=REPO, home=home, cache=interop.ModelCache())
+    assert opened.key == ("hub", REPO, hub.sha[REPO])            # what is on disk still opens
+    with pytest.raises(ValueError, match="cannot read its file listing from the Hub"):
         interop.open_model(hub="org/other", home=home, cache=interop.ModelCache())
 
 

@@ -560,10 +560,23 @@ def _local_snapshot(name: str, caches: list[Path]) -> Path | None:
         if snaps.is_dir():
             revs += sorted((p.name for p in snaps.iterdir()), key=lambda r: -(snaps / r).stat().st_mtime)
         for rev in revs:
-            snap = snaps / rev
-            if (snap / "config.json").is_file() and any((snap / f).is_file() for f in SAFETENSORS_FILES):
-                return snap
+            if _complete(snaps / rev):
+                return snaps / rev
     return None
+
+
+def _complete(snap: Path) -> bool:
+    """Whether a snapshot holds a config and all its safetensors weights (every shard its index names)."""
+    if not (snap / "config.json").is_file():
+        return False
+    if (snap / "model.safetensors").is_file():
+        return True
+    index = snap / "model.safetensors.index.json"
+    try:
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(shards) and all(isinstance(f, str) and "/" not in f and (snap / f).is_file() for f in shards)
 
 
 def _download(name: str, sha: str, plan: list[str], files: dict, cache: Path, monitor) -> Path:
@@ -777,7 +790,8 @@ def open_model(*, folder=None, hub: str | None = None, user: str | None = None, 
     model by its label, never by its place on the server.
 
     Hub names: refused for a signed-in ``user`` unless :func:`hub_allowed`. Online, the Hub's file listing
-    gives the commit and the sizes; the config, tokenizer and safetensors files are checked against
+    gives the commit and the sizes (when it cannot be reached, a snapshot already on disk is opened); the
+    config, tokenizer and safetensors files are checked against
     ``WORKBENCH_HUB_MAX_MB`` and, with what the dashboard has downloaded so far, ``WORKBENCH_HUB_CACHE_MB``
     (:func:`check_download`) before anything is fetched, then downloaded into :func:`workbench.roots.hub_cache`
     (the user's own folder on a class server, offered to nobody else until a teacher shares it; the shared
@@ -812,11 +826,17 @@ def open_model(*, folder=None, hub: str | None = None, user: str | None = None, 
                              "(HF_HUB_OFFLINE); pick a model from the model folders")
         sha = snap.name
     else:
-        sha, files = hub_files(name, monitor=monitor)
+        try:
+            sha, files = hub_files(name, monitor=monitor)
+        except ValueError:   # the Hub cannot be reached (or refuses): what is on disk still opens
+            snap = _local_snapshot(name, caches)
+            if snap is None:
+                raise
+            sha, files = snap.name, {}
         if not re.fullmatch(r"[0-9a-f]{40}", sha):
             raise ValueError(f"Hub name {name!r}: the Hub gave no commit for it")
         snap = next((c / _repo_folder(name) / "snapshots" / sha for c in caches
-                     if (c / _repo_folder(name) / "snapshots" / sha / "config.json").is_file()), None)
+                     if _complete(c / _repo_folder(name) / "snapshots" / sha)), None)
     key = ("hub", name, sha)
     label = f"{name} @ {sha[:10]}"
 
