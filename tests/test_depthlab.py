@@ -109,6 +109,20 @@ def test_lns_costs_what_pre_ln_costs_and_refuses_gpt2_export(khop):
         interop.to_gpt2(lns)
 
 
+@pytest.mark.parametrize("family", ["mlp", "transformer"])
+def test_lns_permutation_symmetry_keeps_the_function(khop, family):
+    """The scaled norms permute like LayerNorms (their depth scale is a scalar): a random permutation of every
+    symmetry leaves the function of an lns model unchanged, and the REPAIR sites are each block's first layer."""
+    from workbench import permute
+
+    model = _mlp(3, "lns") if family == "mlp" else _tf(khop, 3, "lns")
+    x = torch.randn(5, 10) if family == "mlp" else khop.x_val[:5]
+    moved = permute.permute(model, permute.random_permutation(model, seed=2))
+    with torch.no_grad():
+        _close(moved(x), model(x), 1e-4)
+    assert model.repair_sites() == [b.mlp_in for b in model.blocks]
+
+
 def test_lns_grown_and_pruned_model_round_trips_through_the_store(khop, store):
     model = _tf(khop, 3, "lns")
     growth.add_layer(model, "random", position="bottom", seed=5)
@@ -416,6 +430,25 @@ def _hf_stream(family, model, x):
         for h in hs:
             h.remove()
     return [ins[i] for i in range(len(layers))] + [out[-1]]
+
+
+def test_hf_pass_throughs_are_removed_after_an_error():
+    model = _hf("llama")
+    x = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+
+    def boom(module, args, kwargs):
+        raise RuntimeError("boom")
+    h = model.model.layers[1].register_forward_pre_hook(boom, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            D.run_sequence(model, x, [0, 1, 2])
+    finally:
+        h.remove()
+    assert all("forward" not in blk.__dict__ for blk in model.model.layers)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, before)
 
 
 @pytest.mark.parametrize("family", list(HF))

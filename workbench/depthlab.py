@@ -1051,7 +1051,7 @@ def _jac_dev(run: BlockRunner, l: int, h: torch.Tensor, n_directions: int, g: to
 
 
 def depth_profile(model: nn.Module, x, mask=None, n_directions: int = 4, skip: bool = True, y=None, seed: int = 0,
-                  batch_size: int | None = 256) -> pd.DataFrame:
+                  batch_size: int | None = 256, monitor=None) -> pd.DataFrame:
     """Per layer: the measures of the curse of depth (Sun et al. 2025).
 
     With ``h_l`` the residual entering block ``l`` (``h_L`` final), per token, averaged over tokens
@@ -1069,8 +1069,10 @@ def depth_profile(model: nn.Module, x, mask=None, n_directions: int = 4, skip: b
     - ``skip_l2`` (``skip=True``): the output change when the block is skipped (``l2`` of
       :func:`workbench.residual.skip_effects`), how much the output still needs the block.
 
-    Returns ``layer, metric, value``. ``docs/definitions.md#depth-profile``.
+    Returns ``layer, metric, value``; a stopped monitor ends it early with the rows measured so far.
+    ``docs/definitions.md#depth-profile``.
     """
+    mon = _monitor.resolve(monitor)
     n_directions = checks.check_int("n_directions", n_directions, 0, 256)
     checks.check_bool("skip", skip)
     seed = checks.check_seed("seed", seed)
@@ -1104,10 +1106,13 @@ def depth_profile(model: nn.Module, x, mask=None, n_directions: int = 4, skip: b
                 add((l, "norm_growth"), (norms[l + 1] / norms[l].clamp_min(EPS))[m].double().sum())
                 cos = (a * b).sum(-1) / (norms[l].clamp_min(EPS) * norms[l + 1].clamp_min(EPS))
                 add((l, "cos_in_out"), cos[m].double().sum())
-            if n_directions:
+            if n_directions and not mon.stopped:
                 jcount += n_directions * (sl.stop - sl.start)
                 for l in range(L):
+                    if mon.stopped:
+                        break
                     add((l, "jac_dev"), _jac_dev(run, l, hs[l], n_directions, g).double().sum())
+                    mon.report((l + 1) / (L + 2), f"||J - I|| of block {l}")
     if count == 0:
         raise ValueError("mask: no token is selected, so there is nothing to average")
     rows = []
@@ -1116,10 +1121,12 @@ def depth_profile(model: nn.Module, x, mask=None, n_directions: int = 4, skip: b
             rows.append((l, metric, math.sqrt(v / jcount)))
         else:
             rows.append((l, metric, v / count))
-    contrib = contributions(model, x, mask=mask, batch_size=batch_size)
-    contrib = contrib[contrib["sublayer"] == "layer"]
-    rows += [(int(r.layer), "rel_norm", float(r.rel_norm)) for r in contrib.itertuples()]
-    if skip:
+    if not mon.stopped:
+        contrib = contributions(model, x, mask=mask, batch_size=batch_size)
+        contrib = contrib[contrib["sublayer"] == "layer"]
+        rows += [(int(r.layer), "rel_norm", float(r.rel_norm)) for r in contrib.itertuples()]
+        mon.report((L + 1) / (L + 2), "relative contributions")
+    if skip and not mon.stopped:
         eff = skip_effects(model, x, y=y, mask=mask, batch_size=batch_size)
         rows += [(int(r.skipped), "skip_l2", float(r.l2)) for r in eff.output.itertuples()]
     order = {"resid_norm": 0, "norm_growth": 1, "cos_in_out": 2, "rel_norm": 3, "jac_dev": 4, "skip_l2": 5}

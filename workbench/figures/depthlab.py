@@ -9,6 +9,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .safe import builder
+
 __all__ = ["angular_heatmap", "rankings_figure", "prune_heal_figure", "strategies_figure", "oracle_histogram",
            "depth_profile_figure", "exit_curve_figure", "effective_depth_figure"]
 
@@ -36,6 +38,7 @@ def _color(i: int) -> str:
     return _COLORS[i % len(_COLORS)]
 
 
+@builder
 def angular_heatmap(angular: pd.DataFrame | None, title: str = "") -> go.Figure:
     """``Similarity.angular`` / ``Rankings.angular`` (``start, n, distance``): the n x l heat-map of Gromov et al.,
     the smallest distance of each span length marked (the span a pruning of ``n`` blocks would cut)."""
@@ -55,6 +58,7 @@ def angular_heatmap(angular: pd.DataFrame | None, title: str = "") -> go.Figure:
     return fig
 
 
+@builder
 def rankings_figure(table: pd.DataFrame | None, correlation: pd.DataFrame | None = None, title: str = "") -> go.Figure:
     """``Rankings.table`` (``layer, method, score, rank``): one panel per method, the score per block with its
     rank above the bar (0 = first to remove); the Spearman correlations in the title."""
@@ -78,6 +82,7 @@ def rankings_figure(table: pd.DataFrame | None, correlation: pd.DataFrame | None
     return fig
 
 
+@builder
 def prune_heal_figure(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     """``prune_heal_curve`` table: accuracy (left) and loss (right) against the fraction of blocks removed, one
     colour per ranking, dashed after healing."""
@@ -103,6 +108,7 @@ def prune_heal_figure(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     return fig
 
 
+@builder
 def strategies_figure(df: pd.DataFrame | None, metric: str = "acc", title: str = "") -> go.Figure:
     """``strategies`` table: ``metric`` per strategy (groups) and span (bars), the model's own order as a line."""
     title = title or f"Execution strategies: {metric} per strategy and span"
@@ -125,6 +131,7 @@ def strategies_figure(df: pd.DataFrame | None, metric: str = "acc", title: str =
     return fig
 
 
+@builder
 def oracle_histogram(hist: pd.DataFrame | None, n_layers: int | None = None, title: str = "") -> go.Figure:
     """``Oracle.histogram()`` (``hops, oracle_length, count, share``): the share of examples per oracle length,
     one bar colour per hop count (``-1``: no chain answers it, drawn as "none")."""
@@ -148,6 +155,7 @@ def oracle_histogram(hist: pd.DataFrame | None, n_layers: int | None = None, tit
     return fig
 
 
+@builder
 def depth_profile_figure(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     """``depth_profile`` table(s) (``layer, metric, value`` and an optional ``model`` column): one panel per
     measure against the layer, one line per model (e.g. Pre-LN against LayerNorm Scaling)."""
@@ -173,6 +181,7 @@ def depth_profile_figure(df: pd.DataFrame | None, title: str = "") -> go.Figure:
     return fig
 
 
+@builder
 def exit_curve_figure(curves: pd.DataFrame | None, acceptance: pd.DataFrame | None = None,
                       title: str = "") -> go.Figure:
     """``exit_curve`` table(s) (``exit, acc, loss`` and an optional ``recipe`` column) on the left; with
@@ -202,6 +211,7 @@ def exit_curve_figure(curves: pd.DataFrame | None, acceptance: pd.DataFrame | No
     return fig
 
 
+@builder
 def effective_depth_figure(df: pd.DataFrame | None, x: str = "stage", title: str = "") -> go.Figure:
     """``effective_depth_stages`` table (or any table with ``n_layers``, ``effective_depth``, ``ratio`` and
     column ``x``): the effective depth and the depth (left), the ratio ``D / L`` (right)."""
