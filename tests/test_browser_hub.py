@@ -54,7 +54,9 @@ def test_a_hanging_hub_load_freezes_nobody_and_can_be_stopped(room, hub, browser
         alice.locator("button:visible", has_text="Analyse").first.click()
         alice.get_by_text("loading org/tiny").first.wait_for(timeout=30_000)   # her page says what it does
         hung_at = time.monotonic()
-        assert hub.accepted                                             # the server asked the dead Hub
+        while not hub.accepted:                                         # the server asks the dead Hub
+            assert time.monotonic() - hung_at < 15, "the server never asked the Hub"
+            time.sleep(0.1)
 
         anonymous, (teacher, _, status) = room.opener(), room.http_sign_in("teach")
         assert status == 302
@@ -76,7 +78,8 @@ def test_a_hanging_hub_load_freezes_nobody_and_can_be_stopped(room, hub, browser
         print(f"\nwhile the load hung ({elapsed:.1f} s): HTTP answers {[round(a, 3) for a in answers]} s, "
               f"bob's widget round trips {[round(e, 3) for e in events]} s")
         assert still_loading                                            # all of it while alice's load hung
-        assert statistics.median(answers) < 0.5 and max(answers) < 2.0, answers
+        # a frozen loop answers nothing until the Hub request times out (20 s); bounds for a busy 2-core machine
+        assert statistics.median(answers) < 1.0 and max(answers) < 3.0, answers
         assert statistics.median(events) < 1.0 and max(events) < 3.0, events
 
         t0 = time.monotonic()
@@ -88,3 +91,25 @@ def test_a_hanging_hub_load_freezes_nobody_and_can_be_stopped(room, hub, browser
     finally:
         student.close()
         other.close()
+
+
+def test_an_upload_over_the_limit_is_refused_at_the_widget(room, browser):
+    """Issue 21, item 8: a 3 MB upload (the limit is 2 MB) is dropped as it arrives and the widget says why."""
+    context = browser.new_context()
+    try:
+        page = sign_in(context, room, "bob")
+        dataset = models(page, type="Select", title="dataset")[0]
+        set_props(page, dataset["id"], value="text")
+        page.locator("input[type=file]").first.wait_for(state="attached", timeout=30_000)
+        page.locator("input[type=file]").first.set_input_files(
+            files=[{"name": "big.txt", "mimeType": "text/plain", "buffer": b"a" * (3 * 2**20)}])
+        page.get_by_text("text file must be at most 2 MB").first.wait_for(timeout=60_000)
+        files = models(page, type="FileInput")
+        assert len(files) == 1
+        page.wait_for_function("""(id) => !Bokeh.documents.map(d => d.get_model_by_id(id)).find(m => m).value""",
+                               arg=files[0]["id"], timeout=30_000)          # the document's copy is gone too
+        page.locator("button:visible", has_text="Train").first.click()
+        page.get_by_text("text file must be at most 2 MB").nth(1).wait_for(timeout=30_000)   # and Train refuses
+        assert not list(room.home.glob("runs/*/run.json"))
+    finally:
+        context.close()
