@@ -16,15 +16,22 @@ Rows:
    analysis of the input (all engine calls) is in the note.
 
 5. Memory (GPT-2-small shape: ``transformers.GPT2Config()`` defaults, random init, 124M, one sequence
-   of 1024 tokens; quick: 2 layers, 256 tokens): peak RSS above the loaded model of
+   of 1024 tokens; default and quick: 2 layers, 256 tokens): peak RSS above the loaded model of
    ``contributions`` + ``logit_lens`` (streamed statistics) against one plain forward, each side in
    its own fresh subprocess, RSS sampled every 2 ms by a thread, after one warm-up call of that side on
    8 tokens (one-time imports and first-call allocations, about 150 MiB for the lens, are not counted)
    (target <= 2x).
-6. Skip-effect matrix (``skip_effects``) wall time against (L + 1) plain forwards of the same input in
-   the same process (target <= 1.2x).
-7. Depth report (``residual.report``: contributions, lens, skips, IG with 2 steps, erasure; no patching)
-   wall time on 2 threads (no target; reported). Rows 5-7 only: ``--depth``.
+6. Skip-effect matrix (``skip_effects``) against (L + 1) plain forwards of the same input in the same
+   process: CPU time on one thread, median of interleaved repeats (target <= 1.2x); the wall-clock
+   ratio on two threads is in the note.
+7. Depth report (``residual.report``: contributions, lens, skips, IG, erasure; no patching) wall time on
+   two threads against the estimate shown before it (``residual.estimate(model, T, "report", steps)``,
+   calibration included in the estimate's call, not in the report's time): within 30% (ratio
+   estimate / measured in 0.7 .. 1.3). IG steps: the report's default 16, 2 in ``--full``.
+   ``--full``: rows 5-7 at the GPT-2-small shape (12 layers, 1024 tokens; several minutes on two cores).
+   ``--depth``: only rows 5-7.
+
+Every row carries ``load``: the machine's 1-minute load average when the row was measured.
 
 Times are CPU time of this process with torch on one thread, median of interleaved repeats
 (robust on a shared machine); wall-clock medians are in the notes. Model: d_model 128, 4 layers,
@@ -36,6 +43,7 @@ import argparse
 import contextlib
 import io
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -167,7 +175,12 @@ def _page_row(model, ds, quick):
                 f"max {max(times) * 1e3:.0f} ms over {n} choices; first analysis {first:.2f} s")
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, full: bool = False) -> list[dict]:
+    load = _load()
+    return [{**r, "load": load} for r in _run_rows(quick)] + run_depth(quick, full)
+
+
+def _run_rows(quick: bool) -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -225,10 +238,10 @@ print(peak[0] - base)
 """
 
 
-def _memory_row(quick: bool) -> dict:
+def _memory_row(full: bool) -> dict:
     import subprocess
     import sys
-    n_layer, T = (2, 256) if quick else (12, 1024)
+    n_layer, T = (12, 1024) if full else (2, 256)
     out = {}
     for side in ("forward", "analyses"):
         res = subprocess.run([sys.executable, "-c", _MEM_CHILD, side, str(n_layer), str(T)], capture_output=True,
@@ -239,52 +252,83 @@ def _memory_row(quick: bool) -> dict:
                 "tokens; reference: one plain forward (no_grad)")
 
 
-def _gpt2(quick: bool):
+def _gpt2(full: bool):
     import transformers
     transformers.logging.set_verbosity_error()
-    n_layer, T = (2, 256) if quick else (12, 1024)
+    n_layer, T = (12, 1024) if full else (2, 256)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=n_layer)).eval()
     x = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
     return model, x, n_layer, T
 
 
-def _skip_and_report_rows(quick: bool) -> list[dict]:
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _skip_row(model, x, L: int, T: int, full: bool) -> dict:
     from workbench import residual
+    threads = torch.get_num_threads()
+
+    def plain():
+        with torch.no_grad():
+            for _ in range(L + 1):
+                model(input_ids=x)
+    fns = {"skip": lambda: residual.skip_effects(model, x), "plain": plain}
+    load = _load()
+    try:
+        torch.set_num_threads(1)
+        one = _interleaved(fns, 1 if full else 5)
+        torch.set_num_threads(2)
+        two = _interleaved(fns, 1 if full else 3)
+    finally:
+        torch.set_num_threads(threads)
+    return {**_row(f"skip-effect matrix vs (L + 1) plain forwards (GPT-2 shape, {L} layers, {T} tokens)",
+                   one["skip"][0], one["plain"][0], "s CPU", 1.2,
+                   f"1 thread, median of interleaved repeats; wall on 2 threads {two['skip'][1]:.2f} vs "
+                   f"{two['plain'][1]:.2f} s ({two['skip'][1] / two['plain'][1]:.2f}x)"), "load": load}
+
+
+def _report_row(model, x, L: int, T: int, full: bool) -> dict:
+    from workbench import residual
+    steps = 2 if full else 16
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        model, x, L, T = _gpt2(quick)
-
-        def plain():
-            with torch.no_grad():
-                for _ in range(L + 1):
-                    model(input_ids=x)
-        t = _interleaved({"skip": lambda: residual.skip_effects(model, x), "plain": plain}, 1 if not quick else 2)
-        rows = [_row(f"skip-effect matrix vs (L + 1) plain forwards (GPT-2 shape, {L} layers, {T} tokens)",
-                     t["skip"][1], t["plain"][1], "s wall", 1.2, "median of interleaved repeats after a warm-up")]
+        load = _load()
         w = time.perf_counter()
-        residual.report(model, x, steps=2)
-        rows.append(_row(f"depth report, 2 threads (GPT-2 shape, {L} layers, {T} tokens, IG 2 steps, no patching)",
-                         time.perf_counter() - w, None, "s wall", None, "contributions, lens, skips, IG, erasure"))
-        return rows
+        est = residual.estimate(model, x.numel(), "report", steps=steps)
+        t_est = time.perf_counter() - w
+        w = time.perf_counter()
+        residual.report(model, x, steps=steps)
+        took = time.perf_counter() - w
     finally:
         torch.set_num_threads(threads)
+    ratio = est["seconds"] / took
+    return {"entry": f"depth report: estimate / measured, 2 threads (GPT-2 shape, {L} layers, {T} tokens, IG {steps} "
+                     "steps, no patching)", "ours": est["seconds"], "reference": took, "unit": "s wall",
+            "ratio": ratio, "target": "0.7-1.3", "ok": 0.7 <= ratio <= 1.3,
+            "note": f"estimate {est['flops'] / 1e12:.2f} TFLOP, its call {t_est:.2f} s (calibration); load "
+                    f"{load} -> {_load()}", "load": load}
 
 
-def run_depth(quick: bool = False) -> list[dict]:
-    return [_memory_row(quick)] + _skip_and_report_rows(quick)
+def run_depth(quick: bool = False, full: bool = False) -> list[dict]:
+    model, x, L, T = _gpt2(full)
+    return [{**_memory_row(full), "load": _load()}, _skip_row(model, x, L, T, full), _report_row(model, x, L, T, full)]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--full", action="store_true", help="rows 5-7 at the GPT-2-small shape (minutes)")
     parser.add_argument("--depth", action="store_true", help="only rows 5-7 (GPT-2-shaped memory, skips, report)")
     args = parser.parse_args(argv)
     import pandas as pd
 
+    print(f"torch {torch.__version__}, load average {os.getloadavg()}, {os.cpu_count()} CPUs")
     with pd.option_context("display.max_colwidth", 90, "display.width", 220, "display.float_format", "{:.4g}".format):
-        rows = run_depth(quick=args.quick) if args.depth else run(quick=args.quick) + run_depth(quick=args.quick)
+        rows = (run_depth(quick=args.quick, full=args.full) if args.depth
+                else run(quick=args.quick, full=args.full))
         print(pd.DataFrame(rows).to_string(index=False))
 
 

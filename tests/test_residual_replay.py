@@ -244,3 +244,17 @@ def test_integrated_gradients_use_the_models_own_head_when_unembed_differs():
     want = _naive_ig(model, x, 1, 2)
     assert ig.attribution.to_numpy() == pytest.approx(want, rel=1e-4, abs=1e-9)
     assert not np.allclose(want, R.integrated_gradients(base, x, steps=2, layers=[1]).attribution.to_numpy())
+
+
+def test_estimate_counts_the_models_matrix_products_and_the_reports_own_steps():
+    model = _native(n_layers=2)                       # C = 16, d_mlp = 32, V = 40, context 8
+    C, d_mlp, n, T = 16, 32, 24, 8
+    per_block = 4 * C * C + 2 * C * d_mlp           # q, k, v, output projection; MLP in and out
+    want = 2 * per_block * n * 2 + 2 * T * C * n * 2 + 2 * C * V * n
+    got = R.estimate(model, n, "forward")
+    assert got["flops"] == pytest.approx(want) and got["seconds"] > 0
+    assert R.estimate(model, n, "report") == R.estimate(model, n, "report", steps=16)   # the report's default
+    assert R.estimate(model, n, "integrated_gradients") == R.estimate(model, n, "integrated_gradients", steps=32)
+    assert R.estimate(model, n, "report", steps=2)["flops"] < R.estimate(model, n, "report")["flops"]
+    skip = R.estimate(model, n, "skip_effects")
+    assert want < skip["flops"] < 3 * want and skip["forwards"] == 3     # fewer block passes than 3 forwards
