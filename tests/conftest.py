@@ -10,6 +10,38 @@ _threads = os.environ.get("OMP_NUM_THREADS", "").strip()
 torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0 else min(2, os.cpu_count() or 1))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="torch device for the engine tests that take the `device` fixture (cpu, cuda, cuda:1, mps); "
+                          "default cpu. bench/device_check.py runs them with --device cuda")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: engine tests that run on --device (they take the `device` fixture)")
+    name = config.getoption("--device", default="cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise pytest.UsageError(f"--device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {name}: torch {torch.__version__} sees no CUDA device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise pytest.UsageError(f"--device {name}: MPS is not available")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    """The torch device of ``--device`` (default cpu): engine tests that take it build their models and
+    inputs there and compare with references computed on the same device (``pytest -m device --device cuda``)."""
+    return torch.device(pytestconfig.getoption("--device"))
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for this test (tiny models: on the shared 2-core machine two threads made them

@@ -51,8 +51,8 @@ def _independent_layer_contributions(model, x):
 
 @pytest.mark.parametrize("make,x", [(lambda: _transformer("pre"), _tokens()), (lambda: _transformer("peri"), _tokens()),
                                     (lambda: _mlp("pre"), torch.randn(7, 10)), (lambda: _mlp("none"), torch.randn(7, 10))])
-def test_whole_layer_contributions_match_plain_forward_hooks(make, x):
-    model = make()
+def test_whole_layer_contributions_match_plain_forward_hooks(make, x, device):
+    model, x = make().to(device), x.to(device)
     df = R.contributions(model, x)
     ref = _independent_layer_contributions(model, x)
     layer = df[df.sublayer == "layer"].set_index("layer")
@@ -62,8 +62,8 @@ def test_whole_layer_contributions_match_plain_forward_hooks(make, x):
         assert layer.loc[i, "cosine"] == pytest.approx(cos, rel=1e-5, abs=1e-6)
 
 
-def test_attention_and_mlp_contributions_match_module_outputs():
-    model, x = _transformer("pre"), _tokens()
+def test_attention_and_mlp_contributions_match_module_outputs(device):
+    model, x = _transformer("pre").to(device), _tokens().to(device)
     got = R.contributions(model, x).set_index(["layer", "sublayer"])
     for i, b in enumerate(model.blocks):
         store = {}
@@ -103,8 +103,8 @@ def test_per_position_and_mask_average_consistently():
     (lambda: _transformer("pre"), _tokens(), False), (lambda: _transformer("pre"), _tokens(), True),
     (lambda: _transformer("peri"), _tokens(), False), (lambda: _transformer("pre", tie=True), _tokens(), True),
     (lambda: _mlp("pre"), torch.randn(6, 10), False), (lambda: _transformer("pre", n_layers=0), _tokens(), False)])
-def test_decomposition_is_complete(make, x, per_head):
-    model = make()
+def test_decomposition_is_complete(make, x, per_head, device):
+    model, x = make().to(device), x.to(device)
     dec = R.decompose(model, x, per_head=per_head)
     # the final residual, computed independently: the input of the final norm
     store = {}
@@ -129,29 +129,31 @@ def test_per_head_decomposition_refuses_peri_ln():
         R.decompose(_transformer("peri"), _tokens(), per_head=True)
 
 
-def test_logit_attribution_sums_to_the_logit():
-    model, x = _transformer("pre"), _tokens()
+def test_logit_attribution_sums_to_the_logit(device):
+    model, x = _transformer("pre").to(device), _tokens().to(device)
     with torch.no_grad():
-        logits = model(x)
+        logits = model(x).cpu()
     for target in (None, 3):
         df = R.logit_attribution(model, x, target=target, per_head=True)
         tgt = logits.argmax(-1) if target is None else torch.full(x.shape, target)
         total = df.groupby(["batch", "position"]).attribution.sum().to_numpy().reshape(x.shape)
         torch.testing.assert_close(torch.tensor(total, dtype=torch.float32), logits.gather(-1, tgt[..., None])[..., 0],
                                    atol=1e-4, rtol=1e-4)
-    mlp, xv = _mlp("pre"), torch.randn(4, 10)
+    mlp, xv = _mlp("pre").to(device), torch.randn(4, 10).to(device)
     df = R.logit_attribution(mlp, xv)
-    assert df.attribution.groupby(df.batch).sum().to_numpy() == pytest.approx(mlp(xv).max(-1).values.detach().numpy(),
-                                                                               abs=1e-4)
+    assert df.attribution.groupby(df.batch).sum().to_numpy() == pytest.approx(
+        mlp(xv).max(-1).values.detach().cpu().numpy(), abs=1e-4)
 
 
-def test_zero_initialised_new_layer_contributes_exactly_zero():
+def test_zero_initialised_new_layer_contributes_exactly_zero(device):
     growth = pytest.importorskip("workbench.growth")
     for model, x in ((_transformer("pre"), _tokens()), (_transformer("peri"), _tokens()), (_mlp("pre"), torch.randn(6, 10))):
+        model, x = model.to(device), x.to(device)
         with torch.no_grad():
             before = model(x)
         growth.add_layer(model, init="zero")
         model.eval()
+        assert {p.device for p in model.parameters()} == {x.device}     # the new block on the model's device
         new = len(model.blocks) - 1
         df = R.contributions(model, x)
         rows = df[df.layer == new]
@@ -164,8 +166,8 @@ def test_zero_initialised_new_layer_contributes_exactly_zero():
             torch.testing.assert_close(model(x), before)
 
 
-def test_lens_at_the_last_layer_is_the_model_output():
-    model, x = _transformer("pre"), _tokens()
+def test_lens_at_the_last_layer_is_the_model_output(device):
+    model, x = _transformer("pre").to(device), _tokens().to(device)
     lens = R.logit_lens(model, x)
     assert list(lens.layer) == list(range(len(model.blocks) + 1))
     last = lens.iloc[-1]
@@ -197,8 +199,8 @@ def test_lens_at_the_last_layer_is_the_model_output():
     assert per_pos.loss[(per_pos.position == x.shape[1] - 1)].isna().all()  # no next token there
 
 
-def test_skip_effects_match_a_manual_forward_without_the_layer():
-    model, x = _transformer("pre", n_layers=4), _tokens()
+def test_skip_effects_match_a_manual_forward_without_the_layer(device):
+    model, x = _transformer("pre", n_layers=4).to(device), _tokens().to(device)
     res = R.skip_effects(model, x)
     assert set(zip(res.heatmap.skipped, res.heatmap.affected)) == {(s, a) for s in range(4) for a in range(s + 1, 4)}
 
@@ -223,12 +225,12 @@ def test_skip_effects_match_a_manual_forward_without_the_layer():
     assert _all_hooks(model) == 0
 
 
-def test_record_subsets_and_unknown_names():
-    model, x = _transformer(), _tokens()
+def test_record_subsets_and_unknown_names(device):
+    model, x = _transformer().to(device), _tokens().to(device)
     with R.record(model, names=["blocks.*.resid_post", "embed_out"], layers=[0, 2]) as cache:
         model(x)
     assert set(cache) == {"embed_out", "blocks.0.resid_post", "blocks.2.resid_post"}
-    assert not cache["embed_out"].requires_grad
+    assert not cache["embed_out"].requires_grad and cache["blocks.2.resid_post"].device == x.device
     assert cache.stack("resid_post").shape == (2, *x.shape, 32)
     with R.record(model) as cache:
         model(x)

@@ -91,7 +91,7 @@ def _reference(model, x, reduce="mean", from_position=None):
     ins, outs, logits = _naive_run(model, x)
     p = logits.log_softmax(-1)
     y = R.next_token_targets(x)
-    keep = torch.ones(x.shape, dtype=torch.bool)
+    keep = torch.ones(x.shape, dtype=torch.bool, device=x.device)
     if from_position is not None:
         keep[:, :from_position] = False
 
@@ -131,17 +131,17 @@ def _assert_matches(res, heat, rows):
 
 @pytest.mark.parametrize("kind", ["native", "gpt2"])
 @pytest.mark.parametrize("reduce,from_position,batch_size", [("mean", None, 256), ("max", None, 2), ("mean", 3, 1)])
-def test_skip_effects_equal_the_model_run_with_the_block_removed(kind, reduce, from_position, batch_size):
-    model = _native() if kind == "native" else _gpt2()
-    x = _x()
+def test_skip_effects_equal_the_model_run_with_the_block_removed(kind, reduce, from_position, batch_size, device):
+    model = (_native() if kind == "native" else _gpt2()).to(device)
+    x = _x().to(device)
     res = R.skip_effects(model, x, reduce=reduce, from_position=from_position, batch_size=batch_size)
     _assert_matches(res, *_reference(model, x, reduce, from_position))
     blocks = _blocks(model)
     assert all("forward" not in b.__dict__ and not b._forward_hooks and not b._forward_pre_hooks for b in blocks)
 
 
-def test_local_skip_every_pair_by_hand():
-    model, x = _native(n_layers=4), _x()
+def test_local_skip_every_pair_by_hand(device):
+    model, x = _native(n_layers=4).to(device), _x().to(device)
     res = R.skip_effects(model, x, local=True)
     ins, outs, logits = _naive_run(model, x)
     p = logits.log_softmax(-1)
@@ -167,7 +167,7 @@ def _naive_ig(model, x, layer, steps):
     h = ins[layer] if layer < L else outs[L - 1]
     tgt = logits[:, -1].argmax(-1)
     base = h.mean(1, keepdim=True).expand_as(h)
-    total = torch.zeros(h.shape[:2])
+    total = torch.zeros(h.shape[:2], device=h.device)
     for k in range(steps):
         hi = (base + (k + 0.5) / steps * (h - base)).clone().requires_grad_(True)
         if layer < L:
@@ -180,16 +180,16 @@ def _naive_ig(model, x, layer, steps):
                 handle.remove()
         else:
             out = model.lm_head(model.transformer.ln_f(hi)) if hasattr(model, "transformer") else model.unembed(hi)
-        f = out[:, -1].softmax(-1)[torch.arange(len(x)), tgt].sum()
+        f = out[:, -1].softmax(-1)[torch.arange(len(x), device=x.device), tgt].sum()
         (g,) = torch.autograd.grad(f, hi)
         total += (g * (h - base)).sum(-1)
-    return (total / steps).mean(0).detach().numpy()
+    return (total / steps).mean(0).detach().cpu().numpy()
 
 
 @pytest.mark.parametrize("kind", ["native", "gpt2"])
-def test_integrated_gradients_equal_the_whole_model_run(kind):
-    model = _native() if kind == "native" else _gpt2()
-    x = _x(B=2)
+def test_integrated_gradients_equal_the_whole_model_run(kind, device):
+    model = (_native() if kind == "native" else _gpt2()).to(device)
+    x = _x(B=2).to(device)
     ig = R.integrated_gradients(model, x, steps=3)
     for layer in (0, 2, 3):
         got = ig[ig.layer == layer].sort_values("position").attribution.to_numpy()
