@@ -49,7 +49,7 @@ def on_server_loaded(server_context):
     import torch
 
     from workbench import classroom, jobs
-    from workbench.store import default_home
+    from workbench.io.store import default_home
     from workbench.ui import serving
     from workbench.ui.common import QUEUE_KEY
 

@@ -26,7 +26,7 @@ import torch
 
 import workbench as wb
 from workbench import lenses
-from workbench.recipes import TEXT
+from workbench.core.recipes import TEXT
 
 
 def _median_wall(fn, repeats: int) -> float:

@@ -23,7 +23,7 @@ import workbench as wb
 from workbench import lenses as LZ
 from workbench import residual as R
 from workbench.figures import lenses as FL
-from workbench.monitor import Context
+from workbench.core.monitor import Context
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 transformers = pytest.importorskip("transformers")
@@ -646,7 +646,7 @@ def _check_tuned_beats_logit(kl, name):
 
 @pytest.mark.slow
 def test_on_a_trained_char_lm_the_tuned_lens_beats_the_logit_lens_at_every_layer():
-    from workbench.recipes import TEXT
+    from workbench.core.recipes import TEXT
     ds = TEXT.load_data()
     run = wb.train(wb.models.build(TEXT.model_config(ds, n_layers=3)), ds, TEXT.train_config(steps=300, eval_every=300))
     kl, fit = _held_out_kl(run.model.eval(), ds.x_train, ds.x_val[:200])
@@ -656,7 +656,7 @@ def test_on_a_trained_char_lm_the_tuned_lens_beats_the_logit_lens_at_every_layer
 
 @pytest.mark.slow
 def test_on_a_trained_khop_model_the_tuned_lens_beats_the_logit_lens_at_every_layer():
-    from workbench.recipes import KHOP
+    from workbench.core.recipes import KHOP
     ds = KHOP.load_data(n_train=5000)
     run = wb.train(wb.models.build(KHOP.model_config(ds, n_layers=2)), ds, KHOP.train_config(steps=400, eval_every=400))
     kl, fit = _held_out_kl(run.model.eval(), ds.x_train, ds.x_val[:200])

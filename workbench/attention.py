@@ -34,8 +34,8 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from . import checks
-from . import monitor as _monitor
+from .core import checks
+from .core import monitor as _monitor
 from .hooks import Adapter, adapter
 from .residual import _as_batch, _inference
 

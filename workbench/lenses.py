@@ -54,12 +54,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _load_tensors
 from safetensors.torch import save_file
 
-from . import checks
-from . import monitor as _monitor
+from .core import checks
+from .core import monitor as _monitor
 from .hooks import Adapter, adapter
 from .residual import (LENS_STATS, TOKEN_CHUNK, _as_batch, _chunks, _inference, _lens_reduce, _logits, _need_layers,
                        _replace_input, _replace_output, _resid_stream, _table, _targets, _tokens)
-from .store import _atomic_write
+from .io.store import _atomic_write
 
 __all__ = ["TunedLens", "TunedLensFit", "train_tuned_lens", "JacobianLens", "fit_jacobian_lens", "compare",
            "diagnostics", "commitment", "top_tokens", "fingerprint", "LENSES", "CRITERIA"]

@@ -65,7 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checks
+from .core import checks
 from .hooks import ActivationCache, Adapter, adapter, record, sites
 
 __all__ = ["EPS", "ActivationCache", "Decomposition", "SkipEffects", "adapter", "sites", "record",
@@ -1379,7 +1379,7 @@ def _site_replacer(ad: Adapter, site: str, layer: int, fn: Callable[[torch.Tenso
     own = getattr(ad, "replace_hook", None)
     if callable(own):
         return _handle_ctx(own(name, fn))
-    from .adapters.native import NativeAdapter
+    from .hooks.adapters.native import NativeAdapter
     if isinstance(ad, NativeAdapter):
         return _handle_ctx(ad.add_hook(name, fn))
     raise ValueError(f"site {site!r} cannot be patched in {type(ad.model).__name__} (its adapter has no replace_hook); "

@@ -39,8 +39,8 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from . import checks
-from . import monitor as _monitor
+from .core import checks
+from .core import monitor as _monitor
 from .hooks import Adapter, adapter, record
 from .residual import EPS, PATCH_SITES, _as_batch, _inference, _logits, _need_layers, _site_replacer, patch
 

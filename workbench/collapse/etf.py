@@ -10,12 +10,8 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .. import checks
-from ..models import (
-    ebv_rows,
-    simplex_etf_rows,
-    welch_bound,
-)
+from ..core import checks
+from ..core.models import ebv_rows, simplex_etf_rows, welch_bound
 from .measure import MAX_CLASSES, MAX_ETF_ENTRIES, _classifier, _features_f64, gram
 
 # ----------------------------------------------------------------------------- geometry

@@ -11,12 +11,10 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .. import checks, hooks
-from ..data import IGNORE
-from ..models import (
-    FAMILIES,
-    HookPoint,
-)
+from ..core import checks
+from .. import hooks
+from ..core.data import IGNORE
+from ..core.models import FAMILIES, HookPoint
 from .measure import _check_n_classes, _tensor, metrics
 
 # ----------------------------------------------------------------------------- features per layer

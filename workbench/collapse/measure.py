@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .. import checks
+from ..core import checks
 
 # Metric names returned by :func:`metrics`, in display order.
 NC_METRICS = ["nc1", "nc2_equinorm", "nc2_equiangular", "nc2_equinorm_w", "nc2_equiangular_w", "etf_error",

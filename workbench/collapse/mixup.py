@@ -13,11 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import checks
-from ..data import Dataset
-from ..models import (
-    FixedReadout,
-)
+from ..core import checks
+from ..core.data import Dataset
+from ..core.models import FixedReadout
 from .layers import _capture, _check_xy
 
 # ----------------------------------------------------------------------------- recipes

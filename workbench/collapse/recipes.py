@@ -7,10 +7,8 @@ import time
 
 import torch
 
-from .. import checks, recipes
-from ..models import (
-    build,
-)
+from ..core import checks, recipes
+from ..core.models import build
 from .mixup import MixupLoss, imbalanced_counts, subsample
 from .tracking import track
 
@@ -57,7 +55,7 @@ def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None 
         checks.check_float("lr", lr, 0.0, 10.0, lo_open=True)
     if imbalance is not None and not isinstance(imbalance, (list, tuple, torch.Tensor)):
         checks.check_float("imbalance", imbalance, 0.0, 1.0, lo_open=True)
-    from .. import data
+    from ..core import data
 
     overrides = {"weight_decay": weight_decay, "epochs": epochs, "n_layers": n_layers, "d_model": d_model,
                  "lr": lr, "batch_size": batch_size}
@@ -81,7 +79,7 @@ def train_collapse(dataset_name: str = "digits", *, every: int = 1, layers: bool
     and ``site`` columns) next to the usual loss and accuracy; ``run.meta["collapse"]``
     records the recipe options and the tracker's time.
     """
-    from ..training import train
+    from ..core.training import train
 
     track(every=every, layers=layers, max_samples=max_samples)   # check the tracker's arguments before any work
     mixup = recipe_options.get("mixup", 0.0)

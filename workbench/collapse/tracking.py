@@ -8,9 +8,9 @@ import time
 import pandas as pd
 import torch
 
-from .. import checks
-from ..data import IGNORE, Dataset
-from ..training import Callback, TrainState
+from ..core import checks
+from ..core.data import IGNORE, Dataset
+from ..core.training import Callback, TrainState
 from .layers import collect, sites
 from .measure import NC_METRICS, class_means, metrics, minority_collapse
 

@@ -10,8 +10,8 @@ from typing import Mapping, Sequence
 import pandas as pd
 import torch.nn as nn
 
-from .. import checks
-from ..training import evaluate as _evaluate_one
+from ..core import checks
+from ..core.training import evaluate as _evaluate_one
 from .merges import (
     dare,
     dare_ties,
@@ -45,7 +45,7 @@ def sweep(method: str, base: nn.Module, models: Sequence[nn.Module], datasets, k
 
     Tidy ``method, knob, x, domain, metric, value``; e.g. SLERP's accuracy against ``t``.
     """
-    from ..permute import check_model_data
+    from ..lmc.permute import check_model_data
 
     checks.check_choice("method", method, sorted(MERGES))
     checks.check_str("knob", knob, 50)
@@ -94,7 +94,7 @@ def evaluate(members, merges=None, datasets=None, split: str = "val", max_exampl
     ``"reference"``. Columns: ``model, role ("specialist"/"merge"/"reference"), domain, metric
     ("loss"/"acc"), value``. See :func:`summary` for the verdict per model.
     """
-    from ..permute import check_model_data
+    from ..lmc.permute import check_model_data
 
     checks.check_choice("split", split, ("train", "val"))
     checks.check_int("max_examples", max_examples, 0)

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .. import checks
+from ..core import checks
 from .mixture import _numbers
 from .substrate import _check_mergeable
 

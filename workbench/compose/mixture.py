@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import checks
-from .. import data as _data
-from ..models import seeded
-from ..training import loss_and_correct
+from ..core import checks
+from ..core import data as _data
+from ..core.models import seeded
+from ..core.training import loss_and_correct
 from .substrate import _out_size, check_substrate
 
 # ----------------------------------------------------------------------------- logit mixture
@@ -141,7 +141,7 @@ class LogitMixture(nn.Module):
         parts = list(calibration.values()) if isinstance(calibration, Mapping) else list(calibration)
         if not parts:
             raise ValueError("calibration must hold at least one Dataset")
-        from ..permute import check_model_data
+        from ..lmc.permute import check_model_data
 
         for d in parts:
             for m in self.members:

@@ -10,8 +10,8 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .. import checks
-from ..training import evaluate as _evaluate_one
+from ..core import checks
+from ..core.training import evaluate as _evaluate_one
 from .merges import _apply, _task_names, task_vectors
 
 # ----------------------------------------------------------------------------- sequential merging (OPCM)
@@ -87,7 +87,7 @@ def sequential(base: nn.Module, models, method: str = "opcm", datasets=None, alp
     the merge after ``n_tasks`` tasks on every task seen so far, tidy ``method, n_tasks, task,
     metric, value``. Definition: ``docs/definitions.md#opcm``.
     """
-    from ..permute import check_model_data
+    from ..lmc.permute import check_model_data
 
     checks.check_choice("method", method, SEQUENTIAL)
     alpha = checks.check_float("alpha", alpha, 0.0, 1.0, hi_open=True)

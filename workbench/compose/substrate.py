@@ -11,9 +11,9 @@ from typing import Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .. import checks
-from .. import data as _data
-from ..training import TrainConfig, train
+from ..core import checks
+from ..core import data as _data
+from ..core.training import TrainConfig, train
 
 
 class SubstrateError(ValueError):
@@ -155,7 +155,7 @@ def train_specialists(base: nn.Module, datasets: Mapping[str, _data.Dataset], co
     ``run.meta`` records ``role="specialist"``, the ``domain``, the ``parent`` run id and the
     ``group`` (if given), so weight-space merges can find their base in the store.
     """
-    from ..permute import check_model_data
+    from ..lmc.permute import check_model_data
 
     if not isinstance(datasets, Mapping) or not datasets:
         raise ValueError("datasets must be a non-empty dict {name: Dataset}")

@@ -9,10 +9,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import checks
-from .. import models as _models
-from ..flops import examples_seen, flops_per_example, steps_for_budget
-from ..training import TrainConfig
+from ..core import checks
+from ..core import models as _models
+from ..core.flops import examples_seen, flops_per_example, steps_for_budget
+from ..core.training import TrainConfig
 from .loop import grow
 from .operators import MAX_DEPTH, MAX_SEEDS, MAX_SWEEP_RUNS
 from .schedule import Stage, _dataset_obj, schedule_depths
@@ -130,7 +130,7 @@ def depth_sweep(datasets, depths, model_config=None, config: TrainConfig | None 
     """
     import pandas as pd
 
-    from .. import training as _training
+    from ..core import training as _training
 
     if isinstance(datasets, dict):
         items = list(datasets.items())
@@ -157,7 +157,7 @@ def depth_sweep(datasets, depths, model_config=None, config: TrainConfig | None 
     models_ = [_as_model_config(ds, model_config) for _, ds in datasets_]
     rows = []
     for (label, ds), base_mc in zip(datasets_, models_):
-        from ..permute import check_model_data
+        from ..lmc.permute import check_model_data
 
         check_model_data(_models.build(dataclasses.replace(base_mc, n_layers=0)), ds)
         label = label if label is not None else ds.name

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .. import checks
-from ..flops import examples_seen, flops_per_example
-from ..training import Callback, TrainConfig
+from ..core import checks
+from ..core.flops import examples_seen, flops_per_example
+from ..core.training import Callback, TrainConfig
 from .natural import CANDIDATES, CRITERIA, _sample, check_criterion, score_candidates
 from .operators import (
     INITS,
@@ -165,7 +165,7 @@ def grow_stage(model: nn.Module, dataset, stage, config: TrainConfig | None = No
     run stands before the stage (its metrics continue from them). :func:`grow` is a loop of these.
     """
     ds = _dataset_obj(dataset)
-    from ..permute import check_model_data
+    from ..lmc.permute import check_model_data
 
     check_model_data(model, ds)
     config = (config or TrainConfig()).validate()
@@ -192,8 +192,8 @@ def _run_stage(model: nn.Module, ds, s: Stage, config: TrainConfig, index: int, 
     """:func:`grow_stage` on checked arguments (``run.metrics``: the training metrics only)."""
     import pandas as pd
 
-    from .. import training as _training
-    from ..models import count_params
+    from ..core import training as _training
+    from ..core.models import count_params
 
     seq_len = ds.sequence_length
     old_blocks = {id(b) for b in _blocks(model)}
@@ -268,8 +268,8 @@ def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = 
 
     import pandas as pd
 
-    from .. import training as _training
-    from ..permute import check_model_data
+    from ..core import training as _training
+    from ..lmc.permute import check_model_data
 
     ds = _dataset_obj(dataset)
     check_model_data(model, ds)

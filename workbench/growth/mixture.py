@@ -9,8 +9,8 @@ import math
 import torch
 import torch.nn as nn
 
-from .. import checks
-from .. import models as _models
+from ..core import checks
+from ..core import models as _models
 from .operators import MAX_STEPS
 
 # ----------------------------------------------------------------------------- MixtureGrowth

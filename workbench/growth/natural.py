@@ -10,8 +10,8 @@ import copy
 import torch
 import torch.nn as nn
 
-from .. import checks
-from ..training import TrainConfig
+from ..core import checks
+from ..core.training import TrainConfig
 from .operators import MAX_DEPTH, MAX_STAGES, _blocks, add_layer
 from .width import widen
 
@@ -72,7 +72,7 @@ MAX_SCORE_EXAMPLES = 4096
 
 def _default_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over scored positions (the training loss, without the accuracy count vmap cannot run)."""
-    from ..data import IGNORE
+    from ..core.data import IGNORE
 
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE)
 

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .. import checks
-from .. import models as _models
-from ..training import Callback, TrainConfig
+from ..core import checks
+from ..core import models as _models
+from ..core.training import Callback, TrainConfig
 
 INITS = ("zero", "copy", "random", "fade")
 

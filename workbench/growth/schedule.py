@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import checks
+from ..core import checks
 from .operators import INITS, MAX_DEPTH, MAX_STAGES, MAX_STEPS, _resolve_position
 from .width import WIDEN_INITS
 
@@ -20,7 +20,7 @@ from .width import WIDEN_INITS
 
 
 def _dataset_obj(dataset):
-    from .. import data as _data
+    from ..core import data as _data
 
     if isinstance(dataset, _data.Dataset):
         return dataset

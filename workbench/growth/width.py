@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .. import checks
-from .. import models as _models
+from ..core import checks
+from ..core import models as _models
 from .operators import _blocks, _mlp_pair, _sync
 
 # ----------------------------------------------------------------------------- width growth

@@ -20,7 +20,7 @@ from .alignment import align, repair, compare
 from .layers import layerwise, layerwise_curves, layer_groups, barrier_estimate
 from .fusion import fuse, transport_maps, fusion_curve
 from .pairs import instability, train_pair
-from ..permute import check_same_architecture  # noqa: F401 (lmc.check_same_architecture, as before)
+from .permute import check_same_architecture  # noqa: F401 (lmc.check_same_architecture, as before)
 
 __all__ = [
     "curve", "barrier", "barrier_value", "interpolate", "align", "repair", "compare", "layerwise",

@@ -13,10 +13,11 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .. import checks, hooks
-from .. import permute as _perm
-from ..data import Dataset
-from ..permute import check_same_architecture
+from ..core import checks
+from .. import hooks
+from . import permute as _perm
+from ..core.data import Dataset
+from .permute import check_same_architecture
 from .interpolation import (
     METHODS,
     Progress,

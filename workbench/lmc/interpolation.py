@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .. import checks
-from ..data import IGNORE, Dataset
-from ..permute import check_model_data, check_same_architecture
+from ..core import checks
+from ..core.data import IGNORE, Dataset
+from .permute import check_model_data, check_same_architecture
 
 Progress = Callable[[int, int, str], None]
 

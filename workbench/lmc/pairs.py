@@ -11,9 +11,9 @@ from typing import Sequence
 
 import pandas as pd
 
-from .. import checks
-from ..data import Dataset
-from ..permute import check_model_data
+from ..core import checks
+from ..core.data import Dataset
+from .permute import check_model_data
 from .interpolation import (
     MAX_SEEDS,
     MAX_SPAWN_STEPS,
@@ -41,8 +41,8 @@ def train_pair(config, dataset: Dataset, seeds: Sequence[int] = (0, 1), train_co
     """Train one model per seed (initialisation and data order both from the seed); returns the Runs."""
     import dataclasses
 
-    from ..models import build
-    from ..training import TrainConfig, train
+    from ..core.models import build
+    from ..core.training import TrainConfig, train
 
     seeds = _check_seeds("seeds", seeds, 1)
     tc = (train_config or TrainConfig()).validate()
@@ -70,8 +70,8 @@ def instability(config, dataset: Dataset, spawn_steps: Sequence[int], train_conf
     """
     import dataclasses
 
-    from ..models import build
-    from ..training import StopOnEvent, TrainConfig, make_optimizer, train
+    from ..core.models import build
+    from ..core.training import StopOnEvent, TrainConfig, make_optimizer, train
 
     tc = (train_config or TrainConfig()).validate()
     if isinstance(spawn_steps, (str, bytes)) or not isinstance(spawn_steps, (list, tuple, range)) \

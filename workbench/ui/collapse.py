@@ -6,9 +6,10 @@ import time
 
 import panel as pn
 
-from .. import collapse, recipes
+from .. import collapse
+from ..core import recipes
 from ..figures import collapse as figs
-from ..training import Callback, StopOnEvent
+from ..core.training import Callback, StopOnEvent
 from .common import escape_md
 from .page import Page
 

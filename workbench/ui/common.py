@@ -20,11 +20,13 @@ import pandas as pd
 import panel as pn
 import param
 
-from .. import data, growth as growth_module, jobs
-from ..checks import env_limit
-from .. import models
-from ..store import RunStore, StoreError, check_user, pack_run, unpack_run
-from ..training import Run, TrainConfig
+from ..core import data
+from .. import growth as growth_module
+from ..runtime import jobs
+from ..core.checks import env_limit
+from ..core import models
+from ..io.store import RunStore, StoreError, check_user, pack_run, unpack_run
+from ..core.training import Run, TrainConfig
 
 __all__ = ["DataStore", "UserStore", "BackgroundTask", "ErrorBox", "config_widgets", "values_from_widgets",
            "run_options", "CHOICES", "allowed_values", "RUN_COLUMNS", "escape_html", "escape_md", "code_block", "text_block", "html_labels",
@@ -206,7 +208,7 @@ class DataStore(param.Parameterized):
     @property
     def is_teacher(self) -> bool:
         """Whether the signed-in user is one of ``WORKBENCH_TEACHERS``."""
-        from .. import classroom
+        from ..runtime import classroom
 
         return self.user is not None and classroom.is_teacher(self.user)
 

@@ -6,10 +6,11 @@ import dataclasses
 import pandas as pd
 import panel as pn
 
-from .. import compose, data, models
+from .. import compose
+from ..core import data, models
 from ..figures.compose import cosine_matrix, domain_heatmap, knob_curve, sequential_curve
-from ..sampling import sample_text
-from ..training import TrainConfig
+from ..compose.sampling import sample_text
+from ..core.training import TrainConfig
 from .common import BackgroundTask, dataset_from_spec, escape_md, html_labels, open_run, run_options, text_block
 from .page import Page
 
@@ -100,7 +101,7 @@ def _code_for(specialist_ids: list[str], names: list[str], base_id: str | None, 
 
 def _train_job(ctx, corpora: list[str], steps: int, n_layers: int, embedding: str, seed: int):
     """Base on the pooled corpora, then one specialist per corpus fine-tuned from it."""
-    from ..training import Callback, train
+    from ..core.training import Callback, train
 
     class Report(Callback):
         def __init__(self, stage, offset):

@@ -6,9 +6,10 @@ import dataclasses
 import pandas as pd
 import panel as pn
 
-from .. import checks, data, lmc, models, recipes
+from ..core import checks, data, models, recipes
+from .. import lmc
 from ..figures import lmc as figs
-from ..training import TrainConfig
+from ..core.training import TrainConfig
 from .common import dataset_from_spec, open_run, run_options, short_spec
 from .page import Page
 
@@ -147,7 +148,7 @@ def _pair_options(dataset_name: str) -> dict:
 def _pair_job(ctx, dataset_name: str, model_config, train_config: TrainConfig):
     ds = data.load(dataset_name, **_pair_options(dataset_name))
     ctx.report(progress=0.0, message="training model A")
-    from ..training import StopOnEvent
+    from ..core.training import StopOnEvent
 
     runs = []
     for i, seed in enumerate((0, 1)):

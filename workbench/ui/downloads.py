@@ -12,7 +12,7 @@ from typing import Callable
 
 import panel as pn
 
-from .. import interop, roots
+from ..io import interop, model_roots as roots
 from .common import ErrorBox, escape_md
 
 __all__ = ["HubDownloads"]

@@ -9,10 +9,10 @@ import math
 import pandas as pd
 import panel as pn
 
-from .. import grokking
-from ..checks import check_choice, check_float, check_int, check_seed
+from ..studies import grokking
+from ..core.checks import check_choice, check_float, check_int, check_seed
 from ..figures import grokking as figs
-from ..training import Callback, StopOnEvent
+from ..core.training import Callback, StopOnEvent
 from .common import escape_md
 from .page import Page
 from .sweeps import parse_list

@@ -7,9 +7,10 @@ import dataclasses
 import pandas as pd
 import panel as pn
 
-from .. import data, growth, models, recipes
+from ..core import data, models, recipes
+from .. import growth
 from ..figures.growth import block_strip, eta_trace, growth_curves, width_depth_timeline
-from ..training import Callback, TrainConfig
+from ..core.training import Callback, TrainConfig
 from .common import TextUpload, config_widgets, escape_md, values_from_widgets
 from .page import Page
 

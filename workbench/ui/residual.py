@@ -14,7 +14,9 @@ import pandas as pd
 import panel as pn
 import torch
 
-from .. import checks, interop, residual, roots
+from ..core import checks
+from ..io import interop, model_roots as roots
+from .. import residual
 from ..figures import interventions as ifigs
 from ..figures import residual as figs
 from .common import dataset_from_spec, escape_md, open_run, run_options

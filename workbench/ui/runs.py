@@ -13,7 +13,7 @@ import pandas as pd
 import panel as pn
 
 from ..figures.training import config_table, training_curves
-from ..store import StoreError
+from ..io.store import StoreError
 from .common import escape_md, short_spec
 from .page import Page
 

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import panel as pn
 
-from .. import data, scaling
-from ..checks import check_choice, check_float, check_int, check_seed
+from ..core import data
+from ..studies import scaling
+from ..core.checks import check_choice, check_float, check_int, check_seed
 from ..figures import scaling as figs
 from .common import escape_md
 from .page import Page

@@ -23,7 +23,7 @@ import traceback
 
 import panel as pn
 
-from ..auth import SessionSlots, slots_refusal
+from ..runtime.auth import SessionSlots, slots_refusal
 from .teacher import current_user
 
 __all__ = ["COMPONENT_MODULES", "SLOTS_KEY", "guard_component_route", "allowed_component_module",

@@ -12,7 +12,7 @@ import threading
 import pandas as pd
 import panel as pn
 
-from .. import sweeps
+from ..runtime import sweeps
 from ..figures import sweeps as figs
 from .common import escape_md, job_queue
 from .page import Page

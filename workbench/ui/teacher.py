@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 import panel as pn
 
-from .. import classroom, jobs
+from ..runtime import classroom, jobs
 from .common import escape_html, escape_md
 from .downloads import HubDownloads
 from .page import Page

@@ -5,10 +5,10 @@ import dataclasses
 
 import panel as pn
 
-from .. import data, models, recipes
+from ..core import data, models, recipes
 from ..figures.training import training_curves
-from ..store import check_run_name
-from ..training import Callback, TrainConfig, train
+from ..io.store import check_run_name
+from ..core.training import Callback, TrainConfig, train
 from .common import TextUpload, config_widgets, escape_md, values_from_widgets
 from .page import Page
 

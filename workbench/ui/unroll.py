@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import panel as pn
 
-from .. import data, learngene, models, unroll
+from ..core import data, models
+from ..studies import learngene, unroll
 from ..figures import learngene as lg_figs
 from ..figures import unroll as figs
-from ..training import StopOnEvent, TrainConfig, train
+from ..core.training import StopOnEvent, TrainConfig, train
 from .common import dataset_from_spec, escape_md, open_run, run_options
 from .page import Page
 

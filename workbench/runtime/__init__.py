@@ -1,0 +1,2 @@
+"""Serving: the job queue (threads or Dask), sweeps on it, classroom mode.
+"""

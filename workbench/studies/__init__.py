@@ -1,0 +1,2 @@
+"""One-paper studies: shallow unrolling, the TLEG learngene, grokking, scaling-law fits.
+"""
