@@ -1,7 +1,8 @@
 # Depth Workbench: one command to set up and serve, one to set up and test.
-#   make serve   -> local .venv, then `panel serve apps/` on http://localhost:5006/apps (this machine only)
-#   make test    -> local .venv + Chromium, then unit, notebook (nbval) and browser tests
+#   make serve   -> local .venv with what serving needs, then `panel serve apps/` on http://localhost:5006/apps
+#   make test    -> local .venv with the test extras too + Chromium, then unit, notebook (nbval) and browser tests
 #   make bench   -> benchmark table (ratios measured in one run)
+#   make device-check -> the engine on a GPU machine (bench/device_check.py; make device-wheels first, here)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -12,24 +13,34 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PORT   ?= 5006
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-quick bench browser clean
+.PHONY: setup setup-serve setup-test serve test test-quick bench browser clean device-check device-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)" \
+INSTALL_TORCH = $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)" \
 	  || $(BIN)/pip install torch --index-url $(TORCH_CPU_INDEX)
-	$(BIN)/pip install -e ".[test]"
+
+# What serving needs: the package with its Hugging Face and Dask extras (no test tools).
+$(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
+	$(INSTALL_TORCH)
+	$(BIN)/pip install -e ".[hf,dask]"
 	touch $@
 
-setup: $(VENV)/.installed
+# What the tests need on top: the test extras (pytest, Playwright, hypothesis, TransformerLens, nbval).
+$(VENV)/.installed-test: $(VENV)/.installed-serve
+	$(BIN)/pip install -e ".[hf,dask,test]"
+	touch $@
+
+setup-serve: $(VENV)/.installed-serve
+setup-test: $(VENV)/.installed-test
+setup: setup-serve
 
 # The server's launch environment: torch's OpenMP threads sleep when idle instead of spinning (read when
 # torch loads, so it must be set at process start). README "Classroom mode"; measured in bench/bench_classroom.py.
 SERVE_ENV ?= OMP_WAIT_POLICY=PASSIVE
 # Local only: bound to 127.0.0.1 (no sign-in yet); serving to others is the classroom mode (with sign-in).
-serve: setup
+serve: setup-serve
 	$(SERVE_ENV) $(BIN)/python -m panel serve apps/ --port $(PORT) --address 127.0.0.1 \
 	  --allow-websocket-origin=localhost:$(PORT) --allow-websocket-origin=127.0.0.1:$(PORT) --show
 
@@ -67,17 +78,36 @@ browser:
 # Two pytest workers (pytest-xdist), one torch thread each; a file's tests stay on one worker (module
 # fixtures, a notebook's cells in order, one browser server per file).
 TEST_WORKERS ?= 2
-test: setup browser
+test: setup-test browser
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider \
 	  -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Everything but the browser tests and notebooks (a quick check while editing).
-test-quick: setup
+test-quick: setup-test
 	$(BIN)/python -m pytest tests -m "not ui" -q -p no:cacheprovider $(PYTEST_ARGS)
 
-bench: setup
+bench: setup-test
 	$(BIN)/pip install -q -e ".[bench]" || true
 	$(BIN)/python -m bench
+
+# The engine on an accelerator machine (its own python3 with torch and CUDA, no network): bench/device_check.py
+# in one call (under 8 minutes). It installs the packages that machine lacks from bench/wheels/, which
+# `make device-wheels` fills here (git-ignored: carry it to that machine with the working tree).
+DEVICE ?= cuda
+DEVICE_ARGS ?=
+device-check:
+	$(PYTHON) bench/device_check.py --device $(DEVICE) $(DEVICE_ARGS)
+
+WHEEL_PYTHONS ?= 3.10 3.11 3.12 3.13
+WHEEL_PLATFORMS = --only-binary=:all: --implementation cp $(foreach p,manylinux2014 manylinux_2_28 manylinux_2_27 \
+	manylinux_2_24 manylinux_2_17 manylinux2010 manylinux_2_12 manylinux1 manylinux_2_5,--platform $(p)_x86_64)
+device-wheels: | $(BIN)/python
+	mkdir -p bench/wheels
+	for v in $(WHEEL_PYTHONS); do \
+	  $(BIN)/pip download -q $(WHEEL_PLATFORMS) --python-version $$v -d bench/wheels --no-deps "pot>=0.9,<0.9.7" && \
+	  $(BIN)/pip download -q $(WHEEL_PLATFORMS) --python-version $$v -d bench/wheels "dask[distributed]>=2024.1" \
+	    pytest || exit 1; done
+	du -sh bench/wheels
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
