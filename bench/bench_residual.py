@@ -209,8 +209,8 @@ cfg = transformers.GPT2Config(n_layer=n_layer)
 torch.manual_seed(0)
 model = transformers.GPT2LMHeadModel(cfg).eval()
 x = torch.randint(0, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
-from workbench import residual
-residual.adapter(model)          # imports (adapters, transformers modules) before the baseline, both sides
+from workbench import hooks, residual
+hooks.adapter(model)          # imports (adapters, transformers modules) before the baseline, both sides
 with torch.no_grad():            # one warm-up call of the measured side on 8 tokens: one-time imports and
     if side == "forward":        # first-call allocations are not per-analysis memory
         model(input_ids=x[:, :8])

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import workbench as wb
-from workbench import collapse, compose, data, flops, growth, lmc, permute, residual, sampling
+from workbench import collapse, compose, data, flops, growth, hooks, lmc, permute, residual, sampling
 
 CASES: collections.Counter = collections.Counter()
 EXAMPLES = 20          # hypothesis examples per argument
@@ -224,7 +224,7 @@ def _residual():
         ("logit_attribution.target", "target", Int(0, W()["khop"].vocab_size - 1, none=True),
          lambda v: residual.logit_attribution(W()["tr_a"], W()["x_tok"], target=v)),
         ("adapter.skip.layer", "layer", Int(0, 1),
-         lambda v: residual.adapter(W()["tr_a"]).skip(v).__enter__()),
+         lambda v: hooks.adapter(W()["tr_a"]).skip(v).__enter__()),
         ("skip_effects.reduce", "reduce", Choice(("mean", "max")),
          lambda v: residual.skip_effects(W()["tr_a"], W()["x_tok"], reduce=v)),
         ("skip_effects.from_position", "from_position", Int(1, W()["khop"].seq_len - 1, none=True),

@@ -103,8 +103,8 @@ def test_residual_targets_masks_and_flags():
     _raises(r"target must be an integer in \[0, 18\], got -1", residual.logit_attribution, model, x, target=-1)
     _raises(r"target must hold integer token ids", residual.logit_attribution, model, x,
             target=torch.zeros(4, 12))
-    _raises(r"layers\[\] must be an integer >= 0, got 1.0", residual.record(model, layers=[1.0]).__enter__)
-    _raises(r"layer must be an integer in \[0, 1\], got 2", residual.adapter(model).skip(2).__enter__)
+    _raises(r"layers\[\] must be an integer >= 0, got 1.0", wb.hooks.record(model, layers=[1.0]).__enter__)
+    _raises(r"layer must be an integer in \[0, 1\], got 2", wb.hooks.adapter(model).skip(2).__enter__)
     # a valid integer target attributes exactly the logits of that token
     df = residual.logit_attribution(model, x, target=3)
     with torch.no_grad():

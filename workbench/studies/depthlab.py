@@ -50,7 +50,9 @@ import torch.nn.functional as F
 from ..core import checks
 from ..core import monitor as _monitor
 from ..hooks import Adapter, adapter, record
-from ..residual import EPS, IGNORE, _as_batch, _targets, _tokens, contributions, depth_score, skip_effects
+from ..core.data import IGNORE
+from ..residual import contributions, depth_score, skip_effects
+from ..residual.batch import EPS, _as_batch, _targets, _tokens
 from ..core.training import Callback
 
 __all__ = ["STRATEGIES", "RANK_METHODS", "PRUNE_METHODS", "MAX_LOOP", "BlockRunner", "Similarity", "layer_similarity",
@@ -272,7 +274,7 @@ def _last_index(mask: torch.Tensor) -> torch.Tensor:
 
 def _mask_for(run: BlockRunner, x: torch.Tensor, mask) -> torch.Tensor:
     """``(B, T)`` bool of the tokens that count (all when ``mask`` is None; vector models ``T = 1``)."""
-    from ..residual import _mask
+    from ..residual.batch import _mask
 
     T = x.shape[1] if run.ad.family == "transformer" else 1
     m = _mask(mask, (x.shape[0], T), run.ad.device)
@@ -1217,7 +1219,7 @@ def effective_depth(model: nn.Module, x=None, y=None, mask=None, threshold: floa
     already computed (then ``x`` is not needed). Returns ``{effective_depth, ratio, n_layers, peak_layer,
     future_effect}``. ``docs/definitions.md#effective-depth``.
     """
-    from ..residual import SkipEffects
+    from ..residual.skip import SkipEffects
 
     threshold = checks.check_float("threshold", threshold, 0.0, 1.0, lo_open=True, hi_open=True)
     if effects is None:

@@ -27,7 +27,7 @@ import torch.nn as nn
 from ..core import checks
 from ..core import monitor as _monitor
 from .depthlab import BlockRunner, _acc_loss, _chunks, _inference, _is_native, _Stop, _tally, _targets_for
-from ..residual import _facts
+from ..residual.batch import _facts
 from ..core.training import loss_and_correct
 
 __all__ = ["dropout_rates", "LayerSkipLoss", "train_layerskip", "exit_curve", "SpecResult", "speculate",

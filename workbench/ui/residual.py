@@ -16,7 +16,7 @@ import torch
 
 from ..core import checks
 from ..io import interop, model_roots as roots
-from .. import residual
+from .. import hooks, residual
 from ..figures import interventions as ifigs
 from ..figures import residual as figs
 from .common import dataset_from_spec, escape_md, open_run, run_options
@@ -80,8 +80,8 @@ class Analysis:
         self.mixture = residual.is_mixture(model)
         self.n_members = len(model.members) if self.mixture else 1
         first = model.members[0] if self.mixture else model
-        self.sequence = residual.adapter(first).family == "transformer"
-        self.n_layers = residual.adapter(model).n_layers if not self.mixture else 0
+        self.sequence = hooks.adapter(first).family == "transformer"
+        self.n_layers = hooks.adapter(model).n_layers if not self.mixture else 0
         self.member = None
         self.contrib = residual.contributions(model, x)
         self.contrib_pos = residual.contributions(model, x, per_position=True) if self.sequence else None
@@ -514,7 +514,7 @@ class ResidualPage(Page):
         """``(input key, x, tokens, y)`` for the chosen input (in the job: a dataset is built here)."""
         model, vocab, spec = opened.model, opened.vocab, opened.dataset
         single = model.members[0] if residual.is_mixture(model) else model
-        sequence = residual.adapter(single).family == "transformer"
+        sequence = hooks.adapter(single).family == "transformer"
         if req["input"] == INPUTS[1]:
             if not sequence:
                 raise ValueError("typed text needs a sequence model; vector models take dataset samples")
@@ -550,7 +550,7 @@ class ResidualPage(Page):
         model = opened.model
         if residual.is_mixture(model):
             raise ValueError(f"{what} reads one model: choose a stored run or a Hugging Face model, not a mixture")
-        if residual.adapter(model).family != "transformer":
+        if hooks.adapter(model).family != "transformer":
             raise ValueError(f"{what} needs a sequence model (token positions); this is a vector model")
         _, x, tokens, _ = self._input(opened, req)
         corrupt = None
@@ -594,7 +594,7 @@ class ResidualPage(Page):
 
     def _report_estimate(self, ctx, model, x) -> None:
         """The depth report's estimated memory and time for this input, sent before anything long starts."""
-        if residual.is_mixture(model) or residual.adapter(model).family != "transformer":
+        if residual.is_mixture(model) or hooks.adapter(model).family != "transformer":
             ctx.report({"estimate": ""})
             return
         est = residual.estimate(model, int(x.numel()), "report")

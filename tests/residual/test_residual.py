@@ -227,16 +227,16 @@ def test_skip_effects_match_a_manual_forward_without_the_layer(device):
 
 def test_record_subsets_and_unknown_names(device):
     model, x = _transformer().to(device), _tokens().to(device)
-    with R.record(model, names=["blocks.*.resid_post", "embed_out"], layers=[0, 2]) as cache:
+    with wb.hooks.record(model, names=["blocks.*.resid_post", "embed_out"], layers=[0, 2]) as cache:
         model(x)
     assert set(cache) == {"embed_out", "blocks.0.resid_post", "blocks.2.resid_post"}
     assert not cache["embed_out"].requires_grad and cache["blocks.2.resid_post"].device == x.device
     assert cache.stack("resid_post").shape == (2, *x.shape, 32)
-    with R.record(model) as cache:
+    with wb.hooks.record(model) as cache:
         model(x)
-    assert set(cache) == set(R.sites(model))
+    assert set(cache) == set(wb.hooks.sites(model))
     with pytest.raises(ValueError, match="no hook site"):
-        with R.record(model, names="blocks.*.nonsense"):
+        with wb.hooks.record(model, names="blocks.*.nonsense"):
             pass
     assert _all_hooks(model) == 0
 
@@ -244,14 +244,14 @@ def test_record_subsets_and_unknown_names(device):
 def test_hooks_are_removed_after_an_exception_inside_record():
     model, x = _transformer(), _tokens()
     with pytest.raises(RuntimeError, match="boom"):
-        with R.record(model) as cache:
+        with wb.hooks.record(model) as cache:
             model(x)
             assert _all_hooks(model) > 0
             raise RuntimeError("boom")
     assert _all_hooks(model) == 0
     assert len(cache) > 0
     with pytest.raises(ValueError, match="context"):  # an error inside the forward itself
-        with R.record(model):
+        with wb.hooks.record(model):
             model(torch.full((1, 100), 0))  # longer than the context
     assert _all_hooks(model) == 0
 

@@ -34,10 +34,10 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .core import checks
-from .core import monitor as _monitor
-from .hooks import Adapter, adapter
-from .residual import _as_batch, _inference
+from ..core import checks
+from ..core import monitor as _monitor
+from ..hooks import Adapter, adapter
+from .batch import _as_batch, _inference
 
 __all__ = ["KINDS", "Pattern", "watch_patterns", "pattern", "repeated_tokens", "head_scores", "head_scores_across",
            "score_patterns", "detection_masks"]
@@ -233,7 +233,7 @@ def _check_kinds(kinds) -> list[str]:
 
 
 def _default_half(ad: Adapter) -> int:
-    from .residual import _facts
+    from .batch import _facts
     _, context, _ = _facts(ad)
     return max(1, min(32, (context or 64) // 2))
 

@@ -199,14 +199,14 @@ def test_integrated_gradients_equal_the_whole_model_run(kind, device):
     assert all("forward" not in b.__dict__ and not b._forward_hooks for b in _blocks(model))
 
 
-class _CappedAdapter(R.Adapter):
+class _CappedAdapter(wb.hooks.Adapter):
     """A native model whose forward soft-caps its logits; the adapter's unembed does not know it."""
 
     family = "transformer"
 
     def __init__(self, model):
         self.model, self.n_layers, self.n_heads = model, len(model.blocks), model.config.n_heads
-        self.inner = R.adapter(model.base)
+        self.inner = wb.hooks.adapter(model.base)
 
     def site_names(self):
         return self.inner.site_names()

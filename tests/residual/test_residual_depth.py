@@ -248,7 +248,7 @@ class _ParallelModel(torch.nn.Module):
         return self.base.unembed(h)
 
 
-class _ParallelAdapter(R.Adapter):
+class _ParallelAdapter(wb.hooks.Adapter):
     family, parallel = "transformer", True
 
     def __init__(self, model):

@@ -39,10 +39,11 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .core import checks
-from .core import monitor as _monitor
-from .hooks import Adapter, adapter, record
-from .residual import EPS, PATCH_SITES, _as_batch, _inference, _logits, _need_layers, _site_replacer, patch
+from ..core import checks
+from ..core import monitor as _monitor
+from ..hooks import Adapter, adapter, record
+from .batch import EPS, _as_batch, _inference, _logits, _need_layers
+from .interventions import PATCH_SITES, _site_replacer, patch
 
 __all__ = ["TRACE_KINDS", "Trace", "causal_trace", "attribution_patching", "PatchingComparison", "compare_patching"]
 

@@ -27,7 +27,7 @@ from workbench import attention as A
 
 transformers = pytest.importorskip("transformers")
 
-from test_adapters_hf import FAMILIES as HF, FAMS, tokens as hf_tokens  # noqa: E402
+from helpers.hf_models import FAMILIES as HF, FAMS, tokens as hf_tokens  # noqa: E402
 
 C_BIG = 400.0   # query scale of planted heads: logits 100 apart after the 1/sqrt(D) scaling, so the softmax is one-hot
 

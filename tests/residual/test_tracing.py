@@ -22,7 +22,7 @@ from workbench import tracing as TR
 
 transformers = pytest.importorskip("transformers")
 
-from test_adapters_hf import FAMS, build as hf_build, tokens as hf_tokens  # noqa: E402
+from helpers.hf_models import FAMS, build as hf_build, tokens as hf_tokens  # noqa: E402
 
 
 def _model(norm="pre", n_layers=3, seed=0, linear=False, dtype=torch.float32):

@@ -9,9 +9,7 @@ and compare the lenses on held-out tokens.
 """
 import copy
 import json
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas.testing as pd_testing
@@ -25,9 +23,8 @@ from workbench import residual as R
 from workbench.figures import lenses as FL
 from workbench.core.monitor import Context
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 transformers = pytest.importorskip("transformers")
-from test_adapters_hf import FAMS, build as hf_build, tokens as hf_tokens  # noqa: E402
+from helpers.hf_models import FAMS, build as hf_build, tokens as hf_tokens  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -473,7 +470,7 @@ def test_jacobian_lens_stop_keeps_the_prompts_done():
 
 def _hand_lens_logits(model, x, J=None):
     """``(L+1, B, T, V)`` logit-lens (or Jacobian-lens) logits from the model's own modules, and the final logits."""
-    with torch.no_grad(), R.record(model, names=["blocks.*.resid_pre"]) as cache:
+    with torch.no_grad(), wb.hooks.record(model, names=["blocks.*.resid_pre"]) as cache:
         final = model(x)
     L = len(model.blocks)
     out = []
