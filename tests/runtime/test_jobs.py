@@ -75,13 +75,13 @@ def test_environment_settings_and_defaults(monkeypatch):
     for v in ("WORKBENCH_MAX_JOBS", "WORKBENCH_QUEUE_SIZE", "WORKBENCH_JOBS_PER_USER", "WORKBENCH_THREADS",
               "WORKBENCH_DASK"):
         monkeypatch.delenv(v, raising=False)
-    monkeypatch.setattr(jobs, "cores", lambda: 8)
+    monkeypatch.setattr(jobs.limits, "cores", lambda: 8)
     q = JobQueue(executor=ManualExecutor())
     assert (q.max_jobs, q.queue_size, q.jobs_per_user, q.threads) == (7, 40, 2, 1)   # max(1, 8-1); floor(8/7)
     monkeypatch.setenv("WORKBENCH_MAX_JOBS", "2")
     q = JobQueue(executor=ManualExecutor())
     assert (q.max_jobs, q.threads) == (2, 4)                                         # floor(8/2)
-    monkeypatch.setattr(jobs, "cores", lambda: 1)
+    monkeypatch.setattr(jobs.limits, "cores", lambda: 1)
     monkeypatch.delenv("WORKBENCH_MAX_JOBS")
     q = JobQueue(executor=ManualExecutor())
     assert (q.max_jobs, q.threads) == (1, 1)
