@@ -351,10 +351,10 @@ def test_check_spec_bounds_nesting_and_the_store_names_the_part(digits):
         wb.data.check_spec({"name": "mix", "parts": [spec]})
     with pytest.raises(ValueError, match="nested at most 4 deep"):
         wb.data.from_spec({"name": "mix", "parts": [spec]})
-    from workbench import store as store_mod
+    from workbench.io.store import document as store_doc
 
-    assert store_mod._spec_field({"name": "m", "parts": [part, {"name": 3}]}, "dataset") == "dataset.parts[1].name"
-    assert store_mod._spec_field({"name": "digits", "seed": -1}, "dataset") == "dataset"
+    assert store_doc._spec_field({"name": "m", "parts": [part, {"name": 3}]}, "dataset") == "dataset.parts[1].name"
+    assert store_doc._spec_field({"name": "digits", "seed": -1}, "dataset") == "dataset"
 
 
 def test_family_methods_check_inputs(digits, khop):

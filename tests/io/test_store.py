@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench import store as store_mod
+from workbench.io.store import files as store_files
+from workbench.io.store import index as store_index
 from workbench.io.store import StoreError
 
 
@@ -405,8 +406,8 @@ def test_incomplete_or_invalid_directories_are_listed_as_broken_not_indexed(stor
 
 
 def test_stale_temporaries_are_removed_and_live_ones_kept(store):
-    host = store_mod._HOST
-    old = time.time() - 2 * store_mod.STALE_TMP_SECONDS
+    host = store_files._HOST
+    old = time.time() - 2 * store_files.STALE_TMP_SECONDS
     names = {
         "dead": f".tmp-{_dead_pid()}@{host}@abc",              # writer gone: stale at once
         "alive": f".tmp-{os.getpid()}@{host}@abc",             # this process: a save in progress
@@ -469,7 +470,7 @@ def test_every_file_and_rename_is_fsynced_before_it_counts(store, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(store_mod.sqlite3, "connect", Conn)
+    monkeypatch.setattr(sqlite3, "connect", Conn)
     rid = store.save(_tiny_run())
     monkeypatch.undo()
     final = str(store.runs_dir / rid)
@@ -608,11 +609,11 @@ def test_share_keeps_the_saving_order(store):
 def _old_index(store):
     """Rewrite index.sqlite in the format written before owners (14 columns), keeping its rows."""
     db = sqlite3.connect(store.index_path)
-    rows = db.execute(f"SELECT {', '.join(store_mod._OLD_COLUMNS)} FROM runs").fetchall()
+    rows = db.execute(f"SELECT {', '.join(store_index._OLD_COLUMNS)} FROM runs").fetchall()
     db.close()
     store.index_path.unlink()
     db = sqlite3.connect(store.index_path)
-    db.execute(f"CREATE TABLE runs ({', '.join(store_mod._OLD_COLUMNS)}, PRIMARY KEY (run_id))")
+    db.execute(f"CREATE TABLE runs ({', '.join(store_index._OLD_COLUMNS)}, PRIMARY KEY (run_id))")
     db.executemany(f"INSERT INTO runs VALUES ({', '.join('?' * 14)})", rows)
     db.commit()
     db.close()
@@ -628,7 +629,7 @@ def test_an_index_written_before_owners_opens_and_gets_the_columns(store):
     listing = fresh.list()
     assert list(listing["run_id"]) == [old] and listing.loc[0, "owner"] is None and not listing.loc[0, "shared"]
     db = sqlite3.connect(store.index_path)
-    assert [r[1] for r in db.execute("PRAGMA table_info(runs)")] == store_mod._COLUMNS
+    assert [r[1] for r in db.execute("PRAGMA table_info(runs)")] == store_index._COLUMNS
     db.close()
     new = fresh.save(_tiny_run("new"), owner="ann")
     assert set(fresh.list(user="ann")["run_id"]) == {new}
@@ -648,7 +649,7 @@ def test_two_stores_opening_an_old_index_at_once_both_migrate_it(store):
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert [o[0].split() for o in outs] == [["1", "0"]] * 3
     db = sqlite3.connect(store.index_path)
-    assert [r[1] for r in db.execute("PRAGMA table_info(runs)")] == store_mod._COLUMNS
+    assert [r[1] for r in db.execute("PRAGMA table_info(runs)")] == store_index._COLUMNS
     db.close()
 
 

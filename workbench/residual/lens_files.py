@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from ..core import checks
 from ..hooks import adapter
-from ..io.store import _atomic_write
+from ..io.store.files import atomic_write
 
 LENSES = ("logit", "tuned", "jacobian")
 CRITERIA = ("top1", "top3", "p50")
@@ -91,12 +91,12 @@ class _StoredLens:
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self._tensors().items()}
-        _atomic_write(folder / TENSORS_FILE, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
+        atomic_write(folder / TENSORS_FILE, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
         doc = {"format": FORMAT, "version": VERSION, "kind": self.kind, "model": self.model_facts,
                "tensors_sha256": hashlib.sha256((folder / TENSORS_FILE).read_bytes()).hexdigest(),
                "info": _plain(self.info)}
         text = json.dumps(doc, indent=1, allow_nan=False)
-        _atomic_write(folder / META_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
+        atomic_write(folder / META_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
         return folder
 
     @classmethod
@@ -151,7 +151,7 @@ class _StoredLens:
         The run's model must be the lens's model (else ``ValueError``: stale). Deleting the run deletes it."""
         name = self.kind if name is None else _check_name(name)
         self.check_model(store.load(run_id).model, where=f"for run {run_id!r}")
-        return self.save(store._dir(run_id) / "lenses" / name)
+        return self.save(store.run_dir(run_id) / "lenses" / name)
 
     @classmethod
     def from_run(cls, store, run_id: str, model=None, name: str | None = None):
@@ -160,7 +160,7 @@ class _StoredLens:
         name = cls.kind if name is None else _check_name(name)
         if model is None:
             model = store.load(run_id).model
-        folder = store._dir(run_id) / "lenses" / name
+        folder = store.run_dir(run_id) / "lenses" / name
         if not (folder / META_FILE).exists():
             raise ValueError(f"name: run {run_id!r} has no stored lens {name!r}")
         return cls.load(folder, model)
