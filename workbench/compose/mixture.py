@@ -17,6 +17,7 @@ from ..core import checks
 from ..core import data as _data
 from ..core.models import seeded
 from ..core.training import loss_and_correct
+from ..hooks import register_mixture
 from .substrate import _out_size, check_substrate
 
 # ----------------------------------------------------------------------------- logit mixture
@@ -40,6 +41,7 @@ def _numbers(name: str, values, n: int) -> list[float]:
     return [checks.check_float(f"{name}[]", v) for v in values]
 
 
+@register_mixture
 class LogitMixture(nn.Module):
     """A model whose logits are a weighted mean of its members' logits (the Growing Transformers merge).
 

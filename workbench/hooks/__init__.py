@@ -36,7 +36,7 @@ from ..core import checks
 from ..core.models import HookPoint
 
 __all__ = ["HookPoint", "Adapter", "ActivationCache", "register_adapter", "adapter", "supported", "sites", "record",
-           "watch", "hf_model_type", "hf_model_types", "frozen_norm_of"]
+           "watch", "hf_model_type", "hf_model_types", "frozen_norm_of", "register_mixture", "is_mixture"]
 
 
 # ============================================================================ adapters
@@ -193,6 +193,30 @@ class _Entry:
 _REGISTRY: list[_Entry] = []
 _BUILTINS = "workbench.hooks.adapters"   # importing it registers the built-in adapters
 _builtins_loaded = False
+
+
+_MIXTURES: list[type] = []
+
+
+def register_mixture(cls: type) -> type:
+    """Declare ``cls`` a mixture of models: several residual streams, one output.
+
+    A mixture has ``members`` (the models, each read by its own adapter), ``mode`` (``"logits"`` when
+    its output is a weighted sum of the members' logits) and ``forward_parts(x) -> (output, member
+    logits (..., K, V), weights (..., K))``. The residual analyses read every member inside the
+    mixture (:func:`is_mixture`); the module that defines a mixture registers it (``compose`` does for
+    :class:`~workbench.compose.LogitMixture`), so the analyses never import it.
+    """
+    if not isinstance(cls, type):
+        raise ValueError(f"register_mixture takes a class, got {type(cls).__name__}")
+    if cls not in _MIXTURES:
+        _MIXTURES.append(cls)
+    return cls
+
+
+def is_mixture(model) -> bool:
+    """Whether ``model`` is an instance of a registered mixture class (:func:`register_mixture`)."""
+    return isinstance(model, tuple(_MIXTURES))
 
 
 def register_adapter(predicate_or_type, factory, *, name: str | None = None) -> None:

@@ -5,19 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from ..hooks import Adapter
+from ..hooks import Adapter, is_mixture
 from .batch import _as_batch
 
+__all__ = ["is_mixture"]   # a mixture is any class registered with hooks.register_mixture (compose's LogitMixture)
+
 # ============================================================================ mixtures
-
-
-def is_mixture(model) -> bool:
-    """True for a :class:`workbench.compose.LogitMixture`: several residual streams, one output."""
-    from ..compose import (
-        LogitMixture,  # compose does not import this module; imported late to keep imports light
-    )
-
-    return isinstance(model, LogitMixture)
 
 
 def _require_logits(mixture, what: str) -> None:
