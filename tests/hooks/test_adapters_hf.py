@@ -240,7 +240,7 @@ def llama_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama")
     model = build("llama")
     model.save_pretrained(d)
-    interop._save_char_tokenizer([chr(65 + i) for i in range(V_)], d)
+    interop.gpt2._save_char_tokenizer([chr(65 + i) for i in range(V_)], d)
     return d
 
 

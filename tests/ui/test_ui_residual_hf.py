@@ -26,7 +26,7 @@ def llama_root(tmp_path_factory):
     model = transformers.LlamaForCausalLM(cfg).eval()
     d = root / "tiny-llama"
     model.save_pretrained(d)
-    interop._save_char_tokenizer(ALPHABET, d)
+    interop.gpt2._save_char_tokenizer(ALPHABET, d)
     return root, d
 
 
