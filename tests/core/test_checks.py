@@ -110,3 +110,61 @@ def test_declared_constraints_check_fields_and_say_their_range():
             check_fields(Config(**bad))
         assert str(e.value) == message
     assert check_fields(Config(free=-5)).free == -5   # no constraint declared: not checked here
+
+
+def test_required_fields_and_flags_are_declared_too():
+    import dataclasses
+
+    from workbench.core.checks import Flag, OneOf, check_fields, constraints, required
+
+    @dataclasses.dataclass
+    class Config:
+        size: int = required(checks.Interval(int, 1, 4))
+        on: bool = checks.bounded(False, Flag())
+        mode: str = checks.bounded("a", OneOf(("a", "b")))
+
+    with pytest.raises(TypeError):
+        Config()                                       # required: no default
+    assert str(constraints(Config)["on"]) == "True or False"
+    assert type(check_fields(Config(size=2, mode=np.str_("b"))).mode) is str   # stored back as a plain str
+    for bad, message in [({"size": 5}, "size must be an integer in [1, 4], got 5"),
+                         ({"size": 2, "on": 1}, "on must be True or False, got 1")]:
+        with pytest.raises(ValueError) as e:
+            check_fields(Config(**bad))
+        assert str(e.value) == message
+
+
+def test_one_refusal_for_what_is_not_a_workbench_model_or_dataset():
+    import copy
+
+    import workbench as wb
+
+    mlp = wb.models.build(wb.models.MLPConfig(d_in=3, n_classes=2, d_model=8, n_layers=1, d_hidden=8))
+    assert checks.check_model("model", mlp) is mlp and checks.check_model("m", copy.deepcopy(mlp), ["mlp"])
+    for value, got in [(torch.nn.Linear(2, 2), "Linear"), (mlp.blocks, "ModuleList"), (None, "NoneType")]:
+        with pytest.raises(ValueError) as e:
+            checks.check_model("model", value)
+        assert str(e.value) == f"model must be a workbench model (ResidualMLP or Transformer), got {got}"
+    with pytest.raises(ValueError) as e:
+        checks.check_model("model_b", mlp, families=("transformer",))
+    assert str(e.value) == "model_b must be a workbench model (Transformer), got ResidualMLP"
+
+    modadd = wb.data.load("modadd", p=5)
+    assert checks.check_dataset("data", modadd) is modadd and checks.check_dataset("d", modadd, kind="sequence")
+    with pytest.raises(ValueError) as e:
+        checks.check_dataset("dataset", {"name": "modadd"})
+    assert str(e.value) == "dataset must be a workbench Dataset (wb.data.load(...)), got dict"
+    with pytest.raises(ValueError) as e:
+        checks.check_dataset("dataset", modadd, kind="vector")
+    assert str(e.value) == "dataset must be a workbench Dataset of vector data, got the sequence dataset 'modadd'"
+
+
+def test_as_tensor_keeps_the_dtype_and_names_what_it_refuses():
+    assert checks.as_tensor("x", np.arange(3, dtype=np.int16)).dtype == torch.int16
+    assert checks.as_tensor("x", [[1.5, 2.0]]).dtype == torch.float64
+    t = torch.ones(2)
+    assert checks.as_tensor("x", t) is t
+    assert checks.as_tensor("x", np.float32(2.0), scalar=True).item() == 2.0
+    for bad in ["abc", {"a": 1}, 3, [[1], [2, 3]]]:
+        with pytest.raises(ValueError, match=r"^x must be a tensor or an array of numbers, got"):
+            checks.as_tensor("x", bad)

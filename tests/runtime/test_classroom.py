@@ -248,6 +248,18 @@ def test_cli_prints_the_line_and_refuses_bad_input(tmp_path, monkeypatch, capsys
     assert "cookie secret must be a string of 32 to 256" in capsys.readouterr().err
 
 
+def test_the_credentials_command_imports_no_torch():
+    """``python -m workbench.classroom credentials`` writes a JSON file: it starts without torch (the user-name
+    rule lives in ``core.checks``, which the run store re-exports)."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "workbench.classroom", "credentials", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage:" in out.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "workbench.core.checks" in imported
+    assert not {m for m in imported if m == "torch" or m.startswith("torch.")}, "torch was imported"
+    assert wb.store.check_user is classroom.check_user is wb.checks.check_user
+
+
 def _exec_of(monkeypatch, argv):
     """Run ``classroom.main(argv)`` up to its exec: ``(path, args, env, umask)`` it would have exec'd."""
     seen = {}

@@ -4,6 +4,12 @@ Every check raises :class:`ValueError` (never coerces): ``"lr must be a number i
 Booleans are not integers here, floats are not integers, and a string is never a number. Resource
 limits come from the environment (``WORKBENCH_MAX_MODEL_MB`` ...) through :func:`env_limit`, read at
 call time so a server's settings apply without re-importing.
+
+"Is this a workbench model / Dataset?" is one refusal too (:func:`check_model`, :func:`check_dataset`):
+the model families and the dataset type register themselves here when their modules load, so this
+module imports neither. It imports no torch either (a tensor can only exist once torch is loaded), so
+the command-line tools that check user names (``python -m workbench.classroom credentials``) start
+without it.
 """
 from __future__ import annotations
 
@@ -11,15 +17,22 @@ import dataclasses
 import math
 import numbers
 import os
+import re
+import sys
 from typing import Any, Iterable
 
-import torch
-
 __all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_choices", "check_seed", "check_str", "check_labels",
-           "check_tokens", "check_features", "env_limit", "SEED_MAX", "Interval", "OneOf", "bounded", "constraints",
-           "check_fields"]
+           "check_tokens", "check_features", "check_user", "check_model", "check_dataset", "as_tensor", "env_limit",
+           "SEED_MAX", "USER_MAX_CHARS", "Interval", "OneOf", "Flag", "bounded", "required", "constraints",
+           "check_fields", "register_model", "register_dataset"]
 
 SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's seeds must fit in 32 bits
+
+
+def _is_tensor(value) -> bool:
+    """``value`` is a ``torch.Tensor`` (without importing torch: if it is not loaded, nothing is a tensor)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def _range(lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
@@ -34,7 +47,7 @@ def _range(lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
 
 def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
     """``value`` must be a Python/numpy integer (not a bool, not a float) in ``[lo, hi]``; returns it as ``int``."""
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, torch.Tensor)) \
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and not _is_tensor(value) \
         and not _is_numpy_bool(value)
     if ok:
         v = int(value)
@@ -47,7 +60,8 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
 def check_float(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
                 lo_open: bool = False, hi_open: bool = False) -> float:
     """``value`` must be a finite real number (int or float, not a bool) in the range; returns it as ``float``."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor)) and not _is_numpy_bool(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not _is_tensor(value) \
+        and not _is_numpy_bool(value)
     if ok:
         v = float(value)
         ok = math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo)) \
@@ -102,10 +116,12 @@ def check_seed(name: str, value: Any) -> int:
     return check_int(name, value, 0, SEED_MAX)
 
 
-def check_labels(name: str, y: Any, n_classes: int | None = None, *, ignore: int | None = None) -> torch.Tensor:
+def check_labels(name: str, y: Any, n_classes: int | None = None, *, ignore: int | None = None):
     """Integer class labels ``(N,)`` or ``(N, T)`` in ``[0, n_classes)`` (``ignore`` allowed too); no coercion."""
-    if not isinstance(y, torch.Tensor):
+    if not _is_tensor(y):
         raise ValueError(f"{name} must be a torch.Tensor of integer labels, got {type(y).__name__}")
+    import torch
+
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer labels, got dtype {y.dtype}")
     if y.numel():
@@ -119,10 +135,12 @@ def check_labels(name: str, y: Any, n_classes: int | None = None, *, ignore: int
     return y
 
 
-def check_tokens(name: str, x: Any, vocab_size: int | None = None) -> torch.Tensor:
+def check_tokens(name: str, x: Any, vocab_size: int | None = None):
     """Integer token ids in ``[0, vocab_size)``; float, bool or complex ids are refused, not rounded."""
-    if not isinstance(x, torch.Tensor):
+    if not _is_tensor(x):
         raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(x).__name__}")
+    import torch
+
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer token ids, got dtype {x.dtype}")
     if x.numel():
@@ -133,10 +151,12 @@ def check_tokens(name: str, x: Any, vocab_size: int | None = None) -> torch.Tens
     return x
 
 
-def check_features(name: str, h: Any, ndim: int | None = None) -> torch.Tensor:
+def check_features(name: str, h: Any, ndim: int | None = None):
     """Real floating-point features (complex, integer and bool tensors are refused), all finite."""
-    if not isinstance(h, torch.Tensor):
+    if not _is_tensor(h):
         raise ValueError(f"{name} must be a torch.Tensor of real features, got {type(h).__name__}")
+    import torch
+
     if not h.dtype.is_floating_point:
         raise ValueError(f"{name} must be a real floating-point tensor, got dtype {h.dtype}")
     if ndim is not None and h.dim() != ndim:
@@ -144,6 +164,41 @@ def check_features(name: str, h: Any, ndim: int | None = None) -> torch.Tensor:
     if h.numel() and not bool(torch.isfinite(h).all()):
         raise ValueError(f"{name} must be finite (it holds NaN or Inf)")
     return h
+
+
+def as_tensor(name: str, value: Any, *, scalar: bool = False):
+    """``value`` as a tensor with its own dtype (numpy arrays and lists keep theirs: nothing is cast);
+    ``scalar=True`` also takes a single number. Anything else: ``ValueError`` naming ``name``."""
+    if _is_tensor(value):
+        return value
+    import numpy as np
+
+    if isinstance(value, (np.ndarray, list, tuple)) or (scalar and np.isscalar(value)):
+        import torch
+
+        try:
+            return torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise ValueError(f"{name} must be a tensor or an array of numbers, got {type(value).__name__}")
+
+
+USER_MAX_CHARS = 64
+_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]*")
+_USER_RULE = (f"a user name of 1 to {USER_MAX_CHARS} characters (letters, digits and _ . @ + -, "
+              "starting with a letter or digit)")
+
+
+def check_user(name: str, value) -> str:
+    """A user name (signed-in user, run owner, teacher): ``value`` itself, or ValueError naming ``name``.
+
+    Names are untrusted (a login form, an OAuth provider): 1 to 64 characters, letters, digits and
+    ``_ . @ + -``, starting with a letter or digit; no spaces, slashes, quotes or markup.
+    """
+    if not isinstance(value, str) or len(value) > USER_MAX_CHARS or not _USER.fullmatch(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ValueError(f"{name} must be {_USER_RULE}, got {shown}")
+    return value
 
 
 def env_limit(variable: str, default: float) -> float:
@@ -168,7 +223,8 @@ def _is_numpy_bool(value) -> bool:
 # A bound is declared once, next to the field it bounds (scikit-learn's ``_parameter_constraints``, as
 # dataclass field metadata): ``d_model: int = bounded(128, Interval(int, 1, 8192))``. ``validate()``
 # checks the fields with :func:`check_fields`; sweeps, growth limits, the dashboard's widgets and the
-# property tests read the same objects through :func:`constraints`.
+# property tests read the same objects through :func:`constraints` (the data options' table holds
+# the same objects).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,18 +254,38 @@ class OneOf:
     values: tuple
 
     def check(self, name: str, value: Any):
-        return check_choice(name, value, self.values)
+        value = check_choice(name, value, self.values)
+        return str(value) if isinstance(value, str) else value   # a numpy.str_ becomes a plain str
 
     def __str__(self) -> str:
         return f"one of {list(self.values)}"
 
 
-def bounded(default: Any, constraint: "Interval | OneOf") -> Any:
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """``True`` or ``False`` (no truthiness: ``0``, ``1`` and ``"no"`` are refused)."""
+
+    def check(self, name: str, value: Any):
+        return check_bool(name, value)
+
+    def __str__(self) -> str:
+        return "True or False"
+
+
+Constraint = Interval | OneOf | Flag
+
+
+def bounded(default: Any, constraint: Constraint) -> Any:
     """A dataclass field with ``default`` and its ``constraint`` (read by :func:`constraints`)."""
     return dataclasses.field(default=default, metadata={"constraint": constraint})
 
 
-def constraints(cls_or_obj) -> dict[str, "Interval | OneOf"]:
+def required(constraint: Constraint) -> Any:
+    """A dataclass field without a default (the caller must give it), with its ``constraint``."""
+    return dataclasses.field(metadata={"constraint": constraint})
+
+
+def constraints(cls_or_obj) -> dict[str, Constraint]:
     """``{field: constraint}`` of a dataclass's declared bounds, in field order."""
     return {f.name: f.metadata["constraint"] for f in dataclasses.fields(cls_or_obj) if "constraint" in f.metadata}
 
@@ -222,3 +298,46 @@ def check_fields(obj, skip: Iterable[str] = ()):
         if name not in skip:
             setattr(obj, name, constraint.check(name, getattr(obj, name)))
     return obj
+
+
+# ----------------------------------------------------------------------------- workbench models and datasets
+# The model families (workbench.core.models) and the Dataset type (workbench.core.data) register here when
+# they load: this module stays below them and imports neither.
+
+_MODELS: dict[str, type] = {}     # family name -> model class
+_DATASETS: list[type] = []
+
+
+def register_model(family: str, cls: type) -> None:
+    """Make instances of ``cls`` (family ``family``) pass :func:`check_model`."""
+    _MODELS[family] = cls
+
+
+def register_dataset(cls: type) -> None:
+    """Make instances of ``cls`` pass :func:`check_dataset`."""
+    if cls not in _DATASETS:
+        _DATASETS.append(cls)
+
+
+def check_model(name: str, value: Any, families: Iterable[str] | None = None):
+    """``value`` must be a workbench model (``ResidualMLP`` or ``Transformer``), of one of ``families`` when
+    given (family names, ``"mlp"``, ``"transformer"``); returns it. A Hugging Face model, a mixture or any
+    other module is refused, naming ``name``: ``"model must be a workbench model (ResidualMLP or
+    Transformer), got GPT2LMHeadModel"``."""
+    wanted = list(_MODELS) if families is None else list(families)
+    classes = [_MODELS[f] for f in wanted if f in _MODELS]
+    if not classes or not isinstance(value, tuple(classes)):
+        what = " or ".join(c.__name__ for c in classes)
+        raise ValueError(f"{name} must be a workbench model{f' ({what})' if what else ''}, got {type(value).__name__}")
+    return value
+
+
+def check_dataset(name: str, value: Any, kind: str | None = None):
+    """``value`` must be a workbench ``Dataset`` (``wb.data.load(...)``), holding ``kind`` data (``"vector"``
+    or ``"sequence"``) when given; returns it."""
+    if not _DATASETS or not isinstance(value, tuple(_DATASETS)):
+        raise ValueError(f"{name} must be a workbench Dataset (wb.data.load(...)), got {type(value).__name__}")
+    if kind is not None and value.kind != kind:
+        raise ValueError(f"{name} must be a workbench Dataset of {kind} data, got the {value.kind} dataset "
+                         f"{value.name!r}")
+    return value

@@ -43,7 +43,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..io.store import USER_MAX_CHARS, check_user   # user names are checked where they become run owners
+from ..core.checks import USER_MAX_CHARS, check_int, check_user   # no torch: the credentials command starts fast
 
 __all__ = ["check_user", "teachers", "is_teacher", "MIN_PANEL", "panel_version", "check_panel",
            "read_class_list", "make_credentials", "read_credentials", "new_cookie_secret", "check_cookie_secret",
@@ -260,12 +260,6 @@ def _check_host(host) -> str:
     return host
 
 
-def _check_int(name: str, value, lo: int, hi: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {_shown(value)}")
-    return value
-
-
 def serve_command(*, host: str, port: int = 5006, session_seconds: int = CLASS_SECONDS, apps: str = "apps/",
                   python: str | None = None, auth_module: str | None = None, ssl_certfile: str | None = None,
                   ssl_keyfile: str | None = None) -> list[str]:
@@ -281,8 +275,8 @@ def serve_command(*, host: str, port: int = 5006, session_seconds: int = CLASS_S
     :func:`check_tls_files` check the installation and the files.
     """
     host = _check_host(host)
-    port = _check_int("port", port, 1, 65535)
-    seconds = _check_int("session_seconds", session_seconds, *SESSION_SECONDS_RANGE)
+    port = check_int("port", port, 1, 65535)
+    seconds = check_int("session_seconds", session_seconds, *SESSION_SECONDS_RANGE)
     if not isinstance(apps, str) or not apps:
         raise ValueError(f"apps must be the path of the apps directory, got {_shown(apps)}")
     if auth_module is None:
@@ -356,7 +350,7 @@ def serve_environment(credentials: str | os.PathLike, *, cookie_secret: str, ses
     path), ``WORKBENCH_SESSION_SECONDS`` (how long a login lives), ``WORKBENCH_COOKIE_SECURE=1`` with TLS,
     and ``OMP_WAIT_POLICY=PASSIVE`` unless set (see :mod:`apps.app_hooks`)."""
     check_cookie_secret(cookie_secret)
-    seconds = _check_int("session_seconds", session_seconds, *SESSION_SECONDS_RANGE)
+    seconds = check_int("session_seconds", session_seconds, *SESSION_SECONDS_RANGE)
     if not isinstance(credentials, (str, os.PathLike)) or not str(credentials):
         raise ValueError(f"credentials must be the path of a credentials file, got {_shown(credentials)}")
     env = {k: v for k, v in (os.environ if base is None else base).items()

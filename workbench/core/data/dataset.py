@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checks import register_dataset
+
 IGNORE = -100
 
 
@@ -75,6 +77,9 @@ class Dataset:
     def __repr__(self) -> str:
         return (f"Dataset({self.name!r}, kind={self.kind!r}, train={tuple(self.x_train.shape)}, "
                 f"val={tuple(self.x_val.shape)}, classes={self.n_classes})")
+
+
+register_dataset(Dataset)   # checks.check_dataset's "a workbench Dataset"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..checks import register_model
 from .blocks import (
     GATE_BUFFERS,
     HookPoint,
@@ -303,6 +304,8 @@ FAMILIES: dict[str, Family] = {
     cfg.family: Family(cfg.family, cfg, model, cfg.data_kind)
     for cfg, model in ((MLPConfig, ResidualMLP), (TransformerConfig, Transformer))
 }
+for _f in FAMILIES.values():   # checks.check_model's "a workbench model"
+    register_model(_f.name, _f.model)
 
 
 def _config_types() -> tuple[type, ...]:

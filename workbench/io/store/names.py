@@ -8,6 +8,8 @@ import os
 import re
 from pathlib import Path
 
+from ...core.checks import USER_MAX_CHARS, check_user  # noqa: F401  (re-exported: the store's names)
+
 FORMAT = "depth-workbench-run"
 VERSION = 1
 _RUN_ID = re.compile(r"[A-Za-z0-9_.-]+")
@@ -28,24 +30,7 @@ def default_home() -> Path:
 
 
 # ============================================================================ user names
-
-
-USER_MAX_CHARS = 64
-_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]*")
-_USER_RULE = (f"a user name of 1 to {USER_MAX_CHARS} characters (letters, digits and _ . @ + -, "
-              "starting with a letter or digit)")
-
-
-def check_user(name: str, value) -> str:
-    """A user name (signed-in user, run owner, teacher): ``value`` itself, or ValueError naming ``name``.
-
-    Names are untrusted (a login form, an OAuth provider): 1 to 64 characters, letters, digits and
-    ``_ . @ + -``, starting with a letter or digit; no spaces, slashes, quotes or markup.
-    """
-    if not isinstance(value, str) or len(value) > USER_MAX_CHARS or not _USER.fullmatch(value):
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        raise ValueError(f"{name} must be {_USER_RULE}, got {shown}")
-    return value
+# one rule for every user name (signed-in users, run owners, teachers): workbench.core.checks.check_user
 
 
 # ============================================================================ run names
