@@ -20,7 +20,6 @@ import torch
 import workbench as wb
 from workbench import lenses as LZ
 from workbench import residual as R
-from workbench.figures import lenses as FL
 from workbench.core.monitor import Context
 
 transformers = pytest.importorskip("transformers")
@@ -72,8 +71,9 @@ def _case(name):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_an_untrained_tuned_lens_is_exactly_the_logit_lens(case):
+def test_an_untrained_tuned_lens_is_exactly_the_logit_lens(case, device):
     model, x = _case(case)
+    model, x = copy.deepcopy(model).to(device), x.to(device)     # the HF models are shared: a copy moves
     df = LZ.compare(model, x, tuned=LZ.TunedLens(model))
     want = R.logit_lens(model, x)
     for lens in ("logit", "tuned"):
@@ -103,8 +103,9 @@ def _train_lowers_kl(model, x, steps=40):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_training_lowers_kl_at_every_layer(case):
+def test_training_lowers_kl_at_every_layer(case, device):
     model, x = _case(case)
+    model, x = copy.deepcopy(model).to(device), x.to(device)
     fit = _train_lowers_kl(model, x)
     assert fit.steps_done == 40 and not fit.short and not fit.stopped
     assert list(fit.frame().columns) == ["step", "layer", "kl"] and len(fit.frame()) == 40 * (len(fit.lens.translators))
@@ -268,7 +269,7 @@ def _fd_native(model, x, skip_first, eps=1e-5):
             for b in blocks:
                 hs.append(b(hs[-1]))
             C = hs[0].shape[-1]
-            J = torch.zeros(L, C, C, dtype=torch.float64)
+            J = torch.zeros(L, C, C, dtype=torch.float64, device=hs[0].device)
             for l in range(L):
                 def run(h, l=l):
                     for b in blocks[l:]:
@@ -285,13 +286,13 @@ def _fd_native(model, x, skip_first, eps=1e-5):
 
 
 @pytest.mark.parametrize("norm", ["pre", "peri"])
-def test_jacobian_lens_matches_finite_differences(norm):
-    model = _transformer(norm, n_layers=2).double()
-    x = _tokens(B=2, T=5)
+def test_jacobian_lens_matches_finite_differences(norm, device):
+    model = _transformer(norm, n_layers=2).double().to(device)
+    x = _tokens(B=2, T=5).to(device)
     J = LZ.fit_jacobian_lens(model, x, skip_first=1, dim_batch=5)       # 4 backward passes per prompt
     ref = _fd_native(model, x, skip_first=1)
-    torch.testing.assert_close(J.jacobians.double(), ref, rtol=1e-5, atol=1e-6)
-    assert (ref - torch.eye(16)).abs().max() > 0.1                       # far from the logit lens' identity
+    torch.testing.assert_close(J.jacobians.double().cpu(), ref.cpu(), rtol=1e-5, atol=1e-6)
+    assert (ref.cpu() - torch.eye(16)).abs().max() > 0.1                       # far from the logit lens' identity
     assert J.n_prompts == 2 and J.info["skip_first"] == 1
 
 
@@ -598,6 +599,7 @@ def test_bad_input_is_named():
 
 
 def test_figures_from_the_frames():
+    FL = pytest.importorskip("workbench.figures.lenses")       # plotly: absent on an engine-only machine
     model, x = _transformer(n_layers=3, scale=0.8), _tokens(B=2)
     J = LZ.fit_jacobian_lens(model, x)
     tuned = _trained_lens(model, x)
