@@ -113,6 +113,24 @@ def test_config_round_trip_and_validation_messages():
         wb.models.build(tcfg())(torch.zeros(1, 17, dtype=torch.long))
 
 
+def test_every_plain_field_declares_its_bound_and_choices_come_from_them():
+    """Bounds are declared next to the fields (read by sweeps, growth, the widgets and the property tests);
+    only fields whose check depends on other fields are checked by hand in validate()."""
+    from workbench.core.checks import OneOf, constraints
+
+    by_hand = {"layer_widths", "vocab", "glyph_font"}
+    for cls in (MLPConfig, TransformerConfig, wb.TrainConfig):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert fields - set(constraints(cls)) <= by_hand, cls
+        assert dict(cls.CHOICES) == {k: c.values for k, c in constraints(cls).items() if isinstance(c, OneOf)}
+    assert str(constraints(MLPConfig)["d_model"]) == "an integer in [1, 8192]"
+    assert str(constraints(wb.TrainConfig)["lr"]) == "a finite number in (0, 10]"
+    with pytest.raises(ValueError, match=r"^layer_widths\[1\] must be an integer in \[1, 65536\], got 0$"):
+        MLPConfig(d_in=4, n_classes=2, layer_widths=[3, 0]).validate()
+    with pytest.raises(ValueError, match=r"^tie_embeddings must be True or False, got 1$"):
+        tcfg(tie_embeddings=1).validate()
+
+
 def test_config_for_fits_the_dataset():
     ds = wb.data.load("khop", n_train=20, n_val=20)
     cfg = wb.models.config_for(ds, d_model=16, n_heads=2)

@@ -21,10 +21,10 @@ import re
 import sys
 from typing import Any, Iterable
 
-__all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_choices", "check_seed", "check_str", "check_labels",
-           "check_tokens", "check_features", "check_user", "check_model", "check_dataset", "as_tensor", "env_limit",
-           "SEED_MAX", "USER_MAX_CHARS", "Interval", "OneOf", "Flag", "bounded", "required", "constraints",
-           "check_fields", "register_model", "register_dataset"]
+__all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_choices", "check_seed", "check_str",
+           "check_labels", "check_tokens", "check_features", "check_user", "check_model", "check_dataset",
+           "as_tensor", "env_limit", "SEED_MAX", "USER_MAX_CHARS", "Interval", "OneOf", "Flag", "bounded",
+           "required", "constraints", "check_fields", "register_model", "register_dataset"]
 
 SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's seeds must fit in 32 bits
 

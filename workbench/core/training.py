@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_choice, check_float, check_int, check_seed
+from .checks import SEED_MAX, Interval, OneOf, bounded, check_choice, check_fields, check_int, constraints
 from .data import IGNORE, Dataset
 from .monitor import current as _current_job
 
@@ -33,39 +33,37 @@ BLOWUP_FACTOR = 100.0   # a loss this many times its split's best so far ...
 BLOWUP_FLOOR = 10.0     # ... and above this (and twice the loss of uniform guessing) means divergence
 
 
+STEPS = Interval(int, 1, 10_000_000)   # optimizer steps of one training (growth's stages read it too)
+
+
 @dataclass
 class TrainConfig:
-    steps: int = 500              # optimizer steps
-    batch_size: int = 64          # examples per step
-    lr: float = 1e-3              # peak learning rate
-    weight_decay: float = 0.0     # AdamW decoupled weight decay
-    schedule: str = "constant"    # "constant" or "cosine" (to 0 at the last step)
-    warmup: int = 0               # linear warm-up steps
-    eval_every: int = 50          # evaluate both splits every N steps (and at the end)
-    eval_max: int = 2048          # examples per split used for evaluation (0: all)
-    grad_clip: float = 1.0        # max gradient norm (0: off)
-    seed: int = 0                 # data order
+    steps: int = bounded(500, STEPS)                                 # optimizer steps
+    batch_size: int = bounded(64, Interval(int, 1, 1_000_000))       # examples per step
+    lr: float = bounded(1e-3, Interval(float, 0, 10, lo_open=True))  # peak learning rate
+    weight_decay: float = bounded(0.0, Interval(float, 0, 10))       # AdamW decoupled weight decay
+    schedule: str = bounded("constant", OneOf(("constant", "cosine")))  # "cosine": to 0 at the last step
+    warmup: int = bounded(0, Interval(int, 0, STEPS.hi))             # linear warm-up steps
+    eval_every: int = bounded(50, Interval(int, 1, STEPS.hi))        # evaluate both splits every N steps and at the end
+    eval_max: int = bounded(2048, Interval(int, 0, 100_000_000))     # examples per split used for evaluation (0: all)
+    grad_clip: float = bounded(1.0, Interval(float, 0, 1e6))         # max gradient norm (0: off)
+    seed: int = bounded(0, Interval(int, 0, SEED_MAX))               # data order
 
-    CHOICES = MappingProxyType({"schedule": ("constant", "cosine")})  # allowed values of the string fields
+    # CHOICES (set below the class): the allowed values of the string fields, from their constraints
 
     def validate(self) -> "TrainConfig":
-        """Check every field's type and range (:mod:`workbench.checks`: bools are not numbers); returns self.
+        """Check every field's declared constraint (:func:`workbench.checks.check_fields`: bools are not
+        numbers); returns self.
 
         The checked values are stored back as plain Python ``int``/``float``/``str`` (a
         ``numpy.int64`` seed becomes an ``int``, so ``torch.Generator.manual_seed`` and
         ``json.dumps`` take it).
         """
-        self.steps = check_int("steps", self.steps, 1, 10_000_000)
-        self.batch_size = check_int("batch_size", self.batch_size, 1, 1_000_000)
-        self.lr = check_float("lr", self.lr, 0, 10, lo_open=True)
-        self.weight_decay = check_float("weight_decay", self.weight_decay, 0, 10)
-        self.schedule = str(check_choice("schedule", self.schedule, self.CHOICES["schedule"]))
-        self.warmup = check_int("warmup", self.warmup, 0, 10_000_000)
-        self.eval_every = check_int("eval_every", self.eval_every, 1, 10_000_000)
-        self.eval_max = check_int("eval_max", self.eval_max, 0, 100_000_000)
-        self.grad_clip = check_float("grad_clip", self.grad_clip, 0, 1e6)
-        self.seed = check_seed("seed", self.seed)
-        return self
+        return check_fields(self)
+
+
+TrainConfig.CHOICES = MappingProxyType({k: c.values for k, c in constraints(TrainConfig).items()
+                                        if isinstance(c, OneOf)})
 
 
 @dataclass
@@ -158,7 +156,7 @@ def loss_and_correct(logits: torch.Tensor, y: torch.Tensor, reduction: str = "me
     return loss, int(correct.sum()), int(mask.sum())
 
 
-EVAL_TOKENS = 65536  # at most this many positions per evaluation batch (long sequences get smaller batches)
+EVAL_TOKENS = 2**16  # at most this many positions per evaluation batch (long sequences get smaller batches)
 
 
 def evaluate(model: nn.Module, dataset: Dataset, split: str = "val", max_examples: int = 0,

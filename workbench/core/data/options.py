@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from ..checks import SEED_MAX, check_choice, env_limit
+from ..checks import SEED_MAX, Interval, OneOf, env_limit
 from .dataset import Dataset, Shape
 from .sequence import KHOP_LAYOUTS, _khop, _khop_shape, _modadd, _modadd_shape
 from .text import CORPORA, _text, _text_shape, _too_big, max_text_bytes
@@ -19,19 +19,23 @@ TEXT_SOURCES = ("path", "text", "corpus")  # the text dataset takes exactly one
 MAX_VOCAB_CHARS = 2**20     # the text dataset's vocab option (models.VOCAB_MAX tokens)
 # ----------------------------------------------------------------------------- options
 
-# name -> {option: (default, type, low, high)}; None bounds are open. Seeds fit numpy's 32 bits.
+_SEED = Interval(int, 0, SEED_MAX)   # seeds fit numpy's 32 bits
+_NODES = Interval(int, 2, 52)        # khop's node symbols: a-z, A-Z
+# name -> {option: (default, constraint)}: an Interval or OneOf (workbench.checks, the objects the model and
+# training configs declare), or str for the text dataset's free-text options (path, text, vocab; checked below).
 _SPECS: dict[str, dict[str, tuple]] = {
-    "digits": {"seed": (0, int, 0, SEED_MAX), "val_fraction": (0.2, float, 0.05, 0.5)},
-    "mnist1d": {"seed": (42, int, 0, SEED_MAX), "num_samples": (5000, int, 100, 100_000)},
-    "khop": {"hops": (2, int, 1, 8), "nodes": (12, int, 2, 52), "length": (0, int, 0, 52),
-             "queries": (1, int, 1, 52), "layout": ("edges", str, None, None),
-             "n_train": (20000, int, 10, 1_000_000), "n_val": (2000, int, 10, 100_000),
-             "seed": (0, int, 0, SEED_MAX)},
-    "modadd": {"p": (97, int, 2, 1000), "train_fraction": (0.5, float, 0.01, 0.99), "seed": (0, int, 0, SEED_MAX)},
-    "text": {"path": (None, str, None, None), "text": (None, str, None, None), "context": (64, int, 2, 4096),
-             "val_fraction": (0.1, float, 0.01, 0.5), "vocab": (None, str, None, None),
-             "corpus_chars": (200_000, int, 1000, 10_000_000), "seed": (0, int, 0, SEED_MAX),
-             "corpus": ("grammar", str, None, None)},
+    "digits": {"seed": (0, _SEED), "val_fraction": (0.2, Interval(float, 0.05, 0.5))},
+    "mnist1d": {"seed": (42, _SEED), "num_samples": (5000, Interval(int, 100, 100_000))},
+    "khop": {"hops": (2, Interval(int, 1, 8)), "nodes": (12, _NODES), "length": (0, Interval(int, 0, _NODES.hi)),
+             "queries": (1, Interval(int, 1, 52)), "layout": ("edges", OneOf(KHOP_LAYOUTS)),
+             "n_train": (20000, Interval(int, 10, 1_000_000)), "n_val": (2000, Interval(int, 10, 100_000)),
+             "seed": (0, _SEED)},
+    "modadd": {"p": (97, Interval(int, 2, 1000)), "train_fraction": (0.5, Interval(float, 0.01, 0.99)),
+               "seed": (0, _SEED)},
+    "text": {"path": (None, str), "text": (None, str), "context": (64, Interval(int, 2, 4096)),
+             "val_fraction": (0.1, Interval(float, 0.01, 0.5)), "vocab": (None, str),
+             "corpus_chars": (200_000, Interval(int, 1000, 10_000_000)), "seed": (0, _SEED),
+             "corpus": ("grammar", OneOf(tuple(sorted(CORPORA))))},
 }
 # name -> Dataset.kind: what a dataset holds, known from its name alone (the model family follows from it).
 _KINDS = {"digits": "vector", "mnist1d": "vector", "khop": "sequence", "modadd": "sequence", "text": "sequence"}
@@ -44,9 +48,11 @@ def names() -> list[str]:
 
 
 def options_spec(name: str) -> dict[str, tuple]:
-    """``{option: (default, type, low, high)}`` for a dataset (used to build widgets)."""
+    """``{option: (default, type, low, high)}`` for a dataset (used to build widgets): numbers with their
+    declared bounds, strings (choices and free text) as ``(default, str, None, None)``."""
     _check_name(name)
-    return dict(_SPECS[name])
+    return {key: (default, c.kind, c.lo, c.hi) if isinstance(c, Interval) else (default, str, None, None)
+            for key, (default, c) in _SPECS[name].items()}
 
 
 def _check_name(name: str) -> None:
@@ -65,12 +71,20 @@ def _is_bool(value) -> bool:
     return isinstance(value, bool) or type(value).__name__ == "bool_"
 
 
-def _check_option(name: str, key: str, value, typ, lo, hi):
+def _range(c: Interval) -> str:
+    return f"[{c.lo}, {'inf' if c.hi is None else c.hi}]"
+
+
+def _check_option(name: str, key: str, value, constraint):
     """One option: type first (bools are not numbers, floats not integers), then range; returns it normalised."""
     qual = f"{name}.{key}"
-    rng = f"[{lo}, {'inf' if hi is None else hi}]"
     if value is None and (name, key) in _NONE_OK:
         return None
+    if isinstance(constraint, OneOf):
+        return constraint.check(qual, value)
+    if not isinstance(constraint, Interval):
+        return _check_str_option(name, key, value)
+    typ, lo, hi, rng = constraint.kind, constraint.lo, constraint.hi, _range(constraint)
     if typ is int:
         if not isinstance(value, numbers.Integral) or _is_bool(value) or isinstance(value, torch.Tensor):
             raise ValueError(f"{qual} must be an integer in {rng}, got {value!r}")
@@ -80,8 +94,6 @@ def _check_option(name: str, key: str, value, typ, lo, hi):
                 or not math.isfinite(float(value)):
             raise ValueError(f"{qual} must be a number in {rng}, got {value!r}")
         value = float(value)
-    else:
-        return _check_str_option(name, key, value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{qual} must be in {rng}, got {value!r}")
     return value
@@ -89,10 +101,6 @@ def _check_option(name: str, key: str, value, typ, lo, hi):
 
 def _check_str_option(name: str, key: str, value):
     qual = f"{name}.{key}"
-    if key == "layout":
-        return check_choice(qual, value, KHOP_LAYOUTS)
-    if key == "corpus":
-        return check_choice(qual, value, sorted(CORPORA))
     if key == "path":
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
@@ -128,13 +136,14 @@ def _resolve_options(name: str, options: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for dataset {name!r}; allowed: {sorted(spec)}")
     out = {}
-    for key, (default, typ, lo, hi) in spec.items():
+    for key, (default, c) in spec.items():
         if key in options and options[key] is None and (name, key) not in _NONE_OK:
-            rng = f"[{lo}, {'inf' if hi is None else hi}]"
-            kind = {int: "an integer", float: "a number"}.get(typ)
-            what = f"{kind} in {rng}" if kind else (f"one of {list(KHOP_LAYOUTS)}" if key == "layout" else "given")
+            if isinstance(c, Interval):
+                what = f"{'an integer' if c.kind is int else 'a number'} in {_range(c)}"
+            else:
+                what = f"one of {list(c.values)}" if isinstance(c, OneOf) else "given"
             raise ValueError(f"{name}.{key} must be {what}, got None (leave it out to use the default {default!r})")
-        out[key] = _check_option(name, key, options.get(key, default), typ, lo, hi)
+        out[key] = _check_option(name, key, options.get(key, default), c)
     if name == "text":
         given = [k for k in TEXT_SOURCES if options.get(k) is not None]
         if len(given) > 1:

@@ -47,7 +47,7 @@ from .glyphs import glyph_images, glyph_embedding
 
 # read as attributes of the package by other modules (not part of the public surface)
 from .blocks import CausalSelfAttention  # noqa: F401
-from .config import CONTEXT_MAX, D_IN_MAX, N_CLASSES_MAX, VOCAB_MAX, ModelConfig, _fmt_bytes, layer_widths  # noqa: F401
+from .config import VOCAB_MAX, ModelConfig, _fmt_bytes, layer_widths  # noqa: F401
 from .families import seeded  # noqa: F401
 
 __all__ = [

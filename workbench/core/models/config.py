@@ -11,24 +11,30 @@ from types import MappingProxyType
 import torch
 
 from ..checks import (
-    check_bool,
-    check_choice,
+    SEED_MAX,
+    Flag,
+    Interval,
+    OneOf,
+    bounded,
     check_features,
-    check_float,
+    check_fields,
     check_int,
     check_labels,
-    check_seed,
     check_str,
     check_tokens,
+    constraints,
     env_limit,
+    required,
 )
 from .heads import _check_fixed_head
 
-D_IN_MAX = 2**20        # input features of an MLP
-N_CLASSES_MAX = 2**20   # classes of an MLP
-VOCAB_MAX = 2**20       # tokens of a Transformer
-CONTEXT_MAX = 65536     # positions of a Transformer
 NOMINAL_BATCH = 16      # examples per batch assumed by validate()'s memory estimate
+# The bounds shared by both families' fields (each field declares its own; see the configs below).
+VOCAB_MAX = 2**20                   # tokens of a Transformer (vocab_size, and the length of vocab)
+WIDTH = Interval(int, 1, 65536)     # hidden units of one block's MLP: d_hidden, d_mlp, each of layer_widths
+DEPTH = Interval(int, 0, 256)       # blocks: n_layers
+SEED = Interval(int, 0, SEED_MAX)   # initialisation seed
+NORMS = OneOf(("lns", "none", "peri", "pre"))
 
 
 # ----------------------------------------------------------------------------- memory budget
@@ -106,56 +112,53 @@ def layer_widths(config) -> list[int]:
 
 
 def _check_layer_widths(widths, n_layers: int) -> list[int] | None:
-    """``None`` or a list of ``n_layers`` integers in [1, 65536] (plain ``int``s)."""
+    """``None`` or a list of ``n_layers`` integers in :data:`WIDTH` (plain ``int``s)."""
     if widths is None:
         return None
     if isinstance(widths, (str, bytes)) or not isinstance(widths, (list, tuple)) or len(widths) != n_layers:
-        raise ValueError(f"layer_widths must be None or a list of n_layers={n_layers} integers in [1, 65536], "
-                         f"got {widths!r:.80}")
-    return [check_int(f"layer_widths[{i}]", w, 1, 65536) for i, w in enumerate(widths)]
+        raise ValueError(f"layer_widths must be None or a list of n_layers={n_layers} integers in "
+                         f"[{WIDTH.lo}, {WIDTH.hi}], got {widths!r:.80}")
+    return [WIDTH.check(f"layer_widths[{i}]", w) for i, w in enumerate(widths)]
+
+
+def _choices(cls) -> MappingProxyType:
+    """``{field: allowed values}`` of a config's string fields, read from their declared constraints."""
+    return MappingProxyType({k: c.values for k, c in constraints(cls).items() if isinstance(c, OneOf)})
 
 
 @dataclass
 class MLPConfig:
     """Residual MLP for vector data (digits, MNIST-1D)."""
 
-    d_in: int                 # input features (64 for digits, 40 for MNIST-1D)
-    n_classes: int            # output classes
-    d_model: int = 128        # width of the residual stream
-    n_layers: int = 2         # number of residual blocks
-    d_hidden: int = 256       # hidden units inside each block
-    norm: str = "pre"         # "pre": x + f(LN(x)); "peri": x + LN(f(LN(x))); "none": x + f(x);
-    #                           "lns": x + f(LN(x) / sqrt(l)) (LayerNorm Scaling, l the 1-based block index)
-    activation: str = "relu"  # "relu" or "gelu"
-    seed: int = 0             # initialisation seed
+    d_in: int = required(Interval(int, 1, 2**20))           # input features (64 for digits, 40 for MNIST-1D)
+    n_classes: int = required(Interval(int, 2, 2**20))      # output classes
+    d_model: int = bounded(128, Interval(int, 1, 8192))     # width of the residual stream
+    n_layers: int = bounded(2, DEPTH)                       # number of residual blocks
+    d_hidden: int = bounded(256, WIDTH)                     # hidden units inside each block
+    norm: str = bounded("pre", NORMS)   # "pre": x + f(LN(x)); "peri": x + LN(f(LN(x))); "none": x + f(x);
+    #                                     "lns": x + f(LN(x) / sqrt(l)) (LayerNorm Scaling, l the 1-based block index)
+    activation: str = bounded("relu", OneOf(("gelu", "relu")))
+    seed: int = bounded(0, SEED)                            # initialisation seed
     layer_widths: list[int] | None = None  # per-block hidden units after growth.widen; None: d_hidden each
-    classifier: str = "learned"  # readout: "learned", "etf" (fixed simplex ETF) or "ebv" (fixed EBV, cosine logits)
-    ebv_tau: float = 0.1         # "ebv": logits = normalize(f) W^T / ebv_tau
-    ebv_threshold: float = 0.05  # "ebv": pairwise |cos| of the head's rows pushed below this (seeded descent)
+    # readout: "learned", "etf" (fixed simplex ETF) or "ebv" (fixed EBV, cosine logits)
+    classifier: str = bounded("learned", OneOf(("ebv", "etf", "learned")))
+    ebv_tau: float = bounded(0.1, Interval(float, 1e-4, 100.0))    # "ebv": logits = normalize(f) W^T / ebv_tau
+    # "ebv": pairwise |cos| of the head's rows pushed below this (seeded descent)
+    ebv_threshold: float = bounded(0.05, Interval(float, 0.0, 1.0, hi_open=True))
 
     family = "mlp"            # key in FAMILIES (a class attribute, not a field)
-    CHOICES = MappingProxyType({"norm": ("lns", "none", "peri", "pre"), "activation": ("gelu", "relu"),
-                                "classifier": ("ebv", "etf", "learned")})  # string fields
     data_kind = "vector"      # the Dataset.kind this family takes
+    # CHOICES (set below the class): the allowed values of the string fields, from their constraints
 
     def validate(self) -> "MLPConfig":
-        """Check every field (type and range), then the memory budget (:func:`check_memory`); returns self.
+        """Check every field's declared constraint (:func:`workbench.checks.check_fields`), then
+        ``layer_widths``, the fixed head and the memory budget (:func:`check_memory`); returns self.
 
         Checked values are stored back as plain Python ``int``/``str`` (a ``numpy.int64`` field
         becomes an ``int``), so the config is JSON-ready and safe for ``torch.Generator.manual_seed``.
         """
-        self.d_in = check_int("d_in", self.d_in, 1, D_IN_MAX)
-        self.n_classes = check_int("n_classes", self.n_classes, 2, N_CLASSES_MAX)
-        self.d_model = check_int("d_model", self.d_model, 1, 8192)
-        self.n_layers = check_int("n_layers", self.n_layers, 0, 256)
-        self.d_hidden = check_int("d_hidden", self.d_hidden, 1, 65536)
-        self.norm = _plain_str(check_choice("norm", self.norm, self.CHOICES["norm"]))
-        self.activation = _plain_str(check_choice("activation", self.activation, self.CHOICES["activation"]))
-        self.seed = check_seed("seed", self.seed)
+        check_fields(self)
         self.layer_widths = _check_layer_widths(self.layer_widths, self.n_layers)
-        self.classifier = _plain_str(check_choice("classifier", self.classifier, self.CHOICES["classifier"]))
-        self.ebv_tau = check_float("ebv_tau", self.ebv_tau, 1e-4, 100.0)
-        self.ebv_threshold = check_float("ebv_threshold", self.ebv_threshold, 0.0, 1.0, hi_open=True)
         _check_fixed_head(self.classifier, self.n_classes, self.d_model, self.ebv_threshold)
         check_memory(self)
         return self
@@ -217,43 +220,38 @@ class MLPConfig:
 class TransformerConfig:
     """Decoder-only Transformer for token sequences (khop, modadd, text)."""
 
-    vocab_size: int                 # number of tokens
-    context: int = 64               # maximum sequence length (learned positions)
-    d_model: int = 128              # width of the residual stream
-    n_layers: int = 2               # number of blocks
-    n_heads: int = 4                # attention heads; d_model must be divisible by it
-    d_mlp: int = 512                # hidden units of each MLP
-    norm: str = "pre"               # "pre": x + f(LN(x)); "peri": x + LN(f(LN(x))) (Peri-LN); "none": no LayerNorm;
-    #                                 "lns": x + f(LN(x) / sqrt(l)) (LayerNorm Scaling, l the 1-based block index)
-    tie_embeddings: bool = False    # readout weight shared with the token embedding
-    embedding: str = "trainable"    # "trainable", "frozen-random" (seeded) or "glyph" (frozen)
+    vocab_size: int = required(Interval(int, 2, VOCAB_MAX))    # number of tokens
+    context: int = bounded(64, Interval(int, 1, 65536))        # maximum sequence length (learned positions)
+    d_model: int = bounded(128, Interval(int, 1, 16384))       # width of the residual stream
+    n_layers: int = bounded(2, DEPTH)                          # number of blocks
+    n_heads: int = bounded(4, Interval(int, 1, 256))           # attention heads; d_model must be divisible by it
+    d_mlp: int = bounded(512, WIDTH)                           # hidden units of each MLP
+    # "pre": x + f(LN(x)); "peri": x + LN(f(LN(x))) (Peri-LN); "none": no LayerNorm;
+    # "lns": x + f(LN(x) / sqrt(l)) (LayerNorm Scaling, l the 1-based block index)
+    norm: str = bounded("pre", NORMS)
+    tie_embeddings: bool = bounded(False, Flag())              # readout weight shared with the token embedding
+    # "trainable", "frozen-random" (seeded) or "glyph" (frozen)
+    embedding: str = bounded("trainable", OneOf(("frozen-random", "glyph", "trainable")))
     vocab: list[str] | None = None  # token strings; needed for "glyph" embeddings
     glyph_font: str | None = None   # font file for "glyph"; None: GNU Unifont if installed, else Pillow's
-    seed: int = 0                   # initialisation seed (also of frozen-random embeddings)
+    seed: int = bounded(0, SEED)    # initialisation seed (also of frozen-random embeddings)
     layer_widths: list[int] | None = None  # per-block MLP hidden units after growth.widen; None: d_mlp each
 
     family = "transformer"          # key in FAMILIES (a class attribute, not a field)
-    CHOICES = MappingProxyType({"norm": ("lns", "none", "peri", "pre"),
-                                "embedding": ("frozen-random", "glyph", "trainable")})
     data_kind = "sequence"          # the Dataset.kind this family takes
+    # CHOICES (set below the class): the allowed values of the string fields, from their constraints
 
     def validate(self) -> "TransformerConfig":
-        """Check every field (type and range), then the memory budget (:func:`check_memory`); returns self.
+        """Check every field's declared constraint (:func:`workbench.checks.check_fields`), then the
+        fields that depend on others (heads dividing ``d_model``, ``vocab``, ``glyph_font``,
+        ``layer_widths``) and the memory budget (:func:`check_memory`); returns self.
 
         Checked values are stored back as plain Python values (``int``, ``str``, a ``list`` of
         ``str`` for ``vocab``), so a ``numpy.int64`` field becomes an ``int``.
         """
-        self.vocab_size = check_int("vocab_size", self.vocab_size, 2, VOCAB_MAX)
-        self.context = check_int("context", self.context, 1, CONTEXT_MAX)
-        self.d_model = check_int("d_model", self.d_model, 1, 16384)
-        self.n_layers = check_int("n_layers", self.n_layers, 0, 256)
-        self.n_heads = check_int("n_heads", self.n_heads, 1, 256)
+        check_fields(self)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        self.d_mlp = check_int("d_mlp", self.d_mlp, 1, 65536)
-        self.norm = _plain_str(check_choice("norm", self.norm, self.CHOICES["norm"]))
-        check_bool("tie_embeddings", self.tie_embeddings)
-        self.embedding = _plain_str(check_choice("embedding", self.embedding, self.CHOICES["embedding"]))
         if self.vocab is not None:
             if not isinstance(self.vocab, (list, tuple)) or not all(isinstance(t, str) for t in self.vocab):
                 shown = repr(self.vocab) if len(repr(self.vocab)) <= 60 else repr(self.vocab)[:57] + "..."
@@ -267,7 +265,6 @@ class TransformerConfig:
                 raise ValueError("vocab must list vocab_size token strings for glyph embeddings")
         if self.glyph_font is not None:
             self.glyph_font = _plain_str(check_str("glyph_font", self.glyph_font, 4096))
-        self.seed = check_seed("seed", self.seed)
         self.layer_widths = _check_layer_widths(self.layer_widths, self.n_layers)
         check_memory(self)
         return self
@@ -347,6 +344,8 @@ def _label_max(dataset, ignore: int) -> list[int]:
     return out
 
 
+MLPConfig.CHOICES = _choices(MLPConfig)
+TransformerConfig.CHOICES = _choices(TransformerConfig)
 ModelConfig = MLPConfig | TransformerConfig
 
 
