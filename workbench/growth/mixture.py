@@ -50,8 +50,9 @@ class MixtureMLP(nn.Module):
     def __init__(self, d_in: int, n_classes: int, width: int = 32, n_layers: int = 2, n_templates: int = 2,
                  seed: int = 0):
         super().__init__()
-        self.d_in = checks.check_int("d_in", d_in, 1, _models.D_IN_MAX)
-        self.n_classes = checks.check_int("n_classes", n_classes, 2, _models.N_CLASSES_MAX)
+        bounds = checks.constraints(_models.MLPConfig)   # the MLP family's bounds on its data
+        self.d_in = bounds["d_in"].check("d_in", d_in)
+        self.n_classes = bounds["n_classes"].check("n_classes", n_classes)
         self.width = checks.check_int("width", width, 1, 4096)
         self.n_layers = checks.check_int("n_layers", n_layers, 1, 64)
         self.n_templates = checks.check_int("n_templates", n_templates, 1, 64)

@@ -20,9 +20,10 @@ from ..core.training import Callback, TrainConfig
 
 INITS = ("zero", "copy", "random", "fade")
 
-# Bounds on what growth may build or run (the model configs allow at most 256 blocks).
-MAX_DEPTH = 256
-MAX_STEPS = 10_000_000           # steps of one stage (TrainConfig's own bound)
+# Bounds on what growth may build or run. Depth and steps are the configs' own bounds, read from their
+# declared constraints (the blocks every family allows; the steps of one TrainConfig, hence of one stage).
+MAX_DEPTH = min(checks.constraints(f.config)["n_layers"].hi for f in _models.FAMILIES.values())
+MAX_STEPS = checks.constraints(TrainConfig)["steps"].hi
 MAX_STAGES = 1000
 MAX_SWEEP_RUNS = 256             # depth_sweep: datasets x seeds x depths
 MAX_SEEDS = 16

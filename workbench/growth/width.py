@@ -18,7 +18,9 @@ from .operators import _blocks, _mlp_pair, _sync
 
 # ----------------------------------------------------------------------------- width growth
 
-MAX_WIDTH = 65536                # the configs' bound on a block's hidden units
+# the configs' bound on a block's hidden units (d_hidden, d_mlp, each of layer_widths), from their constraints
+MAX_WIDTH = min(c.hi for f in _models.FAMILIES.values() for name, c in checks.constraints(f.config).items()
+                if name in ("d_hidden", "d_mlp"))
 
 
 

@@ -45,7 +45,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from ..core import checks
+from ..core import checks, recipes
+from ..core.models import FAMILIES
+from ..core.training import TrainConfig
 from . import jobs
 
 __all__ = ["TASKS", "run", "start", "Sweep", "points", "train_task", "barrier_task", "collapse_task", "grow_task",
@@ -202,7 +204,6 @@ def grow_task(recipe: str = "khop", *, seed: int = 0, steps: int | None = None, 
     (grown / scratch, method ``grown``) and ``target_loss`` (method ``scratch``).
     """
     from .. import growth
-    from ..core import recipes
 
     r = {"khop": recipes.KHOP, "text": recipes.TEXT}[checks.check_choice("recipe", recipe, ("khop", "text"))]
     checks.check_choice("schedule", schedule, ("gstack", "layerwise"))
@@ -250,6 +251,13 @@ def _float(lo, hi, lo_open=False):
     return lambda name, v: checks.check_float(name, v, lo, hi, lo_open=lo_open)
 
 
+def _size(field: str) -> checks.Interval:
+    """The bound the model families declare on ``field``, the tightest where both declare it (a sweep's
+    size option is checked before its dataset, hence its family, is known)."""
+    found = [checks.constraints(f.config)[field] for f in FAMILIES.values() if field in checks.constraints(f.config)]
+    return checks.Interval(int, max(c.lo for c in found), min(c.hi for c in found))
+
+
 def _dataset_name(name, v):
     from ..core import data
 
@@ -261,22 +269,23 @@ def _options(name, v):
         raise ValueError(f"{name} must be a dict of dataset options or None, got {type(v).__name__}")
 
 
-_SIZE_CHECKS = {"d_model": _opt(_int(1, 8192)), "n_layers": _opt(_int(0, 256)), "d_hidden": _opt(_int(1, 65536)),
-                "n_heads": _opt(_int(1, 256)), "d_mlp": _opt(_int(1, 65536))}
+# Bounds a config declares are read from it (workbench.checks.constraints); the tasks' own limits are this module's.
+_TRAIN = checks.constraints(TrainConfig)
+_SIZE_CHECKS = {k: _opt(_size(k).check) for k in ("d_model", "n_layers", "d_hidden", "n_heads", "d_mlp")}
 _TRAIN_CHECKS = {"dataset": _dataset_name, "seed": checks.check_seed, "steps": _int(1, MAX_STEPS),
-                 "lr": _float(0, 10, lo_open=True), "batch_size": _int(1, 1_000_000), "eval_max": _int(0, 100_000_000),
-                 "data_options": _options, "effective_depth": checks.check_bool, **_SIZE_CHECKS}
+                 "lr": _TRAIN["lr"].check, "batch_size": _TRAIN["batch_size"].check,
+                 "eval_max": _TRAIN["eval_max"].check, "data_options": _options, "effective_depth": checks.check_bool, **_SIZE_CHECKS}
 _CHECKS: dict[str, dict[str, Callable]] = {
     "train": _TRAIN_CHECKS,
     "barrier": {**{k: v for k, v in _TRAIN_CHECKS.items() if k not in ("eval_max", "effective_depth")}, "seed_b": _opt(checks.check_seed),
                 "n_alphas": _int(2, 1001),
                 "split": lambda n, v: checks.check_choice(n, v, ("train", "val")), "max_examples": _int(0, None)},
-    "collapse": {"dataset": lambda n, v: checks.check_choice(n, v, ("digits", "mnist1d")), "seed": checks.check_seed,
+    "collapse": {"dataset": lambda n, v: checks.check_choice(n, v, tuple(recipes.COLLAPSE)), "seed": checks.check_seed,
                  "epochs": _int(1, MAX_EPOCHS), "every": _int(1, MAX_EPOCHS),
                  "record": lambda n, v: checks.check_choice(n, v, ("all", "final")),
                  "max_samples": _int(2, 1_000_000), "d_model": _SIZE_CHECKS["d_model"],
-                 "n_layers": _SIZE_CHECKS["n_layers"], "lr": _opt(_float(0, 10, lo_open=True)),
-                 "weight_decay": _opt(_float(0, 10)), "batch_size": _opt(_int(1, 1_000_000)),
+                 "n_layers": _SIZE_CHECKS["n_layers"], "lr": _opt(_TRAIN["lr"].check),
+                 "weight_decay": _opt(_TRAIN["weight_decay"].check), "batch_size": _opt(_TRAIN["batch_size"].check),
                  "mixup": _float(0, 100), "etf_classifier": checks.check_bool,
                  "imbalance": _opt(_float(0, 1, lo_open=True))},
     "grow": {"recipe": lambda n, v: checks.check_choice(n, v, ("khop", "text")), "seed": checks.check_seed,
@@ -284,7 +293,7 @@ _CHECKS: dict[str, dict[str, Callable]] = {
              "schedule": lambda n, v: checks.check_choice(n, v, ("gstack", "layerwise")),
              "final_layers": _opt(_int(1, 64)), "d_model": _SIZE_CHECKS["d_model"], "n_heads": _SIZE_CHECKS["n_heads"],
              "d_mlp": _SIZE_CHECKS["d_mlp"], "eval_every": _opt(_int(1, MAX_STEPS)),
-             "eval_max": _opt(_int(0, 100_000_000)), "data_options": _options},
+             "eval_max": _opt(_TRAIN["eval_max"].check), "data_options": _options},
 }
 
 _FUNCTION_REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
