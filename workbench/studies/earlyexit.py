@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from ..core import checks
 from ..core import monitor as _monitor
-from .depthlab import BlockRunner, _acc_loss, _chunks, _inference, _is_native, _Stop, _tally, _targets_for
+from .depthlab.pruning import _Stop
+from .depthlab.runner import BlockRunner, _acc_loss, _chunks, _inference, _is_native, _tally, _targets_for
 from ..residual.batch import _facts
 from ..core.training import loss_and_correct
 
