@@ -180,6 +180,7 @@ def load_gpt2(path):
         raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     return model, meta
 
+
 def from_gpt2(hf_model) -> _models.Transformer:
     """A workbench :class:`~workbench.models.Transformer` with the weights of a GPT-2 model."""
     if not is_gpt2(hf_model):

@@ -155,6 +155,7 @@ def load_hf(name_or_directory, dtype: str | None = None, device=None):
             raise ValueError(f"{where}: cannot read the tokenizer ({e})") from None
     return model, tokenizer
 
+
 def tokenizer_vocab(tokenizer) -> list[str] | None:
     """Token strings by id (for labels), or None without a tokenizer."""
     if tokenizer is None:
