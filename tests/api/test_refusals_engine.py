@@ -427,3 +427,59 @@ def test_a_very_high_learning_rate_is_flagged_diverged(digits):
     loss = run.meta["diverged"]["loss"]
     assert loss in ("inf", "nan") or (math.isfinite(loss) and loss > 10)
     json.dumps(run.meta, allow_nan=False)  # JSON-ready for the store
+
+
+# ----------------------------------------------------------------------------- one refusal vocabulary
+
+class _LooksLikeOne(torch.nn.Module):
+    """Has what the old duck-typed checks looked for (blocks, count_flops, perm_axes, a config), is no workbench model."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+        self.config = MLPConfig(d_in=2, n_classes=2)
+
+    def count_flops(self, c):
+        pass
+
+    def perm_axes(self):
+        return {"axes": {}, "sizes": {}, "heads": {}}
+
+
+def _refusals(digits):
+    from workbench import collapse, compose, flops, growth, learngene, permute, unroll
+
+    fake, mlp = _LooksLikeOne(), _tiny_mlp(digits)
+    x, y = digits.x_val[:4], digits.y_val[:4]
+    return [
+        ("model", lambda: growth.add_layer(fake)), ("model", lambda: growth.freeze(fake, below=1)),
+        ("model", lambda: growth.block_table(fake)), ("model", lambda: flops.step_flops(fake, 2)),
+        ("model", lambda: collapse.collect(fake, x, y)), ("model", lambda: learngene.fit(fake)),
+        ("model", lambda: unroll.gap(fake, x)), ("model", lambda: permute.perm_spec(fake)),
+        ("model_a", lambda: permute.check_same_architecture(fake, mlp)),
+        ("model_b", lambda: permute.check_same_architecture(mlp, fake)),
+    ], [
+        ("dataset", lambda: wb.train(mlp, digits.spec(), TrainConfig(steps=1))),
+        ("data", lambda: permute.check_model_data(mlp, {"name": "digits"}, "data")),
+        ("datasets[1]", lambda: compose.concat({"a": digits, "b": "digits"})),
+        ("dataset", lambda: collapse.subsample(x, [1] * 10)),
+    ]
+
+
+def test_not_a_workbench_model_or_dataset_is_one_refusal_everywhere(digits):
+    """Every engine function that needs a workbench model (or Dataset) refuses anything else with one
+    ValueError in the checks shape (checks.check_model / check_dataset), naming its argument."""
+    models_, datasets = _refusals(digits)
+    for name, call in models_:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == f"{name} must be a workbench model (ResidualMLP or Transformer), got _LooksLikeOne"
+    for name, call in datasets:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value).startswith(f"{name} must be a workbench Dataset (wb.data.load(...)), got "), str(e.value)
+    khop = data.load("khop", nodes=4, n_train=20, n_val=10)
+    for call in (lambda: wb.collapse.subsample(khop, [1] * 6), lambda: wb.compose.class_tasks(khop, [[0, 1]])):
+        with pytest.raises(ValueError, match=r"^dataset must be a workbench Dataset of vector data, got the sequence "
+                                             r"dataset 'khop'$"):
+            call()

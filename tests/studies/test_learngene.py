@@ -149,5 +149,5 @@ def test_bad_arguments_are_refused_by_name():
         learngene.train(ds, alpha=2.0, n_layers=2)
     with pytest.raises(ValueError, match="gene must be a Learngene"):
         learngene.expansion(ds, "gene")
-    with pytest.raises(ValueError, match="model must be a native"):
+    with pytest.raises(ValueError, match=r"^model must be a workbench model \(ResidualMLP or Transformer\), got Linear$"):
         learngene.fit(torch.nn.Linear(2, 2))

@@ -122,7 +122,7 @@ def test_bad_arguments_are_refused_by_name():
     model = _mlp(2)
     with pytest.raises(ValueError, match=r"unit must be one of \['block', 'sublayer'\]"):
         unroll.parallel(model, "layer")
-    with pytest.raises(ValueError, match="model must be a native"):
+    with pytest.raises(ValueError, match=r"^model must be a workbench model \(ResidualMLP or Transformer\), got Linear$"):
         unroll.gap(nn.Linear(2, 2), torch.randn(2, 2))
     with pytest.raises(ValueError, match=r"max_examples must be an integer in \[1, 1000000\]"):
         unroll.gap(model, torch.randn(3, 5), max_examples=0)

@@ -14,8 +14,8 @@ import torch.nn as nn
 from ..core import checks
 from .. import hooks
 from ..core.data import IGNORE
-from ..core.models import FAMILIES, HookPoint
-from .measure import _check_n_classes, _tensor, metrics
+from ..core.models import HookPoint
+from .measure import _check_n_classes, metrics
 
 # ----------------------------------------------------------------------------- features per layer
 
@@ -58,10 +58,8 @@ def _check_sites(model: nn.Module, site_names) -> list[str]:
 def _check_xy(model: nn.Module, x, y) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets that ``model`` can score: tokens in its vocabulary or vectors of its d_in; labels
     (``IGNORE`` allowed for sequences) below its number of outputs, one per example (or per token)."""
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "family", None) not in FAMILIES:
-        raise ValueError(f"model must be a workbench model (ResidualMLP or Transformer), got {type(model).__name__}")
-    x, y = _tensor("x", x), _tensor("y", y)
+    cfg = checks.check_model("model", model).config
+    x, y = checks.as_tensor("x", x), checks.as_tensor("y", y)
     cfg.check_inputs("x", x)  # the family's input check: token ids in the vocabulary, or real vectors of d_in
     sequence = cfg.data_kind == "sequence"
     if sequence:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -27,20 +26,8 @@ MAX_CLASSES = 100_000
 MAX_ETF_ENTRIES = 1 << 26   # simplex_etf: n_classes * dim float64 entries (512 MB)
 
 
-def _tensor(name: str, value) -> torch.Tensor:
-    """``value`` as a tensor with its own dtype (numpy arrays and lists keep theirs: nothing is cast)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (np.ndarray, list, tuple)):
-        try:
-            return torch.as_tensor(np.asarray(value))
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    raise ValueError(f"{name} must be a tensor or an array of numbers, got {type(value).__name__}")
-
-
 def _features_f64(features, name: str = "features") -> torch.Tensor:
-    h = checks.check_features(name, _tensor(name, features))
+    h = checks.check_features(name, checks.as_tensor(name, features))
     if h.ndim != 2 or h.shape[0] < 1 or h.shape[1] < 1:
         raise ValueError(f"{name} must be a 2-D array (samples, dims) with at least one of each, "
                          f"got shape {tuple(h.shape)}")
@@ -49,7 +36,7 @@ def _features_f64(features, name: str = "features") -> torch.Tensor:
 
 def _labels(name: str, labels, n: int, device, n_classes: int | None = None) -> torch.Tensor:
     """Integer class indices ``(n,)`` in ``[0, n_classes)``: float, bool, complex or negative labels are refused."""
-    y = _tensor(name, labels)
+    y = checks.as_tensor(name, labels)
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise ValueError(f"{name} must be integers (class indices), got dtype {y.dtype}")
     try:
@@ -98,11 +85,11 @@ def _classifier(classifier, device):
         w, b = classifier
     else:
         w, b = classifier, None
-    w = checks.check_features("classifier weight", _tensor("classifier weight", w))
+    w = checks.check_features("classifier weight", checks.as_tensor("classifier weight", w))
     if w.ndim != 2 or w.shape[0] < 1:
         raise ValueError(f"classifier weight must be 2-D (classes, dims), got shape {tuple(w.shape)}")
     if b is not None:
-        b = checks.check_features("classifier bias", _tensor("classifier bias", b))
+        b = checks.check_features("classifier bias", checks.as_tensor("classifier bias", b))
         if tuple(b.shape) != (w.shape[0],):
             raise ValueError(f"classifier bias must have one entry per classifier row ({w.shape[0]}), "
                              f"got shape {tuple(b.shape)}")

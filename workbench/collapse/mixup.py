@@ -39,11 +39,8 @@ def subsample(dataset: Dataset, counts: list[int], seed: int = 0) -> Dataset:
 
     Vector datasets only. Raises ``ValueError`` if a count exceeds what the class has.
     """
-    if not isinstance(dataset, Dataset):
-        raise ValueError(f"dataset must be a workbench Dataset, got {type(dataset).__name__}")
+    checks.check_dataset("dataset", dataset, kind="vector")   # class imbalance: a classification dataset
     seed = checks.check_seed("seed", seed)
-    if dataset.kind != "vector":
-        raise ValueError("class imbalance applies to vector (classification) datasets")
     if isinstance(counts, torch.Tensor):
         counts = counts.tolist()
     if isinstance(counts, (str, bytes)) or not hasattr(counts, "__len__"):

@@ -132,9 +132,8 @@ def concat(datasets: Mapping[str, _data.Dataset] | Sequence[_data.Dataset], name
     parts = list(datasets.values()) if isinstance(datasets, Mapping) else list(datasets)
     if not parts:
         raise ValueError("datasets: concat needs at least one dataset")
-    for d in parts:
-        if not isinstance(d, _data.Dataset):
-            raise ValueError(f"datasets must hold workbench Datasets, got {type(d).__name__}")
+    for i, d in enumerate(parts):
+        checks.check_dataset(f"datasets[{i}]", d)
     first = parts[0]
     for d in parts[1:]:
         if d.kind != first.kind or d.n_classes != first.n_classes or d.vocab != first.vocab:
@@ -177,8 +176,7 @@ def class_tasks(dataset: _data.Dataset, groups: Sequence[Sequence[int]]) -> dict
     The label space stays the dataset's (a model keeps all its outputs), so models fine-tuned on
     different tasks share one architecture and can be merged; used for the sequential experiment.
     """
-    if not isinstance(dataset, _data.Dataset) or dataset.kind != "vector":
-        raise ValueError("dataset must be a workbench vector Dataset (e.g. digits)")
+    checks.check_dataset("dataset", dataset, kind="vector")
     if isinstance(groups, (str, bytes)) or not isinstance(groups, (list, tuple)) or not groups:
         raise ValueError(f"groups must be a non-empty list of lists of class labels, got {groups!r:.80}")
     out = {}

@@ -79,8 +79,7 @@ def step_flops(model: nn.Module, batch_size: int = 1, seq_len: int | None = None
     and the current ``requires_grad`` flags. The model counts itself (``model.count_flops``).
     """
     checks.check_int("batch_size", batch_size, 1, MAX_BATCH)
-    if not isinstance(model, nn.Module) or not callable(getattr(model, "count_flops", None)):
-        raise TypeError(f"expected a workbench model (mlp or transformer), got {type(model).__name__}")
+    checks.check_model("model", model)   # the families count themselves (count_flops)
     context = model.max_seq_len   # None: no sequence axis (vector models)
     if seq_len is not None:
         checks.check_int("seq_len", seq_len, 1, context)

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import SEED_MAX, Interval, OneOf, bounded, check_choice, check_fields, check_int, constraints
+from .checks import (SEED_MAX, Interval, OneOf, bounded, check_choice, check_dataset, check_fields, check_int,
+                     constraints)
 from .data import IGNORE, Dataset
 from .monitor import current as _current_job
 
@@ -204,8 +205,7 @@ def check_pairing(model: nn.Module, dataset: Dataset) -> None:
     config are only checked for the dataset's own consistency. The family-specific part is the
     config's own ``check_dataset`` (:mod:`workbench.models`). Returns ``None``.
     """
-    if not isinstance(dataset, Dataset):
-        raise ValueError(f"dataset must be a workbench.data.Dataset, got {type(dataset).__name__}")
+    check_dataset("dataset", dataset)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     name = dataset.name

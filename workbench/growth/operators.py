@@ -42,10 +42,7 @@ def _mlp_pair(block: nn.Module) -> tuple[nn.Module, nn.Linear, nn.Linear]:
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(f"expected a workbench model with a .blocks ModuleList, got {type(model).__name__}")
-    return blocks
+    return checks.check_model("model", model).blocks
 
 
 def _sync(model: nn.Module) -> None:
@@ -185,7 +182,7 @@ def stack(model: nn.Module, factor: int = 2) -> nn.Module:
 
 def _embedding_modules(model: nn.Module) -> list[nn.Module]:
     """The modules below block 0 (the family's own ``embedding_modules()``)."""
-    return list(model.embedding_modules())
+    return list(checks.check_model("model", model).embedding_modules())
 
 
 def freeze(model: nn.Module, below: int | None = None, *, layers: Iterable[int] | None = None,

@@ -81,9 +81,7 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
     """Raise ``ValueError`` unless both models have the same family and config (the init seed may differ)."""
     from ..core.models import config_to_dict
 
-    ca, cb = getattr(model_a, "config", None), getattr(model_b, "config", None)
-    if ca is None or cb is None:
-        raise ValueError("both models must be workbench models (ResidualMLP or Transformer) with a .config")
+    ca, cb = checks.check_model("model_a", model_a).config, checks.check_model("model_b", model_b).config
     da, db = config_to_dict(ca), config_to_dict(cb)
     da.pop("seed"), db.pop("seed")
     diff = sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k))
@@ -106,9 +104,7 @@ def check_model_data(model: nn.Module, dataset, name: str = "dataset") -> None:
     """
     from ..core.training import check_pairing
 
-    if not isinstance(dataset, Dataset):
-        raise ValueError(f"{name} must be a workbench Dataset (wb.data.load(...)), got {type(dataset).__name__}")
-    check_pairing(model, dataset)
+    check_pairing(model, checks.check_dataset(name, dataset))
 
 
 def perm_spec(model: nn.Module) -> PermSpec:
@@ -116,10 +112,7 @@ def perm_spec(model: nn.Module) -> PermSpec:
 
     Each family states its own symmetries (``model.perm_axes()``, :mod:`workbench.models`).
     """
-    axes_of = getattr(model, "perm_axes", None)
-    if not callable(axes_of):
-        raise TypeError(f"no permutation spec for {type(model).__name__}; expected ResidualMLP or Transformer")
-    return PermSpec(**axes_of())
+    return PermSpec(**checks.check_model("model", model).perm_axes())
 
 
 def _view(model: nn.Module) -> dict[str, torch.Tensor]:

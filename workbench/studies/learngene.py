@@ -27,24 +27,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.checks import check_float, check_int, check_seed
+from ..core.checks import check_float, check_int, check_model, check_seed
 from ..core.data import IGNORE, Dataset
-from ..core.models import FAMILIES, build, config_for
+from ..core.models import build, config_for
 from ..core.training import Callback, Run, TrainConfig, loss_and_correct, train as train_model
 
 __all__ = ["Learngene", "LearngeneModel", "fit", "train", "experiment", "expansion", "block_parameter_names"]
 
 
-def _check_model(model) -> None:
-    cfg = getattr(model, "config", None)
-    fam = FAMILIES.get(getattr(cfg, "family", None))
-    if fam is None or not isinstance(model, fam.model):
-        raise ValueError(f"model must be a native ResidualMLP or Transformer, got {type(model).__name__}")
-
-
 def block_parameter_names(model: nn.Module) -> list[str]:
     """The parameter names inside one block (``"fc.weight"``, ``"attn.qkv.bias"``, ...)."""
-    _check_model(model)
+    check_model("model", model)
     if not len(model.blocks):
         return []
     return [n for n, _ in model.blocks[0].named_parameters()]
@@ -105,7 +98,7 @@ def fit(model: nn.Module) -> Learngene:
     per parameter, ``r2 = 1 - SS_res / SS_tot`` summed over its elements (``SS_tot`` about each
     element's mean over depth; ``r2 = 1`` when all blocks are equal). Needs ``L >= 2`` blocks.
     """
-    _check_model(model)
+    check_model("model", model)
     L = len(model.blocks)
     if L < 2:
         raise ValueError(f"model must have at least 2 blocks to fit a learngene, got {L}")

@@ -27,21 +27,14 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ..core.checks import check_choice, check_int, check_seed
+from ..core.checks import check_choice, check_int, check_model, check_seed
 from ..core.data import Dataset
-from ..core.models import FAMILIES, MLPBlock, TransformerBlock, build
+from ..core.models import MLPBlock, TransformerBlock, build
 from ..core.training import TrainConfig, loss_and_correct, train
 
 __all__ = ["UNITS", "ParallelModel", "parallel", "branches", "terms", "gap", "compare", "compare_layouts"]
 
 UNITS = ("block", "sublayer")
-
-
-def _check_model(model) -> None:
-    cfg = getattr(model, "config", None)
-    fam = FAMILIES.get(getattr(cfg, "family", None))
-    if fam is None or not isinstance(model, fam.model):
-        raise ValueError(f"model must be a native ResidualMLP or Transformer, got {type(model).__name__}")
 
 
 def _pieces(block: nn.Module, unit: str) -> list[Callable]:
@@ -78,7 +71,7 @@ def _add_block(block: nn.Module, unit: str, x0: torch.Tensor, y: torch.Tensor) -
 
 def branches(model: nn.Module, unit: str = "block") -> list[Callable]:
     """The ``F_i`` of ``model`` as functions ``x -> update`` (``docs/definitions.md#unroll-parallel``)."""
-    _check_model(model)
+    check_model("model", model)
     check_choice("unit", unit, UNITS)
     out = []
     for blk in model.blocks:
@@ -102,7 +95,7 @@ class ParallelModel(nn.Module):
 
     def __init__(self, model: nn.Module, unit: str = "block"):
         super().__init__()
-        _check_model(model)
+        check_model("model", model)
         self.unit = check_choice("unit", unit, UNITS)
         self.base = model
         self.config = model.config
@@ -132,7 +125,7 @@ def parallel(model: nn.Module, unit: str = "block", copy_model: bool = True) -> 
     ``copy_model=True`` (default) works on a deep copy, so fine-tuning the unrolled model leaves ``model``
     alone; ``False`` shares the parameters.
     """
-    _check_model(model)
+    check_model("model", model)
     check_choice("unit", unit, UNITS)
     return ParallelModel(copy.deepcopy(model) if copy_model else model, unit)
 
@@ -159,7 +152,7 @@ def terms(model: nn.Module, x0: torch.Tensor, unit: str = "block"):
     (``torch.func.jvp``; ``docs/definitions.md#unroll-second-order``). For linear ``F_i = A_i``,
     ``S2_2 = A_2 A_1 x0``. The model is used as it is (call ``model.eval()`` first for dropout-free numbers).
     """
-    _check_model(model)
+    check_model("model", model)
     check_choice("unit", unit, UNITS)
     fs = branches(model, unit)
     per_block = 2 if unit == "sublayer" and model.config.family == "transformer" else 1
@@ -195,7 +188,7 @@ def gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, unit: 
 
     ``x``: inputs the model takes (the first ``max_examples``).
     """
-    _check_model(model)
+    check_model("model", model)
     check_choice("unit", unit, UNITS)
     check_int("max_examples", max_examples, 1, 1_000_000)
     model.config.check_inputs("x", x)
@@ -241,7 +234,7 @@ def compare(model: nn.Module, dataset: Dataset, finetune: TrainConfig | None = N
     ``"unrolled + fine-tuned"``. ``finetune``: the :class:`~workbench.training.TrainConfig` of the
     fine-tuning (default 200 steps at lr 1e-3); ``model`` is not changed.
     """
-    _check_model(model)
+    check_model("model", model)
     if finetune is not None and not isinstance(finetune, TrainConfig):
         raise ValueError(f"finetune must be a TrainConfig or None, got {type(finetune).__name__}")
     finetune = finetune or TrainConfig(steps=200, lr=1e-3, eval_every=200)
