@@ -8,7 +8,8 @@ import time
 import torch
 
 from ..core import checks, recipes
-from ..core.models import build
+from ..core.models import MLPConfig, build
+from ..core.training import TrainConfig
 from .mixup import MixupLoss, imbalanced_counts, subsample
 from .tracking import track
 
@@ -45,14 +46,13 @@ def recipe(dataset_name: str = "digits", *, imbalance: list[int] | float | None 
     checks.check_int("n_minority", n_minority, 0)
     seed = checks.check_seed("seed", seed)
     checks.check_int("eval_every_epochs", eval_every_epochs, 1, 100_000)
-    for name, v, lo, hi in (("epochs", epochs, 1, 100_000), ("n_layers", n_layers, 0, 256),
-                            ("d_model", d_model, 1, 8192), ("batch_size", batch_size, 1, 1_000_000)):
+    if epochs is not None:
+        checks.check_int("epochs", epochs, 1, 100_000)
+    declared = {**checks.constraints(MLPConfig), **checks.constraints(TrainConfig)}   # the configs' own bounds
+    for name, v in (("n_layers", n_layers), ("d_model", d_model), ("batch_size", batch_size),
+                    ("weight_decay", weight_decay), ("lr", lr)):
         if v is not None:
-            checks.check_int(name, v, lo, hi)
-    if weight_decay is not None:
-        checks.check_float("weight_decay", weight_decay, 0.0, 10.0)
-    if lr is not None:
-        checks.check_float("lr", lr, 0.0, 10.0, lo_open=True)
+            declared[name].check(name, v)
     if imbalance is not None and not isinstance(imbalance, (list, tuple, torch.Tensor)):
         checks.check_float("imbalance", imbalance, 0.0, 1.0, lo_open=True)
     from ..core import data
