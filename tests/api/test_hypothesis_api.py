@@ -3,7 +3,11 @@
 Every case varies one argument of one public call (the others fixed to good values) over a wide
 mix of values: integers of every size, floats (NaN, inf, 2.0), bools, None, strings, complex
 numbers, numpy scalars, lists. Each argument is declared with its kind and range (:class:`Int`,
-:class:`Float`, :class:`Bool`, :class:`Choice`), which is the oracle:
+:class:`Float`, :class:`Bool`, :class:`Choice`), which is the oracle. The model and training configs'
+fields and the data options are not declared here: their declarations are generated from the bounds
+the engine declares next to each field (:func:`workbench.checks.constraints`,
+:func:`workbench.data.option_constraints`), as scikit-learn's ``check_param_validation`` does, so the
+test checks that ``validate()`` and ``load()`` enforce exactly what they declare:
 
 - a value outside the declaration (wrong type, a bool or float where an integer is asked, a value
   out of range) must raise ``ValueError`` whose message names the argument -- accepting it would
@@ -21,6 +25,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import math
 import numbers
 import re
@@ -33,7 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import workbench as wb
-from workbench import collapse, compose, data, flops, growth, hooks, lmc, permute, residual, sampling
+from workbench import checks, collapse, compose, data, flops, growth, hooks, lmc, permute, residual, sampling
 
 CASES: collections.Counter = collections.Counter()
 EXAMPLES = 20          # hypothesis examples per argument
@@ -78,6 +83,7 @@ class Float:
     hi: float | None = None
     lo_open: bool = False
     none: bool = False
+    hi_open: bool = False
 
     def valid(self, v) -> bool:
         if v is None:
@@ -85,7 +91,7 @@ class Float:
         if not isinstance(v, numbers.Real) or _is_bool(v) or not math.isfinite(v):
             return False
         return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
-                and (self.hi is None or v <= self.hi))
+                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
 
     def drawn(self):
         lo = -3.0 if self.lo is None else self.lo
@@ -139,6 +145,19 @@ WILD = st.one_of(
 
 def values(spec):
     return st.one_of(WILD, spec.drawn()).filter(lambda v: not spec.expensive(v))
+
+
+def declared(constraint, none: bool = False):
+    """The oracle's declaration of a bound the engine declares (an ``Interval``, ``OneOf`` or ``Flag`` of
+    :mod:`workbench.checks`): values in and out of range are drawn from the engine's own declaration."""
+    if isinstance(constraint, checks.Interval):
+        if constraint.kind is int:
+            return Int(constraint.lo, constraint.hi, none=none)
+        return Float(constraint.lo, constraint.hi, lo_open=constraint.lo_open, hi_open=constraint.hi_open, none=none)
+    if isinstance(constraint, checks.OneOf):
+        return Choice(tuple(constraint.values), none=none)
+    assert isinstance(constraint, checks.Flag), constraint
+    return Bool()
 
 
 # ----------------------------------------------------------------------------- the oracle
@@ -400,59 +419,36 @@ def _load(name: str, base: dict, option: str, spec):
 
 
 def _data():
-    khop = {"n_train": 20, "n_val": 10}
+    """Every declared option of every dataset (free-text options, a path or a text, have no bound to draw from)."""
+    small = {"khop": {"n_train": 20, "n_val": 10}, "text": {"corpus_chars": 1000}}
+    documented_none = {("text", "corpus")}   # None means "not given" (load's docstring)
     out = []
-    for name, base, option, spec in [
-        ("digits", {}, "seed", SEED), ("digits", {}, "val_fraction", Float(0.05, 0.5)),
-        ("mnist1d", {}, "num_samples", Int(100, 100_000)), ("mnist1d", {}, "seed", SEED),
-        ("khop", khop, "hops", Int(1, 8)), ("khop", khop, "nodes", Int(2, 52)),
-        ("khop", khop, "n_train", Int(10, 1_000_000)), ("khop", khop, "layout", Choice(("edges", "table"))),
-        ("khop", khop, "seed", SEED),
-        ("modadd", {}, "p", Int(2, 1000)), ("modadd", {}, "train_fraction", Float(0.01, 0.99)),
-        ("modadd", {}, "seed", SEED),
-        ("text", {"corpus_chars": 1000}, "context", Int(2, 4096)),
-        ("text", {"corpus_chars": 1000}, "val_fraction", Float(0.01, 0.5)),
-        ("text", {}, "corpus_chars", Int(1000, 10_000_000)),
-        ("text", {"corpus_chars": 1000}, "corpus", Choice(tuple(data.CORPORA), none=True)),
-    ]:
-        out.append((f"data.load({name}).{option}", option, spec, _load(name, base, option, spec), False,
-                    tuple(data.options_spec(name)) + (name,)))
+    for name in data.names():
+        for option, constraint in data.option_constraints(name).items():
+            if constraint is None:
+                continue
+            base = {k: v for k, v in small.get(name, {}).items() if k != option}
+            spec = declared(constraint, none=(name, option) in documented_none)
+            out.append((f"data.load({name}).{option}", option, spec, _load(name, base, option, spec), False,
+                        tuple(data.options_spec(name)) + (name,)))
     return out
 
 
 def _configs():
-    m = lambda **kw: dataclasses.replace(W()["mcfg"], **kw).validate()  # noqa: E731
-    t = lambda **kw: dataclasses.replace(W()["tcfg"], **kw).validate()  # noqa: E731
-    tc = lambda **kw: wb.TrainConfig(**kw).validate()  # noqa: E731
-    mem = ("MB", "memory", "budget")
-    rows = [
-        ("MLPConfig.d_in", "d_in", Int(1, None), lambda v: m(d_in=v)),
-        ("MLPConfig.n_classes", "n_classes", Int(2, None), lambda v: m(n_classes=v)),
-        ("MLPConfig.d_model", "d_model", Int(1, 8192), lambda v: m(d_model=v)),
-        ("MLPConfig.n_layers", "n_layers", Int(0, 256), lambda v: m(n_layers=v)),
-        ("MLPConfig.d_hidden", "d_hidden", Int(1, 65536), lambda v: m(d_hidden=v)),
-        ("MLPConfig.norm", "norm", Choice(("pre", "peri", "none")), lambda v: m(norm=v)),
-        ("MLPConfig.activation", "activation", Choice(("relu", "gelu")), lambda v: m(activation=v)),
-        ("MLPConfig.seed", "seed", SEED, lambda v: m(seed=v)),
-        ("TransformerConfig.vocab_size", "vocab_size", Int(2, None), lambda v: t(vocab_size=v)),
-        ("TransformerConfig.context", "context", Int(1, None), lambda v: t(context=v)),
-        ("TransformerConfig.n_heads", "n_heads", Int(1, 256), lambda v: t(n_heads=v)),
-        ("TransformerConfig.n_layers", "n_layers", Int(0, 256), lambda v: t(n_layers=v)),
-        ("TransformerConfig.tie_embeddings", "tie_embeddings", Bool(), lambda v: t(tie_embeddings=v)),
-        ("TransformerConfig.norm", "norm", Choice(("pre", "peri")), lambda v: t(norm=v)),
-        ("TransformerConfig.embedding", "embedding", Choice(("trainable", "frozen-random")),
-         lambda v: t(embedding=v)),
-        ("TrainConfig.steps", "steps", Int(1, 10_000_000), lambda v: tc(steps=v)),
-        ("TrainConfig.batch_size", "batch_size", Int(1, 1_000_000), lambda v: tc(batch_size=v)),
-        ("TrainConfig.lr", "lr", Float(0.0, 10.0, lo_open=True), lambda v: tc(lr=v)),
-        ("TrainConfig.weight_decay", "weight_decay", Float(0.0, 10.0), lambda v: tc(weight_decay=v)),
-        ("TrainConfig.schedule", "schedule", Choice(("constant", "cosine")), lambda v: tc(schedule=v)),
-        ("TrainConfig.eval_max", "eval_max", Int(0, 100_000_000), lambda v: tc(eval_max=v)),
-        ("TrainConfig.grad_clip", "grad_clip", Float(0.0, 1e6), lambda v: tc(grad_clip=v)),
-        ("TrainConfig.seed", "seed", SEED, lambda v: tc(seed=v)),
-    ]
-    # a valid width may divide badly by n_heads or exceed the memory budget: refused by name, not coerced
-    return [(i, n, s, c, False, mem + ("d_model", "n_heads")) for i, n, s, c in rows]
+    """Every declared field of the model and training configs, read from the configs themselves."""
+    calls = {wb.models.MLPConfig: lambda **kw: dataclasses.replace(W()["mcfg"], **kw).validate(),
+             wb.models.TransformerConfig: lambda **kw: dataclasses.replace(W()["tcfg"], **kw).validate(),
+             wb.TrainConfig: lambda **kw: wb.TrainConfig(**kw).validate()}
+    rows = [(f"{cls.__name__}.{field}", field, declared(constraint), functools.partial(_set, call, field))
+            for cls, call in calls.items() for field, constraint in checks.constraints(cls).items()]
+    # a valid width may divide badly by n_heads or exceed the memory budget, a valid head need more width, a
+    # glyph embedding a vocabulary: refused by name, not coerced
+    also = ("MB", "memory", "budget", "d_model", "n_heads", "vocab", "classifier")
+    return [(i, n, s, c, False, also) for i, n, s, c in rows]
+
+
+def _set(call, field, value):
+    return call(**{field: value})
 
 
 def _targets():

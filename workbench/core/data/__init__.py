@@ -26,7 +26,7 @@ Definitions of the tasks: ``docs/definitions.md#datasets`` (``#khop``, ``#modadd
 from __future__ import annotations
 
 from .dataset import Dataset, Shape, IGNORE
-from .options import load, check_options, names, options_spec, kind_of, shape_of
+from .options import load, check_options, names, options_spec, option_constraints, kind_of, shape_of
 from .specs import from_spec, check_spec
 from .text import grammar_corpus, CORPORA, max_text_bytes
 
@@ -37,5 +37,5 @@ from .text import _PIECES, arithmetic_corpus, code_corpus  # noqa: F401
 
 __all__ = [
     "Dataset", "Shape", "load", "from_spec", "check_spec", "check_options", "names", "options_spec",
-    "kind_of", "shape_of", "IGNORE", "grammar_corpus", "CORPORA", "max_text_bytes",
+    "option_constraints", "kind_of", "shape_of", "IGNORE", "grammar_corpus", "CORPORA", "max_text_bytes",
 ]

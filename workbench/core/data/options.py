@@ -55,6 +55,14 @@ def options_spec(name: str) -> dict[str, tuple]:
             for key, (default, c) in _SPECS[name].items()}
 
 
+def option_constraints(name: str) -> dict:
+    """``{option: constraint}`` for a dataset: the declared :class:`~workbench.checks.Interval` or
+    :class:`~workbench.checks.OneOf` of each option (``None`` for free text: a path, a text, a vocabulary),
+    the objects :func:`load` checks against (the form a page or a property test reads)."""
+    _check_name(name)
+    return {key: None if c is str else c for key, (_, c) in _SPECS[name].items()}
+
+
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or name not in _SPECS:
         raise ValueError(f"dataset must be one of {names()}, got {_short(name)}")
