@@ -41,6 +41,7 @@ def tiny_run():
                            name="crash")
 
 
+tiny_run(), wb.RunStore   # import torch and the store here, once: a writer's short life goes to saving
 print("ready", flush=True)
 for line in sys.stdin:
     cmd = line.split()
