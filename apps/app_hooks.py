@@ -1,13 +1,13 @@
 """Server start/stop: the one job queue of this server process (``--num-procs 1``: one queue).
 
-Every page's long computation goes through this queue (``workbench.ui.common.job_queue`` finds it in
+Every page's long computation goes through this queue (``workbench.ui.session.job_queue`` finds it in
 ``pn.state.cache``). Its settings come from the environment (``WORKBENCH_MAX_JOBS``,
 ``WORKBENCH_QUEUE_SIZE``, ``WORKBENCH_JOBS_PER_USER``, ``WORKBENCH_THREADS``; see ``workbench.jobs``).
 Backend: ``WORKBENCH_DASK=tcp://host:port`` puts the queue on that Dask cluster, so the pages' jobs
 (train, grow, connectivity, collapse, compose, unroll, grokking) run on its workers: progress comes back
 through Dask's topics, Stop is cooperative then ``future.cancel()``, and runs come back as their files
 (safetensors, run.json, metrics.csv) that this server -- the store's only writer -- saves through the
-job's services (``workbench.ui.common.BackgroundTask``); one torch thread per task unless
+job's services (``workbench.ui.task.BackgroundTask``); one torch thread per task unless
 ``WORKBENCH_THREADS`` is set. Jobs that cannot be shipped (the Residual page's analyses hold the
 session's model objects) run on this process's threads in the same queue. Unset: every job runs on
 threads of this process with floor(cores / max jobs) torch threads each.
@@ -51,7 +51,7 @@ def on_server_loaded(server_context):
     from workbench import classroom, jobs
     from workbench.io.store import default_home
     from workbench.ui import serving
-    from workbench.ui.common import QUEUE_KEY
+    from workbench.ui.session import QUEUE_KEY
 
     try:
         pn.state.cache[HOME_LOCK_KEY] = classroom.hold_home(default_home(), _port())
@@ -67,7 +67,7 @@ def on_server_loaded(server_context):
 
 
 def on_server_unloaded(server_context):
-    from workbench.ui.common import QUEUE_KEY
+    from workbench.ui.session import QUEUE_KEY
 
     queue = pn.state.cache.pop(QUEUE_KEY, None)
     if queue is not None:

@@ -147,7 +147,7 @@ def _transformer_lens_row(path, x, ours_recorded_cpu, hf_cpu, repeats):
 def _page_row(model, ds, quick):
     import panel as pn  # noqa: F401
 
-    from workbench.ui.common import DataStore
+    from workbench.ui.session import DataStore
     from workbench.ui.residual import ResidualPage
 
     with tempfile.TemporaryDirectory() as home:

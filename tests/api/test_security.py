@@ -22,7 +22,10 @@ import workbench as wb
 from workbench import data, interop, roots
 from workbench.ui import App
 from workbench.ui import train as train_module
-from workbench.ui.common import BUSY, BackgroundTask, DataStore, ErrorBox, escape_md, text_block
+from workbench.ui.session import DataStore
+from workbench.ui.task import BUSY, BackgroundTask
+from workbench.ui.text import escape_md, text_block
+from workbench.ui.widgets import ErrorBox
 from workbench.ui.residual import ResidualPage
 
 PAYLOAD = "<img src=x onerror=alert(1)>"

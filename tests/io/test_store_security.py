@@ -16,7 +16,7 @@ import pytest
 import workbench as wb
 from workbench import store as store_module
 from workbench.io.store import INDEX_BACKUPS, NAME_MAX_CHARS, RunStore, StoreError, pack_run
-from workbench.ui.common import DataStore, UserStore
+from workbench.ui.session import DataStore, UserStore
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -391,7 +391,7 @@ def _blocker(release: threading.Event):
 
 def _page(monkeypatch, store, queue, user):
     from workbench.ui import teacher
-    from workbench.ui.common import DataStore
+    from workbench.ui.session import DataStore
 
     monkeypatch.setenv("WORKBENCH_TEACHERS", "teach,head")
     monkeypatch.setattr(teacher, "current_user", lambda: user)
@@ -470,7 +470,7 @@ def test_others_see_one_line_and_cannot_act(monkeypatch, store, queue):
 
 
 def classroom_message():
-    from workbench.ui.common import escape_md
+    from workbench.ui.text import escape_md
     from workbench.ui.teacher import NOT_A_TEACHER
 
     return escape_md(NOT_A_TEACHER)
@@ -539,7 +539,7 @@ def test_a_hostile_signed_in_name_is_refused_not_treated_as_no_sign_in(monkeypat
     import panel as pn
 
     from workbench.ui import teacher
-    from workbench.ui.common import DataStore
+    from workbench.ui.session import DataStore
 
     monkeypatch.setenv("WORKBENCH_TEACHERS", "teach")
     monkeypatch.setattr(type(pn.state), "user", property(lambda self: HOSTILE))

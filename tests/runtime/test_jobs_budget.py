@@ -13,7 +13,7 @@ import pytest
 import workbench as wb
 from workbench import jobs
 from workbench.core.monitor import current
-from workbench.ui.common import QUEUE_KEY, DataStore
+from workbench.ui.session import QUEUE_KEY, DataStore
 from workbench.ui.teacher import TeacherPage
 from workbench.ui.train import TrainPage
 

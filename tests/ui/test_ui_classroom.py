@@ -7,7 +7,7 @@ import pytest
 
 from workbench.io.store import StoreError
 from workbench.ui import App
-from workbench.ui.common import DataStore, UserStore
+from workbench.ui.session import DataStore, UserStore
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import pytest
 
 pn = pytest.importorskip("panel")
 
-from workbench.ui.common import DataStore  # noqa: E402
+from workbench.ui.session import DataStore  # noqa: E402
 from workbench.ui.collapse import CollapsePage  # noqa: E402
 
 

@@ -3,7 +3,7 @@ import panel as pn
 import pytest
 
 import workbench as wb
-from workbench.ui.common import DataStore
+from workbench.ui.session import DataStore
 from workbench.ui.compose import ComposePage
 
 

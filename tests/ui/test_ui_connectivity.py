@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import workbench as wb
-from workbench.ui.common import DataStore
+from workbench.ui.session import DataStore
 from workbench.ui.connectivity import ConnectivityPage
 
 MLP = wb.models.MLPConfig(d_in=64, n_classes=10, d_model=16, d_hidden=32, n_layers=2)

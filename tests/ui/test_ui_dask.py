@@ -14,7 +14,8 @@ distributed = pytest.importorskip("distributed")
 pn = pytest.importorskip("panel")
 
 from workbench import jobs  # noqa: E402
-from workbench.ui.common import QUEUE_KEY, BackgroundTask, DataStore  # noqa: E402
+from workbench.ui.session import QUEUE_KEY, DataStore  # noqa: E402
+from workbench.ui.task import BackgroundTask  # noqa: E402
 from workbench.ui.grokking import GrokkingPage  # noqa: E402
 from workbench.ui.train import TrainPage  # noqa: E402
 from helpers.growpage import grow_pressing_add_now  # noqa: E402
@@ -171,10 +172,10 @@ def _model_job(ctx, model):
 def test_grow_page_on_a_worker_honours_add_a_block_now(queue, store, monkeypatch):
     """The Grow page's live control crosses to the worker: "add a block now", pressed on the page while
     the job runs on Dask, reaches growth.grow there (through the job's control services)."""
-    from workbench.ui import common
+    from workbench.runtime.jobs import remote
     from workbench.ui.grow import GrowPage
 
-    monkeypatch.setattr(common._RemoteGrowControl, "poll_interval", 0.0)  # ask the page at every step
+    monkeypatch.setattr(remote._RemoteGrowControl, "poll_interval", 0.0)  # ask the page at every step
     page = GrowPage(DataStore(store))
     pressed = grow_pressing_add_now(page, steps=80)
     assert page.task.status == "done", page.task.error

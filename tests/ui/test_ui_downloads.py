@@ -7,7 +7,7 @@ import pytest
 
 from workbench import interop, roots
 from workbench.ui import teacher
-from workbench.ui.common import DataStore
+from workbench.ui.session import DataStore
 from workbench.ui.residual import ResidualPage
 
 

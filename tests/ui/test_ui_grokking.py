@@ -7,7 +7,7 @@ import pytest
 pn = pytest.importorskip("panel")
 
 from workbench import grokking  # noqa: E402
-from workbench.ui.common import DataStore  # noqa: E402
+from workbench.ui.session import DataStore  # noqa: E402
 from workbench.ui.grokking import GrokkingPage  # noqa: E402
 from workbench.ui.page import pages  # noqa: E402
 

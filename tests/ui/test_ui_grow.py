@@ -7,7 +7,7 @@ import pytest
 pn = pytest.importorskip("panel")
 
 from workbench import data, growth, recipes  # noqa: E402
-from workbench.ui.common import DataStore  # noqa: E402
+from workbench.ui.session import DataStore  # noqa: E402
 from workbench.ui.grow import GrowPage, frame_to_stages, stages_to_frame  # noqa: E402
 from helpers.growpage import grow_pressing_add_now, small  # noqa: E402
 

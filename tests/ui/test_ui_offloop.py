@@ -12,7 +12,7 @@ import pytest
 import workbench as wb
 from workbench import data, interop
 from workbench.io.store import RunStore
-from workbench.ui.common import DataStore
+from workbench.ui.session import DataStore
 from workbench.ui.connectivity import ConnectivityPage
 from workbench.ui.grow import GrowPage
 from workbench.ui.residual import ResidualPage

@@ -16,7 +16,7 @@ from panel.io.state import set_curdoc
 import workbench.ui.train as train_module
 from workbench import jobs
 from workbench.ui import App
-from workbench.ui.common import QUEUE_KEY, DataStore, job_queue
+from workbench.ui.session import QUEUE_KEY, DataStore, job_queue
 from workbench.ui.train import TrainPage
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from workbench import interop, residual
-from workbench.ui.common import DataStore
+from workbench.ui.session import DataStore
 from workbench.ui.residual import ResidualPage
 
 transformers = pytest.importorskip("transformers")

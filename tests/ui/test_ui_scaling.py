@@ -8,7 +8,7 @@ import pytest
 pn = pytest.importorskip("panel")
 
 from workbench import scaling  # noqa: E402
-from workbench.ui.common import DataStore  # noqa: E402
+from workbench.ui.session import DataStore  # noqa: E402
 from workbench.ui.page import pages  # noqa: E402
 from workbench.ui.scaling import ScalingPage  # noqa: E402
 

@@ -14,7 +14,7 @@ from panel.io.state import set_curdoc
 
 import workbench as wb
 from workbench import jobs
-from workbench.ui.common import QUEUE_KEY, DataStore
+from workbench.ui.session import QUEUE_KEY, DataStore
 from workbench.ui.sweeps import SweepsPage, parse_list
 
 

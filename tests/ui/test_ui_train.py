@@ -5,7 +5,7 @@ import pytest
 
 import workbench as wb
 from workbench.ui import App
-from workbench.ui.common import BUSY, BackgroundTask
+from workbench.ui.task import BUSY, BackgroundTask
 
 
 @pytest.fixture

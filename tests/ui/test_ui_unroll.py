@@ -6,7 +6,7 @@ pn = pytest.importorskip("panel")
 
 import workbench as wb  # noqa: E402
 from workbench import models  # noqa: E402
-from workbench.ui.common import DataStore  # noqa: E402
+from workbench.ui.session import DataStore  # noqa: E402
 from workbench.ui.page import pages  # noqa: E402
 from workbench.ui.unroll import UnrollPage  # noqa: E402
 

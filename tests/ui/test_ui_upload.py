@@ -10,7 +10,8 @@ import base64
 import pytest
 from bokeh.document import Document
 
-from workbench.ui.common import DataStore, TextUpload
+from workbench.ui.session import DataStore
+from workbench.ui.widgets import TextUpload
 from workbench.ui.train import TrainPage
 
 

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 import panel as pn
 from panel.io.state import set_curdoc
 
-from .common import DataStore
+from .session import DataStore
 from .page import Page, pages
 
 

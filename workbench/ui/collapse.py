@@ -10,7 +10,7 @@ from .. import collapse
 from ..core import recipes
 from ..figures import collapse as figs
 from ..core.training import Callback, StopOnEvent
-from .common import escape_md
+from .text import escape_md
 from .page import Page
 
 EXPLANATION = """Trained past zero training error (the *terminal phase*), the last-layer features of a

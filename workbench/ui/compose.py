@@ -11,7 +11,10 @@ from ..core import data, models
 from ..figures.compose import cosine_matrix, domain_heatmap, knob_curve, sequential_curve
 from ..compose.sampling import sample_text
 from ..core.training import TrainConfig
-from .common import BackgroundTask, dataset_from_spec, escape_md, html_labels, open_run, run_options, text_block
+from .session import dataset_from_spec, open_run
+from .task import BackgroundTask
+from .text import escape_md, html_labels, text_block
+from .widgets import run_options
 from .page import Page
 
 EXPLANATION = """Specialists are Transformers trained on different corpora over **one frozen substrate** (the

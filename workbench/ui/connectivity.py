@@ -10,7 +10,9 @@ from ..core import checks, data, models, recipes
 from .. import lmc
 from ..figures import lmc as figs
 from ..core.training import TrainConfig
-from .common import dataset_from_spec, open_run, run_options, short_spec
+from .session import dataset_from_spec, open_run
+from .text import short_spec
+from .widgets import run_options
 from .page import Page
 
 EXPLANATION = """Two networks trained from different seeds reach similar accuracy, yet the straight line

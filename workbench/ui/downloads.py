@@ -13,7 +13,8 @@ from typing import Callable
 import panel as pn
 
 from ..io import interop, model_roots as roots
-from .common import ErrorBox, escape_md
+from .text import escape_md
+from .widgets import ErrorBox
 
 __all__ = ["HubDownloads"]
 

@@ -13,7 +13,7 @@ from ..studies import grokking
 from ..core.checks import check_choice, check_float, check_int, check_seed
 from ..figures import grokking as figs
 from ..core.training import Callback, StopOnEvent
-from .common import escape_md
+from .text import escape_md
 from .page import Page
 from .sweeps import parse_list
 

@@ -11,7 +11,8 @@ from ..core import data, models, recipes
 from .. import growth
 from ..figures.growth import block_strip, eta_trace, growth_curves, width_depth_timeline
 from ..core.training import Callback, TrainConfig
-from .common import TextUpload, config_widgets, escape_md, values_from_widgets
+from .text import escape_md
+from .widgets import TextUpload, config_widgets, values_from_widgets
 from .page import Page
 
 EXPLANATION = """Grow a model in depth while it trains. A schedule is a list of stages: an operation

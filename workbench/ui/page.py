@@ -21,7 +21,10 @@ from typing import ClassVar
 import panel as pn
 import param
 
-from .common import BackgroundTask, DataStore, ErrorBox, code_block, escape_md
+from .session import DataStore
+from .task import BackgroundTask
+from .text import code_block, escape_md
+from .widgets import ErrorBox
 
 __all__ = ["Page", "REGISTRY", "pages", "IndexNotice"]
 

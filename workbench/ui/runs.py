@@ -14,7 +14,7 @@ import panel as pn
 
 from ..figures.training import config_table, training_curves
 from ..io.store import StoreError
-from .common import escape_md, short_spec
+from .text import escape_md, short_spec
 from .page import Page
 
 EXPLANATION = """Every run saved by any page or notebook (one directory each: config JSON, safetensors

@@ -12,7 +12,7 @@ from ..core import data
 from ..studies import scaling
 from ..core.checks import check_choice, check_float, check_int, check_seed
 from ..figures import scaling as figs
-from .common import escape_md
+from .text import escape_md
 from .page import Page
 from .sweeps import parse_list
 

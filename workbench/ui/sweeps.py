@@ -14,7 +14,8 @@ import panel as pn
 
 from ..runtime import sweeps
 from ..figures import sweeps as figs
-from .common import escape_md, job_queue
+from .session import job_queue
+from .text import escape_md
 from .page import Page
 
 EXPLANATION = """A **sweep** runs one task at every point of a grid (each value of each key, times the

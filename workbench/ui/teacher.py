@@ -24,7 +24,7 @@ import pandas as pd
 import panel as pn
 
 from ..runtime import classroom, jobs
-from .common import escape_html, escape_md
+from .text import escape_html, escape_md
 from .downloads import HubDownloads
 from .page import Page
 

@@ -9,7 +9,8 @@ from ..core import data, models, recipes
 from ..figures.training import training_curves
 from ..io.store import check_run_name
 from ..core.training import Callback, TrainConfig, train
-from .common import TextUpload, config_widgets, escape_md, values_from_widgets
+from .text import escape_md
+from .widgets import TextUpload, config_widgets, values_from_widgets
 from .page import Page
 
 EXPLANATION = """Train a residual MLP (vector data) or a decoder-only Transformer (sequence data) on an

@@ -10,7 +10,9 @@ from ..studies import learngene, unroll
 from ..figures import learngene as lg_figs
 from ..figures import unroll as figs
 from ..core.training import StopOnEvent, TrainConfig, train
-from .common import dataset_from_spec, escape_md, open_run, run_options
+from .session import dataset_from_spec, open_run
+from .text import escape_md
+from .widgets import run_options
 from .page import Page
 
 EXPLANATION = """A residual stack computes (I + F_L)...(I + F_1) x0. To first order that is
