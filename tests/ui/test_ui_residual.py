@@ -7,7 +7,7 @@ import torch
 
 import workbench as wb
 from workbench import interop, residual, roots
-from workbench.ui.common import DataStore
+from workbench.ui.session import DataStore
 from workbench.ui.residual import ResidualPage
 
 pytest.importorskip("panel")
@@ -86,7 +86,7 @@ def test_typed_text_and_clear_errors(page_with_run):
     assert page.analysis.tokens == list("the cat") and page.position.end == 6
     page.text.value = "the cat \u00e9"
     page.analyse(wait=True)
-    assert "not in the model's vocabulary" in page.errors.text
+    assert "characters not in the vocabulary" in page.errors.text   # the engine's message (OpenModel.encode)
     page.text.value = "x" * 40
     page.analyse(wait=True)
     assert "context is 16" in page.errors.text

@@ -66,7 +66,8 @@ def test_a_llama_folder_is_analysed_with_its_own_tokenizer(page, llama_root):
     assert page.analysis.contrib[["rel_norm", "cosine"]].to_numpy() == pytest.approx(
         ours[["rel_norm", "cosine"]].to_numpy(), rel=1e-4, abs=1e-6)
     assert page.analysis.tokens == ALPHABET[:8] and page.analysis.n_layers == 3
-    est = residual.estimate(model, 8, "report")
+    held = next(iter(page.model_source._opened.values())).model      # the model the page measured its speeds on
+    est = residual.estimate(held, 8, "report")
     assert f"{est['seconds']:.1f} s" in page.estimate_note.object      # shown before the job ran
     assert "tokenizer" in page.as_code() and "load_hf" in page.as_code()
 

@@ -39,18 +39,26 @@ def _lines(fig: go.Figure, df: pd.DataFrame, column: str, row: int, col: int, le
 
 
 @builder
-def lens_comparison_figure(df: pd.DataFrame | None, title: str = "") -> go.Figure:
-    """KL(final || lens) (left) and top-1 agreement with the model (right) per layer, one line per lens.
+def lens_comparison_figure(df: pd.DataFrame | None, title: str = "", perplexity: bool = False) -> go.Figure:
+    """KL(final || lens) (left) and top-1 agreement with the model (right) per layer, one line per lens;
+    with ``perplexity`` a third panel, the perplexity of the lens's prediction (log scale).
 
     ``df``: :func:`workbench.lenses.compare` output (``lens, layer, kl_to_final, top1_agree, ...``).
     """
     title = title or "Lenses per layer: logit, tuned and Jacobian"
     if df is None or not len(df) or "lens" not in df:
         return _empty(title, 320)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("KL(final || lens) [nats]", "lens top-1 = final top-1"),
-                        horizontal_spacing=0.1)
+    panels = ["KL(final || lens) [nats]", "lens top-1 = final top-1"]
+    perplexity = perplexity and "perplexity" in df
+    if perplexity:
+        panels.append("perplexity on the targets")
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels, horizontal_spacing=0.1 if not perplexity
+                        else 0.07)
     _lines(fig, df, "kl_to_final", 1, 1, True)
     _lines(fig, df, "top1_agree", 1, 2, False)
+    if perplexity:
+        _lines(fig, df, "perplexity", 1, 3, False)
+        fig.update_yaxes(type="log", row=1, col=3)
     fig.update_xaxes(title_text="layer (residual entering it)", dtick=1)
     fig.update_yaxes(rangemode="tozero", row=1, col=1)
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)

@@ -12,6 +12,16 @@ from ..checks import register_dataset
 IGNORE = -100
 
 
+def encode_text(text: str, vocab, field: str = "text") -> torch.Tensor:
+    """Text -> token ids ``(T,)`` int64, one per character of ``vocab`` (the token strings by id; a
+    character-level vocabulary). Characters outside it raise ``ValueError`` naming ``field``."""
+    index = {t: i for i, t in enumerate(vocab)}
+    unknown = sorted({c for c in text if c not in index})
+    if unknown:
+        raise ValueError(f"{field}: characters not in the vocabulary: {unknown[:10]}")
+    return torch.tensor([index[c] for c in text], dtype=torch.long)
+
+
 @dataclass
 class Dataset:
     name: str
@@ -68,11 +78,7 @@ class Dataset:
         """Text -> token ids; characters outside the vocabulary raise ``ValueError``."""
         if self.vocab is None:
             raise ValueError(f"dataset {self.name!r} has no vocabulary")
-        index = {t: i for i, t in enumerate(self.vocab)}
-        unknown = sorted({c for c in text if c not in index})
-        if unknown:
-            raise ValueError(f"text: characters not in the vocabulary: {unknown[:10]}")
-        return torch.tensor([index[c] for c in text], dtype=torch.long)
+        return encode_text(text, self.vocab)
 
     def __repr__(self) -> str:
         return (f"Dataset({self.name!r}, kind={self.kind!r}, train={tuple(self.x_train.shape)}, "

@@ -13,6 +13,7 @@ from typing import Any
 
 from ...core import checks
 from ...core import monitor as _monitor
+from ...core.data.dataset import encode_text
 from .gpt2 import EXPORT_META, load_gpt2
 from .hf import load_hf, tokenizer_vocab
 from .hub import (HUB_REFUSED, Stopped, _complete, _download, _hub_offline, _local_snapshot, _repo_folder,
@@ -51,6 +52,38 @@ class OpenModel:
     label: str
     nbytes: int
     lock: Any = dataclasses.field(default_factory=threading.RLock, repr=False)
+
+    def encode(self, text: str, field: str = "text") -> list[int]:
+        """``text`` as this model's token ids: its own tokenizer; else one id per character of its
+        vocabulary (:func:`workbench.data.dataset.encode_text`, the rule of ``Dataset.encode``); else
+        token ids typed as ``'3 1 4'``. Refused (``ValueError`` naming ``field``) when no token comes
+        out, an id is outside the vocabulary, or there are more tokens than the model's context."""
+        text = checks.check_str(field, text, 1 << 20)
+        if self.tokenizer is not None:
+            ids = [int(i) for i in self.tokenizer(text)["input_ids"]]
+            if not ids:
+                raise ValueError(f"{field}: the tokenizer gives no tokens for this text")
+        else:
+            parts = text.split()
+            typed = bool(parts) and all(p.isdigit() for p in parts)
+            if self.vocab and (not typed or all(c in self.vocab for c in text)):
+                ids = encode_text(text, self.vocab, field).tolist()
+            elif typed:
+                ids = [int(p) for p in parts]
+            else:
+                raise ValueError(f"{field}: this model has no vocabulary: type token ids separated by spaces, "
+                                 "e.g. '3 1 4'")
+        if not ids:
+            raise ValueError(f"{field}: type some text")
+        cfg = getattr(self.model, "config", None)
+        n_vocab = getattr(cfg, "vocab_size", None)
+        if n_vocab is not None and any(not 0 <= i < int(n_vocab) for i in ids):
+            raise ValueError(f"{field}: token ids must be in [0, {int(n_vocab) - 1}]")
+        context = (getattr(cfg, "context", None) or getattr(cfg, "n_positions", None)
+                   or getattr(cfg, "max_position_embeddings", None))
+        if context is not None and len(ids) > int(context):
+            raise ValueError(f"{field} has {len(ids)} tokens; this model's context is {int(context)}")
+        return ids
 
 
 def _model_bytes(model) -> int:
