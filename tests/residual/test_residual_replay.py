@@ -250,7 +250,7 @@ def test_estimate_counts_the_models_matrix_products_and_the_reports_own_steps():
     model = _native(n_layers=2)                       # C = 16, d_mlp = 32, V = 40, context 8
     C, d_mlp, n, T = 16, 32, 24, 8
     per_block = 4 * C * C + 2 * C * d_mlp           # q, k, v, output projection; MLP in and out
-    want = 2 * per_block * n * 2 + 2 * T * C * n * 2 + 2 * C * V * n
+    want = 2 * per_block * n * 2 + 4 * T * C * n * 2 + 2 * C * V * n    # attention: scores and values, T x T
     got = R.estimate(model, n, "forward")
     assert got["flops"] == pytest.approx(want) and got["seconds"] > 0
     assert R.estimate(model, n, "report") == R.estimate(model, n, "report", steps=16)   # the report's default

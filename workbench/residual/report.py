@@ -24,8 +24,9 @@ ESTIMATE_ANALYSES = ["forward", "contributions", "logit_lens", "skip_effects", "
                      "report"]
 # Costs beyond the matrix products, fitted once against timed runs (bench/bench_residual.py): log-softmax
 # equivalents per (token, vocabulary entry) of the lens statistics per layer, of the skip comparison per skipped
-# layer and of erasure's output comparison; a backward pass through a block (input gradients only) in forwards.
-LENS_PASSES, SKIP_PASSES, ERASE_PASSES, BACKWARD = 2.6, 1.0, 12.0, 1.1
+# layer and of erasure's output comparison; a backward pass (input gradients only) in forwards: through the
+# blocks' matrix products, and through attention (the kernels' backward recomputes the scores: 2.7x on CPU).
+LENS_PASSES, SKIP_PASSES, ERASE_PASSES, BACKWARD, ATTENTION_BACKWARD = 2.6, 1.0, 12.0, 1.1, 2.7
 _RATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> measured speeds
 
 
@@ -39,8 +40,8 @@ def _rates(ad: Adapter, n_tokens: int) -> dict:
     dtype and thread count: the blocks' forward on ``n = min(n_tokens, 128)`` tokens (one sequence)
     gives ``blocks`` (FLOP/s), the unembedding of ``n`` residuals ``readout`` (FLOP/s) and of
     ``TOKEN_CHUNK`` of them ``readout_chunk`` (the lens' blocks), a log-softmax of that output
-    ``softmax`` (elements/s). Each timed once after a warm-up on 8 tokens: about 0.5 s for GPT-2 small
-    on two CPU cores."""
+    ``softmax`` (elements/s). Each the median of three calls after a warm-up on 8 tokens: about 1 s for
+    GPT-2 small on two CPU cores."""
     import time
 
     w, _ = ad.readout()
@@ -57,11 +58,14 @@ def _rates(ad: Adapter, n_tokens: int) -> dict:
 
     def timed(fn, warm):
         warm()                      # one-time allocations and dispatch, on a few tokens
-        _sync(dev)
-        t = time.perf_counter()
-        out = fn()
-        _sync(dev)
-        return time.perf_counter() - t, out
+        times = []
+        for _ in range(3):          # the median: one burst of another process's work does not set the rate
+            _sync(dev)
+            t = time.perf_counter()
+            out = fn()
+            _sync(dev)
+            times.append(time.perf_counter() - t)
+        return sorted(times)[1], out
     with _inference(ad.model):
         if ad.family == "transformer":
             x = torch.zeros(1, n, dtype=torch.long, device=dev)
@@ -85,14 +89,16 @@ def _rates(ad: Adapter, n_tokens: int) -> dict:
 
 
 def _flops(ad: Adapter, n_tokens: int, T: int) -> dict:
-    """Matrix-product FLOPs of one forward on ``n_tokens`` tokens in sequences of ``T``: ``blocks`` (``2 x``
-    the blocks' weight entries per token, and ``2 T C`` per token and layer for causal attention) and
+    """Matrix-product FLOPs of one forward on ``n_tokens`` tokens in sequences of ``T``: ``blocks`` (the sum
+    of ``matrices``, ``2 x`` the blocks' weight entries per token, and ``attention``, ``4 T C`` per token and
+    layer: scores and values over the whole sequence, as the kernels compute them with a causal mask) and
     ``readout`` (``2 C V`` per token)."""
     w, _ = ad.readout()
     V, C = int(w.shape[0]), int(w.shape[1])
     matrices = sum(p.numel() for l in range(ad.n_layers) for p in ad.block(l).parameters() if p.dim() >= 2)
-    attention = 2 * T * C * n_tokens * ad.n_layers if ad.family == "transformer" else 0
-    return {"blocks": 2 * matrices * n_tokens + attention, "readout": 2 * C * V * n_tokens}
+    attention = 4 * T * C * n_tokens * ad.n_layers if ad.family == "transformer" else 0
+    return {"blocks": 2 * matrices * n_tokens + attention, "matrices": 2 * matrices * n_tokens,
+            "attention": attention, "readout": 2 * C * V * n_tokens}
 
 
 def estimate(model: nn.Module, n_tokens: int, analysis: str = "report", steps: int | None = None) -> dict:
@@ -103,7 +109,7 @@ def estimate(model: nn.Module, n_tokens: int, analysis: str = "report", steps: i
     ``tokens x C`` residuals, the ``tokens x V`` output) plus what the analysis keeps.
 
     Seconds: the matrix products counted from the model (``2 x`` the blocks' weight entries per token,
-    ``2 T C`` per token and layer for causal attention over sequences of ``T`` tokens, ``2 C V`` per token
+    ``4 T C`` per token and layer for attention over sequences of ``T`` tokens, ``2 C V`` per token
     and readout) at the speeds this machine reaches on the model itself (:func:`_rates`: a forward on up
     to 128 tokens, measured once), plus the passes over the ``tokens x V`` outputs that the statistics
     make, at the measured log-softmax speed. What each
@@ -134,17 +140,19 @@ def estimate(model: nn.Module, n_tokens: int, analysis: str = "report", steps: i
 
     f = _flops(ad, n_tokens, T)
     blocks, readout = f["blocks"], f["readout"]
+    backward = f["matrices"] * BACKWARD + f["attention"] * ATTENTION_BACKWARD    # one backward pass, in FLOPs
     outputs = n_tokens * V          # entries of the tokens x V output
     r = _rates(ad, n_tokens)
 
-    def cost(block_passes=0.0, readouts=0.0, softmaxes=0.0, chunked_readouts=0.0):
-        flops = block_passes * blocks + (readouts + chunked_readouts) * readout
-        return flops, block_passes * blocks / r["blocks"] + readouts * readout / r["readout"] + \
-            chunked_readouts * readout / r["readout_chunk"] + softmaxes * outputs / r["softmax"]
+    def cost(block_passes=0.0, readouts=0.0, softmaxes=0.0, chunked_readouts=0.0, backward_passes=0.0):
+        flops = block_passes * blocks + (readouts + chunked_readouts) * readout + backward_passes * backward
+        return flops, (block_passes * blocks + backward_passes * backward) / r["blocks"] + \
+            readouts * readout / r["readout"] + chunked_readouts * readout / r["readout_chunk"] + \
+            softmaxes * outputs / r["softmax"]
     parts = {"forward": cost(1, 1), "contributions": cost(1, 1),
              "logit_lens": cost(1, 1, LENS_PASSES * (L + 1), chunked_readouts=L),
              "skip_effects": cost(1 + (L - 1) / 2, L + 1, SKIP_PASSES * L),
-             "integrated_gradients": cost(1 + steps * (1 + BACKWARD) * (L + 1) / 2, 1),
+             "integrated_gradients": cost(1 + steps * (L + 1) / 2, 1, backward_passes=steps * (L + 1) / 2),
              "erase": cost(2, 2, ERASE_PASSES),
              "patch": cost((L + 1) * T, (L + 1) * T)}
     if analysis == "report":
