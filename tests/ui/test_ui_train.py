@@ -40,6 +40,20 @@ def test_sequence_dataset_switches_to_transformer_widgets(app):
     assert page.last_run.model.config.vocab_size == 9
 
 
+def test_number_widgets_start_and_end_at_the_bounds_the_configs_declare(app):
+    """Spinners stop at the declared bounds (start/end); the family's own bounds after a switch."""
+    from workbench.core.checks import Interval, constraints
+
+    page = app.pages["Train"]
+    assert (page.model_widgets["d_model"].start, page.model_widgets["d_model"].end) == (1, 8192)
+    page.dataset.value = "modadd"
+    assert (page.model_widgets["d_model"].start, page.model_widgets["d_model"].end) == (1, 16384)
+    for widgets, config in ((page.model_widgets, wb.models.TransformerConfig), (page.train_widgets, wb.TrainConfig)):
+        for name, c in constraints(config).items():
+            if name in widgets and isinstance(c, Interval):
+                assert (widgets[name].start, widgets[name].end) == (c.lo, c.hi), name
+
+
 def _engine_message(check) -> str:
     with pytest.raises(ValueError) as info:
         check()
