@@ -115,3 +115,22 @@ def test_interpolation_curve_on_the_device_ends_at_the_models_losses(device, dig
     with torch.no_grad():
         la, lb = float(F.cross_entropy(a(x), y)), float(F.cross_entropy(b(x), y))
     assert df.loss.iloc[0] == pytest.approx(la, rel=1e-4) and df.loss.iloc[-1] == pytest.approx(lb, rel=1e-4)
+
+
+# Device placement without a GPU: on PyTorch's meta device a CPU tensor meeting a model's tensor raises as
+# it would on CUDA, so these catch a tensor left on the CPU.
+
+def test_a_mixture_of_models_on_a_device_keeps_its_weights_there():
+    a, b = _transformer(seed=0).to("meta"), _transformer(seed=1).to("meta")
+    mix = wb.compose.LogitMixture([a, b], weights=[0.25, 0.75])
+    x = torch.zeros(2, 12, dtype=torch.long, device="meta")
+    assert mix.device == torch.device("meta") and mix(x).shape == (2, 12, 23) and mix(x).device.type == "meta"
+
+
+def test_dare_drops_entries_on_the_task_vectors_device():
+    from workbench.compose import merges
+    taus = [{"w": torch.ones(4, 5, device="meta")}, {"w": torch.ones(4, 5, device="meta")}]
+    out = merges._dare_vectors(taus, 0.5, "density", seed=0)
+    assert [t["w"].device.type for t in out] == ["meta", "meta"]
+    cpu = merges._dare_vectors([{"w": torch.ones(400)}], 0.5, "none", seed=0)[0]["w"]
+    assert 0.4 < float(cpu.mean()) < 0.6 and set(cpu.unique().tolist()) == {0.0, 1.0}   # dropped with p = 0.5

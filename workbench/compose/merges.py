@@ -180,7 +180,7 @@ def _dare_vectors(taus: list[dict[str, torch.Tensor]], density: float, rescale: 
     for tau in taus:
         dropped = {}
         for k, v in tau.items():
-            keep = (torch.rand(v.shape, generator=gen) < density).to(v.dtype)
+            keep = (torch.rand(v.shape, generator=gen) < density).to(device=v.device, dtype=v.dtype)  # CPU stream
             d = v * keep
             if rescale == "density":
                 d = d / density

@@ -69,7 +69,7 @@ class LogitMixture(nn.Module):
         if len(w) != len(models) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"weights must be {len(models)} non-negative numbers with a positive sum, got {weights!r}")
         self.members = nn.ModuleList(models)
-        self.register_buffer("weights", w / w.sum())
+        self.register_buffer("weights", (w / w.sum()).to(next(iter(models[0].parameters()), w).device))  # members'
         self.mode = mode
         self.gate: nn.Linear | None = None
         cfg = models[0].config
