@@ -407,6 +407,10 @@ def test_grow_control_adds_a_layer_between_steps_and_stops():
     control2.stop()
     run2 = growth.grow(_tiny_mlp(1), ds, [growth.Stage("train", 8)], control=control2)
     assert run2.status == "cancelled"
+    stopped = wb.monitor.Monitor()            # the one stop: the monitor's
+    stopped.stop()
+    run3 = growth.grow(_tiny_mlp(1), ds, [growth.Stage("train", 8), growth.Stage("add_layer", 8)], monitor=stopped)
+    assert run3.status == "cancelled" and [s["interrupted"] for s in run3.meta["stages"]] == ["stop"]
 
 
 def test_compare_equal_budgets_and_flops_to_target():

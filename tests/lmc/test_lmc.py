@@ -209,11 +209,21 @@ def test_mismatched_configs_raise(pair, digits):
             fn()
 
 
-def test_stop_event_cancels(pair, digits):
+def test_a_stopped_monitor_cancels(pair, digits):
     a, b = pair
     stop = threading.Event()
     stop.set()
+    monitor = wb.monitor.Monitor(stopped=stop.is_set)
     with pytest.raises(lmc.Cancelled):
-        lmc.compare(a, b, digits, n_alphas=3, stop=stop)
+        lmc.compare(a, b, digits, n_alphas=3, monitor=monitor)
     with pytest.raises(lmc.Cancelled):
-        lmc.layerwise(a, b, digits, stop=stop)
+        lmc.layerwise(a, b, digits, monitor=monitor)
+    assert lmc.Cancelled is wb.monitor.Stopped and issubclass(wb.jobs.JobCancelled, wb.monitor.Stopped)
+
+
+def test_the_monitor_sees_progress_per_method(pair, digits):
+    a, b = pair
+    seen = []
+    lmc.compare(a, b, digits, n_alphas=3, methods=("none", "weights"), max_examples=64,
+                monitor=wb.monitor.Monitor(lambda progress, message, payload: seen.append((progress, message))))
+    assert seen == [(0.0, "curve: none"), (0.5, "curve: weights"), (1.0, "done")]

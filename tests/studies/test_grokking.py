@@ -146,13 +146,14 @@ def test_tian_threshold_shape_at_a_small_size(one_thread):
     (measured: 0.002 / 0.988 against AdamW's 0.143 at ratio 5 for M = 23, hidden 64, 1000 epochs, lr 1e-2)."""
     small = dict(M=23, hidden=64, epochs=1000, lr=1e-2)
     seen = []
-    t = g.tian_threshold(ratios=(1.5, 5.0), **small, progress=lambda done, total, table: seen.append((done, total)))
-    assert seen == [(1, 2), (2, 2)]
+    t = g.tian_threshold(ratios=(1.5, 5.0), **small, monitor=wb.monitor.Monitor(
+        lambda progress, message, table: seen.append((progress, len(table)))))
+    assert seen == [(0.5, 1), (1.0, 2)]                       # after each ratio: the table so far
     assert list(t["train_acc"]) == [1.0, 1.0]                   # both memorise
     assert t["test_acc"].iloc[0] < 0.05 and t["test_acc"].iloc[1] > 0.9
     w = g.tian_threshold(ratios=(5.0,), **small, optimizer="adamw")
     assert w["test_acc"].iloc[0] < 0.5
-    stopped = g.tian_threshold(ratios=(1.5, 5.0), **small, stop=lambda: True)
+    stopped = g.tian_threshold(ratios=(1.5, 5.0), **small, monitor=wb.monitor.Monitor(stopped=lambda: True))
     assert len(stopped) == 0 and list(stopped.columns) == list(t.columns)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         g.tian_threshold(ratios=(1.0,), M=7, epochs=1, optimizer="sgd")

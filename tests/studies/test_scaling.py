@@ -65,3 +65,21 @@ def test_sweep_on_digits_returns_the_table():
     assert t["params"].is_monotonic_increasing and np.all(t["val_loss"] > 0)
     with pytest.raises(ValueError, match="axis"):
         scaling.sweep("heads", (1, 2))
+
+
+def test_sweep_reports_each_point_to_its_monitor_and_a_stop_keeps_the_points_finished():
+    import workbench as wb
+
+    tables, progress = [], []
+    m = wb.monitor.Monitor(lambda p, msg, payload: (progress.append(p),
+                                                    tables.append(len(payload)) if payload is not None else None))
+    scaling.sweep("width", (4, 8), steps=3, monitor=m)
+    assert tables == [1, 2] and progress == sorted(progress) and progress[-1] == 1.0
+
+    class StopAfterFirst(wb.monitor.Monitor):
+        def _send(self, p, msg, payload):
+            if payload is not None:
+                self.stop()
+
+    t = scaling.sweep("width", (4, 8, 16), steps=3, monitor=StopAfterFirst())
+    assert list(t["value"]) == [4]

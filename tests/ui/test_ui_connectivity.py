@@ -87,6 +87,10 @@ def test_stop_cancels_a_running_analysis(page):
     class Ctx:
         stop_event = page.task.stop_event
 
+        @property
+        def stopped(self):
+            return self.stop_event.is_set()
+
         def report(self, *a, **k):
             pass
 

@@ -9,6 +9,7 @@ caller picks keys out of nested dicts by hand. Recipes are immutable: ``dataclas
 - :data:`TEXT` -- growth on a character LM, where growth pays in FLOPs (notebook 01 section 5, bench).
 - :data:`COLLAPSE` -- ``{"digits": ..., "mnist1d": ...}``: the terminal phase of training (Collapse page, notebook 04).
 - :data:`TRANSFORMER_PAIR` -- two Transformers on one-hop khop for connectivity (Connectivity page, notebook 03).
+- :data:`MLP_PAIR` -- two residual MLPs on vector data for connectivity (the Connectivity page's pair).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-__all__ = ["GrowthRecipe", "CollapseRecipe", "PairRecipe", "KHOP", "TEXT", "COLLAPSE", "TRANSFORMER_PAIR"]
+__all__ = ["GrowthRecipe", "CollapseRecipe", "PairRecipe", "KHOP", "TEXT", "COLLAPSE", "TRANSFORMER_PAIR", "MLP_PAIR"]
 
 
 def _frozen(d: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
@@ -185,3 +186,7 @@ TRANSFORMER_PAIR = PairRecipe(
     model_options=_frozen({"d_model": 32, "n_heads": 4, "d_mlp": 64, "n_layers": 2}),
     steps=500, batch_size=64, lr=3e-3,
 )
+
+# The Connectivity page's pair on vector data (digits, or MNIST-1D with its own input size).
+MLP_PAIR = PairRecipe(dataset="digits", model_options=_frozen({"d_model": 128, "n_layers": 2}), steps=300,
+                      batch_size=64, lr=3e-3)

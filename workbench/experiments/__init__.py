@@ -1,2 +1,19 @@
 """The pipelines that pages, sweeps, the bench and notebooks share: each experiment once.
+
+An experiment is a module of plain functions, not a framework: ``run(..., monitor=None) -> result``
+(the pipeline: data, model, training, measures; progress and Stop through the monitor,
+:mod:`workbench.monitor`) and ``as_code(**choices) -> str`` (the same pipeline as notebook code: a
+page's "As code" box, executed by the tests against ``run``). A dashboard page calls ``run`` inside its
+job, so every page job is a module-level function that a Dask worker can import; a sweep's built-in
+task is the experiment's ``task``.
+
+- :mod:`~workbench.experiments.connectivity`: train a pair, then barriers before and after matching;
+  the analyses of a pair (curves, layer-wise, plane, fusion).
 """
+from __future__ import annotations
+
+from . import connectivity
+
+__all__ = ["EXPERIMENTS", "connectivity"]
+
+EXPERIMENTS = {"connectivity": connectivity}

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..core import checks
+from ..core import monitor as _monitor
 from ..core.flops import examples_seen, flops_per_example
 from ..core.training import Callback, TrainConfig
 from .natural import CANDIDATES, CRITERIA, _sample, check_criterion, score_candidates
@@ -39,7 +40,8 @@ class GrowControl:
 
     ``request_layer(init)`` asks for one more block now: the current stage ends after the
     step in progress, the block is added (with the stage's freeze policy) and training
-    continues for the stage's remaining steps. ``stop()`` ends the whole growth run.
+    continues for the stage's remaining steps. ``stop()`` ends the whole growth run, as stopping
+    :func:`grow`'s ``monitor`` does.
     """
 
     def __init__(self, stop_event=None):
@@ -70,10 +72,10 @@ class _Bookkeeping(Callback):
     """Adds cumulative training FLOPs to every metrics row; honours a GrowControl between steps."""
 
     def __init__(self, flops0: float, per_example: float, n_train: int, batch_size: int, start_step: int,
-                 control: GrowControl | None = None):
+                 control: GrowControl | None = None, monitor=None):
         self.flops0, self.per_example = flops0, per_example
         self.n_train, self.batch_size, self.start_step = n_train, batch_size, start_step
-        self.control, self._done = control, 0
+        self.control, self.monitor, self._done = control, monitor, 0
         self.interrupted: str | None = None
 
     def flops_at(self, step: int) -> float:
@@ -93,12 +95,12 @@ class _Bookkeeping(Callback):
         self._done = len(state.rows)
 
     def check_control(self, state) -> None:
-        """Runs after every other callback of the step: end the stage on a request or a stop."""
-        if self.control is not None:
-            if self.control.stop_event.is_set():
-                state.stop, self.interrupted = True, "stop"
-            elif self.control.pending():
-                state.stop, self.interrupted = True, "add_layer"
+        """Runs after every other callback of the step: end the stage on a stop or a request."""
+        if (self.monitor is not None and self.monitor.stopped) or (
+                self.control is not None and self.control.stop_event.is_set()):
+            state.stop, self.interrupted = True, "stop"
+        elif self.control is not None and self.control.pending():
+            state.stop, self.interrupted = True, "add_layer"
 
 
 class _ControlCheck(Callback):
@@ -153,7 +155,7 @@ class StageResult:
 
 def grow_stage(model: nn.Module, dataset, stage, config: TrainConfig | None = None, *, index: int = 0,
                step: int = 0, flops: float = 0.0, optimizer: torch.optim.Optimizer | None = None, callbacks=(),
-               control: GrowControl | None = None, name: str | None = None) -> StageResult:
+               control: GrowControl | None = None, name: str | None = None, monitor=None) -> StageResult:
     """Run one growth stage on ``model`` in place: its operation, its freezing, then its training.
 
     The stage's operation (``train``: none, ``add_layer``, ``stack``) is applied, what is frozen is
@@ -163,6 +165,7 @@ def grow_stage(model: nn.Module, dataset, stage, config: TrainConfig | None = No
     with ``wb.train`` using ``replace(config, steps=stage.steps, lr=stage.lr or config.lr,
     seed=config.seed + index)`` (warm-up in stage 0 only). ``step`` and ``flops`` are where the
     run stands before the stage (its metrics continue from them). :func:`grow` is a loop of these.
+    ``monitor`` (:mod:`workbench.monitor`): stopped, the stage ends after the step in progress.
     """
     ds = _dataset_obj(dataset)
     from ..lmc.permute import check_model_data
@@ -180,7 +183,7 @@ def grow_stage(model: nn.Module, dataset, stage, config: TrainConfig | None = No
     if name is not None:
         checks.check_str("name", name, 200)
     result = _run_stage(model, ds, stage, config, index, step, flops, optimizer, callbacks, control,
-                        name or f"{ds.name}-grow")
+                        name or f"{ds.name}-grow", _monitor.resolve(monitor))
     import pandas as pd
 
     result.run.metrics = pd.concat(result.frames, ignore_index=True)
@@ -188,7 +191,7 @@ def grow_stage(model: nn.Module, dataset, stage, config: TrainConfig | None = No
 
 
 def _run_stage(model: nn.Module, ds, s: Stage, config: TrainConfig, index: int, step: int, flops_total: float,
-               opt, callbacks, control, name: str) -> StageResult:
+               opt, callbacks, control, name: str, monitor=None) -> StageResult:
     """:func:`grow_stage` on checked arguments (``run.metrics``: the training metrics only)."""
     import pandas as pd
 
@@ -205,7 +208,7 @@ def _run_stage(model: nn.Module, ds, s: Stage, config: TrainConfig, index: int, 
     per_example = flops_per_example(model, seq_len)
     extra = {"stage": index, "op": s.op, "n_layers": len(_blocks(model)),
              "trainable_params": count_params(model, trainable_only=True)}
-    book = _Bookkeeping(flops_total, per_example, len(ds.x_train), cfg.batch_size, step, control)
+    book = _Bookkeeping(flops_total, per_example, len(ds.x_train), cfg.batch_size, step, control, monitor)
     cbs = [book, FadeIn(), *callbacks, _ControlCheck(book)]
     # evaluate at the start of every stage (right after growth, so function preservation shows)
     rows = [{"step": step, "split": split, "metric": metric, "value": value, **extra, "flops": flops_total}
@@ -237,7 +240,7 @@ def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = 
          group: str | None = None, name: str | None = None, callbacks=(), control: GrowControl | None = None,
          optimizer: torch.optim.Optimizer | None = None, on_stage=None, criterion: str | None = None,
          tau: float = 2.0, check_every: int | None = None, candidates=CANDIDATES, widen_factor: float = 2.0,
-         score_examples: int = 64, damping: float = 1e-4, max_growths: int = 8, cooldown: int = 0):
+         score_examples: int = 64, damping: float = 1e-4, max_growths: int = 8, cooldown: int = 0, monitor=None):
     """Train ``model`` in place through a growth ``schedule``; returns one :class:`~workbench.training.Run`.
 
     Each stage is one :func:`grow_stage`: it applies its operation (``train``: none,
@@ -251,8 +254,11 @@ def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = 
     cumulative training ``flops`` (:mod:`workbench.flops`). With ``store``, every stage is
     saved when it ends (weights at that point, metrics so far) with
     ``meta = {"group", "stage", "parent", ...}``; the returned Run is the last stage's entry.
-    ``control`` (a :class:`GrowControl`) lets another thread add a layer now or stop.
+    ``control`` (a :class:`GrowControl`) lets another thread add a layer now (or stop).
     ``on_stage(run_k)`` is called after each stage (the dashboard refreshes its strip there).
+    ``monitor`` (:mod:`workbench.monitor`, default the running job's): stopped, the run ends after the
+    step in progress (status ``"cancelled"``, the stage so far saved); progress comes from the
+    callbacks (:class:`workbench.jobs.TrainProgress`).
 
     ``criterion="natural"`` (then ``schedule`` is None): growth decides itself when and where. Training
     runs ``config.steps`` steps in stages of ``check_every`` (default ``config.steps // 10``); after each,
@@ -274,6 +280,7 @@ def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = 
     ds = _dataset_obj(dataset)
     check_model_data(model, ds)
     config = (config or TrainConfig()).validate()
+    monitor = _monitor.resolve(monitor)
     if criterion is None:
         stages = check_schedule(schedule, len(_blocks(model)))
         _check_depth(model, max([len(_blocks(model))] + _depths(stages, len(_blocks(model)))), "the schedule")
@@ -307,7 +314,8 @@ def grow(model: nn.Module, dataset, schedule=None, config: TrainConfig | None = 
         s = pending.pop(0)
         if criterion is not None:
             stages.append(s)
-        res = _run_stage(model, ds, s, config, stage_idx, step, flops_total, opt, callbacks, control, name)
+        res = _run_stage(model, ds, s, config, stage_idx, step, flops_total, opt, callbacks, control, name,
+                         monitor)
         opt, last_cfg, run_k = res.optimizer, res.train_config, res.run
         frames += res.frames
         step, flops_total, status = res.step, res.flops, res.status

@@ -5,7 +5,6 @@ Definitions: ``docs/definitions.md#weight-matching``, ``#repair``.
 """
 from __future__ import annotations
 
-import threading
 from typing import Sequence
 
 import numpy as np
@@ -14,19 +13,19 @@ import torch
 import torch.nn as nn
 
 from ..core import checks
+from ..core import monitor as _monitor
 from .. import hooks
 from . import permute as _perm
 from ..core.data import Dataset
 from .permute import check_same_architecture
 from .interpolation import (
     METHODS,
-    Progress,
-    _check,
     _check_data,
     _check_n_alphas,
     _check_splits,
     _evaluate,
     _params,
+    _progress,
     curve,
     interpolate,
 )
@@ -130,11 +129,12 @@ def repair(model_a: nn.Module, model_b: nn.Module, alpha: float, data, max_examp
 def compare(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, n_alphas: int = 25,
             methods: Sequence[str] = ("none", "weights", "activations", "repair"),
             splits: Sequence[str] = ("train", "val"), max_examples: int = 2048, seed: int = 0,
-            progress: Progress | None = None, stop: threading.Event | None = None) -> pd.DataFrame:
+            monitor=None) -> pd.DataFrame:
     """Curves before alignment, after weight matching, after activation matching and after REPAIR.
 
     REPAIR is applied on top of activation matching (as in Jordan et al.), one repaired
-    model per alpha. Returns the curves of :func:`curve` with a ``method`` column.
+    model per alpha. Returns the curves of :func:`curve` with a ``method`` column. ``monitor``
+    (:mod:`workbench.monitor`): progress per method; stopped, it raises :class:`Cancelled`.
     """
     _check_data(model_a, model_b, dataset)
     _check_n_alphas(n_alphas)
@@ -142,12 +142,11 @@ def compare(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, n_alphas: 
     checks.check_int("max_examples", max_examples, 0)
     seed = checks.check_seed("seed", seed)
     methods = checks.check_choices("methods", methods, METHODS)
+    monitor = _monitor.resolve(monitor)
     frames, matched = [], {}
     steps = len(methods)
     for i, method in enumerate(methods):
-        _check(stop)
-        if progress:
-            progress(i, steps, f"curve: {method}")
+        _progress(monitor, i, steps, f"curve: {method}")
         if method == "none":
             df = curve(model_a, model_b, dataset, n_alphas, splits, max_examples)
         elif method == "weights":
@@ -159,18 +158,18 @@ def compare(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, n_alphas: 
             if method == "activations":
                 df = curve(model_a, b, dataset, n_alphas, splits, max_examples)
             else:
-                df = _repair_curve(model_a, b, dataset, n_alphas, splits, max_examples, stop)
+                df = _repair_curve(model_a, b, dataset, n_alphas, splits, max_examples, monitor)
         frames.append(df.assign(method=method))
-    if progress:
-        progress(steps, steps, "done")
+    monitor.report(1.0, "done")
     return pd.concat(frames, ignore_index=True)[["method", "alpha", "split", "loss", "acc", "error"]]
 
 
-def _repair_curve(model_a, model_b, dataset, n_alphas, splits, max_examples, stop=None) -> pd.DataFrame:
+def _repair_curve(model_a, model_b, dataset, n_alphas, splits, max_examples, monitor=None) -> pd.DataFrame:
+    monitor = _monitor.resolve(monitor)
     grid = np.linspace(0, 1, n_alphas)
     repaired = []
     for a in grid:
-        _check(stop)
+        _monitor.check(monitor)
         m = model_a if a == 0 else model_b if a == 1 else repair(model_a, model_b, float(a), dataset, max_examples)
         repaired.append(_params(m))
     stacked = {k: torch.stack([p[k].to(repaired[0][k].device) for p in repaired]) for k in repaired[0]}

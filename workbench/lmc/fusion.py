@@ -6,7 +6,6 @@ Definitions: ``docs/definitions.md#ot-fusion``.
 from __future__ import annotations
 
 import copy
-import threading
 import warnings
 from typing import Sequence
 
@@ -16,17 +15,17 @@ import torch
 import torch.nn as nn
 
 from ..core import checks
+from ..core import monitor as _monitor
 from .. import hooks
 from . import permute as _perm
 from ..core.data import Dataset
 from .permute import check_same_architecture
 from .interpolation import (
     SPLITS,
-    Progress,
-    _check,
     _check_data,
     _evaluate,
     _params,
+    _progress,
     _refuse_batchnorm,
 )
 
@@ -272,14 +271,14 @@ def fuse(model_a: nn.Module, model_b: nn.Module, method: str = "emd", reg: float
 
 def fusion_curve(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, regs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
                  ground: str = "activations", qk: str = "joint", split: str = "val", max_examples: int = 2048,
-                 fit_examples: int = 256, progress: Progress | None = None,
-                 stop: threading.Event | None = None) -> tuple[pd.DataFrame, dict]:
+                 fit_examples: int = 256, monitor=None) -> tuple[pd.DataFrame, dict]:
     """Loss of the fused model against the Sinkhorn ``reg``, next to vanilla averaging, EMD and the parents.
 
     Returns ``(table, maps)``: ``table`` has columns ``method`` (``"A"``, ``"B"``, ``"vanilla"``,
     ``"emd"``, ``"sinkhorn"``), ``reg`` (NaN except for Sinkhorn), ``split, loss, acc, error``;
     ``maps`` is ``{(method, reg or None): transport_maps(...)}`` for vanilla, EMD and each Sinkhorn ``reg``. The couplings are fitted
-    on ``fit_examples`` training inputs of ``dataset``; the losses are on ``split``.
+    on ``fit_examples`` training inputs of ``dataset``; the losses are on ``split``. ``monitor``: progress
+    per fused model; stopped, it raises :class:`Cancelled`.
     """
     _check_data(model_a, model_b, dataset)
     if isinstance(regs, (str, bytes)) or not isinstance(regs, (list, tuple)) or not 1 <= len(regs) <= 50:
@@ -289,11 +288,10 @@ def fusion_curve(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, regs:
     checks.check_int("max_examples", max_examples, 0)
     checks.check_int("fit_examples", fit_examples, 1, 100_000)
     jobs = [("A", None), ("B", None), ("vanilla", None), ("emd", None)] + [("sinkhorn", r) for r in regs]
+    monitor = _monitor.resolve(monitor)
     rows, maps = [], {}
     for i, (method, reg) in enumerate(jobs):
-        _check(stop)
-        if progress:
-            progress(i, len(jobs), f"fusion: {method}" + (f" reg={reg:g}" if reg else ""))
+        _progress(monitor, i, len(jobs), f"fusion: {method}" + (f" reg={reg:g}" if reg else ""))
         if method in ("A", "B"):
             model = model_a if method == "A" else model_b
         else:
@@ -304,6 +302,5 @@ def fusion_curve(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, regs:
                               max_examples)
         rows.append({"method": method, "reg": float("nan") if reg is None else reg, "split": split,
                      "loss": float(loss[0]), "acc": float(acc[0]), "error": 1 - float(acc[0])})
-    if progress:
-        progress(len(jobs), len(jobs), "done")
+    monitor.report(1.0, "done")
     return pd.DataFrame(rows), maps

@@ -6,10 +6,9 @@ Definitions: ``docs/definitions.md#interpolation``, ``#barrier``, ``#loss-plane`
 from __future__ import annotations
 
 import copy
-import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,10 +18,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..core import checks
+from ..core import monitor as _monitor
 from ..core.data import IGNORE, Dataset
 from .permute import check_model_data, check_same_architecture
-
-Progress = Callable[[int, int, str], None]
 
 # Bounds on the sizes of a computation (each point is one evaluation of a model on the data).
 N_ALPHAS = (2, 1001)          # points on an interpolation curve
@@ -47,13 +45,13 @@ def _check_data(model_a: nn.Module, model_b: nn.Module, dataset) -> None:
     check_model_data(model_a, dataset)
 
 
-class Cancelled(RuntimeError):
-    """Raised when a ``stop`` event is set during a long computation."""
+Cancelled = _monitor.Stopped   # raised when the monitor is stopped during a long computation (the one Stopped)
 
 
-def _check(stop: threading.Event | None) -> None:
-    if stop is not None and stop.is_set():
-        raise Cancelled("cancelled")
+def _progress(monitor, done: int, total: int, message: str) -> None:
+    """Raise :class:`Cancelled` if the monitor is stopped, else report ``done / total`` and ``message``."""
+    _monitor.check(monitor)
+    monitor.report(done / max(total, 1), message)
 
 
 def _refuse_batchnorm(model: nn.Module) -> None:

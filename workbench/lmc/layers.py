@@ -5,7 +5,6 @@ Definitions: ``docs/definitions.md#layerwise-lmc``, ``#barrier-estimate``.
 """
 from __future__ import annotations
 
-import threading
 from typing import Callable
 
 import numpy as np
@@ -16,19 +15,19 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..core import checks
+from ..core import monitor as _monitor
 from ..core.data import IGNORE, Dataset
 from .permute import check_model_data, check_same_architecture
 from .interpolation import (
     SPLITS,
-    Progress,
     _barrier_1d,
-    _check,
     _check_data,
     _check_n_alphas,
     _chunked_eval,
     _lerp_stack,
     _pair,
     _params,
+    _progress,
     _split_data,
     barrier,
 )
@@ -84,15 +83,15 @@ LAYERWISE_BASES = ("both", "a", "b")
 def layerwise_curves(model_a: nn.Module, model_b: nn.Module, dataset: Dataset,
                      groups: dict[str, list[str]] | None = None, n_alphas: int = 11, mode: str = "single",
                      base: str = "both", split: str = "val", max_examples: int = 2048,
-                     progress: Progress | None = None, stop: threading.Event | None = None) -> pd.DataFrame:
+                     monitor=None) -> pd.DataFrame:
     """The curves behind :func:`layerwise`: loss and accuracy along every layer-wise path.
 
     ``mode="single"``: only group ``l`` moves (``direction`` ``"single"``); ``mode="cumulative"``: the
     groups ``1..k`` move (``"from input"``) and the groups ``k..L`` (``"from output"``), ``group`` naming
     ``k``. ``base="a"``: everything else is A's, alpha 0 is A; ``"b"``: the mirror image (alpha 0 is B,
     alpha 1 is B with the moved groups taken from A); ``"both"``: both. Columns ``mode, direction,
-    group, base, alpha, split, loss, acc, error`` (base ``"A"``/``"B"``). Definition:
-    ``docs/definitions.md#layerwise-lmc``.
+    group, base, alpha, split, loss, acc, error`` (base ``"A"``/``"B"``). ``monitor``: progress per
+    path; stopped, it raises :class:`Cancelled`. Definition: ``docs/definitions.md#layerwise-lmc``.
     """
     _check_data(model_a, model_b, dataset)
     _check_n_alphas(n_alphas)
@@ -105,27 +104,24 @@ def layerwise_curves(model_a: nn.Module, model_b: nn.Module, dataset: Dataset,
     paths = _layerwise_paths(groups, mode)
     bases = [b for b in (("A", (pa, pb)), ("B", (pb, pa))) if base in ("both", b[0].lower())]
     grid = torch.linspace(0, 1, n_alphas)
+    monitor = _monitor.resolve(monitor)
     frames, total, done = [], len(bases) * len(paths), 0
     for bname, (p0, p1) in bases:
         for direction, gname, names in paths:
-            _check(stop)
-            if progress:
-                progress(done, total, f"layer-wise: {gname} {direction} (base {bname})")
+            _progress(monitor, done, total, f"layer-wise: {gname} {direction} (base {bname})")
             loss, acc = _chunked_eval(model_a, lambda s: _lerp_stack(p0, p1, grid[s], names), len(grid),
                                       dataset, split, max_examples)
             frames.append(pd.DataFrame({"mode": mode, "direction": direction, "group": gname, "base": bname,
                                         "alpha": grid.numpy().astype(float), "split": split, "loss": loss,
                                         "acc": acc, "error": 1 - acc}))
             done += 1
-    if progress:
-        progress(total, total, "done")
+    monitor.report(1.0, "done")
     return pd.concat(frames, ignore_index=True)
 
 
 def layerwise(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, groups: dict[str, list[str]] | None = None,
               n_alphas: int = 11, split: str = "val", max_examples: int = 2048,
-              progress: Progress | None = None, stop: threading.Event | None = None, mode: str = "single",
-              base: str = "both") -> pd.DataFrame:
+              monitor=None, mode: str = "single", base: str = "both") -> pd.DataFrame:
     """Layer-wise LMC (Adilova et al. 2023): interpolate one group, take everything else from A (and from B).
 
     With base A the path runs from A (alpha 0) to A with the group replaced by B's
@@ -137,7 +133,7 @@ def layerwise(model_a: nn.Module, model_b: nn.Module, dataset: Dataset, groups: 
     :func:`layerwise_curves`. Definition: ``docs/definitions.md#layerwise-lmc``.
     """
     curves = layerwise_curves(model_a, model_b, dataset, groups, n_alphas, mode, base, split, max_examples,
-                              progress, stop)
+                              monitor)
     cols = ["group", "base", "split", "metric", "definition", "barrier", "alpha"]
     if mode == "cumulative":
         cols = ["direction"] + cols

@@ -6,12 +6,12 @@ Definitions: ``docs/definitions.md#instability``.
 from __future__ import annotations
 
 import copy
-import threading
 from typing import Sequence
 
 import pandas as pd
 
 from ..core import checks
+from ..core import monitor as _monitor
 from ..core.data import Dataset
 from .permute import check_model_data
 from .interpolation import (
@@ -19,8 +19,6 @@ from .interpolation import (
     MAX_SPAWN_STEPS,
     SPLITS,
     Cancelled,
-    Progress,
-    _check,
     _check_n_alphas,
     barrier,
     barrier_value,
@@ -37,28 +35,34 @@ def _check_seeds(name: str, seeds, at_least: int) -> list[int]:
     return [checks.check_seed(f"{name}[]", s) for s in seeds]
 
 
-def train_pair(config, dataset: Dataset, seeds: Sequence[int] = (0, 1), train_config=None, callbacks=()) -> list:
-    """Train one model per seed (initialisation and data order both from the seed); returns the Runs."""
+def train_pair(config, dataset: Dataset, seeds: Sequence[int] = (0, 1), train_config=None, callbacks=(),
+               monitor=None) -> list:
+    """Train one model per seed (initialisation and data order both from the seed); returns the Runs.
+
+    ``monitor``: the steps of all of them as one progress; stopped, the training in progress ends and
+    those after it end at once (their Runs' status ``"cancelled"``).
+    """
     import dataclasses
 
     from ..core.models import build
+    from ..core.progress import TrainProgress
     from ..core.training import TrainConfig, train
 
     seeds = _check_seeds("seeds", seeds, 1)
     tc = (train_config or TrainConfig()).validate()
     check_model_data(build(config.validate()), dataset)
+    progress = TrainProgress(_monitor.resolve(monitor), total_steps=len(seeds) * tc.steps)
     runs = []
     for s in seeds:
         model = build(dataclasses.replace(config, seed=s))
-        runs.append(train(model, dataset, dataclasses.replace(tc, seed=s), callbacks=callbacks,
+        runs.append(train(model, dataset, dataclasses.replace(tc, seed=s), callbacks=[*callbacks, progress],
                           name=f"{dataset.name}-{config.family}-seed{s}"))
     return runs
 
 
 def instability(config, dataset: Dataset, spawn_steps: Sequence[int], train_config=None,
                 child_seeds: Sequence[int] = (1, 2), n_alphas: int = 11, split: str = "val",
-                max_examples: int = 2048, progress: Progress | None = None,
-                stop: threading.Event | None = None) -> pd.DataFrame:
+                max_examples: int = 2048, monitor=None) -> pd.DataFrame:
     """Instability analysis (Frankle et al. 2020): spawn two children at step k and measure their barrier.
 
     One parent (init ``config.seed``, data order ``train_config.seed``) is trained to each
@@ -66,12 +70,14 @@ def instability(config, dataset: Dataset, spawn_steps: Sequence[int], train_conf
     parent's optimizer state) train for the remaining ``train_config.steps - k`` steps with
     data orders ``child_seeds``. Returns one row per ``k``: ``spawn_step``, the linear loss
     and error barriers between the children (``loss_barrier``, ``error_barrier``) and their
-    accuracies (``acc_a``, ``acc_b``) on ``split``.
+    accuracies (``acc_a``, ``acc_b``) on ``split``. ``monitor``: the training steps as progress;
+    stopped, it raises :class:`Cancelled`.
     """
     import dataclasses
 
     from ..core.models import build
-    from ..core.training import StopOnEvent, TrainConfig, make_optimizer, train
+    from ..core.progress import TrainProgress
+    from ..core.training import TrainConfig, make_optimizer, train
 
     tc = (train_config or TrainConfig()).validate()
     if isinstance(spawn_steps, (str, bytes)) or not isinstance(spawn_steps, (list, tuple, range)) \
@@ -85,21 +91,22 @@ def instability(config, dataset: Dataset, spawn_steps: Sequence[int], train_conf
     _check_n_alphas(n_alphas)
     checks.check_choice("split", split, SPLITS)
     checks.check_int("max_examples", max_examples, 0)
-    cbs = [StopOnEvent(stop)] if stop is not None else []
+    monitor = _monitor.resolve(monitor)
+    progress = TrainProgress(monitor, total_steps=max(1, steps[-1] + sum(2 * (tc.steps - k) for k in steps)))
+    cbs = [progress]
     parent = build(config.validate())
     check_model_data(parent, dataset)
     opt = make_optimizer(parent, tc)
     at, rows = 0, []
-    for i, k in enumerate(steps):
-        _check(stop)
-        if progress:
-            progress(i, len(steps), f"spawn at step {k}")
+    for k in steps:
+        _monitor.check(monitor)
+        progress.label = f"spawn at step {k}: step"
         if k > at:
             train(parent, dataset, dataclasses.replace(tc, steps=k - at), callbacks=cbs, optimizer=opt, start_step=at)
             at = k
         children = []
         for s in child_seeds:
-            _check(stop)
+            _monitor.check(monitor)
             child = copy.deepcopy(parent)
             child_opt = make_optimizer(child, tc)
             child_opt.load_state_dict(opt.state_dict())
@@ -115,6 +122,5 @@ def instability(config, dataset: Dataset, spawn_steps: Sequence[int], train_conf
                      "loss_barrier": barrier_value(b, split, "loss", "linear"),
                      "error_barrier": barrier_value(b, split, "error", "linear"),
                      "acc_a": float(ends["acc"].iloc[0]), "acc_b": float(ends["acc"].iloc[-1])})
-    if progress:
-        progress(len(steps), len(steps), "done")
+    monitor.report(1.0, "done")
     return pd.DataFrame(rows)

@@ -48,6 +48,7 @@ import pandas as pd
 from ..core import checks, recipes
 from ..core.models import FAMILIES
 from ..core.training import TrainConfig
+from .. import experiments
 from . import jobs
 
 __all__ = ["TASKS", "run", "start", "Sweep", "points", "train_task", "barrier_task", "collapse_task", "grow_task",
@@ -122,43 +123,7 @@ def train_task(dataset: str = "digits", *, seed: int = 0, steps: int = 100, lr: 
     return {"status": _status(run.status), "rows": rows}
 
 
-def barrier_task(dataset: str = "digits", *, seed: int = 0, seed_b: int | None = None, steps: int = 200,
-                 lr: float = 1e-3, batch_size: int = 64, d_model: int | None = None, n_layers: int | None = None,
-                 d_hidden: int | None = None, n_heads: int | None = None, d_mlp: int | None = None,
-                 n_alphas: int = 11, split: str = "val", max_examples: int = 2048,
-                 data_options: dict | None = None) -> dict:
-    """A pair trained from ``seed`` and ``seed_b`` (default ``seed + 1``); the loss and error barriers
-    (linear definition, on ``split``) before alignment and after weight matching.
-
-    Rows: ``loss_barrier`` and ``error_barrier`` with ``alignment`` ``"none"`` or ``"weights"``, and
-    the endpoints' accuracies ``acc_a``, ``acc_b``.
-    """
-    from .. import lmc
-    from ..core import models
-    from ..core.training import TrainConfig
-
-    seed_b = seed + 1 if seed_b is None else seed_b
-    if seed_b == seed:
-        raise ValueError(f"seed_b must differ from seed (a pair needs two seeds), got {seed_b}")
-    ds = _load(dataset, data_options)
-    cfg = models.config_for(ds, seed=seed, **_size_overrides(ds, d_model=d_model, n_layers=n_layers,
-                                                               d_hidden=d_hidden, n_heads=n_heads, d_mlp=d_mlp))
-    tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eval_every=steps, seed=seed)
-    progress = jobs.TrainProgress(total_steps=2 * steps)
-    run_a, run_b = lmc.train_pair(cfg, ds, (seed, seed_b), tc, callbacks=[progress])
-    statuses = {run_a.status, run_b.status}
-    if statuses & {"diverged", "cancelled"}:
-        return {"status": "diverged" if "diverged" in statuses else "cancelled", "rows": []}
-    a, b = run_a.model, run_b.model
-    rows = []
-    for alignment, other in (("none", b), ("weights", lmc.align(a, b, "weights", seed=seed))):
-        table = lmc.barrier(lmc.curve(a, other, ds, n_alphas, (split,), max_examples))
-        for metric in ("loss", "error"):
-            rows.append({"alignment": alignment, "metric": f"{metric}_barrier",
-                         "value": lmc.barrier_value(table, split, metric, "linear")})
-    rows += [{"metric": "acc_a", "value": run_a.final("acc", split)},
-             {"metric": "acc_b", "value": run_b.final("acc", split)}]
-    return {"status": "done", "rows": rows}
+barrier_task = experiments.connectivity.task   # the connectivity experiment's pair and barriers
 
 
 def collapse_task(dataset: str = "digits", *, seed: int = 0, epochs: int = 5, every: int = 1, record: str = "all",

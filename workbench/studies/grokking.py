@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import data, models
+from ..core import monitor as _monitor
 from ..core.checks import check_choice, check_float, check_int, check_seed
 from ..core.training import Callback, Run, TrainConfig, TrainState, train
 
@@ -353,7 +354,7 @@ TIAN_OPTIMIZERS = ("adam", "adamw")
 
 def tian_threshold(ratios=(1.67, 2.75, 4.16, 5.0), M: int = 71, epochs: int = 3000, hidden: int = 512,
                    lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, *, optimizer: str = "adam",
-                   progress=None, stop=None) -> pd.DataFrame:
+                   monitor=None) -> pd.DataFrame:
     """Test accuracy against ``n / (M ln M)`` (``docs/definitions.md#grok-threshold``).
 
     For each ratio, ``n = round(ratio M ln M)`` of the ``M^2`` pairs (a seeded permutation) train
@@ -363,14 +364,11 @@ def tian_threshold(ratios=(1.67, 2.75, 4.16, 5.0), M: int = 71, epochs: int = 30
     (``lr * weight_decay`` per step, 1e-7 at the defaults: in effect none, and no generalisation).
     Returns columns ``ratio, n, train_acc, test_acc, seconds``.
 
-    ``progress(done, total, table)``, if given, is called after each ratio with the rows so far;
-    ``stop()``, if given, is polled every 50 epochs: once it returns True the sweep ends and returns
-    the ratios finished (the interrupted one is dropped).
+    ``monitor`` (:mod:`workbench.monitor`): after each ratio a report whose payload is the table so far;
+    its ``stopped`` is read every 50 epochs: once stopped the sweep ends and returns the ratios finished
+    (the interrupted one is dropped).
     """
-    if progress is not None and not callable(progress):
-        raise ValueError(f"progress must be a callable or None, got {type(progress).__name__}")
-    if stop is not None and not callable(stop):
-        raise ValueError(f"stop must be a callable or None, got {type(stop).__name__}")
+    monitor = _monitor.resolve(monitor)
     check_int("M", M, 3, 1000)
     check_int("epochs", epochs, 1, 1_000_000)
     check_float("lr", lr, 0, 1, lo_open=True)
@@ -393,7 +391,7 @@ def tian_threshold(ratios=(1.67, 2.75, 4.16, 5.0), M: int = 71, epochs: int = 30
                                                                                 weight_decay=weight_decay)
         t0 = time.perf_counter()
         for epoch in range(epochs):
-            if stop is not None and epoch % 50 == 0 and stop():
+            if epoch % 50 == 0 and monitor.stopped:
                 return pd.DataFrame(rows, columns=_TIAN_COLUMNS)
             loss = F.cross_entropy(model(ab[tr]), y[tr])
             opt.zero_grad(set_to_none=True)
@@ -404,6 +402,6 @@ def tian_threshold(ratios=(1.67, 2.75, 4.16, 5.0), M: int = 71, epochs: int = 30
             te_acc = float((model(ab[te]).argmax(1) == y[te]).float().mean())
         rows.append({"ratio": r, "n": n, "train_acc": tr_acc, "test_acc": te_acc,
                      "seconds": time.perf_counter() - t0})
-        if progress is not None:
-            progress(len(rows), len(ratios), pd.DataFrame(rows, columns=_TIAN_COLUMNS))
+        monitor.report(len(rows) / len(ratios), f"ratio {len(rows)} / {len(ratios)}",
+                       pd.DataFrame(rows, columns=_TIAN_COLUMNS), force=True)
     return pd.DataFrame(rows, columns=_TIAN_COLUMNS)

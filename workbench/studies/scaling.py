@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..core import monitor as _monitor
 from ..core.checks import check_choice, check_float, check_int, check_seed
 
 __all__ = ["PowerLaw", "fit", "extrapolation", "sweep", "SWEEP_AXES", "SWEEP_COLUMNS"]
@@ -164,7 +165,7 @@ SWEEP_COLUMNS = ["axis", "value", "params", "n_train", "val_loss", "val_acc", "t
 
 
 def sweep(axis: str = "width", values=(8, 16, 32, 64, 128), *, dataset: str = "digits", steps: int = 300,
-          seed: int = 0, lr: float = 3e-3, progress=None, stop=None) -> pd.DataFrame:
+          seed: int = 0, lr: float = 3e-3, monitor=None) -> pd.DataFrame:
     """Validation loss of MLPs on ``dataset`` (a vector task) against ``axis`` (a plain loop, one seed;
     ``docs/definitions.md#scaling-sweep``).
 
@@ -172,24 +173,16 @@ def sweep(axis: str = "width", values=(8, 16, 32, 64, 128), *, dataset: str = "d
     ``data``: training examples (the first n of the training split) at width 32, 2 blocks.
     Returns columns ``axis, value, params, n_train, val_loss, val_acc, train_loss``.
 
-    ``progress(done, total, table)``, if given, is called after each point with the rows so far;
-    ``stop()``, if given, is polled every training step: once it returns True the sweep ends and
-    returns the points finished (the interrupted one is dropped).
+    ``monitor`` (:mod:`workbench.monitor`): the training steps as progress, and after each point a
+    report whose payload is the table so far; its ``stopped`` is read every training step: once stopped
+    the sweep ends and returns the points finished (the interrupted one is dropped).
     """
     from ..core import data as _data, models as _models
-    from ..core.training import Callback, TrainConfig, train
+    from ..core.progress import TrainProgress
+    from ..core.training import TrainConfig, train
 
     check_choice("axis", axis, SWEEP_AXES)
-    if progress is not None and not callable(progress):
-        raise ValueError(f"progress must be a callable or None, got {type(progress).__name__}")
-    if stop is not None and not callable(stop):
-        raise ValueError(f"stop must be a callable or None, got {type(stop).__name__}")
-
-    class _Stop(Callback):
-        def on_step(self, state):
-            if stop():
-                state.stop = True
-    callbacks = [_Stop()] if stop is not None else []
+    monitor = _monitor.resolve(monitor)
     if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not len(values):
         raise ValueError(f"values must be a non-empty list of positive integers, got {values!r:.60}")
     values = [check_int(f"values[{i}]", v, 1, 100_000) for i, v in enumerate(values)]
@@ -199,8 +192,8 @@ def sweep(axis: str = "width", values=(8, 16, 32, 64, 128), *, dataset: str = "d
     if ds_full.kind != "vector":
         raise ValueError(f"dataset must be a vector dataset (digits, mnist1d), got {dataset!r}")
     rows = []
-    for v in values:
-        if stop is not None and stop():
+    for i, v in enumerate(values):
+        if monitor.stopped:
             break
         ds, width, depth = ds_full, 32, 2
         if axis == "width":
@@ -217,12 +210,14 @@ def sweep(axis: str = "width", values=(8, 16, 32, 64, 128), *, dataset: str = "d
         cfg = _models.MLPConfig(d_in=ds.d_in, n_classes=ds.n_classes, d_model=width, d_hidden=2 * width,
                                 n_layers=depth, seed=seed)
         model = _models.build(cfg)
-        run = train(model, ds, TrainConfig(steps=steps, lr=lr, eval_every=steps, seed=seed), callbacks=callbacks)
-        if stop is not None and stop():
+        progress = TrainProgress(_monitor.part(monitor, i / len(values), 1 / len(values)),
+                                 label=f"point {i + 1}: step", payload=False)
+        run = train(model, ds, TrainConfig(steps=steps, lr=lr, eval_every=steps, seed=seed), callbacks=[progress])
+        if monitor.stopped:
             break
         rows.append({"axis": axis, "value": v, "params": cfg.param_count(), "n_train": len(ds.x_train),
                      "val_loss": run.final("loss", "val"), "val_acc": run.final("acc", "val"),
                      "train_loss": run.final("loss", "train")})
-        if progress is not None:
-            progress(len(rows), len(values), pd.DataFrame(rows, columns=SWEEP_COLUMNS))
+        monitor.report(len(rows) / len(values), f"point {len(rows)} / {len(values)}",
+                       pd.DataFrame(rows, columns=SWEEP_COLUMNS), force=True)
     return pd.DataFrame(rows, columns=SWEEP_COLUMNS)

@@ -6,7 +6,9 @@ import dataclasses
 import pandas as pd
 import panel as pn
 
-from ..core import checks, data, models, recipes
+from ..core import checks, data, models
+from ..core import monitor as wb_monitor
+from ..experiments import connectivity
 from .. import lmc
 from ..figures import lmc as figs
 from ..core.training import TrainConfig
@@ -14,6 +16,7 @@ from .session import dataset_from_spec, open_run
 from .text import short_spec
 from .widgets import run_options
 from .page import Page
+from .task import job_monitor
 
 EXPLANATION = """Two networks trained from different seeds reach similar accuracy, yet the straight line
 between their weights usually crosses a loss *barrier*. Much of it comes from the arbitrary order of hidden
@@ -26,38 +29,6 @@ weight-matched B; instability spawns two children from one parent at step k (Fra
 Optimal-transport fusion transports B's units onto A's with a hard (EMD) or soft (Sinkhorn) map before
 averaging; the layer-wise heat-maps interpolate one layer at a time from base A or base B, with cumulative
 barriers from the input and from the output and the first-order barrier estimate (Adilova et al. 2024)."""
-
-CODE = """import dataclasses
-import workbench as wb
-from workbench.figures import lmc as figs
-store = wb.RunStore()
-run_a, run_b = store.load({run_a!r}), store.load({run_b!r})
-a, b = run_a.model.eval(), run_b.model.eval()
-ds = wb.data.from_spec(run_a.dataset)
-curves = wb.lmc.compare(a, b, ds, n_alphas={n_alphas}, max_examples={max_examples})  # none, weights, activations, repair
-figs.connectivity_curves(curves)
-figs.barrier_table(wb.lmc.barrier(curves))
-b_w = wb.lmc.align(a, b, method="weights")
-figs.layerwise_bars(wb.lmc.layerwise(a, b_w, ds, n_alphas={n_layer_alphas}, max_examples={max_examples}))
-figs.plane_contour(wb.lmc.plane(a, b, b_w, ds, resolution={resolution}, max_examples={plane_examples}))
-tc = dataclasses.replace(run_a.train_config, steps={inst_steps}, eval_every={inst_steps})
-figs.instability_plot(wb.lmc.instability(a.config, ds, spawn_steps={spawn!r}, train_config=tc,
-                                         n_alphas={n_layer_alphas}, max_examples={max_examples}))
-table, maps = wb.lmc.fusion_curve(a, b, ds, max_examples={max_examples})     # vanilla, EMD, Sinkhorn by reg
-figs.fusion_vs_reg(table)
-figs.transport_map(maps[("emd", None)]["res"])
-lw = wb.lmc.layerwise_curves(a, b_w, ds, n_alphas={n_layer_alphas}, max_examples={max_examples})
-figs.layerwise_heatmap(lw, base="A")
-figs.cumulative_barriers(wb.lmc.layerwise(a, b_w, ds, mode="cumulative", max_examples={max_examples}),
-                         wb.lmc.barrier_estimate(a, b_w, ds, split="val", max_examples={max_examples}))"""
-PAIR_CODE = """import workbench as wb
-ds = wb.data.load({dataset!r}{options})
-config = wb.models.config_for(ds, {model})
-runs = wb.lmc.train_pair(config, ds, seeds=(0, 1), train_config=wb.TrainConfig({train}))
-store = wb.RunStore()
-RUN_A, RUN_B = [store.save(r) for r in runs]      # then compare them (pick them as model A and B)"""
-
-
 
 def _dataset_of(run) -> data.Dataset:
     return dataset_from_spec(run.dataset)  # never a server path
@@ -76,100 +47,47 @@ def open_pair(store, id_a: str, id_b: str):
 
 def _analysis_job(ctx, store, id_a: str, id_b: str, n_alphas: int, resolution: int, max_examples: int):
     """Curves for every method, barriers, layer-wise barriers and the plane (worker thread)."""
-    import torch
-
     ctx.report(progress=0.0, message="loading the runs")
     run_a, run_b = open_pair(store, id_a, id_b)
-    with torch.no_grad():
-        ds = _dataset_of(run_a)
-        a, b = run_a.model.eval(), run_b.model.eval()
-
-        def progress(stage_start, stage_span):
-            return lambda done, total, msg: ctx.report(progress=stage_start + stage_span * done / max(total, 1),
-                                                       message=msg)
-
-        curves = lmc.compare(a, b, ds, n_alphas=n_alphas, max_examples=max_examples,
-                             progress=progress(0.0, 0.6), stop=ctx.stop_event)
-        ctx.report({"curves": curves}, progress=0.6, message="layer-wise barriers")
-        b_w = lmc.align(a, b, method="weights")
-        layer = lmc.layerwise(a, b_w, ds, n_alphas=max(5, n_alphas // 2), max_examples=max_examples,
-                              progress=progress(0.6, 0.25), stop=ctx.stop_event)
-        ctx.report({"layerwise": layer}, progress=0.85, message="loss plane")
-        if ctx.stopped:
-            raise lmc.Cancelled("cancelled")
-        plane = lmc.plane(a, b, b_w, ds, resolution=resolution, max_examples=min(max_examples, 1024))
-    return {"curves": curves, "layerwise": layer, "plane": plane}
+    return connectivity.analysis(run_a.model.eval(), run_b.model.eval(), _dataset_of(run_a), n_alphas=n_alphas,
+                                 resolution=resolution, max_examples=max_examples, monitor=job_monitor(ctx))
 
 
 MAX_EXAMPLES = 1_000_000          # "examples per split" (0: all of them)
 MAX_INSTABILITY_STEPS = 100_000   # "total steps" of the instability children
 MAX_SPAWNS = 16                   # spawn steps (two children trained at each)
-FUSION_REGS = (0.01, 0.03, 0.08, 0.3, 1.0)   # the reg slider's stops (Imfeld et al.'s default 0.08 among them)
+FUSION_REGS = connectivity.FUSION_REGS   # the reg slider's stops
 
 
 def _fusion_job(ctx, store, id_a: str, id_b: str, ground: str, qk: str, max_examples: int):
     """Fused models for vanilla, EMD and every Sinkhorn reg of the slider, and their couplings (worker thread)."""
     run_a, run_b = open_pair(store, id_a, id_b)
-    ds = _dataset_of(run_a)
-    a, b = run_a.model.eval(), run_b.model.eval()
-    table, maps = lmc.fusion_curve(a, b, ds, regs=list(FUSION_REGS), ground=ground, qk=qk, max_examples=max_examples,
-                                   progress=lambda d, t, m: ctx.report(progress=d / max(t, 1), message=m),
-                                   stop=ctx.stop_event)
-    return {"fusion": table, "maps": maps}
+    return connectivity.fusion(run_a.model.eval(), run_b.model.eval(), _dataset_of(run_a), ground=ground, qk=qk,
+                               max_examples=max_examples, monitor=job_monitor(ctx))
 
 
 def _layerwise_job(ctx, store, id_a: str, id_b: str, n_alphas: int, max_examples: int):
     """Single-layer curves, cumulative barriers and the barrier estimate, before and after weight matching."""
     run_a, run_b = open_pair(store, id_a, id_b)
-    ds = _dataset_of(run_a)
-    a, b = run_a.model.eval(), run_b.model.eval()
-    pairs = (("none", b), ("weights", lmc.align(a, b, method="weights")))
-    curves, cumulative, estimate = [], [], []
-    for i, (alignment, other) in enumerate(pairs):
-        def progress(d, t, m, i=i):
-            ctx.report(progress=(i + 0.8 * d / max(t, 1)) / 2, message=f"{m} ({alignment})")
-
-        curves.append(lmc.layerwise_curves(a, other, ds, n_alphas=n_alphas, max_examples=max_examples,
-                                           progress=progress, stop=ctx.stop_event).assign(alignment=alignment))
-        cumulative.append(lmc.layerwise(a, other, ds, n_alphas=n_alphas, max_examples=max_examples, mode="cumulative",
-                                        stop=ctx.stop_event).assign(alignment=alignment))
-        if ctx.stopped:
-            raise lmc.Cancelled("cancelled")
-        estimate.append(lmc.barrier_estimate(a, other, ds, split="val", max_examples=max_examples,
-                                             n_alphas=n_alphas).assign(alignment=alignment))
-    return {"layer_curves": pd.concat(curves, ignore_index=True),
-            "cumulative": pd.concat(cumulative, ignore_index=True),
-            "estimate": pd.concat(estimate, ignore_index=True)}
+    return connectivity.layerwise(run_a.model.eval(), run_b.model.eval(), _dataset_of(run_a), n_alphas=n_alphas,
+                                  max_examples=max_examples, monitor=job_monitor(ctx))
 
 
-def _pair_options(dataset_name: str) -> dict:
-    """Data options of "train a pair": the Transformer pair's recipe for its task, else the defaults."""
-    return dict(recipes.TRANSFORMER_PAIR.data_options) if dataset_name == recipes.TRANSFORMER_PAIR.dataset else {}
-
-
-def _pair_job(ctx, dataset_name: str, model_config, train_config: TrainConfig):
-    ds = data.load(dataset_name, **_pair_options(dataset_name))
-    ctx.report(progress=0.0, message="training model A")
-    from ..core.training import StopOnEvent
-
-    runs = []
-    for i, seed in enumerate((0, 1)):
-        runs += lmc.train_pair(model_config, ds, seeds=(seed,), train_config=train_config,
-                               callbacks=[StopOnEvent(ctx.stop_event)])
-        ctx.report(progress=(i + 1) / 2, message="training model B" if i == 0 else "saving")
-        if runs[-1].status == "cancelled":
-            raise lmc.Cancelled("cancelled")
+def _pair_job(ctx, dataset_name: str, data_options: dict, model: dict, train: dict):
+    """Train the pair (seeds 0 and 1); a stopped pair is not returned (nothing half-trained is saved)."""
+    ctx.report(progress=0.0, message="training models A and B")
+    runs = connectivity.pair(dataset_name, data_options, model, train, seeds=(0, 1), monitor=job_monitor(ctx))
+    if any(r.status == "cancelled" for r in runs):
+        raise wb_monitor.Stopped("cancelled")
     return runs
 
 
 def _instability_job(ctx, store, id_a: str, id_b: str, spawn_steps: list[int], steps: int, n_alphas: int,
                      max_examples: int):
     run_a, _ = open_pair(store, id_a, id_b)
-    ds = _dataset_of(run_a)
     tc = dataclasses.replace(run_a.train_config, steps=steps, eval_every=steps)
-    return lmc.instability(run_a.model.config, ds, spawn_steps, train_config=tc, n_alphas=n_alphas,
-                           max_examples=max_examples, stop=ctx.stop_event,
-                           progress=lambda d, t, m: ctx.report(progress=d / max(t, 1), message=m))
+    return lmc.instability(run_a.model.config, _dataset_of(run_a), spawn_steps, train_config=tc, n_alphas=n_alphas,
+                           max_examples=max_examples, monitor=job_monitor(ctx))
 
 
 class ConnectivityPage(Page):
@@ -191,9 +109,9 @@ class ConnectivityPage(Page):
         # train a pair
         self.pair_dataset = pn.widgets.Select(name="dataset", options=[n for n in data.names() if n != "text"],
                                               value="digits", width=120)
-        self.pair_width = pn.widgets.IntInput(name="d_model", value=128, start=4, end=2048, width=100)
-        self.pair_layers = pn.widgets.IntInput(name="n_layers", value=2, start=1, end=12, width=100)
-        self.pair_steps = pn.widgets.IntInput(name="steps", value=300, start=10, end=100_000, width=100)
+        self.pair_width = pn.widgets.IntInput(name="d_model", start=4, end=2048, width=100)
+        self.pair_layers = pn.widgets.IntInput(name="n_layers", start=1, end=12, width=100)
+        self.pair_steps = pn.widgets.IntInput(name="steps", start=10, end=100_000, width=100)
         self.pair_button = pn.widgets.Button(name="Train a pair (seeds 0, 1)", width=200)
         self.pair_button.on_click(lambda _: self.train_pair())
         # instability
@@ -234,16 +152,14 @@ class ConnectivityPage(Page):
                                  sizing_mode="stretch_width")
         self.results: dict = {}
         self.pair_dataset.param.watch(self._fill_pair, "value")
+        self._fill_pair()
         self._refresh_runs()
 
     def _fill_pair(self, _=None) -> None:
-        """The pair's preset: recipes.TRANSFORMER_PAIR for its task (width, depth, steps), else an MLP pair."""
-        r = recipes.TRANSFORMER_PAIR
-        if self.pair_dataset.value == r.dataset:
-            self.pair_width.value, self.pair_layers.value = r.model_options["d_model"], r.model_options["n_layers"]
-            self.pair_steps.value = r.steps
-        else:
-            self.pair_width.value, self.pair_layers.value, self.pair_steps.value = 128, 2, 300
+        """The pair's preset for its dataset (width, depth, steps: ``experiments.connectivity.pair_choices``)."""
+        preset = connectivity.pair_choices(self.pair_dataset.value)
+        self.pair_width.value, self.pair_layers.value = preset["model"]["d_model"], preset["model"]["n_layers"]
+        self.pair_steps.value = preset["train"]["steps"]
 
     def side(self):
         return [self.run_a, self.run_b, self.compute_button]
@@ -275,18 +191,19 @@ class ConnectivityPage(Page):
     def on_store_change(self) -> None:
         self._refresh_runs()
 
-    def _pair_config(self):
-        """(dataset options, model config, train config) of "train a pair"; ValueError names the field."""
+    def pair_choices(self) -> dict:
+        """The choices of "train a pair" (``dataset``, ``data_options``, ``model``, ``train`` for
+        ``experiments.connectivity.pair``): the dataset's preset with the form's width, depth and steps,
+        checked without building any data; ValueError names the field."""
         name = self.pair_dataset.value
-        overrides = dict(d_model=self.pair_width.value, n_layers=self.pair_layers.value)
-        if name == recipes.TRANSFORMER_PAIR.dataset:
-            overrides = {**recipes.TRANSFORMER_PAIR.model_options, **overrides}
-        config = models.config_for(data.shape_of(name, **_pair_options(name)), **overrides)   # no data built
+        preset = connectivity.pair_choices(name)
+        model = {**preset["model"], "d_model": self.pair_width.value, "n_layers": self.pair_layers.value}
         steps = self.pair_steps.value
-        tc = TrainConfig(steps=steps, lr=3e-3, eval_every=steps if isinstance(steps, int) and steps > 0 else 1)
-        tc = tc.validate()
-        self.check_steps(2 * tc.steps, "steps (x 2 models)")   # a student's job budget, refused at once
-        return _pair_options(name), config, tc
+        train = {**preset["train"], "steps": steps, "eval_every": steps if isinstance(steps, int) and steps > 0 else 1}
+        models.config_for(data.shape_of(name, **preset["data_options"]), **model)   # no data built
+        TrainConfig(**train).validate()
+        self.check_steps(2 * steps, "steps (x 2 models)")   # a student's job budget, refused at once
+        return {"dataset": name, "data_options": preset["data_options"], "model": model, "train": train}
 
     def as_code(self) -> str:
         if self.run_a.value and self.run_b.value:
@@ -294,19 +211,12 @@ class ConnectivityPage(Page):
                 spawn = sorted({int(s) for s in self.spawn_steps.value.replace(",", " ").split()})
             except ValueError:
                 spawn = [0]
-            n = int(self.n_alphas.value or 25)
-            return CODE.format(run_a=self.run_a.value, run_b=self.run_b.value, n_alphas=n,
-                               n_layer_alphas=max(5, n // 2), max_examples=int(self.max_examples.value or 0),
-                               plane_examples=min(int(self.max_examples.value or 0), 1024),
-                               resolution=int(self.resolution.value or 15), inst_steps=int(self.inst_steps.value or 2),
-                               spawn=spawn)
-        opts, config, tc = self._pair_config()
-        model = {k: getattr(config, k) for k in ("d_model", "n_layers") + (
-            ("n_heads", "d_mlp") if config.family == "transformer" else ())}
-        return PAIR_CODE.format(dataset=self.pair_dataset.value,
-                                options="".join(f", {k}={v!r}" for k, v in opts.items()),
-                                model=", ".join(f"{k}={v!r}" for k, v in model.items()),
-                                train=f"steps={tc.steps}, lr={tc.lr!r}, eval_every={tc.eval_every}")
+            return connectivity.as_code(run_a=self.run_a.value, run_b=self.run_b.value,
+                                        n_alphas=int(self.n_alphas.value or 25),
+                                        max_examples=int(self.max_examples.value or 0),
+                                        resolution=int(self.resolution.value or 15),
+                                        inst_steps=int(self.inst_steps.value or 2), spawn=spawn)
+        return connectivity.as_code(**self.pair_choices())
 
     # ---------------------------------------------------------------- state
     def _refresh_runs(self) -> None:
@@ -354,10 +264,10 @@ class ConnectivityPage(Page):
         self._start(_analysis_job, *pair, n["n_alphas"], n["resolution"], n["max_examples"], wait=wait)
 
     def train_pair(self, wait: bool = False) -> None:
-        configs = self.read_form(self._pair_config)
-        if configs is not None:
-            _, config, tc = configs
-            self._start(_pair_job, self.pair_dataset.value, config, tc, wait=wait)
+        choices = self.read_form(self.pair_choices)
+        if choices is not None:
+            self._start(_pair_job, choices["dataset"], choices["data_options"], choices["model"], choices["train"],
+                        wait=wait)
 
     def run_instability(self, wait: bool = False) -> None:
         if self.task.busy():

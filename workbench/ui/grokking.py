@@ -12,9 +12,10 @@ import panel as pn
 from ..studies import grokking
 from ..core.checks import check_choice, check_float, check_int, check_seed
 from ..figures import grokking as figs
-from ..core.training import Callback, StopOnEvent
+from ..core.progress import TrainProgress
 from .text import escape_md
 from .page import Page
+from .task import job_monitor
 from .sweeps import parse_list
 
 EXPLANATION = """**Grokking** (Power et al. 2022; Nanda et al. 2023): a one-layer Transformer without
@@ -50,35 +51,23 @@ FIELDS = [f.name for f in dataclasses.fields(grokking.GrokConfig)]
 FLOAT_FIELDS = {"train_fraction", "lr", "weight_decay", "beta1", "beta2", "grad_clip"}
 
 
-class _Live(Callback):
-    """Send the metrics rows so far to the page after each evaluation (live curves)."""
-
-    def __init__(self, ctx, steps: int):
-        self.ctx, self.steps = ctx, steps
-
-    def on_eval(self, state, rows):
-        shown = [r for r in state.rows if r["split"] != "batch"]  # rows already hold this evaluation's
-        self.ctx.report({"metrics": pd.DataFrame(shown)},
-                        progress=state.step / self.steps, message=f"step {state.step} / {self.steps}")
+def _evaluated_rows(state) -> dict:
+    """The live curves' payload: the metrics rows so far, without the per-step batch losses."""
+    return {"metrics": pd.DataFrame([r for r in state.rows if r["split"] != "batch"])}
 
 
 def _grok_job(ctx, config: grokking.GrokConfig):
-    """Worker thread: train the run, reporting the curves as it goes."""
+    """Worker thread: train the run, reporting the curves after each evaluation."""
     ctx.report(progress=0.0, message="training")
-    run = grokking.run(config, callbacks=[_Live(ctx, config.steps), StopOnEvent(ctx.stop_event)])
+    progress = TrainProgress(job_monitor(ctx), every=None, payload=_evaluated_rows)
+    run = grokking.run(config, callbacks=[progress])
     return {"metrics": run.metrics, "phases": grokking.phases(run.metrics), "run": run}
 
 
 def _threshold_job(ctx, options: dict):
     """Worker thread: Tian's sweep, one ratio at a time (the table reported after each)."""
-    n = len(options["ratios"])
-    ctx.report(progress=0.0, message=f"ratio 1 / {n}")
-
-    def progress(done, total, table):
-        ctx.report({"threshold": table}, progress=done / total,
-                   message=f"ratio {done + 1} / {total}" if done < total else "done")
-
-    return {"threshold": grokking.tian_threshold(**options, progress=progress, stop=lambda: ctx.stopped)}
+    ctx.report(progress=0.0, message=f"ratio 1 / {len(options['ratios'])}")
+    return {"threshold": grokking.tian_threshold(**options, monitor=job_monitor(ctx, "threshold"))}
 
 
 class GrokkingPage(Page):

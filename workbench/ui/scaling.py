@@ -9,11 +9,13 @@ import pandas as pd
 import panel as pn
 
 from ..core import data
+from ..core import monitor as wb_monitor
 from ..studies import scaling
 from ..core.checks import check_choice, check_float, check_int, check_seed
 from ..figures import scaling as figs
 from .text import escape_md
 from .page import Page
+from .task import job_monitor
 from .sweeps import parse_list
 
 EXPLANATION = """**Scaling laws** (Hestness et al. 2017; Kaplan et al. 2020): the loss of a family of models
@@ -79,12 +81,9 @@ def _sweep_job(ctx, sweep_options: dict, fit_options: dict):
     """Worker thread: the sweep (one point at a time, the table reported as it grows), then the fit."""
     n = len(sweep_options["values"])
     ctx.report(progress=0.0, message=f"point 1 / {n}")
-
-    def progress(done, total, table):
-        ctx.report({"table": table}, progress=done / (total + 1),
-                   message=f"point {min(done + 1, total)} / {total}" if done < total else "fitting")
-
-    table = scaling.sweep(**sweep_options, progress=progress, stop=lambda: ctx.stopped)
+    monitor = job_monitor(ctx, "table")
+    table = scaling.sweep(**sweep_options, monitor=wb_monitor.part(monitor, 0.0, n / (n + 1)))
+    monitor.report(n / (n + 1), "fitting")
     if len(table) < MIN_FIT + fit_options["n_heldout"]:
         return {"table": table, "stopped": f"stopped after {len(table)} of {n} points: too few to fit"}
     return {"table": table, **fit_table(table, **fit_options)}

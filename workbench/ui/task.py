@@ -14,12 +14,13 @@ from typing import Any, Callable
 import panel as pn
 import param
 
+from ..core import monitor
 from ..runtime import jobs
 from ..runtime.jobs import remote
 from .session import UserStore, job_queue, session_user
 from .text import describe_error, escape_md
 
-__all__ = ["BackgroundTask", "TaskContext", "BUSY"]
+__all__ = ["BackgroundTask", "TaskContext", "BUSY", "job_monitor"]
 
 
 BUSY = "still running: wait for it to finish (or press Stop) before starting another"
@@ -53,6 +54,20 @@ class TaskContext:
         self._task._queue.put(("update", payload, progress, message))
         if self._task._direct:
             self._task.poll()
+
+
+def job_monitor(ctx, key: str | None = None, report_interval: float = 0.25) -> monitor.Monitor:
+    """A page job's ``ctx`` (a :class:`TaskContext`, or its Dask worker twin) as the monitor the engine and
+    the experiments take (:mod:`workbench.monitor`): stopped when the page's Stop is pressed (or the job
+    is stopped), each report passed on as ``ctx.report(payload, progress, message)`` -- with ``key`` the
+    payload arrives wrapped as ``{key: payload}``. Reports closer than ``report_interval`` seconds are
+    dropped unless forced (a payload worth keeping is sent forced)."""
+    def send(progress, message, payload):
+        if key is not None and payload is not None:
+            payload = {key: payload}
+        ctx.report(payload, progress, message or None)
+
+    return monitor.Monitor(send, stopped=lambda: ctx.stopped, report_interval=report_interval)
 
 
 class BackgroundTask(param.Parameterized):

@@ -1,4 +1,4 @@
-"""The task's side of a job: its context, the services it may call, and TrainProgress.
+"""The task's side of a job: its context and the services it may call (TrainProgress comes from core).
 
 A task is any function ``fn(*args, **kwargs)``; it finds its :class:`Context` with :func:`current`
 (outside a job: a context that is never stopped and reports nowhere): ``ctx.stopped`` says that Stop
@@ -9,17 +9,17 @@ numbers, strings, lists, dicts). :class:`TrainProgress` connects :func:`workbenc
 
 A student's step budget is counted here, in the task's process: :func:`workbench.train` asks
 ``current().take_steps(1)`` before each step and stops where the budget ends; the context then reads as
-stopped (so :class:`TrainProgress` and the pages' own callbacks stop what follows) and tells the queue
-once (a report whose payload is ``{_BUDGET_KEY: "steps"}``).
+stopped (so :class:`TrainProgress` stops what follows) and tells the queue
+once (a report whose payload is ``{_BUDGET_KEY: "steps"}``). :class:`TrainProgress`, the adapter of a
+monitor to training callbacks, lives in ``workbench.core.progress`` (experiments below the runtime use it).
 """
 from __future__ import annotations
 
 import threading
 from typing import Any, Callable, Mapping
 
-from ...core.checks import check_int
-from ...core.monitor import Context, current
-from ...core.training import Callback
+from ...core.monitor import Context, current  # noqa: F401 (current: jobs.current)
+from ...core.progress import TrainProgress  # noqa: F401 (jobs.TrainProgress: the adapter lives in core)
 
 
 # ----------------------------------------------------------------------------- the task's context
@@ -98,47 +98,3 @@ class _ThreadContext(Context):
 
     def _send(self, progress, message, payload) -> None:
         self._report(progress, message, payload)
-
-
-class TrainProgress(Callback):
-    """Connects :func:`workbench.train` (and the growth and pair trainers) to the job: stops the training
-    when the job is stopped (by Stop, or once its step budget is used up: ``train`` itself asks the job
-    before each step), reports the steps done.
-
-    Steps are counted over every training the callback is given to (the stages of a growth schedule,
-    both models of a pair), out of ``total_steps`` (default: the first training's ``config.steps``).
-    Each evaluation is sent as the payload ``{"step", "rows": [{split, metric, value}, ...]}``.
-    ``ctx``: the context to use (default: :func:`current` at each call).
-    """
-
-    def __init__(self, ctx: Context | None = None, total_steps: int | None = None, label: str = "step"):
-        if total_steps is not None:
-            check_int("total_steps", total_steps, 1)
-        self.ctx, self.total, self.label = ctx, total_steps, label
-        self.steps_done = 0
-
-    def _context(self) -> Context:
-        return self.ctx if self.ctx is not None else current()
-
-    def _progress(self) -> tuple[float, str]:
-        total = max(self.total or 1, 1)
-        return min(1.0, self.steps_done / total), f"{self.label} {self.steps_done}/{total}"
-
-    def on_start(self, state) -> None:
-        if self.total is None:
-            self.total = state.config.steps
-        if self._context().stopped:
-            state.stop = True
-
-    def on_step(self, state) -> None:
-        self.steps_done += 1
-        ctx = self._context()
-        if ctx.stopped:
-            state.stop = True
-            return
-        ctx.report(*self._progress())
-
-    def on_eval(self, state, rows) -> None:
-        payload = {"step": int(state.step), "rows": [{"split": str(r["split"]), "metric": str(r["metric"]),
-                                                      "value": float(r["value"])} for r in rows]}
-        self._context().report(*self._progress(), payload, force=True)

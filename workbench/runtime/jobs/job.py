@@ -14,15 +14,15 @@ import time
 import warnings
 from typing import Any, Callable, Mapping
 
-from ...core.monitor import MAX_MESSAGE_CHARS
+from ...core.monitor import MAX_MESSAGE_CHARS, Stopped
 from .limits import Budget
 
 STATUSES = ("waiting", "running", "done", "cancelled", "failed", "diverged")
 FINAL_STATUSES = frozenset({"done", "cancelled", "failed", "diverged"})
 
 
-class JobCancelled(RuntimeError):
-    """The job was cancelled before it returned anything."""
+class JobCancelled(Stopped):
+    """The job was cancelled before it returned anything (a :class:`workbench.monitor.Stopped`)."""
 
 
 class Diverged(RuntimeError):
