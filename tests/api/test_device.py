@@ -134,3 +134,11 @@ def test_dare_drops_entries_on_the_task_vectors_device():
     assert [t["w"].device.type for t in out] == ["meta", "meta"]
     cpu = merges._dare_vectors([{"w": torch.ones(400)}], 0.5, "none", seed=0)[0]["w"]
     assert 0.4 < float(cpu.mean()) < 0.6 and set(cpu.unique().tolist()) == {0.0, 1.0}   # dropped with p = 0.5
+
+
+def test_mixture_growth_builds_the_grown_network_on_the_members_device():
+    from workbench.growth.mixture import MixtureMLP, mixture_grow
+    members = [MixtureMLP(6, 3, 8, 2, 2, seed=s).to("meta") for s in (0, 1)]
+    grown = mixture_grow(members, init="zero")
+    assert {p.device.type for p in grown.parameters()} == {"meta"}
+    assert grown(torch.zeros(4, 6, device="meta")).shape == (4, 3)

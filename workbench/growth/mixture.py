@@ -119,13 +119,13 @@ def mixture_grow(members, init: str = "orthogonal", *, seed: int = 0) -> Mixture
     if H > 4096:
         raise ValueError(f"the grown width would be {H}; at most 4096")
     gen = torch.Generator().manual_seed(seed)
-    grown = MixtureMLP(a0.d_in, a0.n_classes, H, L, 1, seed=seed)
+    grown = MixtureMLP(a0.d_in, a0.n_classes, H, L, 1, seed=seed).to(a0.templates.device)   # the members' device
     with torch.no_grad():
         # templates: pooled template (a, k) placed in every block (r, c) whose coefficient picks it;
         # a block-structured bank (m*m*KK templates would be needed in general), so the grown network
         # keeps one coefficient vector per (layer, block): W[l][r, c] = sum_j C[l, r, c, j] T_j
         T = torch.stack([t for mb in members for t in mb.templates.detach()])           # (KK, h, h)
-        C = torch.zeros(L, m, m, KK, dtype=T.dtype)
+        C = torch.zeros(L, m, m, KK, dtype=T.dtype, device=T.device)
         for a, mb in enumerate(members):
             for l, layer in enumerate(mb.layers):
                 C[l, a, a, a * K:(a + 1) * K] = layer.coeff.detach()
@@ -137,11 +137,11 @@ def mixture_grow(members, init: str = "orthogonal", *, seed: int = 0) -> Mixture
                     if r == c or init == "zero":
                         continue
                     if init == "random":
-                        C[l, r, c] = torch.randn(KK, generator=gen, dtype=torch.float64).to(T.dtype) / math.sqrt(KK)
+                        C[l, r, c] = torch.randn(KK, generator=gen, dtype=torch.float64).to(T) / math.sqrt(KK)
                         continue
                     prev = [C[l, a, a] for a in range(m)] + [C[l, rr, cc] for rr in range(m) for cc in range(m)
                                                             if rr != cc and C[l, rr, cc].abs().sum() > 0]
-                    v = torch.randn(KK, generator=gen, dtype=torch.float64)
+                    v = torch.randn(KK, generator=gen, dtype=torch.float64).to(T.device)   # the CPU stream
                     q, _ = torch.linalg.qr(torch.stack(prev).double().T)                 # orthonormal basis of old
                     if q.shape[1] < KK:
                         v = v - q @ (q.T @ v)
