@@ -137,7 +137,7 @@ def test_prune_saves_an_ordinary_run_every_page_reads(page, runs):
     page.start_analysis(wait=True)
     healed = store.load(page.results["saved"])
     assert healed.name == "healed one" and healed.meta["healed_steps"] == 2 and len(store.list()) == before + 1
-    assert any(page.plots["prune"].object.data[i].line.dash == "dash" for i in range(len(page.plots["prune"].object.data)))
+    assert any(trace.line.dash == "dash" for trace in page.plots["prune"].object.data)   # the healed line
     scope = _exec(page)
     assert scope["pruned"].meta["removed"] == [1] and len(store.list()) == before + 2
 

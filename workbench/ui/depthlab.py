@@ -9,19 +9,19 @@ Each runs as the page's one background job (loading the run included). No math h
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pandas as pd
 import panel as pn
 
 from ..core import checks, data, models, monitor
+from ..core.progress import TrainProgress
 from ..core.training import evaluate
 from ..figures import depthlab as figs
 from ..io.store import check_run_name
-from ..runtime.jobs import TrainProgress
 from ..studies import depthlab, earlyexit
 from .page import Page
 from .session import dataset_from_spec, open_run
+from .task import job_monitor
 from .text import escape_md
 from .widgets import run_options
 
@@ -76,7 +76,8 @@ pruned.metrics.query("split == 'val'")   # step 0: right after pruning; then the
     "curve": """curve = wb.depthlab.prune_heal_curve(model, ds, methods={methods!r}, heal={heal}, rank_examples={n},
                                      eval_max={eval_max}, seed={seed})
 wb.figures.depthlab.prune_heal_figure(curve)""",
-    "strategies": """strat = wb.depthlab.strategies(model, x, y, strategies={names!r}, spans={spans!r}, k={k}, seed={seed})
+    "strategies": """strat = wb.depthlab.strategies(model, x, y, strategies={names!r}, spans={spans!r}, k={k},
+                               seed={seed})
 wb.figures.depthlab.strategies_figure(strat)""",
     "oracle": """xs, ys, hops = [], [], []
 for h in {hops}:   # the run's own hop count from its validation split, others drawn with its options
@@ -86,7 +87,8 @@ for h in {hops}:   # the run's own hop count from its validation split, others d
 oracle = wb.depthlab.oracle_depth(model, torch.cat(xs), torch.cat(ys), hops=hops, repeat={repeat})
 oracle.summary()
 wb.figures.depthlab.oracle_histogram(oracle.histogram(), n_layers=len(model.blocks))""",
-    "profile": """prof = wb.depthlab.depth_profile(model, x, mask=mask, y=y, n_directions={nd}, seed={seed}).assign(model=label)
+    "profile": """prof = wb.depthlab.depth_profile(model, x, mask=mask, y=y, n_directions={nd}, seed={seed})
+prof = prof.assign(model=label)
 {other}wb.depthlab.deep_half(prof[prof["model"] == label])
 wb.figures.depthlab.depth_profile_figure(prof)""",
     "exit": """curves = wb.earlyexit.exit_curve(model, x, y).assign(recipe=label)
@@ -107,38 +109,23 @@ table = wb.depthlab.effective_depth_stages(runs, x, y=y, mask={mask}, threshold=
 table["val_acc"] = [r.final("acc") for r in runs]
 wb.figures.depthlab.effective_depth_figure(table)""",
 }
-PROFILE_OTHER = """prof = pd.concat([prof, wb.depthlab.depth_profile(other.model.eval(), ox, mask={omask}, y=oy, n_directions={nd},
-                                                 seed={seed}).assign(model=other_label)])
+PROFILE_OTHER = """oprof = wb.depthlab.depth_profile(other.model.eval(), ox, mask={omask}, y=oy, n_directions={nd},
+                                   seed={seed})
+prof = pd.concat([prof, oprof.assign(model=other_label)])
 """
-EXIT_OTHER = """curves = pd.concat([curves, wb.earlyexit.exit_curve(other.model.eval(), ox, oy).assign(recipe=other_label)])
+EXIT_OTHER = """ocurve = wb.earlyexit.exit_curve(other.model.eval(), ox, oy)
+curves = pd.concat([curves, ocurve.assign(recipe=other_label)])
 """
-ACCEPT = "wb.earlyexit.acceptance_curve(model, ds.x_val[:{prompts}, :{prompt_len}], n_new={n_new}, n_draft={n_draft}).assign(recipe=label)"
+ACCEPT = ("wb.earlyexit.acceptance_curve(model, ds.x_val[:{prompts}, :{prompt_len}], n_new={n_new}, "
+          "n_draft={n_draft}).assign(recipe=label)")
 
 
 # ============================================================================ jobs (each in the page's task)
 
 
-class _Monitor:
-    """A page job's context as an engine monitor (``stopped``, ``report(progress, message, payload)``): the
-    progress bar from ``lo`` to ``hi``, at most five updates a second."""
-
-    def __init__(self, ctx, lo: float = 0.05, hi: float = 1.0):
-        self.ctx, self.lo, self.hi, self._last = ctx, lo, hi, 0.0
-
-    @property
-    def stopped(self) -> bool:
-        return self.ctx.stopped
-
-    def report(self, progress=None, message: str = "", payload=None, *, force: bool = False) -> bool:
-        now = time.monotonic()
-        if not force and (progress is None or progress < 1) and now - self._last < 0.2:
-            return False
-        self._last = now
-        self.ctx.report(None, None if progress is None else self.lo + (self.hi - self.lo) * progress, message)
-        return True
-
-    def take_steps(self, n: int = 1) -> bool:
-        return monitor.current().take_steps(n)
+def _monitor(ctx, lo: float = 0.05, hi: float = 1.0):
+    """The page job's monitor (Stop, the progress bar) for an engine call taking the share ``[lo, hi]``."""
+    return monitor.part(job_monitor(ctx, key="progress"), lo, hi - lo)
 
 
 def _open(ctx, store, run_id, field: str = "stored run"):
@@ -174,11 +161,11 @@ def _rankings_job(ctx, store, run_id, o):
 def _prune_job(ctx, store, run_id, o):
     """Remove the blocks (the engine refuses bad ones before anything changes), heal, then save the run."""
     run, model, ds = _open(ctx, store, run_id)
-    mon = _Monitor(ctx, 0.1, 0.95)
+    mon = _monitor(ctx, 0.1, 0.95)
     heal = _heal(run, o["heal"], o["eval_max"]) if o["heal"] else None
     ctx.report(progress=0.05, message=f"removing blocks {o['layers']}" + (", then healing" if heal else ""))
     pruned = depthlab.prune_run(run, o["layers"], dataset=ds, heal=heal, name=o["name"] or None,
-                                callbacks=[TrainProgress(mon)] if heal else (), monitor=mon)
+                                callbacks=[TrainProgress(mon, payload=False)] if heal else (), monitor=mon)
     saved = store.save(pruned)
     before = evaluate(model, ds, "val", o["eval_max"])
     m, meta = pruned.metrics, pruned.meta
@@ -197,7 +184,7 @@ def _curve_job(ctx, store, run_id, o):
     run, model, ds = _open(ctx, store, run_id)
     heal = _heal(run, o["heal"], o["eval_max"]) if o["heal"] else None
     curve = depthlab.prune_heal_curve(model, ds, methods=o["methods"], heal=heal, rank_examples=o["n"],
-                                      eval_max=o["eval_max"], seed=o["seed"], monitor=_Monitor(ctx))
+                                      eval_max=o["eval_max"], seed=o["seed"], monitor=_monitor(ctx))
     return {"curve": curve}
 
 
@@ -205,7 +192,7 @@ def _strategies_job(ctx, store, run_id, o):
     _, model, ds = _open(ctx, store, run_id)
     x, y, _ = _sample(ds, o["n"])
     table = depthlab.strategies(model, x, y, strategies=o["names"], spans=o["spans"], k=o["k"], seed=o["seed"],
-                                monitor=_Monitor(ctx))
+                                monitor=_monitor(ctx))
     return {"strategies": table}
 
 
@@ -230,7 +217,7 @@ def _oracle_job(ctx, store, run_id, o):
                          f"{ds.name!r}; pick a k-hop run")
     hops = o["hops"] or [ds.options["hops"]]
     x, y, hv = _khop_by_hops(ds, hops, o["n"])
-    oracle = depthlab.oracle_depth(model, x, y, hops=hv, repeat=o["repeat"], monitor=_Monitor(ctx))
+    oracle = depthlab.oracle_depth(model, x, y, hops=hv, repeat=o["repeat"], monitor=_monitor(ctx))
     return {"oracle": oracle.histogram(), "summary": oracle.summary(), "method": oracle.method,
             "n_layers": oracle.n_layers}
 
@@ -243,7 +230,7 @@ def _profile_job(ctx, store, run_id, o):
         run, model, ds = _open(ctx, store, rid, field)
         x, y, mask = _sample(ds, o["n"])
         prof = depthlab.depth_profile(model, x, mask=mask, y=y, n_directions=o["nd"], seed=o["seed"],
-                                      monitor=_Monitor(ctx, 0.5 * j, 0.5 * (j + 1)))
+                                      monitor=_monitor(ctx, 0.5 * j, 0.5 * (j + 1)))
         frames.append(prof.assign(model=_label(run), norm=getattr(model.config, "norm", "")))
     return {"profile": pd.concat(frames, ignore_index=True)}
 
@@ -255,7 +242,7 @@ def _exit_tables(ctx, model, ds, o, lo: float, recipe: str):
     if ds.name == "text":
         prompts = ds.x_val[:o["prompts"], :o["prompt_len"]]
         accept = earlyexit.acceptance_curve(model, prompts, n_new=o["n_new"], n_draft=o["n_draft"],
-                                            monitor=_Monitor(ctx, lo, lo + 0.5)).assign(recipe=recipe)
+                                            monitor=_monitor(ctx, lo, lo + 0.5)).assign(recipe=recipe)
     return curve, accept
 
 
@@ -274,13 +261,14 @@ def _exit_job(ctx, store, run_id, o):
 def _layerskip_job(ctx, store, run_id, o):
     """Train the run's architecture from its initial weights with the LayerSkip recipe, save it, compare exits."""
     run, model, ds = _open(ctx, store, run_id)
-    mon = _Monitor(ctx, 0.02, 0.9)
+    mon = _monitor(ctx, 0.02, 0.9)
     ls_model = models.build(run.model.config)
     config = dataclasses.replace(run.train_config, steps=o["steps"], eval_every=min(run.train_config.eval_every,
                                                                                      o["steps"]))
     ctx.report(progress=0.02, message="LayerSkip training")
     ls_run = earlyexit.train_layerskip(ls_model, ds, config, p_max=o["p_max"], exit_scale=o["exit_scale"],
-                                       seed=o["seed"], callbacks=[TrainProgress(mon)], name=run.name + "-layerskip",
+                                       seed=o["seed"], callbacks=[TrainProgress(mon, payload=False)],
+                                       name=run.name + "-layerskip",
                                        monitor=mon)
     saved = store.save(ls_run)   # kept also when stopped (what was trained, its status says so)
     ctx.report(progress=0.92, message="exit curves")
@@ -301,7 +289,7 @@ def _effective_job(ctx, store, group, o):
     ds = dataset_from_spec(runs[-1].dataset)
     x, y, mask = _sample(ds, o["n"])
     table = depthlab.effective_depth_stages(runs, x, y=y, mask=mask, threshold=o["threshold"],
-                                            monitor=_Monitor(ctx, 0.3, 1.0))
+                                            monitor=_monitor(ctx, 0.3, 1.0))
     table["val_acc"] = [r.final("acc") for r in runs][:len(table)]
     return {"effective": table}
 
@@ -325,7 +313,8 @@ def parse_ints(field: str, text) -> list[int]:
         try:
             out.append(int(tok))
         except ValueError:
-            raise ValueError(f"{field} must be whole numbers separated by commas (e.g. 1, 2), got {tok[:40]!r}") from None
+            raise ValueError(f"{field} must be whole numbers separated by commas (e.g. 1, 2), "
+                             f"got {tok[:40]!r}") from None
     return out
 
 
@@ -382,7 +371,8 @@ class DepthLabPage(Page):
             "curve": [self.methods, self.curve_heal],
             "strategies": [self.strategies, self.every_span, pn.Row(self.start, self.span_n, self.loop_k)],
             "oracle": [self.hops, self.repeat], "profile": [],
-            "exit": [pn.Row(self.prompts, self.n_new)], "layerskip": [self.ls_steps, pn.Row(self.p_max, self.exit_scale)],
+            "exit": [pn.Row(self.prompts, self.n_new)],
+            "layerskip": [self.ls_steps, pn.Row(self.p_max, self.exit_scale)],
             "effective": [self.group, self.threshold]}
         self.option_boxes = {k: pn.Column(*v) for k, v in knobs.items()}
         self.compare_box = pn.Column(self.compare)   # shared by the curse of depth and early exit
@@ -526,7 +516,8 @@ class DepthLabPage(Page):
             if o["compare"] is not None:
                 self._listed(o["compare"], "compare with")
             o["nd"] = self._int("||J - I|| directions", self.n_directions, 0, 64)
-            o.update(prompts=self._int("prompts", self.prompts, 1, 64), n_new=self._int("new tokens", self.n_new, 1, 512),
+            o.update(prompts=self._int("prompts", self.prompts, 1, 64),
+                     n_new=self._int("new tokens", self.n_new, 1, 512),
                      prompt_len=self._int("prompt tokens", self.prompt_len, 1, 4096),
                      n_draft=self._int("draft tokens per round", self.n_draft, 1, 64))
         elif key == "layerskip":
@@ -582,6 +573,8 @@ class DepthLabPage(Page):
 
     # ---------------------------------------------------------------- results
     def show(self, payload: dict) -> None:
+        if "kind" not in payload:   # a progress report: the bar and the status line say it
+            return
         self.results = dict(payload)
         key, note = self.analysis.value, ""
         if "rankings" in payload:
