@@ -301,3 +301,31 @@ def test_parallel_blocks_two_writers_reading_one_residual():
     corrupt = (clean + 1) % 13
     pm = R.patch(ad, clean, corrupt, answer=(1, 2), site="mlp_out")
     assert list(pm.columns) == ["layer", "position", "recovery"] and len(pm) == 3 * 4
+
+
+def test_report_carries_the_lenses_commitment_head_scores_and_attention(tmp_path):
+    """An untrained tuned lens is the logit lens (zero translators), so the report's tuned rows equal its logit
+    rows; at the output every lens is the model, so every token has committed by layer L."""
+    model, x = _model(n_layers=2), _x(B=2, T=6)
+    tuned = wb.lenses.TunedLens(model)
+    rep = R.report(model, x, steps=2, tuned=tuned, attention_layer=1, labels=list("abcdef"))
+    cmp = rep.lenses.set_index(["lens", "layer"])
+    for col in ("kl_to_final", "top1_agree", "perplexity"):
+        assert cmp.loc["tuned", col].to_numpy() == pytest.approx(cmp.loc["logit", col].to_numpy(), abs=1e-6)
+    assert cmp.loc[("logit", 2), "kl_to_final"] == pytest.approx(0.0, abs=1e-6)
+    top1 = rep.commitment[rep.commitment.criterion == "top1"]
+    assert set(top1.lens) == {"logit", "tuned"} and len(top1) == 2 * 6 and top1.layer.le(2).all()
+    assert set(rep.lens_tokens.batch) == {0} and set(rep.lens_tokens.layer) == {0, 1, 2}
+    assert rep.head_scores.equals(wb.attention.head_scores(model))
+    want = wb.attention.pattern(model, x[:1], 1).weights
+    got = rep.attention.pivot_table(index=["head", "query"], columns="key", values="weight").fillna(0.0).to_numpy()
+    assert got == pytest.approx(want.reshape(-1, 6), abs=1e-6)
+    assert rep.attention_layer == 1 and rep.attention.query_token.iloc[-1] == "f"
+    text = open(figs.save_depth_report(rep, tmp_path / "r.html", tokens=list("abcdef")), encoding="utf-8").read()
+    for title in ("Lenses per layer", "commitment layer under", "Head-type scores", "Attention pattern, layer 1"):
+        assert title in text
+    assert "<script src" not in text
+    no_attention = R.report(model, x, steps=2, attention_layer=None)
+    assert no_attention.attention.empty and set(no_attention.lenses.lens) == {"logit"}
+    with pytest.raises(ValueError, match="attention_layer"):
+        R.report(model, x, attention_layer=2)

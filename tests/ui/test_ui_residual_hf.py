@@ -133,3 +133,37 @@ def test_a_hub_name_that_names_a_server_path_is_refused(page, llama_root):
     page.hub_name.value = "../../etc"
     page.analyse(wait=True)
     assert "Hub name must look like" in page.errors.text
+
+
+def test_lenses_attention_and_tracing_of_a_llama_folder_through_the_page(page, llama_root):
+    """The new tabs on a Hugging Face family: the lens comparison and a tuned lens (nothing to store it with: a
+    model folder), the pattern against transformers' eager ``output_attentions``, a causal trace, exact beside
+    attribution patching, and the depth report with them."""
+    from workbench import lenses
+
+    page.corrupt_text.value = _corrupt(llama_root[1])
+    page.analyse(wait=True)
+    assert page.errors.text == "", page.errors.text
+    model, x = _reference(llama_root[1])
+    want = lenses.compare(model, x)
+    assert page.lenses.result["compare"].kl_to_final.to_numpy() == pytest.approx(want.kl_to_final.to_numpy(), abs=1e-5)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = model(input_ids=x, output_attentions=True).attentions[2][0].numpy()
+    page.attention.layer = 2
+    page.task.join(30)
+    frame = page.attention._patterns[2]
+    got = frame.pivot_table(index=["head", "query"], columns="key", values="weight").fillna(0).to_numpy()
+    assert got == pytest.approx(ref.reshape(-1, 8), abs=1e-5)
+    page.lenses.steps = 3
+    page.lenses.run("tuned", wait=True)
+    assert page.errors.text == "" and "stored" not in page.lenses.note.object
+    page.tracing.samples, page.tracing.subject_tokens = 2, (2, 3)
+    page.tracing.run("trace", wait=True)
+    assert page.errors.text == "" and len(page.tracing.trace.effects) == 3 * 8
+    page.tracing.steps = 2
+    page.tracing.run("patching", wait=True)
+    assert page.errors.text == "" and set(page.tracing.comparison.grid.method) == {"exact", "atp", "ig"}
+    page.run_report(wait=True)
+    assert page.errors.text == "", page.errors.text
+    assert set(page.report.lenses.lens) == {"logit", "tuned"} and page.report.attention_layer == 2

@@ -15,7 +15,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .residual import _LAYOUT, _empty, token_labels
+from .layout import LAYOUT as _LAYOUT
+from .layout import empty as _empty
+from .layout import token_labels
 from .safe import builder
 
 __all__ = ["LENS_COLORS", "lens_comparison_figure", "lens_token_heatmap", "lens_diagnostics_figure"]

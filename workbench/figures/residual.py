@@ -6,6 +6,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .layout import LAYOUT, empty, token_labels
 from .safe import builder, escape_figure, text
 
 __all__ = ["contributions_figure", "stages_figure", "position_figure", "lens_heatmap", "skip_heatmap",
@@ -13,25 +14,8 @@ __all__ = ["contributions_figure", "stages_figure", "position_figure", "lens_hea
            "layer_map_heatmap", "patch_heatmap", "erasure_heatmap", "lens_layers_figure", "depth_report_html"]
 
 SUBLAYER_COLORS = {"attn": "#1f77b4", "mlp": "#ff7f0e", "layer": "#2ca02c"}
-_LAYOUT = dict(template="plotly_white", margin=dict(l=55, r=20, t=50, b=45))
-
-
-def _empty(title: str, height: int = 320) -> go.Figure:
-    fig = go.Figure()
-    fig.update_layout(title=title or None, height=height, **_LAYOUT,
-                      annotations=[dict(text="no data yet", showarrow=False, x=0.5, y=0.5, xref="paper",
-                                        yref="paper", font=dict(color="#888"))])
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    return fig
-
-
-def token_labels(tokens: list[str] | None, n: int) -> list[str]:
-    """Unique, readable x labels ``"3:a"`` for positions (spaces and newlines made visible)."""
-    if tokens is None:
-        return [str(i) for i in range(n)]
-    show = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"}
-    return [f"{i}:{show.get(t, t)}" for i, t in enumerate(tokens[:n])] + [str(i) for i in range(len(tokens), n)]
+_LAYOUT = LAYOUT
+_empty = empty
 
 
 def _highlight(fig: go.Figure, layer, row=None, col=None) -> None:
@@ -283,20 +267,35 @@ def erasure_heatmap(df: pd.DataFrame | None, tokens: list[str] | None = None, ti
                  token_labels(tokens, n))
 
 
-def depth_report_html(report, tokens: list[str] | None = None) -> str:
+def depth_report_html(report, tokens: list[str] | None = None, vocab: list[str] | None = None) -> str:
     """One self-contained HTML page (plotly.js inline, no CDN) of a ``workbench.residual.DepthReport``.
 
     ``report``: any object with the DataFrame attributes of a DepthReport (``contributions, lens,
     skip, skip_output, ig, erasure, patching, depth_vs_difficulty``), ``depth_score``, ``n_layers``
-    and ``title``. Every text is HTML-escaped."""
+    and ``title``; when it has them, the lens comparison (``lenses``: logit and tuned per layer), the lens
+    heat-map of the first prompt with its commitment strip (``lens_tokens``, ``commitment``), the head-type
+    score map (``head_scores``) and the attention pattern of one layer (``attention``). ``vocab``: token
+    strings by id for the heat-map cells. Every text is HTML-escaped."""
     import html as _html
 
+    from . import attention as attention_figs
+    from . import lenses as lens_figs
+
     figs = [contributions_figure(report.contributions),
-            lens_layers_figure(report.lens),
-            skip_heatmap(report.skip, report.n_layers),
-            skip_output_figure(report.skip_output),
-            ig_heatmap(report.ig, tokens),
-            erasure_heatmap(report.erasure, tokens)]
+            lens_layers_figure(report.lens)]
+    lenses = getattr(report, "lenses", None)
+    if lenses is not None and len(lenses):
+        figs.append(lens_figs.lens_comparison_figure(lenses, perplexity=True))
+    lens_tokens = getattr(report, "lens_tokens", None)
+    if lens_tokens is not None and len(lens_tokens):
+        lens = "tuned" if "tuned" in set(lens_tokens["lens"]) else "logit"
+        figs.append(lens_figs.lens_token_heatmap(
+            lens_tokens, getattr(report, "commitment", None), lens=lens, vocab=vocab, input_tokens=tokens,
+            title=f"{lens} lens: top-1 token per layer (outlined: the final prediction); commitment layer under"))
+    figs += [skip_heatmap(report.skip, report.n_layers),
+             skip_output_figure(report.skip_output),
+             ig_heatmap(report.ig, tokens),
+             erasure_heatmap(report.erasure, tokens)]
     if len(report.patching):
         figs.append(patch_heatmap(report.patching, tokens))
     if len(report.depth_vs_difficulty):
@@ -304,6 +303,12 @@ def depth_report_html(report, tokens: list[str] | None = None) -> str:
     layer_maps = getattr(report, "layer_map", None)
     if layer_maps is not None and len(layer_maps):
         figs.append(layer_map_heatmap(layer_maps))
+    scores = getattr(report, "head_scores", None)
+    if scores is not None and len(scores):
+        figs.append(attention_figs.score_map(scores, title="Head-type scores (repeated random tokens)"))
+    pattern = getattr(report, "attention", None)
+    if pattern is not None and len(pattern):
+        figs.append(attention_figs.pattern_figure(pattern))
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs)]
     title = _html.escape(str(report.title))
     score = float(report.depth_score)
@@ -313,12 +318,12 @@ def depth_report_html(report, tokens: list[str] | None = None) -> str:
             + "</body></html>")
 
 
-def save_depth_report(report, path, tokens: list[str] | None = None) -> str:
+def save_depth_report(report, path, tokens: list[str] | None = None, vocab: list[str] | None = None) -> str:
     """Write :func:`depth_report_html` of ``report`` to ``path`` (UTF-8); returns the path as a string."""
     from pathlib import Path
 
     p = Path(path)
-    p.write_text(depth_report_html(report, tokens), encoding="utf-8")
+    p.write_text(depth_report_html(report, tokens, vocab), encoding="utf-8")
     return str(p)
 
 

@@ -6,7 +6,7 @@ Definitions: ``docs/definitions.md#residual-memory``.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -15,6 +15,7 @@ import torch.nn as nn
 from ..core import checks
 from ..hooks import Adapter, adapter
 from .batch import _as_batch, _facts, _inference, _need_layers, _out_size
+from . import attention, lenses
 from .contributions import contributions
 from .interventions import erase, integrated_gradients, patch
 from .lens import TOKEN_CHUNK, logit_lens
@@ -172,7 +173,12 @@ class DepthReport:
     top1_agree, top5_overlap, loss``), ``skip`` / ``skip_output`` (:class:`SkipEffects` tables, max
     over tokens), ``ig`` (``layer, position, attribution``), ``depth_score`` (float), ``erasure``
     (``layer, position, rel_change``), ``patching`` (``layer, position, recovery``; empty without
-    ``corrupt``), ``depth_vs_difficulty`` (empty without ``sets``), ``title``.
+    ``corrupt``), ``depth_vs_difficulty`` (empty without ``sets``), ``title``; the lenses and attention:
+    ``lenses`` (:func:`workbench.lenses.compare`: the logit lens, and the tuned lens when one was given),
+    ``lens_tokens`` and ``commitment`` (:func:`workbench.lenses.top_tokens` and
+    :func:`~workbench.lenses.commitment` of the first prompt), ``head_scores``
+    (:func:`workbench.attention.head_scores` on repeated random tokens) and ``attention`` (the pattern of
+    block ``attention_layer`` on the first prompt, :meth:`workbench.attention.Pattern.frame`).
     """
 
     contributions: pd.DataFrame
@@ -186,21 +192,33 @@ class DepthReport:
     depth_vs_difficulty: pd.DataFrame
     n_layers: int
     title: str = "Depth report"
+    lenses: pd.DataFrame = field(default_factory=pd.DataFrame)
+    lens_tokens: pd.DataFrame = field(default_factory=pd.DataFrame)
+    commitment: pd.DataFrame = field(default_factory=pd.DataFrame)
+    head_scores: pd.DataFrame = field(default_factory=pd.DataFrame)
+    attention: pd.DataFrame = field(default_factory=pd.DataFrame)
+    attention_layer: int | None = None
 
     def tables(self) -> dict:
         return {k: getattr(self, k) for k in ("contributions", "lens", "skip", "skip_output", "ig", "erasure",
-                                               "patching", "depth_vs_difficulty")}
+                                               "patching", "depth_vs_difficulty", "lenses", "lens_tokens",
+                                               "commitment", "head_scores", "attention")}
 
 
 def report(model: nn.Module, inputs, corrupt=None, sets: dict | None = None, steps: int = 16,
            erase_layer: int = 0, erase_position: int = 0, title: str = "Depth report",
-           batch_size: int | None = 256) -> DepthReport:
+           batch_size: int | None = 256, tuned=None, attention_layer: int | None = 0,
+           labels=None) -> DepthReport:
     """Every depth analysis of ``model`` on the prompt set ``inputs`` (token batch ``(B, T)``) at once.
 
     Skip effects with the max over tokens (as the paper), depth score from their ``l2`` output
     effect, integrated gradients with ``steps``, erasure of ``(erase_layer, erase_position)``,
     patching when ``corrupt`` (same shape as ``inputs``) is given, and depth vs difficulty for
-    ``sets`` (see :func:`depth_vs_difficulty`). See :class:`DepthReport`.
+    ``sets`` (see :func:`depth_vs_difficulty`). The lenses compared per layer (the logit lens, and
+    ``tuned``, a :class:`workbench.lenses.TunedLens` of this model, when given), the lens heat-map and
+    commitment layers of the first prompt, the head-type scores and the attention pattern of block
+    ``attention_layer`` (None: none) on the first prompt, its positions named by ``labels`` (one string per
+    position; default the model's vocabulary, else the ids). See :class:`DepthReport`.
     """
     ad = adapter(model)
     if ad.family != "transformer":
@@ -210,6 +228,8 @@ def report(model: nn.Module, inputs, corrupt=None, sets: dict | None = None, ste
     x = _as_batch(ad, inputs, "inputs")
     checks.check_int("erase_layer", erase_layer, 0, ad.n_layers - 1)
     checks.check_int("erase_position", erase_position, 0, x.shape[1] - 1)
+    if attention_layer is not None:
+        checks.check_int("attention_layer", attention_layer, 0, ad.n_layers - 1)
     contrib = contributions(ad, x, batch_size=batch_size)
     lens = logit_lens(ad, x, batch_size=batch_size)
     sk = skip_effects(ad, x, reduce="max", batch_size=batch_size)
@@ -218,4 +238,12 @@ def report(model: nn.Module, inputs, corrupt=None, sets: dict | None = None, ste
     pt = patch(ad, x, corrupt) if corrupt is not None else pd.DataFrame(columns=["layer", "position", "recovery"])
     dvd = (depth_vs_difficulty(ad, sets, batch_size=batch_size) if sets
            else pd.DataFrame(columns=["difficulty", "n_examples", "depth_score"]))
-    return DepthReport(contrib, lens, sk.heatmap, sk.output, ig, depth_score(sk), er, pt, dvd, ad.n_layers, title)
+    first = x[:1]
+    views = {"lenses": lenses.compare(ad, x, tuned=tuned, batch_size=batch_size),
+             "lens_tokens": lenses.top_tokens(ad, first, tuned=tuned),
+             "commitment": lenses.commitment(ad, first, tuned=tuned),
+             "head_scores": attention.head_scores(ad)}
+    if attention_layer is not None:
+        views["attention"] = attention.pattern(ad, first, attention_layer, labels=labels).frame()
+    return DepthReport(contrib, lens, sk.heatmap, sk.output, ig, depth_score(sk), er, pt, dvd, ad.n_layers, title,
+                       attention_layer=attention_layer, **views)

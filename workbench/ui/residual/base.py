@@ -25,6 +25,7 @@ from ..widgets import ErrorBox
 
 __all__ = ["ModelInput", "View", "InlineHost", "as_monitor", "NO_SUBJECT"]
 
+_SHOW = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"}
 NO_SUBJECT = "no model and input yet: press Analyse (or bind the view to a model and tokens: ModelInput.of(model, x))"
 
 
@@ -94,8 +95,10 @@ class ModelInput:
         t = self.train_x() if callable(self.train_x) else self.train_x
         return self.x if t is None else t
 
-    def label(self, i: int) -> str:
-        return self.tokens[i] if self.tokens and 0 <= i < len(self.tokens) else str(i)
+    def token(self, token_id: int) -> str:
+        """A token id as readable text (its vocabulary string, spaces and newlines made visible)."""
+        text = self.vocab[token_id] if self.vocab and 0 <= token_id < len(self.vocab) else str(token_id)
+        return "".join(_SHOW.get(c, c) for c in text)
 
 
 class _TaskMonitor(_monitor.Context):

@@ -125,17 +125,22 @@ class InputPicker(pn.viewable.Viewer):
 
     # ---------------------------------------------------------------- as code
     def code_lines(self, sequence: bool, tokenizer: bool) -> list[str]:
-        """Lines defining ``x``, ``y`` and ``tokens`` (after the source's lines define ``model``, ``vocab``, ``spec``)."""
+        """Lines defining ``x``, ``y``, ``tokens`` and ``x_train`` (what a tuned lens trains on), after the source's
+        lines define ``model``, ``vocab`` and ``spec``."""
+        n_train = LENS_TRAIN_MAX * (1 if sequence else 4)
         if self.kind == TYPED:
             if tokenizer:
-                return [f"x, y = torch.tensor([tokenizer({self.text!r})['input_ids']]), None",
-                        "tokens = tokenizer.convert_ids_to_tokens(x[0].tolist())"]
-            return [f"text = {self.text!r}",
-                    "ids = wb.data.dataset.encode_text(text, vocab).tolist() if vocab else [int(t) for t in text.split()]",
-                    "x, y = torch.tensor([ids]), None",
-                    "tokens = [vocab[i] for i in ids] if vocab else [str(i) for i in ids]"]
+                lines = [f"x, y = torch.tensor([tokenizer({self.text!r})['input_ids']]), None",
+                         "tokens = tokenizer.convert_ids_to_tokens(x[0].tolist())"]
+            else:
+                lines = [f"text = {self.text!r}",
+                         "ids = wb.data.dataset.encode_text(text, vocab).tolist() if vocab else "
+                         "[int(t) for t in text.split()]",
+                         "x, y = torch.tensor([ids]), None",
+                         "tokens = [vocab[i] for i in ids] if vocab else [str(i) for i in ids]"]
+            return lines + [f"x_train = wb.data.from_spec(spec).x_train[:{n_train}] if spec else x"]
         i = int(self.sample or 0)
-        lines = ["ds = wb.data.from_spec(spec)", "x_val, y_val = ds.split('val')"]
+        lines = ["ds = wb.data.from_spec(spec)", "x_val, y_val = ds.split('val')", f"x_train = ds.x_train[:{n_train}]"]
         if sequence:
             # a text window's targets are its own next tokens (y=None), as on the page
             return lines + [f"x, y = x_val[{i}:{i + 1}], (None if ds.name == 'text' else y_val[{i}:{i + 1}])",

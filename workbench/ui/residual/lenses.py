@@ -199,12 +199,11 @@ class LensView(View):
         prompts = self.prompts if isinstance(self.prompts, int) else 8
         return [
             "from workbench.figures import lenses as lens_figs",
-            "data = x   # a tuned lens learns from more text: the training split (ds.x_train[:512]) when there is one",
-            f"fit = wb.lenses.train_tuned_lens(model, data, steps={steps}, batch_size=min(32, len(data)), "
+            f"fit = wb.lenses.train_tuned_lens(model, x_train, steps={steps}, batch_size=min(32, len(x_train)), "
             f"max_passes=100, seed={seed})",
             "print('fewer tokens than asked:', fit.short, fit.tokens_seen, 'of', fit.tokens_asked)",
             "# fit.lens.save_to_run(store, run.run_id); later wb.lenses.TunedLens.from_run(store, run.run_id)",
-            f"J = wb.lenses.fit_jacobian_lens(model, data[:{prompts}])",
+            f"J = wb.lenses.fit_jacobian_lens(model, x_train[:{prompts}])",
             "table = wb.lenses.compare(model, x, y=y, tuned=fit.lens, jacobian=J)   # lens, layer, kl_to_final, "
             "top1_agree, perplexity",
             "lens_figs.lens_comparison_figure(table, perplexity=True)",

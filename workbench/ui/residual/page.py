@@ -13,6 +13,7 @@ import io
 import panel as pn
 
 from ... import residual
+from ...core import checks
 from ...io import interop
 from ...figures import residual as figs
 from ..page import Page
@@ -188,7 +189,8 @@ class ResidualPage(Page):
 
     def run_report(self, wait: bool = False) -> None:
         """Every depth analysis at once on the chosen input, as a background job; then an HTML file to keep."""
-        self._start("report", wait, lambda _: {"tuned": self.lenses.made, "layer": self.attention.layer})
+        self._start("report", wait, lambda _: {"made": self.lenses.made, "layer": checks.check_int(
+            "attention layer", self.attention.layer, 0)})
 
     # ---------------------------------------------------------------- the job: open, build the input, run
     def _subject(self, ctx, opened, req: dict, action: str) -> ModelInput:
@@ -311,8 +313,9 @@ class ResidualPage(Page):
             self.report_file.visible = True
             self.report_note.object = (
                 f"**Depth report**: {rep.n_layers} layers, depth score {rep.depth_score:.2f} (centre of mass of the "
-                f"skip effect on the output). " + ("" if len(rep.patching) else
-                                                  "Type a corrupt text of the same length to add patching."))
+                f"skip effect on the output); lenses ({', '.join(dict.fromkeys(rep.lenses['lens']))}), commitment, "
+                f"head-type scores and the attention of layer {rep.attention_layer} are in the file. "
+                + ("" if len(rep.patching) else "Type a corrupt text of the same length to add patching."))
 
     # ---------------------------------------------------------------- layout and code
     def prelude(self) -> list[str]:
@@ -370,7 +373,11 @@ class ResidualPage(Page):
             v.show_code()
 
 
-def _report_job(ctx, subject: ModelInput, tuned: dict | None = None, layer: int | None = 0):
+def _report_job(ctx, subject: ModelInput, made: dict | None = None, layer: int = 0):
+    """``(DepthReport, tokens, HTML)``: every analysis at once, with the tuned lens made for this model (if any)
+    and the attention pattern of ``layer``."""
     ctx.report(message="depth report: every analysis", progress=0.05)
-    rep = residual.report(subject.model, subject.x, corrupt=subject.corrupt)
-    return rep, subject.tokens, figs.depth_report_html(rep, subject.tokens)
+    tuned = (made or {}).get(subject.key, {}).get("tuned")
+    rep = residual.report(subject.model, subject.x, corrupt=subject.corrupt, tuned=tuned, attention_layer=layer,
+                          labels=subject.tokens)
+    return rep, subject.tokens, figs.depth_report_html(rep, subject.tokens, subject.vocab)

@@ -131,8 +131,7 @@ class TracingView(View):
         if action == "trace":
             tr = result
             self.trace = tr
-            vocab = self.subject.vocab if self.subject is not None else None
-            answer = vocab[tr.answer] if vocab and 0 <= tr.answer < len(vocab) else str(tr.answer)
+            answer = self.subject.token(tr.answer) if self.subject is not None else str(tr.answer)
             self.trace_pane.object = tfigs.trace_heatmap(tr.frame(), tokens=tr.tokens, subject=tr.subject, answer=answer)
             best = tr.effects.loc[tr.effects["effect"].idxmax()] if len(tr.effects) else None
             self.note.object = (
