@@ -7,13 +7,14 @@ page's "As code" box, executed by the tests against ``run``). A dashboard page c
 job, so every page job is a module-level function that a Dask worker can import; a sweep's built-in
 task is the experiment's ``task``.
 
+- :mod:`~workbench.experiments.train`: one model of the family that fits a dataset;
 - :mod:`~workbench.experiments.connectivity`: train a pair, then barriers before and after matching;
   the analyses of a pair (curves, layer-wise, plane, fusion).
 """
 from __future__ import annotations
 
-from . import connectivity
+from . import connectivity, train
 
-__all__ = ["EXPERIMENTS", "connectivity"]
+__all__ = ["EXPERIMENTS", "train", "connectivity"]
 
-EXPERIMENTS = {"connectivity": connectivity}
+EXPERIMENTS = {"train": train, "connectivity": connectivity}

@@ -40,7 +40,7 @@ import math
 import numbers
 import re
 import threading
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -61,7 +61,6 @@ MAX_SEEDS = 100
 MAX_STEPS = 100_000        # the built-in tasks are small: steps per run
 MAX_EPOCHS = 10_000
 RESERVED = ("address", "seeds", "queue", "on_progress", "user")
-_SIZE_KEYS = ("d_model", "n_layers", "d_hidden", "n_heads", "d_mlp")
 _NC_KEEP = ("nc1", "nc2_equinorm", "nc2_equiangular", "nc3", "nc4", "train_acc")
 
 
@@ -72,57 +71,7 @@ def _status(run_status: str) -> str:
     return {"completed": "done"}.get(run_status, run_status)
 
 
-def _size_overrides(ds, **sizes) -> dict:
-    """Model size options that are set, checked against the fields of the family that takes ``ds``."""
-    from ..core import models
-
-    overrides = {k: v for k, v in sizes.items() if v is not None}
-    fam = models.family_of(ds)
-    fields = {f.name for f in dataclasses.fields(fam.config)}
-    for k in overrides:
-        if k not in fields:
-            raise ValueError(f"{k} is not an option of the {fam.name!r} models that dataset {ds.name!r} takes; "
-                             f"their size options: {[f for f in _SIZE_KEYS if f in fields]}")
-    return overrides
-
-
-def _load(dataset: str, data_options) -> Any:
-    from ..core import data
-
-    return data.load(dataset, **dict(data_options or {}))
-
-
-def train_task(dataset: str = "digits", *, seed: int = 0, steps: int = 100, lr: float = 1e-3, batch_size: int = 64,
-               eval_max: int = 0, d_model: int | None = None, n_layers: int | None = None,
-               d_hidden: int | None = None, n_heads: int | None = None, d_mlp: int | None = None,
-               data_options: dict | None = None, effective_depth: bool = False) -> dict:
-    """One model trained from ``seed`` (initialisation and data order) for ``steps``: final train/val loss and acc.
-
-    The model is the family's fit for the dataset (:func:`workbench.models.config_for`) with the
-    size options given (``d_hidden`` for MLPs, ``n_heads``/``d_mlp`` for Transformers).
-    ``effective_depth=True`` adds ``effective_depth`` and ``effective_depth_ratio``
-    (:func:`workbench.depthlab.effective_depth` on the first 256 validation examples, scored tokens only).
-    """
-    from ..core import models
-    from ..core.training import TrainConfig, train
-
-    ds = _load(dataset, data_options)
-    cfg = models.config_for(ds, seed=seed, **_size_overrides(ds, d_model=d_model, n_layers=n_layers,
-                                                               d_hidden=d_hidden, n_heads=n_heads, d_mlp=d_mlp))
-    tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eval_every=steps, eval_max=eval_max, seed=seed)
-    run = train(models.build(cfg), ds, tc, callbacks=[jobs.TrainProgress()])
-    rows = [{"metric": f"{split}_{m}", "value": run.final(m, split)} for split in ("train", "val")
-            for m in ("loss", "acc")]
-    if checks.check_bool("effective_depth", effective_depth):
-        from ..studies import depthlab
-
-        x, y = ds.x_val[:256], ds.y_val[:256]
-        eff = depthlab.effective_depth(run.model, x, y=y, mask=(y != -100) if y.shape == x.shape else None)
-        rows += [{"metric": "effective_depth", "value": eff["effective_depth"]},
-                 {"metric": "effective_depth_ratio", "value": eff["ratio"]}]
-    return {"status": _status(run.status), "rows": rows}
-
-
+train_task = experiments.train.task           # the train experiment's one model
 barrier_task = experiments.connectivity.task   # the connectivity experiment's pair and barriers
 
 

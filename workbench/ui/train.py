@@ -5,13 +5,15 @@ import dataclasses
 
 import panel as pn
 
-from ..core import data, models, recipes
+from ..core import data, models
+from ..experiments import train as experiment
 from ..figures.training import training_curves
 from ..io.store import check_run_name
-from ..core.training import Callback, TrainConfig, train
+from ..core.training import TrainConfig
 from .text import escape_md
 from .widgets import TextUpload, config_widgets, values_from_widgets
 from .page import Page
+from .task import job_monitor
 
 EXPLANATION = """Train a residual MLP (vector data) or a decoder-only Transformer (sequence data) on an
 offline dataset. The grey line is the loss of each minibatch; blue and red are evaluations on the
@@ -19,23 +21,8 @@ training and validation splits. Finished (or stopped) runs are saved to the run 
 other page can open them. The **text** dataset trains on a file you upload (or a built-in corpus); a run
 keeps training and is saved even if you close the tab (find it under **Runs**)."""
 
-CODE = """import workbench as wb
-ds = wb.data.load({name!r}{opts})
-model = wb.models.build(wb.models.config_for(ds{model}))
-run = wb.train(model, ds, wb.TrainConfig({train}), callbacks=[wb.ProgressBar()])
-wb.RunStore().save(run)
-wb.figures.training.training_curves(run.metrics)"""
-
 # Presets fill every field: the quick default, and the growth recipes' task and model (at their final depth)
-PRESETS = {
-    "digits, residual MLP (quick)": {"dataset": "digits", "options": {},
-                                     "model": {"d_model": 128, "n_layers": 2, "d_hidden": 256},
-                                     "train": {"steps": 300, "eval_every": 50, "lr": 3e-3}},
-    **{f"{r.dataset}, Transformer (recipes.{key})": {
-        "dataset": r.dataset, "options": dict(r.data_options), "model": {**r.model_options(), "n_layers": r.final_layers},
-        "train": {"steps": r.steps_per_stage, "batch_size": r.batch_size, "lr": r.lr, "eval_every": r.eval_every,
-                  "eval_max": r.eval_max}} for key, r in (("KHOP", recipes.KHOP), ("TEXT", recipes.TEXT))},
-}
+PRESETS = experiment.PRESETS
 
 _OPTION_WIDGET = {int: pn.widgets.IntInput, float: pn.widgets.FloatInput}
 # Options the form never offers as a text box: a server path (the browser must not name server files) and
@@ -44,34 +31,11 @@ _NOT_TYPED = ("path", "text")
 _MENUS = {("text", "corpus"): list(data.CORPORA), ("khop", "layout"): list(data.KHOP_LAYOUTS)}
 
 
-def _kwargs(d: dict) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in d.items())
-
-
-class _LiveReport(Callback):
-    """Sends the metrics so far to the page every few steps; stops when the page's Stop is pressed."""
-
-    def __init__(self, ctx, every: int = 10):
-        self.ctx, self.every = ctx, every
-
-    def on_step(self, state):
-        if self.ctx.stopped:
-            state.stop = True
-        elif state.step % self.every == 0:
-            self.ctx.report(list(state.rows), progress=state.step / state.config.steps,
-                            message=f"step {state.step}/{state.config.steps}, loss {state.loss:.4f}")
-
-
-def _train_job(ctx, dataset_name: str, dataset_options: dict, model_config, train_config: TrainConfig, store,
-               name: str | None):
+def _train_job(ctx, dataset_name: str, dataset_options: dict, model: dict, train: dict, store, name: str | None):
     """Train and save in the worker, so that the run is kept even when the tab is closed meanwhile."""
-    ds = data.load(dataset_name, **dataset_options)
-    model = models.build(model_config)
-    run = train(model, ds, train_config, callbacks=[_LiveReport(ctx)])
-    if name:
-        run.name = name
-    run_id = store.save(run)
-    return run, run_id
+    run = experiment.run(dataset_name, dataset_options, model, train, name=name, store=store, live_every=10,
+                         monitor=job_monitor(ctx))
+    return run, run.run_id
 
 
 class TrainPage(Page):
@@ -88,7 +52,7 @@ class TrainPage(Page):
         self.dataset = pn.widgets.Select(name="dataset", options=data.names(), value="digits", width=140)
         self.dataset_box = pn.FlexBox()
         self.model_box = pn.FlexBox()
-        self.train_widgets = config_widgets(TrainConfig(steps=300, eval_every=50, lr=3e-3))
+        self.train_widgets = config_widgets(TrainConfig(**experiment.DEFAULTS["train"]))
         self.train_box = pn.FlexBox(*[w for k, w in self.train_widgets.items() if k != "steps"])
         self.run_name = pn.widgets.TextInput(name="run name", placeholder="(automatic)", width=180)
         self.upload = TextUpload()
@@ -114,7 +78,7 @@ class TrainPage(Page):
         p = PRESETS[label]
         self.dataset.value = p["dataset"]  # rebuilds the forms with the defaults
         self._rebuild_forms()
-        for key, value in p["options"].items():
+        for key, value in p["data_options"].items():
             if key in self.dataset_widgets:
                 self.dataset_widgets[key].value = value
         for key, value in p["model"].items():
@@ -156,11 +120,12 @@ class TrainPage(Page):
             self.dataset_widgets[key] = w
         self.upload_box.objects = [self.upload] if name == "text" else []
         self.dataset_box.objects = list(self.dataset_widgets.values())
+        sizes = experiment.model_defaults(name)   # the form's starting sizes (the fields that fit the data are skipped)
         if data.kind_of(name) == "vector":
-            template = models.MLPConfig(d_in=1, n_classes=2, d_model=128, n_layers=2, d_hidden=256)
+            template = models.MLPConfig(d_in=1, n_classes=2, **sizes)
             skip = ("d_in", "n_classes")
         else:
-            template = models.TransformerConfig(vocab_size=2, d_model=64, n_layers=2, n_heads=4, d_mlp=256)
+            template = models.TransformerConfig(vocab_size=2, **sizes)
             skip = ("vocab_size", "context", "vocab", "glyph_font")
         if getattr(self, "model_widgets", None):  # keep what the user set where the field still exists
             for key, w in self.model_widgets.items():
@@ -184,17 +149,18 @@ class TrainPage(Page):
         return opts
 
     def configs(self):
-        """Validated (dataset options, model config, train config); raises ValueError naming the field.
+        """Validated (dataset options, model overrides, training fields): the choices of
+        ``experiments.train.run``; raises ValueError naming the field.
 
         From the options alone (``data.shape_of``): the data is built in the job, never at the click."""
         opts = self._dataset_options()
         overrides = values_from_widgets(self.model_widgets)
-        model_config = models.config_for(data.shape_of(self.dataset.value, **opts), **overrides)
+        models.config_for(data.shape_of(self.dataset.value, **opts), **overrides)
         train_config = TrainConfig(**values_from_widgets(self.train_widgets)).validate()
         self.check_steps(train_config.steps, "steps")          # a student's job budget, refused at once
         if isinstance(self.run_name.value, str) and self.run_name.value.strip():
             check_run_name(self.run_name.value.strip(), "run name")
-        return opts, model_config, train_config
+        return opts, overrides, dataclasses.asdict(train_config)
 
     # ---------------------------------------------------------------- actions
     def start(self, wait: bool = False) -> None:
@@ -206,25 +172,17 @@ class TrainPage(Page):
             return
         self.errors.clear()
         try:
-            opts, model_config, train_config = self.configs()
+            opts, model, train = self.configs()
         except (ValueError, TypeError) as e:
             self.errors.show(e)
             return
-        self.show_code(self._code(opts, model_config, train_config))
+        self.show_code(self._code(opts, model, train))
         self.result.object = ""
-        args = (self.dataset.value, opts, model_config, train_config, self.datastore.store,
-                self.run_name.value.strip() or None)
+        args = (self.dataset.value, opts, model, train, self.datastore.store, self.run_name.value.strip() or None)
         self.start_task(_train_job, *args, wait=wait)
 
-    def _code(self, opts, model_config, train_config) -> str:
-        shown = {k: v for k, v in opts.items() if k != "text"}
-        upload = (f"text=open({self.upload.filename or 'my_text.txt'!r}, encoding='utf-8').read()"
-                  if "text" in opts else "")
-        return CODE.format(
-            name=self.dataset.value, opts="".join(", " + part for part in (upload, _kwargs(shown)) if part),
-            model=(", " + _kwargs({k: v for k, v in dataclasses.asdict(model_config).items()
-                                   if k in self.model_widgets})),
-            train=_kwargs(dataclasses.asdict(train_config)))
+    def _code(self, opts, model, train) -> str:
+        return experiment.as_code(self.dataset.value, opts, model, train, text_file=self.upload.filename)
 
     def as_code(self) -> str:
         return self._code(*self.configs())
