@@ -8,13 +8,15 @@ job, so every page job is a module-level function that a Dask worker can import;
 task is the experiment's ``task``.
 
 - :mod:`~workbench.experiments.train`: one model of the family that fits a dataset;
+- :mod:`~workbench.experiments.grow`: growth through a schedule (the presets, G_stack among them) or by
+  the natural criterion; grown against scratch on a recipe;
 - :mod:`~workbench.experiments.connectivity`: train a pair, then barriers before and after matching;
   the analyses of a pair (curves, layer-wise, plane, fusion).
 """
 from __future__ import annotations
 
-from . import connectivity, train
+from . import connectivity, grow, train
 
-__all__ = ["EXPERIMENTS", "train", "connectivity"]
+__all__ = ["EXPERIMENTS", "train", "grow", "connectivity"]
 
-EXPERIMENTS = {"train": train, "connectivity": connectivity}
+EXPERIMENTS = {"train": train, "grow": grow, "connectivity": connectivity}

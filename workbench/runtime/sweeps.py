@@ -31,7 +31,6 @@ module's own keywords, not the task's.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import inspect
@@ -104,46 +103,7 @@ def collapse_task(dataset: str = "digits", *, seed: int = 0, epochs: int = 5, ev
     return {"status": _status(run.status), "rows": rows}
 
 
-def grow_task(recipe: str = "khop", *, seed: int = 0, steps: int | None = None, schedule: str = "gstack",
-              final_layers: int | None = None, d_model: int | None = None, n_heads: int | None = None,
-              d_mlp: int | None = None, eval_every: int | None = None, eval_max: int | None = None,
-              data_options: dict | None = None) -> dict:
-    """Grown against from scratch on equal FLOPs (:func:`workbench.growth.compare`) with a growth recipe.
-
-    ``recipe``: ``"khop"`` or ``"text"`` (:data:`workbench.recipes.KHOP` / ``TEXT``); ``steps`` per
-    stage (default the recipe's); ``schedule``: ``"gstack"`` (1 block for ``steps``, stacked to
-    ``final_layers``, trained ``(final_layers - 1) * steps`` more) or ``"layerwise"`` (one block at a
-    time, lower ones frozen). Rows per ``method`` (``grown``, ``scratch``): ``flops_to_target`` (FLOPs
-    to reach scratch's final val loss), ``flops``, ``val_loss``, ``val_acc``; ``flops_ratio``
-    (grown / scratch, method ``grown``) and ``target_loss`` (method ``scratch``).
-    """
-    from .. import growth
-
-    r = {"khop": recipes.KHOP, "text": recipes.TEXT}[checks.check_choice("recipe", recipe, ("khop", "text"))]
-    checks.check_choice("schedule", schedule, ("gstack", "layerwise"))
-    ds = r.load_data(**dict(data_options or {}))
-    steps = r.steps_per_stage if steps is None else steps
-    final = r.final_layers if final_layers is None else final_layers
-    sizes = {k: v for k, v in dict(d_model=d_model, n_heads=n_heads, d_mlp=d_mlp).items() if v is not None}
-    mc = r.model_config(ds, 1, seed=seed, **sizes)
-    if schedule == "gstack":
-        stages = growth.preset("gstack", steps, start_layers=1, final_layers=final, total_steps=final * steps,
-                               stack_at=steps)
-    else:
-        stages = growth.preset("layerwise", steps, start_layers=1, final_layers=final)
-    config = dataclasses.replace(r.train_config(steps=steps), seed=seed,
-                                 eval_every=r.eval_every if eval_every is None else eval_every,
-                                 eval_max=r.eval_max if eval_max is None else eval_max).validate()
-    cmp = growth.compare(stages, ds, mc, config, callbacks=[jobs.TrainProgress(total_steps=2 * final * steps)])
-    rows = []
-    for _, s in cmp.summary.iterrows():
-        for metric in ("flops_to_target", "flops", "val_loss", "val_acc"):
-            rows.append({"method": s["method"], "metric": metric, "value": float(s[metric])})
-    rows += [{"method": "grown", "metric": "flops_ratio", "value": float(cmp.ratio)},
-             {"method": "scratch", "metric": "target_loss", "value": float(cmp.target_loss)}]
-    statuses = {_status(run.status) for run in cmp.runs.values()}
-    status = next((s for s in ("diverged", "cancelled") if s in statuses), "done")
-    return {"status": status, "rows": rows}
+grow_task = experiments.grow.task             # the grow experiment's grown-against-scratch comparison
 
 
 _TASK_FUNCTIONS = {"train": train_task, "barrier": barrier_task, "collapse": collapse_task, "grow": grow_task}

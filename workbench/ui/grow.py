@@ -2,18 +2,18 @@
 see which blocks are frozen, and add a layer while it trains. No math here."""
 from __future__ import annotations
 
-import dataclasses
-
 import pandas as pd
 import panel as pn
 
-from ..core import data, models, recipes
+from ..core import data, models
 from .. import growth
+from ..experiments import grow as experiment
 from ..figures.growth import block_strip, eta_trace, growth_curves, width_depth_timeline
-from ..core.training import Callback, TrainConfig
+from ..core.training import TrainConfig
 from .text import escape_md
 from .widgets import TextUpload, config_widgets, values_from_widgets
 from .page import Page
+from .task import job_monitor
 
 EXPLANATION = """Grow a model in depth while it trains. A schedule is a list of stages: an operation
 (**train**: none, **add_layer**: one new block, zero-initialised so the function is unchanged,
@@ -35,42 +35,23 @@ each candidate addition (a zero block at every position, each block widened), an
 eta'/eta > tau. The eta trace shows every proposal, accepted ones as stars; the timeline shows depth and
 width as the run grows."""
 
-CODE = """import workbench as wb
-from workbench import growth
-ds = wb.data.load({name!r}{opts})
-model = wb.models.build(wb.models.config_for(ds{model}))
-schedule = {schedule}
-run = growth.grow(model, ds, schedule, wb.TrainConfig({train}), store=wb.RunStore())
-wb.figures.growth.growth_curves(run.metrics, x="flops")"""
-
-CRITERION_CODE = """import workbench as wb
-from workbench import growth
-ds = wb.data.load({name!r}{opts})
-model = wb.models.build(wb.models.config_for(ds{model}))
-run = growth.grow(model, ds, config=wb.TrainConfig({train}), criterion="natural", {criterion}, store=wb.RunStore())
-wb.figures.growth.eta_trace(growth.trace_table(run), tau=run.meta["tau"])
-wb.figures.growth.width_depth_timeline(growth.timeline_table(run))"""
-
 MODES = {"Schedule": "schedule", "Natural criterion (grow when eta'/eta > tau)": "natural"}
 
-PRESET_LABELS = {
+PRESET_LABELS = {   # experiments.grow.preset's names
     "One layer at a time, lower layers frozen": "layerwise",
     "G_stack at step N": "gstack",
     "Scratch": "scratch",
 }
 STAGE_COLUMNS = ["op", "steps", "freeze", "lr", "init"]
-# Recipes (workbench.recipes): each fills the task, its options, the model's width, the optimizer and the
-# schedule's depth and steps per stage. The default is KHOP (2-hop pointer chasing, small enough that a
+# Recipes (experiments.grow.RECIPES): each fills the task, its options, the model's width, the optimizer and
+# the schedule's depth and steps per stage. The default is KHOP (2-hop pointer chasing, small enough that a
 # schedule runs in seconds).
-RECIPES = {"khop, 2 hops (recipes.KHOP)": recipes.KHOP, "text, character LM (recipes.TEXT)": recipes.TEXT}
-DEFAULT_KHOP = dict(recipes.KHOP.data_options)
+RECIPES = {"khop, 2 hops (recipes.KHOP)": experiment.RECIPES["khop"],
+           "text, character LM (recipes.TEXT)": experiment.RECIPES["text"]}
+DEFAULT_KHOP = dict(experiment.RECIPES["khop"].data_options)
 # Text options with a fixed set of values get a menu; the text itself comes by upload (TextUpload); other
 # text options (vocabularies) are left to the Train page / a notebook. Never a server path.
 OPTION_CHOICES = {("khop", "layout"): list(data.KHOP_LAYOUTS), ("text", "corpus"): list(data.CORPORA)}
-
-
-def _kwargs(d: dict) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in d.items())
 
 
 def stages_to_frame(stages) -> pd.DataFrame:
@@ -113,43 +94,11 @@ def frame_to_stages(df: pd.DataFrame) -> list[growth.Stage]:
     return stages
 
 
-class _Live(Callback):
-    """Sends the metrics so far and the block strip to the page every few steps."""
-
-    def __init__(self, ctx, total_steps: int, every: int = 10):
-        self.ctx, self.total, self.every = ctx, max(total_steps, 1), every
-        self.previous = None  # metrics of finished stages
-
-    def on_stage(self, run) -> None:
-        self.previous = run.metrics
-        self.ctx.report({"metrics": run.metrics, "blocks": growth.block_table(run.model), "stage_done": True,
-                         "trace": growth.trace_table(run) if "trace" in (run.meta or {}) else None,
-                         "tau": (run.meta or {}).get("tau")})
-
-    def on_step(self, state) -> None:
-        if state.step % self.every:
-            return
-        current = pd.DataFrame(state.rows)
-        metrics = current if self.previous is None else pd.concat([self.previous, current], ignore_index=True)
-        self.ctx.report({"metrics": metrics, "blocks": growth.block_table(state.model)},
-                        progress=state.step / self.total,
-                        message=f"step {state.step}/{self.total}, {len(state.model.blocks)} blocks, "
-                                f"loss {state.loss:.4f}")
-
-
-def _grow_job(ctx, dataset_name, dataset_options, model_config, train_config, schedule, store, control, name,
-              criterion=None):
-    """``criterion``: None (follow ``schedule``) or the keyword arguments of ``grow(criterion="natural", ...)``."""
-    ds = data.load(dataset_name, **dataset_options)
-    model = models.build(model_config)
-    total = sum(s.steps for s in schedule) if criterion is None else train_config.steps
-    live = _Live(ctx, total)
-    control.stop_event = ctx.stop_event
-    if criterion is not None:
-        return growth.grow(model, ds, None, train_config, store=store, callbacks=[live], control=control,
-                           on_stage=live.on_stage, name=name, criterion="natural", **criterion)
-    return growth.grow(model, ds, schedule, train_config, store=store, callbacks=[live], control=control,
-                       on_stage=live.on_stage, name=name)
+def _grow_job(ctx, dataset_name, dataset_options, model, train, schedule, store, control, name, criterion=None):
+    """``schedule`` (stages) or ``criterion`` (the keyword arguments of ``grow(criterion="natural", ...)``):
+    ``experiments.grow.run`` with the page's live figures; every stage saved in the worker."""
+    return experiment.run(dataset_name, dataset_options, model, train, schedule, criterion, name=name, store=store,
+                          control=control, live_every=10, monitor=job_monitor(ctx))
 
 
 class GrowPage(Page):
@@ -167,12 +116,12 @@ class GrowPage(Page):
         self.dataset = pn.widgets.Select(name="task", options=tasks, value="khop", width=130)
         self.dataset_box = pn.FlexBox()
         self.model_box = pn.FlexBox()
-        self.train_widgets = config_widgets(TrainConfig(batch_size=64, lr=3e-3, eval_every=50),
-                                            skip=("steps", "warmup"))
+        self.train_widgets = config_widgets(TrainConfig(**experiment.TRAIN_DEFAULTS), skip=("steps", "warmup"))
         self.preset = pn.widgets.Select(name="preset", options=list(PRESET_LABELS), width=280)
         self.start_layers = pn.widgets.IntInput(name="start blocks", value=1, width=100)
         self.final_layers = pn.widgets.IntInput(name="final blocks", value=3, width=100)
-        self.stage_steps = pn.widgets.IntInput(name="steps per stage", value=recipes.KHOP.steps_per_stage, width=120)
+        self.stage_steps = pn.widgets.IntInput(name="steps per stage", value=RECIPES[next(iter(RECIPES))].steps_per_stage,
+                                               width=120)
         self.apply_preset = pn.widgets.Button(name="Fill stages from preset", width=190)
         self.apply_preset.on_click(lambda _: self.fill_preset())
         self.stages = pn.widgets.Tabulator(
@@ -291,11 +240,12 @@ class GrowPage(Page):
             self.dataset_widgets[key] = widget(name=key, value=value, width=100)
         self.upload_box.objects = [self.upload] if name == "text" else []
         self.dataset_box.objects = list(self.dataset_widgets.values())
+        sizes = experiment.model_defaults(name)   # the form's starting sizes; depth comes from the schedule
         if data.kind_of(name) == "vector":
-            template = models.MLPConfig(d_in=1, n_classes=2, d_model=64, n_layers=1, d_hidden=128)
+            template = models.MLPConfig(d_in=1, n_classes=2, **sizes)
             skip = ("d_in", "n_classes", "n_layers")
         else:
-            template = models.TransformerConfig(vocab_size=2, n_layers=1, **recipes.KHOP.model_options())
+            template = models.TransformerConfig(vocab_size=2, **sizes)
             skip = ("vocab_size", "context", "vocab", "glyph_font", "n_layers")
         self.model_widgets = config_widgets(template, skip=skip)
         self.model_box.objects = list(self.model_widgets.values())
@@ -306,13 +256,7 @@ class GrowPage(Page):
         key = PRESET_LABELS[self.preset.value]
         start, final, steps = self.start_layers.value, self.final_layers.value, self.stage_steps.value
         try:
-            if key == "scratch":
-                stages = growth.preset("scratch", steps, final_layers=final)
-            elif key == "gstack":
-                stages = growth.preset("gstack", steps, start_layers=start, final_layers=final,
-                                       total_steps=steps * 2, stack_at=steps)
-            else:
-                stages = growth.preset("layerwise", steps, start_layers=start, final_layers=final)
+            stages = experiment.preset(key, steps, start_layers=start, final_layers=final)
         except (ValueError, TypeError) as e:
             self.errors.show(e)
             return
@@ -351,7 +295,8 @@ class GrowPage(Page):
         return opts
 
     def configs(self):
-        """Validated (dataset options, model config, train config, stages); ValueError names the field."""
+        """Validated (dataset options, model overrides, training fields, stages or the criterion's options):
+        the choices of ``experiments.grow.run``; ValueError names the field."""
         name = self.dataset.value
         opts = self.dataset_options()
         ds = data.shape_of(name, **opts)  # from the options alone (the job builds the data); checks combinations
@@ -361,7 +306,8 @@ class GrowPage(Page):
         n_layers = self.final_layers.value if key == "scratch" and not self.natural() else start
         if n_layers is None:
             raise ValueError("start blocks must be an integer >= 0")
-        mc = models.config_for(ds, n_layers=n_layers, **overrides)
+        model = {**overrides, "n_layers": n_layers}
+        mc = models.config_for(ds, **model)
         values = values_from_widgets(self.train_widgets)
         if self.natural():
             if self.total_steps.value is None:
@@ -369,11 +315,11 @@ class GrowPage(Page):
             tc = TrainConfig(steps=self.total_steps.value, **values).validate()
             crit = growth.check_criterion(tc, mc.n_layers, **self.criterion_options())
             self.check_steps(tc.steps, "total steps")   # a student's job budget, refused at once
-            return opts, mc, tc, crit
-        tc = TrainConfig(steps=1, **values).validate()
+            return opts, model, {**values, "steps": tc.steps}, crit
+        TrainConfig(steps=1, **values).validate()
         stages = growth.check_schedule(frame_to_stages(self.stages.value), mc.n_layers)
         self.check_steps(sum(s.steps for s in stages), "steps of the stages")
-        return opts, mc, tc, stages
+        return opts, model, values, stages
 
     # ---------------------------------------------------------------- actions
     def start(self, wait: bool = False) -> None:
@@ -381,31 +327,20 @@ class GrowPage(Page):
         configs = self.read_form(self.configs)
         if configs is None:
             return
-        opts, mc, tc, stages = configs
-        self.show_code(self._code(opts, mc, tc, stages))
+        opts, model, train, stages = configs
+        self.show_code(self._code(opts, model, train, stages))
         self.result.object = ""
         self.metrics = None
         self.control = growth.GrowControl()
         crit = stages if isinstance(stages, dict) else None
-        args = (self.dataset.value, opts, mc, tc, [] if crit else stages, self.datastore.store, self.control,
+        args = (self.dataset.value, opts, model, train, None if crit else stages, self.datastore.store, self.control,
                 f"{self.dataset.value}-grow", crit)
         self.start_task(_grow_job, *args, wait=wait)
 
-    def _code(self, opts, mc, tc, stages) -> str:
-        shown = {k: v for k, v in opts.items() if k != "text"}
-        upload = (f"text=open({self.upload.filename or 'my_text.txt'!r}, encoding='utf-8').read()"
-                  if "text" in opts else "")
-        if isinstance(stages, dict):  # the natural criterion's options
-            return CRITERION_CODE.format(
-                name=self.dataset.value, opts="".join(", " + part for part in (upload, _kwargs(shown)) if part),
-                model=", " + _kwargs({k: getattr(mc, k) for k in (*self.model_widgets, "n_layers")}),
-                train=_kwargs({k: v for k, v in dataclasses.asdict(tc).items() if k != "warmup"}),
-                criterion=_kwargs(stages))
-        return CODE.format(
-            name=self.dataset.value, opts="".join(", " + part for part in (upload, _kwargs(shown)) if part),
-            model=", " + _kwargs({k: getattr(mc, k) for k in (*self.model_widgets, "n_layers")}),
-            schedule="[\n    " + ",\n    ".join(f"growth.Stage({_kwargs(_stage_kwargs(s))})" for s in stages) + ",\n]",
-            train=_kwargs({k: v for k, v in dataclasses.asdict(tc).items() if k not in ("steps", "warmup")}))
+    def _code(self, opts, model, train, stages) -> str:
+        crit = stages if isinstance(stages, dict) else None   # the natural criterion's options
+        return experiment.as_code(self.dataset.value, opts, model, train, None if crit else stages, crit,
+                                  text_file=self.upload.filename)
 
     def as_code(self) -> str:
         return self._code(*self.configs())
@@ -423,6 +358,8 @@ class GrowPage(Page):
         self.plot.object = growth_curves(self.metrics, x=self.x_axis.value)
 
     def on_update(self, payload) -> None:
+        if not isinstance(payload, dict):   # a report without a payload only moves the progress bar
+            return
         self.metrics = payload["metrics"]
         self._redraw()
         self.strip.object = block_strip(payload["blocks"])
@@ -454,13 +391,3 @@ class GrowPage(Page):
                               f"{run.final('loss'):.4f}, val acc {run.final('acc'):.3f}, "
                               f"{run.meta['flops']:.3g} training FLOPs; {len(run.meta['stage_run_ids'])} stages "
                               f"saved (group {escape_md(run.meta['group'])})")
-
-
-def _stage_kwargs(s: growth.Stage) -> dict:
-    default = growth.Stage()
-    d = {"op": s.op, "steps": s.steps}
-    for f in ("freeze", "lr", "init", "n", "position", "factor", "fade_steps"):
-        v = getattr(s, f)
-        if v != getattr(default, f) and not (f == "init" and s.op != "add_layer"):
-            d[f] = v
-    return d

@@ -190,7 +190,8 @@ class TrainPage(Page):
     def on_update(self, rows) -> None:
         import pandas as pd
 
-        self.plot.object = training_curves(pd.DataFrame(rows))
+        if rows is not None:   # a report without a payload only moves the progress bar
+            self.plot.object = training_curves(pd.DataFrame(rows))
 
     def on_done(self, result) -> None:
         run, run_id = result  # saved by the worker
