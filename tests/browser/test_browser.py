@@ -166,6 +166,13 @@ def test_grow_then_read_the_grown_model_in_the_residual_stream(server, page):
     n_traces = page.locator(".js-plotly-plot").first.evaluate("el => el.data.length")
     assert n_traces >= 2
     page.screenshot(path=str(ARTIFACTS / "residual-after-grow.png"), full_page=True)
+    # the Attention tab was filled by the same analysis: head scores of every stage, a pattern with data
+    _open(page, "Attention")
+    page.wait_for_selector("text=Strongest head of each kind", timeout=60_000)
+    page.wait_for_timeout(1000)
+    shown = page.locator(".js-plotly-plot:visible")
+    assert shown.count() >= 3 and shown.first.evaluate("el => el.data.length") >= 1
+    page.screenshot(path=str(ARTIFACTS / "residual-attention.png"), full_page=True)
     assert page.console_errors == []
 
 

@@ -149,6 +149,9 @@ def test_growth_run_can_be_stepped_stage_by_stage(store):
     lines = page.stages_pane.object.data
     assert [t.name for t in lines] == ["stage 0", "stage 1", "stage 2"]
     assert list(lines[2].x) == [0, 1, 2]
+    across = page.attention.result["across"]            # head scores of every stage, on the same tokens
+    assert sorted(set(across["stage"])) == [0, 1, 2] and page.attention.across_pane.visible
+    assert across[across.stage == 2].layer.max() == 2 and across[across.stage == 0].layer.max() == 0
     page.stage.value = ids[2]  # analyses the chosen stage in the background
     page.task.join(60)
     assert page.run_select.value == ids[2] and page.analysis.n_layers == 3 and page.layer.end == 2

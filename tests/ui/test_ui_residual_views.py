@@ -64,7 +64,7 @@ def test_analyse_fills_the_lens_and_attention_tabs_from_the_engine(page, trained
         pytest.approx(pat.weights.reshape(-1, 16), abs=1e-6)
     assert len(page.attention.pattern_pane.object.data) == 2            # both heads, behind the figure's menu
     layout = page.__panel__()
-    assert list(page.tabs._names) == ["Residual stream", "Lenses", "Attention", "Causal tracing"]
+    assert list(page.tabs._names) == ["Stream", "Lenses", "Attention", "Causal tracing"]
     assert page.contrib_pane in layout.select(pn.pane.Plotly)          # the first tab's first figure
 
 
@@ -277,3 +277,43 @@ def test_the_views_read_every_adapter_family(family):
     assert tr.run("trace"), tr.errors.text
     last = tr.trace.effects[(tr.trace.effects.position == 5) & (tr.trace.effects.layer == tr.trace.effects.layer.max())]
     assert last.prob.item() == pytest.approx(tr.trace.clean, abs=1e-5)
+
+
+def test_the_explorer_intervenes_where_the_lens_heat_map_is_clicked(trained):
+    from workbench.ui.residual import ResidualExplorer
+
+    run, ds = trained
+    x = ds.x_val[0]
+    explorer = ResidualExplorer.of(run.model, x)
+    explorer.__panel__()
+    explorer.stream.lens_pane.click_data = {"points": [{"x": 6, "y": 1, "pointNumber": [1, 6]}]}
+    kind, layer, pos, result = explorer.interventions.last
+    assert (kind, layer, pos) == ("erase", 1, 6)
+    ref = wb.residual.erase(run.model, x[None], 1, 6)
+    assert np.allclose(result.output.kl, ref.output.kl, atol=1e-6)
+    assert result.output.kl.to_numpy()[:6] == pytest.approx(0.0, abs=1e-9)     # causal: earlier tokens unchanged
+    assert explorer.lenses is not None and explorer.attention.result is not None
+
+
+def test_stop_ends_a_tuned_lens_training_with_the_lens_so_far(page):
+    page.lenses.steps = 5000
+    page.lenses.run("tuned", wait=False)
+    for _ in range(600):
+        if page.task.progress > 0:
+            break
+        page.task.wait(0.05)
+    page.task.stop()
+    page.task.join(60)
+    assert page.task.status == "cancelled"
+    note = page.lenses.note.object
+    assert "fewer tokens than asked" in note and "stopped" in note and "stored" not in note
+
+
+def test_the_pages_code_box_runs_the_stream_and_the_intervention(page):
+    page.layer.value, page.position.value = 1, 4
+    page.show_code()
+    code = page.code.object.removeprefix("```python\n").removesuffix("\n```")
+    scope = {}
+    exec(compile(code, "<Residual stream as code>", "exec"), scope)
+    assert scope["er"].residual.equals(wb.residual.erase(_model(page), page.stream.subject.x, 1, 4).residual)
+    assert wb.residual.contributions(scope["model"], scope["x"]).equals(page.analysis.contrib)

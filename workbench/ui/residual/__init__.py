@@ -7,10 +7,12 @@ lens heat-map, skip effects, attribution, growth stages), :class:`Interventions`
 clicked cell), :class:`LensView` (logit, tuned and Jacobian lenses, commitment), :class:`AttentionView`
 (patterns, head-type scores, across stages) and :class:`TracingView` (causal tracing, attribution patching).
 A view works alone in a notebook too, bound to a model in memory and its tokens
-(``StreamView(subject=ModelInput.of(model, x))``): the same classes serve both faces.
+(``StreamView(subject=ModelInput.of(model, x))``), and :class:`ResidualExplorer` shows them all
+(``ResidualExplorer.of(model, x)``): the same classes serve both faces.
 """
 from .attention import AttentionView
 from .base import InlineHost, ModelInput, View
+from .explorer import ResidualExplorer
 from .inputs import INPUTS, InputPicker
 from .interventions import INTERVENTIONS, Interventions
 from .lenses import LensView
@@ -19,6 +21,6 @@ from .sources import SOURCES, ModelSource
 from .stream import Analysis, StreamView
 from .tracing import TracingView
 
-__all__ = ["ResidualPage", "ModelSource", "InputPicker", "StreamView", "Interventions", "LensView", "AttentionView",
+__all__ = ["ResidualPage", "ResidualExplorer", "ModelSource", "InputPicker", "StreamView", "Interventions", "LensView", "AttentionView",
            "TracingView", "ModelInput", "View", "InlineHost", "Analysis", "SOURCES", "INPUTS", "INTERVENTIONS",
            "EXPLANATION"]

@@ -115,8 +115,9 @@ class Interventions(View):
         if self.kind == "skip from here":
             return [f"sk = wb.residual.skip_effects(model, x, from_position={pos})",
                     f"sk.output[sk.output.skipped == {layer}]   # output change with layer {layer} skipped"]
-        return ["table = wb.residual.patch(model, x, x_corrupt)   # layer, position, recovery (x_corrupt: typed)",
-                "figs.patch_heatmap(table, tokens)"]
+        return ["if x_corrupt is not None:   # patch the clean residual into the corrupt run",
+                "    table = wb.residual.patch(model, x, x_corrupt)   # layer, position, recovery",
+                "    figs.patch_heatmap(table, tokens)"]
 
     def widgets(self) -> list:
         return [self.kind_buttons, self.button]

@@ -344,7 +344,8 @@ class ResidualPage(Page):
             prelude = self.prelude()
         except ValueError:
             return NO_RUN_CODE
-        return "\n".join(prelude + self.stream.code_lines())
+        sequence = self.model_source.code_lines()[1] is not False
+        return "\n".join(prelude + self.stream.code_lines() + (self.interventions.code_lines() if sequence else []))
 
     def side(self):
         ms, inp = self.model_source, self.inputs

@@ -127,7 +127,7 @@ class StreamView(View):
     clicked = param.Event(doc="a lens heat-map cell (a layer and a token) was clicked")
 
     jobs = {"analysis": analysis_job}
-    title = "Residual stream"
+    title = "Stream"
 
     def __init__(self, host=None, **params):
         super().__init__(host, **params)
