@@ -5,18 +5,21 @@ An experiment is a module of plain functions, not a framework: ``run(..., monito
 :mod:`workbench.monitor`) and ``as_code(**choices) -> str`` (the same pipeline as notebook code: a
 page's "As code" box, executed by the tests against ``run``). A dashboard page calls ``run`` inside its
 job, so every page job is a module-level function that a Dask worker can import; a sweep's built-in
-task is the experiment's ``task``.
+task is the experiment's ``task`` (:data:`SWEEP_TASKS`, of which ``workbench.sweeps.TASKS`` is the view).
 
 - :mod:`~workbench.experiments.train`: one model of the family that fits a dataset;
 - :mod:`~workbench.experiments.grow`: growth through a schedule (the presets, G_stack among them) or by
   the natural criterion; grown against scratch on a recipe;
 - :mod:`~workbench.experiments.connectivity`: train a pair, then barriers before and after matching;
-  the analyses of a pair (curves, layer-wise, plane, fusion).
+  the analyses of a pair (curves, layer-wise, plane, fusion);
+- :mod:`~workbench.experiments.collapse`: a collapse recipe trained and tracked, its geometry after.
 """
 from __future__ import annotations
 
-from . import connectivity, grow, train
+from . import collapse, connectivity, grow, train
 
-__all__ = ["EXPERIMENTS", "train", "grow", "connectivity"]
+__all__ = ["EXPERIMENTS", "SWEEP_TASKS", "train", "grow", "connectivity", "collapse"]
 
-EXPERIMENTS = {"train": train, "grow": grow, "connectivity": connectivity}
+EXPERIMENTS = {"train": train, "grow": grow, "connectivity": connectivity, "collapse": collapse}
+# the sweeps' built-in tasks (their names are the sweeps' own: a "barrier" point is a connectivity pair)
+SWEEP_TASKS = {"train": train.task, "barrier": connectivity.task, "collapse": collapse.task, "grow": grow.task}

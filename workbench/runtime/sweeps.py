@@ -19,10 +19,10 @@ a ``distributed.Client``, or a cluster object) -- that Dask cluster, one task pe
 -10, 1 torch thread each. The same seeds give the same numbers on both (the tasks are deterministic
 given their seeds and their torch thread count).
 
-The built-in tasks are functions of this module (:func:`train_task`, :func:`barrier_task`,
-:func:`collapse_task`, :func:`grow_task`), so Dask workers import them; they are small by default
-but honest runs of the engine. Each returns plain data, ``{"status": ..., "rows": [{"metric", "value",
-...}, ...]}``. A task function of one's own may return that, a list of such rows, or a dict
+The built-in tasks are the experiments' (:data:`workbench.experiments.SWEEP_TASKS`: :func:`train_task`,
+:func:`barrier_task`, :func:`collapse_task`, :func:`grow_task` here), module-level functions that Dask
+workers import; they are small by default but honest runs of the engine, the same pipelines as the
+pages'. Each returns plain data, ``{"status": ..., "rows": [{"metric", "value", ...}, ...]}``. A task function of one's own may return that, a list of such rows, or a dict
 ``{metric: number}``; it reads :func:`workbench.jobs.current` for stop and progress if it likes.
 
 :func:`start` is the non-blocking form (the Sweeps page): a :class:`Sweep` with per-point status,
@@ -53,60 +53,24 @@ from . import jobs
 __all__ = ["TASKS", "run", "start", "Sweep", "points", "train_task", "barrier_task", "collapse_task", "grow_task",
            "MAX_POINTS", "MAX_VALUES", "MAX_SEEDS"]
 
-TASKS = ("train", "barrier", "collapse", "grow")
+TASKS = tuple(experiments.SWEEP_TASKS)   # a view of the experiments' tasks: train, barrier, collapse, grow
 MAX_POINTS = 1000          # grid points (seeds included) of one sweep
 MAX_VALUES = 1000          # values of one grid key
 MAX_SEEDS = 100
 MAX_STEPS = 100_000        # the built-in tasks are small: steps per run
 MAX_EPOCHS = 10_000
 RESERVED = ("address", "seeds", "queue", "on_progress", "user")
-_NC_KEEP = ("nc1", "nc2_equinorm", "nc2_equiangular", "nc3", "nc4", "train_acc")
 
 
 # ----------------------------------------------------------------------------- built-in tasks
+# The experiments' own tasks (workbench.experiments.SWEEP_TASKS): module-level functions there, so Dask
+# workers import them by name; the names below are where the sweeps' callers and the Sweeps page find them.
 
-
-def _status(run_status: str) -> str:
-    return {"completed": "done"}.get(run_status, run_status)
-
-
-train_task = experiments.train.task           # the train experiment's one model
-barrier_task = experiments.connectivity.task   # the connectivity experiment's pair and barriers
-
-
-def collapse_task(dataset: str = "digits", *, seed: int = 0, epochs: int = 5, every: int = 1, record: str = "all",
-                  max_samples: int = 256, d_model: int | None = None, n_layers: int | None = None,
-                  lr: float | None = None, weight_decay: float | None = None, batch_size: int | None = None,
-                  mixup: float = 0.0, etf_classifier: bool = False, imbalance: float | None = None) -> dict:
-    """A collapse recipe (:func:`workbench.collapse.train_collapse`, last-layer features) for ``epochs``.
-
-    Rows: NC1-NC4 (``nc1``, ``nc2_equinorm``, ``nc2_equiangular``, ``nc3``, ``nc4``) and ``train_acc``
-    per recorded ``epoch`` (``record="all"``, every ``every`` epochs) or at the last one (``"final"``),
-    plus ``val_loss`` and ``val_acc`` at the end.
-    """
-    from .. import collapse
-
-    checks.check_choice("record", record, ("all", "final"))
-    options = {k: v for k, v in dict(d_model=d_model, n_layers=n_layers, lr=lr, weight_decay=weight_decay,
-                                     batch_size=batch_size, imbalance=imbalance).items() if v is not None}
-    run = collapse.train_collapse(dataset, every=every, layers=False, max_samples=max_samples,
-                                  callbacks=[jobs.TrainProgress()], seed=seed, epochs=epochs, mixup=mixup,
-                                  etf_classifier=etf_classifier, **options)
-    m = run.metrics
-    nc = m[m["epoch"].notna() & m["metric"].isin(_NC_KEEP)] if "epoch" in m else m.iloc[:0]
-    if record == "final" and len(nc):
-        nc = nc[nc["epoch"] == nc["epoch"].max()]
-    rows = [{"epoch": float(e), "metric": str(k), "value": float(v)}
-            for e, k, v in zip(nc["epoch"], nc["metric"], nc["value"])]
-    last = float(nc["epoch"].max()) if len(nc) else float("nan")
-    rows += [{"epoch": last, "metric": f"val_{k}", "value": run.final(k, "val")} for k in ("loss", "acc")]
-    return {"status": _status(run.status), "rows": rows}
-
-
-grow_task = experiments.grow.task             # the grow experiment's grown-against-scratch comparison
-
-
-_TASK_FUNCTIONS = {"train": train_task, "barrier": barrier_task, "collapse": collapse_task, "grow": grow_task}
+train_task = experiments.train.task
+barrier_task = experiments.connectivity.task
+collapse_task = experiments.collapse.task
+grow_task = experiments.grow.task
+_TASK_FUNCTIONS = dict(experiments.SWEEP_TASKS)
 
 
 # ----------------------------------------------------------------------------- argument checks

@@ -2,16 +2,14 @@
 No math here: the engine computes, the figure builders draw."""
 from __future__ import annotations
 
-import time
-
 import panel as pn
 
-from .. import collapse
 from ..core import recipes
+from ..experiments import collapse as experiment
 from ..figures import collapse as figs
-from ..core.training import Callback, StopOnEvent
 from .text import escape_md
 from .page import Page
+from .task import job_monitor
 
 EXPLANATION = """Trained past zero training error (the *terminal phase*), the last-layer features of a
 classifier collapse (Papyan, Han and Donoho 2020): **NC1** the features of each class shrink onto their
@@ -33,63 +31,17 @@ classes go through the network and their last-layer features are drawn on the pl
 classifier rows. Trained with mixup, same-class mixes sit on their class's row whatever λ, and
 different-class mixes line up between two rows, crossing the decision boundary near λ = 1/2."""
 
-CODE = """import workbench as wb
-from workbench import collapse
-model, cfg, ds = collapse.recipe({recipe})
-tracker = collapse.track(every={every})
-run = wb.train(model, ds, cfg, callbacks=[tracker])
-wb.figures.collapse.nc_curves(tracker.table)
-wb.figures.collapse.layer_curves(tracker.table)
-geo = collapse.geometry(tracker.latest["means"], tracker.latest["classifier"])
-wb.figures.collapse.simplex_3d(geo["view"]); wb.figures.collapse.gram_heatmaps(geo)
-wb.figures.collapse.head_gram_heatmaps(collapse.head_gram(model))
-mix = collapse.mixup_geometry(model, ds.x_train, ds.y_train, classes=(0, 1, 2))
-wb.figures.collapse.mixup_geometry(mix)"""
+MAX_SAMPLES = 512   # training examples the tracker measures
 
 
-class _Progress(Callback):
-    def __init__(self, ctx):
-        self.ctx = ctx
-        self.dataset = None     # the training data (for the mixup geometry after training)
-
-    def on_step(self, state):
-        self.dataset = state.dataset
-        if state.step % 25 == 0:
-            steps = state.config.steps
-            self.ctx.report(progress=state.step / steps, message=f"step {state.step} / {steps}")
-
-
-def _train_job(ctx, dataset_name: str, options: dict, every: int, max_samples: int, store=None,
-               min_interval: float = 0.4):
-    """Worker thread: train a recipe, streaming the tracker's table and the class-mean geometry.
-
-    With a ``store`` the run is saved here, in the worker, so that closing the tab does not lose it.
-    Returns ``(run, run_id or None)``.
-    """
-    last = [0.0]
-    seen = []     # the tracker, so the final record is always shown even if it came within min_interval
-
-    def send(tracker, force=False):
-        now = time.perf_counter()
-        seen[:] = [tracker]
-        if force or now - last[0] >= min_interval:
-            last[0] = now
-            latest = tracker.latest
-            ctx.report({"table": tracker.table, "geometry": collapse.geometry(latest["means"], latest["classifier"]),
-                        "counts": latest["counts"], "epoch": latest["epoch"]})
-
-    progress = _Progress(ctx)
-    run = collapse.train_collapse(dataset_name, every=every, max_samples=max_samples, on_record=send,
-                                  callbacks=[StopOnEvent(ctx.stop_event), progress], **options)
-    if seen:
-        send(seen[0], force=True)
-    ctx.report(message=f"{run.status} at step {int(run.metrics['step'].max())}")
-    run_id = store.save(run) if store is not None else None
-    ds = progress.dataset
-    after = {"head": collapse.head_gram(run.model),
-             "mixup": None if ds is None else collapse.mixup_geometry(run.model, ds.x_train, ds.y_train,
-                                                                      classes=(0, 1, 2), n_pairs=30)}
-    return run, run_id, after
+def _train_job(ctx, dataset_name: str, options: dict, every: int, max_samples: int, store=None):
+    """Worker thread: train a recipe (``experiments.collapse.run``), streaming the tracker's table and the
+    class-mean geometry. With a ``store`` the run is saved here, in the worker, so that closing the tab
+    does not lose it. Returns ``(run, run_id or None, {"head", "mixup"})``."""
+    result = experiment.run(dataset_name, every=every, max_samples=max_samples, store=store, live=True,
+                            monitor=job_monitor(ctx), **options)
+    run = result["run"]
+    return run, (run.run_id if store is not None else None), {"head": result["head"], "mixup": result["mixup"]}
 
 
 class CollapsePage(Page):
@@ -105,9 +57,8 @@ class CollapsePage(Page):
         # the recipe is the preset: choosing a dataset fills epochs and weight decay from recipes.COLLAPSE
         self.dataset = pn.widgets.Select(name="dataset (recipe)", options=sorted(recipes.COLLAPSE), value="digits",
                                          width=160)
-        self.epochs = pn.widgets.IntInput(name="epochs", value=100, start=1, end=5000, width=90)
-        self.weight_decay = pn.widgets.FloatInput(name="weight decay (AdamW)", value=5e-2, start=0.0, step=0.01,
-                                                  width=150)
+        self.epochs = pn.widgets.IntInput(name="epochs", start=1, end=5000, width=90)   # both from the recipe
+        self.weight_decay = pn.widgets.FloatInput(name="weight decay (AdamW)", start=0.0, step=0.01, width=150)
         self.every = pn.widgets.IntInput(name="record every N epochs", value=2, start=1, end=1000, width=150)
         self.minority_ratio = pn.widgets.FloatSlider(name="minority ratio (1 = balanced)", start=0.01, end=1.0,
                                                      step=0.01, value=1.0, width=220)
@@ -155,8 +106,8 @@ class CollapsePage(Page):
         return [self.train_button]
 
     def as_code(self) -> str:
-        args = ", ".join([repr(self.dataset.value)] + [f"{k}={v!r}" for k, v in self.options().items()])
-        return CODE.format(recipe=args, every=self.every.value)
+        return experiment.as_code(self.dataset.value, every=self.every.value, max_samples=MAX_SAMPLES,
+                                  **self.options())
 
     def options(self) -> dict:
         """The recipe options the widgets describe (for :func:`workbench.collapse.recipe`)."""
@@ -195,7 +146,7 @@ class CollapsePage(Page):
         self.table, self.run = None, None
         self.show_code()
         store = self.datastore.store if self.save.value else None
-        self.start_task(_train_job, self.dataset.value, opts, int(self.every.value), 512, store, wait=wait)
+        self.start_task(_train_job, self.dataset.value, opts, int(self.every.value), MAX_SAMPLES, store, wait=wait)
 
     # ---------------------------------------------------------------- results
     def on_update(self, payload) -> None:
