@@ -21,7 +21,7 @@ from panel.pane.markup import HTMLBasePane
 import workbench as wb
 from workbench import data, interop, roots
 from workbench.ui import App
-from workbench.ui import train as train_module
+from workbench.experiments import train as train_module
 from workbench.ui.session import DataStore
 from workbench.ui.task import BUSY, BackgroundTask
 from workbench.ui.text import escape_md, text_block
@@ -328,13 +328,13 @@ def test_a_second_start_while_running_is_refused_with_a_visible_notice(store):
 
 def test_double_click_on_train_starts_one_run(store, monkeypatch):
     gate = threading.Event()
-    real_train = train_module.train
+    real_train = train_module.train_model
 
     def gated(*args, **kwargs):
         gate.wait(60)
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train", gated)
+    monkeypatch.setattr(train_module, "train_model", gated)
     page = App(store=store).pages["Train"]
     page.train_widgets["steps"].value, page.train_widgets["eval_every"].value = 5, 5
     page.start()
@@ -357,13 +357,13 @@ def _close_tab(doc: Document) -> None:
 
 def test_closing_the_tab_finishes_and_saves_the_training_run(store, monkeypatch):
     gate = threading.Event()
-    real_train = train_module.train
+    real_train = train_module.train_model
 
     def gated(*args, **kwargs):
         gate.wait(60)
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train", gated)
+    monkeypatch.setattr(train_module, "train_model", gated)
     doc = Document()
     with set_curdoc(doc):  # the page is built in a session, as when served
         app = App(store=store)

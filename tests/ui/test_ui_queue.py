@@ -13,7 +13,7 @@ import pytest
 from bokeh.document import Document
 from panel.io.state import set_curdoc
 
-import workbench.ui.train as train_module
+import workbench.experiments.train as train_module
 from workbench import jobs
 from workbench.ui import App
 from workbench.ui.session import QUEUE_KEY, DataStore, job_queue
@@ -34,7 +34,7 @@ def gates(monkeypatch):
     """Each training (in the order they start) waits for its own Event: ``gates[i].set()`` releases the i-th."""
     events = [threading.Event() for _ in range(8)]
     started = []
-    real_train = train_module.train
+    real_train = train_module.train_model
 
     def gated(*args, **kwargs):
         i = len(started)
@@ -42,7 +42,7 @@ def gates(monkeypatch):
         events[i].wait(120)
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train", gated)
+    monkeypatch.setattr(train_module, "train_model", gated)
     yield events
     for e in events:   # never leave a worker blocked
         e.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..core import checks, recipes
 from ..core import monitor as _monitor
 from ..core.progress import TrainProgress
+from ..core.training import train as train_model
 from . import _shared
 
 __all__ = ["run", "as_code", "task", "DEFAULTS", "PRESETS", "model_defaults"]
@@ -70,7 +71,6 @@ def run(dataset="digits", data_options: dict | None = None, model: dict | None =
     and at each evaluation (a page's live curves), else each evaluation's rows.
     """
     from ..core import models
-    from ..core.training import train as _train
 
     if live_every is not None:
         checks.check_int("live_every", live_every, 1)
@@ -81,7 +81,7 @@ def run(dataset="digits", data_options: dict | None = None, model: dict | None =
         checks.check_str("name", name, 200)
     progress = TrainProgress(_monitor.resolve(monitor), every=live_every or 10,
                              payload=_rows_so_far if live_every else None)
-    result = _train(models.build(config), ds, tc, callbacks=[progress])
+    result = train_model(models.build(config), ds, tc, callbacks=[progress])
     if name:
         result.name = name
     if store is not None:
