@@ -10,6 +10,7 @@ caller picks keys out of nested dicts by hand. Recipes are immutable: ``dataclas
 - :data:`COLLAPSE` -- ``{"digits": ..., "mnist1d": ...}``: the terminal phase of training (Collapse page, notebook 04).
 - :data:`TRANSFORMER_PAIR` -- two Transformers on one-hop khop for connectivity (Connectivity page, notebook 03).
 - :data:`MLP_PAIR` -- two residual MLPs on vector data for connectivity (the Connectivity page's pair).
+- :data:`COMPOSE` -- a base on pooled corpora, then one specialist per corpus (Compose page).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-__all__ = ["GrowthRecipe", "CollapseRecipe", "PairRecipe", "KHOP", "TEXT", "COLLAPSE", "TRANSFORMER_PAIR", "MLP_PAIR"]
+__all__ = ["GrowthRecipe", "CollapseRecipe", "PairRecipe", "ComposeRecipe", "KHOP", "TEXT", "COLLAPSE",
+           "TRANSFORMER_PAIR", "MLP_PAIR", "COMPOSE"]
 
 
 def _frozen(d: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
@@ -190,3 +192,38 @@ TRANSFORMER_PAIR = PairRecipe(
 # The Connectivity page's pair on vector data (digits, or MNIST-1D with its own input size).
 MLP_PAIR = PairRecipe(dataset="digits", model_options=_frozen({"d_model": 128, "n_layers": 2}), steps=300,
                       batch_size=64, lr=3e-3)
+
+
+@dataclass(frozen=True)
+class ComposeRecipe:
+    """A base Transformer on pooled character corpora over one substrate, then one specialist per corpus
+    fine-tuned from it (the weight-space merges need one base)."""
+
+    context: int = 32               # characters per training window
+    corpus_chars: int = 20_000      # characters taken from each corpus
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_mlp: int = 256
+    steps: int = 150                # per stage: the base, then each specialist
+    batch_size: int = 32
+    lr: float = 3e-3                # the base's
+    specialist_lr: float = 1e-3     # the specialists' (fine-tuning)
+    eval_max: int = 256
+
+    def model_options(self, **overrides) -> dict:
+        return {"d_model": self.d_model, "n_layers": self.n_layers, "n_heads": self.n_heads, "d_mlp": self.d_mlp,
+                **overrides}
+
+    def train_config(self, steps: int | None = None, **overrides):
+        """The base's :class:`~workbench.TrainConfig` (the specialists': ``lr=specialist_lr``), evaluated twice."""
+        from .training import TrainConfig
+
+        steps = self.steps if steps is None else steps
+        options = {"steps": steps, "batch_size": self.batch_size, "lr": self.lr, "eval_every": max(steps // 2, 1),
+                   "eval_max": self.eval_max, **overrides}
+        return TrainConfig(**options).validate()
+
+
+# The Compose page's: 2-block Transformers of width 64 on 20k characters per corpus, 150 steps per stage.
+COMPOSE = ComposeRecipe()

@@ -12,14 +12,16 @@ task is the experiment's ``task`` (:data:`SWEEP_TASKS`, of which ``workbench.swe
   the natural criterion; grown against scratch on a recipe;
 - :mod:`~workbench.experiments.connectivity`: train a pair, then barriers before and after matching;
   the analyses of a pair (curves, layer-wise, plane, fusion);
-- :mod:`~workbench.experiments.collapse`: a collapse recipe trained and tracked, its geometry after.
+- :mod:`~workbench.experiments.collapse`: a collapse recipe trained and tracked, its geometry after;
+- :mod:`~workbench.experiments.compose`: a base and specialists over one substrate, then their merges.
 """
 from __future__ import annotations
 
-from . import collapse, connectivity, grow, train
+from . import collapse, compose, connectivity, grow, train
 
-__all__ = ["EXPERIMENTS", "SWEEP_TASKS", "train", "grow", "connectivity", "collapse"]
+__all__ = ["EXPERIMENTS", "SWEEP_TASKS", "train", "grow", "connectivity", "collapse", "compose"]
 
-EXPERIMENTS = {"train": train, "grow": grow, "connectivity": connectivity, "collapse": collapse}
+EXPERIMENTS = {"train": train, "grow": grow, "connectivity": connectivity, "collapse": collapse,
+               "compose": compose}
 # the sweeps' built-in tasks (their names are the sweeps' own: a "barrier" point is a connectivity pair)
 SWEEP_TASKS = {"train": train.task, "barrier": connectivity.task, "collapse": collapse.task, "grow": grow.task}

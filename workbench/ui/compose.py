@@ -1,18 +1,15 @@
 """Compose page: specialists over one frozen substrate, merged by logits and in weight space."""
 from __future__ import annotations
 
-import dataclasses
-
-import pandas as pd
 import panel as pn
 
 from .. import compose
-from ..core import data, models
+from ..core import data, recipes
+from ..experiments import compose as experiment
 from ..figures.compose import cosine_matrix, domain_heatmap, knob_curve, sequential_curve
 from ..compose.sampling import sample_text
-from ..core.training import TrainConfig
 from .session import dataset_from_spec, open_run
-from .task import BackgroundTask
+from .task import BackgroundTask, job_monitor
 from .text import escape_md, html_labels, text_block
 from .widgets import run_options
 from .page import Page
@@ -27,113 +24,13 @@ matrix shows how aligned the task vectors are; with SLERP chosen (two specialist
 from one specialist to the other, and with OPCM chosen it merges the specialists one at a time (in the
 order picked) and draws the mean score on the tasks seen so far for OPCM, averaging and task arithmetic."""
 
-CODE = """import workbench as wb
-from workbench import sampling
-from workbench.figures.compose import domain_heatmap
-domains = wb.compose.shared_text({corpora!r}, context=32, corpus_chars=20_000, seed={seed})
-cfg = wb.models.config_for(domains[{first!r}], d_model=64, n_layers={n_layers}, n_heads=4, d_mlp=256,
-                           embedding={embedding!r}, seed={seed})
-base = wb.models.build(cfg)
-tc = wb.TrainConfig(steps={steps}, batch_size=32, lr=3e-3, eval_every={eval_every}, eval_max=256, seed={seed})
-wb.train(base, wb.compose.concat(domains), tc)
-runs = wb.compose.train_specialists(base, domains, wb.TrainConfig(steps={steps}, batch_size=32, lr=1e-3,
-                                                                  eval_every={eval_every}, eval_max=256, seed={seed}))
-members = {{name: run.model for name, run in runs.items()}}
-ms = list(members.values())
-merges = {{
-{merges}}}
-table = wb.compose.evaluate(members, merges, domains, max_examples=512, references={{"base": base}})
-domain_heatmap(table, "loss")
-sampling.sample_text(ms[0], cfg.vocab, prompt="The ", n_chars=200, seed=0)"""
-
-# The mixtures are the page's (LogitMixture modes); the weight-space merges are the engine's registry
-# (compose.MERGES), each with the options of its own that the page offers.
-MIXTURES = {
-    "logit mean": "wb.compose.LogitMixture(ms)",
-    "probability mixture": "wb.compose.LogitMixture(ms, mode='probs')",
-    "gated mixture": "wb.compose.LogitMixture(ms).fit_gate(domains, steps=150)",
-}
-_MERGE_OPTIONS = {"task_arithmetic": ("scale",), "ties": ("density", "scale"), "lines": ("beta",),
-                  "dare": ("density", "scale"), "dare_ties": ("density", "scale"), "slerp": ("t",),
-                  "opcm": ("alpha",)}
-SLERP_TS = [0.0, 0.25, 0.5, 0.75, 1.0]   # the page's t sweep
-_WEIGHT_SPACE = {method.replace("_", " "): method for method in compose.MERGES}  # label -> compose.merge method
-MERGE_NAMES = list(MIXTURES) + list(_WEIGHT_SPACE)
-
-
-def _merge_options(label: str, options: dict) -> dict:
-    return {k: options[k] for k in _MERGE_OPTIONS.get(_WEIGHT_SPACE.get(label, ""), ())}
-
-
-def _merge_code(label: str, options: dict) -> str:
-    """The engine call behind a merge choice, as code (``ms``: the specialists, ``base``: their parent)."""
-    if label in MIXTURES:
-        return MIXTURES[label]
-    extra = "".join(f", {k}={v!r}" for k, v in _merge_options(label, options).items())
-    return f"wb.compose.merge({_WEIGHT_SPACE[label]!r}, base, ms{extra})"
-
-
-def _code_for(specialist_ids: list[str], names: list[str], base_id: str | None, chosen: list[str],
-              options: dict) -> str:
-    """The notebook calls that rebuild the page's table and heat-map from the stored runs."""
-    lines = ["import workbench as wb", "from workbench.figures.compose import domain_heatmap",
-             "store = wb.RunStore()", f"runs = [store.load(i) for i in {specialist_ids!r}]",
-             f"names = {names!r}",
-             "members = {n: r.model for n, r in zip(names, runs)}",
-             "domains = {n: wb.data.from_spec(r.dataset) for n, r in zip(names, runs)}",
-             "ms = list(members.values())"]
-    weight_space = [m for m in chosen if m in _WEIGHT_SPACE]
-    if weight_space:
-        lines.append(f"base = store.load({base_id!r}).model")
-    lines.append("merges = {")
-    lines += [f"    {m!r}: {_merge_code(m, options)}," for m in chosen]
-    lines.append("}")
-    refs = ", references={'base': base}" if weight_space else ""
-    lines += [f"table = wb.compose.evaluate(members, merges, domains, max_examples=512{refs})",
-              "wb.compose.summary(table)", "domain_heatmap(table, 'loss')"]
-    if weight_space:
-        lines += ["cosines = wb.compose.task_cosines(base, members)"]
-    if "slerp" in chosen:
-        lines += [f"sweep = wb.compose.sweep('slerp', base, ms, domains, 't', {SLERP_TS!r}, max_examples=256)"]
-    if "opcm" in chosen:
-        lines += ["import pandas as pd",
-                  "sequence = pd.concat([wb.compose.sequential(base, members, m, datasets=domains, max_examples=256, "
-                  f"alpha={options.get('alpha', 0.5)!r})[1] for m in wb.compose.SEQUENTIAL], ignore_index=True)"]
-    return "\n".join(lines)
+MERGE_NAMES = experiment.MERGE_NAMES   # the mixtures, then the engine's weight-space merges (compose.MERGES)
 
 
 def _train_job(ctx, corpora: list[str], steps: int, n_layers: int, embedding: str, seed: int):
-    """Base on the pooled corpora, then one specialist per corpus fine-tuned from it."""
-    from ..core.training import Callback, train
-
-    class Report(Callback):
-        def __init__(self, stage, offset):
-            self.stage, self.offset = stage, offset
-
-        def on_step(self, state):
-            if ctx.stopped:
-                state.stop = True
-            elif state.step % 10 == 0:
-                done = self.offset + state.step / steps
-                ctx.report(None, progress=done / (1 + len(corpora)),
-                           message=f"{self.stage}: step {state.step}/{steps}, loss {state.loss:.3f}")
-
-    domains = compose.shared_text(corpora, context=32, corpus_chars=20_000, seed=seed)
-    cfg = models.config_for(domains[corpora[0]], d_model=64, n_layers=n_layers, n_heads=4, d_mlp=256,
-                            embedding=embedding, seed=seed)
-    base = models.build(cfg)
-    tc = TrainConfig(steps=steps, batch_size=32, lr=3e-3, eval_every=max(steps // 2, 1), eval_max=256, seed=seed)
-    base_run = train(base, compose.concat(domains), tc, callbacks=[Report("base", 0)], name="compose-base")
-    if ctx.stopped:
-        return {"base": base_run, "specialists": {}}
-    specialists = {}
-    for i, (name, ds) in enumerate(domains.items()):
-        ft = dataclasses.replace(tc, lr=1e-3)
-        specialists.update(compose.train_specialists(base, {name: ds}, ft, callbacks=[Report(name, i + 1)]))
-        if ctx.stopped:
-            break
-    ctx.report(None, progress=1.0, message=f"done: base and {len(specialists)} specialists")
-    return {"base": base_run, "specialists": specialists}
+    """Base on the pooled corpora, then one specialist per corpus fine-tuned from it (``experiments.compose.train``)."""
+    return experiment.train(corpora, steps=steps, n_layers=n_layers, embedding=embedding, seed=seed,
+                            monitor=job_monitor(ctx))
 
 
 def _sample_job(ctx, model, vocab, prompt: str, n_chars: int, temperature: float, seed: int):
@@ -158,51 +55,20 @@ def _compose_job(ctx, store, specialist_ids: list[str], base_id: str | None, cho
         name = _domain_name(r)
         names.append(name if name not in names else f"{name} ({r.run_id[-6:]})")
     members = dict(zip(names, (r.model for r in runs)))
-    compose.check_substrate(list(members.values()))
     domains = {}
     for name, r in zip(names, runs):
         domains[name] = dataset_from_spec(r.dataset)  # never a server path
-    ctx.report(None, progress=0.2, message="building merges")
     parents = {r.meta.get("parent") for r in runs}
     base_id = base_id or (parents.pop() if len(parents) == 1 else None)
     base = (open_run(store, base_id, "base for weight-space merges").model
-            if base_id and any(m in _WEIGHT_SPACE for m in chosen) else None)
-    ms, skipped, unfit = list(members.values()), [], []
-    merges = {}
-    for m in chosen:
-        if m in _WEIGHT_SPACE and base is None:
-            skipped.append(m)
-            continue
-        if (m == "slerp" and len(ms) != 2) or (m == "model stock" and len(ms) < 2):
-            unfit.append(m)
-            continue
-        if m == "logit mean":
-            merges[m] = compose.LogitMixture(ms)
-        elif m == "probability mixture":
-            merges[m] = compose.LogitMixture(ms, mode="probs")
-        elif m == "gated mixture":
-            merges[m] = compose.LogitMixture(ms).fit_gate(domains, steps=150)
-        else:
-            merges[m] = compose.merge(_WEIGHT_SPACE[m], base, ms, **_merge_options(m, options))
-    ctx.report(None, progress=0.5, message="evaluating")
-    refs = {"base": base} if base is not None else None
-    table = compose.evaluate(members, merges, domains, max_examples=512, references=refs)
-    cosines = compose.task_cosines(base, members) if base is not None else None
-    sweep = sequence = None
-    if "slerp" in merges:
-        ctx.report(None, progress=0.7, message="sweeping SLERP's t")
-        sweep = compose.sweep("slerp", base, ms, domains, "t", SLERP_TS, max_examples=256)
-    if "opcm" in merges:
-        ctx.report(None, progress=0.85, message="merging the specialists one at a time")
-        sequence = pd.concat([compose.sequential(base, members, m, datasets=domains, max_examples=256,
-                                                 alpha=options.get("alpha", 0.5))[1] for m in compose.SEQUENTIAL],
-                             ignore_index=True)
-    ctx.report(None, progress=1.0, message=f"done: {len(members) + len(merges)} models x {len(domains)} domains")
-    done = [m for m in chosen if m in merges]
-    code = _code_for(specialist_ids, names, base_id if base is not None else None, done, options)
-    return {"table": table, "models": {**members, **merges}, "vocab": list(domains[names[0]].vocab),
-            "skipped": skipped, "unfit": unfit, "base_id": base_id, "code": code, "members": names,
-            "cosines": cosines, "sweep": sweep, "sequence": sequence,
+            if base_id and any(m in experiment.WEIGHT_SPACE for m in chosen) else None)
+    out = experiment.compose(members, domains, chosen, options, base=base, monitor=job_monitor(ctx))
+    done = [m for m in chosen if m in out["merges"]]
+    code = experiment.as_code(specialist_ids=specialist_ids, names=names, base_id=base_id if base is not None else None,
+                              chosen=done, options=options)
+    return {"table": out["table"], "models": {**members, **out["merges"]}, "vocab": list(domains[names[0]].vocab),
+            "skipped": out["skipped"], "unfit": out["unfit"], "base_id": base_id, "code": code, "members": names,
+            "cosines": out["cosines"], "sweep": out["sweep"], "sequence": out["sequence"],
             "datasets": {name: dict(r.dataset) for name, r in zip(names, runs)}}
 
 
@@ -222,10 +88,11 @@ class ComposePage(Page):
         corpora = list(data.CORPORA)
         self.corpus_a = pn.widgets.Select(name="corpus A", options=corpora, value="grammar", width=120)
         self.corpus_b = pn.widgets.Select(name="corpus B", options=corpora, value="arithmetic", width=120)
-        self.train_steps = pn.widgets.IntInput(name="steps per stage", value=150, start=1, end=100_000, width=120)
-        self.n_layers = pn.widgets.IntInput(name="n_layers", value=2, start=1, end=12, width=90)
-        self.embedding = pn.widgets.Select(name="substrate", options=["frozen-random", "glyph"],
-                                           value="frozen-random", width=130)
+        self.train_steps = pn.widgets.IntInput(name="steps per stage", value=recipes.COMPOSE.steps, start=1,
+                                               end=100_000, width=120)
+        self.n_layers = pn.widgets.IntInput(name="n_layers", value=recipes.COMPOSE.n_layers, start=1, end=12, width=90)
+        self.embedding = pn.widgets.Select(name="substrate", options=list(experiment.EMBEDDINGS),
+                                           value=experiment.EMBEDDINGS[0], width=130)
         self.train_button = pn.widgets.Button(name="Train base + two specialists", button_type="default")
         self.train_button.on_click(lambda _: self.train_two())
         # merges
@@ -308,12 +175,9 @@ class ComposePage(Page):
     def as_code(self) -> str:
         if self.result is not None:
             return self.result["code"]
-        steps = self.train_steps.value
-        corpora = [self.corpus_a.value, self.corpus_b.value]
-        merges = "".join(f"    {m!r}: {_merge_code(m, self._options())},\n" for m in self.merges.value)
-        return CODE.format(corpora=corpora, first=corpora[0], n_layers=self.n_layers.value,
-                           embedding=self.embedding.value, steps=steps, seed=self.seed.value or 0,
-                           eval_every=max(steps // 2, 1) if isinstance(steps, int) else 1, merges=merges)
+        return experiment.as_code(corpora=[self.corpus_a.value, self.corpus_b.value], steps=self.train_steps.value,
+                                  n_layers=self.n_layers.value, embedding=self.embedding.value,
+                                  seed=self.seed.value or 0, chosen=list(self.merges.value), options=self._options())
 
     # ---------------------------------------------------------------- options
     def _refresh_options(self) -> None:
