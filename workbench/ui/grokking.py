@@ -4,6 +4,7 @@ et al. 2023); and Tian's (2025) training-fraction threshold, swept through the s
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 
 import pandas as pd
@@ -51,6 +52,11 @@ FIELDS = [f.name for f in dataclasses.fields(grokking.GrokConfig)]
 FLOAT_FIELDS = {"train_fraction", "lr", "weight_decay", "beta1", "beta2", "grad_clip"}
 
 
+def _defaults(fn) -> dict:
+    """The default of each keyword of an engine function (a form starts from the engine's own settings)."""
+    return {k: v.default for k, v in inspect.signature(fn).parameters.items() if v.default is not v.empty}
+
+
 def _evaluated_rows(state) -> dict:
     """The live curves' payload: the metrics rows so far, without the per-step batch losses."""
     return {"metrics": pd.DataFrame([r for r in state.rows if r["split"] != "batch"])}
@@ -94,13 +100,14 @@ class GrokkingPage(Page):
         self.results: dict = {}
         # Tian's training-fraction threshold
         self.t_ratios = pn.widgets.TextInput(name="ratios n ÷ (M ln M)", value=THRESHOLD_RATIOS, width=200)
-        self.t_epochs = pn.widgets.IntInput(name="epochs", value=3000, width=100)
-        self.t_M = pn.widgets.IntInput(name="M", value=71, width=80)
-        self.t_hidden = pn.widgets.IntInput(name="hidden", value=512, width=90)
-        self.t_lr = pn.widgets.FloatInput(name="lr", value=1e-3, width=90)
-        self.t_weight_decay = pn.widgets.FloatInput(name="weight decay", value=1e-4, width=100)
-        self.t_optimizer = pn.widgets.Select(name="optimizer", options=list(grokking.TIAN_OPTIMIZERS), value="adam",
-                                             width=90)
+        tian = _defaults(grokking.tian_threshold)   # Tian's settings, as the engine holds them
+        self.t_epochs = pn.widgets.IntInput(name="epochs", value=tian["epochs"], width=100)
+        self.t_M = pn.widgets.IntInput(name="M", value=tian["M"], width=80)
+        self.t_hidden = pn.widgets.IntInput(name="hidden", value=tian["hidden"], width=90)
+        self.t_lr = pn.widgets.FloatInput(name="lr", value=tian["lr"], width=90)
+        self.t_weight_decay = pn.widgets.FloatInput(name="weight decay", value=tian["weight_decay"], width=100)
+        self.t_optimizer = pn.widgets.Select(name="optimizer", options=list(grokking.TIAN_OPTIMIZERS),
+                                             value=tian["optimizer"], width=90)
         self.t_seed = pn.widgets.IntInput(name="seed", value=0, width=80)
         self.threshold_button = pn.widgets.Button(name="Run threshold sweep", width=180)
         self.threshold_button.on_click(lambda _: self.run_threshold())

@@ -4,6 +4,8 @@ bootstrap band, and show by default how well the fit of the small end predicts t
 No math here: the engine (``workbench.scaling``) sweeps and fits, the figure builder draws."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pandas as pd
 import panel as pn
@@ -102,12 +104,13 @@ class ScalingPage(Page):
         self.axis = pn.widgets.Select(name="axis", options=list(scaling.SWEEP_AXES), value="width", width=110)
         self.values = pn.widgets.TextInput(name="values (comma-separated)", value=DEFAULT_VALUES["width"], width=300)
         self.dataset = pn.widgets.Select(name="dataset", options=list(DATASETS), value="digits", width=110)
-        self.steps = pn.widgets.IntInput(name="steps", value=300, width=100)
+        sweep = {k: v.default for k, v in inspect.signature(scaling.sweep).parameters.items()}   # the engine's
+        self.steps = pn.widgets.IntInput(name="steps", value=sweep["steps"], width=100)
         self.seed = pn.widgets.IntInput(name="seed", value=0, width=90)
         self.run_button = pn.widgets.Button(name="Run sweep", button_type="primary", width=120)
         self.run_button.on_click(lambda _: self.run_sweep())
         # advanced
-        self.lr = pn.widgets.FloatInput(name="lr", value=3e-3, width=100)
+        self.lr = pn.widgets.FloatInput(name="lr", value=sweep["lr"], width=100)
         self.x_choice = pn.widgets.Select(name="x", options=dict(X_CHOICES), value="auto", width=300)
         self.y_choice = pn.widgets.Select(name="y", options=list(Y_CHOICES), value="val_loss", width=120)
         self.n_heldout = pn.widgets.IntInput(name="held-out largest points (0: none)", value=2, width=220)

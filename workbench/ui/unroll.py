@@ -9,11 +9,14 @@ from ..core import data, models
 from ..studies import learngene, unroll
 from ..figures import learngene as lg_figs
 from ..figures import unroll as figs
-from ..core.training import StopOnEvent, TrainConfig, train
+from ..core import monitor as wb_monitor
+from ..core.progress import TrainProgress
+from ..core.training import TrainConfig, train
 from .session import dataset_from_spec, open_run
 from .text import escape_md
 from .widgets import run_options
 from .page import Page
+from .task import job_monitor
 
 EXPLANATION = """A residual stack computes (I + F_L)...(I + F_1) x0. To first order that is
 x0 + Σ F_i(x0): every block reading the start of the stream, their outputs summed (Bermeitinger et al.
@@ -60,7 +63,7 @@ def _load(name: str):
 def _analysis_job(ctx, store, run_id: str | None, dataset_name: str, overrides: dict, steps: int, unit: str,
                   finetune: int, max_examples: int):
     """Worker thread: (train a model, or open the stored run ``run_id``), then gap, compare and learngene fit."""
-    run = None
+    run, monitor = None, job_monitor(ctx)
     if run_id is not None:
         ctx.report(progress=0.0, message="loading the stored run")
         run = open_run(store, run_id, "stored run")   # vanished, forged or another user's: refused naming the field
@@ -71,7 +74,7 @@ def _analysis_job(ctx, store, run_id: str | None, dataset_name: str, overrides: 
         model = models.build(models.config_for(ds, **overrides))
         ctx.report(progress=0.0, message=f"training a {overrides['n_layers']}-block model")
         run = train(model, ds, TrainConfig(steps=steps, lr=3e-3, eval_every=steps),
-                    callbacks=[StopOnEvent(ctx.stop_event)])
+                    callbacks=[TrainProgress(wb_monitor.part(monitor, 0.0, 0.4), payload=False)])
     else:
         ds = dataset_from_spec(run.dataset)  # never a server path
     model = run.model.eval()
@@ -80,7 +83,7 @@ def _analysis_job(ctx, store, run_id: str | None, dataset_name: str, overrides: 
     gap = unroll.gap(model, x, y, unit=unit, max_examples=max_examples)
     ctx.report({"gap": gap}, progress=0.5, message="fine-tuning the unrolled model")
     bars = unroll.compare(model, ds, TrainConfig(steps=finetune, lr=1e-3, eval_every=finetune), unit=unit,
-                          callbacks=[StopOnEvent(ctx.stop_event)])
+                          callbacks=[TrainProgress(wb_monitor.part(monitor, 0.5, 0.45), payload=False)])
     fit = learngene.fit(model).table() if len(model.blocks) >= 2 else None
     return {"gap": gap, "compare": bars, "r2": fit, "name": run.name}
 
@@ -91,7 +94,9 @@ def _expansion_job(ctx, dataset_name: str, d_model: int, depths: list[int], aux:
     _, table = learngene.experiment(
         ds, depths=depths, aux_layers=aux, d_model=d_model,
         learngene_train=TrainConfig(steps=aux_steps, lr=3e-3, eval_every=aux_steps),
-        train_config=TrainConfig(steps=steps, lr=3e-3, eval_every=steps), callbacks=[StopOnEvent(ctx.stop_event)])
+        train_config=TrainConfig(steps=steps, lr=3e-3, eval_every=steps),
+        callbacks=[TrainProgress(job_monitor(ctx), total_steps=aux_steps + 2 * len(depths) * steps,   # gene, then
+                                 label="expansion: step", payload=False)])                    # 2 arms a depth
     return {"expansion": table}
 
 
