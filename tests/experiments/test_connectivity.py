@@ -63,3 +63,27 @@ def test_the_sweep_task_is_run_with_its_rows(trained):
     table = trained["barriers"].set_index(["alignment", "metric"])["value"]
     assert out["status"] == "done" and rows[("none", "loss_barrier")] == table["none", "loss_barrier"]
     assert rows[(None, "acc_a")] == trained["runs"][0].final("acc", "val")
+
+
+def test_the_pages_as_code_box_trains_the_pair_the_page_trained(store, run_code):
+    from workbench.ui import App
+
+    page = App(store=store).pages["Connectivity"]
+    page.pair_width.value, page.pair_layers.value, page.pair_steps.value = 16, 1, 10
+    code = page.as_code()                                            # no pair stored yet: the pair's code
+    assert code == connectivity.as_code(**page.pair_choices())
+    page.train_pair(wait=True)
+    assert page.task.status == "done", page.task.error
+    scope = run_code(code)
+    x = wb.data.load("digits").x_val[:64]
+    for run_id, theirs in zip((page.run_a.value, page.run_b.value), scope["runs"]):
+        assert torch.equal(store.load(run_id).model(x), theirs.model(x))
+    page.n_alphas.value, page.resolution.value, page.max_examples.value = 5, 3, 128
+    page.inst_steps.value, page.spawn_steps.value = 6, "0, 3"
+    analysis = page.as_code()                                        # a pair stored: the analysis' code
+    assert analysis == connectivity.as_code(run_a=page.run_a.value, run_b=page.run_b.value, n_alphas=5,
+                                            resolution=3, max_examples=128, inst_steps=6, spawn=[0, 3])
+    page.compute(wait=True)
+    assert page.task.status == "done", page.task.error
+    scope = run_code(analysis)
+    pd.testing.assert_frame_equal(scope["curves"], page.results["curves"])
