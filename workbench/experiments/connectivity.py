@@ -17,8 +17,8 @@ from ..core import checks, recipes
 from ..core import monitor as _monitor
 from . import _shared
 
-__all__ = ["run", "pair", "barriers", "analysis", "fusion", "layerwise", "as_code", "task", "pair_choices",
-           "FUSION_REGS"]
+__all__ = ["run", "pair", "barriers", "analysis", "fusion", "layerwise", "instability", "as_code", "task",
+           "pair_choices", "FUSION_REGS"]
 
 FUSION_REGS = (0.01, 0.03, 0.08, 0.3, 1.0)   # Sinkhorn regs of a fusion (Imfeld et al.'s default 0.08 among them)
 
@@ -172,6 +172,19 @@ def layerwise(model_a, model_b, dataset, *, n_alphas: int = 11, max_examples: in
     return {"layer_curves": pd.concat(curves, ignore_index=True),
             "cumulative": pd.concat(cumulative, ignore_index=True),
             "estimate": pd.concat(estimate, ignore_index=True)}
+
+
+def instability(run, dataset, *, spawn_steps, steps: int, n_alphas: int = 11, max_examples: int = 2048,
+                monitor=None) -> pd.DataFrame:
+    """Frankle et al.'s instability of a stored run's configuration (:func:`workbench.lmc.instability`):
+    its model config and training settings, ``steps`` in all, children spawned at each of ``spawn_steps``."""
+    import dataclasses
+
+    from .. import lmc
+
+    tc = dataclasses.replace(run.train_config, steps=steps, eval_every=steps)
+    return lmc.instability(run.model.config, dataset, spawn_steps, train_config=tc, n_alphas=n_alphas,
+                           max_examples=max_examples, monitor=monitor)
 
 
 def as_code(*, run_a: str | None = None, run_b: str | None = None, n_alphas: int = 25, resolution: int = 15,

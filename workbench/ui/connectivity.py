@@ -1,8 +1,6 @@
 """Connectivity page: are two solutions linearly connected, before and after aligning their units?"""
 from __future__ import annotations
 
-import dataclasses
-
 import pandas as pd
 import panel as pn
 
@@ -85,9 +83,8 @@ def _pair_job(ctx, dataset_name: str, data_options: dict, model: dict, train: di
 def _instability_job(ctx, store, id_a: str, id_b: str, spawn_steps: list[int], steps: int, n_alphas: int,
                      max_examples: int):
     run_a, _ = open_pair(store, id_a, id_b)
-    tc = dataclasses.replace(run_a.train_config, steps=steps, eval_every=steps)
-    return lmc.instability(run_a.model.config, _dataset_of(run_a), spawn_steps, train_config=tc, n_alphas=n_alphas,
-                           max_examples=max_examples, monitor=job_monitor(ctx))
+    return connectivity.instability(run_a, _dataset_of(run_a), spawn_steps=spawn_steps, steps=steps, n_alphas=n_alphas,
+                                    max_examples=max_examples, monitor=job_monitor(ctx))
 
 
 class ConnectivityPage(Page):
