@@ -37,7 +37,7 @@ import time
 import torch
 
 import workbench as wb
-from workbench import growth, recipes
+from workbench import experiments, growth, recipes
 
 # The default khop task, model and budget of notebooks/01_grow.ipynb and the Grow page.
 KHOP = recipes.KHOP
@@ -113,8 +113,7 @@ def _text_row(quick: bool) -> dict:
     final = TEXT.final_layers
     config = TEXT.train_config(steps=steps)
     model_config = TEXT.model_config(ds, n_layers=1)
-    schedule = growth.preset("gstack", steps, start_layers=1, final_layers=final, total_steps=final * steps,
-                             stack_at=steps)
+    schedule = experiments.grow.preset("gstack", steps, start_layers=1, final_layers=final)
     cmp = growth.compare(schedule, ds, model_config, config)
     shallow = wb.models.build(model_config)
     n = flops.steps_for_budget(cmp.runs["grown"].meta["flops"], flops.flops_per_example(shallow, ds.seq_len),
@@ -156,8 +155,7 @@ def _run(quick: bool) -> list[dict]:
             "< 1 (G_stack at 7B: 194B/300B tokens = 0.65)", schedule, ds, model_config, config, baseline,
             f"khop {task}; 1 -> {final} blocks, {steps} steps/stage, {how}"))
     # G_stack: train one block, stack it to the final depth, train on (nothing frozen)
-    gstack = growth.preset("gstack", steps, start_layers=1, final_layers=final, total_steps=final * steps,
-                           stack_at=steps)
+    gstack = experiments.grow.preset("gstack", steps, start_layers=1, final_layers=final)
     rows.append(_compare_row(
         "grow: training FLOPs to reach scratch's final val loss (khop, G_stack vs scratch)",
         "< 1 (G_stack at 7B: 0.65)", gstack, ds, model_config, config, baseline,
