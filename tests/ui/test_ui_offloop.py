@@ -11,6 +11,7 @@ import pytest
 
 import workbench as wb
 from workbench import data, interop
+from workbench.io.interop import opening
 from workbench.io.store import RunStore
 from workbench.ui.session import DataStore
 from workbench.ui.connectivity import ConnectivityPage
@@ -39,6 +40,8 @@ def calls(monkeypatch):
     watch(RunStore, "load")
     watch(interop, "load_hf")
     watch(interop, "load_gpt2")
+    watch(opening, "load_hf")      # open_model calls the loaders by their own module's names
+    watch(opening, "load_gpt2")
     return seen
 
 

@@ -270,6 +270,11 @@ def test_residual_page_opens_a_mixture_built_on_the_compose_page(store, monkeypa
     assert len(lens["z"]) == 3                               # member 1: layers 0, 1 and its output
     page.layer.value = 1
     page.position.value = 4
+    page.member.param.update(value=7)                        # a member the page never offered: refused
+    assert page.errors.text.startswith("member must be one of") and page.analysis.member == 1
+    page.domain.param.update(value="poetry")
+    page.analyse(wait=True)
+    assert page.errors.text.startswith("samples from must be one of")
 
     # typed text works on a mixture as on a model
     page.input_kind.value = "Typed text"

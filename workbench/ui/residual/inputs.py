@@ -67,6 +67,8 @@ class InputPicker(pn.viewable.Viewer):
     # ---------------------------------------------------------------- the request (on the event loop)
     def request(self) -> dict:
         kind = checks.check_choice("input", self.kind, INPUTS)
+        if kind == SAMPLE and self.domains:
+            checks.check_choice("samples from", self.domain, list(self.domains))
         req = {"input": kind, "text": self.text or "", "corrupt": self.corrupt or "",
                "sample": checks.check_int("sample", self.sample if self.sample is not None else 0, 0),
                "domain": self.domain if self.domains else None}

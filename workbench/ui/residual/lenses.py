@@ -151,6 +151,16 @@ class LensView(View):
     def buttons(self) -> list:
         return [self.train_button, self.jacobian_button, self.compare_button]
 
+    def clear(self) -> None:
+        """Another model or input: nothing of the old one is shown (the lenses made are kept per model)."""
+        self.result = None
+        with pn.io.hold():
+            self.lens_select.options = ["logit"]
+            self.lens = "logit"
+            self.compare_pane.object = lfigs.lens_comparison_figure(None)
+            self.heat_pane.object = lfigs.lens_token_heatmap(None)
+            self.note.object = ""
+
     def choices(self, action: str) -> dict:
         if action == "tuned":
             return {"steps": checks.check_int("steps", self.steps, 1, MAX_STEPS),

@@ -130,8 +130,15 @@ class ResidualPage(Page):
         self.inputs.domains = self.model_source.domains()
 
     def _member_chosen(self, member) -> None:
-        if self.model_source.source == MIXTURE:
-            self.stream.select_member(member)
+        if self.model_source.source != MIXTURE or self.stream.analysis is None:
+            return
+        try:   # a member the page never offered is refused with the usual message
+            checks.check_choice("member", member, list(self.model_source.member_select.options.values()))
+        except ValueError as e:
+            self.errors.show(e)
+            self.model_source.member = self.stream.analysis.member   # the member shown stays the choice
+            return
+        self.stream.select_member(member)
 
     def _stage_chosen(self, _=None) -> None:
         if self.stream.analysis is not None:
@@ -299,8 +306,8 @@ class ResidualPage(Page):
         for view in self.views:
             view.subject = subject
         if changed:
-            self.attention.clear()
-            self.tracing.reset()
+            for view in (self.lenses, self.attention, self.tracing):
+                view.clear()
 
     # ---------------------------------------------------------------- the depth report
     def _report_done(self, value) -> None:

@@ -90,6 +90,15 @@ class TracingView(View):
     def buttons(self) -> list:
         return [self.trace_button, self.patch_button]
 
+    def clear(self) -> None:
+        """Another model or input: nothing of the old one is shown."""
+        self.trace = self.comparison = None
+        with pn.io.hold():
+            self.trace_pane.object = tfigs.trace_heatmap(None)
+            self.patch_pane.object = tfigs.patching_comparison(None)
+            self.note.object = self.patch_note.object = ""
+        self.reset()
+
     def reset(self) -> None:
         """A new input: the subject slider spans its positions (default: the middle third)."""
         s = self.subject
