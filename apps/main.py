@@ -8,10 +8,11 @@ import html
 import panel as pn
 
 from workbench.ui import App
+from workbench.ui.frontend import EXTENSIONS
 from workbench.ui.serving import claim_session_slot
 from workbench.ui.teacher import current_user
 
-pn.extension("plotly", "tabulator", notifications=True)
+pn.extension(*EXTENSIONS, notifications=True)   # the notebook explorers load the same list (wb.ui.extension)
 refusal = claim_session_slot()
 if refusal is not None:
     pn.template.BootstrapTemplate(title="Depth Workbench", header_background="#2f3e4e", busy_indicator=None, main=[

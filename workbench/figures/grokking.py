@@ -13,7 +13,7 @@ from plotly.subplots import make_subplots
 
 from .safe import builder
 
-__all__ = ["loss_curves", "fourier_heatmap", "measure_curves", "threshold_curve", "PHASE_COLOURS"]
+__all__ = ["loss_curves", "fourier_heatmap", "fourier_spectrum", "measure_curves", "threshold_curve", "PHASE_COLOURS"]
 
 _LAYOUT = dict(template="plotly_white", margin=dict(l=55, r=20, t=60, b=40))
 PHASE_COLOURS = {"memorisation": "rgba(31,119,180,0.10)", "circuit formation": "rgba(255,127,14,0.12)",
@@ -81,6 +81,29 @@ def fourier_heatmap(metrics: pd.DataFrame | None, title: str = "Fourier norms of
     fig = go.Figure(go.Heatmap(z=grid.values, x=list(grid.columns), y=list(grid.index), colorscale="Viridis",
                                colorbar=dict(title="norm")))
     fig.update_layout(title=title, height=420, xaxis_title="step", yaxis_title="frequency k", **_LAYOUT)
+    return fig
+
+
+@builder
+def fourier_spectrum(metrics: pd.DataFrame | None, step: int | None = None, title: str = "") -> go.Figure:
+    """Bars: the norm of each frequency k of the embedding at the measured ``step`` (default the last), the
+    key frequencies of that step (``key_rank_r`` rows) in orange."""
+    title = title or "Fourier norms of the embedding" + ("" if step is None else f" at step {step}")
+    if metrics is None or not len(metrics):
+        return _empty(title, 320)
+    m = metrics[metrics["split"] == "measure"]
+    if step is None and len(m):
+        step = int(m["step"].max())
+    m = m[m["step"] == step]
+    norms = m[m["metric"].str.startswith("fourier_")]
+    if not len(norms):
+        return _empty(title, 320)
+    k = norms["metric"].str.slice(8).astype(int)
+    keys = {int(v) for v in m[m["metric"].str.startswith("key_rank_")]["value"]}
+    fig = go.Figure(go.Bar(x=k.tolist(), y=norms["value"].tolist(), name="norm",
+                           marker=dict(color=["#ff7f0e" if f in keys else "#1f77b4" for f in k])))
+    fig.update_layout(title=title, height=320, xaxis_title="frequency k (orange: key frequencies)",
+                      yaxis_title="norm", showlegend=False, **_LAYOUT)
     return fig
 
 

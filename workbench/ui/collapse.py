@@ -7,7 +7,9 @@ import panel as pn
 from ..core import recipes
 from ..experiments import collapse as experiment
 from ..figures import collapse as figs
+from .session import dataset_from_spec
 from .text import escape_md
+from .views import CollapseView
 from .page import Page
 from .task import job_monitor
 
@@ -32,6 +34,7 @@ classifier rows. Trained with mixup, same-class mixes sit on their class's row w
 different-class mixes line up between two rows, crossing the decision boundary near λ = 1/2."""
 
 MAX_SAMPLES = 512   # training examples the tracker measures
+VIEW_SAMPLES = 1024   # training examples the collapse view reads at every layer after training
 
 
 def _train_job(ctx, dataset_name: str, options: dict, every: int, max_samples: int, store=None):
@@ -41,7 +44,11 @@ def _train_job(ctx, dataset_name: str, options: dict, every: int, max_samples: i
     result = experiment.run(dataset_name, every=every, max_samples=max_samples, store=store, live=True,
                             monitor=job_monitor(ctx), **options)
     run = result["run"]
-    return run, (run.run_id if store is not None else None), {"head": result["head"], "mixup": result["mixup"]}
+    # the examples the collapse view reads layer by layer, built here: the recipe's data before any imbalance
+    ds = dataset_from_spec({k: v for k, v in run.dataset.items() if k != "class_counts"})
+    return run, (run.run_id if store is not None else None), {"head": result["head"], "mixup": result["mixup"],
+                                                              "x": ds.x_train[:VIEW_SAMPLES],
+                                                              "y": ds.y_train[:VIEW_SAMPLES]}
 
 
 class CollapsePage(Page):
@@ -73,11 +80,10 @@ class CollapsePage(Page):
         self.train_button.on_click(lambda _: self.train())
 
         self.status = pn.pane.Markdown("", sizing_mode="stretch_width")
-        self.nc_plot = pn.pane.Plotly(figs.nc_curves(None), sizing_mode="stretch_width", height=580)
-        self.simplex_plot = pn.pane.Plotly(figs.simplex_3d(None), sizing_mode="stretch_width", height=500)
-        self.layer_plot = pn.pane.Plotly(figs.layer_curves(None), sizing_mode="stretch_width", height=400)
-        self.gram_plot = pn.pane.Plotly(figs.gram_heatmaps(None), sizing_mode="stretch_width", height=380)
-        self.minority_plot = pn.pane.Plotly(figs.minority_curve(None), sizing_mode="stretch_width", height=320)
+        self.view = CollapseView()   # the figure area: the same view a notebook shows (wb.ui.explore)
+        v = self.view
+        self.nc_plot, self.simplex_plot, self.layer_plot = v.nc_pane, v.simplex_pane, v.layer_pane
+        self.gram_plot, self.minority_plot = v.gram_pane, v.minority_pane
         self.head_plot = pn.pane.Plotly(figs.head_gram_heatmaps(None), sizing_mode="stretch_width", height=380)
         self.mixup_plot = pn.pane.Plotly(figs.mixup_geometry(None), sizing_mode="stretch_width", height=540)
         self.table = None        # the tracker's table of the last run
@@ -95,8 +101,7 @@ class CollapsePage(Page):
         return [self.dataset, self.epochs, self.save, self.train_button]
 
     def figures(self):
-        return [self.status, self.nc_plot, pn.Row(self.simplex_plot, self.layer_plot, sizing_mode="stretch_width"),
-                self.gram_plot, self.minority_plot, self.head_plot, self.mixup_plot]
+        return [self.status, self.view, self.head_plot, self.mixup_plot]
 
     def advanced(self):
         return [pn.Row(self.weight_decay, self.every), pn.Row(self.minority_ratio, self.n_minority),
@@ -144,6 +149,7 @@ class CollapsePage(Page):
             self.errors.show(e)
             return
         self.table, self.run = None, None
+        self.view.unbind()
         self.show_code()
         store = self.datastore.store if self.save.value else None
         self.start_task(_train_job, self.dataset.value, opts, int(self.every.value), MAX_SAMPLES, store, wait=wait)
@@ -153,15 +159,8 @@ class CollapsePage(Page):
         if not isinstance(payload, dict) or "table" not in payload:
             return
         self.table = payload["table"]
-        geo = payload["geometry"]
         with pn.io.hold():
-            self.nc_plot.object = figs.nc_curves(self.table)
-            self.layer_plot.object = figs.layer_curves(self.table)
-            self.simplex_plot.object = figs.simplex_3d(geo["view"], counts=payload["counts"],
-                                                       title=f"Class means (PCA) and the ideal simplex, "
-                                                             f"epoch {payload['epoch']:g}")
-            self.gram_plot.object = figs.gram_heatmaps(geo)
-            self.minority_plot.object = figs.minority_curve(self.table)
+            self.view.show_record(self.table, payload["geometry"], counts=payload["counts"], epoch=payload["epoch"])
 
     def on_done(self, result) -> None:
         run, run_id, after = result  # saved by the worker (if asked to)
@@ -169,6 +168,10 @@ class CollapsePage(Page):
         with pn.io.hold():
             self.head_plot.object = figs.head_gram_heatmaps(after["head"])
             self.mixup_plot.object = figs.mixup_geometry(after["mixup"])
+            try:   # the trained model, every layer: the view's layer choice opens
+                self.view.bind(run.model, after["x"], after["y"])
+            except ValueError as e:
+                self.errors.show(e)
         meta = run.meta.get("collapse", {})
         share = meta.get("track_seconds", 0) / max(meta.get("total_seconds", 1e-9), 1e-9)
         text = (f"**{escape_md(run.status)}** after {int(run.metrics['step'].max())} steps; validation accuracy "

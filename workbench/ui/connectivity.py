@@ -15,6 +15,7 @@ from .text import short_spec
 from .widgets import run_options
 from .page import Page
 from .task import job_monitor
+from .views import ConnectivityView
 
 EXPLANATION = """Two networks trained from different seeds reach similar accuracy, yet the straight line
 between their weights usually crosses a loss *barrier*. Much of it comes from the arbitrary order of hidden
@@ -117,8 +118,8 @@ class ConnectivityPage(Page):
         self.inst_button = pn.widgets.Button(name="Run instability (trains)", width=190)
         self.inst_button.on_click(lambda _: self.run_instability())
 
-        self.curves_plot = pn.pane.Plotly(figs.connectivity_curves(None), sizing_mode="stretch_width", height=400)
-        self.barriers = pn.pane.DataFrame(None, sizing_mode="stretch_width", index=False)
+        self.view = ConnectivityView()   # curves and barriers: the same view a notebook shows (wb.ui.explore)
+        self.curves_plot, self.barriers = self.view.curves_pane, self.view.table
         self.layer_plot = pn.pane.Plotly(figs.layerwise_bars(None), sizing_mode="stretch_width", height=330)
         self.plane_plot = pn.pane.Plotly(figs.plane_contour(None), sizing_mode="stretch_width", height=430)
         self.inst_plot = pn.pane.Plotly(figs.instability_plot(None), sizing_mode="stretch_width", height=330)
@@ -162,10 +163,7 @@ class ConnectivityPage(Page):
         return [self.run_a, self.run_b, self.compute_button]
 
     def figures(self):
-        return [self.curves_plot,
-                pn.pane.Markdown("**Barriers (validation split)**: loss and error, both definitions; "
-                                 "peak alpha of the linear ones."),
-                self.barriers, pn.Row(self.layer_plot, self.plane_plot, sizing_mode="stretch_width"),
+        return [self.view, pn.Row(self.layer_plot, self.plane_plot, sizing_mode="stretch_width"),
                 pn.Row(self.spawn_steps, self.inst_steps, self.inst_button), self.inst_plot,
                 pn.pane.Markdown("**Optimal-transport fusion** (Imfeld et al. 2024): B's units transported onto "
                                  "A's, then averaged; hard (EMD) or soft (Sinkhorn) maps."),
@@ -336,8 +334,7 @@ class ConnectivityPage(Page):
         self.results.update(payload)
         if "curves" in payload:
             self.results["barriers"] = lmc.barrier(payload["curves"])
-            self.curves_plot.object = figs.connectivity_curves(payload["curves"])
-            self.barriers.object = figs.barrier_table(self.results["barriers"])
+            self.view.show_curves(payload["curves"])
         if "layerwise" in payload:
             self.layer_plot.object = figs.layerwise_bars(payload["layerwise"])
         if "plane" in payload:

@@ -18,6 +18,7 @@ from .text import escape_md
 from .page import Page
 from .task import job_monitor
 from .sweeps import parse_list
+from .views import GrokkingView
 
 EXPLANATION = """**Grokking** (Power et al. 2022; Nanda et al. 2023): a one-layer Transformer without
 LayerNorm, trained full-batch with AdamW and strong weight decay on a + b mod p, first memorises the
@@ -93,10 +94,10 @@ class GrokkingPage(Page):
             self.inputs[name] = widget(name=name, value=value, width=110)
         self.train_button = pn.widgets.Button(name="Train", button_type="primary", width=120)
         self.train_button.on_click(lambda _: self.train())
+        self.view = GrokkingView()   # the figure area: the same view a notebook shows (wb.ui.explore)
         self.status = pn.pane.Markdown("", sizing_mode="stretch_width")
-        self.loss_plot = pn.pane.Plotly(figs.loss_curves(None), sizing_mode="stretch_width", height=460)
-        self.fourier_plot = pn.pane.Plotly(figs.fourier_heatmap(None), sizing_mode="stretch_width", height=420)
-        self.measure_plot = pn.pane.Plotly(figs.measure_curves(None), sizing_mode="stretch_width", height=420)
+        self.loss_plot, self.fourier_plot = self.view.loss_pane, self.view.fourier_pane
+        self.measure_plot = self.view.measure_pane
         self.results: dict = {}
         # Tian's training-fraction threshold
         self.t_ratios = pn.widgets.TextInput(name="ratios n ÷ (M ln M)", value=THRESHOLD_RATIOS, width=200)
@@ -125,7 +126,7 @@ class GrokkingPage(Page):
         return [pn.Row(*[self.inputs[n] for n in FIELDS if n not in main])]
 
     def figures(self):
-        return [self.status, self.loss_plot, self.fourier_plot, self.measure_plot,
+        return [self.status, self.view,
                 pn.pane.Markdown("### Training-fraction threshold (Tian 2025)", margin=(0, 10)),
                 pn.Row(self.t_ratios, self.t_epochs, self.t_M, self.t_hidden),
                 pn.Row(self.t_lr, self.t_weight_decay, self.t_optimizer, self.t_seed),
@@ -203,9 +204,7 @@ class GrokkingPage(Page):
         metrics, phases = payload.get("metrics"), payload.get("phases")
         if metrics is None:
             return
-        self.loss_plot.object = figs.loss_curves(metrics, phases)
-        self.fourier_plot.object = figs.fourier_heatmap(metrics)
-        self.measure_plot.object = figs.measure_curves(metrics, phases)
+        self.view.show_metrics(metrics, phases)
         if phases is not None:
             acc = metrics[metrics["metric"] == "acc"].sort_values("step").groupby("split")["value"].last()
             shown = {k: ("not reached" if v is None else v) for k, v in phases.items()}

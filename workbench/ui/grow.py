@@ -8,12 +8,13 @@ import panel as pn
 from ..core import data, models
 from .. import growth
 from ..experiments import grow as experiment
-from ..figures.growth import block_strip, eta_trace, growth_curves, width_depth_timeline
+from ..figures.growth import eta_trace
 from ..core.training import TrainConfig
 from .text import escape_md
 from .widgets import TextUpload, config_widgets, values_from_widgets
 from .page import Page
 from .task import job_monitor
+from .views import GrowthView
 
 EXPLANATION = """Grow a model in depth while it trains. A schedule is a list of stages: an operation
 (**train**: none, **add_layer**: one new block, zero-initialised so the function is unchanged,
@@ -133,7 +134,6 @@ class GrowPage(Page):
         self.add_stage.on_click(lambda _: self._add_row())
         self.remove_stage = pn.widgets.Button(name="- last stage", width=100)
         self.remove_stage.on_click(lambda _: self._remove_row())
-        self.x_axis = pn.widgets.RadioButtonGroup(name="x axis", options=["step", "flops"], value="step")
         self.start_button = pn.widgets.Button(name="Grow", button_type="primary", width=100)
         self.start_button.on_click(lambda _: self.start())
         self.add_init = pn.widgets.Select(name="new block init", options=list(growth.INITS), value="zero", width=110)
@@ -152,17 +152,16 @@ class GrowPage(Page):
         self.mode.param.watch(self._on_mode, "value")
         self.upload = TextUpload()
         self.upload_box = pn.Column(margin=0)
-        self.plot = pn.pane.Plotly(growth_curves(None), sizing_mode="stretch_width", height=360)
-        self.strip = pn.pane.Plotly(block_strip(None), sizing_mode="stretch_width", height=160)
+        self.view = GrowthView()   # the figure area: the same view a notebook shows (wb.ui.explore)
+        self.plot, self.strip, self.timeline = self.view.curves_pane, self.view.strip_pane, self.view.timeline_pane
+        self.x_axis = self.view.x_axis
         self.eta_plot = pn.pane.Plotly(eta_trace(None), sizing_mode="stretch_width", height=360, visible=False)
-        self.timeline = pn.pane.Plotly(width_depth_timeline(None), sizing_mode="stretch_width", height=310)
         self.stage_table = pn.pane.DataFrame(pd.DataFrame(), index=False, sizing_mode="stretch_width")
         self.result = pn.pane.Markdown("")
         self.control = growth.GrowControl()
         self.metrics = None
         self.last_run = None
         self.dataset.param.watch(self._rebuild_forms, "value")
-        self.x_axis.param.watch(self._redraw, "value")
         self.recipe.param.watch(self._on_recipe, "value")
         self.apply_recipe(self.recipe.value)
 
@@ -191,8 +190,7 @@ class GrowPage(Page):
                 self.stage_steps, self.apply_preset, pn.Row(self.start_button, self.add_now), self.add_init]
 
     def figures(self):
-        return [self.result, pn.Row(pn.pane.Markdown("x axis:", margin=(8, 5)), self.x_axis), self.plot, self.strip,
-                self.eta_plot, self.timeline]
+        return [self.result, self.view, self.eta_plot]
 
     def below(self):
         return [self.stage_table]
@@ -354,15 +352,11 @@ class GrowPage(Page):
     def on_status(self, status: str) -> None:
         self.add_now.disabled = status != "running"
 
-    def _redraw(self, _=None) -> None:
-        self.plot.object = growth_curves(self.metrics, x=self.x_axis.value)
-
     def on_update(self, payload) -> None:
         if not isinstance(payload, dict):   # a report without a payload only moves the progress bar
             return
         self.metrics = payload["metrics"]
-        self._redraw()
-        self.strip.object = block_strip(payload["blocks"])
+        self.view.show_live(self.metrics, payload["blocks"])
         if payload.get("trace") is not None:
             self.eta_plot.object = eta_trace(payload["trace"], payload.get("tau"))
         if payload.get("stage_done"):
@@ -371,9 +365,7 @@ class GrowPage(Page):
     def on_done(self, run) -> None:
         self.last_run = run
         self.metrics = run.metrics
-        self._redraw()
-        self.strip.object = block_strip(growth.block_table(run.model))
-        self.timeline.object = width_depth_timeline(growth.timeline_table(run))
+        self.view.show_runs(run)   # curves, the strip at each stage, depth and width
         if "trace" in run.meta:
             self.eta_plot.object = eta_trace(growth.trace_table(run), run.meta.get("tau"))
         stages = pd.DataFrame(run.meta["stages"])
