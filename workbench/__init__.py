@@ -9,7 +9,7 @@
 command-line tools (``python -m workbench.classroom credentials ...``) start without torch. The
 folders are the layers (``docs/architecture.md``): ``core`` (checks, data, models, training),
 ``hooks``, ``io``, the analyses (``growth``, ``residual``, ``lmc``, ``collapse``, ``compose``,
-``studies``), ``experiments``, ``runtime``, ``figures`` and ``ui``. :data:`NAMES` maps each public
+``studies``), ``experiments``, ``runtime``, ``lessons``, ``figures`` and ``ui``. :data:`NAMES` maps each public
 name to where it lives; the old flat module paths (``workbench.data``, ``workbench.permute`` ...)
 still import, as the modules they moved to.
 """
@@ -75,6 +75,7 @@ NAMES = {
     "depthlab": "workbench.studies.depthlab",
     "earlyexit": "workbench.studies.earlyexit",
     "auth": "workbench.runtime.auth",
+    "lessons": "workbench.lessons",
     "figures": "workbench.figures",
 }
 # old flat module paths -> where they live now (``import workbench.data`` keeps working)

@@ -283,6 +283,7 @@ LAYERS = [
      "growth, the residual stream and its lenses, connectivity, collapse, composition, one-paper studies"),
     ("experiments", ("workbench.experiments",), "the pipelines pages, sweeps, the bench and notebooks share"),
     ("runtime", ("workbench.runtime",), "the job queue (threads or Dask), sweeps, classroom mode and sign-in"),
+    ("lessons", ("workbench.lessons",), "lessons that check themselves: exercises, references, class answers"),
     ("ui", ("workbench.ui",), "Panel pages and explorers: widgets and layout, no math"),
 ]
 APART = ("figures", ("workbench.figures",), "pure figure builders: tidy DataFrame -> plotly Figure")
