@@ -8,8 +8,10 @@ checks again, so a page built for a teacher does nothing for anyone else.
 
 The job queue is the server's one :class:`workbench.jobs.JobQueue`, which ``apps/app_hooks.py``
 keeps in ``pn.state.cache["workbench.queue"]``; the table is its ``snapshot()``, refreshed once a
-second while served. Everything users typed or chose (user names, job names, messages, run
-names) is escaped before it reaches HTML.
+second while served. Below it the lessons board (:class:`workbench.ui.lessons.LessonBoard`): per lesson
+the class's predictions against the measured outcome, who passed which check, the explanations.
+Everything users typed or chose (user names, job names, messages, run names, explanations) is escaped
+before it reaches HTML.
 
 :func:`current_user` lives here, not in :mod:`workbench.classroom`, because the engine never
 imports Panel (``tests/test_import_graph.py`` counts function-level imports too).
@@ -26,6 +28,7 @@ import panel as pn
 from ..runtime import classroom, jobs
 from .text import escape_html, escape_md
 from .downloads import HubDownloads
+from .lessons import LessonBoard
 from .page import Page
 
 __all__ = ["TeacherPage", "current_user", "server_queue", "QUEUE_CACHE_KEY", "NOT_A_TEACHER"]
@@ -148,6 +151,8 @@ class TeacherPage(Page):
         self.budget_note = pn.pane.Markdown("", sizing_mode="stretch_width")
         self._callback = None
         self.downloads = HubDownloads(self.datastore.raw_store.root, self._teacher) if self.allowed else None
+        # the lessons' records in the store's home: the class's predictions, checks and explanations
+        self.lesson_board = LessonBoard(self.datastore.raw_store.root, self.user, teacher=True) if self.allowed else None
         if self.allowed:
             self.refresh()
             self._show_budget(fill=True)
@@ -300,7 +305,7 @@ class TeacherPage(Page):
                 pn.Row(self.budget_steps, self.budget_minutes), self.budget_button, self.budget_note]
 
     def figures(self):
-        return [pn.pane.Markdown("### Job queue"), self.jobs_view, self.shared_view, self.downloads]
+        return [pn.pane.Markdown("### Job queue"), self.jobs_view, self.shared_view, self.downloads, self.lesson_board]
 
     def __panel__(self):
         if not self.allowed:
