@@ -208,6 +208,17 @@ def test_the_owner_rule(home, monkeypatch):
     assert rec._owner_ok(path, "alice")                                   # alice's own account wrote it
 
 
+def test_a_folder_that_cannot_be_listed_gives_no_rows_and_says_why(home, monkeypatch):
+    rec = records.LessonRecords(home)
+    rec.write("alice", "growth", "predictions", "growth.flops_ratio", {"value": 1.0}, as_user="alice")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(type(rec.root), "iterdir", denied)
+    assert rec.table().empty and rec.refused == [f"{rec.root}: cannot list the lesson records (Permission denied)"]
+    assert len(rec.table(users=["alice"])) == 1          # one's own record is still read by name
+
+
 def test_an_oversized_record_is_refused(home, monkeypatch):
     monkeypatch.setattr(records, "FILE_BYTES", 300)
     rec = records.LessonRecords(home)

@@ -147,8 +147,13 @@ class LessonRecords:
         """User names with a record file here (names that are not user names are left out)."""
         if not self.root.is_dir():
             return []
+        try:
+            paths = sorted(p for p in self.root.iterdir() if p.suffix == ".json")
+        except OSError as e:   # a folder this account may not list (a student's, in a class: mode 3733)
+            self.refused.append(f"{self.root}: cannot list the lesson records ({e.strerror or e})")
+            return []
         out = []
-        for p in sorted(self.root.glob("*.json")):
+        for p in paths:
             try:
                 out.append(checks.check_user("user", p.stem))
             except ValueError:
@@ -163,7 +168,7 @@ class LessonRecords:
         """
         self.refused = []
         rows = []
-        for user in (self.users() if users is None else users):
+        for user in (self.users() if users is None else users):   # users() may add to refused
             try:
                 doc = self._load(user)
             except (ValueError, OSError) as e:
