@@ -11,10 +11,10 @@ import pytest
 
 import workbench as wb
 from workbench.ui import App
-from workbench.ui.common import escape_md
+from workbench.ui.text import escape_md
 from workbench.ui.page import REGISTRY, Page, pages
 
-TITLES = ["Train", "Grow", "Residual stream", "Connectivity", "Collapse", "Compose", "Sweeps", "Scaling laws", "Unroll & learngene", "Grokking",
+TITLES = ["Train", "Grow", "Residual stream", "Depth lab", "Connectivity", "Collapse", "Compose", "Sweeps", "Scaling laws", "Unroll & learngene", "Grokking",
           "Runs"]
 if importlib.util.find_spec("workbench.ui.teacher") is not None:   # the classroom's Teacher page, last
     TITLES.append("Teacher")
