@@ -4,6 +4,11 @@ import os
 import pytest
 import torch
 
+# The dashboard's starter examples (about a minute of training at a server's first start) only where a test asks
+# for them (tests/browser/test_browser_first_contact.py, tests/runtime/test_examples.py): every other served app
+# and page starts on an empty store, as the tests expect.
+os.environ.setdefault("WORKBENCH_EXAMPLES", "0")
+
 # Torch threads per test process: OMP_NUM_THREADS when set (`make test` runs two xdist workers with one
 # thread each, so the two cores are not oversubscribed), else at most two.
 _threads = os.environ.get("OMP_NUM_THREADS", "").strip()

@@ -69,6 +69,7 @@ NAMES = {
     "jobs": "workbench.runtime.jobs",
     "sweeps": "workbench.runtime.sweeps",
     "classroom": "workbench.runtime.classroom",
+    "examples": "workbench.runtime.examples",
     "lenses": "workbench.residual.lenses",
     "attention": "workbench.residual.attention",
     "tracing": "workbench.residual.tracing",

@@ -48,12 +48,13 @@ from ..core.checks import USER_MAX_CHARS, check_int, check_user   # no torch: th
 __all__ = ["check_user", "teachers", "is_teacher", "MIN_PANEL", "panel_version", "check_panel",
            "read_class_list", "make_credentials", "read_credentials", "new_cookie_secret", "check_cookie_secret",
            "read_cookie_secret", "check_tls_files", "serve_command", "serve_environment", "hold_home", "release_home",
-           "HomeInUse", "CLASS_SECONDS", "SESSION_SECONDS_RANGE", "USER_MAX_CHARS"]
+           "HomeInUse", "CLASS_SECONDS", "SESSION_SECONDS_RANGE", "USER_MAX_CHARS", "RESERVED_USERS"]
 
 MIN_PANEL = (1, 7, 5)
 CLASS_SECONDS = 2 * 60 * 60        # default --session-token-expiration: a double lesson
 SESSION_SECONDS_RANGE = (300, 7 * 24 * 60 * 60)
 MAX_USERS = 1000                   # names in one class list / credentials file
+RESERVED_USERS = ("examples",)     # no one signs in as these: the owner of the starter runs (runtime.examples)
 _PASSWORD_MAX = 256
 _HOST = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]{2,45}\]")
@@ -61,6 +62,14 @@ _HOST = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
 
 class ClassroomError(RuntimeError):
     """The server cannot be started in classroom mode as asked (Panel too old, credentials unusable)."""
+
+
+def _check_member(field: str, name) -> str:
+    """A user name of a class (:func:`check_user`), not one of :data:`RESERVED_USERS`."""
+    check_user(field, name)
+    if name in RESERVED_USERS:
+        raise ValueError(f"{field}: {name!r} is reserved (the owner of the example runs); choose another user name")
+    return name
 
 
 def _shown(value) -> str:
@@ -159,7 +168,7 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        check_user(f"{path}: line {i}", line)
+        _check_member(f"{path}: line {i}", line)
         if line in names:
             raise ValueError(f"{path}: line {i}: user {line!r} is listed twice")
         names.append(line)
@@ -175,7 +184,7 @@ def _check_users(users) -> list[str]:
     if not 1 <= len(users) <= MAX_USERS:
         raise ValueError(f"users must name 1 to {MAX_USERS} users, got {len(users)}")
     for i, u in enumerate(users):
-        check_user(f"users[{i}]", u)
+        _check_member(f"users[{i}]", u)
     dup = sorted({u for u in users if users.count(u) > 1})
     if dup:
         raise ValueError(f"users must not repeat a name, got {dup[0]!r} more than once")
@@ -238,7 +247,7 @@ def read_credentials(path: str | os.PathLike, *, check_mode: bool = True) -> dic
     if not isinstance(creds, dict) or not 1 <= len(creds) <= MAX_USERS:
         raise ValueError(f"credentials file {path}: must be a JSON object of 1 to {MAX_USERS} user names -> passwords")
     for user, password in creds.items():
-        check_user(f"credentials file {path}: user", user)
+        _check_member(f"credentials file {path}: user", user)
         if not isinstance(password, str) or not 1 <= len(password) <= _PASSWORD_MAX:
             raise ValueError(f"credentials file {path}: the password of {user!r} must be a string of 1 to "
                              f"{_PASSWORD_MAX} characters")
