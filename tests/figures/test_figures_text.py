@@ -203,6 +203,7 @@ def _inputs():
         "attention.score_map": lambda f: f(_frame(layer=[0, 0], head=[0, 1], score_kind=[P, P], value=[0.1, 0.9])),
         "attention.scores_across": lambda f: f(_frame(layer=[0, 0], head=[0, 1], score_kind=["induction"] * 2,
                                                       value=[0.1, 0.9], stage=[P, P2])),
+        "layout.empty": lambda f: f(P),
         "lenses.lens_comparison_figure": lambda f: f(_frame(lens=[P, P], layer=[0, 1], kl_to_final=[0.2, 0.1],
                                                             top1_agree=[0.5, 1.0]), title=P),
         "lenses.lens_token_heatmap": lambda f: f(_frame(lens=["logit"] * 2, batch=[0, 0], layer=[0, 1], position=[0, 0],

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from .safe import builder
+
 __all__ = ["LAYOUT", "empty", "token_labels"]
 
 LAYOUT = dict(template="plotly_white", margin=dict(l=55, r=20, t=50, b=45))
 _SHOW = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"}
 
 
+@builder
 def empty(title: str, height: int = 320) -> go.Figure:
     """A figure that says "no data yet" (what a view shows before its first result)."""
     fig = go.Figure()
