@@ -117,7 +117,8 @@ def estimate(model: nn.Module, n_tokens: int, analysis: str = "report", steps: i
     analysis runs: contributions one forward; the lens one forward and ``L`` more readouts; skip effects
     one forward, then for layer ``s`` the blocks after it and a readout; IG per layer ``l`` and step a
     forward and backward of the blocks from ``l`` (readout of the last position only); erasure two
-    forwards; patching ``(L + 1) x T`` forwards; the report: all but patching. ``steps``: IG steps (default:
+    forwards; patching ``(L + 1) x T`` forwards; the report: all but patching, plus the lens comparison (a second lens
+    pass) and two forwards for the head scores and the attention pattern. ``steps``: IG steps (default:
     the analysis' own, 16 in the report, 32 alone). ``forwards``: the nominal count (IG ``3 x steps x (L + 1)``).
     """
     ad = adapter(model)
@@ -157,7 +158,10 @@ def estimate(model: nn.Module, n_tokens: int, analysis: str = "report", steps: i
              "erase": cost(2, 2, ERASE_PASSES),
              "patch": cost((L + 1) * T, (L + 1) * T)}
     if analysis == "report":
-        chosen = [parts[k] for k in ("contributions", "logit_lens", "skip_effects", "integrated_gradients", "erase")]
+        # besides the analyses: the lens comparison (another lens pass), the head scores and one pattern
+        # (a forward each, with the attention weights computed explicitly)
+        chosen = [parts[k] for k in ("contributions", "logit_lens", "logit_lens", "skip_effects",
+                                     "integrated_gradients", "erase", "forward", "forward")]
         flops, seconds = sum(f for f, _ in chosen), sum(s for _, s in chosen)
     else:
         flops, seconds = parts[analysis]
