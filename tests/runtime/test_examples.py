@@ -197,13 +197,14 @@ def test_start_runs_the_set_as_a_job_once_and_never_when_switched_off(store, fas
     monkeypatch.delenv(examples.ENV, raising=False)
     queue = wb.jobs.JobQueue(max_jobs=1, threads=1, executor="threads")
     try:
-        job = examples.start(store, queue)
+        job = examples.start(store.root, queue)                           # a path, as apps/app_hooks.py gives it
         assert job is not None and job.user == examples.OWNER
         assert examples.start(store, queue, action="restore") is None     # one job per store at a time
         assert examples.running(store) is job and examples.status(store)["state"] == "making"
         job.wait(30)
         assert job.status == "done" and examples.running(store) is None
         assert examples.status(store)["state"] == "ready" and examples.start(store, queue) is None   # made
+        assert (store.root / examples.STATE_FILE).exists() and examples.status(str(store.root))["state"] == "ready"
     finally:
         queue.close()
     other = wb.RunStore(store.root.parent / "other")

@@ -207,7 +207,12 @@ def _root(store) -> str:
     """The store's folder (a RunStore, a user's view of one, or a path; None: ``WORKBENCH_HOME``), resolved."""
     from ..io.store import default_home
 
-    where = default_home() if store is None else getattr(store, "root", store)
+    if store is None:
+        where = default_home()
+    elif isinstance(store, (str, os.PathLike)):
+        where = store
+    else:
+        where = store.root   # a RunStore or a user's view of one (a Path's own ``root`` is its anchor: not this)
     return str(Path(where).expanduser().resolve())
 
 
