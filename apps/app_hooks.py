@@ -12,6 +12,10 @@ job's services (``workbench.ui.task.BackgroundTask``); one torch thread per task
 session's model objects) run on this process's threads in the same queue. Unset: every job runs on
 threads of this process with floor(cores / max jobs) torch threads each.
 
+At the first start on a store it submits the starter set of example runs to that queue
+(:func:`workbench.runtime.examples.start`; ``WORKBENCH_EXAMPLES=0`` turns it off): every page then opens on
+data; the sessions show its progress.
+
 It also keeps one server per store (an advisory lock on ``WORKBENCH_HOME/server.lock``: a second server
 on the same store refuses to start, naming the first), and installs :func:`workbench.ui.serving.install`:
 the guard of Panel's component route, one log line for a widget value the browser forged, and the
@@ -64,6 +68,13 @@ def on_server_loaded(server_context):
     if isinstance(queue.executor, jobs.ThreadExecutor):
         torch.set_num_threads(queue.threads)   # also for the little torch work done in UI callbacks
     pn.state.cache[QUEUE_KEY] = queue
+    serving.warm_up()   # the first student does not pay for the imports; the start-up heap is frozen (gc)
+    from workbench.runtime import examples
+
+    try:   # the starter set, once per store, as a job of this queue (WORKBENCH_EXAMPLES=0: never)
+        examples.start(default_home(), queue)
+    except Exception as e:  # noqa: BLE001 -- the dashboard serves without them
+        print(f"workbench: the example runs were not started: {e}", file=sys.stderr, flush=True)
 
 
 def on_server_unloaded(server_context):

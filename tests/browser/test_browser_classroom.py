@@ -5,7 +5,8 @@ import re
 import time
 
 import pytest
-from helpers.classroom_server import browser, get_props, models, set_props, sign_in, start_classroom  # noqa: F401
+from helpers.classroom_server import (browser, get_props, models, open_advanced, set_props,  # noqa: F401
+                                      sign_in, start_classroom)
 
 pytestmark = [pytest.mark.ui, pytest.mark.timeout(400)]
 
@@ -52,6 +53,7 @@ def test_a_forged_out_of_options_value_is_one_log_line_and_changes_nothing(room,
     context = browser.new_context()
     try:
         page = sign_in(context, room, "alice")
+        open_advanced(page, "Train", "norm")                                # the Train page's fields, all laid out
         dataset = models(page, type="Select", title="dataset")[0]
         options = get_props(page, dataset["id"], "options")["options"]
         assert "../../../etc/passwd" not in str(options)

@@ -11,7 +11,7 @@ import statistics
 import time
 
 import pytest
-from helpers.classroom_server import browser, models, set_props, sign_in, start_classroom  # noqa: F401
+from helpers.classroom_server import browser, models, open_advanced, set_props, sign_in, start_classroom  # noqa: F401
 from helpers.fakehub import Silent
 
 pytestmark = [pytest.mark.ui, pytest.mark.timeout(400)]
@@ -64,7 +64,7 @@ def test_a_hanging_hub_load_freezes_nobody_and_can_be_stopped(room, hub, browser
         for _ in range(3):
             answers.append(_timed(lambda: room.request(anonymous, "/login", timeout=30)))
             answers.append(_timed(lambda: room.request(teacher, "/apps", timeout=30)))   # a new dashboard session
-        bob.locator(".bk-tab", has_text="Train").first.click()
+        open_advanced(bob, "Train", "d_model")
         width = models(bob, title="d_model")[0]
         events = []
         for k in (1, 2, 3):                                             # a field, a click, the server's answer
@@ -98,6 +98,9 @@ def test_an_upload_over_the_limit_is_refused_at_the_widget(room, browser):
     context = browser.new_context()
     try:
         page = sign_in(context, room, "bob")
+        page.locator(".bk-tab", has_text="Train").first.click()          # the first tab is Start here
+        page.wait_for_function("""() => Bokeh.documents.some(d => Array.from(d.all_models).some(
+            m => m.title === "dataset"))""", timeout=30_000)
         dataset = models(page, type="Select", title="dataset")[0]
         set_props(page, dataset["id"], value="text")
         page.locator("input[type=file]").first.wait_for(state="attached", timeout=30_000)

@@ -52,6 +52,7 @@ STUDENTS = ("alice", "bob")
 USERS = (TEACHER, *STUDENTS)
 
 __all__ = ["Classroom", "start_classroom", "classroom", "browser", "sign_in", "models", "set_props", "get_props",
+           "open_advanced",
            "free_port", "TEACHER", "STUDENTS", "USERS", "ROOT", "CHROMIUM", "CHROMIUM_ARGS"]
 
 
@@ -163,7 +164,8 @@ def start_classroom(tmp: Path, *, env: dict | None = None, extra_args=(), sessio
     server_env = cr.serve_environment(credentials, cookie_secret=cr.new_cookie_secret(),
                                       session_seconds=max(300, session_seconds), base=base)
     server_env.update(WORKBENCH_HOME=str(home), WORKBENCH_MODEL_ROOTS=str(models_dir), WORKBENCH_THREADS="1",
-                      WORKBENCH_TEACHERS=TEACHER, OMP_NUM_THREADS="1", **(env or {}))
+                      WORKBENCH_TEACHERS=TEACHER, OMP_NUM_THREADS="1",
+                      **{"WORKBENCH_EXAMPLES": "0", **(env or {})})   # no starter examples unless asked
     if session_seconds < 300:   # the command line's minimum is a class; tests may want logins to end sooner
         server_env["WORKBENCH_SESSION_SECONDS"] = str(session_seconds)
     log_path = tmp / "server.log"
@@ -246,6 +248,15 @@ def models(page, *, type: str | None = None, name: str | None = None, title: str
     ``"Select"`` (Panel's ``CustomSelect`` too), ``"Button"``, ``"Spinner"``), a ``name`` or a ``title``
     (a widget's label): a list of ``{id, type, name, title, value, visible, disabled}``."""
     return page.evaluate(_MODELS_JS, [type, name, title])
+
+
+def open_advanced(page, tab: str, field: str) -> None:
+    """Show ``tab`` and expand its collapsed "Advanced" card, then wait until the model titled ``field`` (a widget's
+    label there) is in the page: a card's fields are laid out, and sent to the browser, when it is first opened."""
+    page.locator(".bk-tab", has_text=tab).first.click()
+    page.locator(".card-header:visible", has_text="Advanced").first.click()
+    page.wait_for_function("""(title) => Bokeh.documents.some(d => Array.from(d.all_models).some(
+        m => m.title === title))""", arg=field, timeout=30_000)
 
 
 def set_props(page, model_id: str, **props) -> None:

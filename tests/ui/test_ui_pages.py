@@ -14,7 +14,7 @@ from workbench.ui import App
 from workbench.ui.text import escape_md
 from workbench.ui.page import REGISTRY, Page, pages
 
-TITLES = ["Train", "Grow", "Residual stream", "Depth lab", "Connectivity", "Collapse", "Compose", "Sweeps", "Scaling laws", "Unroll & learngene", "Grokking",
+TITLES = ["Start here", "Train", "Grow", "Residual stream", "Depth lab", "Connectivity", "Collapse", "Compose", "Sweeps", "Scaling laws", "Unroll & learngene", "Grokking",
           "Runs"]
 if importlib.util.find_spec("workbench.ui.teacher") is not None:   # the classroom's Teacher page, last
     TITLES.append("Teacher")
@@ -35,24 +35,27 @@ def app(store):
     return App(store=store)
 
 
+SHOWN = [t for t in TITLES if t != "Teacher"]   # without sign-in: no Teacher tab (only teachers get one)
+
+
 def test_every_page_is_registered_in_order_and_the_app_shows_the_registry(app):
     assert [cls.title for cls in pages()] == TITLES
-    assert list(app.pages) == TITLES and [t.title for t in app.pages.values()] == TITLES
-    assert [name for name, _ in zip(app.tabs._names, app.tabs)] == TITLES
+    assert list(app.pages) == SHOWN and [t.title for t in app.pages.values()] == SHOWN
+    assert [name for name, _ in zip(app.tabs._names, app.tabs)] == SHOWN
     assert all(isinstance(p, Page) and p.datastore is app.datastore for p in app.pages.values())
 
 
 def test_a_session_builds_the_first_tab_at_once_and_each_other_page_when_its_tab_is_shown(store):
     app = App(store=store)
-    assert app.pages.built() == ["Train"]                      # the tab a session lands on
-    assert app.tabs[0].objects == [app.pages["Train"].__panel__()]  # the page's layout, built once
+    assert app.pages.built() == ["Start here"]                 # the tab a session lands on
+    assert app.tabs[0].objects == [app.pages["Start here"].__panel__()]  # the page's layout, built once
     assert all(not holder.objects for holder in list(app.tabs)[1:])
-    app.tabs.active = TITLES.index("Grokking")                 # a click on the tab, as the browser sends it
-    assert app.pages.built() == ["Train", "Grokking"]
-    assert app.tabs[TITLES.index("Grokking")].objects == [app.pages["Grokking"].__panel__()]
+    app.tabs.active = SHOWN.index("Grokking")                  # a click on the tab, as the browser sends it
+    assert app.pages.built() == ["Start here", "Grokking"]
+    assert app.tabs[SHOWN.index("Grokking")].objects == [app.pages["Grokking"].__panel__()]
     app.tabs.active = 0
-    app.tabs.active = TITLES.index("Grokking")                 # shown again: the same page, not a new one
-    assert app.pages.built() == ["Train", "Grokking"] and len(app.tabs[TITLES.index("Grokking")].objects) == 1
+    app.tabs.active = SHOWN.index("Grokking")                  # shown again: the same page, not a new one
+    assert app.pages.built() == ["Start here", "Grokking"] and len(app.tabs[SHOWN.index("Grokking")].objects) == 1
 
 
 def test_a_new_subclass_registers_itself():

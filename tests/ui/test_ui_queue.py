@@ -126,7 +126,7 @@ def test_a_refused_admission_shows_its_message(store, gates):
     c.start()                                                             # refused: the queue is full
     assert c.task.status == "idle" and c.task.job is None
     assert c.task.notice.startswith("the queue is full") and "WORKBENCH_QUEUE_SIZE" in c.task.notice
-    assert "the queue is full" in controls.objects[2].object
+    assert "the queue is full" in controls.objects[1].object   # the status line under the bar and Stop
     assert c.start_button.disabled is False
     second = TrainPage(a.datastore)                                       # alice's second page
     second.start()                                                        # refused: her share is used

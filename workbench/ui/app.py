@@ -8,6 +8,7 @@ import panel as pn
 from panel.io.state import set_curdoc
 
 from .session import DataStore
+from .examples import ExamplesPanel
 from .page import Page, pages
 
 
@@ -25,7 +26,7 @@ class LazyPages(Mapping):
     def __init__(self, datastore: DataStore):
         self._datastore = datastore
         self._doc = pn.state.curdoc
-        self._classes = {cls.title: cls for cls in pages()}
+        self._classes = {cls.title: cls for cls in pages() if cls.shown_to(datastore)}   # Teacher: teachers only
         self._built: dict[str, Page] = {}
 
     def __getitem__(self, title: str) -> Page:
@@ -46,23 +47,38 @@ class LazyPages(Mapping):
         return list(self._built)
 
 
+def _url_tab() -> str | None:
+    """The served session's ``?tab=`` argument (the first one, decoded; None outside a served session)."""
+    args = getattr(pn.state, "session_args", None) or {}
+    try:
+        return args["tab"][0].decode("utf-8", "replace")[:200]
+    except (KeyError, IndexError, AttributeError, TypeError):
+        return None
+
+
 class App(pn.viewable.Viewer):
     """All pages over one run store. ``App(store=RunStore(path))`` to use another store.
 
     ``user``: the signed-in user (default ``pn.state.user`` of the session; None without sign-in).
     ``pages``: a :class:`LazyPages`; each tab holds a column that receives its page when the tab is
-    first shown (the first tab's page at once).
+    first shown (the first tab's page at once). ``tab``: the title of the tab to open on; served, the
+    URL's ``?tab=<title>`` (a link to one page); a title that is not a tab of this session opens the first.
     """
 
-    def __init__(self, store=None, user: str | None = None, **params):
+    def __init__(self, store=None, user: str | None = None, tab: str | None = None, **params):
         super().__init__(**params)
         self.datastore = DataStore(store, user=user)
         self.pages = LazyPages(self.datastore)
         self._holders = {title: pn.Column(sizing_mode="stretch_width") for title in self.pages}
         self.tabs = pn.Tabs(*self._holders.items(), dynamic=True, sizing_mode="stretch_width")
         self.tabs.param.watch(lambda event: self.show(list(self._holders)[event.new]), "active")
-        if self._holders:
-            self.show(next(iter(self._holders)))
+        titles = list(self._holders)
+        tab = _url_tab() if tab is None else tab
+        if tab in titles:
+            self.tabs.active = titles.index(tab)   # the watcher builds it
+        elif titles:
+            self.show(titles[0])
+        self.examples_banner = ExamplesPanel(compact=True, datastore=self.datastore)   # while they are made
 
     def show(self, title: str) -> Page:
         """Build the page ``title`` if needed and put it into its tab (does not switch tabs)."""
@@ -73,7 +89,7 @@ class App(pn.viewable.Viewer):
         return page
 
     def __panel__(self):
-        return self.tabs
+        return pn.Column(self.examples_banner, self.tabs, sizing_mode="stretch_width")
 
     def template(self):
         """The served page: Panel's Bootstrap template (no external fonts or CDN assets when served)."""

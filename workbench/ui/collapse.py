@@ -11,6 +11,8 @@ from .session import dataset_from_spec
 from .text import escape_md
 from .views import CollapseView
 from .page import Page
+from ..runtime.examples import COLLAPSE as EXAMPLE
+from . import examples as starter
 from .task import job_monitor
 
 EXPLANATION = """Trained past zero training error (the *terminal phase*), the last-layer features of a
@@ -155,6 +157,28 @@ class CollapsePage(Page):
         self.start_task(_train_job, self.dataset.value, opts, int(self.every.value), MAX_SAMPLES, store, wait=wait)
 
     # ---------------------------------------------------------------- results
+    def show_example(self) -> bool:
+        """The example collapse run: its tracked NC1-NC4, the view bound to its model layer by layer, the head and
+        mixup geometry stored with it; the form set to its recipe (30 epochs, recorded every 2)."""
+        run_id, stored = starter.stored(self.datastore, "collapse", "collapse")
+        if stored is None or self.run is not None or self.table is not None or not self.fresh():
+            return False
+        run = self.datastore.load(run_id)
+        m = run.metrics
+        tracked = m[m["epoch"].notna()] if "epoch" in m and "site" in m else None
+        ds = dataset_from_spec({k: v for k, v in run.dataset.items() if k != "class_counts"})
+        with pn.io.hold():
+            if tracked is not None and len(tracked):
+                self.view.table = tracked   # drawn once, by bind (show_record would draw it a first time)
+            self.view.bind(run.model, ds.x_train[:VIEW_SAMPLES], ds.y_train[:VIEW_SAMPLES])
+            self.head_plot.object = figs.head_gram_heatmaps(stored["head"])
+            self.mixup_plot.object = figs.mixup_geometry(stored["mixup"])
+            self.epochs.value, self.every.value = EXAMPLE["epochs"], EXAMPLE["every"]
+        self.status.object = (f"validation accuracy {run.final('acc'):.3f} after {int(m['step'].max())} steps.")
+        self.show_note(starter.note("collapse", "Its NC1-NC4 over training and its class means layer by layer are "
+                                                "drawn; **Train** trains the recipe of the form for you, live."))
+        return True
+
     def on_update(self, payload) -> None:
         if not isinstance(payload, dict) or "table" not in payload:
             return

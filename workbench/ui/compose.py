@@ -13,6 +13,7 @@ from .task import BackgroundTask, job_monitor
 from .text import escape_md, html_labels, text_block
 from .widgets import run_options
 from .page import Page
+from . import examples as starter
 
 EXPLANATION = """Specialists are Transformers trained on different corpora over **one frozen substrate** (the
 same frozen embedding table and vocabulary). The *logit mixture* averages their logits (the Growing
@@ -128,6 +129,7 @@ class ComposePage(Page):
         self.sample_out = pn.pane.HTML("", sizing_mode="stretch_width")  # text_block: the sample escaped
         # state
         self.result: dict | None = None
+        self.example: dict | None = None   # the example's stored table (shown until the first composition)
         self.compose_task = self.task  # the page's task composes; training the specialists has its own
         self.train_task = BackgroundTask(on_done=self._on_trained, user=lambda: self.datastore.queue_user,
                                          job_name="Compose: train specialists")
@@ -281,15 +283,34 @@ class ComposePage(Page):
                 names.append(name)
         return names
 
+    def show_example(self) -> bool:
+        """The example specialists and base chosen, with the table of the default merges stored with the base."""
+        base_id, stored = starter.stored(self.datastore, "compose-base", "compose")
+        ids = starter.example_ids(self.datastore)
+        members = [ids.get(f"compose-{name}") for name in (stored or {}).get("members", [])]
+        if stored is None or not members or None in members or self.result is not None or not self.fresh() \
+                or not self.train_task.status == "idle":
+            return False
+        self.specialists.value = members
+        self.base.value = base_id
+        self.merges.value = [m for m in stored["chosen"] if m in MERGE_NAMES]
+        self.example = stored
+        self._draw()
+        self.show_note(starter.note("compose-base", "With its grammar and arithmetic specialists: the table is the "
+                                                    "stored result of *Compose and evaluate* for these merges; press "
+                                                    "it to compose them yourself (and to sample text)."))
+        return True
+
     def _draw(self, _=None) -> None:
-        if self.result is None:
+        result = self.result if self.result is not None else self.example
+        if result is None:
             return
-        table = self.result["table"]
+        table = result["table"]
         self.heatmap.object = domain_heatmap(table, self.metric.value)
         self.summary.object = compose.summary(table).round(4)
-        self.cosines.object = cosine_matrix(self.result.get("cosines"))
-        self.knob_plot.object = knob_curve(self.result.get("sweep"), self.metric.value)
-        self.sequence_plot.object = sequential_curve(self.result.get("sequence"), self.metric.value)
+        self.cosines.object = cosine_matrix(result.get("cosines"))
+        self.knob_plot.object = knob_curve(result.get("sweep"), self.metric.value)
+        self.sequence_plot.object = sequential_curve(result.get("sequence"), self.metric.value)
 
     def sample(self, wait: bool = False) -> None:
         """Sample text from the chosen model in the page's job (thousands of forward passes: never at the click)."""

@@ -14,6 +14,7 @@ from .session import dataset_from_spec, open_run
 from .text import short_spec
 from .widgets import run_options
 from .page import Page
+from . import examples as starter
 from .task import job_monitor
 from .views import ConnectivityView
 
@@ -320,6 +321,20 @@ class ConnectivityPage(Page):
             self.map_plot.object = figs.transport_map(chosen[layer], title=f"transport map {layer} ({label})")
 
     # ---------------------------------------------------------------- results
+    def show_example(self) -> bool:
+        """The example pair chosen as A and B, with its curves, layer-wise barriers and plane (stored with A)."""
+        id_a, stored = starter.stored(self.datastore, "pair-a", "connectivity")
+        id_b = starter.example_id(self.datastore, "pair-b")
+        if stored is None or id_b is None or self.results or not self.fresh():
+            return False
+        self.run_a.value, self.run_b.value = id_a, id_b
+        self.show(stored)
+        self.show_code()
+        self.show_note(starter.note("pair-a", "With its seed-1 twin as B: the curves, layer-wise barriers and plane "
+                                              "are the stored result of *Compare A and B*; pick your own pair and "
+                                              "press it."))
+        return True
+
     def on_done(self, result) -> None:
         if isinstance(result, list):  # a trained pair
             ids = [self.datastore.save(r) for r in result]

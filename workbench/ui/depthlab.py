@@ -20,6 +20,7 @@ from ..figures import depthlab as figs
 from ..io.store import check_run_name
 from ..studies import depthlab, earlyexit
 from .page import Page
+from . import examples as starter
 from .session import dataset_from_spec, open_run
 from .task import job_monitor
 from .text import escape_md
@@ -572,6 +573,18 @@ class DepthLabPage(Page):
         self.start_task(analysis_job, key, self.datastore.store, target, o, wait=wait)
 
     # ---------------------------------------------------------------- results
+    def show_example(self) -> bool:
+        """The grown example's layer rankings, stored with it (what Run computes for it with these choices)."""
+        run_id, stored = starter.stored(self.datastore, "grow-1", "depthlab")
+        if stored is None or self.results or not self.fresh() or run_id not in self.run.options.values():
+            return False
+        self.run.value = run_id
+        self.analysis.value = "rankings"
+        self.show(stored)
+        self.show_note(starter.note("grow-1", "Its layer rankings are drawn (stored with it); pick another run or "
+                                              "analysis and press **Run**."))
+        return True
+
     def show(self, payload: dict) -> None:
         if "kind" not in payload:   # a progress report: the bar and the status line say it
             return

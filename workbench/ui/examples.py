@@ -93,12 +93,14 @@ class ExamplesPanel(pn.viewable.Viewer):
         self.bar = pn.indicators.Progress(value=-1, max=100, width=260, bar_color="info", active=True)
         self.line = pn.pane.Markdown("", sizing_mode="stretch_width", margin=(0, 10))
         self.state = pn.pane.Markdown("", sizing_mode="stretch_width")
-        self.remove_button = pn.widgets.Button(name="Remove the examples", button_type="warning", width=170)
-        self.restore_button = pn.widgets.Button(name="Restore the examples", width=170)
+        self.remove_button = pn.widgets.Button(name="Remove the examples", button_type="warning", width=155)
+        self.restore_button = pn.widgets.Button(name="Restore the examples", width=155)
         self.remove_button.on_click(lambda _: self.act("remove"))
         self.restore_button.on_click(lambda _: self.act("restore"))
         self.remove_button.visible = self.restore_button.visible = not compact and may_manage(self.datastore)
-        self.progress = pn.Row(self.bar, self.line, sizing_mode="stretch_width", visible=False)
+        # the banner: the line beside the bar; in a side column: under it (beside it, it would be squeezed)
+        self.progress = (pn.Row if compact else pn.Column)(self.bar, self.line, sizing_mode="stretch_width",
+                                                           visible=False)
         self._callback = None
         self._seen = None     # the step the job was on at the last look
         self._job = None
@@ -133,7 +135,8 @@ class ExamplesPanel(pn.viewable.Viewer):
             self.line.object = escape_md(job.message or f"{job.name}: {job.status_line()}")
             self.progress.visible = True
             self.remove_button.disabled = self.restore_button.disabled = True
-            if self._callback is None and pn.state.curdoc is not None:
+            served = getattr(pn.state.curdoc, "session_context", None) is not None   # not a throwaway document
+            if self._callback is None and served:
                 self._callback = pn.state.add_periodic_callback(self.poll, period=1000)
         else:
             if self._job is not None:   # it ended since the last look

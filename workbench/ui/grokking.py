@@ -16,6 +16,7 @@ from ..figures import grokking as figs
 from ..core.progress import TrainProgress
 from .text import escape_md
 from .page import Page
+from . import examples as starter
 from .task import job_monitor
 from .sweeps import parse_list
 from .views import GrokkingView
@@ -195,6 +196,23 @@ class GrokkingPage(Page):
             self.threshold_status.object = escape_md(
                 f"test accuracy here: {here} (train accuracy {table['train_acc'].min():.2f} or more); "
                 f"Tian 2025 (M = 71, 3000 epochs): {tian}; predicted critical ratio {grokking.TIAN_CRITICAL:g}")
+
+    def show_example(self) -> bool:
+        """The example grokking run's curves and progress measures (its stored metrics), its config in the form."""
+        run_id = starter.example_id(self.datastore, "grokking")
+        if run_id is None or self.results or not self.fresh():
+            return False
+        metrics = self.datastore.store.read_metrics(run_id)
+        config = self.datastore.store.read_json(run_id).get("meta", {}).get("grok", {})
+        for name, widget in self.inputs.items():
+            if name in config:
+                widget.value = config[name]
+        metrics = metrics[metrics["split"] != "batch"].reset_index(drop=True)
+        self.show({"metrics": metrics, "phases": grokking.phases(metrics)})
+        self.show_code()
+        self.show_note(starter.note("grokking", "Its curves and progress measures are drawn and its settings are in "
+                                                "the form; **Train** trains it (or your own settings) live."))
+        return True
 
     def show(self, payload: dict) -> None:
         if "threshold" in payload:

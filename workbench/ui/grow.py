@@ -13,6 +13,7 @@ from ..core.training import TrainConfig
 from .text import escape_md
 from .widgets import TextUpload, config_widgets, values_from_widgets
 from .page import Page
+from . import examples as starter
 from .task import job_monitor
 from .views import GrowthView
 
@@ -361,6 +362,19 @@ class GrowPage(Page):
             self.eta_plot.object = eta_trace(payload["trace"], payload.get("tau"))
         if payload.get("stage_done"):
             self.datastore.refresh()
+
+    def show_example(self) -> bool:
+        """The example growth group (G_stack, 1 block stacked to 2): its stages in the view, the form on G_stack."""
+        ids = starter.example_ids(self.datastore)
+        if "grow-0" not in ids or "grow-1" not in ids or self.metrics is not None or not self.fresh():
+            return False
+        runs = [self.datastore.load(ids[role]) for role in ("grow-0", "grow-1")]
+        self.view.show_runs(runs)
+        self.preset.value = "G_stack at step N"   # the example's schedule: Grow reproduces it
+        self.fill_preset()
+        self.show_note(starter.note("grow-1", "Its two stages are drawn (move the stage slider; FLOPs on the x "
+                                              "axis); the form holds its schedule: **Grow** grows one for you."))
+        return True
 
     def on_done(self, run) -> None:
         self.last_run = run

@@ -24,7 +24,7 @@ import param
 from .session import DataStore
 from .task import BackgroundTask
 from .text import code_block, escape_md
-from .widgets import ErrorBox
+from .widgets import ErrorBox, deferred_card
 
 __all__ = ["Page", "REGISTRY", "pages", "IndexNotice"]
 
@@ -149,6 +149,9 @@ class Page(pn.viewable.Viewer):
         self.errors = ErrorBox()
         self.code = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.index_notice = IndexNotice(datastore=datastore)
+        self.example_note = pn.pane.Alert("", alert_type="info", visible=False, sizing_mode="stretch_width",
+                                          margin=(0, 10, 5, 10))
+        self.showing_example = False   # the figures show a starter example (workbench.ui.examples)
         self._layout = None
 
     # ---------------------------------------------------------------- to implement
@@ -192,6 +195,26 @@ class Page(pn.viewable.Viewer):
     def on_status(self, status: str) -> None:
         pass
 
+    @classmethod
+    def shown_to(cls, datastore: DataStore) -> bool:
+        """Whether the session of ``datastore`` gets this page as a tab (every page; the Teacher page: teachers)."""
+        return True
+
+    def show_example(self) -> bool:
+        """Draw a starter example (:mod:`workbench.ui.examples`: preselect its run, show its stored result) when
+        the page has nothing of its own to show yet; returns whether it did. Called when the page is first
+        laid out and, until it shows one, whenever the session's runs change (the examples arrive)."""
+        return False
+
+    def fresh(self) -> bool:
+        """Whether the page has started nothing of its own yet (its task never ran): an example may be shown."""
+        return self.task is None or self.task.status == "idle"
+
+    def show_note(self, text: str) -> None:
+        """The line above the figures while they show an example ("" hides it)."""
+        self.example_note.object = text
+        self.example_note.visible = bool(text)
+
     def on_store_change(self) -> None:
         pass
 
@@ -209,11 +232,26 @@ class Page(pn.viewable.Viewer):
             button.disabled = running
         if self.task is not None and self.task.status == "error" and self.task.error:
             self.errors.show(self.task.error)   # a refusal found in the job (a vanished run, a model) is shown as one
+        if running and self.showing_example:   # the user's own job replaces the example
+            self.showing_example = False
+            self.show_note("")
         self.on_status(self.task.status if self.task is not None else "idle")
 
     @param.depends("datastore.version", watch=True)
     def _store_changed(self) -> None:
         self.on_store_change()
+        if self._layout is not None:
+            self._try_example()
+
+    def _try_example(self) -> None:
+        if self.showing_example:
+            return
+        try:
+            self.showing_example = bool(self.show_example())
+        except Exception as e:  # noqa: BLE001 -- an unreadable example must not break the page
+            self.showing_example = False
+            self.show_note("")
+            self.errors.show(f"the example could not be shown: {e}")
 
     def read_form(self, read):
         """The start prologue of every Run button: ``read()`` (the form's validated values, never None), or
@@ -261,16 +299,18 @@ class Page(pn.viewable.Viewer):
             self.show_code()
             side = pn.Column(*self.side(), *self.controls(), width=self.side_width, margin=(0, 10, 0, 0))
             main = pn.Column(
-                self.index_notice, self.errors, *self.figures(),
+                self.index_notice, self.errors, self.example_note, *self.figures(),
                 sizing_mode="stretch_width")
-            self.advanced_card = pn.Card(*self.advanced(), title="Advanced", collapsed=True,
-                                         sizing_mode="stretch_width", css_classes=["wb-advanced"])
+            # both cards start collapsed: their content is laid out when first opened (deferred_card)
+            self.advanced_card = deferred_card(self.advanced, title="Advanced", sizing_mode="stretch_width",
+                                               css_classes=["wb-advanced"])
             about = pn.pane.Markdown(self.explanation, sizing_mode="stretch_width")
-            self.code_card = pn.Card(self.code, title="As code (run this in a notebook to get the same figure)",
-                                     collapsed=True, sizing_mode="stretch_width")
+            self.code_card = deferred_card(lambda: [self.code], sizing_mode="stretch_width",
+                                           title="As code (run this in a notebook to get the same figure)")
             self._layout = pn.Column(
                 pn.pane.Markdown(f"## {escape_md(self.title)}", margin=(0, 10)),
                 pn.Row(side, main, sizing_mode="stretch_width"),
                 *self.below(), self.advanced_card, about, self.code_card,
                 sizing_mode="stretch_width")
+            self._try_example()
         return self._layout

@@ -16,6 +16,7 @@ from ..figures.training import config_table, training_curves
 from ..io.store import StoreError
 from .text import escape_md, short_spec
 from .page import Page
+from .examples import ExamplesPanel, example_id
 
 EXPLANATION = """Every run saved by any page or notebook (one directory each: config JSON, safetensors
 weights, metrics CSV). Select a row to see its curves and configuration, export its metrics, or
@@ -64,6 +65,7 @@ class RunsPage(Page):
         self.config_view = pn.widgets.Tabulator(pd.DataFrame(columns=["field", "value"]), disabled=True,
                                                 show_index=False, height=300, width=420)
         self.rows = pd.DataFrame(columns=_SHOWN)   # what the table shows, as the server listed it
+        self.examples_panel = ExamplesPanel(datastore=self.datastore)   # Remove / Restore the examples
         self.table.param.watch(self._show_selected, "selection")
         self._refresh_table()
 
@@ -175,9 +177,17 @@ class RunsPage(Page):
             except (StoreError, ValueError) as e:
                 self.errors.show(e)
 
+    def show_example(self) -> bool:
+        """The example MLP's row selected (its curves and configuration) while nothing is selected."""
+        run_id = example_id(self.datastore, "pair-a")
+        if run_id is None or self.selected_id is not None or run_id not in list(self.rows["run_id"]):
+            return False
+        self.select(run_id)
+        return True
+
     def side(self):
         return [self.refresh_button, self.delete_button, self.read_only_note, self.confirm_button, self.cancel_button,
-                self.download]
+                self.download, pn.pane.Markdown("**The example runs**", margin=(10, 10, 0, 10)), self.examples_panel]
 
     def figures(self):
         return [self.plot, self.table]

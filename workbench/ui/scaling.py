@@ -17,6 +17,7 @@ from ..core.checks import check_choice, check_float, check_int, check_seed
 from ..figures import scaling as figs
 from .text import escape_md
 from .page import Page
+from . import examples as starter
 from .task import job_monitor
 from .sweeps import parse_list
 
@@ -64,6 +65,11 @@ def fit_table(table: pd.DataFrame, x: str, y: str, n_heldout: int, n_starts: int
     full = scaling.fit(xs, ys, n_starts=n_starts, n_boot=n_boot, seed=seed)
     ext = (scaling.extrapolation(xs, ys, n_heldout=n_heldout, n_starts=n_starts, n_boot=n_boot, seed=seed)
            if n_heldout else None)
+    return {"fit": full, "extrapolation": ext, "params": params_table(full, ext), "x": x, "y": y}
+
+
+def params_table(full, ext) -> pd.DataFrame:
+    """The fitted parameters with their 90% bands: the fit of all points, and the small-end fit when held out."""
     rows = []
     for name, f in [(f"all {full.n} points", full)] + ([(f"the {ext['fit'].n} smallest", ext["fit"])] if ext else []):
         row = {"fitted on": name, "a": f.a, "alpha": f.alpha, "c": f.c}
@@ -71,7 +77,7 @@ def fit_table(table: pd.DataFrame, x: str, y: str, n_heldout: int, n_starts: int
             lo, hi = f.band.get(k, (float("nan"), float("nan")))
             row[f"{k} 90% band"] = f"[{lo:.3g}, {hi:.3g}]"
         rows.append(row)
-    return {"fit": full, "extrapolation": ext, "params": pd.DataFrame(rows), "x": x, "y": y}
+    return pd.DataFrame(rows)
 
 
 def _fit_job(ctx, table: pd.DataFrame, fit_options: dict):
@@ -225,6 +231,17 @@ class ScalingPage(Page):
         self.fit_table(table, wait=wait)
 
     # ---------------------------------------------------------------- results
+    def show_example(self) -> bool:
+        """The stored result of the page's first sweep and fit (its form as it opens), made with the examples."""
+        _, stored = starter.stored(self.datastore, "pair-a", "scaling")
+        if stored is None or self.results or not self.fresh():
+            return False
+        self.show({"table": stored["table"], "fit": stored["fit"], "extrapolation": stored["extrapolation"],
+                   "x": stored["x"], "y": stored["y"], "params": params_table(stored["fit"], stored["extrapolation"])})
+        self.show_note("**Example**: the stored result of the width sweep in the form and its fit (made with the "
+                       "example runs at the first start); press **Run sweep** to run it yourself.")
+        return True
+
     def show(self, payload: dict) -> None:
         self.results.update(payload)
         table = payload.get("table")

@@ -13,12 +13,27 @@ sent that a widget refuses, and the per-student bound on open sessions.
   still logs its traceback, once.
 - :func:`claim_session_slot` counts a student's open sessions (:class:`workbench.auth.SessionSlots`,
   ``WORKBENCH_SESSIONS_PER_USER``) and frees the slot when the session is destroyed.
+- :func:`warm_up` lays out one dashboard before the first student comes (every page module, plotly's
+  validators and Panel's models imported: the first session paid 4-8 s for them, Panel's Plotly pane alone
+  4 s for ``plotly.graph_objs.FigureWidget``, which imports nbformat and jsonschema), then moves the
+  whole start-up heap out of the garbage collector's sight (``gc.freeze``): with torch and the pages
+  loaded a full collection walked about 480 000 objects (0.45 s on a quiet core, over 1 s on a loaded
+  one), and Panel runs one after sessions close, in the server's only thread, while others load.
+- :func:`debug_report` says what the server holds (sessions' objects, threads, periodic callbacks, the
+  queue, Panel's caches); with ``WORKBENCH_DEBUG_SESSIONS=1`` in the server's environment (never in
+  production) a ``SIGUSR1`` makes it print one line ``workbench-debug {json}`` on stderr
+  (``bench/bench_soak.py`` reads it).
 """
 from __future__ import annotations
 
+import gc
 import inspect
+import json
 import logging
+import os
+import signal
 import sys
+import threading
 import traceback
 
 import panel as pn
@@ -27,7 +42,8 @@ from ..runtime.auth import SessionSlots, slots_refusal
 from .teacher import current_user
 
 __all__ = ["COMPONENT_MODULES", "SLOTS_KEY", "guard_component_route", "allowed_component_module",
-           "quiet_refused_values", "RefusedValueFilter", "claim_session_slot", "install"]
+           "quiet_refused_values", "RefusedValueFilter", "claim_session_slot", "install", "warm_up",
+           "debug_report", "DEBUG_ENV", "discard"]
 
 log = logging.getLogger("workbench.server")
 
@@ -130,6 +146,8 @@ def install() -> None:
     guard_component_route()
     quiet_refused_values()
     pn.state.cache[SLOTS_KEY] = SessionSlots.from_env()
+    if os.environ.get(DEBUG_ENV, "").strip() == "1":
+        _install_debug_signal()
 
 
 def claim_session_slot() -> str | None:
@@ -146,3 +164,106 @@ def claim_session_slot() -> str | None:
         return slots_refusal(user, slots.limit)
     doc.on_session_destroyed(lambda context: slots.release(context.id))
     return None
+
+
+def warm_up() -> float:
+    """Build one dashboard in a throwaway document (nothing is served or saved), collect, then ``gc.freeze()``
+    what is left: the modules, caches and class objects every session shares, none of them garbage.
+    Returns the seconds it took. Called once per server process, at start (``on_server_loaded``)."""
+    import time
+
+    from bokeh.document import Document
+    from panel.io.state import set_curdoc
+
+    from .app import App
+
+    t0 = time.perf_counter()
+    import plotly.graph_objs as go
+
+    go.FigureWidget   # noqa: B018 -- Panel's Plotly pane tests figures against it: its import is the 4 s
+    doc = Document()
+    with set_curdoc(doc):
+        app = App()
+        app.template()
+        view = app.__panel__()
+        discard(view, view.get_root(doc))
+    del app, view, doc
+    gc.collect()
+    gc.freeze()
+    return time.perf_counter() - t0
+
+
+def discard(view, root) -> None:
+    """Forget ``view``'s ``root`` model (from ``view.get_root(doc)`` on a document no session serves): what
+    Bokeh's session-destroyed hook does for a served one. Panel keeps every root in ``state._views`` until
+    then, so a throwaway document's objects would otherwise live as long as the process."""
+    from panel.io.state import state
+
+    view._cleanup(root)
+    state._views.pop(root.ref["id"], None)
+
+
+# ----------------------------------------------------------------------------- what the server holds
+
+DEBUG_ENV = "WORKBENCH_DEBUG_SESSIONS"   # "1": SIGUSR1 prints debug_report() on stderr (benchmarks, tests)
+# the classes a session makes one or more of: none may outlive it
+SESSION_CLASSES = ("Document", "ServerSession", "App", "LazyPages", "DataStore", "Page", "BackgroundTask",
+                   "TaskContext", "ExamplesPanel", "PeriodicCallback")
+
+
+def debug_report() -> dict:
+    """What this server process holds now: live instances of :data:`SESSION_CLASSES` (gc, after a collection;
+    a page counts as ``Page``), thread names, Panel's periodic callbacks and scheduled tasks, the job
+    queue's unfinished jobs and listeners, the sizes of ``pn.state`` caches, the resident set (MiB).
+    Walks the heap: seconds on a loaded server, so only on request (:data:`DEBUG_ENV`)."""
+    from panel.io.state import state
+
+    from .page import Page
+    from .session import QUEUE_KEY
+
+    gc.collect()
+    counts = dict.fromkeys(SESSION_CLASSES, 0)
+    for obj in gc.get_objects():
+        cls = type(obj)
+        if cls.__name__ in counts and cls.__name__ != "Page":
+            counts[cls.__name__] += 1
+        if isinstance(obj, Page):
+            counts["Page"] += 1
+    queue = pn.state.cache.get(QUEUE_KEY)
+    try:
+        import psutil
+
+        rss = psutil.Process().memory_info().rss / 2**20
+    except ImportError:   # pragma: no cover - psutil comes with the test and bench extras
+        rss = None
+    return {
+        "objects": counts,
+        "threads": sorted(t.name for t in threading.enumerate()),
+        "periodic": sum(len(cbs) for cbs in list(state._periodic.values())),
+        "scheduled": sorted(state._scheduled),
+        "queue": None if queue is None else {
+            "jobs": len(queue.snapshot()), "listeners": len(queue._listeners), "students": len(queue._students)},
+        "cache": {str(k): (len(v) if hasattr(v, "__len__") else 1) for k, v in list(pn.state.cache.items())},
+        "panel": {name: len(getattr(state, name)) for name in
+                  ("_locations", "_notifications", "_templates", "_views", "_handles", "_periodic",
+                   "_onload", "_on_session_destroyed") if hasattr(getattr(state, name, None), "__len__")},
+        "sessions": len(state.session_info.get("sessions", {})),
+        "gc": {"frozen": gc.get_freeze_count(), "garbage": len(gc.garbage)},
+        "rss_mib": rss,
+    }
+
+
+def _install_debug_signal() -> None:
+    """SIGUSR1 -> one ``workbench-debug {json}`` line on stderr, made on the server's event loop."""
+    import asyncio
+
+    loop = asyncio.get_event_loop()
+
+    def report():
+        try:
+            line = json.dumps(debug_report(), default=str)
+        except Exception as e:  # noqa: BLE001 -- a debug aid must not break the server
+            line = json.dumps({"error": f"{type(e).__name__}: {e}"})
+        print(f"workbench-debug {line}", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGUSR1, lambda *_: loop.call_soon_threadsafe(report))

@@ -17,6 +17,7 @@ from ..figures import sweeps as figs
 from .session import job_queue
 from .text import escape_md
 from .page import Page
+from . import examples as starter
 
 EXPLANATION = """A **sweep** runs one task at every point of a grid (each value of each key, times the
 seeds) and puts every number into one tidy table: one row per point and metric. **train** trains a model
@@ -356,6 +357,21 @@ class SweepsPage(Page):
                     self._callback.stop()
                     self._callback = None
 
+    def show_example(self) -> bool:
+        """The stored result of the page's first sweep (its form as it opens), run once with the examples."""
+        _, stored = starter.stored(self.datastore, "pair-a", "sweeps")
+        if stored is None or self.sweep is not None or not self.result.empty or stored["task"] != self.task_select.value:
+            return False
+        table = stored["table"]
+        self.result = table
+        self.table.value = table
+        self.download.disabled = table.empty
+        self._figure_options(table)
+        self._draw()
+        self.show_note("**Example**: this is the stored result of the sweep in the form (made with the example runs "
+                       "at the first start); press **Run sweep** to run it, or change the grid first.")
+        return True
+
     # ---------------------------------------------------------------- figure and export
     def _figure_options(self, frame: pd.DataFrame) -> None:
         task = self.task_select.value if self.task_select.value in DEFAULTS else "train"
@@ -368,7 +384,8 @@ class SweepsPage(Page):
         else:
             bookkeeping = ("point", "metric", "value", "status", "error", "seed")
             cols = [c for c in frame.columns if c not in bookkeeping]
-            keys = [c for c in cols if pd.api.types.is_numeric_dtype(frame[c]) or c in self.sweep.points[0]]
+            point = self.sweep.points[0] if self.sweep is not None else {}
+            keys = [c for c in cols if pd.api.types.is_numeric_dtype(frame[c]) or c in point]
             extra = []
             metrics = sorted(m for m in frame["metric"].unique() if m != "error") or [d["metric"]]
             lines = cols

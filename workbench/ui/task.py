@@ -372,12 +372,16 @@ class BackgroundTask(param.Parameterized):
         state = self.message or self.status
         return f"{self.notice} ({state})" if self.notice else state
 
-    def controls(self) -> pn.Row:
-        """Progress bar, stop button and status text bound to this task (the text shown escaped)."""
+    def controls(self) -> pn.Column:
+        """Progress bar and stop button, the status text under them (escaped), bound to this task.
+
+        The text has a line of its own, as wide as the column: beside the bar and the button in a
+        340-pixel side column it had about 20 pixels left and showed "id" of "idle" or "st" of "stopped".
+        """
         bar = pn.indicators.Progress(value=0, max=100, width=220, bar_color="primary")
         stop = pn.widgets.Button(name="Stop", button_type="warning", width=80, disabled=True)
         stop.on_click(lambda _: self.stop())
-        text = pn.pane.Markdown("", margin=(0, 10))
+        text = pn.pane.Markdown("", margin=(0, 10), sizing_mode="stretch_width", css_classes=["wb-task-status"])
 
         def sync(*_):
             bar.value = int(round(self.progress * 100)) if self.status != "running" or self.progress else -1
@@ -389,4 +393,4 @@ class BackgroundTask(param.Parameterized):
 
         self.param.watch(sync, ["status", "progress", "message", "error", "notice"])
         sync()
-        return pn.Row(bar, stop, text)
+        return pn.Column(pn.Row(bar, stop, margin=0), text, sizing_mode="stretch_width", margin=0)

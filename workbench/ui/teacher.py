@@ -119,6 +119,14 @@ class TeacherPage(Page):
     explanation = EXPLANATION
     on_session_end = None   # no background job of its own
 
+    @classmethod
+    def shown_to(cls, datastore) -> bool:
+        """A tab only for a signed-in teacher (classroom mode): without sign-in, or for a student, no tab."""
+        try:
+            return datastore.is_teacher
+        except ValueError:   # a bad WORKBENCH_TEACHERS: no tab (the page itself would say why)
+            return False
+
     def __init__(self, datastore=None, queue=None, **params):
         super().__init__(datastore, **params)
         self._queue = queue

@@ -13,6 +13,7 @@ from ..core.training import TrainConfig
 from .text import escape_md
 from .widgets import TextUpload, config_widgets, values_from_widgets
 from .page import Page
+from . import examples as starter
 from .task import job_monitor
 
 EXPLANATION = """Train a residual MLP (vector data) or a decoder-only Transformer (sequence data) on an
@@ -192,6 +193,17 @@ class TrainPage(Page):
 
         if rows is not None:   # a report without a payload only moves the progress bar
             self.plot.object = training_curves(pd.DataFrame(rows))
+
+    def show_example(self) -> bool:
+        """The example MLP's training curves (its stored metrics), until this page trains a run of its own."""
+        run_id = starter.example_id(self.datastore, "pair-a")
+        if run_id is None or self.last_run is not None or not self.fresh():
+            return False
+        self.plot.object = training_curves(self.datastore.store.read_metrics(run_id),
+                                           title="The example: a residual MLP on digits")
+        self.show_note(starter.note("pair-a", "Its training curves are drawn; **Train** with the quick preset "
+                                              "trains a model like it for you."))
+        return True
 
     def on_done(self, result) -> None:
         run, run_id = result  # saved by the worker

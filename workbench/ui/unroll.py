@@ -16,6 +16,7 @@ from .session import dataset_from_spec, open_run
 from .text import escape_md
 from .widgets import run_options
 from .page import Page
+from . import examples as starter
 from .task import job_monitor
 
 EXPLANATION = """A residual stack computes (I + F_L)...(I + F_1) x0. To first order that is
@@ -250,6 +251,18 @@ class UnrollPage(Page):
                         e["steps"], wait=wait)
 
     # ---------------------------------------------------------------- results
+    def show_example(self) -> bool:
+        """The example MLP's gap, unrolled bars and learngene r2, stored with it."""
+        run_id, stored = starter.stored(self.datastore, "pair-a", "unroll")
+        if stored is None or self.results or not self.fresh() or run_id not in self.run.options.values():
+            return False
+        self.source.value, self.run.value = SOURCES[0], run_id
+        self.show(stored)
+        self.show_code()
+        self.show_note(starter.note("pair-a", "Its gap, unrolled copies and learngene fit are drawn (stored with "
+                                              "it); pick your own run and press **Analyse**."))
+        return True
+
     def show(self, payload: dict) -> None:
         self.results.update(payload)
         if "gap" in payload:

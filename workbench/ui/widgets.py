@@ -17,7 +17,27 @@ from ..core.training import TrainConfig
 from .text import describe_error, escape_md
 
 __all__ = ["ErrorBox", "TextUpload", "UPLOAD_ENV", "config_widgets", "values_from_widgets", "CHOICES",
-           "allowed_values", "run_options"]
+           "allowed_values", "run_options", "deferred_card"]
+
+
+def deferred_card(build, **params) -> pn.Card:
+    """A collapsed ``pn.Card`` whose content, ``build()`` (a list), is laid out when it is first expanded.
+
+    A collapsed card's children are still sent to the browser and rendered there (hidden): the "Advanced"
+    and "As code" cards were most of a page's models (17 number inputs on the Train page), so every
+    session paid for building, sending and rendering them although few students open them. The widgets
+    themselves are the page's (made in its constructor, read by its actions); only their views wait.
+    ``params`` are the Card's (``title``, ...); ``collapsed=False`` lays the content out at once.
+    """
+    card = pn.Card(**{"collapsed": True, **params})
+
+    def fill(*_):
+        if not card.collapsed and not card.objects:
+            card.objects = list(build())
+
+    card.param.watch(fill, "collapsed")
+    fill()
+    return card
 
 
 class ErrorBox(pn.viewable.Viewer):

@@ -17,6 +17,7 @@ from ...core import checks
 from ...io import interop
 from ...figures import residual as figs
 from ..page import Page
+from .. import examples as starter
 from .attention import AttentionView
 from .base import ModelInput
 from .inputs import TYPED, InputPicker
@@ -150,6 +151,21 @@ class ResidualPage(Page):
     def on_store_change(self) -> None:
         self.model_source.refresh()
         self._offer_domains(None, None)
+
+    def show_example(self) -> bool:
+        """The grown example (its last stage, the stage slider over both) chosen and analysed: the page's own
+        Analyse, as a job (a second or two on two cores), since an analysis is not stored."""
+        run_id = starter.example_id(self.datastore, "grow-1")
+        ms = self.model_source
+        if run_id is None or not self.fresh() or self.stream.analysis is not None or ms.source != RUN \
+                or run_id not in ms.run_select.options.values():
+            return False
+        ms.run_id = run_id
+        self.analyse()
+        self.show_note(starter.note("grow-1", "It is analysed on validation examples of its task; pick a layer or "
+                                              "a token, click the lens heat-map to intervene, or choose your own "
+                                              "run and press **Analyse**."))
+        return True
 
     # ---------------------------------------------------------------- the old names of the parts' state
     @property

@@ -18,6 +18,7 @@ import param
 
 from ...core import checks
 from ...io import interop, model_roots as roots
+from ...runtime import examples
 from ..session import DataStore, open_run
 from ..widgets import run_options
 
@@ -100,7 +101,8 @@ class ModelSource(pn.viewable.Viewer):
         options = run_options(self.datastore.runs)
         current = self.run_id
         known, self._known_runs = self._known_runs, set(options.values())
-        new = [rid for rid in options.values() if known is not None and rid not in known]
+        arriving = set(examples.example_ids(self.datastore.runs).values())   # the starter set: never steals the choice
+        new = [rid for rid in options.values() if known is not None and rid not in known and rid not in arriving]
         self.run_select.options = options
         if new:
             self.run_id = new[0]   # a run just saved (e.g. a growth run's last stage): show it
