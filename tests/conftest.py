@@ -15,6 +15,13 @@ _threads = os.environ.get("OMP_NUM_THREADS", "").strip()
 torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0 else min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Each test starts from torch's global generator seeded with 0: a test's arbitrary inputs
+    (``torch.randn(3, 10)`` for a refusal, a shape check) are the same whatever ran before it in its process."""
+    torch.manual_seed(0)
+
+
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu",
                      help="torch device for the engine tests that take the `device` fixture (cpu, cuda, cuda:1, mps); "
