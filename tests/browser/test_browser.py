@@ -1,18 +1,12 @@
 """Browser test: serve apps/ and drive it in Chromium. Marked `ui`; `make test` runs it."""
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
+from helpers.served_app import ROOT, serve_app, offline_page
 
 pytestmark = [pytest.mark.ui, pytest.mark.timeout(300)]
 
-CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM", "/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
+
+
 def _registered_pages() -> list[str]:
     from workbench.ui.page import pages
 
@@ -22,12 +16,6 @@ def _registered_pages() -> list[str]:
 PAGES = _registered_pages()  # the page registry (workbench.ui.page), as the app reads it
 # pages a session without a signed-in teacher gets no tab for (this server has no sign-in)
 TEACHERS_ONLY = {"Teacher"} & set(PAGES)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,47 +32,14 @@ def model_roots(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(home, model_roots):
-    port = _free_port()
-    env = {**os.environ, "WORKBENCH_HOME": str(home), "WORKBENCH_MODEL_ROOTS": str(model_roots),
-           "WORKBENCH_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "panel", "serve", "apps/", "--port", str(port),
-                             "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read().decode())
-            time.sleep(0.5)
-    yield f"http://127.0.0.1:{port}/apps"
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with serve_app(home, model_roots, WORKBENCH_THREADS="1") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def page():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: `apt-get install -y chromium` (make test does this)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        context.set_default_timeout(30_000)
-        pg = context.new_page()
-        pg.console_errors = []
-        pg.on("console", lambda m: m.type == "error" and pg.console_errors.append(m.text))
-        pg.on("pageerror", lambda e: pg.console_errors.append(str(e)))
+    with offline_page(timeout_ms=30_000) as pg:
         yield pg
-        browser.close()
 
 
 def _open(page, tab: str) -> None:

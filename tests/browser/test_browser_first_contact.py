@@ -10,22 +10,15 @@ examples took: ``artifacts/first-contact-seeding.json``. Marked ``ui`` like the 
 """
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
+from helpers.served_app import ROOT, offline_page, serve_app
 
 pytestmark = [pytest.mark.ui, pytest.mark.timeout(900)]
 
-CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM", "/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
-LOCAL = {"127.0.0.1", "localhost"}
 SEEDING_LIMIT = 600    # seconds the starter set may take here (about 60 s on two idle cores)
 FIGURE_LIMIT = 120     # seconds a page may take to draw its first figure (the Residual page runs a job)
 VISIBLE_PX = 150       # a figure counts as above the fold when this much of it is inside the window
@@ -50,81 +43,23 @@ def _registered_pages() -> list[str]:
     return [cls.title for cls in pages() if cls.title != "Teacher"]   # no sign-in here: no Teacher tab
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     return tmp_path_factory.mktemp("first-contact-home")
 
 
 @pytest.fixture(scope="module")
-def server(home, tmp_path_factory, request):
-    """``make serve``'s server on a fresh store, the examples on; stopped by its pid."""
-    port = _free_port()
-    env = {**os.environ, "WORKBENCH_HOME": str(home), "WORKBENCH_MODEL_ROOTS": str(tmp_path_factory.mktemp("models")),
-           "WORKBENCH_EXAMPLES": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    env.pop("WORKBENCH_THREADS", None)   # the queue's own choice, as make serve leaves it
-    proc = subprocess.Popen([sys.executable, "-m", "panel", "serve", "apps/", "--port", str(port),
-                             "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}",
-                             "--num-procs", "1"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop():
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(40)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-
-    request.addfinalizer(stop)
-    deadline = time.time() + 120
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"panel serve exited with {proc.returncode}")
-            if time.time() > deadline:
-                raise RuntimeError("panel serve did not answer within 120 s")
-            time.sleep(0.5)
-    return f"http://127.0.0.1:{port}/apps"
+def server(home, tmp_path_factory):
+    """``make serve``'s server on a fresh store, the examples on (the queue's own thread choice)."""
+    with serve_app(home, tmp_path_factory.mktemp("models"), WORKBENCH_EXAMPLES="1", OMP_WAIT_POLICY="PASSIVE",
+                   WORKBENCH_THREADS=None) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def page():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: `apt-get install -y chromium` (make test does this)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        context.set_default_timeout(60_000)
-        pg = context.new_page()
-        pg.console_errors, pg.blocked = [], []
-
-        def offline(route):
-            url = route.request.url
-            if url.startswith(("data:", "blob:")) or urlparse(url).hostname in LOCAL:
-                route.continue_()
-            else:
-                pg.blocked.append(url)
-                route.abort()
-
-        context.route("**/*", offline)
-        pg.on("console", lambda m: m.type == "error" and pg.console_errors.append(m.text))
-        pg.on("pageerror", lambda e: pg.console_errors.append(str(e)))
+    with offline_page() as pg:
         yield pg
-        browser.close()
 
 
 def _state(home: Path) -> dict:

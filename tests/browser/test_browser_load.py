@@ -10,23 +10,15 @@ status shown to two sessions). Then all three finish, each page's result line na
 no other session's run name appears on it, and each session finds its own run on the Runs page.
 Screenshots: ``artifacts/load-<name>.png``. Marked ``ui`` like the other browser tests.
 """
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from helpers.classroom_server import browser  # noqa: F401 -- a fixture
+from helpers.served_app import ROOT, serve_app
 
 pytestmark = [pytest.mark.ui, pytest.mark.timeout(240)]
 
-CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
 NAMES = ["load-alpha", "load-bravo", "load-charlie"]   # distinct run names (their store slugs are the same text)
 STEPS = "400"   # several seconds of digits training each: long enough that the others are seen waiting
@@ -41,58 +33,12 @@ QUEUED = re.compile(r"queued: position (\d+) of (\d+)")
 STEP = re.compile(r"^step \d+/\d+, loss")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, request):
+def server(tmp_path_factory):
     """One server with one job slot; stopped by its pid when the module is done."""
-    home = tmp_path_factory.mktemp("load-home")
-    port = _free_port()
-    env = {**os.environ, "WORKBENCH_HOME": str(home), "WORKBENCH_MODEL_ROOTS": str(tmp_path_factory.mktemp("models")),
-           "WORKBENCH_MAX_JOBS": "1", "WORKBENCH_THREADS": "1", "WORKBENCH_JOBS_PER_USER": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "panel", "serve", "apps/", "--port", str(port),
-                             "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}",
-                             "--num-procs", "1"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop():
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-
-    request.addfinalizer(stop)
-    deadline = time.time() + 90
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"panel serve exited with {proc.returncode}")
-            if time.time() > deadline:
-                raise RuntimeError("panel serve did not answer within 90 s")
-            time.sleep(0.5)
-    return f"http://127.0.0.1:{port}/apps"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: `apt-get install -y chromium` (make test does this)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+    with serve_app(tmp_path_factory.mktemp("load-home"), tmp_path_factory.mktemp("models"), stop_seconds=15,
+                   WORKBENCH_MAX_JOBS="1", WORKBENCH_THREADS="1", WORKBENCH_JOBS_PER_USER="2") as url:
+        yield url
 
 
 def _texts(page, pattern) -> list[str]:

@@ -8,22 +8,18 @@ console error and asked for nothing off this machine. Screenshots go to artifact
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
+from helpers.classroom_server import free_port
+from helpers.served_app import ROOT, offline_page, wait_for_port
 
 pytestmark = [pytest.mark.ui, pytest.mark.timeout(480)]
 
-CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM", "/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
 TOKEN = "workbench-explorers-test"
-LOCAL = ("127.0.0.1", "localhost")
 
 # Each cell shows one explorer on a tiny model (seconds on one thread); the first is the one the test drives.
 CELLS = [
@@ -46,12 +42,6 @@ CELLS = [
 N_EXPLORERS = len(CELLS) - 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A JupyterLab server on 127.0.0.1 over a temporary folder holding ``explore.ipynb``; its URL."""
@@ -66,7 +56,7 @@ def lab(tmp_path_factory):
     settings.mkdir(parents=True)   # no news or update toasts over the notebook
     (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false",
                                                                             "checkForUpdates": False}))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / ".config"), "JUPYTER_RUNTIME_DIR": str(root / ".runtime"),
            "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
@@ -78,17 +68,10 @@ def lab(tmp_path_factory):
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError((root / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("JupyterLab did not answer within 120 s")
+        try:
+            wait_for_port(port, proc, 120, "JupyterLab")
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}: {(root / 'server.log').read_text()[-3000:]}") from None
         yield f"http://127.0.0.1:{port}/lab/tree/explore.ipynb?token={TOKEN}"
     finally:
         try:   # the server and the kernels it started (one process group, ours)
@@ -101,32 +84,8 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: `apt-get install -y chromium` (make test does this)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        context.set_default_timeout(60_000)
-        pg = context.new_page()
-        pg.console_errors, pg.blocked = [], []
-
-        def offline(route):
-            url = route.request.url
-            if url.startswith(("data:", "blob:")) or urlparse(url).hostname in LOCAL:
-                route.continue_()
-            else:
-                pg.blocked.append(url)
-                route.abort()
-
-        context.route("**/*", offline)
-        pg.on("console", lambda m: m.type == "error" and pg.console_errors.append(m.text))
-        pg.on("pageerror", lambda e: pg.console_errors.append(str(e)))
+    with offline_page() as pg:
         yield pg
-        browser.close()
 
 
 def _idle(page) -> None:

@@ -27,6 +27,7 @@ scoped), at most 3 browser contexts at once.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.cookiejar
 import json
@@ -51,7 +52,7 @@ TEACHER = "teach"
 STUDENTS = ("alice", "bob")
 USERS = (TEACHER, *STUDENTS)
 
-__all__ = ["Classroom", "start_classroom", "classroom", "browser", "sign_in", "models", "set_props", "get_props",
+__all__ = ["Classroom", "start_classroom", "classroom", "browser", "launch_chromium", "sign_in", "models", "set_props", "get_props",
            "open_advanced",
            "free_port", "TEACHER", "STUDENTS", "USERS", "ROOT", "CHROMIUM", "CHROMIUM_ARGS"]
 
@@ -196,17 +197,26 @@ def classroom(tmp_path_factory):
     room.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """One headless Chromium for the test file (make contexts with ``browser.new_context()``)."""
+@contextlib.contextmanager
+def launch_chromium():
+    """Chromium (headless, the project's flags) through Playwright; fails the test if it is not installed."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"Chromium not found at {CHROMIUM}: `apt-get install -y chromium` (make test does this)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the test file (make contexts with ``browser.new_context()``)."""
+    with launch_chromium() as b:
         yield b
-        b.close()
 
 
 def sign_in(context, room: Classroom, user: str, *, password: str | None = None, wait: bool = True):
